@@ -1,0 +1,43 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO ?= demo-workspace
+# The torch build to install first; any torch the system Python already has is used instead.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: demo test lint venv clean bench
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@if [ ! -x $(BIN)/python ]; then \
+	  if $(PY) -c "import torch" 2>/dev/null; then \
+	    echo "using the torch the system Python already has"; \
+	    $(PY) -m venv --system-site-packages $(VENV); \
+	  else $(PY) -m venv $(VENV); fi; \
+	fi
+	@# torch first, so no later dependency range can pull a multi-GB CUDA build.
+	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)" \
+	  || $(BIN)/pip install -q torch
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check mergekit_sd catalog tui tests bench
+	$(BIN)/lint-imports
+
+test: lint
+	$(BIN)/python -m pytest
+
+demo: $(STAMP)
+	$(BIN)/mergekit-sd demo-workspace $(DEMO)
+	$(BIN)/mergekit-sd inspect $(DEMO)/models/Stable-diffusion/* $(DEMO)/models/Lora/*
+
+bench: $(STAMP)
+	$(BIN)/python bench/inspect.py
+	$(BIN)/python bench/writer.py
+
+clean:
+	rm -rf $(VENV) $(DEMO) .pytest_cache .ruff_cache

@@ -1,0 +1,177 @@
+"""Read and validate a safetensors header without touching tensor data.
+
+Every check that can be made from the header and the file size is made here, so a truncated
+download, a renamed pickle or a corrupt header is caught before a single tensor byte is read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mergekit_sd.errors import BadModelFile
+from mergekit_sd.io.dtypes import SAFETENSORS_DTYPES, nbytes_of
+
+# The reference implementation refuses headers over 100 MB; so do we.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+PICKLE_ZIP_MAGIC = b"PK\x03\x04"
+
+
+@dataclass(frozen=True, slots=True)
+class TensorInfo:
+    """One tensor's entry: its dtype, shape and absolute byte range in the file."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    """A validated header: tensors in header order, the metadata, and where the data starts."""
+
+    path: Path
+    file_size: int
+    data_start: int
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def header_bytes(self) -> int:
+        """Bytes read to learn all this: the length prefix and the JSON header."""
+        return self.data_start
+
+    @property
+    def data_bytes(self) -> int:
+        return self.file_size - self.data_start
+
+
+def _fail(path, problem: str):
+    raise BadModelFile(path, problem)
+
+
+def _looks_like_pickle(prefix: bytes) -> bool:
+    # Zip-format torch saves start with PK; legacy pickles with the PROTO opcode 0x80 and 2..5.
+    return prefix.startswith(PICKLE_ZIP_MAGIC) or (
+        len(prefix) >= 2 and prefix[0] == 0x80 and 2 <= prefix[1] <= 5
+    )
+
+
+def read_header(path: str | os.PathLike) -> SafetensorsHeader:
+    """Read and validate the header of `path`; raise BadModelFile with one sentence if invalid."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            file_size = os.fstat(f.fileno()).st_size
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                what = "is empty" if file_size == 0 else f"is only {file_size} bytes long"
+                _fail(path, f"{what}, too short to be a safetensors file")
+            if _looks_like_pickle(prefix):
+                _fail(
+                    path,
+                    "is a PyTorch pickle, not a safetensors file; convert it with "
+                    "`mergekit-sd convert` and use the .safetensors it writes",
+                )
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > file_size - 8:
+                _fail(
+                    path,
+                    f"declares a {header_len}-byte header but the file has only {file_size} "
+                    "bytes (a truncated download, or not a safetensors file)",
+                )
+            if header_len > MAX_HEADER_BYTES:
+                _fail(path, f"declares a {header_len}-byte header, over the 100 MB limit")
+            raw = f.read(header_len)
+    except IsADirectoryError:
+        _fail(path, "is a directory, not a model file; name the .safetensors file inside it")
+    except FileNotFoundError:
+        _fail(path, "does not exist")
+    except PermissionError:
+        _fail(path, "cannot be read (permission denied)")
+    return parse_header(path, raw, file_size)
+
+
+def parse_header(path: Path, raw: bytes, file_size: int) -> SafetensorsHeader:
+    """Validate the JSON header `raw` of a file of `file_size` bytes."""
+    data_start = 8 + len(raw)
+    try:
+        doc = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
+        _fail(path, f"has a header that is not valid JSON ({exc.__class__.__name__} at "
+                    f"byte {getattr(exc, 'pos', '?')}); the file is corrupt")
+    if not isinstance(doc, dict):
+        _fail(path, "has a header that is not a JSON object; the file is corrupt")
+
+    metadata = doc.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        _fail(path, "has a __metadata__ entry that is not a map of strings to strings")
+
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in doc.items():
+        tensors[name] = _tensor_info(path, name, entry, data_start)
+    _check_byte_ranges(path, tensors, data_start, file_size)
+    return SafetensorsHeader(path, file_size, data_start, tensors, metadata)
+
+
+def _tensor_info(path: Path, name: str, entry, data_start: int) -> TensorInfo:
+    try:
+        dtype = entry["dtype"]
+        shape = entry["shape"]
+        begin, end = entry["data_offsets"]
+    except (TypeError, KeyError, ValueError):
+        _fail(path, f"tensor {name!r} lacks a dtype, shape or two data_offsets in its header entry")
+    if dtype not in SAFETENSORS_DTYPES:
+        _fail(path, f"tensor {name!r} has unknown dtype {dtype!r}")
+    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+        _fail(path, f"tensor {name!r} has an invalid shape {shape!r}")
+    if not (type(begin) is int and type(end) is int and 0 <= begin <= end):
+        _fail(path, f"tensor {name!r} has invalid data_offsets [{begin!r}, {end!r}]")
+    expected = nbytes_of(dtype, math.prod(shape))
+    if expected != end - begin:
+        _fail(
+            path,
+            f"tensor {name!r} is {dtype} {shape}, which needs {expected} bytes, but its "
+            f"data_offsets span {end - begin} bytes",
+        )
+    return TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end)
+
+
+def _check_byte_ranges(path: Path, tensors: dict[str, TensorInfo], data_start: int,
+                       file_size: int) -> None:
+    """Tensors must tile the data area exactly: no gap, no overlap, nothing past the end."""
+    position = data_start
+    for info in sorted(tensors.values(), key=lambda t: (t.start, t.end)):
+        if info.start < position:
+            _fail(path, f"tensor {info.name!r} overlaps the tensor before it "
+                        f"(byte {info.start - data_start} of the data area)")
+        if info.start > position:
+            _fail(path, f"has {info.start - position} unused bytes before tensor {info.name!r}; "
+                        "the offsets are corrupt")
+        position = info.end
+    if position > file_size:
+        if position - data_start > 2 * max(file_size, 1):
+            _fail(path, "has tensor offsets far outside the file; the header is corrupt")
+        _fail(
+            path,
+            f"is truncated: its tensors need {position} bytes but the file has {file_size} "
+            f"({position - file_size} missing); download it again",
+        )
+    if position < file_size:
+        _fail(path, f"has {file_size - position} unexpected bytes after the last tensor")

@@ -1,0 +1,159 @@
+"""A streaming safetensors writer: header first, tensors in any order, atomic rename at the end.
+
+Why our own writer: `safetensors.torch.save_file` needs every tensor in memory at once, which is
+exactly what a streaming merge must avoid. The format is simple (8-byte length, JSON header,
+raw little-endian data), and files written here load with the reference library (tests).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from mergekit_sd.io.dtypes import SAFETENSORS_DTYPES, nbytes_of, safetensors_dtype
+
+ALIGNMENT = 8  # header padded with spaces so tensor data starts 8-byte aligned, as the library does
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """What will be written under a name: safetensors dtype (e.g. "F16") and shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        size = 1
+        for d in self.shape:
+            size *= d
+        n = nbytes_of(self.dtype, size)
+        if n is None:
+            raise ValueError(f"{self.name}: {self.dtype} {self.shape} does not fill whole bytes")
+        return n
+
+
+def partial_path(path: Path) -> Path:
+    return path.with_name(path.name + ".partial")
+
+
+def fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def build_header(specs: Iterable[TensorSpec], metadata: Mapping[str, str] | None
+                 ) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    """The padded header bytes and each tensor's (begin, end) in the data area."""
+    doc: dict[str, object] = {}
+    if metadata:
+        doc["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offsets: dict[str, tuple[int, int]] = {}
+    position = 0
+    for spec in specs:
+        if spec.dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{spec.name}: unknown safetensors dtype {spec.dtype!r}")
+        if spec.name in offsets or spec.name == "__metadata__":
+            raise ValueError(f"tensor name {spec.name!r} appears twice")
+        end = position + spec.nbytes
+        offsets[spec.name] = (position, end)
+        doc[spec.name] = {"dtype": spec.dtype, "shape": list(spec.shape),
+                          "data_offsets": [position, end]}
+        position = end
+    raw = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+    raw += b" " * (-(8 + len(raw)) % ALIGNMENT)
+    return len(raw).to_bytes(8, "little") + raw, offsets
+
+
+class StreamingWriter:
+    """Write a safetensors file whose tensor list is known up front.
+
+    Use as a context manager: the file is built as NAME.partial and renamed to NAME only when
+    every tensor has been written and the data is on disk; any exception (Ctrl-C included)
+    removes the partial file, and a killed process leaves only the .partial name behind.
+    """
+
+    def __init__(self, path: str | os.PathLike, specs: Iterable[TensorSpec],
+                 metadata: Mapping[str, str] | None = None):
+        self.path = Path(path)
+        self.specs = {spec.name: spec for spec in specs}
+        header, self._offsets = build_header(self.specs.values(), metadata)
+        self._data_start = len(header)
+        self._pending = set(self.specs)
+        self.partial = partial_path(self.path)
+        self.partial.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        total = self._data_start + (max((e for _, e in self._offsets.values()), default=0))
+        self._write_at(header, 0)
+        os.ftruncate(self._fd, total)
+
+    def _write_at(self, data, offset: int) -> None:
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self._fd, view[done:], offset + done)
+
+    def write_bytes(self, name: str, data) -> None:
+        """Write tensor `name` from raw bytes (any buffer of exactly its size)."""
+        spec = self.specs.get(name)
+        if spec is None:
+            raise KeyError(f"{name!r} was not declared when the writer was created")
+        if name not in self._pending:
+            raise ValueError(f"tensor {name!r} was already written")
+        size = memoryview(data).nbytes
+        if size != spec.nbytes:
+            raise ValueError(f"{name}: got {size} bytes, expected {spec.nbytes}")
+        self._write_at(data, self._data_start + self._offsets[name][0])
+        self._pending.discard(name)
+
+    def write(self, name: str, tensor) -> None:
+        """Write a torch tensor; its dtype and shape must match what was declared."""
+        spec = self.specs.get(name)
+        if spec is None:
+            raise KeyError(f"{name!r} was not declared when the writer was created")
+        if safetensors_dtype(tensor.dtype) != spec.dtype or tuple(tensor.shape) != spec.shape:
+            raise ValueError(f"{name}: got {tensor.dtype} {tuple(tensor.shape)}, "
+                             f"declared {spec.dtype} {spec.shape}")
+        import torch
+
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        raw = flat.view(torch.uint8) if flat.numel() else torch.empty(0, dtype=torch.uint8)
+        self.write_bytes(name, raw.numpy())
+
+    @property
+    def missing(self) -> set[str]:
+        return set(self._pending)
+
+    def commit(self) -> Path:
+        """Check completeness, fsync, and rename NAME.partial to NAME."""
+        if self._pending:
+            some = ", ".join(sorted(self._pending)[:3])
+            raise RuntimeError(f"{len(self._pending)} declared tensors were never written ({some})")
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = -1
+        os.replace(self.partial, self.path)
+        fsync_directory(self.path.parent)
+        return self.path
+
+    def abort(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self.partial.unlink(missing_ok=True)
+
+    def __enter__(self) -> StreamingWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
