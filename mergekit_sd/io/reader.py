@@ -79,3 +79,21 @@ class SafetensorsReader:
 
     def __del__(self):
         self.close()
+
+
+_SCALAR_FORMATS = {"F32": "<f", "F64": "<d", "F16": "<e", "I64": "<q", "I32": "<i"}
+
+
+def read_scalar(reader: SafetensorsReader, name: str) -> float:
+    """One small tensor's first value as a Python float, without importing torch (for LoRA alphas
+    and similar one-number tensors)."""
+    import struct
+
+    info = reader.tensors[name]
+    raw = bytes(reader.read_bytes(name))
+    if info.dtype == "BF16":  # bfloat16 is the top half of a float32
+        return struct.unpack("<f", b"\x00\x00" + raw[:2])[0]
+    fmt = _SCALAR_FORMATS.get(info.dtype)
+    if fmt is None or not raw:
+        raise ValueError(f"{name}: cannot read a {info.dtype} scalar")
+    return float(struct.unpack_from(fmt, raw)[0])

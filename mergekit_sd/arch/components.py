@@ -1,0 +1,109 @@
+"""Which part of a checkpoint a key belongs to: component prefixes of each single-file layout.
+
+A full checkpoint bundles the diffusion model with text encoders and a VAE under fixed prefixes
+(ldm/sgm/comfy conventions); which text encoder sits under a prefix is told by its key names,
+so prefixes map to slots here and `text_encoder_identity` names the encoder itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+# (prefix, slot): first match wins; order puts longer, more specific prefixes first.
+COMPONENT_PREFIXES: tuple[tuple[str, str], ...] = (
+    ("model.diffusion_model.", "diffusion_model"),
+    ("model_ema.", "ema"),
+    ("first_stage_model.", "vae"),
+    ("cond_stage_model.", "text_encoder"),
+    ("conditioner.embedders.0.", "text_encoder"),
+    ("conditioner.embedders.1.", "text_encoder_2"),
+    ("text_encoders.clip_l.", "text_encoder"),
+    ("text_encoders.clip_g.", "text_encoder_2"),
+    ("text_encoders.t5xxl.", "text_encoder_3"),
+    ("vae.", "vae"),
+)
+
+# Keys some trainers leave at the top level: noise-schedule buffers and prediction markers.
+SCHEDULE_KEYS = frozenset({
+    "alphas_cumprod", "alphas_cumprod_prev", "betas", "log_one_minus_alphas_cumprod",
+    "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
+    "posterior_variance", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+    "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "logvar",
+})
+PREDICTION_MARKERS = frozenset({"v_pred", "ztsnr", "edm_vpred.sigma_max", "edm_vpred.sigma_min",
+                                "edm_mean", "edm_std"})
+
+TEXT_ENCODER_SLOTS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+
+# Recipe-facing groups: a parameter given for "text_encoder" applies to every text encoder slot.
+COMPONENT_GROUPS: dict[str, tuple[str, ...]] = {
+    "diffusion_model": ("diffusion_model",),
+    "unet": ("diffusion_model",),
+    "transformer": ("diffusion_model",),
+    "text_encoder": TEXT_ENCODER_SLOTS,
+    "text_encoder_1": ("text_encoder",),
+    "text_encoder_2": ("text_encoder_2",),
+    "text_encoder_3": ("text_encoder_3",),
+    "vae": ("vae",),
+    "ema": ("ema",),
+    "other": ("other",),
+}
+
+
+def slot_of(key: str) -> tuple[str, str]:
+    """(slot, prefix) of a key in a single-file checkpoint; ("other", "") when no prefix fits."""
+    for prefix, slot in COMPONENT_PREFIXES:
+        if key.startswith(prefix):
+            return slot, prefix
+    return "other", ""
+
+
+def split_by_prefix(keys: Iterable[str]) -> dict[str, tuple[str, list[str]]]:
+    """slot -> (prefix, keys relative to the prefix), for keys under a known prefix."""
+    slots: dict[str, tuple[str, list[str]]] = {}
+    for key in keys:
+        slot, prefix = slot_of(key)
+        entry = slots.setdefault(slot, (prefix, []))
+        entry[1].append(key[len(prefix):])
+    return slots
+
+
+def count_indexed(keys: Iterable[str], prefix: str) -> int:
+    """How many numbered children `prefix.N.` the keys have (max N + 1; 0 when none)."""
+    top = -1
+    for key in keys:
+        if key.startswith(prefix):
+            head = key[len(prefix):].split(".", 1)[0]
+            if head.isdigit():
+                top = max(top, int(head))
+    return top + 1
+
+
+# Width and depth of the text encoders people meet; depth decides when widths were shrunk
+# (tiny test models), and some files drop the last layer (SDXL uses the penultimate one).
+_CLIP_BY_WIDTH = {768: "CLIP-L", 1024: "OpenCLIP-H", 1280: "CLIP-G"}
+_CLIP_BY_DEPTH = {11: "CLIP-L", 12: "CLIP-L", 23: "OpenCLIP-H", 24: "OpenCLIP-H",
+                  31: "CLIP-G", 32: "CLIP-G"}
+
+
+def text_encoder_identity(relative_keys: set[str], width_of) -> str | None:
+    """Name the text encoder whose keys (relative to its prefix) are given, or None.
+
+    `width_of(key)` returns the first dimension of a key's shape.
+    """
+    for prefix in ("transformer.text_model.", "text_model.", ""):
+        q_proj = f"{prefix}encoder.layers.0.self_attn.q_proj.weight"
+        if q_proj in relative_keys:
+            depth = count_indexed(relative_keys, f"{prefix}encoder.layers.")
+            return _CLIP_BY_WIDTH.get(width_of(q_proj)) or _CLIP_BY_DEPTH.get(depth, "CLIP")
+    for prefix in ("model.", ""):
+        if f"{prefix}transformer.resblocks.0.attn.in_proj_weight" in relative_keys:
+            depth = count_indexed(relative_keys, f"{prefix}transformer.resblocks.")
+            width = width_of(f"{prefix}transformer.resblocks.0.ln_1.weight")
+            return _CLIP_BY_WIDTH.get(width) or _CLIP_BY_DEPTH.get(depth, "OpenCLIP")
+    for prefix in ("transformer.", ""):
+        q = f"{prefix}encoder.block.0.layer.0.SelfAttention.q.weight"
+        if q in relative_keys:
+            depth = count_indexed(relative_keys, f"{prefix}encoder.block.")
+            return "T5-XXL" if width_of(q) == 4096 or depth == 24 else "T5"
+    return None

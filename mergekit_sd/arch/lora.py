@@ -1,0 +1,253 @@
+"""Recognise LoRA-family files from their key names and shapes: format, base model, rank, blocks.
+
+Every LoRA format stores per-module tensors under a module name plus a format-specific suffix;
+the suffixes tell the format, the module names tell the base architecture and which blocks the
+LoRA touches. Nothing here reads tensor data: alpha values live in tiny tensors whose names are
+returned so a caller that wants the numbers can read just those bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+# suffix -> the family it marks; longest suffixes are tried first
+_SUFFIXES: dict[str, str] = {
+    ".lora_down.weight": "lora", ".lora_up.weight": "lora", ".lora_mid.weight": "tucker",
+    ".alpha": "alpha", ".dora_scale": "dora",
+    ".hada_w1_a": "loha", ".hada_w1_b": "loha", ".hada_w2_a": "loha", ".hada_w2_b": "loha",
+    ".hada_t1": "loha", ".hada_t2": "loha",
+    ".lokr_w1": "lokr", ".lokr_w1_a": "lokr", ".lokr_w1_b": "lokr", ".lokr_w2": "lokr",
+    ".lokr_w2_a": "lokr", ".lokr_w2_b": "lokr", ".lokr_t2": "lokr",
+    ".diff": "diff", ".diff_b": "diff",
+    ".lora_A.weight": "peft", ".lora_B.weight": "peft", ".lora_magnitude_vector": "dora",
+    ".lora_A.default.weight": "peft", ".lora_B.default.weight": "peft",
+    ".lora.up.weight": "diffusers-old", ".lora.down.weight": "diffusers-old",
+    ".lora_linear_layer.up.weight": "diffusers-old",
+    ".lora_linear_layer.down.weight": "diffusers-old",
+    ".down.weight": "xlabs", ".up.weight": "xlabs",
+}
+_SUFFIX_ORDER = sorted(_SUFFIXES, key=len, reverse=True)
+# the suffix whose shape[0] is the rank and shape[1] the module's input width
+_DOWN_SUFFIXES = (".lora_down.weight", ".lora_A.weight", ".lora_A.default.weight",
+                  ".lora.down.weight", ".lora_linear_layer.down.weight", ".hada_w1_b",
+                  ".down.weight")
+
+_TEXT_ENCODER_PREFIXES = {
+    "lora_te_": "text_encoder", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2",
+    "lora_te3_": "text_encoder_3", "text_encoder.": "text_encoder",
+    "text_encoder_2.": "text_encoder_2", "text_encoder_3.": "text_encoder_3",
+}
+
+ShapeOf = Callable[[str], tuple[int, ...] | None]
+
+
+@dataclass
+class LoraInfo:
+    format: str
+    base: str | None  # architecture id
+    modules: int
+    ranks: dict[int, int]  # rank -> number of modules
+    targets: list[str]  # diffusion_model, text_encoder, text_encoder_2 ...
+    blocks: list[str]
+    alpha_keys: list[str]
+    dora: bool = False
+    evidence: list[str] = field(default_factory=list)
+    caveats: list[str] = field(default_factory=list)
+
+    @property
+    def rank(self) -> int | None:
+        return max(self.ranks, key=lambda r: (self.ranks[r], r)) if self.ranks else None
+
+
+def _split(key: str) -> tuple[str, str] | None:
+    for suffix in _SUFFIX_ORDER:
+        if key.endswith(suffix):
+            module = key[: -len(suffix)]
+            family = _SUFFIXES[suffix]
+            if family == "xlabs" and not re.search(r"_lora\d$", module):
+                return None
+            return module, suffix
+    return None
+
+
+def detect_lora(shapes: dict[str, tuple[int, ...]], metadata: dict[str, str]) -> LoraInfo | None:
+    """LoRA facts for a file whose keys (with shapes) are given, or None if it is no LoRA."""
+    modules: dict[str, dict[str, tuple[int, ...]]] = {}
+    for key, shape in shapes.items():
+        split = _split(key)
+        if split is not None:
+            modules.setdefault(split[0], {})[split[1]] = shape
+    weight_modules = {m: s for m, s in modules.items() if set(s) - {".alpha"}}
+    # A real LoRA is (almost) nothing but LoRA tensors; a checkpoint never is.
+    if not weight_modules or sum(len(s) for s in modules.values()) < 0.9 * len(shapes):
+        return None
+    families = Counter(_SUFFIXES[suf] for parts in weight_modules.values() for suf in parts)
+    fmt, dora = _format(weight_modules, families)
+    base, evidence, caveats = _base(weight_modules, metadata)
+    ranks = Counter(_rank(parts) for parts in weight_modules.values())
+    ranks.pop(None, None)
+    targets = sorted({_target(m) for m in weight_modules})
+    blocks = sorted({b for m in weight_modules if (b := block_of_module(m, base))},
+                    key=_block_sort_key)
+    alpha_keys = sorted(m + ".alpha" for m, parts in modules.items() if ".alpha" in parts)
+    evidence.insert(0, f"{len(weight_modules)} modules with {', '.join(sorted(families))} "
+                       f"tensors: {fmt}")
+    return LoraInfo(fmt, base, len(weight_modules), dict(ranks), targets, blocks, alpha_keys,
+                    dora, evidence, caveats)
+
+
+def _format(modules: dict[str, dict], families: Counter) -> tuple[str, bool]:
+    dora = families["dora"] > 0
+    names = list(modules)
+    if families["xlabs"]:
+        return "XLabs FLUX LoRA", dora
+    if families["loha"]:
+        return "LyCORIS LoHa", dora
+    if families["lokr"]:
+        return "LyCORIS LoKr", dora
+    if families["diff"] and not families["lora"]:
+        return "full diff (LyCORIS)", dora
+    if families["peft"]:
+        if any(n.startswith("diffusion_model.") for n in names):
+            return "ai-toolkit (ComfyUI) LoRA", dora
+        return "diffusers/PEFT LoRA", dora
+    if families["diffusers-old"]:
+        return "diffusers LoRA (attention processors)", dora
+    conv = any(len(parts.get(".lora_down.weight", ())) == 4 and
+               parts[".lora_down.weight"][2:] != (1, 1) for parts in modules.values())
+    conv = conv or any(re.search(r"resnets|in_layers|out_layers|conv", n) for n in names)
+    kind = "LoCon (Tucker)" if families["tucker"] else "LoCon" if conv else "LoRA"
+    return f"kohya {kind}" + (" with DoRA" if dora else ""), dora
+
+
+def _rank(parts: dict[str, tuple[int, ...]]) -> int | None:
+    for suffix in _DOWN_SUFFIXES:
+        if suffix in parts and parts[suffix]:
+            return parts[suffix][0]
+    if ".lokr_w2_a" in parts:
+        return parts[".lokr_w2_a"][1]
+    if ".lokr_w1_a" in parts:
+        return parts[".lokr_w1_a"][1]
+    return None
+
+
+def _input_width(parts: dict[str, tuple[int, ...]]) -> int | None:
+    for suffix in _DOWN_SUFFIXES:
+        shape = parts.get(suffix)
+        if shape and len(shape) >= 2:
+            return shape[1]
+    return None
+
+
+def _target(module: str) -> str:
+    for prefix, target in _TEXT_ENCODER_PREFIXES.items():
+        if module.startswith(prefix):
+            return target
+    return "diffusion_model"
+
+
+_FLUX_NAMES = re.compile(r"(double_blocks|single_blocks|single_transformer_blocks)[._]\d")
+_SD3_NAMES = re.compile(r"joint_blocks[._]\d|context_block|x_block")
+_SDXL_UNET_NAMES = re.compile(r"lora_unet_(input_blocks|output_blocks|middle_block)_|"
+                              r"down_blocks[._]2[._]attentions[._]\d[._]transformer_blocks[._][1-9]")
+_BASE_METADATA = {"sd_v1": "sd1", "sd_v2": "sd2", "sdxl_base_v1-0": "sdxl", "flux1": "flux-dev",
+                  "sd3": "sd3-medium"}
+
+
+def _base(modules: dict[str, dict], metadata: dict[str, str]
+          ) -> tuple[str | None, list[str], list[str]]:
+    names = list(modules)
+    said = metadata.get("ss_base_model_version", "")
+    evidence: list[str] = []
+    caveats: list[str] = []
+    if any(_FLUX_NAMES.search(n) for n in names) or any(".processor." in n for n in names):
+        caveats.append("a FLUX LoRA fits FLUX.1-dev and schnell alike")
+        return "flux-dev", ["module names of FLUX double/single blocks"], caveats
+    if any(_SD3_NAMES.search(n) for n in names) or (
+            any(n.startswith("transformer.transformer_blocks.") for n in names)):
+        return "sd3-medium", ["module names of SD3 joint blocks"], caveats
+    if any(n.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for n in names):
+        return "sdxl", ["two text encoders (te1/te2): SDXL"], caveats
+    if any(_SDXL_UNET_NAMES.search(n) for n in names):
+        return "sdxl", ["SDXL UNet module names"], caveats
+    widths = Counter()
+    for name, parts in modules.items():
+        if re.search(r"attn2[._]to_k$|self_attn[._]q_proj$", name):
+            widths[_input_width(parts)] += 1
+    for width, arch in ((2048, "sdxl"), (1024, "sd2"), (768, "sd1")):
+        if widths[width]:
+            evidence.append(f"text features {width} wide: {arch}")
+            return arch, evidence, caveats
+    if said in _BASE_METADATA:
+        return _BASE_METADATA[said], [f"ss_base_model_version says {said}"], caveats
+    if names:
+        caveats.append("SD1 and SD2 could not be told apart from the shapes; assumed SD1")
+        return "sd1", ["UNet/text-encoder module names of SD1/SD2"], caveats
+    return None, evidence, caveats
+
+
+_SD_BLOCK_PATTERNS = (
+    (re.compile(r"input_blocks[._](\d+)"), lambda m: f"IN{int(m[1]):02d}"),
+    (re.compile(r"output_blocks[._](\d+)"), lambda m: f"OUT{int(m[1]):02d}"),
+    (re.compile(r"middle_block|mid_block"), lambda m: "M00"),
+    (re.compile(r"down_blocks[._](\d+)[._](?:attentions|resnets)[._](\d+)"),
+     lambda m: f"IN{1 + 3 * int(m[1]) + int(m[2]):02d}"),
+    (re.compile(r"down_blocks[._](\d+)[._]downsamplers"), lambda m: f"IN{3 + 3 * int(m[1]):02d}"),
+    (re.compile(r"up_blocks[._](\d+)[._](?:attentions|resnets)[._](\d+)"),
+     lambda m: f"OUT{3 * int(m[1]) + int(m[2]):02d}"),
+    (re.compile(r"up_blocks[._](\d+)[._]upsamplers"), lambda m: f"OUT{3 * int(m[1]) + 2:02d}"),
+)
+_DIT_BLOCK_PATTERNS = (
+    (re.compile(r"single_(?:transformer_)?blocks[._](\d+)"), lambda m: f"S{int(m[1]):02d}"),
+    (re.compile(r"joint_blocks[._](\d+)"), lambda m: f"J{int(m[1]):02d}"),
+    (re.compile(r"(?:double_blocks|transformer_blocks)[._](\d+)"), None),
+)
+
+
+def block_of_module(module: str, base: str | None) -> str | None:
+    """The block (INnn, M00, OUTnn, Dnn, Snn, Jnn, BASE) a LoRA module name touches."""
+    if _target(module) != "diffusion_model":
+        return "BASE"
+    if base and base.startswith(("flux", "sd3")):
+        for pattern, name in _DIT_BLOCK_PATTERNS:
+            match = pattern.search(module)
+            if match:
+                if name is None:
+                    stem = "D" if base.startswith("flux") else "J"
+                    return f"{stem}{int(match[1]):02d}"
+                return name(match)
+        return "BASE"
+    for pattern, name in _SD_BLOCK_PATTERNS:
+        match = pattern.search(module)
+        if match:
+            return name(match)
+    return "BASE"
+
+
+def _block_sort_key(name: str) -> tuple[int, int]:
+    order = {"BASE": 0, "IN": 1, "M": 2, "OUT": 3, "D": 4, "S": 5, "J": 6}
+    stem = name.rstrip("0123456789")
+    digits = name[len(stem):]
+    return order.get(stem, 9), int(digits) if digits else 0
+
+
+def trigger_words(metadata: dict[str, str], limit: int = 8) -> list[str]:
+    """Most frequent training tags from kohya's ss_tag_frequency (or modelspec.trigger_phrase)."""
+    phrase = metadata.get("modelspec.trigger_phrase")
+    if phrase:
+        return [p.strip() for p in phrase.split(",") if p.strip()][:limit]
+    try:
+        frequency = json.loads(metadata.get("ss_tag_frequency", "{}"))
+    except ValueError:
+        return []
+    totals: Counter = Counter()
+    if isinstance(frequency, dict):
+        for tags in frequency.values():
+            if isinstance(tags, dict):
+                totals.update({str(t).strip(): c for t, c in tags.items()
+                               if isinstance(c, int)})
+    return [tag for tag, _ in totals.most_common(limit) if tag]

@@ -1,0 +1,79 @@
+"""The `mergekit-sd` command line: the composition root that wires engine, catalog and TUI.
+
+Heavy libraries (torch, diffusers, transformers) and the upper layers are imported inside the
+commands that need them, so `--help` and `inspect` start fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+from mergekit_sd.errors import UserError, WorkFailed
+
+app = typer.Typer(
+    name="mergekit-sd",
+    help="A workbench for Stable Diffusion checkpoints: inspect, convert, merge, judge.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+@app.command()
+def inspect(
+    files: list[Path] = typer.Argument(..., help="Model files (.safetensors) to identify."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts instead of tables."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show all evidence and metadata."),
+) -> None:
+    """Identify model files from their headers: architecture, kind, layout, LoRA, metadata."""
+    from mergekit_sd.inspect_report import inspect_files
+
+    raise typer.Exit(inspect_files(files, as_json=as_json, verbose=verbose))
+
+
+@app.command()
+def convert(
+    source: Path = typer.Argument(..., help="A .ckpt/.pt/.pth/.bin pickle or a .safetensors file."),
+    target: Path = typer.Argument(..., help="The .safetensors file to write."),
+    dtype: str = typer.Option("keep", help="keep, fp32, fp16, bf16, fp8_e4m3fn or fp8_e5m2."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace TARGET if it exists."),
+) -> None:
+    """Convert a checkpoint to safetensors (pickles loaded with weights_only=True), or recast it."""
+    from mergekit_sd.convert import convert_to_safetensors
+
+    written = convert_to_safetensors(source, target, dtype=dtype, overwrite=overwrite)
+    typer.echo(f"wrote {written}")
+
+
+@app.command("demo-workspace")
+def demo_workspace(
+    root: Path = typer.Argument(Path("demo-workspace"), help="Folder to create or refresh."),
+) -> None:
+    """Create a demo workspace of tiny generated models in real key layouts (used by make demo)."""
+    from mergekit_sd.testing.workspace import make_demo_workspace
+
+    made = make_demo_workspace(root)
+    typer.echo(f"demo workspace ready at {root} ({len(made)} model files)")
+
+
+def main() -> None:
+    """Console entry point: user errors become one sentence and exit code 2, never a traceback."""
+    try:
+        app()
+    except UserError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        sys.exit(exc.exit_code)
+    except WorkFailed as exc:
+        sys.stderr.write(f"failed: {exc}\n")
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted: nothing was written under the output name\n")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Rich tables for `mergekit-sd inspect` reports (the data comes from inspect_report)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+
+def human_size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def human_count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def _dtype_mix(dtypes: dict[str, int]) -> str:
+    return ", ".join(f"{d}×{n}" for d, n in sorted(dtypes.items(), key=lambda x: -x[1]))
+
+
+def show_reports(reports: list[dict], detailed: bool) -> None:
+    console = Console()
+    if not reports:
+        return
+    summary = Table(title="Model files", title_justify="left")
+    for column in ("file", "what it is", "kind", "layout", "dtypes", "params", "size"):
+        summary.add_column(column, overflow="fold")
+    for r in reports:
+        summary.add_row(Path(r["path"]).name, r["label"], r["kind"], r["layout"] or "-",
+                        _dtype_mix(r["dtypes"]), human_count(r["parameters"]),
+                        human_size(r["file_size"]))
+    console.print(summary)
+    if detailed:
+        for r in reports:
+            _show_details(console, r)
+
+
+def _show_details(console: Console, r: dict) -> None:
+    console.rule(r["path"])
+    facts = Table.grid(padding=(0, 2))
+    facts.add_column(style="bold")
+    facts.add_column(overflow="fold")
+    facts.add_row("architecture", str(r["architecture"]))
+    for key in ("variant", "prediction"):
+        if r.get(key):
+            facts.add_row(key, r[key])
+    facts.add_row("file", r["status"])
+    facts.add_row("header", f"{r['header_bytes']} bytes read")
+    lora = r.get("lora")
+    if lora:
+        ranks = ", ".join(f"{rank}×{n}" for rank, n in sorted(lora["ranks"].items()))
+        alpha = lora["alpha"] if lora["alpha"] is not None else "none stored (= rank)"
+        facts.add_row("LoRA", f"{lora['format']}; {lora['modules']} modules; "
+                              f"rank {lora['rank']} ({ranks}); alpha {alpha}")
+        facts.add_row("targets", ", ".join(lora["targets"]))
+        facts.add_row("blocks", " ".join(lora["blocks"]) or "-")
+        if lora["trigger_words"]:
+            facts.add_row("trigger words", ", ".join(lora["trigger_words"]))
+    for line in r["evidence"]:
+        facts.add_row("evidence", line)
+    for line in r["caveats"]:
+        facts.add_row("cannot tell", line)
+    console.print(facts)
+    if r["components"]:
+        table = Table(title="components", title_justify="left")
+        for column in ("component", "model", "prefix", "keys", "params", "size", "dtypes"):
+            table.add_column(column)
+        for c in r["components"]:
+            table.add_row(c["slot"], c["model"], c["prefix"] or "-", str(c["keys"]),
+                          human_count(c["parameters"]), human_size(c["nbytes"]),
+                          _dtype_mix(c["dtypes"]))
+        console.print(table)
+    _show_metadata(console, r["metadata"])
+
+
+def _show_metadata(console: Console, metadata: dict) -> None:
+    if not metadata:
+        return
+    table = Table(title="metadata", title_justify="left", show_header=False)
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    for group in ("modelspec", "kohya"):
+        for key, value in metadata.get(group, {}).items():
+            table.add_row(key, value if len(value) < 200 else value[:200] + "…")
+    for key in ("sd_merge_recipe", "sd_merge_models", "mergekit_sd.recipe"):
+        if key in metadata:
+            text = str(metadata[key])
+            table.add_row(key, text if len(text) < 300 else text[:300] + "…")
+    if metadata.get("other_keys"):
+        table.add_row("other keys", ", ".join(metadata["other_keys"]))
+    console.print(table)
