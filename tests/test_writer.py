@@ -1,0 +1,125 @@
+"""The streaming writer: bit-exact round trips, any write order, atomic commit, no half files."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import REPO
+from safetensors.torch import load_file
+
+from mergekit_sd.io import SafetensorsReader, StreamingWriter, TensorSpec, read_header
+from mergekit_sd.io.dtypes import safetensors_dtype
+
+
+def sample_tensors() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "f32": torch.randn(7, 5, generator=g),
+        "f16": torch.randn(3, 3, 3, generator=g).half(),
+        "bf16": torch.randn(11, generator=g).bfloat16(),
+        "f8": torch.randn(4, 4, generator=g).to(torch.float8_e4m3fn),
+        "f8b": torch.randn(4, generator=g).to(torch.float8_e5m2),
+        "i64": torch.arange(77).reshape(1, 77),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 4),
+        "bool": torch.tensor([True, False, True]),
+    }
+
+
+def specs_for(tensors):
+    return [TensorSpec(n, safetensors_dtype(t.dtype), tuple(t.shape)) for n, t in tensors.items()]
+
+
+def as_bytes(t: torch.Tensor) -> bytes:
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def test_round_trip_is_bit_exact_in_any_write_order(tmp_path):
+    tensors = sample_tensors()
+    path = tmp_path / "out.safetensors"
+    with StreamingWriter(path, specs_for(tensors), {"title": "x"}) as writer:
+        for name in sorted(tensors, reverse=True):  # not the declared order
+            writer.write(name, tensors[name])
+    loaded = load_file(path)
+    assert set(loaded) == set(tensors)
+    for name, tensor in tensors.items():
+        assert loaded[name].dtype == tensor.dtype and loaded[name].shape == tensor.shape
+        assert as_bytes(loaded[name]) == as_bytes(tensor), name
+    assert read_header(path).metadata == {"title": "x"}
+    with SafetensorsReader(path) as reader:
+        assert as_bytes(reader.read_tensor("bf16")) == as_bytes(tensors["bf16"])
+    assert not (tmp_path / "out.safetensors.partial").exists()
+
+
+def test_data_is_8_byte_aligned(tmp_path):
+    path = tmp_path / "a.safetensors"
+    with StreamingWriter(path, [TensorSpec("x", "F32", (3,))]) as writer:
+        writer.write("x", torch.ones(3))
+    assert read_header(path).data_start % 8 == 0
+
+
+def test_missing_tensor_means_no_file(tmp_path):
+    path = tmp_path / "out.safetensors"
+    tensors = sample_tensors()
+    with pytest.raises(RuntimeError, match="never written"), \
+            StreamingWriter(path, specs_for(tensors)) as writer:
+        writer.write("f32", tensors["f32"])
+    assert not path.exists() and not (tmp_path / "out.safetensors.partial").exists()
+
+
+def test_wrong_shape_or_dtype_is_refused(tmp_path):
+    with StreamingWriter(tmp_path / "o.safetensors", [TensorSpec("x", "F16", (2,))]) as writer:
+        with pytest.raises(ValueError):
+            writer.write("x", torch.ones(2))  # float32, declared F16
+        with pytest.raises(ValueError):
+            writer.write("x", torch.ones(3).half())
+        writer.write("x", torch.ones(2).half())
+        with pytest.raises(ValueError, match="already written"):
+            writer.write("x", torch.ones(2).half())
+
+
+def test_exception_mid_write_removes_the_partial_file(tmp_path):
+    path = tmp_path / "out.safetensors"
+    path.write_bytes(b"previous version")
+    with pytest.raises(KeyboardInterrupt), \
+            StreamingWriter(path, [TensorSpec("x", "F32", (4,))]) as writer:
+        assert writer.partial.exists()
+        raise KeyboardInterrupt
+    assert path.read_bytes() == b"previous version"
+    assert not writer.partial.exists()
+
+
+KILLED_WRITER = """
+import sys, time, torch
+from mergekit_sd.io import StreamingWriter, TensorSpec
+specs = [TensorSpec(f"t{i}", "F32", (256, 256)) for i in range(64)]
+with StreamingWriter(sys.argv[1], specs) as writer:
+    for i, spec in enumerate(specs):
+        writer.write(spec.name, torch.full((256, 256), float(i)))
+        if i == 31:
+            print("half", flush=True)
+            time.sleep(60)
+"""
+
+
+def test_killed_write_leaves_nothing_under_the_final_name(tmp_path):
+    path = tmp_path / "out.safetensors"
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(path)],
+                            stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert proc.stdout.readline().strip() == "half"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    time.sleep(0.05)
+    assert not path.exists()
+    assert (tmp_path / "out.safetensors.partial").exists()
