@@ -110,3 +110,20 @@ def get_architecture(name: str) -> Architecture:
         hint = f"; did you mean {close[0]!r}?" if close else ""
         valid = ", ".join(ARCHITECTURES)
         raise KeyError(f"unknown architecture {name!r}{hint} (known: {valid})") from None
+
+
+def block_of_key(arch: Architecture, key: str, diffusion_prefix: str) -> str:
+    """Block of a full key, given the prefix the file puts before diffusion-model keys
+    ("model.diffusion_model." in single files, "" in transformer/UNet-only files)."""
+    if key.startswith(diffusion_prefix):
+        return arch.block_of(key[len(diffusion_prefix):])
+    return "BASE"
+
+
+def block_counts(arch: Architecture, keys, diffusion_prefix: str) -> dict[str, int]:
+    """Keys per block, in the architecture's block order (blocks with no keys included)."""
+    counts = dict.fromkeys(arch.blocks, 0)
+    for key in keys:
+        block = block_of_key(arch, key, diffusion_prefix)
+        counts[block] = counts.get(block, 0) + 1
+    return counts
