@@ -29,7 +29,11 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts instead of tables."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show all evidence and metadata."),
 ) -> None:
-    """Identify model files from their headers: architecture, kind, layout, LoRA, metadata."""
+    """Identify model files from their headers alone.
+
+    Shows architecture, kind, key layout, dtypes, parameters per component, LoRA format, rank
+    and alpha, metadata (modelspec, kohya, merge recipes) and whether the file is complete.
+    """
     from mergekit_sd.inspect_report import inspect_files
 
     raise typer.Exit(inspect_files(files, as_json=as_json, verbose=verbose))
@@ -42,7 +46,10 @@ def convert(
     dtype: str = typer.Option("keep", help="keep, fp32, fp16, bf16, fp8_e4m3fn or fp8_e5m2."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace TARGET if it exists."),
 ) -> None:
-    """Convert a checkpoint to safetensors (pickles loaded with weights_only=True), or recast it."""
+    """Convert a .ckpt/.pt/.bin to safetensors, or change dtype.
+
+    Pickles are loaded with torch.load(weights_only=True): one that needs code is refused.
+    """
     from mergekit_sd.convert import convert_to_safetensors
 
     written = convert_to_safetensors(source, target, dtype=dtype, overwrite=overwrite)
@@ -53,7 +60,10 @@ def convert(
 def demo_workspace(
     root: Path = typer.Argument(Path("demo-workspace"), help="Folder to create or refresh."),
 ) -> None:
-    """Create a demo workspace of tiny generated models in real key layouts (used by make demo)."""
+    """Create a workspace of tiny demo models (make demo).
+
+    The models are generated with the real key layouts and random values.
+    """
     from mergekit_sd.testing.workspace import make_demo_workspace
 
     made = make_demo_workspace(root)
@@ -62,8 +72,17 @@ def demo_workspace(
 
 def main() -> None:
     """Console entry point: user errors become one sentence and exit code 2, never a traceback."""
+    import click
+
     try:
-        app()
+        # standalone_mode=False lets our handlers see Ctrl-C and errors before click does.
+        code = app(standalone_mode=False, prog_name="mergekit-sd")
+    except click.exceptions.Abort:
+        sys.stderr.write("interrupted: nothing was written under the output name\n")
+        sys.exit(130)
+    except click.ClickException as exc:  # usage errors: click's own message and exit code 2
+        exc.show()
+        sys.exit(exc.exit_code)
     except UserError as exc:
         sys.stderr.write(f"error: {exc}\n")
         sys.exit(exc.exit_code)
@@ -73,6 +92,7 @@ def main() -> None:
     except KeyboardInterrupt:
         sys.stderr.write("interrupted: nothing was written under the output name\n")
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -119,3 +119,13 @@ def test_missing_file_is_one_sentence(tmp_path):
     result = run_cli("inspect", tmp_path / "nope.safetensors")
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: {tmp_path / 'nope.safetensors'}: does not exist"
+
+
+def test_header_length_that_starts_like_a_pickle_is_still_safetensors(tmp_path):
+    # a header of 0x280 bytes makes the file start with 80 02, the pickle PROTO 2 opcode
+    path = tmp_path / "lookalike.safetensors"
+    pad = 0x280 - len('{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}')
+    body = '{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}' + " " * pad
+    path.write_bytes(struct.pack("<Q", len(body)) + body.encode() + b"\0" * 4)
+    assert path.read_bytes()[:2] == b"\x80\x02"
+    assert read_header(path).tensors["w"].shape == (1,)

@@ -81,13 +81,18 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
             if len(prefix) < 8:
                 what = "is empty" if file_size == 0 else f"is only {file_size} bytes long"
                 _fail(path, f"{what}, too short to be a safetensors file")
-            if _looks_like_pickle(prefix):
+            (header_len,) = struct.unpack("<Q", prefix)
+            # A pickle's first bytes read as a header length the file cannot hold, or as one
+            # whose header is not JSON; only then is it called a pickle (a valid safetensors
+            # header length can start with the same bytes).
+            impossible = header_len > file_size - 8 or header_len > MAX_HEADER_BYTES
+            if _looks_like_pickle(prefix) and (impossible or f.read(1) != b"{"):
                 _fail(
                     path,
                     "is a PyTorch pickle, not a safetensors file; convert it with "
                     "`mergekit-sd convert` and use the .safetensors it writes",
                 )
-            (header_len,) = struct.unpack("<Q", prefix)
+            f.seek(8)
             if header_len > file_size - 8:
                 _fail(
                     path,

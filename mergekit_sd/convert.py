@@ -1,0 +1,171 @@
+"""Convert a checkpoint to safetensors, or recast a safetensors file to another float dtype.
+
+Pickles (.ckpt/.pt/.pth/.bin) are loaded only through `torch.load(weights_only=True)`
+(mergekit_sd.io.pickled). A .safetensors source is read one tensor at a time, so recasting a
+large model needs memory for one tensor, not for the model. The output is written as
+NAME.partial and renamed to NAME only once it is complete (StreamingWriter).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from mergekit_sd.errors import BadModelFile, UserError
+from mergekit_sd.io.dtypes import FLOAT_DTYPES, USER_DTYPES, safetensors_dtype, torch_dtype
+from mergekit_sd.io.writer import StreamingWriter, TensorSpec
+
+ProgressCallback = Callable[[int, int], None]
+
+DTYPE_CHOICES = ("keep", *USER_DTYPES)
+META_CONVERTED_FROM = "mergekit_sd.converted_from"
+META_DTYPE = "mergekit_sd.dtype"
+
+
+def convert_to_safetensors(
+    source: str | os.PathLike,
+    target: str | os.PathLike,
+    dtype: str = "keep",
+    overwrite: bool = False,
+    progress: ProgressCallback | None = None,
+) -> Path:
+    """Write `source` (a pickle checkpoint or a .safetensors file) to `target` as safetensors.
+
+    dtype: "keep", or a name from USER_DTYPES ("fp16", "bf16", "fp8_e4m3fn", ...); only
+    floating-point tensors are cast, integer and bool tensors keep their dtype.
+    progress(done, total) is called after each tensor is written. Raises UserError (or its
+    BadModelFile subclass) with one sentence for anything the user can fix; on any exception,
+    including KeyboardInterrupt, nothing is left under the target name or NAME.partial.
+    """
+    source, target = Path(source), Path(target)
+    cast_to = _cast_dtype(dtype)
+    _check_target(source, target, overwrite)
+    if source.suffix.lower() == ".safetensors":
+        _refuse_misnamed_pickle(source)
+        return _convert_safetensors(source, target, dtype, cast_to, progress)
+    return _convert_pickle(source, target, dtype, cast_to, progress)
+
+
+def _cast_dtype(dtype: str) -> str | None:
+    """The safetensors dtype floats are cast to, or None for "keep"."""
+    key = str(dtype).strip().lower()
+    if key == "keep":
+        return None
+    if key not in USER_DTYPES:
+        raise UserError(f"--dtype {dtype!r} is not a known dtype; use one of "
+                        f"{', '.join(DTYPE_CHOICES)}")
+    return USER_DTYPES[key]
+
+
+def _check_target(source: Path, target: Path, overwrite: bool) -> None:
+    if target.suffix.lower() != ".safetensors":
+        raise UserError(f"{target}: the output file name must end in .safetensors")
+    if _same_file(source, target):
+        raise UserError(f"{target}: the output is the source file itself; choose another name")
+    if target.is_dir():
+        raise UserError(f"{target}: is a directory; name the .safetensors file to write")
+    if target.exists() and not overwrite:
+        raise UserError(f"{target}: already exists; pass --overwrite to replace it")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        if a.resolve() == b.resolve():
+            return True
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _refuse_misnamed_pickle(source: Path) -> None:
+    from mergekit_sd.io.pickled import sniff_format
+
+    try:
+        with open(source, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(9)
+    except OSError:
+        return  # read_header reports missing files and directories in its own words
+    if sniff_format(head, size) in ("zip", "legacy"):
+        raise BadModelFile(source, "is a PyTorch pickle, not a safetensors file; rename it to "
+                                   "end in .ckpt and convert that")
+
+
+def _metadata(base: dict[str, str], source: Path, dtype: str) -> dict[str, str]:
+    metadata = dict(base)
+    metadata.setdefault("format", "pt")  # transformers refuses safetensors metadata without it
+    metadata[META_CONVERTED_FROM] = source.name  # the name only: never leak directories
+    metadata[META_DTYPE] = str(dtype).strip().lower()
+    return metadata
+
+
+def _out_dtype(stored: str, cast_to: str | None) -> str:
+    return cast_to if cast_to is not None and stored in FLOAT_DTYPES else stored
+
+
+def _convert_safetensors(source: Path, target: Path, dtype: str, cast_to: str | None,
+                         progress: ProgressCallback | None) -> Path:
+    from mergekit_sd.io.reader import SafetensorsReader
+
+    with SafetensorsReader(source) as reader:
+        infos = list(reader.tensors.values())
+        specs = [TensorSpec(i.name, _out_dtype(i.dtype, cast_to), i.shape) for i in infos]
+        metadata = _metadata(reader.metadata, source, dtype)
+        with StreamingWriter(target, specs, metadata) as writer:
+            for done, (info, spec) in enumerate(zip(infos, specs, strict=True), start=1):
+                if spec.dtype == info.dtype:
+                    writer.write_bytes(info.name, reader.read_bytes(info.name))
+                else:
+                    tensor = reader.read_tensor(info.name)
+                    writer.write(info.name, _cast(tensor, torch_dtype(spec.dtype)))
+                    del tensor
+                if progress is not None:
+                    progress(done, len(specs))
+    return target
+
+
+def _convert_pickle(source: Path, target: Path, dtype: str, cast_to: str | None,
+                    progress: ProgressCallback | None) -> Path:
+    from mergekit_sd.io.pickled import load_pickle_checkpoint
+
+    checkpoint = load_pickle_checkpoint(source)
+    tensors = checkpoint.tensors
+    target_torch = torch_dtype(cast_to) if cast_to is not None else None
+    specs = []
+    for name, tensor in tensors.items():
+        try:
+            stored = safetensors_dtype(tensor.dtype)
+        except ValueError:
+            raise BadModelFile(source, f"tensor {name!r} has dtype {tensor.dtype}, which "
+                                       "safetensors cannot store") from None
+        specs.append(TensorSpec(name, _out_dtype(stored, cast_to), tuple(tensor.shape)))
+    metadata = _metadata({}, source, dtype)
+    with StreamingWriter(target, specs, metadata) as writer:
+        for done, name in enumerate(list(tensors), start=1):
+            # pop: once written, a tensor (and, with its last view, its storage) can be freed.
+            tensor = tensors.pop(name)
+            if target_torch is not None and tensor.is_floating_point():
+                tensor = _cast(tensor, target_torch)
+            writer.write(name, tensor)  # contiguous copy: views never share bytes on disk
+            del tensor
+            if progress is not None:
+                progress(done, len(specs))
+    return target
+
+
+def _cast(tensor, dtype):
+    """Cast a float tensor; for float8, saturate to the format's finite range first.
+
+    A plain cast turns out-of-range values into ±inf in float8_e5m2 (and, in some torch
+    versions, NaN in float8_e4m3fn); clamping keeps such (rare) weights finite instead.
+    """
+    import torch
+
+    if tensor.dtype == dtype:
+        return tensor
+    if dtype.itemsize == 1 and dtype.is_floating_point:
+        limit = torch.finfo(dtype).max
+        tensor = tensor.float().clamp(-limit, limit)
+    return tensor.to(dtype)
+

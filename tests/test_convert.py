@@ -1,0 +1,361 @@
+"""`convert`: pickles and safetensors to safetensors, dtype recasts, refusals, atomic output."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from mergekit_sd.convert import convert_to_safetensors
+from mergekit_sd.errors import BadModelFile, UserError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_state_dict() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(32, generator=g)
+    return {
+        "model.diffusion_model.out.2.weight": torch.randn(4, 8, 3, 3, generator=g),
+        "model.diffusion_model.out.2.bias": torch.randn(4, generator=g),
+        "first_stage_model.quant_conv.weight": torch.randn(8, 8, 1, 1, generator=g).half(),
+        "cond_stage_model.transformer.text_model.embeddings.position_ids": torch.arange(77)[None],
+        "model_ema.num_updates": torch.tensor(1234, dtype=torch.int32),
+        "flags": torch.tensor([True, False]),
+        # views into one storage, as ckpts often hold: written as independent tensors
+        "shared.base": base,
+        "shared.slice": base[8:16],
+        "shared.transposed": base[:12].view(3, 4).t(),
+    }
+
+
+def write_ckpt(tmp_path: Path, zip_format: bool = True, name: str = "model.ckpt") -> Path:
+    path = tmp_path / name
+    torch.save({"state_dict": tiny_state_dict(), "global_step": 5}, path,
+               _use_new_zipfile_serialization=zip_format)
+    return path
+
+
+def header_of(path: Path) -> dict:
+    data = path.read_bytes()
+    return json.loads(data[8: 8 + int.from_bytes(data[:8], "little")])
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "mergekit_sd.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *phrases: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in result.stderr
+    for phrase in phrases:
+        assert phrase in lines[0]
+
+
+# --- pickles to safetensors -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_ckpt_round_trips_bit_exactly(tmp_path, zip_format):
+    source = write_ckpt(tmp_path, zip_format)
+    target = tmp_path / "out" / "model.safetensors"
+
+    written = convert_to_safetensors(source, target)
+
+    assert written == target
+    got = load_file(target)
+    want = tiny_state_dict()
+    assert list(got) == list(want)
+    for name, tensor in want.items():
+        assert got[name].dtype == tensor.dtype, name
+        assert got[name].shape == tensor.shape, name
+        assert torch.equal(bits(got[name]), bits(tensor)), name
+    assert not (tmp_path / "out" / "model.safetensors.partial").exists()
+
+
+def test_views_are_stored_as_independent_byte_ranges(tmp_path):
+    target = tmp_path / "model.safetensors"
+    convert_to_safetensors(write_ckpt(tmp_path), target)
+    header = header_of(target)
+    ranges = sorted(entry["data_offsets"] for key, entry in header.items()
+                    if key != "__metadata__")
+    for (_, end), (begin, _) in zip(ranges, ranges[1:], strict=False):
+        assert end == begin  # tiled, no overlap
+    assert header["shared.slice"]["shape"] == [8]
+    assert header["shared.transposed"]["shape"] == [4, 3]
+
+
+def test_metadata_names_the_source_file_but_no_directory(tmp_path):
+    source = write_ckpt(tmp_path, name="my-model.ckpt")
+    target = tmp_path / "model.safetensors"
+    convert_to_safetensors(source, target)
+    with safe_open(target, "pt") as f:
+        metadata = f.metadata()
+    assert metadata["mergekit_sd.converted_from"] == "my-model.ckpt"
+    assert metadata["mergekit_sd.dtype"] == "keep"
+    assert not any(str(tmp_path) in value or "/" in value for value in metadata.values())
+
+
+def test_cli_convert_with_fp16_casts_floats_but_keeps_integer_tensors(tmp_path):
+    source = write_ckpt(tmp_path)
+    target = tmp_path / "model-fp16.safetensors"
+
+    result = run_cli("convert", str(source), str(target), "--dtype", "fp16", cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"wrote {target}"
+    got = load_file(target)
+    want = tiny_state_dict()
+    for name, tensor in want.items():
+        if tensor.is_floating_point():
+            assert got[name].dtype == torch.float16, name
+            assert torch.equal(got[name], tensor.to(torch.float16)), name
+        else:
+            assert got[name].dtype == tensor.dtype, name
+            assert torch.equal(got[name], tensor), name
+    assert got["cond_stage_model.transformer.text_model.embeddings.position_ids"].dtype \
+        == torch.int64
+    assert load_file(target)  # loads with the reference library
+    with safe_open(target, "pt") as f:
+        assert f.metadata()["mergekit_sd.dtype"] == "fp16"
+
+
+@pytest.mark.parametrize(("option", "dtype", "stored"), [
+    ("bf16", torch.bfloat16, "BF16"),
+    ("fp32", torch.float32, "F32"),
+    ("fp8_e4m3fn", torch.float8_e4m3fn, "F8_E4M3"),
+    ("fp8_e5m2", torch.float8_e5m2, "F8_E5M2"),
+])
+def test_other_float_dtypes(tmp_path, option, dtype, stored):
+    target = tmp_path / f"model-{option}.safetensors"
+    convert_to_safetensors(write_ckpt(tmp_path), target, dtype=option)
+
+    header = header_of(target)
+    got = load_file(target)
+    for name, tensor in tiny_state_dict().items():
+        if tensor.is_floating_point():
+            assert header[name]["dtype"] == stored, name
+            assert torch.equal(bits(got[name]), bits(tensor.float().to(dtype))), name
+        else:
+            assert got[name].dtype == tensor.dtype, name
+
+
+@pytest.mark.parametrize(("option", "dtype"), [
+    ("fp8_e4m3fn", torch.float8_e4m3fn),
+    ("fp8_e5m2", torch.float8_e5m2),
+])
+def test_fp8_saturates_out_of_range_weights_instead_of_inf_or_nan(tmp_path, option, dtype):
+    source = tmp_path / "wide.pt"
+    torch.save({"w": torch.tensor([1.0, -2.5, 1e6, -1e6, float("inf")])}, source)
+    target = tmp_path / "wide.safetensors"
+    convert_to_safetensors(source, target, dtype=option)
+    got = load_file(target)["w"].float()
+    limit = torch.finfo(dtype).max
+    assert torch.isfinite(got).all()
+    assert got.tolist() == [1.0, -2.5, limit, -limit, limit]
+
+
+# --- safetensors to safetensors (recast) -----------------------------------------------------
+
+
+def write_safetensors(tmp_path: Path, name: str = "model.safetensors") -> Path:
+    path = tmp_path / name
+    sd = {k: v.contiguous().clone() for k, v in tiny_state_dict().items()}
+    save_file(sd, path, metadata={"modelspec.title": "Tiny", "format": "pt"})
+    return path
+
+
+def test_safetensors_recast_keeps_metadata_and_integer_tensors(tmp_path):
+    source = write_safetensors(tmp_path)
+    target = tmp_path / "model-bf16.safetensors"
+    seen = []
+
+    convert_to_safetensors(source, target, dtype="bf16", progress=lambda d, t: seen.append((d, t)))
+
+    want = load_file(source)
+    got = load_file(target)
+    for name, tensor in want.items():
+        if tensor.is_floating_point():
+            assert torch.equal(bits(got[name]), bits(tensor.to(torch.bfloat16))), name
+        else:
+            assert torch.equal(got[name], tensor) and got[name].dtype == tensor.dtype, name
+    with safe_open(target, "pt") as f:
+        metadata = f.metadata()
+    assert metadata["modelspec.title"] == "Tiny"
+    assert metadata["mergekit_sd.converted_from"] == "model.safetensors"
+    assert metadata["mergekit_sd.dtype"] == "bf16"
+    total = len(want)
+    assert seen == [(i, total) for i in range(1, total + 1)]
+
+
+def test_safetensors_keep_copies_bytes_exactly(tmp_path):
+    source = write_safetensors(tmp_path)
+    target = tmp_path / "copy.safetensors"
+    convert_to_safetensors(source, target)
+    want, got = load_file(source), load_file(target)
+    assert list(got) == list(want)
+    for name in want:
+        assert torch.equal(bits(got[name]), bits(want[name])), name
+
+
+def test_safetensors_source_reads_one_tensor_at_a_time(tmp_path, monkeypatch):
+    """The recast path streams through SafetensorsReader and never loads the whole file."""
+    import safetensors.torch
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("convert must not load the whole file")
+
+    monkeypatch.setattr(safetensors.torch, "load_file", refuse)
+    monkeypatch.setattr(safetensors.torch, "load", refuse)
+    source = write_safetensors(tmp_path)
+    convert_to_safetensors(source, tmp_path / "out.safetensors", dtype="fp16")
+    assert (tmp_path / "out.safetensors").exists()
+
+
+def test_pickle_named_safetensors_is_refused_with_a_hint(tmp_path):
+    source = tmp_path / "model.safetensors"
+    torch.save({"w": torch.ones(2)}, source)
+    with pytest.raises(BadModelFile, match="is a PyTorch pickle, not a safetensors file; rename"):
+        convert_to_safetensors(source, tmp_path / "out.safetensors")
+
+
+# --- refusals -------------------------------------------------------------------------------
+
+
+def test_unknown_dtype_names_the_option_and_the_choices(tmp_path):
+    with pytest.raises(UserError) as info:
+        convert_to_safetensors(write_ckpt(tmp_path), tmp_path / "o.safetensors", dtype="fp12")
+    message = str(info.value)
+    assert "--dtype 'fp12'" in message
+    for choice in ("keep", "fp32", "fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2"):
+        assert choice in message
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_cli_unknown_dtype_exits_2(tmp_path):
+    result = run_cli("convert", str(write_ckpt(tmp_path)), str(tmp_path / "o.safetensors"),
+                     "--dtype", "int4", cwd=tmp_path)
+    assert_one_line_error(result, "--dtype 'int4'")
+
+
+def test_target_must_be_safetensors(tmp_path):
+    with pytest.raises(UserError, match=r"must end in \.safetensors"):
+        convert_to_safetensors(write_ckpt(tmp_path), tmp_path / "out.ckpt")
+    assert not (tmp_path / "out.ckpt").exists()
+
+
+def test_cli_target_equal_to_source_is_refused_and_untouched(tmp_path):
+    source = write_safetensors(tmp_path)
+    before = source.read_bytes()
+    result = run_cli("convert", str(source), str(tmp_path / "." / source.name), "--dtype", "fp16",
+                     "--overwrite", cwd=tmp_path)
+    assert_one_line_error(result, "is the source file itself")
+    assert source.read_bytes() == before
+    assert not (tmp_path / "model.safetensors.partial").exists()
+
+
+def test_target_that_is_a_hard_link_to_the_source_is_refused(tmp_path):
+    source = write_safetensors(tmp_path)
+    link = tmp_path / "link.safetensors"
+    os.link(source, link)
+    with pytest.raises(UserError, match="is the source file itself"):
+        convert_to_safetensors(source, link, overwrite=True)
+
+
+def test_cli_existing_target_needs_overwrite(tmp_path):
+    source = write_ckpt(tmp_path)
+    target = tmp_path / "model.safetensors"
+    target.write_bytes(b"precious")
+
+    result = run_cli("convert", str(source), str(target), cwd=tmp_path)
+
+    assert_one_line_error(result, "already exists", "--overwrite")
+    assert target.read_bytes() == b"precious"
+
+    result = run_cli("convert", str(source), str(target), "--overwrite", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert list(load_file(target)) == list(tiny_state_dict())
+
+
+@pytest.mark.parametrize("kind", ["safetensors-renamed", "random"])
+def test_cli_non_pickles_named_ckpt_exit_2_with_one_sentence(tmp_path, kind):
+    source = tmp_path / "model.ckpt"
+    if kind == "random":
+        source.write_bytes(bytes(range(256)) * 4)
+        phrase = "is not a PyTorch checkpoint"
+    else:
+        save_file({"w": torch.ones(2)}, source)
+        phrase = "is a safetensors file, not a PyTorch pickle"
+    target = tmp_path / "out.safetensors"
+    result = run_cli("convert", str(source), str(target), cwd=tmp_path)
+    assert_one_line_error(result, str(source), phrase)
+    assert not target.exists()
+
+
+def test_cli_missing_source_exits_2(tmp_path):
+    result = run_cli("convert", str(tmp_path / "nope.ckpt"), str(tmp_path / "o.safetensors"),
+                     cwd=tmp_path)
+    assert_one_line_error(result, "does not exist")
+
+
+# --- interrupted writes leave nothing behind ---------------------------------------------------
+
+
+def interrupt_after(n: int):
+    def progress(done: int, total: int) -> None:
+        if done == n:
+            raise KeyboardInterrupt
+
+    return progress
+
+
+@pytest.mark.parametrize("source_kind", ["ckpt", "safetensors"])
+def test_interrupted_conversion_leaves_no_output_and_no_partial(tmp_path, source_kind):
+    source = write_ckpt(tmp_path) if source_kind == "ckpt" else write_safetensors(tmp_path)
+    target = tmp_path / "out.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        convert_to_safetensors(source, target, dtype="fp16", progress=interrupt_after(2))
+    assert not target.exists()
+    assert not (tmp_path / "out.safetensors.partial").exists()
+
+
+def test_interrupted_overwrite_keeps_the_old_target(tmp_path):
+    source = write_ckpt(tmp_path)
+    target = tmp_path / "out.safetensors"
+    target.write_bytes(b"old version")
+    with pytest.raises(KeyboardInterrupt):
+        convert_to_safetensors(source, target, overwrite=True, progress=interrupt_after(3))
+    assert target.read_bytes() == b"old version"
+    assert not (tmp_path / "out.safetensors.partial").exists()
+
+
+def test_refused_pickle_writes_nothing(tmp_path):
+    source = tmp_path / "evil.ckpt"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch '{tmp_path / 'MARKER'}'",))
+
+    torch.save({"w": torch.ones(1), "x": Payload()}, source)
+    target = tmp_path / "out.safetensors"
+    with pytest.raises(BadModelFile, match="would run code"):
+        convert_to_safetensors(source, target)
+    assert not (tmp_path / "MARKER").exists()
+    assert not target.exists()
+    assert not (tmp_path / "out.safetensors.partial").exists()
