@@ -123,3 +123,24 @@ def test_killed_write_leaves_nothing_under_the_final_name(tmp_path):
     time.sleep(0.05)
     assert not path.exists()
     assert (tmp_path / "out.safetensors.partial").exists()
+
+
+def test_a_tensor_can_arrive_in_pieces(tmp_path):
+    path = tmp_path / "parts.safetensors"
+    values = torch.arange(1000, dtype=torch.float32)
+    raw = values.numpy().tobytes()
+    with StreamingWriter(path, [TensorSpec("x", "F32", (1000,))]) as writer:
+        writer.write_part("x", 2000, raw[2000:])
+        assert writer.missing == {"x"}
+        writer.write_part("x", 0, raw[:2000])
+        assert not writer.missing
+        with pytest.raises(ValueError):
+            writer.write_part("x", 0, raw[:4])
+    assert torch.equal(load_file(path)["x"], values)
+
+
+def test_a_piece_outside_the_tensor_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="outside"), \
+            StreamingWriter(tmp_path / "o.safetensors", [TensorSpec("x", "F32", (2,))]) as w:
+        w.write_part("x", 4, b"\0" * 8)
+    assert not (tmp_path / "o.safetensors").exists()

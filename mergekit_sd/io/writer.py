@@ -87,6 +87,7 @@ class StreamingWriter:
         header, self._offsets = build_header(self.specs.values(), metadata)
         self._data_start = len(header)
         self._pending = set(self.specs)
+        self._remaining = {spec.name: spec.nbytes for spec in self.specs.values()}
         self.partial = partial_path(self.path)
         self.partial.parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -102,22 +103,37 @@ class StreamingWriter:
 
     def write_bytes(self, name: str, data) -> None:
         """Write tensor `name` from raw bytes (any buffer of exactly its size)."""
-        spec = self.specs.get(name)
-        if spec is None:
-            raise KeyError(f"{name!r} was not declared when the writer was created")
-        if name not in self._pending:
-            raise ValueError(f"tensor {name!r} was already written")
+        spec = self._spec(name)
         size = memoryview(data).nbytes
         if size != spec.nbytes:
             raise ValueError(f"{name}: got {size} bytes, expected {spec.nbytes}")
-        self._write_at(data, self._data_start + self._offsets[name][0])
-        self._pending.discard(name)
+        self.write_part(name, 0, data)
 
-    def write(self, name: str, tensor) -> None:
-        """Write a torch tensor; its dtype and shape must match what was declared."""
+    def write_part(self, name: str, offset: int, data) -> None:
+        """Write bytes of tensor `name` starting `offset` bytes into it, so a tensor larger than
+        the memory one wants to spend can be written in pieces. Pieces must not overlap; the
+        tensor counts as written once all its bytes have arrived."""
+        spec = self._spec(name)
+        size = memoryview(data).nbytes
+        if name not in self._pending:
+            raise ValueError(f"tensor {name!r} was already written")
+        if offset < 0 or offset + size > spec.nbytes:
+            raise ValueError(f"{name}: bytes {offset}..{offset + size} fall outside its "
+                             f"{spec.nbytes} bytes")
+        self._write_at(data, self._data_start + self._offsets[name][0] + offset)
+        self._remaining[name] -= size
+        if self._remaining[name] <= 0:
+            self._pending.discard(name)
+
+    def _spec(self, name: str) -> TensorSpec:
         spec = self.specs.get(name)
         if spec is None:
             raise KeyError(f"{name!r} was not declared when the writer was created")
+        return spec
+
+    def write(self, name: str, tensor) -> None:
+        """Write a torch tensor; its dtype and shape must match what was declared."""
+        spec = self._spec(name)
         if safetensors_dtype(tensor.dtype) != spec.dtype or tuple(tensor.shape) != spec.shape:
             raise ValueError(f"{name}: got {tensor.dtype} {tuple(tensor.shape)}, "
                              f"declared {spec.dtype} {spec.shape}")
