@@ -154,6 +154,7 @@ _FLUX_NAMES = re.compile(r"(double_blocks|single_blocks|single_transformer_block
 _SD3_NAMES = re.compile(r"joint_blocks[._]\d|context_block|x_block")
 _SDXL_UNET_NAMES = re.compile(r"lora_unet_(input_blocks|output_blocks|middle_block)_|"
                               r"down_blocks[._]2[._]attentions[._]\d[._]transformer_blocks[._][1-9]")
+_TE_LAYER = re.compile(r"^(?:lora_te_|text_encoder\.)text_model[._]encoder[._]layers[._](\d+)")
 _BASE_METADATA = {"sd_v1": "sd1", "sd_v2": "sd2", "sdxl_base_v1-0": "sdxl", "flux1": "flux-dev",
                   "sd3": "sd3-medium"}
 
@@ -182,6 +183,9 @@ def _base(modules: dict[str, dict], metadata: dict[str, str]
         if widths[width]:
             evidence.append(f"text features {width} wide: {arch}")
             return arch, evidence, caveats
+    depth = max((int(m[1]) + 1 for n in names if (m := _TE_LAYER.search(n))), default=0)
+    if depth > 12:  # CLIP-L has 12 layers, SD2's OpenCLIP-H 24 (LoRAs train the first 23)
+        return "sd2", [f"text encoder with {depth} layers: OpenCLIP-H, SD2"], caveats
     if said in _BASE_METADATA:
         return _BASE_METADATA[said], [f"ss_base_model_version says {said}"], caveats
     if names:

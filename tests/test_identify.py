@@ -1,0 +1,159 @@
+"""Identification from headers: every architecture, part and LoRA format, with its evidence."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import run_cli
+
+from mergekit_sd.arch.identify import identify
+from mergekit_sd.io.header import read_header
+from mergekit_sd.testing import LORA_FORMATS, write_checkpoint, write_lora
+
+# variant -> (kind, architecture, layout, variant)
+CHECKPOINTS = {
+    "sd1": ("checkpoint", "sd1", "ldm", None),
+    "sd1-inpainting": ("checkpoint", "sd1", "ldm", "inpainting"),
+    "sd2": ("checkpoint", "sd2", "ldm", None),
+    "sd2-inpainting": ("checkpoint", "sd2", "ldm", "inpainting"),
+    "sdxl": ("checkpoint", "sdxl", "sgm", None),
+    "sdxl-refiner": ("checkpoint", "sdxl-refiner", "sgm", None),
+    "sdxl-inpainting": ("checkpoint", "sdxl", "sgm", "inpainting"),
+    "sd3-medium": ("checkpoint", "sd3-medium", "comfy", None),
+    "sd35-medium": ("checkpoint", "sd3.5-medium", "comfy", None),
+    "sd35-large": ("checkpoint", "sd3.5-large", "comfy", None),
+    "flux-dev": ("checkpoint", "flux-dev", "comfy", None),
+    "flux-schnell": ("checkpoint", "flux-schnell", "comfy", None),
+    "flux-fill": ("checkpoint", "flux-fill", "comfy", "fill"),
+    "sd1-unet": ("diffusion_model", "sd1", "ldm", None),
+    "sdxl-unet": ("diffusion_model", "sdxl", "sgm", None),
+    "flux-dev-transformer": ("diffusion_model", "flux-dev", "bfl", None),
+    "flux-schnell-transformer": ("diffusion_model", "flux-schnell", "bfl", None),
+    "sd3-medium-transformer": ("diffusion_model", "sd3-medium", "mmdit", None),
+    "vae-sd": ("vae", "VAE (4 latent channels)", "ldm", None),
+    "vae-flux": ("vae", "VAE (16 latent channels)", "ldm", None),
+    "clip-l": ("text_encoder", "CLIP-L", "transformers", None),
+    "clip-g": ("text_encoder", "CLIP-G", "transformers", None),
+    "t5xxl": ("text_encoder", "T5-XXL", "transformers", None),
+}
+
+# format -> (words in the format name, base architecture)
+LORAS = {
+    "kohya-sd1": ("kohya LoRA", "sd1"),
+    "kohya-sd2": ("kohya LoRA", "sd2"),
+    "kohya-sdxl": ("kohya LoRA", "sdxl"),
+    "locon-sd1": ("kohya LoCon", "sd1"),
+    "tucker-sd1": ("LoCon (Tucker)", "sd1"),
+    "loha-sd1": ("LoHa", "sd1"),
+    "lokr-sd1": ("LoKr", "sd1"),
+    "full-diff-sd1": ("full diff", "sd1"),
+    "dora-sdxl": ("DoRA", "sdxl"),
+    "peft-sd1": ("diffusers/PEFT", "sd1"),
+    "peft-sdxl": ("diffusers/PEFT", "sdxl"),
+    "diffusers-old-sd1": ("diffusers LoRA", "sd1"),
+    "kohya-flux": ("kohya LoRA", "flux-dev"),
+    "aitoolkit-flux": ("ai-toolkit", "flux-dev"),
+    "xlabs-flux": ("XLabs", "flux-dev"),
+    "diffusers-flux": ("diffusers/PEFT", "flux-dev"),
+    "kohya-sd3": ("kohya LoRA", "sd3-medium"),
+}
+
+
+def test_every_generated_format_has_an_expectation():
+    assert set(LORAS) == set(LORA_FORMATS)
+
+
+@pytest.mark.parametrize("variant", list(CHECKPOINTS))
+def test_full_size_files_are_identified(tmp_path, variant):
+    path = write_checkpoint(tmp_path / f"{variant}.safetensors", variant, size="full",
+                            fill="sparse")
+    found = identify(read_header(path))
+    kind, architecture, layout, variant_name = CHECKPOINTS[variant]
+    assert (found.kind, found.architecture, found.layout, found.variant) == (
+        kind, architecture, layout, variant_name), found.evidence
+    if kind in ("checkpoint", "diffusion_model"):
+        assert found.evidence, "an answer must say what decided it"
+
+
+@pytest.mark.parametrize("variant", ["sd1", "sd2", "sdxl", "sd3-medium", "flux-dev",
+                                     "flux-schnell", "sd1-inpainting", "vae-flux", "clip-g"])
+def test_tiny_files_are_identified_by_their_key_names(tmp_path, variant):
+    path = write_checkpoint(tmp_path / f"{variant}.safetensors", variant)
+    found = identify(read_header(path))
+    assert (found.kind, found.architecture) == CHECKPOINTS[variant][:2], found.evidence
+
+
+@pytest.mark.parametrize("size", ["tiny", "full"])
+@pytest.mark.parametrize("fmt", list(LORAS))
+def test_lora_formats_and_bases(tmp_path, fmt, size):
+    if fmt == "full-diff-sd1" and size == "full":
+        pytest.skip("a full-size full diff is a whole model's worth of data")
+    path = write_lora(tmp_path / f"{fmt}.safetensors", fmt, size=size, metadata={})
+    found = identify(read_header(path))
+    words, base = LORAS[fmt]
+    assert found.kind == "lora"
+    assert words in found.lora.format, found.lora.format
+    assert found.lora.base == base, found.evidence + found.caveats
+    assert found.lora.modules > 0
+    assert found.lora.rank or fmt == "full-diff-sd1", "low-rank formats report their rank"
+
+
+def test_lora_blocks_and_targets(tmp_path):
+    sdxl = identify(read_header(write_lora(tmp_path / "x.safetensors", "kohya-sdxl")))
+    assert {"BASE", "IN04", "M00", "OUT00"} <= set(sdxl.lora.blocks)
+    assert set(sdxl.lora.targets) == {"diffusion_model", "text_encoder", "text_encoder_2"}
+    flux = identify(read_header(write_lora(tmp_path / "f.safetensors", "kohya-flux")))
+    assert {"D00", "S00"} <= set(flux.lora.blocks)
+    sd1 = identify(read_header(write_lora(tmp_path / "p.safetensors", "peft-sd1")))
+    assert "IN01" in sd1.lora.blocks and "OUT11" in sd1.lora.blocks
+
+
+def test_sd2_says_what_it_cannot_know(tmp_path):
+    path = write_checkpoint(tmp_path / "sd2.safetensors", "sd2", size="full", fill="sparse")
+    found = identify(read_header(path))
+    assert found.prediction.startswith("unknown")
+    assert any("prediction type cannot be told" in c for c in found.caveats)
+
+
+def test_sdxl_finetune_families_are_hints_not_facts(tmp_path):
+    path = write_checkpoint(tmp_path / "pony.safetensors", "sdxl", size="full", fill="sparse",
+                            metadata={"modelspec.title": "Pony Diffusion V6 XL"})
+    found = identify(read_header(path))
+    assert found.architecture == "sdxl"
+    assert any("Pony" in e and "hint" in e for e in found.evidence)
+    assert any("Pony, Illustrious and NoobAI" in c for c in found.caveats)
+
+
+def test_inspect_json_reports_what_a_script_needs(tmp_path):
+    ckpt = write_checkpoint(tmp_path / "xl.safetensors", "sdxl", size="full", fill="sparse",
+                            dtype="F16")
+    lora = write_lora(tmp_path / "l.safetensors", "kohya-sd1", rank=8, alpha=4.0)
+    result = run_cli("inspect", "--json", ckpt, lora)
+    assert result.returncode == 0, result.stderr
+    by_name = {r["path"].rsplit("/", 1)[1]: r for r in json.loads(result.stdout)}
+    xl = by_name["xl.safetensors"]
+    assert xl["architecture"] == "sdxl" and xl["kind"] == "checkpoint"
+    assert xl["dtypes"].get("F16", 0) > 2000
+    assert xl["status"].startswith("complete")
+    assert {c["slot"] for c in xl["components"]} >= {"diffusion_model", "text_encoder",
+                                                      "text_encoder_2", "vae"}
+    assert xl["header_bytes"] < 1_000_000 < xl["file_size"]
+    lo = by_name["l.safetensors"]["lora"]
+    assert (lo["rank"], float(lo["alpha"])) == (8, 4.0)
+    assert lo["trigger_words"], "kohya ss_tag_frequency should give trigger words"
+
+
+def test_lora_alpha_is_read_from_its_tensors_when_metadata_is_silent(tmp_path):
+    lora = write_lora(tmp_path / "l.safetensors", "kohya-sd1", rank=8, alpha=2.0, metadata={})
+    result = run_cli("inspect", "--json", lora)
+    assert json.loads(result.stdout)[0]["lora"]["alpha"] == 2.0
+
+
+def test_inspect_table_shows_evidence_for_one_file(tmp_path):
+    path = write_checkpoint(tmp_path / "f.safetensors", "flux-schnell-transformer", size="full",
+                            fill="sparse")
+    result = run_cli("inspect", path)
+    assert result.returncode == 0
+    assert "FLUX.1-schnell" in result.stdout
+    assert "no guidance_in" in result.stdout
