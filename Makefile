@@ -33,7 +33,8 @@ test: lint
 
 demo: $(STAMP)
 	$(BIN)/mergekit-sd demo-workspace $(DEMO)
-	$(BIN)/mergekit-sd inspect $(DEMO)/models/Stable-diffusion/* $(DEMO)/models/Lora/*
+	$(BIN)/mergekit-sd inspect $(DEMO)/models/Stable-diffusion/* $(DEMO)/models/Lora/* $(DEMO)/models/VAE/*
+	$(BIN)/mergekit-sd inspect $(DEMO)/models/Lora/demo-lora-mychar.safetensors
 
 bench: $(STAMP)
 	$(BIN)/python bench/inspect.py

@@ -56,6 +56,16 @@ def convert(
     typer.echo(f"wrote {written}")
 
 
+@app.command()
+def blocks(
+    target: str = typer.Argument(..., help="An architecture (sd1, sdxl, flux-dev ...) or a file."),
+) -> None:
+    """Print the block map (BASE, IN00 ..., D00 ...) with key counts."""
+    from mergekit_sd.block_report import show_block_map
+
+    show_block_map(target)
+
+
 @app.command("demo-workspace")
 def demo_workspace(
     root: Path = typer.Argument(Path("demo-workspace"), help="Folder to create or refresh."),

@@ -32,10 +32,15 @@ def show_reports(reports: list[dict], detailed: bool) -> None:
     if not reports:
         return
     summary = Table(title="Model files", title_justify="left")
-    for column in ("file", "what it is", "kind", "layout", "dtypes", "params", "size"):
+    summary.add_column("file", overflow="fold", ratio=3)
+    summary.add_column("what it is", overflow="fold", ratio=3)
+    for column in ("kind", "layout", "dtypes", "params", "size"):
         summary.add_column(column, overflow="fold")
     for r in reports:
-        summary.add_row(Path(r["path"]).name, r["label"], r["kind"], r["layout"] or "-",
+        label = r["label"]
+        if r.get("lora") and r["lora"]["rank"]:
+            label += f", rank {r['lora']['rank']}"
+        summary.add_row(Path(r["path"]).name, label, r["kind"], r["layout"] or "-",
                         _dtype_mix(r["dtypes"]), human_count(r["parameters"]),
                         human_size(r["file_size"]))
     console.print(summary)

@@ -54,3 +54,17 @@ def test_unknown_architecture_names_the_nearest():
         get_architecture("sdxk")
     assert get_architecture("SD15").id == "sd1"
     assert get_architecture("pony").id == "sdxl"
+
+
+def test_blocks_command_for_a_name_and_for_a_file(tmp_path):
+    from conftest import run_cli
+
+    from mergekit_sd.testing import write_checkpoint
+
+    by_name = run_cli("blocks", "flux-schnell")
+    assert by_name.returncode == 0 and "S37" in by_name.stdout and "D18" in by_name.stdout
+    path = write_checkpoint(tmp_path / "m.safetensors", "sd1")
+    by_file = run_cli("blocks", path)
+    assert by_file.returncode == 0 and "OUT11" in by_file.stdout
+    wrong = run_cli("blocks", "sdxk")
+    assert wrong.returncode == 2 and "did you mean 'sdxl'" in wrong.stderr
