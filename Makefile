@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check mergekit_sd catalog tui tests bench
+	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 
 test: lint
