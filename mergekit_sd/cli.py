@@ -56,6 +56,81 @@ def convert(
     typer.echo(f"wrote {written}")
 
 
+recipe_app = typer.Typer(help="Recipe tools.", no_args_is_help=True)
+app.add_typer(recipe_app, name="recipe", help="Recipe tools: extract a merged file's recipe.")
+
+
+def _load_plan(recipe: Path, assignments: list[str], out: Path | None):
+    from mergekit_sd.merge.plan import apply_overrides, build_plan
+    from mergekit_sd.recipe.loader import load_recipe
+
+    loaded = load_recipe(recipe)
+    apply_overrides(loaded, assignments)
+    return build_plan(loaded, resolver=None, out=out)
+
+
+@app.command()
+def plan(
+    recipe: Path = typer.Argument(..., help="The YAML recipe."),
+    assignments: list[str] = typer.Option([], "--set", help="STEP.PARAM=VALUE override."),
+    out: Path = typer.Option(None, "--out", help="Write the output here instead."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+) -> None:
+    """Show what a recipe will do, reading only headers."""
+    from mergekit_sd.merge.report import plan_as_dict, show_plan
+
+    merge_plan = _load_plan(recipe, assignments, out)
+    if as_json:
+        import json
+
+        typer.echo(json.dumps(plan_as_dict(merge_plan), indent=2))
+    else:
+        show_plan(merge_plan)
+
+
+@app.command()
+def merge(
+    recipe: Path = typer.Argument(..., help="The YAML recipe."),
+    assignments: list[str] = typer.Option([], "--set", help="STEP.PARAM=VALUE override."),
+    out: Path = typer.Option(None, "--out", help="Write the output here instead."),
+    device: str = typer.Option("cpu", help="cpu or cuda: where the arithmetic runs."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+) -> None:
+    """Run a recipe: stream every key through its steps into the output file(s)."""
+    from mergekit_sd.cli_progress import rich_progress
+    from mergekit_sd.merge.executor import run_merge
+
+    merge_plan = _load_plan(recipe, assignments, out)
+    if as_json:
+        written = run_merge(merge_plan, device=device)
+        import json
+
+        typer.echo(json.dumps({name: str(path) for name, path in written.items()}))
+        return
+    with rich_progress() as progress:
+        written = run_merge(merge_plan, device=device, progress=progress)
+    for name, path in written.items():
+        typer.echo(f"wrote {name} -> {path}")
+
+
+@recipe_app.command("extract")
+def recipe_extract(
+    merged: Path = typer.Argument(..., help="A file written by mergekit-sd merge."),
+    out: Path = typer.Option(None, "-o", "--out", help="Recipe file to write (default: stdout)."),
+    output_path: Path = typer.Option(None, "--output-path",
+                                     help="output.path in the recipe (default: MERGED's name)."),
+) -> None:
+    """Write the recipe stored in a merged file back out as YAML."""
+    from mergekit_sd.recipe.extract import extract_recipe
+
+    text = extract_recipe(merged, output_path)
+    if out is None:
+        typer.echo(text, nl=False)
+    else:
+        out.write_text(text)
+        typer.echo(f"wrote {out}")
+
+
 @app.command()
 def blocks(
     target: str = typer.Argument(..., help="An architecture (sd1, sdxl, flux-dev ...) or a file."),

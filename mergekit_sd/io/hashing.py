@@ -1,0 +1,31 @@
+"""File hashes users and other tools know models by: SHA256 and AUTOMATIC1111's legacy hash."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+CHUNK = 8 * 1024 * 1024
+
+
+def file_sha256(path: str | os.PathLike, on_bytes=None, cancelled=None) -> str:
+    """SHA256 of the whole file, read sequentially; `on_bytes(n)` after each chunk."""
+    digest = hashlib.sha256()
+    buffer = bytearray(CHUNK)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            digest.update(view[:n])
+            if on_bytes:
+                on_bytes(n)
+            if cancelled and cancelled():
+                break
+    return digest.hexdigest()
+
+
+def legacy_model_hash(path: str | os.PathLike) -> str:
+    """AUTOMATIC1111's old 8-character model hash: SHA256 of 64 KiB at offset 1 MiB."""
+    with open(Path(path), "rb") as f:
+        f.seek(0x100000)
+        return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]

@@ -1,0 +1,1 @@
+"""Merging: the method registry, the built-in methods, planning and the streaming executor."""

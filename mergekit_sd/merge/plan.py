@@ -1,0 +1,357 @@
+"""Turn a recipe into a merge plan from headers alone: inputs, keys, mismatches, outputs, costs.
+
+`mergekit-sd plan` prints this; `mergekit-sd merge` executes it. Nothing here reads tensor data.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mergekit_sd.arch.architectures import ARCHITECTURES, Architecture
+from mergekit_sd.arch.components import SCHEDULE_KEYS, slot_of
+from mergekit_sd.arch.identify import Identification, identify
+from mergekit_sd.errors import BadModelFile, UserError
+from mergekit_sd.io.dtypes import FLOAT_DTYPES, USER_DTYPES
+from mergekit_sd.io.header import SafetensorsHeader, read_header
+from mergekit_sd.io.writer import TensorSpec
+from mergekit_sd.merge.registry import MergeMethod, check_params, get_method
+from mergekit_sd.recipe.loader import LoadedRecipe
+from mergekit_sd.recipe.params import Candidate, KeyedValue, candidates, resolve_param
+from mergekit_sd.recipe.refs import NoResolver, Resolver, is_path_ref, resolve_path
+from mergekit_sd.recipe.schema import ParamSpec, Step
+
+# FLUX dev, schnell and Fill share every block; merging them is common practice.
+_COMPATIBLE_FAMILIES = {"flux"}
+# Assumed for the time estimate only: a SATA SSD's sequential rate (say so when printing).
+ASSUMED_DISK_BYTES_PER_S = 500e6
+TORCH_BASELINE_BYTES = 250e6  # resident size of an imported torch before any tensor
+
+
+@dataclass
+class PlannedInput:
+    name: str
+    ref: str
+    path: Path
+    header: SafetensorsHeader
+    found: Identification
+    expected_sha256: str | None  # from the recipe: checked before writing
+    known_sha256: str | None  # from the resolver (catalog cache): no need to hash
+
+
+@dataclass
+class KeyTask:
+    key: str
+    slot: str
+    block: str
+    out: TensorSpec
+    sources: tuple[str, ...]  # models (in merge order) that have the key
+    merge: bool  # False: copied as is from `sources[0]` (or the baked VAE)
+
+
+@dataclass
+class StepPlan:
+    step: Step
+    method: MergeMethod
+    # candidate name -> param name -> per-key value
+    params: dict[str, dict[str, KeyedValue]]
+
+
+@dataclass
+class MergePlan:
+    loaded: LoadedRecipe
+    arch: Architecture
+    diffusion_prefix: str
+    inputs: dict[str, PlannedInput]
+    model_order: list[str]
+    steps: list[StepPlan]
+    candidates: list[Candidate]
+    outputs: dict[str, Path]  # candidate name -> output path
+    tasks: list[KeyTask]
+    vae: PlannedInput | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(t.out.nbytes for t in self.tasks)
+
+    @property
+    def read_bytes(self) -> int:
+        return sum(p.header.data_bytes for p in self.inputs.values())
+
+    def estimated_peak_bytes(self) -> int:
+        """Working set: every input's and every step result's fp32 copy of the largest tensor,
+        for the key being computed and the one being prefetched, above torch's own size."""
+        largest = max((math.prod(t.out.shape) for t in self.tasks), default=0)
+        live = len(self.inputs) + len(self.steps) * len(self.candidates) + len(self.candidates)
+        return int(TORCH_BASELINE_BYTES + 2 * live * largest * 4)
+
+    def estimated_seconds(self) -> float:
+        moved = self.read_bytes + self.output_bytes * len(self.candidates)
+        return moved / ASSUMED_DISK_BYTES_PER_S
+
+
+def _needed_steps(loaded: LoadedRecipe) -> list[Step]:
+    recipe = loaded.recipe
+    by_name = {s.name: s for s in recipe.steps}
+    needed, stack = set(), [recipe.final_step.name]
+    while stack:
+        name = stack.pop()
+        if name in by_name and name not in needed:
+            needed.add(name)
+            stack.extend(by_name[name].inputs)
+    return [s for s in recipe.steps if s.name in needed]
+
+
+def _model_order(loaded: LoadedRecipe) -> list[str]:
+    """Models in depth-first order of the final step's inputs: the first one that has a key
+    gives the output its shape and its fallback value."""
+    recipe = loaded.recipe
+    by_name = {s.name: s for s in recipe.steps}
+    order: list[str] = []
+
+    def visit(name: str) -> None:
+        if name in by_name:
+            for child in by_name[name].inputs:
+                visit(child)
+        elif name not in order:
+            order.append(name)
+
+    visit(recipe.final_step.name)
+    return order
+
+
+def _open_input(loaded: LoadedRecipe, name: str, resolver: Resolver) -> PlannedInput:
+    ref = loaded.recipe.model_ref(name)
+    loc = ("models", name)
+    known = None
+    if is_path_ref(ref.ref):
+        path = resolve_path(ref.ref, loaded.path.parent)
+        if not path.exists():
+            raise loaded.error(loc, f"model file {str(path)!r} does not exist")
+    else:
+        try:
+            resolved = resolver(ref.ref)
+        except LookupError as exc:
+            raise loaded.error(loc, str(exc.args[0])) from None
+        path, known = resolved.path, resolved.sha256
+    try:
+        header = read_header(path)
+    except BadModelFile as exc:
+        raise loaded.error(loc, exc.problem.replace("is ", f"{path.name} is ", 1)) from None
+    found = identify(header)
+    if found.kind == "lora":
+        raise loaded.error(loc, f"{path.name} is a LoRA ({found.label}); bake it with a "
+                                "bake_lora step instead of merging it as a model")
+    if found.kind not in ("checkpoint", "diffusion_model"):
+        raise loaded.error(loc, f"{path.name} is {found.label}, not a checkpoint or diffusion "
+                                "model; use output.vae to bake a VAE")
+    return PlannedInput(name, ref.ref, path, header, found, ref.sha256, known)
+
+
+def _check_compatible(loaded: LoadedRecipe, inputs: dict[str, PlannedInput]) -> tuple[str, str]:
+    first = next(iter(inputs.values()))
+    first_prefix = _diffusion_prefix(first)
+    for other in list(inputs.values())[1:]:
+        a, b = ARCHITECTURES[first.found.architecture], ARCHITECTURES[other.found.architecture]
+        same = a.id == b.id or (a.family == b.family and a.family in _COMPATIBLE_FAMILIES)
+        if not same:
+            raise loaded.error(("models", other.name),
+                               f"{other.path.name} is {b.label} but {first.path.name} is "
+                               f"{a.label}; models of different architectures cannot be merged")
+        if _diffusion_prefix(other) != first_prefix:
+            raise loaded.error(("models", other.name),
+                               f"{other.path.name} stores its diffusion model under "
+                               f"{_diffusion_prefix(other)!r} but {first.path.name} under "
+                               f"{first_prefix!r}; give files of the same key layout")
+    return first.found.architecture, first_prefix
+
+
+def _diffusion_prefix(planned: PlannedInput) -> str:
+    return next(c.prefix for c in planned.found.components if c.slot == "diffusion_model")
+
+
+def _plan_steps(loaded: LoadedRecipe, steps: list[Step], arch: Architecture,
+                cands: list[Candidate]) -> list[StepPlan]:
+    plans = []
+    for step in steps:
+        index = loaded.recipe.steps.index(step)
+        loc = ("steps", index)
+        try:
+            method = get_method(step.method)
+        except UserError as exc:
+            raise loaded.error((*loc, "method"), str(exc)) from None
+        if method.variadic:
+            ok = len(step.inputs) >= len(method.inputs) + 1
+        else:
+            ok = len(step.inputs) == len(method.inputs)
+        if not ok:
+            wanted = (f"at least {len(method.inputs) + 1}" if method.variadic
+                      else str(len(method.inputs)))
+            raise loaded.error((*loc, "inputs"), f"{method.name} takes {wanted} inputs "
+                               f"({', '.join(method.inputs)}{', ...' if method.variadic else ''}),"
+                               f" not {len(step.inputs)}")
+        per_candidate = {}
+        for cand in cands:
+            values = {}
+            for name, given in step.params.items():
+                chosen = cand.value_of(step.name, name, given)
+                values[name] = resolve_param(chosen, arch, (*loc, "params", name),
+                                             loaded.error)
+            _check_values(loaded, loc, method, values)
+            per_candidate[cand.name] = values
+        plans.append(StepPlan(step, method, per_candidate))
+    return plans
+
+
+def _check_values(loaded: LoadedRecipe, loc: tuple, method: MergeMethod,
+                  values: dict[str, KeyedValue]) -> None:
+    """Every value a parameter can take must pass the method's own checks."""
+    for name, keyed in values.items():
+        options = [keyed.default, *keyed.by_block.values(), *keyed.by_slot.values(),
+                   *(v for _, _, v in keyed.by_pattern)]
+        for option in options:
+            if option is None:
+                continue
+            try:
+                check_params(method, {name: option})
+            except UserError as exc:
+                raise loaded.error((*loc, "params", name), str(exc)) from None
+
+
+def _output_dtype(loaded: LoadedRecipe, source_dtype: str) -> str:
+    wanted = loaded.recipe.output.dtype
+    if source_dtype not in FLOAT_DTYPES or wanted == "keep":
+        return source_dtype
+    return USER_DTYPES[wanted]
+
+
+def build_plan(loaded: LoadedRecipe, resolver: Resolver | None = None,
+               out: Path | None = None) -> MergePlan:
+    recipe = loaded.recipe
+    resolver = resolver or NoResolver()
+    order = _model_order(loaded)
+    inputs = {name: _open_input(loaded, name, resolver) for name in order}
+    arch_id, prefix = _check_compatible(loaded, inputs)
+    arch = ARCHITECTURES[arch_id]
+    cands = candidates(recipe)
+    steps = _plan_steps(loaded, _needed_steps(loaded), arch, cands)
+    outputs = _output_paths(loaded, cands, out)
+    for cand, path in outputs.items():
+        for planned in inputs.values():
+            if path.resolve() == planned.path.resolve():
+                raise loaded.error(("output", "path"), f"the output {path.name} of {cand} "
+                                   f"would overwrite the input {planned.name}")
+    vae = _open_vae(loaded, resolver) if recipe.output.vae else None
+    tasks, notes = _plan_keys(loaded, inputs, order, arch, prefix, vae)
+    return MergePlan(loaded, arch, prefix, inputs, order, steps, cands, outputs, tasks, vae,
+                     notes)
+
+
+def _output_paths(loaded: LoadedRecipe, cands: list[Candidate], out: Path | None
+                  ) -> dict[str, Path]:
+    base = out or resolve_path(loaded.recipe.output.path, loaded.path.parent)
+    if base.suffix != ".safetensors":
+        raise loaded.error(("output", "path"), f"{base.name} must end in .safetensors")
+    if len(cands) == 1:
+        return {cands[0].name: base}
+    # a sweep: one file per candidate, named after it, beside the output path
+    return {c.name: base.with_name(f"{base.stem}{c.name[c.name.index('@'):]}.safetensors")
+            for c in cands}
+
+
+def _open_vae(loaded: LoadedRecipe, resolver: Resolver) -> PlannedInput:
+    ref = loaded.recipe.output.vae
+    loc = ("output", "vae")
+    path = resolve_path(ref, loaded.path.parent) if is_path_ref(ref) else resolver(ref).path
+    try:
+        header = read_header(path)
+    except BadModelFile as exc:
+        raise loaded.error(loc, exc.problem.replace("is ", f"{path.name} is ", 1)) from None
+    found = identify(header)
+    if not any(c.slot == "vae" for c in found.components):
+        raise loaded.error(loc, f"{path.name} is {found.label} and holds no VAE")
+    return PlannedInput("vae", ref, path, header, found, None, None)
+
+
+def vae_source_keys(vae: PlannedInput, target_prefix: str) -> dict[str, str]:
+    """Output key -> key in the VAE file, for a VAE saved alone or inside a checkpoint."""
+    comp = next(c for c in vae.found.components if c.slot == "vae")
+    return {target_prefix + key[len(comp.prefix):]: key for key in vae.header.tensors
+            if key.startswith(comp.prefix) and slot_of(key)[0] in ("vae", "other")}
+
+
+def _plan_keys(loaded: LoadedRecipe, inputs: dict[str, PlannedInput], order: list[str],
+               arch: Architecture, prefix: str, vae: PlannedInput | None
+               ) -> tuple[list[KeyTask], list[str]]:
+    output = loaded.recipe.output
+    first = inputs[order[0]]
+    vae_prefix = next((c.prefix for c in first.found.components if c.slot == "vae"),
+                      "first_stage_model.")
+    vae_keys = vae_source_keys(vae, vae_prefix) if vae else {}
+    keys: dict[str, None] = {}
+    for name in order:
+        keys.update(dict.fromkeys(inputs[name].header.tensors))
+    tasks, only_some, clashes, dropped = [], [], [], 0
+    for key in keys:
+        slot, _ = slot_of(key)
+        if (output.drop_ema or output.inference_only) and slot == "ema":
+            dropped += 1
+            continue
+        if output.inference_only and key in SCHEDULE_KEYS:
+            dropped += 1
+            continue
+        if key in vae_keys:
+            continue
+        sources = tuple(n for n in order if key in inputs[n].header.tensors)
+        info = inputs[sources[0]].header.tensors[key]
+        shapes = {inputs[n].header.tensors[key].shape for n in sources}
+        merge = info.dtype in FLOAT_DTYPES and len(sources) > 1
+        if len(sources) < len(order):
+            only_some.append(key)
+        if len(shapes) > 1:
+            same_rank = len({len(s) for s in shapes}) == 1
+            merge = merge and same_rank
+            clashes.append(f"{key}: shapes {sorted(shapes)}; " + (
+                "merged on the overlapping slice, the rest taken from "
+                f"{sources[0]} (as AUTOMATIC1111 does)" if same_rank
+                else f"taken from {sources[0]}"))
+        block = arch.block_of(key[len(prefix):]) if key.startswith(prefix) else "BASE"
+        out = TensorSpec(key, _output_dtype(loaded, info.dtype), info.shape)
+        tasks.append(KeyTask(key, slot, block, out, sources, merge))
+    for key, source_key in vae_keys.items():
+        info = vae.header.tensors[source_key]
+        tasks.append(KeyTask(key, "vae", "BASE", TensorSpec(key, _output_dtype(
+            loaded, info.dtype), info.shape), ("vae",), False))
+    notes = []
+    if only_some:
+        notes.append(f"{len(only_some)} keys are in only some inputs and are taken from the "
+                     f"first that has them (e.g. {only_some[0]})")
+    notes.extend(clashes)
+    if dropped:
+        notes.append(f"{dropped} EMA/training-only keys dropped (output.drop_ema / "
+                     "inference_only)")
+    if vae_keys:
+        notes.append(f"{len(vae_keys)} VAE keys baked from {vae.path.name}")
+    return tasks, notes
+
+
+def apply_overrides(loaded: LoadedRecipe, assignments: list[str]) -> None:
+    """`--set step.param=value` (value parsed as YAML, so `[0.2,0.4]` makes a sweep)."""
+    import yaml
+
+    for assignment in assignments:
+        target, sep, raw = assignment.partition("=")
+        step_name, dot, param = target.partition(".")
+        if not sep or not dot or not param:
+            raise UserError(f"--set {assignment!r}: write it as STEP.PARAM=VALUE")
+        step = next((s for s in loaded.recipe.steps if s.name == step_name), None)
+        if step is None:
+            names = ", ".join(s.name for s in loaded.recipe.steps)
+            raise UserError(f"--set {assignment!r}: there is no step {step_name!r} "
+                            f"(steps: {names})")
+        value = yaml.safe_load(raw)
+        if isinstance(value, dict):
+            value = ParamSpec.model_validate(value)
+        step.params[param] = value

@@ -1,0 +1,115 @@
+"""What a merged file says about itself: modelspec, AUTOMATIC1111's merge keys, our recipe.
+
+The recipe stored under `mergekit_sd.recipe` is canonical (sweeps resolved to the candidate's
+values, inputs pinned by SHA256, no output path), so `mergekit-sd recipe extract` gives back a
+recipe that reproduces the file byte for byte.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+
+from mergekit_sd import __version__
+from mergekit_sd.merge.plan import MergePlan
+from mergekit_sd.recipe.params import Candidate
+from mergekit_sd.recipe.schema import ParamSpec
+
+MODELSPEC_ARCHITECTURE = {
+    "sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2",
+    "sdxl": "stable-diffusion-xl-v1-base", "sdxl-refiner": "stable-diffusion-xl-v1-refiner",
+    "sd3-medium": "stable-diffusion-3-medium", "sd3.5-medium": "stable-diffusion-3.5-medium",
+    "sd3.5-large": "stable-diffusion-3.5-large", "flux-dev": "flux-1-dev",
+    "flux-schnell": "flux-1-schnell", "flux-fill": "flux-1-fill",
+}
+# AUTOMATIC1111's names for the two methods its merger tab has
+A1111_METHOD_NAMES = {"weighted_sum": "Weighted sum", "add_difference": "Add difference"}
+
+
+def _param_json(value):
+    if isinstance(value, ParamSpec):
+        return value.model_dump(exclude_defaults=True)
+    return value
+
+
+def canonical_recipe(plan: MergePlan, cand: Candidate, hashes: dict[str, str]) -> dict:
+    recipe = plan.loaded.recipe
+    output = recipe.output
+    doc = {
+        "version": 1,
+        "models": {name: {"ref": plan.inputs[name].ref, "sha256": hashes[name]}
+                   for name in plan.model_order},
+        "steps": [{"name": sp.step.name, "method": sp.method.name, "inputs": sp.step.inputs,
+                   "params": {p: _param_json(cand.value_of(sp.step.name, p, v))
+                              for p, v in sp.step.params.items()}}
+                  for sp in plan.steps],
+        "output": {"step": recipe.final_step.name, "dtype": output.dtype,
+                   "drop_ema": output.drop_ema, "inference_only": output.inference_only,
+                   "title": output.title or cand.name, "date": merge_date(plan)},
+    }
+    if plan.vae is not None:
+        doc["output"]["vae"] = plan.vae.ref
+        doc["output"]["vae_sha256"] = hashes["vae"]
+    return doc
+
+
+def merge_date(plan: MergePlan) -> str:
+    return plan.loaded.recipe.output.date or dt.datetime.now(dt.UTC).date().isoformat()
+
+
+def _a1111_recipe(plan: MergePlan, cand: Candidate, hashes: dict[str, str]) -> dict:
+    final = plan.steps[-1]
+    models = [i for i in final.step.inputs if i in plan.inputs]
+    params = final.params[cand.name]
+    alpha = params.get("alpha")
+    return {
+        "type": "mergekit-sd",
+        "primary_model_hash": hashes.get(models[0]) if models else None,
+        "secondary_model_hash": hashes.get(models[1]) if len(models) > 1 else None,
+        "tertiary_model_hash": hashes.get(models[2]) if len(models) > 2 else None,
+        "interp_method": A1111_METHOD_NAMES.get(final.method.name, final.method.name),
+        "multiplier": alpha.default if alpha is not None and alpha.is_constant else None,
+        "save_as_half": plan.loaded.recipe.output.dtype == "fp16",
+        "custom_name": plan.loaded.recipe.output.title or cand.name,
+        "config_source": 0,
+        "bake_in_vae": plan.vae.path.name if plan.vae else "None",
+        "discard_weights": "",
+        "is_inpainting": any(p.found.variant == "inpainting" for p in plan.inputs.values()),
+        "is_instruct_pix2pix": False,
+    }
+
+
+def _a1111_models(plan: MergePlan, hashes: dict[str, str], legacy: dict[str, str]) -> dict:
+    """sha256 -> {name, legacy_hash, sd_merge_recipe}, ancestors included as AUTOMATIC1111 does."""
+    models: dict = {}
+    for name in plan.model_order:
+        planned = plan.inputs[name]
+        parent_recipe = planned.header.metadata.get("sd_merge_recipe")
+        parent_models = planned.header.metadata.get("sd_merge_models")
+        if parent_models:
+            with contextlib.suppress(ValueError):  # a parent's corrupt lineage is left out
+                models.update(json.loads(parent_models))
+        models[hashes[name]] = {
+            "name": planned.path.name,
+            "legacy_hash": legacy[name],
+            "sd_merge_recipe": json.loads(parent_recipe) if parent_recipe else None,
+        }
+    return models
+
+
+def merge_metadata(plan: MergePlan, cand: Candidate, hashes: dict[str, str],
+                   legacy: dict[str, str]) -> dict[str, str]:
+    recipe = canonical_recipe(plan, cand, hashes)
+    return {
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": MODELSPEC_ARCHITECTURE.get(plan.arch.id, plan.arch.id),
+        "modelspec.title": recipe["output"]["title"],
+        "modelspec.date": recipe["output"]["date"],
+        "modelspec.merged_from": ", ".join(plan.inputs[n].path.name for n in plan.model_order),
+        "sd_merge_recipe": json.dumps(_a1111_recipe(plan, cand, hashes)),
+        "sd_merge_models": json.dumps(_a1111_models(plan, hashes, legacy)),
+        "mergekit_sd.recipe": json.dumps(recipe, sort_keys=True),
+        "mergekit_sd.version": __version__,
+        "format": "pt",
+    }

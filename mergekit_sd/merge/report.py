@@ -1,0 +1,90 @@
+"""Show a merge plan (`mergekit-sd plan`) to people and to scripts."""
+
+from __future__ import annotations
+
+from mergekit_sd.merge.plan import ASSUMED_DISK_BYTES_PER_S, MergePlan
+from mergekit_sd.recipe.params import KeyedValue
+
+
+def _describe(keyed: KeyedValue) -> str:
+    parts = [] if keyed.default is None else [f"{keyed.default:g}" if isinstance(
+        keyed.default, float) else str(keyed.default)]
+    if keyed.by_block:
+        parts.append("blocks " + " ".join(f"{b}={v}" for b, v in keyed.by_block.items()))
+    if keyed.by_slot:
+        parts.append("components " + " ".join(f"{s}={v}" for s, v in keyed.by_slot.items()))
+    if keyed.by_pattern:
+        parts.append("keys " + " ".join(f"{p}={v}" for p, _, v in keyed.by_pattern))
+    return "; ".join(parts) or "method default"
+
+
+def plan_as_dict(plan: MergePlan) -> dict:
+    merged = sum(t.merge for t in plan.tasks)
+    return {
+        "recipe": str(plan.loaded.path),
+        "architecture": plan.arch.id,
+        "inputs": [{"name": p.name, "ref": p.ref, "path": str(p.path), "label": p.found.label,
+                    "architecture": p.found.architecture, "file_size": p.header.file_size}
+                   for p in plan.inputs.values()],
+        "steps": [{"name": sp.step.name, "method": sp.method.name, "formula": sp.method.formula,
+                   "inputs": sp.step.inputs,
+                   "params": {c: {p: _describe(v) for p, v in params.items()}
+                              for c, params in sp.params.items()}}
+                  for sp in plan.steps],
+        "candidates": {c.name: str(plan.outputs[c.name]) for c in plan.candidates},
+        "keys": {"total": len(plan.tasks), "merged": merged, "copied": len(plan.tasks) - merged},
+        "blocks": _block_coverage(plan),
+        "notes": plan.notes,
+        "output_bytes": plan.output_bytes,
+        "estimated_peak_bytes": plan.estimated_peak_bytes(),
+        "estimated_seconds": round(plan.estimated_seconds(), 1),
+    }
+
+
+def _block_coverage(plan: MergePlan) -> dict[str, int]:
+    counts = dict.fromkeys(plan.arch.blocks, 0)
+    for task in plan.tasks:
+        if task.merge:
+            counts[task.block] = counts.get(task.block, 0) + 1
+    return counts
+
+
+def show_plan(plan: MergePlan) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from mergekit_sd.inspect_view import human_size
+
+    data = plan_as_dict(plan)
+    console = Console()
+    inputs = Table(title=f"inputs ({plan.arch.label})", title_justify="left")
+    for column in ("name", "file", "what it is", "size"):
+        inputs.add_column(column, overflow="fold")
+    for p in plan.inputs.values():
+        inputs.add_row(p.name, str(p.path), p.found.label, human_size(p.header.file_size))
+    if plan.vae is not None:
+        inputs.add_row("(vae)", str(plan.vae.path), plan.vae.found.label,
+                       human_size(plan.vae.header.file_size))
+    console.print(inputs)
+    steps = Table(title="steps", title_justify="left")
+    for column in ("step", "method", "inputs", "candidate", "parameters"):
+        steps.add_column(column, overflow="fold")
+    for step in data["steps"]:
+        for cand, params in step["params"].items():
+            text = ", ".join(f"{p}: {v}" for p, v in params.items()) or "defaults"
+            steps.add_row(step["name"], f"{step['method']}\n{step['formula']}",
+                          ", ".join(step["inputs"]), cand, text)
+    console.print(steps)
+    blocks = " ".join(f"{b}:{n}" for b, n in data["blocks"].items())
+    keys = data["keys"]
+    console.print(f"keys: {keys['total']} ({keys['merged']} merged, {keys['copied']} copied); "
+                  f"merged keys per block: {blocks}")
+    for note in plan.notes:
+        console.print(f"note: {note}")
+    for cand, path in data["candidates"].items():
+        console.print(f"output {cand} -> {path} ({human_size(plan.output_bytes)})")
+    console.print(f"estimated peak memory {human_size(data['estimated_peak_bytes'])}; "
+                  f"estimated time {data['estimated_seconds']} s at an assumed "
+                  f"{ASSUMED_DISK_BYTES_PER_S / 1e6:.0f} MB/s disk (reads "
+                  f"{human_size(plan.read_bytes)} incl. hashing, writes "
+                  f"{human_size(plan.output_bytes * len(plan.candidates))})")

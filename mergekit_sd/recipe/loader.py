@@ -1,0 +1,141 @@
+"""Load a recipe file: `yaml.safe_load`, pydantic validation, errors that name file, field, line."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from mergekit_sd.errors import UserError
+from mergekit_sd.recipe.schema import Recipe
+
+
+class RecipeError(UserError):
+    """A recipe problem: one sentence with the file, the line and the field."""
+
+    def __init__(self, path: Path | str, line: int | None, field_path: str, problem: str):
+        where = f"{path}, line {line}" if line else f"{path}"
+        super().__init__(f"{where}, {field_path}: {problem}" if field_path
+                         else f"{where}: {problem}")
+
+
+@dataclass
+class LoadedRecipe:
+    recipe: Recipe
+    path: Path  # the recipe file; relative model paths resolve against its folder
+    lines: dict[tuple, int] = field(default_factory=dict)
+
+    def error(self, field_path: tuple, problem: str) -> RecipeError:
+        """A RecipeError for `field_path` (e.g. ("steps", 0, "params", "alpha"))."""
+        return RecipeError(self.path, line_of(self.lines, field_path), dotted(field_path),
+                           problem)
+
+
+def dotted(loc: tuple) -> str:
+    return ".".join(str(part) for part in loc)
+
+
+def line_of(lines: dict[tuple, int], loc: tuple) -> int | None:
+    """The line of the deepest part of `loc` the file has (a missing field: its parent's)."""
+    loc = tuple(loc)
+    while loc:
+        if loc in lines:
+            return lines[loc]
+        loc = loc[:-1]
+    return lines.get(())
+
+
+def _line_map(node, prefix: tuple = (), lines: dict | None = None) -> dict[tuple, int]:
+    lines = {} if lines is None else lines
+    lines.setdefault(prefix, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            path = (*prefix, key.value)
+            lines[path] = key.start_mark.line + 1
+            _line_map(value, path, lines)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _line_map(item, (*prefix, index), lines)
+    return lines
+
+
+_LEADING_PATH = re.compile(r"^(?:Value error, )?([A-Za-z_][\w]*(?:\.[\w-]+)*): (.*)$", re.S)
+
+
+def parse_recipe(text: str, path: Path | str = "<recipe>") -> LoadedRecipe:
+    path = Path(path)
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or "is not valid YAML"
+        raise RecipeError(path, mark.line + 1 if mark else None, "",
+                          f"is not valid YAML ({problem})") from None
+    if not isinstance(data, dict):
+        raise RecipeError(path, 1, "", "must be a YAML mapping with models, steps and output")
+    lines = _line_map(node) if node is not None else {}
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise _first_error(exc, path, lines) from None
+    return LoadedRecipe(recipe, path, lines)
+
+
+def _first_error(exc: ValidationError, path: Path, lines: dict) -> RecipeError:
+    error = exc.errors()[0]
+    loc = tuple(part for part in error["loc"] if not _is_union_tag(part))
+    message = error["msg"]
+    if not loc:  # cross-field rules name their field at the start of the message
+        match = _LEADING_PATH.match(message)
+        if match:
+            loc = tuple(int(p) if p.isdigit() else p for p in match[1].split("."))
+            message = match[2]
+    message = message.removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = f"is not a field here ({_known_fields_hint(loc)})"
+    elif error["type"] == "missing":
+        message = "is required but missing"
+    return RecipeError(path, line_of(lines, loc), dotted(loc), message)
+
+
+def _is_union_tag(part) -> bool:
+    # pydantic inserts the union member it tried into the location; users never wrote those
+    return isinstance(part, str) and (part in {"str", "float", "int", "bool", "ParamSpec",
+                                               "ModelRef", "scalar", "sweep", "spec"}
+                                      or part.startswith(("list[", "union[", "function-")))
+
+
+def _known_fields_hint(loc: tuple) -> str:
+    from mergekit_sd.recipe.schema import ModelRef, Output, ParamSpec, Step
+
+    parent = loc[:-1]
+    model = {(): Recipe, ("output",): Output}.get(parent)
+    if model is None and len(parent) == 2 and parent[0] == "steps":
+        model = Step
+    if model is None and len(parent) == 4 and parent[2] == "params":
+        model = ParamSpec
+    if model is None and len(parent) == 2 and parent[0] == "models":
+        model = ModelRef
+    if model is None:
+        return "unknown field"
+    import difflib
+
+    fields = list(model.model_fields)
+    close = difflib.get_close_matches(str(loc[-1]), fields, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"{hint}valid fields: {', '.join(fields)}"
+
+
+def load_recipe(path: str | Path) -> LoadedRecipe:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(path, None, "", "does not exist") from None
+    except (IsADirectoryError, UnicodeDecodeError):
+        raise RecipeError(path, None, "", "is not a YAML text file") from None
+    return parse_recipe(text, path)

@@ -1,0 +1,157 @@
+"""Parameter values per key: scalars, per-block / per-component / per-key-pattern maps, sweeps.
+
+Precedence for one key, most specific first: `keys` (the first pattern, in file order, that
+matches the full key name) > `components` > `blocks` > `default` > the method's own default.
+Key patterns are globs (`*attn2*`), or regular expressions when written `re:PATTERN`.
+Block names are the architecture's (`mergekit-sd blocks ARCH`); `IN00-IN05` is a range.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import itertools
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mergekit_sd.arch.architectures import Architecture
+from mergekit_sd.arch.components import COMPONENT_GROUPS
+from mergekit_sd.recipe.schema import ParamSpec, Recipe, Scalar
+
+MakeError = Callable[[tuple, str], Exception]
+
+
+def expand_blocks(name: str, arch: Architecture) -> list[str]:
+    """`IN03` -> [IN03]; `IN00-IN05` -> IN00..IN05; raises ValueError for unknown names."""
+    if name in arch.blocks:
+        return [name]
+    match = re.fullmatch(r"([A-Z]+)(\d+)\s*-\s*([A-Z]+)(\d+)", name)
+    if match and match[1] == match[3]:
+        stem, lo, hi = match[1], int(match[2]), int(match[4])
+        names = [f"{stem}{i:02d}" for i in range(min(lo, hi), max(lo, hi) + 1)]
+        missing = [n for n in names if n not in arch.blocks]
+        if not missing:
+            return names
+        name = missing[0]
+    import difflib
+
+    close = difflib.get_close_matches(name, arch.blocks, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise ValueError(f"block {name!r} does not exist for {arch.label} ({hint}its blocks are "
+                     f"{arch.blocks[0]}, {arch.blocks[1]} … {arch.blocks[-1]}; see "
+                     f"`mergekit-sd blocks {arch.id}`)")
+
+
+def _compile_pattern(pattern: str) -> re.Pattern:
+    if pattern.startswith("re:"):
+        return re.compile(pattern[3:])
+    return re.compile(fnmatch.translate(pattern))
+
+
+@dataclass(frozen=True)
+class KeyedValue:
+    """One parameter, resolved against an architecture, answering a value per key."""
+
+    default: Scalar | None
+    by_block: dict[str, Scalar]
+    by_slot: dict[str, Scalar]
+    by_pattern: tuple[tuple[str, re.Pattern, Scalar], ...]  # (as written, compiled, value)
+
+    @property
+    def is_constant(self) -> bool:
+        return not (self.by_block or self.by_slot or self.by_pattern)
+
+    def value(self, key: str, slot: str, block: str) -> Scalar | None:
+        for _, pattern, value in self.by_pattern:
+            if pattern.match(key):
+                return value
+        if slot in self.by_slot:
+            return self.by_slot[slot]
+        return self.by_block.get(block, self.default)
+
+
+def resolve_param(value: Scalar | ParamSpec, arch: Architecture, loc: tuple,
+                  error: MakeError) -> KeyedValue:
+    """Check a (non-sweep) parameter value against the architecture and make it answer per key."""
+    if not isinstance(value, ParamSpec):
+        return KeyedValue(value, {}, {}, ())
+    by_block: dict[str, Scalar] = {}
+    for name, v in value.blocks.items():
+        try:
+            for block in expand_blocks(name, arch):
+                by_block[block] = v
+        except ValueError as exc:
+            raise error((*loc, "blocks", name), str(exc)) from None
+    by_slot: dict[str, Scalar] = {}
+    for name, v in value.components.items():
+        slots = COMPONENT_GROUPS.get(name)
+        if slots is None:
+            raise error((*loc, "components", name),
+                        f"unknown component {name!r}; use one of {', '.join(COMPONENT_GROUPS)}")
+        for slot in slots:
+            by_slot[slot] = v
+    patterns = []
+    for pattern, v in value.keys.items():
+        try:
+            patterns.append((pattern, _compile_pattern(pattern), v))
+        except re.error as exc:
+            raise error((*loc, "keys", pattern), f"is not a valid regular expression ({exc})"
+                        ) from None
+    default = value.default
+    return KeyedValue(default, by_block, by_slot, tuple(patterns))
+
+
+@dataclass(frozen=True)
+class SweepAxis:
+    step: str
+    param: str
+    values: tuple[Scalar, ...]
+
+
+def sweep_axes(recipe: Recipe) -> list[SweepAxis]:
+    """Every parameter given as a list (or whose `default` is a list) is swept."""
+    axes = []
+    for step in recipe.steps:
+        for name, value in step.params.items():
+            values = value.default if isinstance(value, ParamSpec) else value
+            if isinstance(values, list):
+                axes.append(SweepAxis(step.name, name, tuple(values)))
+    return axes
+
+
+def _fmt(value: Scalar) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One output of a recipe: its name and the value each swept parameter takes in it."""
+
+    name: str
+    choice: tuple[tuple[str, str, Scalar], ...]  # (step, param, value)
+
+    def value_of(self, step: str, param: str, given):
+        """The parameter as given in the recipe, with a swept list replaced by this choice."""
+        for s, p, v in self.choice:
+            if (s, p) == (step, param):
+                if isinstance(given, ParamSpec):
+                    return given.model_copy(update={"default": v})
+                return v
+        return given
+
+
+def candidates(recipe: Recipe) -> list[Candidate]:
+    """One candidate per combination of swept values, named like `mix@alpha=0.3`."""
+    axes = sweep_axes(recipe)
+    final = recipe.final_step.name
+    if not axes:
+        return [Candidate(final, ())]
+    result = []
+    one_step = len({a.step for a in axes}) == 1
+    for combo in itertools.product(*(a.values for a in axes)):
+        parts = [(f"{a.param}" if one_step else f"{a.step}.{a.param}") + f"={_fmt(v)}"
+                 for a, v in zip(axes, combo, strict=True)]
+        name = f"{axes[0].step if one_step else final}@{','.join(parts)}"
+        result.append(Candidate(name, tuple((a.step, a.param, v)
+                                            for a, v in zip(axes, combo, strict=True))))
+    return result

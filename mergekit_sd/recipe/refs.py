@@ -1,0 +1,42 @@
+"""Model references in recipes: plain paths resolved here, everything else by an injected resolver.
+
+`catalog:NAME`, `sha256:HASH`, `hf://org/repo/file` and `civitai://VERSION_ID` need a model
+library; the engine stays usable without one (DESIGN.md §7), so the caller passes a resolver.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+SCHEMES = ("catalog:", "sha256:", "hf://", "civitai://")
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    path: Path
+    sha256: str | None = None  # known already (a catalog's cache): saves hashing the file
+
+
+class Resolver(Protocol):
+    def __call__(self, ref: str) -> ResolvedModel:
+        """Resolve a non-path reference, or raise UserError with one sentence."""
+
+
+class NoResolver:
+    """What the engine does alone: say which reference needs the catalog and how to get one."""
+
+    def __call__(self, ref: str) -> ResolvedModel:
+        raise LookupError(f"{ref!r} needs the model catalog to resolve; run through "
+                          "`mergekit-sd merge` (which uses the catalog) or give a file path")
+
+
+def is_path_ref(ref: str) -> bool:
+    return not ref.startswith(SCHEMES)
+
+
+def resolve_path(ref: str, base_dir: Path) -> Path:
+    """A path reference, relative to the recipe's folder when not absolute; `~` expanded."""
+    path = Path(ref).expanduser()
+    return path if path.is_absolute() else base_dir / path

@@ -1,0 +1,119 @@
+"""The recipe file as pydantic models that mirror the YAML one to one.
+
+```yaml
+version: 1
+models:                      # name -> reference (path, catalog:NAME, sha256:HASH, hf://, civitai://)
+  base: models/base.safetensors
+  anime: catalog:anime-v3
+steps:                       # run in order; inputs are models or earlier steps
+  - name: mix
+    method: weighted_sum
+    inputs: [base, anime]
+    params:
+      alpha: 0.3             # a scalar, a sweep list, or {default, blocks, components, keys}
+output:
+  path: out/mix.safetensors
+  dtype: fp16
+```
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+
+Scalar = float | int | bool | str
+
+DTYPES = ("fp32", "fp16", "bf16", "fp8_e4m3fn", "keep")
+STEP_NAME = r"^[A-Za-z_][A-Za-z0-9_.-]*$"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelRef(Strict):
+    """A model input in its long form; the short form is the reference string alone."""
+
+    ref: str
+    sha256: str | None = Field(None, description="expected SHA256; checked before merging")
+
+
+class ParamSpec(Strict):
+    """A parameter that varies across the model. Precedence, most specific first:
+    keys (first matching pattern in file order) > components > blocks > default."""
+
+    default: Scalar | list[Scalar] | None = None
+    blocks: dict[str, Scalar] = Field(default_factory=dict)
+    components: dict[str, Scalar] = Field(default_factory=dict)
+    keys: dict[str, Scalar] = Field(default_factory=dict)
+
+
+def _param_shape(value: Any) -> str:
+    if isinstance(value, dict | ParamSpec):
+        return "spec"
+    return "sweep" if isinstance(value, list) else "scalar"
+
+
+# Tagged by shape so an error inside a spec is reported at its own field, not once per member.
+ParamValue = Annotated[
+    Annotated[Scalar, Tag("scalar")] | Annotated[list[Scalar], Tag("sweep")]
+    | Annotated[ParamSpec, Tag("spec")],
+    Discriminator(_param_shape),
+]
+
+
+class Step(Strict):
+    name: str = Field(pattern=STEP_NAME)
+    method: str
+    inputs: list[str] = Field(min_length=1)
+    params: dict[str, ParamValue] = Field(default_factory=dict)
+
+
+class Output(Strict):
+    path: str
+    step: str | None = Field(None, description="the step to write; the last one by default")
+    dtype: Literal["fp32", "fp16", "bf16", "fp8_e4m3fn", "keep"] = "fp16"
+    vae: str | None = Field(None, description="a VAE file whose weights replace the merged VAE")
+    drop_ema: bool = True
+    inference_only: bool = False
+    title: str | None = None
+    date: str | None = Field(None, description="modelspec.date; today (UTC) when absent")
+
+
+class Recipe(Strict):
+    version: Literal[1] = 1
+    models: dict[str, str | ModelRef] = Field(min_length=1)
+    steps: list[Step] = Field(min_length=1)
+    output: Output
+
+    @model_validator(mode="after")
+    def _names_resolve_in_order(self) -> Recipe:
+        known = set(self.models)
+        for index, step in enumerate(self.steps):
+            if step.name in known:
+                raise ValueError(f"steps.{index}.name: {step.name!r} is already the name of a "
+                                 "model or an earlier step")
+            for i, name in enumerate(step.inputs):
+                if name == step.name:
+                    raise ValueError(f"steps.{index}.inputs.{i}: step {step.name!r} takes "
+                                     "itself as input (a cycle)")
+                if name not in known:
+                    later = [s.name for s in self.steps[index + 1:]]
+                    why = ("is a later step: steps run in order, so that would be a cycle"
+                           if name in later else "is neither a model nor an earlier step")
+                    raise ValueError(f"steps.{index}.inputs.{i}: {name!r} {why}")
+            known.add(step.name)
+        if self.output.step is not None and self.output.step not in {s.name for s in self.steps}:
+            raise ValueError(f"output.step: {self.output.step!r} is not a step of this recipe")
+        return self
+
+    @property
+    def final_step(self) -> Step:
+        wanted = self.output.step or self.steps[-1].name
+        return next(s for s in self.steps if s.name == wanted)
+
+    def model_ref(self, name: str) -> ModelRef:
+        value = self.models[name]
+        return value if isinstance(value, ModelRef) else ModelRef(ref=value)
