@@ -3,7 +3,8 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-DEMO ?= demo-workspace
+# recipes/demo.yaml reads its models from here
+DEMO := demo-workspace
 # The torch build to install first; any torch the system Python already has is used instead.
 TORCH_SPEC ?= torch==2.13.0
 
@@ -35,6 +36,9 @@ demo: $(STAMP)
 	$(BIN)/mergekit-sd demo-workspace $(DEMO)
 	$(BIN)/mergekit-sd inspect $(DEMO)/models/Stable-diffusion/* $(DEMO)/models/Lora/* $(DEMO)/models/VAE/*
 	$(BIN)/mergekit-sd inspect $(DEMO)/models/Lora/demo-lora-mychar.safetensors
+	$(BIN)/mergekit-sd plan recipes/demo.yaml
+	$(BIN)/mergekit-sd merge recipes/demo.yaml
+	$(BIN)/mergekit-sd inspect $(DEMO)/merges/*.safetensors
 
 bench: $(STAMP)
 	$(BIN)/python bench/inspect.py

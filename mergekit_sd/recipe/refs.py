@@ -6,6 +6,7 @@ library; the engine stays usable without one (DESIGN.md §7), so the caller pass
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -39,4 +40,4 @@ def is_path_ref(ref: str) -> bool:
 def resolve_path(ref: str, base_dir: Path) -> Path:
     """A path reference, relative to the recipe's folder when not absolute; `~` expanded."""
     path = Path(ref).expanduser()
-    return path if path.is_absolute() else base_dir / path
+    return Path(os.path.normpath(path if path.is_absolute() else base_dir / path))

@@ -1,0 +1,332 @@
+"""Merges end to end on tiny layout-faithful models: results equal the formulas on whole tensors,
+parameters resolve per block/component/key, mismatches are handled, outputs are atomic."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, run_cli
+from safetensors.torch import load_file
+
+from mergekit_sd.errors import Cancelled
+from mergekit_sd.merge.executor import run_merge
+from mergekit_sd.merge.plan import build_plan
+from mergekit_sd.merge.registry import get_method
+from mergekit_sd.progress import CancelToken
+from mergekit_sd.recipe.loader import parse_recipe
+from mergekit_sd.testing import write_checkpoint
+
+UNET_KEY = "model.diffusion_model.input_blocks.1.1.proj_in.weight"
+OUT_KEY = "model.diffusion_model.output_blocks.11.1.proj_out.weight"
+TE_KEY = "cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight"
+VAE_KEY = "first_stage_model.decoder.conv_in.weight"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {name: write_checkpoint(root / f"{name}.safetensors", "sd1", seed=seed)
+            for name, seed in (("a", 1), ("b", 2), ("c", 3), ("d", 4))}
+
+
+def recipe(tmp_path: Path, models: dict[str, Path], steps: str, output: str = "",
+           names=("a", "b", "c")) -> Path:
+    lines = "\n".join(f"  {n}: {models[n]}" for n in names)
+    text = (f"version: 1\nmodels:\n{lines}\nsteps:\n{textwrap.indent(textwrap.dedent(steps), '  ')}"
+            f"output:\n  path: {tmp_path / 'out.safetensors'}\n  dtype: fp32\n"
+            f"{textwrap.indent(textwrap.dedent(output), '  ')}")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+def merge(path: Path, cancel: CancelToken | None = None) -> dict[str, torch.Tensor]:
+    plan = build_plan(parse_recipe(path.read_text(), path))
+    written = run_merge(plan, cancel=cancel)
+    return {name: load_file(p) for name, p in written.items()}
+
+
+def whole(models, name):
+    return load_file(models[name])
+
+
+FORMULAS = {
+    "weighted_sum": ("[a, b]", "alpha: 0.3", lambda a, b, c: 0.7 * a + 0.3 * b),
+    "add_difference": ("[a, b, c]", "alpha: 0.7", lambda a, b, c: a + 0.7 * (b - c)),
+    "sum_twice": ("[a, b, c]", "{alpha: 0.3, beta: 0.6}",
+                  lambda a, b, c: 0.4 * (0.7 * a + 0.3 * b) + 0.6 * c),
+    "triple_sum": ("[a, b, c]", "{alpha: 0.2, beta: 0.5}",
+                   lambda a, b, c: 0.3 * a + 0.2 * b + 0.5 * c),
+    "train_difference": ("[a, b, c]", "alpha: 0.5", lambda a, b, c: a + 1.8 * 0.5 * (b - c) * (
+        (b - a).abs() / ((b - c).abs() + (b - a).abs())).nan_to_num(0.0)),
+    "copy": ("[b]", "{}", lambda a, b, c: b),
+}
+
+
+@pytest.mark.parametrize("method", list(FORMULAS))
+def test_linear_methods_equal_their_formula_on_whole_tensors(tmp_path, models, method):
+    inputs, params, formula = FORMULAS[method]
+    params_line = f"params: {params}" if params.startswith("{") else f"params: {{{params}}}"
+    out = merge(recipe(tmp_path, models, f"""
+        - name: m
+          method: {method}
+          inputs: {inputs}
+          {params_line}
+        """))["m"]
+    a, b, c = (whole(models, n) for n in "abc")
+    for key in (UNET_KEY, TE_KEY, VAE_KEY):
+        expected = formula(a[key], b[key], c[key])
+        torch.testing.assert_close(out[key], expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method, inputs, params", [
+    ("slerp", ["a", "b"], {"alpha": 0.3}),
+    ("ties", ["a", "b", "c", "d"], {"alpha": 1.0, "density": 0.3}),
+    ("ties", ["a", "b", "c"], {"dare": True, "dare_rate": 0.5, "seed": 7}),
+    ("cosine_a", ["a", "b"], {"alpha": 0.2}),
+    ("cosine_b", ["a", "b"], {"alpha": 0.2}),
+])
+def test_other_methods_equal_the_method_applied_to_whole_tensors(tmp_path, models, method,
+                                                                 inputs, params):
+    from mergekit_sd.merge.executor import _seed_for
+
+    out = merge(recipe(tmp_path, models, f"""
+        - name: m
+          method: {method}
+          inputs: {json.dumps(inputs)}
+          params: {json.dumps(params)}
+        """, names=tuple(inputs)))["m"]
+    spec = get_method(method)
+    tensors = {n: whole(models, n) for n in inputs}
+    if spec.needs_stats:
+        from mergekit_sd.merge.methods.supermerger import cosine_key_stat
+
+        sims = [cosine_key_stat(tensors["a"][k].float(), tensors["b"][k].float())
+                for k in tensors["a"] if tensors["a"][k].is_floating_point()]
+        params = {**params, "stats": {"min": min(sims), "max": max(sims)}}
+    for key in (UNET_KEY, TE_KEY):
+        extra = {}
+        if spec.stochastic:
+            extra["generator"] = torch.Generator().manual_seed(
+                _seed_for(params.get("seed", 0), key))
+        expected = spec.func(*(tensors[n][key].float() for n in inputs), **params, **extra)
+        torch.testing.assert_close(out[key], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_parameter_precedence_keys_components_blocks_default(tmp_path, models):
+    out = merge(recipe(tmp_path, models, """
+        - name: m
+          method: weighted_sum
+          inputs: [a, b]
+          params:
+            alpha:
+              default: 0.1
+              blocks: {IN00-IN03: 0.4, OUT11: 0.9, BASE: 0.5}
+              components: {vae: 0.0}
+              keys: {"*proj_out*": 0.6}
+        """))["m"]
+    a, b = whole(models, "a"), whole(models, "b")
+
+    def alpha_of(key):
+        return ((out[key] - a[key]) / (b[key] - a[key])).median().item()
+
+    assert alpha_of(UNET_KEY) == pytest.approx(0.4, abs=1e-4)  # IN01 by block range
+    assert alpha_of(OUT_KEY) == pytest.approx(0.6, abs=1e-4)  # key pattern beats OUT11
+    assert alpha_of("model.diffusion_model.output_blocks.11.1.norm.weight") == \
+        pytest.approx(0.9, abs=1e-4)
+    assert alpha_of(TE_KEY) == pytest.approx(0.5, abs=1e-4)  # BASE block
+    assert torch.equal(out[VAE_KEY], a[VAE_KEY])  # component beats BASE
+    assert alpha_of("model.diffusion_model.middle_block.1.proj_in.weight") == \
+        pytest.approx(0.1, abs=1e-4)
+
+
+def test_sweep_writes_every_candidate_in_one_run(tmp_path, models):
+    out = merge(recipe(tmp_path, models, """
+        - name: mix
+          method: weighted_sum
+          inputs: [a, b]
+          params: {alpha: [0.25, 0.75]}
+        - name: final
+          method: add_difference
+          inputs: [mix, c, a]
+          params: {alpha: 0.5}
+        """))
+    assert set(out) == {"mix@alpha=0.25", "mix@alpha=0.75"}
+    assert (tmp_path / "out@alpha=0.25.safetensors").exists()
+    a, b, c = (whole(models, n) for n in "abc")
+    for alpha in (0.25, 0.75):
+        mix = (1 - alpha) * a[UNET_KEY] + alpha * b[UNET_KEY]
+        torch.testing.assert_close(out[f"mix@alpha={alpha:g}"][UNET_KEY],
+                                   mix + 0.5 * (c[UNET_KEY] - a[UNET_KEY]))
+    assert not list(tmp_path.glob("*mix*")), "intermediate steps are never written"
+
+
+def test_inpainting_conv_in_merges_on_the_overlap_and_keys_only_in_one_are_kept(tmp_path):
+    inpaint = write_checkpoint(tmp_path / "inpaint.safetensors", "sd1-inpainting", seed=5)
+    plain = write_checkpoint(tmp_path / "plain.safetensors", "sd1", seed=6)
+    path = recipe(tmp_path, {"a": inpaint, "b": plain}, """
+        - name: m
+          method: weighted_sum
+          inputs: [a, b]
+          params: {alpha: 0.5}
+        """, names=("a", "b"))
+    plan = build_plan(parse_recipe(path.read_text(), path))
+    assert any("overlapping slice" in note for note in plan.notes)
+    out = merge(path)["m"]
+    key = "model.diffusion_model.input_blocks.0.0.weight"
+    a, b = load_file(inpaint)[key], load_file(plain)[key]
+    assert out[key].shape == a.shape and a.shape[1] == 9
+    torch.testing.assert_close(out[key][:, :4], 0.5 * a[:, :4] + 0.5 * b)
+    assert torch.equal(out[key][:, 4:], a[:, 4:])
+
+
+def test_dtype_vae_bake_and_ema_drop(tmp_path, models):
+    vae = write_checkpoint(tmp_path / "vae.safetensors", "vae-sd", seed=9)
+    out_path = recipe(tmp_path, models, """
+        - name: m
+          method: weighted_sum
+          inputs: [a, b]
+          params: {alpha: 0.5}
+        """, output=f"vae: {vae}\n").read_text().replace("dtype: fp32", "dtype: fp8_e4m3fn")
+    (tmp_path / "r2.yaml").write_text(out_path)
+    out = merge(tmp_path / "r2.yaml")["m"]
+    assert out[UNET_KEY].dtype == torch.float8_e4m3fn
+    assert torch.equal(out[VAE_KEY].float(),
+                       load_file(vae)["decoder.conv_in.weight"].to(torch.float8_e4m3fn).float())
+
+
+def test_provenance_and_byte_exact_reproduction(tmp_path, models):
+    path = recipe(tmp_path, models, """
+        - name: m
+          method: add_difference
+          inputs: [a, b, c]
+          params: {alpha: [0.5, 1.0]}
+        """)
+    result = run_cli("merge", path)
+    assert result.returncode == 0, result.stderr
+    merged = tmp_path / "out@alpha=0.5.safetensors"
+    from mergekit_sd.io.header import read_header
+
+    meta = read_header(merged).metadata
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1"
+    assert meta["modelspec.title"] == "m@alpha=0.5"
+    a1111 = json.loads(meta["sd_merge_recipe"])
+    assert a1111["interp_method"] == "Add difference" and a1111["multiplier"] == 0.5
+    assert {m["name"] for m in json.loads(meta["sd_merge_models"]).values()} == {
+        "a.safetensors", "b.safetensors", "c.safetensors"}
+    extracted = run_cli("recipe", "extract", merged, "-o", tmp_path / "again.yaml",
+                        "--output-path", tmp_path / "again.safetensors")
+    assert extracted.returncode == 0, extracted.stderr
+    rerun = run_cli("merge", tmp_path / "again.yaml")
+    assert rerun.returncode == 0, rerun.stderr
+    assert (tmp_path / "again.safetensors").read_bytes() == merged.read_bytes()
+
+
+def test_cancel_leaves_nothing(tmp_path, models):
+    path = recipe(tmp_path, models, """
+        - name: m
+          method: weighted_sum
+          inputs: [a, b]
+        """)
+    plan = build_plan(parse_recipe(path.read_text(), path))
+    token = CancelToken()
+
+    def cancel_midway(stage, done, total):
+        if stage == "merging" and done > total // 2:
+            token.cancel()
+
+    with pytest.raises(Cancelled):
+        run_merge(plan, progress=cancel_midway, cancel=token)
+    assert list(tmp_path.glob("out*")) == []
+
+
+def test_killed_merge_leaves_no_file_under_the_output_name(tmp_path):
+    big = {n: write_checkpoint(tmp_path / f"{n}.safetensors", "sd1", size="full",
+                               dtype="F16", fill="sparse") for n in "ab"}
+    path = recipe(tmp_path, big, """
+        - name: m
+          method: weighted_sum
+          inputs: [a, b]
+        """, names=("a", "b"))
+    proc = subprocess.Popen([sys.executable, "-m", "mergekit_sd.cli", "merge", str(path)],
+                            env={**os.environ, "PYTHONPATH": str(REPO)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial = tmp_path / "out.safetensors.partial"
+    deadline = time.time() + 120
+    while not partial.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert partial.exists(), "the merge should have been killed while writing"
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+BAD_RECIPES = {
+    "unknown method": ("method: weighted_som", "steps.0.method", "did you mean 'weighted_sum'"),
+    "unknown field": ("parms: {}", "steps.0.parms", "did you mean 'params'"),
+    "missing input": ("inputs: [a, nope]", "steps.0.inputs.1", "neither a model nor"),
+    "wrong type": ("params: {alpha: high}", "steps.0.params.alpha", "alpha"),
+    "bad block": ("params: {alpha: {blocks: {IN12: 0.5}}}", "steps.0.params.alpha.blocks.IN12",
+                  "does not exist for SD1.x"),
+    "unknown param": ("params: {alpah: 0.5}", "steps.0.params", "alpha"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_RECIPES))
+def test_bad_recipes_name_file_field_and_line(tmp_path, models, case):
+    change, field, words = BAD_RECIPES[case]
+    steps = {"method": "method: weighted_sum", "inputs": "inputs: [a, b]", "params": ""}
+    key = change.split(":")[0]
+    steps[key] = change
+    body = "\n".join(f"  {v}" for v in steps.values() if v)
+    path = recipe(tmp_path, models, f"- name: m\n{body}\n")
+    result = run_cli("merge", path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    message = result.stderr.strip()
+    assert "\n" not in message and "Traceback" not in message
+    assert str(path) in message and field in message and "line" in message, message
+    assert words in message, message
+    assert not list(tmp_path.glob("out*"))
+
+
+def test_cycle_architecture_mix_and_overwriting_an_input_are_refused(tmp_path, models):
+    cyc = recipe(tmp_path, models, "- name: x\n  method: copy\n  inputs: [y]\n"
+                                   "- name: y\n  method: copy\n  inputs: [x]\n")
+    assert "cycle" in run_cli("plan", cyc).stderr
+    xl = write_checkpoint(tmp_path / "xl.safetensors", "sdxl")
+    mixed = recipe(tmp_path, {"a": models["a"], "b": xl}, """
+        - name: m
+          method: weighted_sum
+          inputs: [a, b]
+        """, names=("a", "b"))
+    result = run_cli("merge", mixed)
+    assert result.returncode == 2 and "different architectures" in result.stderr
+    same = recipe(tmp_path, models, "- name: m\n  method: copy\n  inputs: [a]\n")
+    same.write_text(same.read_text().replace(str(tmp_path / "out.safetensors"),
+                                             str(models["a"])))
+    result = run_cli("merge", same)
+    assert result.returncode == 2 and "overwrite the input" in result.stderr
+
+
+def test_set_override_and_plan_json(tmp_path, models):
+    path = recipe(tmp_path, models, """
+        - name: m
+          method: weighted_sum
+          inputs: [a, b]
+          params: {alpha: 0.5}
+        """)
+    result = run_cli("plan", path, "--json", "--set", "m.alpha=[0.1,0.2]")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert set(plan["candidates"]) == {"m@alpha=0.1", "m@alpha=0.2"}
+    assert plan["architecture"] == "sd1" and plan["keys"]["merged"] > 1000
+    assert plan["blocks"]["IN00"] > 0 and plan["estimated_peak_bytes"] > 0

@@ -1,0 +1,45 @@
+"""Every example recipe in recipes/ runs on tiny models in the real layouts it names."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import REPO, run_cli
+
+from mergekit_sd.recipe.loader import load_recipe
+from mergekit_sd.testing import write_checkpoint
+
+RECIPES = sorted(p for p in (REPO / "recipes").glob("*.yaml") if p.name != "demo.yaml")
+
+
+def variant_for(file_name: str) -> str:
+    """The tiny model an example's file name stands for."""
+    for prefix, variant in (("sd15", "sd1"), ("sdxl", "sdxl"), ("flux-dev", "flux-dev"),
+                            ("vae", "vae-sd")):
+        if file_name.startswith(prefix):
+            return variant
+    raise AssertionError(f"no tiny model for {file_name}")
+
+
+def test_there_are_at_least_five_examples():
+    assert len(RECIPES) >= 5
+
+
+@pytest.mark.parametrize("source", RECIPES, ids=lambda p: p.stem)
+def test_example_recipe_runs(tmp_path, source):
+    path = tmp_path / source.name
+    shutil.copy(source, path)
+    recipe = load_recipe(path).recipe
+    refs = [recipe.model_ref(n).ref for n in recipe.models]
+    refs += [recipe.output.vae] if recipe.output.vae else []
+    for seed, ref in enumerate(refs):
+        write_checkpoint(tmp_path / ref, variant_for(Path(ref).name), seed=seed)
+    assert run_cli("plan", path).returncode == 0
+    result = run_cli("merge", path)
+    assert result.returncode == 0, result.stderr
+    written = [line.split(" -> ")[1] for line in result.stdout.splitlines() if " -> " in line]
+    assert written and all((tmp_path / w).exists() or Path(w).exists() for w in written)
+    inspected = run_cli("inspect", *(tmp_path / w for w in written))
+    assert inspected.returncode == 0, inspected.stderr
