@@ -28,7 +28,9 @@ def _dtype_mix(dtypes: dict[str, int]) -> str:
 
 
 def show_reports(reports: list[dict], detailed: bool) -> None:
-    console = Console()
+    # no markup or highlighting: cells are plain data (file names may contain [brackets]),
+    # and the highlighter's regexes are most of the rendering time
+    console = Console(markup=False, highlight=False, emoji=False)
     if not reports:
         return
     summary = Table(title="Model files", title_justify="left")

@@ -13,8 +13,10 @@ import torch
 from conftest import REPO
 from safetensors.torch import load_file
 
-from mergekit_sd.io import SafetensorsReader, StreamingWriter, TensorSpec, read_header
 from mergekit_sd.io.dtypes import safetensors_dtype
+from mergekit_sd.io.header import read_header
+from mergekit_sd.io.reader import SafetensorsReader
+from mergekit_sd.io.writer import StreamingWriter, TensorSpec
 
 
 def sample_tensors() -> dict[str, torch.Tensor]:
@@ -97,7 +99,7 @@ def test_exception_mid_write_removes_the_partial_file(tmp_path):
 
 KILLED_WRITER = """
 import sys, time, torch
-from mergekit_sd.io import StreamingWriter, TensorSpec
+from mergekit_sd.io.writer import StreamingWriter, TensorSpec
 specs = [TensorSpec(f"t{i}", "F32", (256, 256)) for i in range(64)]
 with StreamingWriter(sys.argv[1], specs) as writer:
     for i, spec in enumerate(specs):

@@ -19,18 +19,18 @@ class BlockRule:
     """Keys (relative to the diffusion model prefix) matching `pattern` belong to block `name`;
     `{}` in the name takes the first captured number."""
 
-    pattern: re.Pattern
+    pattern: str  # compiled on first use by re's cache: importing stays cheap for `inspect`
     name: str
 
     def block(self, relative_key: str) -> str | None:
-        match = self.pattern.match(relative_key)
+        match = re.match(self.pattern, relative_key)
         if match is None:
             return None
         return self.name.format(int(match.group(1))) if match.groups() else self.name
 
 
 def _rules(*pairs: tuple[str, str]) -> tuple[BlockRule, ...]:
-    return tuple(BlockRule(re.compile(p), name) for p, name in pairs)
+    return tuple(BlockRule(p, name) for p, name in pairs)
 
 
 def _numbered(stem: str, count: int) -> tuple[str, ...]:

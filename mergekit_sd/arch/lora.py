@@ -30,7 +30,6 @@ _SUFFIXES: dict[str, str] = {
     ".lora_linear_layer.down.weight": "diffusers-old",
     ".down.weight": "xlabs", ".up.weight": "xlabs",
 }
-_SUFFIX_ORDER = sorted(_SUFFIXES, key=len, reverse=True)
 # the suffix whose shape[0] is the rank and shape[1] the module's input width
 _DOWN_SUFFIXES = (".lora_down.weight", ".lora_A.weight", ".lora_A.default.weight",
                   ".lora.down.weight", ".lora_linear_layer.down.weight", ".hada_w1_b",
@@ -64,23 +63,43 @@ class LoraInfo:
 
 
 def _split(key: str) -> tuple[str, str] | None:
-    for suffix in _SUFFIX_ORDER:
-        if key.endswith(suffix):
-            module = key[: -len(suffix)]
-            family = _SUFFIXES[suffix]
-            if family == "xlabs" and not re.search(r"_lora\d$", module):
-                return None
-            return module, suffix
+    """(module, suffix) when the key ends with a LoRA suffix, the longest matching suffix first.
+    Suffixes have one to three dotted parts, so three dictionary lookups replace trying every
+    suffix (this runs for every key of every file a catalog scan identifies)."""
+    dots = []
+    end = len(key)
+    for _ in range(3):
+        end = key.rfind(".", 0, end)
+        if end < 0:
+            break
+        dots.append(end)
+    for dot in reversed(dots):
+        suffix = key[dot:]
+        family = _SUFFIXES.get(suffix)
+        if family is None:
+            continue
+        module = key[:dot]
+        if family == "xlabs" and not re.search(_XLABS_MODULE, module):
+            continue
+        return module, suffix
     return None
+
+
+_XLABS_MODULE = r"_lora\d$"
 
 
 def detect_lora(shapes: dict[str, tuple[int, ...]], metadata: dict[str, str]) -> LoraInfo | None:
     """LoRA facts for a file whose keys (with shapes) are given, or None if it is no LoRA."""
     modules: dict[str, dict[str, tuple[int, ...]]] = {}
+    misses = 0
     for key, shape in shapes.items():
         split = _split(key)
-        if split is not None:
-            modules.setdefault(split[0], {})[split[1]] = shape
+        if split is None:
+            misses += 1
+            if misses > 0.1 * len(shapes):  # a checkpoint: stop early, no LoRA is this mixed
+                return None
+            continue
+        modules.setdefault(split[0], {})[split[1]] = shape
     weight_modules = {m: s for m, s in modules.items() if set(s) - {".alpha"}}
     # A real LoRA is (almost) nothing but LoRA tensors; a checkpoint never is.
     if not weight_modules or sum(len(s) for s in modules.values()) < 0.9 * len(shapes):
@@ -150,11 +169,11 @@ def _target(module: str) -> str:
     return "diffusion_model"
 
 
-_FLUX_NAMES = re.compile(r"(double_blocks|single_blocks|single_transformer_blocks)[._]\d")
-_SD3_NAMES = re.compile(r"joint_blocks[._]\d|context_block|x_block")
-_SDXL_UNET_NAMES = re.compile(r"lora_unet_(input_blocks|output_blocks|middle_block)_|"
+_FLUX_NAMES = (r"(double_blocks|single_blocks|single_transformer_blocks)[._]\d")
+_SD3_NAMES = (r"joint_blocks[._]\d|context_block|x_block")
+_SDXL_UNET_NAMES = (r"lora_unet_(input_blocks|output_blocks|middle_block)_|"
                               r"down_blocks[._]2[._]attentions[._]\d[._]transformer_blocks[._][1-9]")
-_TE_LAYER = re.compile(r"^(?:lora_te_|text_encoder\.)text_model[._]encoder[._]layers[._](\d+)")
+_TE_LAYER = (r"^(?:lora_te_|text_encoder\.)text_model[._]encoder[._]layers[._](\d+)")
 _BASE_METADATA = {"sd_v1": "sd1", "sd_v2": "sd2", "sdxl_base_v1-0": "sdxl", "flux1": "flux-dev",
                   "sd3": "sd3-medium"}
 
@@ -165,15 +184,15 @@ def _base(modules: dict[str, dict], metadata: dict[str, str]
     said = metadata.get("ss_base_model_version", "")
     evidence: list[str] = []
     caveats: list[str] = []
-    if any(_FLUX_NAMES.search(n) for n in names) or any(".processor." in n for n in names):
+    if any(re.search(_FLUX_NAMES, n) for n in names) or any(".processor." in n for n in names):
         caveats.append("a FLUX LoRA fits FLUX.1-dev and schnell alike")
         return "flux-dev", ["module names of FLUX double/single blocks"], caveats
-    if any(_SD3_NAMES.search(n) for n in names) or (
+    if any(re.search(_SD3_NAMES, n) for n in names) or (
             any(n.startswith("transformer.transformer_blocks.") for n in names)):
         return "sd3-medium", ["module names of SD3 joint blocks"], caveats
     if any(n.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for n in names):
         return "sdxl", ["two text encoders (te1/te2): SDXL"], caveats
-    if any(_SDXL_UNET_NAMES.search(n) for n in names):
+    if any(re.search(_SDXL_UNET_NAMES, n) for n in names):
         return "sdxl", ["SDXL UNet module names"], caveats
     widths = Counter()
     for name, parts in modules.items():
@@ -183,7 +202,7 @@ def _base(modules: dict[str, dict], metadata: dict[str, str]
         if widths[width]:
             evidence.append(f"text features {width} wide: {arch}")
             return arch, evidence, caveats
-    depth = max((int(m[1]) + 1 for n in names if (m := _TE_LAYER.search(n))), default=0)
+    depth = max((int(m[1]) + 1 for n in names if (m := re.search(_TE_LAYER, n))), default=0)
     if depth > 12:  # CLIP-L has 12 layers, SD2's OpenCLIP-H 24 (LoRAs train the first 23)
         return "sd2", [f"text encoder with {depth} layers: OpenCLIP-H, SD2"], caveats
     if said in _BASE_METADATA:
@@ -195,20 +214,20 @@ def _base(modules: dict[str, dict], metadata: dict[str, str]
 
 
 _SD_BLOCK_PATTERNS = (
-    (re.compile(r"input_blocks[._](\d+)"), lambda m: f"IN{int(m[1]):02d}"),
-    (re.compile(r"output_blocks[._](\d+)"), lambda m: f"OUT{int(m[1]):02d}"),
-    (re.compile(r"middle_block|mid_block"), lambda m: "M00"),
-    (re.compile(r"down_blocks[._](\d+)[._](?:attentions|resnets)[._](\d+)"),
+    ((r"input_blocks[._](\d+)"), lambda m: f"IN{int(m[1]):02d}"),
+    ((r"output_blocks[._](\d+)"), lambda m: f"OUT{int(m[1]):02d}"),
+    ((r"middle_block|mid_block"), lambda m: "M00"),
+    ((r"down_blocks[._](\d+)[._](?:attentions|resnets)[._](\d+)"),
      lambda m: f"IN{1 + 3 * int(m[1]) + int(m[2]):02d}"),
-    (re.compile(r"down_blocks[._](\d+)[._]downsamplers"), lambda m: f"IN{3 + 3 * int(m[1]):02d}"),
-    (re.compile(r"up_blocks[._](\d+)[._](?:attentions|resnets)[._](\d+)"),
+    ((r"down_blocks[._](\d+)[._]downsamplers"), lambda m: f"IN{3 + 3 * int(m[1]):02d}"),
+    ((r"up_blocks[._](\d+)[._](?:attentions|resnets)[._](\d+)"),
      lambda m: f"OUT{3 * int(m[1]) + int(m[2]):02d}"),
-    (re.compile(r"up_blocks[._](\d+)[._]upsamplers"), lambda m: f"OUT{3 * int(m[1]) + 2:02d}"),
+    ((r"up_blocks[._](\d+)[._]upsamplers"), lambda m: f"OUT{3 * int(m[1]) + 2:02d}"),
 )
 _DIT_BLOCK_PATTERNS = (
-    (re.compile(r"single_(?:transformer_)?blocks[._](\d+)"), lambda m: f"S{int(m[1]):02d}"),
-    (re.compile(r"joint_blocks[._](\d+)"), lambda m: f"J{int(m[1]):02d}"),
-    (re.compile(r"(?:double_blocks|transformer_blocks)[._](\d+)"), None),
+    ((r"single_(?:transformer_)?blocks[._](\d+)"), lambda m: f"S{int(m[1]):02d}"),
+    ((r"joint_blocks[._](\d+)"), lambda m: f"J{int(m[1]):02d}"),
+    ((r"(?:double_blocks|transformer_blocks)[._](\d+)"), None),
 )
 
 
@@ -218,7 +237,7 @@ def block_of_module(module: str, base: str | None) -> str | None:
         return "BASE"
     if base and base.startswith(("flux", "sd3")):
         for pattern, name in _DIT_BLOCK_PATTERNS:
-            match = pattern.search(module)
+            match = re.search(pattern, module)
             if match:
                 if name is None:
                     stem = "D" if base.startswith("flux") else "J"
@@ -226,7 +245,7 @@ def block_of_module(module: str, base: str | None) -> str | None:
                 return name(match)
         return "BASE"
     for pattern, name in _SD_BLOCK_PATTERNS:
-        match = pattern.search(module)
+        match = re.search(pattern, module)
         if match:
             return name(match)
     return "BASE"

@@ -11,7 +11,9 @@ import math
 import os
 import struct
 from dataclasses import dataclass, field
+from operator import itemgetter
 from pathlib import Path
+from typing import NamedTuple
 
 from mergekit_sd.errors import BadModelFile
 from mergekit_sd.io.dtypes import SAFETENSORS_DTYPES, nbytes_of
@@ -19,11 +21,14 @@ from mergekit_sd.io.dtypes import SAFETENSORS_DTYPES, nbytes_of
 # The reference implementation refuses headers over 100 MB; so do we.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 PICKLE_ZIP_MAGIC = b"PK\x03\x04"
+_BITS = {name: bits for name, (bits, _) in SAFETENSORS_DTYPES.items()}
 
 
-@dataclass(frozen=True, slots=True)
-class TensorInfo:
-    """One tensor's entry: its dtype, shape and absolute byte range in the file."""
+class TensorInfo(NamedTuple):
+    """One tensor's entry: its dtype, shape and absolute byte range in the file.
+
+    A NamedTuple rather than a dataclass: headers hold thousands of these and a catalog scan
+    builds them for every file, where creation cost shows."""
 
     name: str
     dtype: str
@@ -129,8 +134,24 @@ def parse_header(path: Path, raw: bytes, file_size: int) -> SafetensorsHeader:
         _fail(path, "has a __metadata__ entry that is not a map of strings to strings")
 
     tensors: dict[str, TensorInfo] = {}
+    bits_of = _BITS
     for name, entry in doc.items():
-        tensors[name] = _tensor_info(path, name, entry, data_start)
+        # the common case inline (this loop runs for every key of every file a scan sees);
+        # anything unusual goes to _tensor_info for a precise message
+        try:
+            dtype = entry["dtype"]
+            shape = tuple(entry["shape"])
+            begin, end = entry["data_offsets"]
+            numel = math.prod(shape)
+            ok = (type(numel) is int and numel >= 0 and type(begin) is int
+                  and type(end) is int and 0 <= begin <= end
+                  and (numel * bits_of[dtype]) == (end - begin) * 8
+                  and all(type(d) is int and d >= 0 for d in shape))
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            _tensor_info(path, name, entry, data_start)  # raises with the exact problem
+        tensors[name] = TensorInfo(name, dtype, shape, data_start + begin, data_start + end)
     _check_byte_ranges(path, tensors, data_start, file_size)
     return SafetensorsHeader(path, file_size, data_start, tensors, metadata)
 
@@ -162,7 +183,7 @@ def _check_byte_ranges(path: Path, tensors: dict[str, TensorInfo], data_start: i
                        file_size: int) -> None:
     """Tensors must tile the data area exactly: no gap, no overlap, nothing past the end."""
     position = data_start
-    for info in sorted(tensors.values(), key=lambda t: (t.start, t.end)):
+    for info in sorted(tensors.values(), key=itemgetter(3, 4)):
         if info.start < position:
             _fail(path, f"tensor {info.name!r} overlaps the tensor before it "
                         f"(byte {info.start - data_start} of the data area)")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -323,39 +324,59 @@ def _key_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest, "little") >> 1  # torch seeds must fit in 63 bits
 
 
-def synthetic_tensor(spec: TensorSpec, seed: int, scale: float = _RANDOM_SCALE):
-    """Deterministic values for `spec`: normal(0, scale) for floats, 0, 1, 2 ... for integers.
+def _synthetic_chunks(spec: TensorSpec, seed: int, scale: float, scratch):
+    """Yield `spec`'s values in order, `_CHUNK` elements at a time, as tensors of its dtype.
 
-    Integer tensors in real checkpoints are position ids, so they count. Drawn in fp32 chunks
-    of a fixed size whatever the dtype, so an F16 file holds its F32 twin's values rounded,
-    and a multi-GB F16 tensor needs only a 16 MB fp32 scratch buffer besides itself.
+    Integer tensors in real checkpoints are position ids, so they count. Floats are drawn in
+    fp32 chunks of a fixed size whatever the dtype, so an F16 file holds its F32 twin's values
+    rounded; `scratch` is one reused fp32 buffer of `_CHUNK` elements.
     """
     import torch
 
-    out = torch.empty(spec.shape, dtype=torch_dtype(spec.dtype))
-    flat = out.view(-1)
-    if not out.is_floating_point():
-        flat.copy_(torch.arange(flat.numel()))
-        return out
+    dtype = torch_dtype(spec.dtype)
+    numel = math.prod(spec.shape)
+    if not dtype.is_floating_point:
+        for start in range(0, numel, _CHUNK):
+            yield torch.arange(start, min(numel, start + _CHUNK)).to(dtype)
+        return
     generator = torch.Generator().manual_seed(_key_seed(seed, spec.name))
-    # one reused scratch buffer: a fresh one per chunk costs more in page faults than drawing
-    scratch = None if out.dtype == torch.float32 else torch.empty(min(_CHUNK, flat.numel()))
-    for start in range(0, flat.numel(), _CHUNK):
-        part = flat[start:start + _CHUNK]
-        if scratch is None:
-            part.normal_(0.0, scale, generator=generator)
-        else:
-            part.copy_(scratch[:part.numel()].normal_(0.0, scale, generator=generator))
-    return out
+    for start in range(0, numel, _CHUNK):
+        part = scratch[:min(_CHUNK, numel - start)].normal_(0.0, scale, generator=generator)
+        yield part if dtype == torch.float32 else part.to(dtype)
+
+
+def synthetic_tensor(spec: TensorSpec, seed: int, scale: float = _RANDOM_SCALE):
+    """Deterministic values for `spec`: normal(0, scale) for floats, 0, 1, 2 ... for integers."""
+    import torch
+
+    scratch = torch.empty(min(_CHUNK, max(1, math.prod(spec.shape))))
+    parts = [p.clone() for p in _synthetic_chunks(spec, seed, scale, scratch)]
+    out = torch.cat(parts) if parts else torch.empty(0, dtype=torch_dtype(spec.dtype))
+    return out.reshape(spec.shape)
 
 
 def write_specs(path: Path, specs: list[TensorSpec], seed: int,
                 metadata: Mapping[str, str] | None,
-                values: Callable[[TensorSpec, int], object] = synthetic_tensor) -> Path:
-    """Write `specs` one tensor at a time through the streaming writer (memory: one tensor)."""
+                values: Callable[[TensorSpec, int], object] | None = None) -> Path:
+    """Write `specs` through the streaming writer. Random values go out one chunk at a time,
+    so memory stays at one fp32 scratch buffer of `_CHUNK` elements whatever the model size;
+    `values(spec, seed)` may supply whole tensors instead."""
+    import torch
+
+    scratch = torch.empty(_CHUNK)
     with StreamingWriter(path, specs, metadata) as writer:
         for spec in specs:
-            writer.write(spec.name, values(spec, seed))
+            if values is not None:
+                writer.write(spec.name, values(spec, seed))
+                continue
+            if spec.nbytes == 0:
+                writer.write_bytes(spec.name, b"")
+                continue
+            offset = 0
+            for part in _synthetic_chunks(spec, seed, _RANDOM_SCALE, scratch):
+                raw = part.contiguous().view(torch.uint8).numpy()
+                writer.write_part(spec.name, offset, raw)
+                offset += raw.nbytes
     return Path(path)
 
 
