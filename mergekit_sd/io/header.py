@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 from mergekit_sd.errors import BadModelFile
 from mergekit_sd.io.dtypes import SAFETENSORS_DTYPES, nbytes_of
+from mergekit_sd.io.files import os_errors_as_sentences
 
 # The reference implementation refuses headers over 100 MB; so do we.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -79,40 +80,33 @@ def _looks_like_pickle(prefix: bytes) -> bool:
 def read_header(path: str | os.PathLike) -> SafetensorsHeader:
     """Read and validate the header of `path`; raise BadModelFile with one sentence if invalid."""
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            file_size = os.fstat(f.fileno()).st_size
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                what = "is empty" if file_size == 0 else f"is only {file_size} bytes long"
-                _fail(path, f"{what}, too short to be a safetensors file")
-            (header_len,) = struct.unpack("<Q", prefix)
-            # A pickle's first bytes read as a header length the file cannot hold, or as one
-            # whose header is not JSON; only then is it called a pickle (a valid safetensors
-            # header length can start with the same bytes).
-            impossible = header_len > file_size - 8 or header_len > MAX_HEADER_BYTES
-            if _looks_like_pickle(prefix) and (impossible or f.read(1) != b"{"):
-                _fail(
-                    path,
-                    "is a PyTorch pickle, not a safetensors file; convert it with "
-                    "`mergekit-sd convert` and use the .safetensors it writes",
-                )
-            f.seek(8)
-            if header_len > file_size - 8:
-                _fail(
-                    path,
-                    f"declares a {header_len}-byte header but the file has only {file_size} "
-                    "bytes (a truncated download, or not a safetensors file)",
-                )
-            if header_len > MAX_HEADER_BYTES:
-                _fail(path, f"declares a {header_len}-byte header, over the 100 MB limit")
-            raw = f.read(header_len)
-    except IsADirectoryError:
-        _fail(path, "is a directory, not a model file; name the .safetensors file inside it")
-    except FileNotFoundError:
-        _fail(path, "does not exist")
-    except PermissionError:
-        _fail(path, "cannot be read (permission denied)")
+    with os_errors_as_sentences(path), open(path, "rb") as f:
+        file_size = os.fstat(f.fileno()).st_size
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            what = "is empty" if file_size == 0 else f"is only {file_size} bytes long"
+            _fail(path, f"{what}, too short to be a safetensors file")
+        (header_len,) = struct.unpack("<Q", prefix)
+        # A pickle's first bytes read as a header length the file cannot hold, or as one
+        # whose header is not JSON; only then is it called a pickle (a valid safetensors
+        # header length can start with the same bytes).
+        impossible = header_len > file_size - 8 or header_len > MAX_HEADER_BYTES
+        if _looks_like_pickle(prefix) and (impossible or f.read(1) != b"{"):
+            _fail(
+                path,
+                "is a PyTorch pickle, not a safetensors file; convert it with "
+                "`mergekit-sd convert` and use the .safetensors it writes",
+            )
+        f.seek(8)
+        if header_len > file_size - 8:
+            _fail(
+                path,
+                f"declares a {header_len}-byte header but the file has only {file_size} "
+                "bytes (a truncated download, or not a safetensors file)",
+            )
+        if header_len > MAX_HEADER_BYTES:
+            _fail(path, f"declares a {header_len}-byte header, over the 100 MB limit")
+        raw = f.read(header_len)
     return parse_header(path, raw, file_size)
 
 

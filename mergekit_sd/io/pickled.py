@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mergekit_sd.errors import BadModelFile
+from mergekit_sd.io.files import os_errors_as_sentences
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
@@ -87,7 +88,8 @@ def load_pickle_checkpoint(path: str | os.PathLike) -> PickleCheckpoint:
     """
     path = Path(path)
     kind = _sniff(path)
-    obj = _torch_load(path, kind)
+    with os_errors_as_sentences(path):
+        obj = _torch_load(path, kind)
     if not isinstance(obj, dict):
         _fail(path, f"holds a {type(obj).__name__}, not a dictionary of named tensors")
     top, container, dropped = _unwrap(obj)
@@ -127,16 +129,9 @@ def sniff_format(head: bytes, size: int) -> str:
 
 def _sniff(path: Path) -> str:
     """'zip', 'legacy' or 'unknown' from the first bytes; one sentence for files that are not."""
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            head = f.read(9)
-    except IsADirectoryError:
-        _fail(path, "is a directory, not a model file; name the checkpoint file inside it")
-    except FileNotFoundError:
-        _fail(path, "does not exist")
-    except PermissionError:
-        _fail(path, "cannot be read (permission denied)")
+    with os_errors_as_sentences(path), open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(9)
     if size == 0:
         _fail(path, "is empty")
     kind = sniff_format(head, size)
@@ -157,14 +152,8 @@ def _torch_load(path: Path, kind: str):
                 return torch.load(path, map_location="cpu", weights_only=True, mmap=kind == "zip")
             with safe_globals(_INERT_GLOBALS):
                 return torch.load(path, map_location="cpu", weights_only=True, mmap=kind == "zip")
-    except MemoryError:
-        raise
-    except IsADirectoryError:
-        _fail(path, "is a directory, not a model file; name the checkpoint file inside it")
-    except FileNotFoundError:
-        _fail(path, "does not exist")
-    except PermissionError:
-        _fail(path, "cannot be read (permission denied)")
+    except (MemoryError, OSError):
+        raise  # the caller's os_errors_as_sentences words OS refusals
     except Exception as exc:
         raise BadModelFile(path, _explain(path, kind, exc)) from None
 
