@@ -330,3 +330,27 @@ def test_set_override_and_plan_json(tmp_path, models):
     assert set(plan["candidates"]) == {"m@alpha=0.1", "m@alpha=0.2"}
     assert plan["architecture"] == "sd1" and plan["keys"]["merged"] > 1000
     assert plan["blocks"]["IN00"] > 0 and plan["estimated_peak_bytes"] > 0
+
+
+def test_large_tensors_streamed_in_pieces_give_identical_bytes(tmp_path, models, monkeypatch):
+    from mergekit_sd.merge import executor
+
+    vae = write_checkpoint(tmp_path / "vae.safetensors", "vae-sd", seed=9)
+    path = recipe(tmp_path, models, """
+        - name: m
+          method: add_difference
+          inputs: [a, b, c]
+          params: {alpha: 0.4}
+        """, output=f"vae: {vae}\n")
+    path.write_text(path.read_text().replace("dtype: fp32", "dtype: fp16"))
+    merge(path)
+    in_one_piece = (tmp_path / "out.safetensors").read_bytes()
+    monkeypatch.setattr(executor, "CHUNK_ELEMENTS", 1000)
+    plan = build_plan(parse_recipe(path.read_text(), path))
+    from mergekit_sd.merge.plan import vae_source_keys
+
+    items = executor.work_items(plan, vae_source_keys(plan.vae, "first_stage_model."))
+    assert any(not item.whole for item in items if item.task.merge)
+    assert any(not item.whole for item in items if item.task.sources == ("vae",))
+    merge(path)
+    assert (tmp_path / "out.safetensors").read_bytes() == in_one_piece

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from mergekit_sd.io.dtypes import torch_dtype
+from mergekit_sd.io.dtypes import SAFETENSORS_DTYPES, torch_dtype
 from mergekit_sd.io.header import SafetensorsHeader, TensorInfo, read_header
 
 
@@ -65,6 +65,18 @@ class SafetensorsReader:
         flat = torch.empty(info.nbytes, dtype=torch.uint8)
         self.read_into(name, flat.numpy())
         return flat.view(dtype).reshape(info.shape)
+
+    def read_range(self, name: str, first: int, count: int):
+        """Elements [first, first + count) of the flattened tensor, as a CPU torch tensor."""
+        import torch
+
+        info = self.header.tensors[name]
+        itemsize = SAFETENSORS_DTYPES[info.dtype][0] // 8
+        flat = torch.empty(count * itemsize, dtype=torch.uint8)
+        if count:
+            pread_exact(self._fd, flat.numpy(), info.start + first * itemsize)
+            self.bytes_read += count * itemsize
+        return flat.view(torch_dtype(info.dtype))
 
     def close(self) -> None:
         if self._fd >= 0:

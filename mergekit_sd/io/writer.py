@@ -143,6 +143,14 @@ class StreamingWriter:
         raw = flat.view(torch.uint8) if flat.numel() else torch.empty(0, dtype=torch.uint8)
         self.write_bytes(name, raw.numpy())
 
+    def rewrite_metadata(self, metadata: Mapping[str, str]) -> None:
+        """Replace the metadata written at creation with metadata of the same encoded length
+        (e.g. placeholders for hashes still being computed, now filled in)."""
+        header, _ = build_header(self.specs.values(), metadata)
+        if len(header) != self._data_start:
+            raise ValueError("the new header differs in length from the one written")
+        self._write_at(header, 0)
+
     @property
     def missing(self) -> set[str]:
         return set(self._pending)

@@ -1,89 +1,103 @@
 """Run a merge plan: stream key by key through the recipe's steps into every candidate's file.
 
-For each key, the inputs' tensors are read (prefetched by a small thread pool while the previous
-key is computed), converted to fp32 on the chosen device, passed through the steps in order for
-each candidate, cast to the output dtype and written straight into that candidate's file. Peak
-memory is a few copies of the largest tensor, never a model. Outputs are NAME.partial until
-every tensor is written and fsynced; cancellation or an error removes them.
+Work is a list of items: a key, or a piece of a large key when every method on the way is
+elementwise. A small thread pool reads (and converts to fp32) the next items while the current
+one is computed; a single writer thread writes results behind. So peak memory is a few pieces,
+never a model, and reading, computing and writing overlap. The inputs' SHA256s, which the output
+header records, are computed by a background thread during the merge: the header is written
+with same-length placeholders and filled in before the files are committed. Outputs are
+NAME.partial until every tensor is written and fsynced; cancellation or an error removes them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
+import threading
 import zlib
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from mergekit_sd.errors import UserError
-from mergekit_sd.io.dtypes import torch_dtype
+from mergekit_sd.io.dtypes import SAFETENSORS_DTYPES, torch_dtype
 from mergekit_sd.io.hashing import file_sha256, legacy_model_hash
 from mergekit_sd.io.reader import SafetensorsReader
 from mergekit_sd.io.writer import StreamingWriter
-from mergekit_sd.merge.plan import KeyTask, MergePlan, vae_source_keys
+from mergekit_sd.merge.plan import KeyTask, MergePlan, PlannedInput, vae_source_keys
 from mergekit_sd.merge.provenance import merge_metadata
 from mergekit_sd.progress import CancelToken, ProgressCallback, no_progress
 from mergekit_sd.recipe.params import Candidate
 
-PREFETCH = 2  # keys read ahead of the one being computed
+PREFETCH = 2  # items read ahead of the one being computed
+WRITE_BEHIND = 4  # results queued for the writer thread before computing waits
+CHUNK_ELEMENTS = 1 << 22  # a piece of a large tensor: 16 MB in fp32
 
 
-def hash_inputs(plan: MergePlan, progress: ProgressCallback, cancel: CancelToken
-                ) -> tuple[dict[str, str], dict[str, str]]:
-    """SHA256 (and A1111 legacy hash) of every input, in parallel; known hashes are reused."""
-    files = dict(plan.inputs)
-    if plan.vae is not None:
-        files["vae"] = plan.vae
-    total = sum(p.header.file_size for p in files.values() if not p.known_sha256)
-    done = [0]
+@dataclass(frozen=True)
+class WorkItem:
+    task: KeyTask
+    first: int  # first element (of the flattened tensor)
+    count: int
+    whole: bool  # the whole tensor, in its shape (else a flat piece)
 
-    def on_bytes(n: int) -> None:
-        done[0] += n
-        progress("hashing", done[0], total)
 
-    def one(planned) -> str:
-        if planned.known_sha256:
-            return planned.known_sha256
-        return file_sha256(planned.path, on_bytes, lambda: cancel.cancelled)
+def _sources_match_output(plan: MergePlan, task: KeyTask, vae_keys: dict[str, str]) -> bool:
+    for name in task.sources:
+        if name == "vae":
+            info = plan.vae.header.tensors[vae_keys[task.key]]
+        else:
+            info = plan.inputs[name].header.tensors[task.key]
+        if info.shape != task.out.shape:
+            return False
+    return True
 
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        hashes = dict(zip(files, pool.map(one, files.values()), strict=True))
-    cancel.raise_if_cancelled()
-    for name, planned in files.items():
-        if planned.expected_sha256 and planned.expected_sha256.lower() != hashes[name]:
-            raise plan.loaded.error(("models", name),
-                                    f"{planned.path.name} has SHA256 {hashes[name][:12]}…, not "
-                                    f"the {planned.expected_sha256[:12]}… the recipe expects")
-    legacy = {name: legacy_model_hash(p.path) for name, p in files.items()}
-    return hashes, legacy
+
+def work_items(plan: MergePlan, vae_keys: dict[str, str]) -> list[WorkItem]:
+    """Split large tensors into pieces where that cannot change the result."""
+    elementwise = all(sp.method.elementwise for sp in plan.steps)
+    items = []
+    for task in plan.tasks:
+        numel = math.prod(task.out.shape)
+        piecewise = (numel > CHUNK_ELEMENTS and (elementwise or not task.merge)
+                     and _sources_match_output(plan, task, vae_keys))
+        if not piecewise:
+            items.append(WorkItem(task, 0, numel, True))
+            continue
+        for first in range(0, numel, CHUNK_ELEMENTS):
+            items.append(WorkItem(task, first, min(CHUNK_ELEMENTS, numel - first), False))
+    return items
 
 
 class _Inputs:
-    """Open readers and the fetch of one key's tensors, run in the prefetch threads."""
+    """Open readers, and the fetch of one work item's tensors (run in the prefetch threads)."""
 
     def __init__(self, plan: MergePlan, device: str):
-        self.plan = plan
         self.device = device
         self.readers = {n: SafetensorsReader(p.path, p.header) for n, p in plan.inputs.items()}
+        self.vae_keys: dict[str, str] = {}
         if plan.vae is not None:
             self.readers["vae"] = SafetensorsReader(plan.vae.path, plan.vae.header)
             prefix = next((c.prefix for c in plan.inputs[plan.model_order[0]].found.components
                            if c.slot == "vae"), "first_stage_model.")
             self.vae_keys = vae_source_keys(plan.vae, prefix)
-        else:
-            self.vae_keys = {}
 
-    def fetch(self, task: KeyTask):
+    def _read(self, source: str, key: str, item: WorkItem):
+        reader = self.readers[source]
+        if source == "vae":
+            key = self.vae_keys[key]
+        if item.whole:
+            return reader.read_tensor(key)
+        return reader.read_range(key, item.first, item.count)
+
+    def fetch(self, item: WorkItem):
         import torch
 
+        task = item.task
         if not task.merge:
-            source = task.sources[0]
-            key = self.vae_keys.get(task.key, task.key) if source == "vae" else task.key
-            reader = self.readers[source]
-            if reader.tensors[key].dtype == task.out.dtype:
-                return reader.read_bytes(key)
-            return reader.read_tensor(key)
-        return {name: self.readers[name].read_tensor(task.key).to(self.device, torch.float32)
+            return self._read(task.sources[0], task.key, item)
+        return {name: self._read(name, task.key, item).to(self.device, torch.float32)
                 for name in task.sources}
 
     def close(self) -> None:
@@ -149,7 +163,7 @@ def _collect_stats(plan: MergePlan, inputs: _Inputs, progress: ProgressCallback,
         return {}
     from mergekit_sd.merge.methods.supermerger import cosine_key_stat
 
-    stats_function = {"cosine": cosine_key_stat}.__getitem__
+    measures = {"cosine": cosine_key_stat}
     stats = {}
     merge_tasks = [t for t in plan.tasks if t.merge]
     for sp in wanted:
@@ -157,16 +171,61 @@ def _collect_stats(plan: MergePlan, inputs: _Inputs, progress: ProgressCallback,
             index = plan.loaded.recipe.steps.index(sp.step)
             raise plan.loaded.error(("steps", index, "inputs"),
                                     f"{sp.method.name} needs models as inputs, not earlier steps")
-        measure = stats_function(sp.method.needs_stats)
+        measure = measures[sp.method.needs_stats]
         values = []
         for i, task in enumerate(merge_tasks):
             cancel.raise_if_cancelled()
             if all(name in task.sources for name in sp.step.inputs):
-                tensors = inputs.fetch(task)
+                item = WorkItem(task, 0, math.prod(task.out.shape), True)
+                tensors = inputs.fetch(item)
                 values.append(measure(*(tensors[name] for name in sp.step.inputs)))
             progress(f"statistics for {sp.step.name}", i + 1, len(merge_tasks))
         stats[sp.step.name] = {"min": min(values, default=0.0), "max": max(values, default=0.0)}
     return stats
+
+
+class _Hasher:
+    """SHA256 of every input on a background thread; known hashes (a catalog's) are reused."""
+
+    def __init__(self, plan: MergePlan, progress: ProgressCallback, cancel: CancelToken):
+        self.files: dict[str, PlannedInput] = dict(plan.inputs)
+        if plan.vae is not None:
+            self.files["vae"] = plan.vae
+        self.stop = threading.Event()
+        total = sum(p.header.file_size for p in self.files.values() if not p.known_sha256)
+        done = [0]
+
+        def on_bytes(n: int) -> None:
+            done[0] += n
+            progress("hashing", done[0], total)
+
+        def run() -> dict[str, str]:
+            hashes = {}
+            for name, planned in self.files.items():
+                hashes[name] = (planned.known_sha256.lower() if planned.known_sha256 else
+                                file_sha256(planned.path, on_bytes,
+                                            lambda: self.stop.is_set() or cancel.cancelled))
+            return hashes
+
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hash")
+        self._future = self._pool.submit(run)
+        # same length as a SHA256 and unlike any: the header is written with these first
+        self.placeholders = {name: f"{'~' * 56}{i:08d}" for i, name in enumerate(self.files)}
+        self.legacy = {name: legacy_model_hash(p.path) for name, p in self.files.items()}
+
+    def result(self, plan: MergePlan, cancel: CancelToken) -> dict[str, str]:
+        hashes = self._future.result()
+        cancel.raise_if_cancelled()
+        for name, planned in self.files.items():
+            if planned.expected_sha256 and planned.expected_sha256.lower() != hashes[name]:
+                raise plan.loaded.error(
+                    ("models", name), f"{planned.path.name} has SHA256 {hashes[name][:12]}…, "
+                                      f"not the {planned.expected_sha256[:12]}… the recipe expects")
+        return hashes
+
+    def close(self) -> None:
+        self.stop.set()
+        self._pool.shutdown(wait=True)
 
 
 def run_merge(plan: MergePlan, device: str = "cpu", progress: ProgressCallback = no_progress,
@@ -178,51 +237,76 @@ def run_merge(plan: MergePlan, device: str = "cpu", progress: ProgressCallback =
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available on this machine; "
                         "use --device cpu")
-    hashes, legacy = hash_inputs(plan, progress, cancel)
     inputs = _Inputs(plan, device)
+    hasher = _Hasher(plan, progress, cancel)
     specs = [t.out for t in plan.tasks]
     try:
         stats = _collect_stats(plan, inputs, progress, cancel)
         with contextlib.ExitStack() as stack:
             writers = {c.name: stack.enter_context(StreamingWriter(
-                plan.outputs[c.name], specs, merge_metadata(plan, c, hashes, legacy)))
+                plan.outputs[c.name], specs,
+                merge_metadata(plan, c, hasher.placeholders, hasher.legacy)))
                 for c in plan.candidates}
             _stream(plan, inputs, writers, stats, progress, cancel)
+            hashes = hasher.result(plan, cancel)
+            for cand in plan.candidates:
+                writers[cand.name].rewrite_metadata(
+                    merge_metadata(plan, cand, hashes, hasher.legacy))
     finally:
+        hasher.close()
         inputs.close()
     return dict(plan.outputs)
 
 
 def _stream(plan: MergePlan, inputs: _Inputs, writers: dict[str, StreamingWriter], stats: dict,
             progress: ProgressCallback, cancel: CancelToken) -> None:
-    tasks = plan.tasks
-    with ThreadPoolExecutor(max_workers=PREFETCH) as pool:
-        pending: deque = deque()
+    items = work_items(plan, inputs.vae_keys)
+    keys_done = 0
+    with ThreadPoolExecutor(max_workers=PREFETCH, thread_name_prefix="read") as readers, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="write") as writer_thread:
+        pending: deque[Future] = deque()
+        writes: deque[Future] = deque()
         next_index = 0
-        for index, task in enumerate(tasks):
-            while next_index < len(tasks) and next_index <= index + PREFETCH:
-                pending.append(pool.submit(inputs.fetch, tasks[next_index]))
+        for index, item in enumerate(items):
+            while next_index < len(items) and next_index <= index + PREFETCH:
+                pending.append(readers.submit(inputs.fetch, items[next_index]))
                 next_index += 1
             fetched = pending.popleft().result()
             cancel.raise_if_cancelled()
-            _write_key(plan, task, fetched, writers, stats)
-            progress("merging", index + 1, len(tasks))
+            for job in _results(plan, item, fetched, stats):
+                writes.append(writer_thread.submit(_write, writers, item, *job))
+            while len(writes) > WRITE_BEHIND:
+                writes.popleft().result()
+            if item.first + item.count == math.prod(item.task.out.shape):
+                keys_done += 1
+                progress("merging", keys_done, len(plan.tasks))
+        while writes:
+            writes.popleft().result()
 
 
-def _write_key(plan: MergePlan, task: KeyTask, fetched, writers: dict[str, StreamingWriter],
-               stats: dict) -> None:
+def _results(plan: MergePlan, item: WorkItem, fetched, stats: dict):
+    """(candidate or None for all, CPU tensor in the output dtype) for one work item."""
+    task = item.task
     if not task.merge:
-        if isinstance(fetched, bytearray):
-            for writer in writers.values():
-                writer.write_bytes(task.key, fetched)
-        else:
-            out = _cast(fetched, task)
-            for writer in writers.values():
-                writer.write(task.key, out)
+        yield None, _cast(fetched, task)
         return
     for cand in plan.candidates:
-        result = _evaluate(plan, cand, task, fetched, stats)
-        writers[cand.name].write(task.key, _cast(result, task))
+        yield cand.name, _cast(_evaluate(plan, cand, task, fetched, stats), task)
+
+
+def _write(writers: dict[str, StreamingWriter], item: WorkItem, candidate: str | None,
+           tensor) -> None:
+    import torch
+
+    targets = writers.values() if candidate is None else (writers[candidate],)
+    if item.whole:
+        for writer in targets:
+            writer.write(item.task.key, tensor)
+        return
+    itemsize = SAFETENSORS_DTYPES[item.task.out.dtype][0] // 8
+    raw = tensor.contiguous().view(torch.uint8).numpy()
+    for writer in targets:
+        writer.write_part(item.task.key, item.first * itemsize, raw)
 
 
 def _cast(tensor, task: KeyTask):

@@ -9,6 +9,7 @@ sentence that names the nearest valid spelling.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import inspect
 import math
@@ -78,6 +79,9 @@ class MergeMethod:
     space: str  # "weight" or "delta": what the inputs and the result are
     formula: str  # first line of the docstring
     needs_stats: str | None  # name of a whole-model pre-pass the executor runs first
+    # True when each output element depends only on the same element of the inputs: the
+    # executor may then stream large tensors through the method in pieces
+    elementwise: bool = False
 
 
 METHODS: dict[str, MergeMethod] = {}
@@ -86,7 +90,8 @@ METHODS: dict[str, MergeMethod] = {}
 def merge_method(name: str, *, inputs: tuple[str, ...], variadic: bool = False,
                  stochastic: bool = False, needs_stats: str | None = None,
                  space: str = "weight", bounds: dict[str, str] | None = None,
-                 docs: dict[str, str] | None = None) -> Callable[[Callable], Callable]:
+                 docs: dict[str, str] | None = None, elementwise: bool = False
+                 ) -> Callable[[Callable], Callable]:
     """Register the decorated function as merge method `name`.
 
     `bounds` gives parameter ranges in interval notation ({"density": "(0, 1]"}); `docs` a
@@ -97,8 +102,9 @@ def merge_method(name: str, *, inputs: tuple[str, ...], variadic: bool = False,
         if name in METHODS:
             raise ValueError(f"merge method {name!r} is already registered "
                              f"(by {METHODS[name].func.__module__})")
-        METHODS[name] = _describe(func, name, tuple(inputs), variadic, stochastic,
-                                  needs_stats, space, bounds or {}, docs or {})
+        method = _describe(func, name, tuple(inputs), variadic, stochastic,
+                           needs_stats, space, bounds or {}, docs or {})
+        METHODS[name] = dataclasses.replace(method, elementwise=elementwise)
         return func
 
     return register

@@ -15,7 +15,7 @@ from mergekit_sd.merge.registry import merge_method
 ALPHA_DOC = "share of B (0 keeps A, 1 gives B; not clamped, so values outside extrapolate)"
 
 
-@merge_method("weighted_sum", inputs=("a", "b"), docs={"alpha": ALPHA_DOC})
+@merge_method("weighted_sum", elementwise=True, inputs=("a", "b"), docs={"alpha": ALPHA_DOC})
 def weighted_sum(a: Tensor, b: Tensor, *, alpha: float = 0.5) -> Tensor:
     """(1 - alpha) * A + alpha * B
 
@@ -31,7 +31,7 @@ def weighted_sum(a: Tensor, b: Tensor, *, alpha: float = 0.5) -> Tensor:
     return torch.lerp(a, b, float(alpha))
 
 
-@merge_method("add_difference", inputs=("a", "b", "c"),
+@merge_method("add_difference", elementwise=True, inputs=("a", "b", "c"),
               docs={"alpha": "how much of the difference B - C to add (not clamped)"})
 def add_difference(a: Tensor, b: Tensor, c: Tensor, *, alpha: float = 1.0) -> Tensor:
     """A + alpha * (B - C)
@@ -47,7 +47,7 @@ def add_difference(a: Tensor, b: Tensor, c: Tensor, *, alpha: float = 1.0) -> Te
     return diff.add_(a)
 
 
-@merge_method("sum_twice", inputs=("a", "b", "c"),
+@merge_method("sum_twice", elementwise=True, inputs=("a", "b", "c"),
               docs={"alpha": "share of B in the first sum", "beta": "share of C in the second"})
 def sum_twice(a: Tensor, b: Tensor, c: Tensor, *, alpha: float = 0.5,
               beta: float = 0.5) -> Tensor:
@@ -66,7 +66,7 @@ def sum_twice(a: Tensor, b: Tensor, c: Tensor, *, alpha: float = 0.5,
     return first.lerp_(c, float(beta))
 
 
-@merge_method("triple_sum", inputs=("a", "b", "c"),
+@merge_method("triple_sum", elementwise=True, inputs=("a", "b", "c"),
               docs={"alpha": "share of B", "beta": "share of C (A gets 1 - alpha - beta)"})
 def triple_sum(a: Tensor, b: Tensor, c: Tensor, *, alpha: float = 0.33,
                beta: float = 0.33) -> Tensor:
@@ -83,7 +83,7 @@ def triple_sum(a: Tensor, b: Tensor, c: Tensor, *, alpha: float = 0.33,
     return out.add_(b, alpha=float(alpha)).add_(c, alpha=float(beta))
 
 
-@merge_method("copy", inputs=("a",))
+@merge_method("copy", elementwise=True, inputs=("a",))
 def copy(a: Tensor) -> Tensor:
     """A
 

@@ -23,7 +23,7 @@ TRAIN_DIFFERENCE_GAIN = 1.8
 EPS = 1e-8
 
 
-@merge_method("train_difference", inputs=("a", "b", "c"),
+@merge_method("train_difference", elementwise=True, inputs=("a", "b", "c"),
               docs={"alpha": "strength of the trained difference (not clamped)"})
 def train_difference(a: Tensor, b: Tensor, c: Tensor, *, alpha: float = 1.0) -> Tensor:
     """A + 1.8 * alpha * (B - C) * |B - A| / (|B - C| + |B - A|)
