@@ -43,6 +43,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/inspect.py
 	$(BIN)/python bench/writer.py
+	$(BIN)/python bench/merge.py
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache .ruff_cache
