@@ -25,15 +25,19 @@ from mergekit_sd.io.dtypes import SAFETENSORS_DTYPES, torch_dtype
 from mergekit_sd.io.hashing import file_sha256, legacy_model_hash
 from mergekit_sd.io.reader import SafetensorsReader
 from mergekit_sd.io.writer import StreamingWriter
-from mergekit_sd.merge.plan import KeyTask, MergePlan, PlannedInput, vae_source_keys
+from mergekit_sd.merge.plan import (
+    CHUNK_ELEMENTS,
+    PREFETCH,
+    KeyTask,
+    MergePlan,
+    PlannedInput,
+    vae_source_keys,
+)
 from mergekit_sd.merge.provenance import merge_metadata
 from mergekit_sd.progress import CancelToken, ProgressCallback, no_progress
 from mergekit_sd.recipe.params import Candidate
 
-PREFETCH = 2  # items read ahead of the one being computed
 WRITE_BEHIND = 4  # results queued for the writer thread before computing waits
-CHUNK_ELEMENTS = 1 << 20  # a piece of a large tensor: 4 MB in fp32 (bigger pieces buy no speed
-# here, and glibc keeps freed pieces of every thread's arena resident)
 
 
 @dataclass(frozen=True)

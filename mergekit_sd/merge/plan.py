@@ -27,6 +27,11 @@ _COMPATIBLE_FAMILIES = {"flux"}
 # Assumed for the time estimate only: a SATA SSD's sequential rate (say so when printing).
 ASSUMED_DISK_BYTES_PER_S = 500e6
 TORCH_BASELINE_BYTES = 250e6  # resident size of an imported torch before any tensor
+# The executor's streaming granularity, here so the estimate and the executor agree.
+PREFETCH = 2  # work items read ahead of the one being computed
+# A piece of a large tensor: 4 MB in fp32. Bigger pieces buy no speed here, and glibc keeps
+# freed pieces of every thread's arena resident, so they cost memory.
+CHUNK_ELEMENTS = 1 << 20
 
 
 @dataclass
@@ -81,11 +86,14 @@ class MergePlan:
         return sum(p.header.data_bytes for p in self.inputs.values())
 
     def estimated_peak_bytes(self) -> int:
-        """Working set: every input's and every step result's fp32 copy of the largest tensor,
-        for the key being computed and the one being prefetched, above torch's own size."""
-        largest = max((math.prod(t.out.shape) for t in self.tasks), default=0)
+        """Working set above torch's own size: fp32 copies of one piece (or of the largest
+        tensor, when a method needs whole tensors) per input and per result, for the item
+        being computed and those read ahead; doubled for what the allocator keeps resident."""
+        largest = max((math.prod(t.out.shape) for t in self.tasks if t.merge), default=0)
+        if all(sp.method.elementwise for sp in self.steps):
+            largest = min(largest, CHUNK_ELEMENTS)
         live = len(self.inputs) + len(self.steps) * len(self.candidates) + len(self.candidates)
-        return int(TORCH_BASELINE_BYTES + 2 * live * largest * 4)
+        return int(TORCH_BASELINE_BYTES + 2 * (PREFETCH + 1) * live * largest * 4)
 
     def estimated_seconds(self) -> float:
         moved = self.read_bytes + self.output_bytes * len(self.candidates)
