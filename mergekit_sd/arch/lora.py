@@ -41,6 +41,8 @@ _TEXT_ENCODER_PREFIXES = {
     "text_encoder_2.": "text_encoder_2", "text_encoder_3.": "text_encoder_3",
 }
 
+_ANY_TEXT_ENCODER = tuple(_TEXT_ENCODER_PREFIXES)
+
 ShapeOf = Callable[[str], tuple[int, ...] | None]
 
 
@@ -66,6 +68,9 @@ def _split(key: str) -> tuple[str, str] | None:
     """(module, suffix) when the key ends with a LoRA suffix, the longest matching suffix first.
     Suffixes have one to three dotted parts, so three dictionary lookups replace trying every
     suffix (this runs for every key of every file a catalog scan identifies)."""
+    for suffix in _COMMON_SUFFIXES:  # nearly every key of a real LoRA ends with one of these
+        if key.endswith(suffix):
+            return key[: -len(suffix)], suffix
     dots = []
     end = len(key)
     for _ in range(3):
@@ -85,6 +90,8 @@ def _split(key: str) -> tuple[str, str] | None:
     return None
 
 
+_COMMON_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha", ".lora_A.weight",
+                    ".lora_B.weight")
 _XLABS_MODULE = r"_lora\d$"
 
 
@@ -110,8 +117,7 @@ def detect_lora(shapes: dict[str, tuple[int, ...]], metadata: dict[str, str]) ->
     ranks = Counter(_rank(parts) for parts in weight_modules.values())
     ranks.pop(None, None)
     targets = sorted({_target(m) for m in weight_modules})
-    blocks = sorted({b for m in weight_modules if (b := block_of_module(m, base))},
-                    key=_block_sort_key)
+    blocks = sorted(_blocks_touched(weight_modules, base), key=_block_sort_key)
     alpha_keys = sorted(m + ".alpha" for m, parts in modules.items() if ".alpha" in parts)
     evidence.insert(0, f"{len(weight_modules)} modules with {', '.join(sorted(families))} "
                        f"tensors: {fmt}")
@@ -163,6 +169,8 @@ def _input_width(parts: dict[str, tuple[int, ...]]) -> int | None:
 
 
 def _target(module: str) -> str:
+    if not module.startswith(_ANY_TEXT_ENCODER):
+        return "diffusion_model"
     for prefix, target in _TEXT_ENCODER_PREFIXES.items():
         if module.startswith(prefix):
             return target
@@ -181,18 +189,19 @@ _BASE_METADATA = {"sd_v1": "sd1", "sd_v2": "sd2", "sdxl_base_v1-0": "sdxl", "flu
 def _base(modules: dict[str, dict], metadata: dict[str, str]
           ) -> tuple[str | None, list[str], list[str]]:
     names = list(modules)
+    text = "\n".join(names)  # one regex scan over all names instead of one per name
     said = metadata.get("ss_base_model_version", "")
     evidence: list[str] = []
     caveats: list[str] = []
-    if any(re.search(_FLUX_NAMES, n) for n in names) or any(".processor." in n for n in names):
+    if re.search(_FLUX_NAMES, text) or ".processor." in text:
         caveats.append("a FLUX LoRA fits FLUX.1-dev and schnell alike")
         return "flux-dev", ["module names of FLUX double/single blocks"], caveats
-    if any(re.search(_SD3_NAMES, n) for n in names) or (
-            any(n.startswith("transformer.transformer_blocks.") for n in names)):
+    if re.search(_SD3_NAMES, text) or re.search(r"^transformer\.transformer_blocks\.", text,
+                                                 re.M):
         return "sd3-medium", ["module names of SD3 joint blocks"], caveats
-    if any(n.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for n in names):
+    if re.search(r"^(?:lora_te1_|lora_te2_|text_encoder_2\.)", text, re.M):
         return "sdxl", ["two text encoders (te1/te2): SDXL"], caveats
-    if any(re.search(_SDXL_UNET_NAMES, n) for n in names):
+    if re.search(_SDXL_UNET_NAMES, text):
         return "sdxl", ["SDXL UNet module names"], caveats
     widths = Counter()
     for name, parts in modules.items():
@@ -202,7 +211,7 @@ def _base(modules: dict[str, dict], metadata: dict[str, str]
         if widths[width]:
             evidence.append(f"text features {width} wide: {arch}")
             return arch, evidence, caveats
-    depth = max((int(m[1]) + 1 for n in names if (m := re.search(_TE_LAYER, n))), default=0)
+    depth = max((int(m[1]) + 1 for m in re.finditer(_TE_LAYER, text, re.M)), default=0)
     if depth > 12:  # CLIP-L has 12 layers, SD2's OpenCLIP-H 24 (LoRAs train the first 23)
         return "sd2", [f"text encoder with {depth} layers: OpenCLIP-H, SD2"], caveats
     if said in _BASE_METADATA:
@@ -249,6 +258,26 @@ def block_of_module(module: str, base: str | None) -> str | None:
         if match:
             return name(match)
     return "BASE"
+
+
+def _blocks_touched(modules, base: str | None) -> set[str]:
+    """The blocks a LoRA's modules touch; modules sharing a block-level prefix are looked at
+    once (a block holds dozens of modules)."""
+    blocks: set[str] = set()
+    seen: dict[str, str | None] = {}
+    for module in modules:
+        stem = _BLOCK_STEM.match(module)
+        key = stem[0] if stem else module
+        if key not in seen:
+            seen[key] = block_of_module(module, base)
+        if seen[key]:
+            blocks.add(seen[key])
+    return blocks
+
+
+# the part of a module name up to its block number: "lora_unet_input_blocks_4_1_", ...
+_BLOCK_STEM = re.compile(r"^.*?(?:blocks?|attentions|resnets|samplers)[._]\d+[._](?:\d+[._])?"
+                         r"(?:(?:attentions|resnets)[._]\d+[._])?")
 
 
 def _block_sort_key(name: str) -> tuple[int, int]:

@@ -137,10 +137,10 @@ def parse_header(path: Path, raw: bytes, file_size: int) -> SafetensorsHeader:
             shape = tuple(entry["shape"])
             begin, end = entry["data_offsets"]
             numel = math.prod(shape)
-            ok = (type(numel) is int and numel >= 0 and type(begin) is int
-                  and type(end) is int and 0 <= begin <= end
-                  and (numel * bits_of[dtype]) == (end - begin) * 8
-                  and all(type(d) is int and d >= 0 for d in shape))
+            # math.prod of anything but ints is no int; min() catches negative dimensions
+            ok = (type(numel) is int and type(begin) is int and type(end) is int
+                  and 0 <= begin <= end and (not shape or min(shape) >= 0)
+                  and (numel * bits_of[dtype]) == (end - begin) * 8)
         except (TypeError, KeyError, ValueError):
             ok = False
         if not ok:

@@ -57,7 +57,7 @@ _UNET = "model.diffusion_model."
 _CONV_IN = _UNET + "input_blocks.0.0.weight"
 _CONV_IN_BIAS = _UNET + "input_blocks.0.0.bias"
 _RANDOM_SCALE = 0.02  # the order of magnitude of trained weights; keeps merged values sane
-_CHUNK = 1 << 22  # elements generated per randn call: bounds the fp32 scratch to 16 MB
+_CHUNK = 1 << 20  # elements generated per randn call: bounds the fp32 scratch to 4 MB
 
 
 def tiny_dim(d: int) -> int:
