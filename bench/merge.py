@@ -512,6 +512,12 @@ def case_sd1(root: Path, args, cache: Cache, results: dict) -> None:
             print(f"sd-mecha vs the naive run of the same round (less exposed to drift than "
                   f"its {len(runs['mecha'])} run(s) against the medians): "
                   + ", ".join(f"{x:.2f}x" for x in paired))
+    paired = {name: [r["wall_s"] / n["wall_s"] for r in runs[name] for n in runs["naive"]
+                     if r["round"] == n["round"]] for name in ("ours", "floor")}
+    print("ours / naive within each round: " + ", ".join(f"{x:.2f}" for x in paired["ours"])
+          + f" (median {m.median(paired['ours']):.2f}); ours / floor within each round: "
+          + ", ".join(f"{o['wall_s'] / f['wall_s']:.2f}" for o in runs["ours"]
+                      for f in runs["floor"] if o["round"] == f["round"]))
     naive_phases = {k: m.median([r[k] for r in runs["naive"]])
                     for k in ("load_s", "merge_s", "save_s", "fsync_s")}
     print("naive phases (medians): " + ", ".join(f"{k[:-2]} {v:.2f} s"
@@ -559,6 +565,7 @@ def case_sd1(root: Path, args, cache: Cache, results: dict) -> None:
     results["sd1"] = {"verdicts": verdicts, "file_bytes": size["bytes"], "generate_s": gen_s,
                       "runs": runs, "median_wall_s": wall, "peak_rss": peak,
                       "ratio_wall_vs_naive": wall["ours"] / wall["naive"],
+                      "ratio_wall_vs_naive_per_round": paired["ours"],
                       "ratio_wall_vs_floor": wall["ours"] / wall["floor"],
                       "ratio_peak_vs_naive": peak["ours"] / peak["naive"],
                       "naive_phases": naive_phases, "profile": profile,
@@ -762,7 +769,7 @@ def main() -> None:
                 print(f"ERROR case {name}: {exc}")
                 results[name] = {"verdict": "ERROR", "error": str(exc)}
             key = ("flux_issue_sizes" if name == "flux" and args.flux_sizes == "issue"
-                   and not args.quick else name)
+                   else name) + ("_quick" if args.quick else "")
             done[key] = {**results.get(name, {}), "case_s": time.perf_counter() - case_start,
                          "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "quick": args.quick,
                          "cache": cache.mode, "engine": engine, "imports_peak_rss": imports}
