@@ -347,9 +347,7 @@ def test_large_tensors_streamed_in_pieces_give_identical_bytes(tmp_path, models,
     in_one_piece = (tmp_path / "out.safetensors").read_bytes()
     monkeypatch.setattr(executor, "CHUNK_ELEMENTS", 1000)
     plan = build_plan(parse_recipe(path.read_text(), path))
-    from mergekit_sd.merge.plan import vae_source_keys
-
-    items = executor.work_items(plan, vae_source_keys(plan.vae, "first_stage_model."))
+    items = executor.work_items(plan)
     assert any(not item.whole for item in items if item.task.merge)
     assert any(not item.whole for item in items if item.task.sources == ("vae",))
     merge(path)

@@ -31,7 +31,6 @@ from mergekit_sd.merge.plan import (
     KeyTask,
     MergePlan,
     PlannedInput,
-    vae_source_keys,
 )
 from mergekit_sd.merge.provenance import merge_metadata
 from mergekit_sd.progress import CancelToken, ProgressCallback, no_progress
@@ -48,10 +47,10 @@ class WorkItem:
     whole: bool  # the whole tensor, in its shape (else a flat piece)
 
 
-def _sources_match_output(plan: MergePlan, task: KeyTask, vae_keys: dict[str, str]) -> bool:
+def _sources_match_output(plan: MergePlan, task: KeyTask) -> bool:
     for name in task.sources:
         if name == "vae":
-            info = plan.vae.header.tensors[vae_keys[task.key]]
+            info = plan.vae.header.tensors[plan.vae_keys[task.key]]
         else:
             info = plan.inputs[name].header.tensors[task.key]
         if info.shape != task.out.shape:
@@ -59,14 +58,14 @@ def _sources_match_output(plan: MergePlan, task: KeyTask, vae_keys: dict[str, st
     return True
 
 
-def work_items(plan: MergePlan, vae_keys: dict[str, str]) -> list[WorkItem]:
+def work_items(plan: MergePlan) -> list[WorkItem]:
     """Split large tensors into pieces where that cannot change the result."""
     elementwise = all(sp.method.elementwise for sp in plan.steps)
     items = []
     for task in plan.tasks:
         numel = math.prod(task.out.shape)
         piecewise = (numel > CHUNK_ELEMENTS and (elementwise or not task.merge)
-                     and _sources_match_output(plan, task, vae_keys))
+                     and _sources_match_output(plan, task))
         if not piecewise:
             items.append(WorkItem(task, 0, numel, True))
             continue
@@ -81,12 +80,9 @@ class _Inputs:
     def __init__(self, plan: MergePlan, device: str):
         self.device = device
         self.readers = {n: SafetensorsReader(p.path, p.header) for n, p in plan.inputs.items()}
-        self.vae_keys: dict[str, str] = {}
+        self.vae_keys = plan.vae_keys
         if plan.vae is not None:
             self.readers["vae"] = SafetensorsReader(plan.vae.path, plan.vae.header)
-            prefix = next((c.prefix for c in plan.inputs[plan.model_order[0]].found.components
-                           if c.slot == "vae"), "first_stage_model.")
-            self.vae_keys = vae_source_keys(plan.vae, prefix)
 
     def _read(self, source: str, key: str, item: WorkItem):
         reader = self.readers[source]
@@ -265,7 +261,7 @@ def run_merge(plan: MergePlan, device: str = "cpu", progress: ProgressCallback =
 
 def _stream(plan: MergePlan, inputs: _Inputs, writers: dict[str, StreamingWriter], stats: dict,
             progress: ProgressCallback, cancel: CancelToken) -> None:
-    items = work_items(plan, inputs.vae_keys)
+    items = work_items(plan)
     keys_done = 0
     with ThreadPoolExecutor(max_workers=PREFETCH, thread_name_prefix="read") as readers, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="write") as writer_thread:

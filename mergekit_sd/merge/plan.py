@@ -75,6 +75,7 @@ class MergePlan:
     outputs: dict[str, Path]  # candidate name -> output path
     tasks: list[KeyTask]
     vae: PlannedInput | None = None
+    vae_keys: dict[str, str] = field(default_factory=dict)  # output key -> key in the VAE file
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -252,9 +253,9 @@ def build_plan(loaded: LoadedRecipe, resolver: Resolver | None = None,
                 raise loaded.error(("output", "path"), f"the output {path.name} of {cand} "
                                    f"would overwrite the input {planned.name}")
     vae = _open_vae(loaded, resolver) if recipe.output.vae else None
-    tasks, notes = _plan_keys(loaded, inputs, order, arch, prefix, vae)
+    tasks, vae_keys, notes = _plan_keys(loaded, inputs, order, arch, prefix, vae)
     return MergePlan(loaded, arch, prefix, inputs, order, steps, cands, outputs, tasks, vae,
-                     notes)
+                     vae_keys, notes)
 
 
 def _output_paths(loaded: LoadedRecipe, cands: list[Candidate], out: Path | None
@@ -292,7 +293,7 @@ def vae_source_keys(vae: PlannedInput, target_prefix: str) -> dict[str, str]:
 
 def _plan_keys(loaded: LoadedRecipe, inputs: dict[str, PlannedInput], order: list[str],
                arch: Architecture, prefix: str, vae: PlannedInput | None
-               ) -> tuple[list[KeyTask], list[str]]:
+               ) -> tuple[list[KeyTask], dict[str, str], list[str]]:
     output = loaded.recipe.output
     first = inputs[order[0]]
     vae_prefix = next((c.prefix for c in first.found.components if c.slot == "vae"),
@@ -342,7 +343,7 @@ def _plan_keys(loaded: LoadedRecipe, inputs: dict[str, PlannedInput], order: lis
                      "inference_only)")
     if vae_keys:
         notes.append(f"{len(vae_keys)} VAE keys baked from {vae.path.name}")
-    return tasks, notes
+    return tasks, vae_keys, notes
 
 
 def apply_overrides(loaded: LoadedRecipe, assignments: list[str]) -> None:
