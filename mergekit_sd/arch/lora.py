@@ -66,11 +66,17 @@ class LoraInfo:
 
 def _split(key: str) -> tuple[str, str] | None:
     """(module, suffix) when the key ends with a LoRA suffix, the longest matching suffix first.
-    Suffixes have one to three dotted parts, so three dictionary lookups replace trying every
-    suffix (this runs for every key of every file a catalog scan identifies)."""
-    for suffix in _COMMON_SUFFIXES:  # nearly every key of a real LoRA ends with one of these
-        if key.endswith(suffix):
-            return key[: -len(suffix)], suffix
+    This runs for every key of every file a catalog scan identifies: the suffixes nearly every
+    real LoRA key ends with are found with one or two `rpartition`s, the rest by looking up the
+    key's last one to three dotted parts."""
+    head, _, last = key.rpartition(".")
+    if last == "alpha":
+        return head, ".alpha"
+    if last == "weight":
+        module, _, kind = head.rpartition(".")
+        suffix = _WEIGHT_SUFFIXES.get(kind)
+        if suffix is not None:
+            return module, suffix
     dots = []
     end = len(key)
     for _ in range(3):
@@ -90,8 +96,10 @@ def _split(key: str) -> tuple[str, str] | None:
     return None
 
 
-_COMMON_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha", ".lora_A.weight",
-                    ".lora_B.weight")
+# "<module>.<kind>.weight" suffixes that no longer suffix ends with (".lora.up.weight" does end
+# with ".up.weight", so "up"/"down" are not here)
+_WEIGHT_SUFFIXES = {kind: f".{kind}.weight"
+                    for kind in ("lora_down", "lora_up", "lora_mid", "lora_A", "lora_B")}
 _XLABS_MODULE = r"_lora\d$"
 
 
@@ -112,12 +120,13 @@ def detect_lora(shapes: dict[str, tuple[int, ...]], metadata: dict[str, str]) ->
     if not weight_modules or sum(len(s) for s in modules.values()) < 0.9 * len(shapes):
         return None
     families = Counter(_SUFFIXES[suf] for parts in weight_modules.values() for suf in parts)
-    fmt, dora = _format(weight_modules, families)
-    base, evidence, caveats = _base(weight_modules, metadata)
+    text = "\n".join(weight_modules)  # one regex scan over all names instead of one per name
+    fmt, dora = _format(weight_modules, families, text)
+    base, evidence, caveats = _base(weight_modules, metadata, text)
     ranks = Counter(_rank(parts) for parts in weight_modules.values())
     ranks.pop(None, None)
     targets = sorted({_target(m) for m in weight_modules})
-    blocks = sorted(_blocks_touched(weight_modules, base), key=_block_sort_key)
+    blocks = sorted(_blocks_touched(text, base), key=_block_sort_key)
     alpha_keys = sorted(m + ".alpha" for m, parts in modules.items() if ".alpha" in parts)
     evidence.insert(0, f"{len(weight_modules)} modules with {', '.join(sorted(families))} "
                        f"tensors: {fmt}")
@@ -125,7 +134,7 @@ def detect_lora(shapes: dict[str, tuple[int, ...]], metadata: dict[str, str]) ->
                     dora, evidence, caveats)
 
 
-def _format(modules: dict[str, dict], families: Counter) -> tuple[str, bool]:
+def _format(modules: dict[str, dict], families: Counter, text: str) -> tuple[str, bool]:
     dora = families["dora"] > 0
     names = list(modules)
     if families["xlabs"]:
@@ -144,7 +153,7 @@ def _format(modules: dict[str, dict], families: Counter) -> tuple[str, bool]:
         return "diffusers LoRA (attention processors)", dora
     conv = any(len(parts.get(".lora_down.weight", ())) == 4 and
                parts[".lora_down.weight"][2:] != (1, 1) for parts in modules.values())
-    conv = conv or any(re.search(r"resnets|in_layers|out_layers|conv", n) for n in names)
+    conv = conv or re.search(r"resnets|in_layers|out_layers|conv", text) is not None
     kind = "LoCon (Tucker)" if families["tucker"] else "LoCon" if conv else "LoRA"
     return f"kohya {kind}" + (" with DoRA" if dora else ""), dora
 
@@ -182,14 +191,14 @@ _SD3_NAMES = (r"joint_blocks[._]\d|context_block|x_block")
 _SDXL_UNET_NAMES = (r"lora_unet_(input_blocks|output_blocks|middle_block)_|"
                               r"down_blocks[._]2[._]attentions[._]\d[._]transformer_blocks[._][1-9]")
 _TE_LAYER = (r"^(?:lora_te_|text_encoder\.)text_model[._]encoder[._]layers[._](\d+)")
+# modules whose input width is the text encoder's: cross-attention keys, text encoder queries
+_CROSS_ATTENTION_INPUTS = ("attn2.to_k", "attn2_to_k", "self_attn.q_proj", "self_attn_q_proj")
 _BASE_METADATA = {"sd_v1": "sd1", "sd_v2": "sd2", "sdxl_base_v1-0": "sdxl", "flux1": "flux-dev",
                   "sd3": "sd3-medium"}
 
 
-def _base(modules: dict[str, dict], metadata: dict[str, str]
+def _base(modules: dict[str, dict], metadata: dict[str, str], text: str
           ) -> tuple[str | None, list[str], list[str]]:
-    names = list(modules)
-    text = "\n".join(names)  # one regex scan over all names instead of one per name
     said = metadata.get("ss_base_model_version", "")
     evidence: list[str] = []
     caveats: list[str] = []
@@ -205,7 +214,7 @@ def _base(modules: dict[str, dict], metadata: dict[str, str]
         return "sdxl", ["SDXL UNet module names"], caveats
     widths = Counter()
     for name, parts in modules.items():
-        if re.search(r"attn2[._]to_k$|self_attn[._]q_proj$", name):
+        if name.endswith(_CROSS_ATTENTION_INPUTS):
             widths[_input_width(parts)] += 1
     for width, arch in ((2048, "sdxl"), (1024, "sd2"), (768, "sd1")):
         if widths[width]:
@@ -216,7 +225,7 @@ def _base(modules: dict[str, dict], metadata: dict[str, str]
         return "sd2", [f"text encoder with {depth} layers: OpenCLIP-H, SD2"], caveats
     if said in _BASE_METADATA:
         return _BASE_METADATA[said], [f"ss_base_model_version says {said}"], caveats
-    if names:
+    if modules:
         caveats.append("SD1 and SD2 could not be told apart from the shapes; assumed SD1")
         return "sd1", ["UNet/text-encoder module names of SD1/SD2"], caveats
     return None, evidence, caveats
@@ -260,24 +269,25 @@ def block_of_module(module: str, base: str | None) -> str | None:
     return "BASE"
 
 
-def _blocks_touched(modules, base: str | None) -> set[str]:
-    """The blocks a LoRA's modules touch; modules sharing a block-level prefix are looked at
-    once (a block holds dozens of modules)."""
+def _blocks_touched(names: str, base: str | None) -> set[str]:
+    """The blocks touched by the LoRA modules named one per line in `names`. Each line is cut
+    to its block-level stem in one regex pass, so a block's dozens of modules are looked at
+    once; lines without a stem (text encoder modules and the like) stay whole."""
     blocks: set[str] = set()
-    seen: dict[str, str | None] = {}
-    for module in modules:
-        stem = _BLOCK_STEM.match(module)
-        key = stem[0] if stem else module
-        if key not in seen:
-            seen[key] = block_of_module(module, base)
-        if seen[key]:
-            blocks.add(seen[key])
+    for stem in set(_BLOCK_STEM.findall(names)):
+        if stem.startswith(_ANY_TEXT_ENCODER):
+            blocks.add("BASE")
+            continue
+        block = block_of_module(stem, base)
+        if block:
+            blocks.add(block)
     return blocks
 
 
-# the part of a module name up to its block number: "lora_unet_input_blocks_4_1_", ...
-_BLOCK_STEM = re.compile(r"^.*?(?:blocks?|attentions|resnets|samplers)[._]\d+[._](?:\d+[._])?"
-                         r"(?:(?:attentions|resnets)[._]\d+[._])?")
+# a module name up to its block number ("lora_unet_input_blocks_4_1_", ...), or the whole name
+_BLOCK_STEM = re.compile(r"^(?:.*?(?:blocks?|attentions|resnets|samplers)[._]\d+[._](?:\d+[._])?"
+                         r"(?:(?:attentions|resnets|upsamplers|downsamplers)[._]\d+[._])?|.*)",
+                         re.M)
 
 
 def _block_sort_key(name: str) -> tuple[int, int]:
