@@ -56,17 +56,39 @@ def convert(
     typer.echo(f"wrote {written}")
 
 
+from mergekit_sd.cli_catalog import CATALOG_HELP, catalog_app  # noqa: E402  (typer only)
+
+app.add_typer(catalog_app, name="catalog",
+              help="The model library: roots, scans, hashes, tags, duplicates, lineage.")
+
 recipe_app = typer.Typer(help="Recipe tools.", no_args_is_help=True)
 app.add_typer(recipe_app, name="recipe", help="Recipe tools: extract a merged file's recipe.")
 
 
-def _load_plan(recipe: Path, assignments: list[str], out: Path | None):
+class _CatalogOnDemand:
+    """Resolves catalog references through the catalog, opened only when a recipe has one
+    (a recipe of plain paths never creates a catalog database)."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.resolver = None
+
+    def __call__(self, ref: str):
+        if self.resolver is None:
+            from catalog.resolver import CatalogResolver
+            from catalog.store import Store
+
+            self.resolver = CatalogResolver(Store.open(self.path))
+        return self.resolver(ref)
+
+
+def _load_plan(recipe: Path, assignments: list[str], out: Path | None, catalog: Path | None):
     from mergekit_sd.merge.plan import apply_overrides, build_plan
     from mergekit_sd.recipe.loader import load_recipe
 
     loaded = load_recipe(recipe)
     apply_overrides(loaded, assignments)
-    return build_plan(loaded, resolver=None, out=out)
+    return build_plan(loaded, resolver=_CatalogOnDemand(catalog), out=out)
 
 
 @app.command()
@@ -75,11 +97,12 @@ def plan(
     assignments: list[str] = typer.Option([], "--set", help="STEP.PARAM=VALUE override."),
     out: Path = typer.Option(None, "--out", help="Write the output here instead."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+    catalog: Path = typer.Option(None, "--catalog", help=CATALOG_HELP),
 ) -> None:
     """Show what a recipe will do, reading only headers."""
     from mergekit_sd.merge.report import plan_as_dict, show_plan
 
-    merge_plan = _load_plan(recipe, assignments, out)
+    merge_plan = _load_plan(recipe, assignments, out, catalog)
     if as_json:
         import json
 
@@ -95,12 +118,13 @@ def merge(
     out: Path = typer.Option(None, "--out", help="Write the output here instead."),
     device: str = typer.Option("cpu", help="cpu or cuda: where the arithmetic runs."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+    catalog: Path = typer.Option(None, "--catalog", help=CATALOG_HELP),
 ) -> None:
     """Run a recipe: stream every key through its steps into the output file(s)."""
     from mergekit_sd.cli_progress import rich_progress
     from mergekit_sd.merge.executor import run_merge
 
-    merge_plan = _load_plan(recipe, assignments, out)
+    merge_plan = _load_plan(recipe, assignments, out, catalog)
     if as_json:
         written = run_merge(merge_plan, device=device)
         import json

@@ -22,7 +22,8 @@ from mergekit_sd.arch.diffusion import DiffusionModel, detect_diffusion_model
 from mergekit_sd.arch.lora import LoraInfo, detect_lora
 from mergekit_sd.io.header import SafetensorsHeader
 
-_FAMILY_HINTS = ("pony", "illustrious", "noobai")
+# SDXL finetune families with their own LoRA ecosystems, by the name Civitai gives them
+SDXL_FAMILIES = {"pony": "Pony", "illustrious": "Illustrious", "noobai": "NoobAI"}
 _METADATA_FOR_HINTS = ("modelspec.title", "modelspec.description", "modelspec.architecture",
                        "ss_base_model_version", "ss_sd_model_name", "ss_output_name")
 
@@ -40,7 +41,7 @@ class Component:
 
 @dataclass
 class Identification:
-    kind: str  # checkpoint, diffusion_model, vae, text_encoder, lora, unknown
+    kind: str  # checkpoint, diffusion_model, vae, text_encoder, lora, embedding, unknown
     architecture: str | None  # an id of ARCHITECTURES, or the encoder/VAE name for parts
     label: str
     layout: str | None
@@ -72,6 +73,9 @@ def identify(header: SafetensorsHeader) -> Identification:
     """What the file is, decided from tensor names and shapes (no tensor data is read)."""
     tensors = header.tensors
     shapes = {name: info.shape for name, info in tensors.items()}
+    embedding = _identify_embedding(shapes)
+    if embedding is not None:
+        return embedding
     lora = detect_lora(shapes, header.metadata)
     if lora is not None:
         return _identify_lora(lora)
@@ -147,6 +151,24 @@ def _identify_bare(keys: set[str], shape_of, tensors, evidence: list[str]
         found.append(_summarise("schedule", "noise schedule / prediction markers", "",
                                 [tensors[k] for k in schedule]))
     return found, dm
+
+
+# textual inversion embeddings: vectors as wide as the text encoder's tokens
+_EMBEDDING_WIDTHS = {768: ("sd1", "SD1.x"), 1024: ("sd2", "SD2.x")}
+
+
+def _identify_embedding(shapes: dict[str, tuple[int, ...]]) -> Identification | None:
+    """A textual inversion embedding: `emb_params` (SD1/SD2) or `clip_l` + `clip_g` (SDXL)."""
+    if set(shapes) == {"clip_l", "clip_g"} and len(shapes["clip_g"]) == 2:
+        vectors = shapes["clip_g"][0]
+        return Identification("embedding", "sdxl", f"textual inversion for SDXL ({vectors} "
+                              "vectors)", None, evidence=["clip_l and clip_g vectors: SDXL"])
+    shape = shapes.get("emb_params") if len(shapes) == 1 else None
+    if shape and len(shape) == 2 and shape[1] in _EMBEDDING_WIDTHS:
+        arch, label = _EMBEDDING_WIDTHS[shape[1]]
+        return Identification("embedding", arch, f"textual inversion for {label} ({shape[0]} "
+                              "vectors)", None, evidence=[f"emb_params {shape[1]} wide: {label}"])
+    return None
 
 
 def _identify_lora(lora: LoraInfo) -> Identification:
@@ -234,9 +256,16 @@ def _prediction(header, dm: DiffusionModel, arch_id: str) -> str | None:
     return "epsilon (no v-prediction marker keys)"
 
 
-def _family_hint(metadata: dict[str, str]) -> str | None:
+def sdxl_family(metadata: dict[str, str]) -> str | None:
+    """Pony, Illustrious or NoobAI when the file's title, description or training base says so;
+    the weights alone cannot tell these SDXL finetunes apart."""
     text = " ".join(metadata.get(k, "") for k in _METADATA_FOR_HINTS).lower()
-    for hint in _FAMILY_HINTS:
+    for hint, family in SDXL_FAMILIES.items():
         if hint in text:
-            return f"metadata mentions {hint.capitalize()} (a hint, not a structural fact)"
+            return family
     return None
+
+
+def _family_hint(metadata: dict[str, str]) -> str | None:
+    family = sdxl_family(metadata)
+    return f"metadata mentions {family} (a hint, not a structural fact)" if family else None

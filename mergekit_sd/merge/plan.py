@@ -273,7 +273,13 @@ def _output_paths(loaded: LoadedRecipe, cands: list[Candidate], out: Path | None
 def _open_vae(loaded: LoadedRecipe, resolver: Resolver) -> PlannedInput:
     ref = loaded.recipe.output.vae
     loc = ("output", "vae")
-    path = resolve_path(ref, loaded.path.parent) if is_path_ref(ref) else resolver(ref).path
+    if is_path_ref(ref):
+        path = resolve_path(ref, loaded.path.parent)
+    else:
+        try:
+            path = resolver(ref).path
+        except LookupError as exc:
+            raise loaded.error(loc, str(exc.args[0])) from None
     try:
         header = read_header(path)
     except BadModelFile as exc:

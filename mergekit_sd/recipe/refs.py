@@ -22,7 +22,7 @@ class ResolvedModel:
 
 class Resolver(Protocol):
     def __call__(self, ref: str) -> ResolvedModel:
-        """Resolve a non-path reference, or raise UserError with one sentence."""
+        """Resolve a non-path reference, or raise LookupError with one sentence."""
 
 
 class NoResolver:

@@ -6,6 +6,7 @@ from mergekit_sd.testing.checkpoints import (
     tiny_dim,
     write_checkpoint,
 )
+from mergekit_sd.testing.embeddings import EMBEDDING_BASES, write_embedding
 from mergekit_sd.testing.loras import (
     LORA_BASES,
     LORA_FORMATS,
@@ -18,6 +19,7 @@ from mergekit_sd.testing.workspace import make_demo_workspace
 
 __all__ = [
     "CHECKPOINT_VARIANTS",
+    "EMBEDDING_BASES",
     "LORA_BASES",
     "LORA_FORMATS",
     "LoraTarget",
@@ -27,5 +29,6 @@ __all__ = [
     "make_demo_workspace",
     "tiny_dim",
     "write_checkpoint",
+    "write_embedding",
     "write_lora",
 ]

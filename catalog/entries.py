@@ -1,0 +1,195 @@
+"""Catalog entries: reading them back, finding one by the references users type, listing.
+
+A reference is an entry id (`12` or `#12`), `catalog:NAME` or a bare name (the file's stem),
+`sha256:HEX` (10 or more digits: AutoV2 is the first 10), `autov3:HEX`, or a path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from catalog.store import Store
+from mergekit_sd.errors import UserError
+
+SORTS = {"name": "name COLLATE NOCASE", "size": "size DESC", "date": "first_seen DESC",
+         "rating": "rating DESC, favourite DESC", "kind": "kind, name COLLATE NOCASE",
+         "arch": "architecture, name COLLATE NOCASE", "path": "path"}
+
+
+@dataclass
+class Entry:
+    id: int
+    path: str
+    name: str
+    status: str
+    problem: str | None
+    kind: str | None
+    architecture: str | None
+    base_model: str | None
+    label: str | None
+    layout: str | None
+    dtype: str | None
+    size: int
+    parameters: int | None
+    lora_format: str | None
+    lora_rank: int | None
+    folder_kind: str | None
+    sha256: str | None
+    autov1: str | None
+    autov3: str | None
+    crc32: str | None
+    trigger_words: list[str]
+    source: str
+    source_ids: dict
+    preview: str | None
+    notes: str
+    rating: int
+    favourite: bool
+    first_seen: float
+    last_seen: float
+    details: dict = field(default_factory=dict)
+    tags: list[str] = field(default_factory=list)
+
+    @property
+    def autov2(self) -> str | None:
+        return self.sha256[:10] if self.sha256 else None
+
+    def to_dict(self) -> dict:
+        doc = asdict(self)
+        doc["autov2"] = self.autov2
+        doc["autov3_short"] = self.autov3[:12] if self.autov3 else None
+        return doc
+
+
+_COLUMNS = ("id, path, name, status, problem, kind, architecture, base_model, label, layout, "
+            "dtype, size, parameters, lora_format, lora_rank, folder_kind, sha256, autov1, "
+            "autov3, crc32, trigger_words, source, source_ids, preview, notes, rating, favourite, "
+            "first_seen, last_seen")
+
+
+def _entry(row: sqlite3.Row | dict, tags: list[str], details: dict | None = None) -> Entry:
+    values = dict(row)
+    values["trigger_words"] = json.loads(values["trigger_words"] or "[]")
+    values["source_ids"] = json.loads(values["source_ids"] or "{}")
+    values["favourite"] = bool(values["favourite"])
+    return Entry(**values, details=details or {}, tags=tags)
+
+
+def _tags_of(db, ids: list[int]) -> dict[int, list[str]]:
+    tags: dict[int, list[str]] = {}
+    for chunk_start in range(0, len(ids), 500):
+        chunk = ids[chunk_start:chunk_start + 500]
+        marks = ",".join("?" * len(chunk))
+        for row in db.execute(f"SELECT file_id, tag FROM tags WHERE file_id IN ({marks}) "
+                              "ORDER BY tag", chunk):
+            tags.setdefault(row[0], []).append(row[1])
+    return tags
+
+
+def get_entry(store: Store, file_id: int) -> Entry:
+    row = store.db.execute(f"SELECT {_COLUMNS}, details FROM files WHERE id = ?",
+                           (file_id,)).fetchone()
+    if row is None:
+        raise UserError(f"no catalog entry #{file_id}; `mergekit-sd catalog list` shows the ids")
+    values = dict(row)
+    details = json.loads(values.pop("details") or "{}")
+    return _entry(values, _tags_of(store.db, [file_id]).get(file_id, []), details)
+
+
+def find_entry(store: Store, ref: str) -> Entry:
+    """The one entry `ref` names, or UserError saying why not (none, or which ones match)."""
+    ids = _matching_ids(store, ref.strip())
+    if not ids:
+        raise UserError(f"{ref!r}: no catalog entry matches; `mergekit-sd catalog list --search "
+                        "TEXT` finds entries, and `catalog scan` adds new files")
+    if len(set(ids)) > 1:
+        rows = store.db.execute(f"SELECT id, path FROM files WHERE id IN "
+                                f"({','.join('?' * len(set(ids)))}) ORDER BY id",
+                                sorted(set(ids))).fetchall()
+        listing = "; ".join(f"#{r['id']} {r['path']}" for r in rows[:5])
+        raise UserError(f"{ref!r} matches {len(rows)} entries ({listing}); use the #id or a "
+                        "longer hash")
+    return get_entry(store, ids[0])
+
+
+def _matching_ids(store: Store, ref: str) -> list[int]:
+    db = store.db
+    bare = ref.removeprefix("#")
+    if bare.isdigit() and not ref.startswith(("sha256:", "catalog:")):
+        row = db.execute("SELECT id FROM files WHERE id = ?", (int(bare),)).fetchone()
+        if row:
+            return [row[0]]
+    for scheme, column in (("sha256:", "sha256"), ("autov3:", "autov3")):
+        if ref.lower().startswith(scheme):
+            digits = ref[len(scheme):].strip().lower()
+            if len(digits) < 10 or any(c not in "0123456789abcdef" for c in digits):
+                raise UserError(f"{ref!r}: give at least 10 hex digits of the hash")
+            return [r[0] for r in db.execute(
+                f"SELECT id FROM files WHERE {column} >= ? AND {column} < ? "
+                "ORDER BY status = 'missing', id", (digits, digits + "g"))]
+    name = ref.removeprefix("catalog:")
+    rows = db.execute("SELECT id FROM files WHERE name = ? ORDER BY status = 'missing', id",
+                      (name,)).fetchall()
+    if not rows:
+        rows = db.execute("SELECT id FROM files WHERE name = ? COLLATE NOCASE "
+                          "ORDER BY status = 'missing', id", (name,)).fetchall()
+    if rows:
+        return [r[0] for r in rows]
+    if not ref.startswith("catalog:"):
+        path = os.path.abspath(os.path.expanduser(ref))
+        row = db.execute("SELECT id FROM files WHERE path = ? OR path = ?",
+                         (path, str(Path(path).resolve()))).fetchone()
+        if row:
+            return [row[0]]
+    return []
+
+
+@dataclass
+class Filters:
+    kind: str | None = None
+    architecture: str | None = None
+    base_model: str | None = None
+    tags: list[str] = field(default_factory=list)
+    search: str | None = None
+    status: str | None = None
+    favourite: bool = False
+    sort: str = "name"
+    limit: int | None = None
+
+
+def list_entries(store: Store, filters: Filters) -> list[Entry]:
+    if filters.sort not in SORTS:
+        raise UserError(f"--sort {filters.sort!r}: choose one of {', '.join(SORTS)}")
+    where, args = [], []
+    for column, value in (("kind", filters.kind), ("architecture", filters.architecture),
+                          ("status", filters.status)):
+        if value:
+            where.append(f"{column} = ?")
+            args.append(value)
+    if filters.base_model:
+        where.append("base_model = ? COLLATE NOCASE")
+        args.append(filters.base_model)
+    if filters.favourite:
+        where.append("favourite = 1")
+    for tag in filters.tags:
+        where.append("id IN (SELECT file_id FROM tags WHERE tag = ?)")
+        args.append(tag)
+    if filters.search:
+        # one case-insensitive substring search over what people remember a model by
+        where.append("(instr(lower(name), ?) OR instr(lower(path), ?) OR "
+                     "instr(lower(trigger_words), ?) OR instr(lower(notes), ?) OR "
+                     "instr(lower(coalesce(label, '')), ?))")
+        args.extend([filters.search.lower()] * 5)
+    sql = f"SELECT {_COLUMNS} FROM files"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += f" ORDER BY {SORTS[filters.sort]}, id"
+    if filters.limit:
+        sql += f" LIMIT {int(filters.limit)}"
+    rows = store.db.execute(sql, args).fetchall()
+    tags = _tags_of(store.db, [r["id"] for r in rows]) if rows else {}
+    return [_entry(row, tags.get(row["id"], [])) for row in rows]

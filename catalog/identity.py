@@ -1,0 +1,162 @@
+"""What a scan records about one file, from its header alone (through `mergekit_sd.arch`).
+
+`examine` runs in worker processes during a scan, so it takes a path and returns a small
+picklable record, not the header itself.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mergekit_sd.arch.identify import Identification, identify, sdxl_family
+from mergekit_sd.arch.lora import trigger_words
+from mergekit_sd.errors import BadModelFile
+from mergekit_sd.io.header import SafetensorsHeader, read_header
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+# our architecture ids -> the base-model labels Civitai (and so most users) call them by
+CIVITAI_BASE_MODELS = {
+    "sd1": "SD 1.5", "sd2": "SD 2.1", "sdxl": "SDXL 1.0", "sdxl-refiner": "SDXL 1.0",
+    "sd3-medium": "SD 3", "sd3.5-medium": "SD 3.5 Medium", "sd3.5-large": "SD 3.5 Large",
+    "flux-dev": "Flux.1 D", "flux-schnell": "Flux.1 S", "flux-fill": "Flux.1 D",
+}
+# text encoders and VAEs identified alone carry their own name as architecture
+_PART_KINDS = ("vae", "text_encoder")
+
+
+@dataclass
+class Parent:
+    ref_kind: str  # sha256, autov1, autov3, name
+    ref: str
+    name: str
+    role: str
+
+
+@dataclass
+class FileFacts:
+    status: str  # ok, truncated, invalid, unreadable
+    problem: str | None = None
+    kind: str | None = None
+    architecture: str | None = None
+    base_model: str | None = None
+    label: str | None = None
+    layout: str | None = None
+    dtype: str | None = None
+    parameters: int | None = None
+    lora_format: str | None = None
+    lora_rank: int | None = None
+    trigger_words: list[str] = field(default_factory=list)
+    details: dict = field(default_factory=dict)
+    parents: list[Parent] = field(default_factory=list)
+
+
+def examine(path: str) -> FileFacts:
+    """Identify one file from its header; a bad file gives a status and its sentence, never an
+    exception (a scan goes on past it)."""
+    p = Path(path)
+    if p.suffix.lower() in PICKLE_SUFFIXES:
+        return FileFacts("ok", kind="pickle", label="PyTorch pickle (convert it with "
+                         "`mergekit-sd convert` to identify it)")
+    try:
+        header = read_header(p)
+    except BadModelFile as exc:
+        status = "truncated" if "truncated" in exc.problem else "invalid"
+        return FileFacts(status, problem=exc.problem)
+    except OSError as exc:  # read_header turns these into sentences; belt and braces
+        return FileFacts("unreadable", problem=str(exc))
+    return facts_from_header(header)
+
+
+def facts_from_header(header: SafetensorsHeader) -> FileFacts:
+    found = identify(header)
+    metadata = header.metadata
+    facts = FileFacts(
+        "ok", kind=found.kind, architecture=found.architecture,
+        base_model=base_model_label(found, metadata), label=found.label, layout=found.layout,
+        dtype=_dominant_dtype(header), parameters=_parameters(header, found),
+        trigger_words=trigger_words(metadata) if found.kind == "lora" else [],
+        parents=parents_from_metadata(metadata),
+        details={"evidence": found.evidence, "caveats": found.caveats,
+                 "variant": found.variant, "prediction": found.prediction,
+                 "title": metadata.get("modelspec.title")},
+    )
+    if found.lora is not None:
+        facts.lora_format = found.lora.format
+        facts.lora_rank = found.lora.rank
+        facts.details["blocks"] = found.lora.blocks
+    return facts
+
+
+def _dominant_dtype(header: SafetensorsHeader) -> str | None:
+    by_bytes = Counter()
+    for info in header.tensors.values():
+        by_bytes[info.dtype] += info.end - info.start
+    return by_bytes.most_common(1)[0][0] if by_bytes else None
+
+
+def _parameters(header: SafetensorsHeader, found: Identification) -> int:
+    if found.components:
+        return sum(c.parameters for c in found.components)
+    return sum(info.numel for info in header.tensors.values())
+
+
+def base_model_label(found: Identification, metadata: dict[str, str]) -> str | None:
+    """Civitai's name for the base: the architecture's, or Pony / Illustrious / NoobAI when an
+    SDXL file's metadata says so (the weights cannot; see identify's caveats)."""
+    if found.kind in _PART_KINDS or found.architecture is None:
+        return None
+    if found.architecture == "sdxl":
+        family = sdxl_family(metadata)
+        if family:
+            return family
+    return CIVITAI_BASE_MODELS.get(found.architecture)
+
+
+def parents_from_metadata(metadata: dict[str, str]) -> list[Parent]:
+    """The models this file was made from, as its metadata names them: AUTOMATIC1111's
+    `sd_merge_models` (sha256 -> name), our own recipe (inputs pinned by SHA256), kohya's
+    training base (`ss_new_sd_model_hash` full, `ss_sd_model_hash` legacy AutoV1)."""
+    parents: dict[tuple[str, str, str], Parent] = {}
+
+    def add(kind: str, ref, name, role: str) -> None:
+        if isinstance(ref, str) and ref.strip():
+            ref = ref.strip().lower()
+            parents.setdefault((kind, ref, role), Parent(kind, ref, str(name or ""), role))
+
+    recipe = _json(metadata.get("mergekit_sd.recipe"))
+    if isinstance(recipe, dict) and isinstance(recipe.get("models"), dict):
+        for name, model in recipe["models"].items():
+            if isinstance(model, dict):
+                add("sha256", model.get("sha256"), model.get("ref") or name, "merge input")
+        output = recipe.get("output") if isinstance(recipe.get("output"), dict) else {}
+        add("sha256", output.get("vae_sha256"), output.get("vae"), "baked VAE")
+    merge_models = _json(metadata.get("sd_merge_models"))
+    if isinstance(merge_models, dict) and not parents:
+        # AUTOMATIC1111 lists ancestors too; without a recipe to tell the direct inputs apart,
+        # its direct inputs are the hashes its recipe names
+        a1111 = _json(metadata.get("sd_merge_recipe"))
+        a1111 = a1111 if isinstance(a1111, dict) else {}
+        direct = {a1111.get(k) for k in ("primary_model_hash", "secondary_model_hash",
+                                         "tertiary_model_hash")} - {None}
+        for sha, info in merge_models.items():
+            name = info.get("name") if isinstance(info, dict) else ""
+            add("sha256", sha, name, "merge input" if sha in direct or not direct else "ancestor")
+    base_name = metadata.get("ss_sd_model_name", "")
+    if metadata.get("ss_new_sd_model_hash"):
+        add("sha256", metadata["ss_new_sd_model_hash"], base_name, "training base")
+    elif metadata.get("ss_sd_model_hash"):
+        add("autov1", metadata["ss_sd_model_hash"], base_name, "training base")
+    return list(parents.values())
+
+
+def _json(text: str | None):
+    if not text:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+

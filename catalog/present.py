@@ -1,0 +1,171 @@
+"""Rich tables and trees for the catalog commands (the CLI prints these; --json skips them)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+from rich.tree import Tree
+
+from catalog.dupes import DuplicateGroup
+from catalog.entries import Entry
+from catalog.lineage import Lineage, Node
+from catalog.scan import ScanReport
+from mergekit_sd.inspect_view import human_count, human_size
+
+
+def console() -> Console:
+    # file names and metadata are data, not markup: print them exactly as they are
+    return Console(markup=False, highlight=False, emoji=False)
+
+
+def _stars(entry: Entry) -> str:
+    return ("*" * entry.rating) + (" fav" if entry.favourite else "")
+
+
+def show_list(entries: list[Entry]) -> None:
+    out = console()
+    if not entries:
+        out.print("no entries match; `mergekit-sd catalog scan` adds the files of your roots")
+        return
+    columns = ["#", "name", "kind", "base", "dtype", "size"]
+    # columns nobody has filled in yet would only take width from the names
+    columns += [c for c, used in (("rating", any(e.rating or e.favourite for e in entries)),
+                                  ("tags", any(e.tags for e in entries))) if used]
+    columns.append("status")
+    table = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
+    for column in columns:
+        table.add_column(column, justify="right" if column in ("#", "size") else "left",
+                         no_wrap=column != "tags", overflow="fold" if column == "name" else
+                         "ellipsis")
+    for e in entries:
+        kind = e.kind or "?"
+        if e.lora_rank:
+            kind = f"{kind} r{e.lora_rank}"
+        values = {"#": str(e.id), "name": e.name, "kind": kind, "base": e.base_model or "",
+                  "dtype": e.dtype or "", "size": human_size(e.size), "rating": _stars(e),
+                  "tags": ", ".join(e.tags), "status": e.status}
+        table.add_row(*(values[c] for c in columns))
+    out.print(table)
+    out.print(f"{len(entries)} entries, {human_size(sum(e.size for e in entries))}")
+
+
+def show_entry(entry: Entry) -> None:
+    out = console()
+    table = Table(show_header=False, show_edge=False, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    sidecar = entry.details.get("sidecar", {})
+    rows = [
+        ("entry", f"#{entry.id} {entry.name}"),
+        ("path", entry.path),
+        ("status", entry.status + (f": {entry.problem}" if entry.problem else "")),
+        ("kind", entry.kind or ""),
+        ("identified as", entry.label or ""),
+        ("base model", entry.base_model or ""),
+        ("layout", entry.layout or ""),
+        ("dtype", entry.dtype or ""),
+        ("size", f"{human_size(entry.size)} ({entry.size:,} bytes)"),
+        ("parameters", human_count(entry.parameters) if entry.parameters else ""),
+        ("LoRA", f"{entry.lora_format}, rank {entry.lora_rank}" if entry.lora_format else ""),
+        ("trigger words", ", ".join(entry.trigger_words)),
+        ("SHA256", entry.sha256 or "not hashed (catalog scan --hash)"),
+        ("AutoV1 / V2 / V3", " / ".join(x or "-" for x in (
+            entry.autov1 and entry.autov1.upper(), entry.autov2 and entry.autov2.upper(),
+            entry.autov3 and entry.autov3[:12].upper())) if entry.sha256 else ""),
+        ("CRC32", (entry.crc32 or "").upper()),
+        ("source", _source(entry)),
+        ("Civitai", " / ".join(x for x in (sidecar.get("model_name"),
+                                           sidecar.get("version_name")) if x)),
+        ("preferred weight", str(sidecar.get("preferred_weight") or "")),
+        ("preview", entry.preview or ""),
+        ("tags", ", ".join(entry.tags)),
+        ("rating", _stars(entry)),
+        ("notes", entry.notes),
+        ("notes (web UI)", sidecar.get("notes", "")),
+        ("sidecars", ", ".join(sidecar.get("read", []))),
+    ]
+    for label, value in rows:
+        if value:
+            table.add_row(label, value)
+    out.print(table)
+    for heading, lines in (("evidence", entry.details.get("evidence", [])),
+                           ("cannot tell", entry.details.get("caveats", [])),
+                           ("sidecar problems", sidecar.get("problems", []))):
+        if lines:
+            out.print(f"{heading}:")
+            for line in lines:
+                out.print(f"  - {line}")
+
+
+def _source(entry: Entry) -> str:
+    civitai = entry.source_ids.get("civitai")
+    if civitai:
+        return (f"civitai model {civitai.get('model_id')} version "
+                f"{civitai.get('version_id')}")
+    hf = entry.source_ids.get("hf")
+    if hf:
+        return f"hf {hf.get('repo')}/{hf.get('path')}"
+    return entry.source
+
+
+def show_scan(report: ScanReport, hashed: object | None = None) -> None:
+    out = console()
+    out.print(f"scanned {len(report.roots)} root(s): {report.seen} model files, "
+              f"{report.new} new, {report.changed} changed, {report.unchanged} unchanged, "
+              f"{len(report.moved)} moved, {report.missing} now missing "
+              f"({report.seconds:.2f} s)")
+    if report.partial:
+        out.print(f"skipped {report.partial} unfinished download(s)")
+    for old, new in report.moved:
+        out.print(f"moved: {old} -> {new}")
+    for path, problem in report.bad:
+        out.print(f"bad file: {path}: {problem}")
+    for problem in report.problems:
+        out.print(f"note: {problem}")
+    if hashed is not None:
+        out.print(f"hashed {hashed.hashed} file(s), {human_size(hashed.bytes)} "
+                  f"({hashed.seconds:.2f} s); {hashed.cached} already hashed")
+        for old, new in hashed.moved:
+            out.print(f"moved (same SHA256): {old} -> {new}")
+        for problem in hashed.problems:
+            out.print(f"note: {problem}")
+
+
+def show_dupes(groups: list[DuplicateGroup]) -> None:
+    out = console()
+    if not groups:
+        out.print("no duplicates among hashed files (hash them with `catalog scan --hash`)")
+        return
+    for group in groups:
+        digest = group.hash[:12].upper()
+        out.print(f"{group.match} ({digest}), {human_size(group.reclaimable)} to reclaim:")
+        for path, size in zip(group.paths, group.sizes, strict=True):
+            out.print(f"  {human_size(size):>9}  {path}")
+    out.print(f"{human_size(sum(g.reclaimable for g in groups))} in {len(groups)} group(s) "
+              "could be freed by keeping one file of each")
+
+
+def _label(node: Node) -> str:
+    where = f"#{node.entry_id} {node.path}" if node.entry_id else "not in the catalog"
+    ref = f" [{node.ref[:12]}]" if node.ref else ""
+    role = f"{node.role}: " if node.role else ""
+    return f"{role}{node.name or '?'}{ref} ({where})"
+
+
+def _grow(tree: Tree, nodes: list[Node]) -> None:
+    for node in nodes:
+        _grow(tree.add(_label(node)), node.parents)
+
+
+def show_lineage(found: Lineage) -> None:
+    out = console()
+    root = Tree(f"{found.tree.name} (#{found.tree.entry_id})")
+    if found.tree.parents:
+        _grow(root, found.tree.parents)
+    else:
+        root.add("no parents recorded in its metadata")
+    out.print(root)
+    if found.children:
+        out.print("made from it:")
+        for child in found.children:
+            out.print(f"  {child.role}: #{child.entry_id} {child.name} ({child.path})")

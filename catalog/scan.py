@@ -1,0 +1,288 @@
+"""Bring the catalog up to date with the folders: incremental, header-only, safe to interrupt.
+
+A file whose size, mtime and inode are unchanged is not opened. New and changed files are
+identified from their headers in worker processes; results land in batches, each one
+transaction, so a killed scan keeps what it finished and the next scan picks up the rest.
+A file that vanished is marked missing (its tags and notes stay); one that reappears under
+another path with the same inode, or (after hashing) the same SHA256, is recognised as moved.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from catalog.identity import CIVITAI_BASE_MODELS, FileFacts, examine
+from catalog.layouts import detect_layout
+from catalog.sidecars import SidecarFacts, read_sidecars, signature
+from catalog.store import Store
+from catalog.walk import FoundFile, walk
+from mergekit_sd.errors import Cancelled
+from mergekit_sd.progress import CancelToken, ProgressCallback, no_progress
+
+BATCH = 250  # rows per transaction
+PARALLEL_MIN = 48  # fewer new files than this are identified in-process (no pool start-up)
+
+
+@dataclass
+class ScanReport:
+    roots: list[str] = field(default_factory=list)
+    seen: int = 0
+    new: int = 0
+    changed: int = 0
+    unchanged: int = 0
+    moved: list[tuple[str, str]] = field(default_factory=list)
+    missing: int = 0
+    bad: list[tuple[str, str]] = field(default_factory=list)  # (path, problem)
+    partial: int = 0
+    problems: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def default_jobs() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def scan(store: Store, root_ids: list[int] | None = None, jobs: int | None = None,
+         progress: ProgressCallback = no_progress, cancel: CancelToken | None = None
+         ) -> ScanReport:
+    """Scan the given roots (all by default) into the catalog."""
+    started = time.perf_counter()
+    report = ScanReport()
+    rows = store.db.execute("SELECT id, path FROM roots ORDER BY id").fetchall()
+    for root in rows:
+        if root_ids is None or root["id"] in root_ids:
+            _scan_root(store, root["id"], Path(root["path"]), jobs or default_jobs(), report,
+                       progress, cancel)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _scan_root(store: Store, root_id: int, root: Path, jobs: int, report: ScanReport,
+               progress: ProgressCallback, cancel: CancelToken | None) -> None:
+    report.roots.append(str(root))
+    existing = {row["path"]: row for row in store.db.execute(
+        "SELECT id, path, device, inode, size, mtime_ns, status, sidecars FROM files "
+        "WHERE root_id = ?", (root_id,))}
+    if not root.is_dir():
+        report.problems.append(f"{root}: the root folder is not there (an unplugged drive?); "
+                               "its files are marked missing")
+        _mark_missing(store, [r for r in existing.values() if r["status"] != "missing"], report)
+        return
+    found = walk(detect_layout(root).folders)
+    report.problems.extend(found.problems)
+    report.partial += found.partial
+    report.seen += len(found.files)
+
+    to_examine: list[FoundFile] = []
+    sidecars_only: list[tuple[int, FoundFile]] = []
+    seen_paths = set()
+    for file in found.files:
+        key = str(file.path)
+        seen_paths.add(key)
+        row = existing.get(key)
+        if row is None:
+            to_examine.append(file)
+        elif row["status"] == "missing" or (row["device"], row["inode"], row["size"],
+                                            row["mtime_ns"]) != (file.device, file.inode,
+                                                                 file.size, file.mtime_ns):
+            report.changed += 1
+            to_examine.append(file)
+        else:
+            report.unchanged += 1
+            if row["sidecars"] != signature(file.sidecars):
+                sidecars_only.append((row["id"], file))
+
+    new_files = [f for f in to_examine if str(f.path) not in existing]
+    moved = _adopt_moves(store, root_id, new_files, report)
+    to_examine = [f for f in to_examine if str(f.path) not in moved]
+    report.new += len(new_files) - len(moved)
+
+    for batch in _batches(_examined(to_examine, jobs, progress, cancel), BATCH):
+        with store.write() as db:
+            for file, facts in batch:
+                _upsert(db, root_id, file, facts)
+                if facts.status != "ok":
+                    report.bad.append((str(file.path), facts.problem or facts.status))
+    if sidecars_only:
+        with store.write() as db:
+            for file_id, file in sidecars_only:
+                _refresh_sidecars(db, file_id, file)
+    gone = [row for path, row in existing.items()
+            if path not in seen_paths and row["status"] != "missing" and path not in
+            {old for old, _ in report.moved} and not os.path.exists(path)]
+    _mark_missing(store, gone, report)
+
+
+def _batches(items: Iterator, size: int) -> Iterator[list]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _examined(files: list[FoundFile], jobs: int, progress: ProgressCallback,
+              cancel: CancelToken | None) -> Iterator[tuple[FoundFile, FileFacts]]:
+    """Each file with its facts, in order; in worker processes when there are many."""
+    total = len(files)
+    if not total:
+        return
+    progress("identifying", 0, total)
+    paths = [str(f.path) for f in files]
+    if jobs <= 1 or total < PARALLEL_MIN:
+        results: Iterator[FileFacts] = map(examine, paths)
+        pool = None
+    else:
+        # forkserver: workers start from a clean process that imported the identification code
+        # once, and never inherit a parent's threads (the TUI has some) mid-lock
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["catalog.identity"])
+        pool = ProcessPoolExecutor(min(jobs, total), mp_context=context)
+        results = pool.map(examine, paths, chunksize=max(1, min(32, total // (jobs * 8))))
+    try:
+        for done, (file, facts) in enumerate(zip(files, results, strict=True), 1):
+            if cancel is not None and cancel.cancelled:
+                raise Cancelled("scan cancelled; what was scanned so far is kept")
+            yield file, facts
+            progress("identifying", done, total)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _adopt_moves(store: Store, root_id: int, new_files: list[FoundFile],
+                 report: ScanReport) -> set[str]:
+    """New paths that are files the catalog knows under a path that no longer exists (same
+    device, inode, size and mtime: a rename or a move within the disk): the row follows the
+    file, keeping its tags, notes and hashes."""
+    moved: set[str] = set()
+    if not new_files:
+        return moved
+    with store.write() as db:
+        for file in new_files:
+            for row in db.execute(
+                    "SELECT id, path FROM files WHERE device = ? AND inode = ? AND size = ? "
+                    "AND mtime_ns = ?", (file.device, file.inode, file.size, file.mtime_ns)):
+                if row["path"] != str(file.path) and not os.path.exists(row["path"]):
+                    db.execute("UPDATE files SET path = ?, root_id = ?, folder_kind = ?, "
+                               "name = ?, status = CASE status WHEN 'missing' THEN 'ok' ELSE "
+                               "status END, sidecars = '', last_seen = ?, updated_at = ? "
+                               "WHERE id = ?", (str(file.path), root_id, file.folder_kind,
+                                                _stem(file.path), time.time(), time.time(),
+                                                row["id"]))
+                    _refresh_sidecars(db, row["id"], file)
+                    moved.add(str(file.path))
+                    report.moved.append((row["path"], str(file.path)))
+                    break
+    return moved
+
+
+def _mark_missing(store: Store, rows, report: ScanReport) -> None:
+    if not rows:
+        return
+    with store.write() as db:
+        db.executemany("UPDATE files SET status = 'missing', updated_at = ? WHERE id = ?",
+                       [(time.time(), row["id"]) for row in rows])
+    report.missing += len(rows)
+
+
+def _stem(path: Path) -> str:
+    return path.name[: -len(path.suffix)] if path.suffix else path.name
+
+
+def merged_columns(header: dict, sidecar: SidecarFacts) -> dict:
+    """The columns that both the header and the sidecars speak to; sidecars win (a Civitai
+    page knows Pony from SDXL, the weights do not)."""
+    base = sidecar.base_model
+    if base is None and sidecar.architecture:
+        base = CIVITAI_BASE_MODELS.get(sidecar.architecture)
+    return {
+        "base_model": base or header.get("base_model"),
+        "trigger_words": json.dumps(sidecar.trained_words or header.get("trigger_words", [])),
+        "preview": sidecar.preview,
+    }
+
+
+def _sidecar_details(sidecar: SidecarFacts) -> dict:
+    return {k: v for k, v in asdict(sidecar).items()
+            if v not in (None, "", []) and k not in ("trained_words", "preview")}
+
+
+def _source_ids(sidecar: SidecarFacts) -> dict:
+    if sidecar.version_id is None and sidecar.model_id is None:
+        return {}
+    return {"civitai": {"model_id": sidecar.model_id, "version_id": sidecar.version_id}}
+
+
+def _upsert(db, root_id: int, file: FoundFile, facts: FileFacts) -> None:
+    sidecar = read_sidecars(file.sidecars)
+    header = {"base_model": facts.base_model, "trigger_words": facts.trigger_words}
+    details = {**facts.details, "header": header, "sidecar": _sidecar_details(sidecar)}
+    merged = merged_columns(header, sidecar)
+    ids = _source_ids(sidecar)
+    now = time.time()
+    row = db.execute(
+        """INSERT INTO files (path, root_id, folder_kind, name, status, problem, device, inode,
+               size, mtime_ns, kind, architecture, base_model, label, layout, dtype, parameters,
+               lora_format, lora_rank, trigger_words, details, sidecars, preview, source,
+               source_ids, first_seen, last_seen, updated_at)
+           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,
+                   ?, ?)
+           ON CONFLICT(path) DO UPDATE SET
+               root_id = excluded.root_id, folder_kind = excluded.folder_kind,
+               status = excluded.status, problem = excluded.problem, device = excluded.device,
+               inode = excluded.inode, size = excluded.size, mtime_ns = excluded.mtime_ns,
+               kind = excluded.kind, architecture = excluded.architecture,
+               base_model = excluded.base_model, label = excluded.label,
+               layout = excluded.layout, dtype = excluded.dtype,
+               parameters = excluded.parameters, lora_format = excluded.lora_format,
+               lora_rank = excluded.lora_rank, trigger_words = excluded.trigger_words,
+               details = excluded.details, sidecars = excluded.sidecars,
+               preview = excluded.preview,
+               source = CASE WHEN files.source = 'local' THEN excluded.source
+                             ELSE files.source END,
+               source_ids = json_patch(files.source_ids, excluded.source_ids),
+               last_seen = excluded.last_seen, updated_at = excluded.updated_at
+           RETURNING id""",
+        (str(file.path), root_id, file.folder_kind, _stem(file.path), facts.status,
+         facts.problem, file.device, file.inode, file.size, file.mtime_ns, facts.kind,
+         facts.architecture, merged["base_model"], facts.label, facts.layout, facts.dtype,
+         facts.parameters, facts.lora_format, facts.lora_rank, merged["trigger_words"],
+         json.dumps(details), signature(file.sidecars), merged["preview"],
+         "civitai" if ids else "local", json.dumps(ids), now, now, now),
+    ).fetchone()
+    file_id = row[0]
+    db.execute("DELETE FROM parents WHERE file_id = ?", (file_id,))
+    db.executemany("INSERT OR IGNORE INTO parents (file_id, ref_kind, ref, name, role) "
+                   "VALUES (?, ?, ?, ?, ?)",
+                   [(file_id, p.ref_kind, p.ref, p.name, p.role) for p in facts.parents])
+
+
+def _refresh_sidecars(db, file_id: int, file: FoundFile) -> None:
+    """Re-read a file's sidecars when only they changed (the model file was not touched)."""
+    row = db.execute("SELECT details FROM files WHERE id = ?", (file_id,)).fetchone()
+    details = json.loads(row["details"] or "{}")
+    sidecar = read_sidecars(file.sidecars)
+    details["sidecar"] = _sidecar_details(sidecar)
+    merged = merged_columns(details.get("header", {}), sidecar)
+    ids = _source_ids(sidecar)
+    db.execute("UPDATE files SET base_model = ?, trigger_words = ?, preview = ?, details = ?, "
+               "sidecars = ?, source = CASE WHEN source = 'local' AND ? THEN 'civitai' ELSE "
+               "source END, source_ids = json_patch(source_ids, ?), updated_at = ? WHERE id = ?",
+               (merged["base_model"], merged["trigger_words"], merged["preview"],
+                json.dumps(details), signature(file.sidecars), bool(ids), json.dumps(ids),
+                time.time(), file_id))
+

@@ -1,0 +1,159 @@
+"""Files other tools keep beside a model, read and written so every tool sees the same facts.
+
+- `X.civitai.info`: the Civitai API's model-version JSON (Civitai Helper and friends).
+- `X.json`: AUTOMATIC1111's user metadata (activation text, preferred weight, notes, sd version).
+- `X.cm-info.json`: Stability Matrix's connected-model info (PascalCase keys).
+- `X.preview.png` (or .jpg/.jpeg/.webp, or plain `X.png`): the preview image.
+A sidecar that cannot be read is reported and otherwise ignored; it never stops a scan.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CIVITAI_INFO = ".civitai.info"
+A1111_JSON = ".json"
+STABILITY_MATRIX = ".cm-info.json"
+PREVIEWS = (".preview.png", ".preview.jpg", ".preview.jpeg", ".preview.webp",
+            ".png", ".jpg", ".jpeg", ".webp")
+SIDECAR_SUFFIXES = (CIVITAI_INFO, STABILITY_MATRIX, A1111_JSON) + PREVIEWS
+# AUTOMATIC1111's "sd version" choices -> our architecture ids
+A1111_SD_VERSIONS = {"SD1": "sd1", "SD2": "sd2", "SDXL": "sdxl", "SD3": "sd3-medium"}
+
+
+@dataclass
+class SidecarFacts:
+    model_name: str | None = None  # the Civitai model's name
+    version_name: str | None = None
+    model_id: int | None = None
+    version_id: int | None = None
+    base_model: str | None = None  # Civitai's label: "SDXL 1.0", "Pony", "Flux.1 D" ...
+    architecture: str | None = None  # from AUTOMATIC1111's "sd version"
+    trained_words: list[str] = field(default_factory=list)
+    preferred_weight: float | None = None
+    notes: str = ""
+    description: str = ""
+    nsfw: bool | None = None
+    preview: str | None = None
+    read: list[str] = field(default_factory=list)  # the sidecar files that were read
+    problems: list[str] = field(default_factory=list)
+
+
+def sidecar_paths(model: Path, names_in_folder: set[str] | None = None) -> dict[str, Path]:
+    """suffix -> path of each sidecar of `model` that exists. `names_in_folder` (a listing the
+    caller already has) saves a stat per candidate."""
+    stem = model.name[: -len(model.suffix)] if model.suffix else model.name
+    found = {}
+    for suffix in SIDECAR_SUFFIXES:
+        name = stem + suffix
+        if name == model.name:
+            continue
+        exists = name in names_in_folder if names_in_folder is not None else \
+            (model.parent / name).is_file()
+        if exists:
+            found[suffix] = model.parent / name
+    return found
+
+
+def signature(paths: dict[str, Path]) -> str:
+    """Changes when any sidecar appears, disappears or is rewritten: a rescan re-reads them."""
+    parts = []
+    for suffix, path in sorted(paths.items()):
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        parts.append(f"{suffix}:{st.st_size}:{st.st_mtime_ns}")
+    return "|".join(parts)
+
+
+def _load_json(path: Path, facts: SidecarFacts) -> dict | None:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        facts.problems.append(f"{path}: not readable as JSON ({exc.__class__.__name__}); "
+                              "ignored")
+        return None
+    if not isinstance(doc, dict):
+        facts.problems.append(f"{path}: expected a JSON object; ignored")
+        return None
+    facts.read.append(path.name)
+    return doc
+
+
+def _words(value) -> list[str]:
+    if isinstance(value, str):
+        value = value.split(",")
+    if not isinstance(value, list):
+        return []
+    return [w.strip() for w in value if isinstance(w, str) and w.strip()]
+
+
+def _int(value) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _text(value) -> str | None:
+    return value.strip() or None if isinstance(value, str) else None
+
+
+def read_sidecars(paths: dict[str, Path]) -> SidecarFacts:
+    """What the sidecars say; Civitai's file wins over Stability Matrix's, which wins over
+    AUTOMATIC1111's for the facts they share."""
+    facts = SidecarFacts()
+    if (path := paths.get(A1111_JSON)) and (doc := _load_json(path, facts)):
+        facts.trained_words = _words(doc.get("activation text"))
+        weight = doc.get("preferred weight")
+        if isinstance(weight, int | float) and not isinstance(weight, bool) and weight:
+            facts.preferred_weight = float(weight)  # 0 means "not set" in AUTOMATIC1111
+        facts.notes = _text(doc.get("notes")) or ""
+        facts.description = _text(doc.get("description")) or ""
+        facts.architecture = A1111_SD_VERSIONS.get(str(doc.get("sd version")))
+    if (path := paths.get(STABILITY_MATRIX)) and (doc := _load_json(path, facts)):
+        facts.model_name = _text(doc.get("ModelName"))
+        facts.version_name = _text(doc.get("VersionName"))
+        facts.model_id = _int(doc.get("ModelId"))
+        facts.version_id = _int(doc.get("VersionId"))
+        facts.base_model = _text(doc.get("BaseModel"))
+        facts.trained_words = _words(doc.get("TrainedWords")) or facts.trained_words
+        facts.nsfw = doc.get("Nsfw") if isinstance(doc.get("Nsfw"), bool) else None
+    if (path := paths.get(CIVITAI_INFO)) and (doc := _load_json(path, facts)) and doc:
+        model = doc.get("model") if isinstance(doc.get("model"), dict) else {}
+        facts.model_name = _text(model.get("name")) or facts.model_name
+        facts.version_name = _text(doc.get("name")) or facts.version_name
+        facts.model_id = _int(doc.get("modelId")) or facts.model_id
+        facts.version_id = _int(doc.get("id")) or facts.version_id
+        facts.base_model = _text(doc.get("baseModel")) or facts.base_model
+        facts.trained_words = _words(doc.get("trainedWords")) or facts.trained_words
+        if isinstance(model.get("nsfw"), bool):
+            facts.nsfw = model["nsfw"]
+    for suffix in PREVIEWS:
+        if suffix in paths:
+            facts.preview = str(paths[suffix])
+            break
+    return facts
+
+
+def _write_atomic(path: Path, data: bytes) -> Path:
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(partial, path)
+    return path
+
+
+def write_civitai_info(model: Path, version: dict) -> Path:
+    """Save Civitai's model-version JSON as `X.civitai.info`, as Civitai Helper does."""
+    data = json.dumps(version, indent=4, ensure_ascii=False).encode("utf-8")
+    return _write_atomic(model.with_name(model.name[: -len(model.suffix)] + CIVITAI_INFO), data)
+
+
+def write_preview(model: Path, image: bytes) -> Path:
+    """Save a preview image as `X.preview.png` (the name every web UI looks for first)."""
+    return _write_atomic(model.with_name(model.name[: -len(model.suffix)] + ".preview.png"),
+                         image)

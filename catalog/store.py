@@ -1,0 +1,154 @@
+"""The catalog's SQLite store: where it lives, its schema, and transactions that never half-write.
+
+Several processes (the TUI, CLI scans, tagging from a shell) use one catalog at once. WAL mode lets
+readers run beside a writer; every write is one `BEGIN IMMEDIATE` transaction, which takes the
+write lock up front (a deferred transaction that upgrades later can fail with "database is
+locked" however long the busy timeout), and waits up to `BUSY_TIMEOUT_S` for it.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from mergekit_sd.errors import UserError
+
+ENV_VAR = "MERGEKIT_SD_CATALOG"
+FILE_NAME = "catalog.sqlite"
+BUSY_TIMEOUT_S = 60.0
+SCHEMA_VERSION = 1
+
+# Version 1. Files are referenced in place by path; the catalog never moves or copies them.
+_SCHEMA_V1 = """
+CREATE TABLE roots (
+    id INTEGER PRIMARY KEY,
+    path TEXT NOT NULL UNIQUE,
+    layout TEXT NOT NULL,            -- a1111, comfyui, plain
+    added_at REAL NOT NULL
+);
+CREATE TABLE files (
+    id INTEGER PRIMARY KEY,
+    path TEXT NOT NULL UNIQUE,
+    root_id INTEGER REFERENCES roots(id) ON DELETE SET NULL,
+    folder_kind TEXT,                -- what the folder holds by convention (lora, vae ...)
+    name TEXT NOT NULL,
+    status TEXT NOT NULL,            -- ok, missing, truncated, invalid, unreadable
+    problem TEXT,                    -- the sentence that says what is wrong
+    device INTEGER, inode INTEGER, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
+    kind TEXT, architecture TEXT, base_model TEXT, label TEXT, layout TEXT, dtype TEXT,
+    parameters INTEGER, lora_format TEXT, lora_rank INTEGER,
+    trigger_words TEXT NOT NULL DEFAULT '[]',    -- JSON list
+    details TEXT NOT NULL DEFAULT '{}',          -- JSON: evidence, caveats, sidecar facts
+    sidecars TEXT NOT NULL DEFAULT '',           -- signature of the sidecar files last read
+    sha256 TEXT, autov1 TEXT, autov3 TEXT, crc32 TEXT,
+    hash_key TEXT,                   -- device:inode:size:mtime_ns the hashes were computed for
+    source TEXT NOT NULL DEFAULT 'local',        -- local, hf, civitai
+    source_ids TEXT NOT NULL DEFAULT '{}',       -- JSON: civitai model/version ids, hf repo/file
+    preview TEXT,
+    notes TEXT NOT NULL DEFAULT '',
+    rating INTEGER NOT NULL DEFAULT 0,
+    favourite INTEGER NOT NULL DEFAULT 0,
+    first_seen REAL NOT NULL, last_seen REAL NOT NULL, updated_at REAL NOT NULL
+);
+CREATE INDEX files_root ON files(root_id);
+CREATE INDEX files_sha256 ON files(sha256);
+CREATE INDEX files_autov3 ON files(autov3);
+CREATE INDEX files_identity ON files(device, inode);
+CREATE INDEX files_kind ON files(kind, architecture);
+CREATE TABLE tags (
+    file_id INTEGER NOT NULL REFERENCES files(id) ON DELETE CASCADE,
+    tag TEXT NOT NULL,
+    PRIMARY KEY (file_id, tag)
+) WITHOUT ROWID;
+CREATE INDEX tags_tag ON tags(tag);
+CREATE TABLE parents (
+    file_id INTEGER NOT NULL REFERENCES files(id) ON DELETE CASCADE,
+    ref_kind TEXT NOT NULL,          -- sha256, autov1, autov3, name
+    ref TEXT NOT NULL,
+    name TEXT NOT NULL DEFAULT '',   -- what the metadata calls the parent
+    role TEXT NOT NULL,              -- merge input, training base, baked VAE ...
+    PRIMARY KEY (file_id, ref_kind, ref, role)
+) WITHOUT ROWID;
+CREATE INDEX parents_ref ON parents(ref);
+"""
+_MIGRATIONS = {1: _SCHEMA_V1}
+
+
+def catalog_path(explicit: str | os.PathLike | None = None) -> Path:
+    """`--catalog PATH`, else $MERGEKIT_SD_CATALOG, else the user data folder."""
+    if explicit:
+        return Path(explicit).expanduser()
+    if os.environ.get(ENV_VAR):
+        return Path(os.environ[ENV_VAR]).expanduser()
+    from platformdirs import user_data_dir
+
+    return Path(user_data_dir("mergekit-sd", appauthor=False)) / FILE_NAME
+
+
+class Store:
+    """One connection to the catalog database; not shared between threads (open one each)."""
+
+    def __init__(self, path: Path, connection: sqlite3.Connection):
+        self.path = path
+        self.db = connection
+
+    @classmethod
+    def open(cls, path: str | os.PathLike | None = None) -> Store:
+        path = catalog_path(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                                 check_same_thread=False)
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA foreign_keys = ON")
+            db.execute("PRAGMA journal_mode = WAL")
+            # with WAL, NORMAL loses at most the last commits on power loss, never consistency
+            db.execute("PRAGMA synchronous = NORMAL")
+            store = cls(path, db)
+            store._migrate()
+        except sqlite3.DatabaseError as exc:
+            raise UserError(f"{path}: cannot open the catalog ({exc}); check the file, or pass "
+                            f"--catalog PATH / set {ENV_VAR} to use another") from None
+        except OSError as exc:
+            raise UserError(f"{path}: cannot create the catalog ({exc.strerror}); pass "
+                            f"--catalog PATH or set {ENV_VAR} to a writable place") from None
+        return store
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction: all of it lands, or (error, kill) none of it."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        if version == SCHEMA_VERSION:
+            return
+        if version > SCHEMA_VERSION:
+            raise UserError(f"{self.path}: the catalog was written by a newer mergekit-sd "
+                            f"(schema {version}); upgrade mergekit-sd to use it")
+        with self.write() as db:
+            # read again under the write lock: another process may have migrated meanwhile
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in _MIGRATIONS[target].split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version = {target}")

@@ -1,0 +1,272 @@
+"""`mergekit-sd catalog ...`: the model library from the command line.
+
+Part of the composition root with cli.py: the catalog package is imported inside the commands,
+so `mergekit-sd --help` does not pay for it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+
+from mergekit_sd.errors import UserError
+
+catalog_app = typer.Typer(help="The model library: roots, scans, hashes, tags, duplicates.",
+                          no_args_is_help=True)
+
+CATALOG_HELP = "Catalog database (default: $MERGEKIT_SD_CATALOG or the user data folder)."
+
+
+def _catalog_option() -> Path | None:
+    return typer.Option(None, "--catalog", help=CATALOG_HELP, envvar=None)
+
+
+def open_store(path: Path | None):
+    from catalog.store import Store
+
+    return Store.open(path)
+
+
+def _print_json(doc) -> None:
+    typer.echo(json.dumps(doc, indent=2, default=str))
+
+
+@catalog_app.command("add-root")
+def add_root(
+    path: Path = typer.Argument(..., help="A web UI folder, ComfyUI folder or any model folder."),
+    scan_now: bool = typer.Option(False, "--scan", help="Scan it right away."),
+    catalog: Path = _catalog_option(),
+) -> None:
+    """Register a folder whose models the catalog keeps track of (files stay where they are)."""
+    from catalog.edits import add_root as register
+
+    with open_store(catalog) as store:
+        root_id, layout = register(store, path)
+        typer.echo(f"root #{root_id}: {path} ({layout.name} layout)")
+        for folder in layout.folders:
+            typer.echo(f"  {folder.kind or 'any models':>15}  {folder.path}")
+        if scan_now:
+            _run_scan(store, [root_id], hash_files=False, jobs=None, sequential=False,
+                      as_json=False)
+
+
+@catalog_app.command("roots")
+def roots(catalog: Path = _catalog_option()) -> None:
+    """List the registered roots."""
+    with open_store(catalog) as store:
+        rows = store.db.execute("SELECT r.id, r.path, r.layout, count(f.id) AS files FROM roots r "
+                                "LEFT JOIN files f ON f.root_id = r.id GROUP BY r.id ORDER BY r.id")
+        for row in rows:
+            typer.echo(f"#{row['id']} {row['path']} ({row['layout']}, {row['files']} files)")
+
+
+def _run_scan(store, root_ids, hash_files: bool, jobs: int | None, sequential: bool,
+              as_json: bool) -> None:
+    from catalog.hash_cache import hash_pending
+    from catalog.present import show_scan
+    from catalog.scan import scan
+    from mergekit_sd.cli_progress import rich_progress
+
+    if as_json:
+        report = scan(store, root_ids, jobs=jobs)
+        hashed = hash_pending(store, root_ids, jobs=1 if sequential else 2) if hash_files else None
+        _print_json({"scan": report.to_dict(), "hash": vars(hashed) if hashed else None})
+        return
+    with rich_progress() as progress:
+        report = scan(store, root_ids, jobs=jobs, progress=progress)
+        hashed = (hash_pending(store, root_ids, jobs=1 if sequential else 2, progress=progress)
+                  if hash_files else None)
+    show_scan(report, hashed)
+
+
+@catalog_app.command("scan")
+def scan_roots(
+    paths: list[Path] = typer.Argument(None, help="Roots to scan (default: all)."),
+    hash_files: bool = typer.Option(False, "--hash", help="Also hash new and changed files."),
+    jobs: int = typer.Option(None, "--jobs", "-j", help="Worker processes for identification."),
+    sequential: bool = typer.Option(False, "--sequential",
+                                    help="Hash one file at a time (spinning disks)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+    catalog: Path = _catalog_option(),
+) -> None:
+    """Bring the catalog up to date: unchanged files are not read, new ones identified."""
+    from catalog.edits import root_ids_for
+
+    with open_store(catalog) as store:
+        root_ids = root_ids_for(store, paths) if paths else None
+        if not store.db.execute("SELECT 1 FROM roots").fetchone():
+            typer.echo("no roots yet; add one with `mergekit-sd catalog add-root PATH`")
+            return
+        _run_scan(store, root_ids, hash_files, jobs, sequential, as_json)
+
+
+@catalog_app.command("list")
+def list_command(
+    kind: str = typer.Option(None, help="checkpoint, lora, vae, embedding, diffusion_model ..."),
+    arch: str = typer.Option(None, help="Architecture id or alias (sd1, sdxl, flux-dev ...)."),
+    base: str = typer.Option(None, help="Base model label (SDXL 1.0, Pony, Illustrious ...)."),
+    tag: list[str] = typer.Option([], help="Only entries with this tag (repeatable)."),
+    search: str = typer.Option(None, help="Text in the name, path, trigger words or notes."),
+    status: str = typer.Option(None, help="ok, missing, truncated or invalid."),
+    favourites: bool = typer.Option(False, "--favourites", help="Only favourites."),
+    sort: str = typer.Option("name", help="name, size, date, rating, kind, arch or path."),
+    limit: int = typer.Option(None, help="At most this many entries."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+    catalog: Path = _catalog_option(),
+) -> None:
+    """List catalog entries, filtered and sorted."""
+    from catalog.entries import Filters, list_entries
+    from catalog.present import show_list
+
+    architecture = _architecture_id(arch) if arch else None
+    with open_store(catalog) as store:
+        entries = list_entries(store, Filters(kind, architecture, base, tag, search, status,
+                                              favourites, sort, limit))
+    if as_json:
+        _print_json([e.to_dict() for e in entries])
+    else:
+        show_list(entries)
+
+
+def _architecture_id(name: str) -> str:
+    from mergekit_sd.arch.architectures import get_architecture
+
+    try:
+        return get_architecture(name).id
+    except (KeyError, LookupError, ValueError) as exc:
+        raise UserError(f"--arch {name!r}: {exc}") from None
+
+
+@catalog_app.command("show")
+def show(
+    ref: str = typer.Argument(..., help="#id, name, catalog:NAME, sha256:HEX or a path."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+    catalog: Path = _catalog_option(),
+) -> None:
+    """Everything the catalog knows about one entry."""
+    from catalog.entries import find_entry
+    from catalog.present import show_entry
+
+    with open_store(catalog) as store:
+        entry = find_entry(store, ref)
+    if as_json:
+        _print_json(entry.to_dict())
+    else:
+        show_entry(entry)
+
+
+@catalog_app.command("tag")
+def tag(
+    ref: str = typer.Argument(..., help="The entry."),
+    tags: list[str] = typer.Argument(None, help="Tags to add."),
+    remove: list[str] = typer.Option([], "--remove", "-r", help="Tag to remove (repeatable)."),
+    catalog: Path = _catalog_option(),
+) -> None:
+    """Add or remove tags."""
+    from catalog.edits import set_tags
+    from catalog.entries import find_entry
+
+    with open_store(catalog) as store:
+        entry = find_entry(store, ref)
+        now = set_tags(store, entry, tags or [], remove)
+    typer.echo(f"#{entry.id} {entry.name}: {', '.join(now) or 'no tags'}")
+
+
+@catalog_app.command("note")
+def note(
+    ref: str = typer.Argument(..., help="The entry."),
+    text: str = typer.Argument(..., help="The note ('' clears it)."),
+    catalog: Path = _catalog_option(),
+) -> None:
+    """Set an entry's note."""
+    from catalog.edits import set_note
+    from catalog.entries import find_entry
+
+    with open_store(catalog) as store:
+        entry = find_entry(store, ref)
+        set_note(store, entry, text)
+    typer.echo(f"#{entry.id} {entry.name}: note {'set' if text.strip() else 'cleared'}")
+
+
+@catalog_app.command("rate")
+def rate(
+    ref: str = typer.Argument(..., help="The entry."),
+    stars: int = typer.Argument(None, help="0 (none) to 5."),
+    favourite: bool = typer.Option(None, "--favourite/--no-favourite", help="Mark or unmark."),
+    catalog: Path = _catalog_option(),
+) -> None:
+    """Rate an entry (0-5 stars) and mark favourites."""
+    from catalog.edits import set_rating
+    from catalog.entries import find_entry, get_entry
+
+    with open_store(catalog) as store:
+        entry = find_entry(store, ref)
+        set_rating(store, entry, stars, favourite)
+        entry = get_entry(store, entry.id)
+    typer.echo(f"#{entry.id} {entry.name}: {entry.rating} star(s)"
+               + (", favourite" if entry.favourite else ""))
+
+
+@catalog_app.command("dupes")
+def dupes(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+    catalog: Path = _catalog_option(),
+) -> None:
+    """Identical files and same-weights copies, with the space they take twice."""
+    from dataclasses import asdict
+
+    from catalog.dupes import find_duplicates
+    from catalog.present import show_dupes
+
+    with open_store(catalog) as store:
+        groups = find_duplicates(store)
+    if as_json:
+        _print_json([asdict(g) for g in groups])
+    else:
+        show_dupes(groups)
+
+
+@catalog_app.command("lineage")
+def lineage_command(
+    ref: str = typer.Argument(..., help="The entry."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+    catalog: Path = _catalog_option(),
+) -> None:
+    """Parents (merge inputs, training base) and children of an entry."""
+    from catalog.entries import find_entry
+    from catalog.lineage import lineage
+    from catalog.present import show_lineage
+
+    with open_store(catalog) as store:
+        found = lineage(store, find_entry(store, ref))
+    if as_json:
+        _print_json(found.to_dict())
+    else:
+        show_lineage(found)
+
+
+@catalog_app.command("rm")
+def rm(
+    ref: str = typer.Argument(..., help="The entry."),
+    delete_file: bool = typer.Option(False, "--delete-file", help="Also delete the model file."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask before deleting the file."),
+    catalog: Path = _catalog_option(),
+) -> None:
+    """Forget an entry; with --delete-file, delete its file too (asks first)."""
+    from catalog.edits import remove
+    from catalog.entries import find_entry
+
+    with open_store(catalog) as store:
+        entry = find_entry(store, ref)
+        if delete_file and not yes and not sys.stdin.isatty():
+            raise UserError(f"{entry.path}: pass --yes to delete it without a question "
+                            "(there is no terminal to ask on)")
+        if delete_file and not yes and not typer.confirm(
+                f"delete {entry.path} from disk?", default=False):
+            typer.echo("kept the file and the entry")
+            raise typer.Exit(1)
+        deleted = remove(store, entry, delete_file)
+    typer.echo(f"removed #{entry.id} {entry.name}" + (" and deleted its file" if deleted else ""))
