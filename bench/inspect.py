@@ -26,15 +26,13 @@ sys.path.insert(0, str(_BENCH.parent))
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
-import random  # noqa: E402
 import re  # noqa: E402
-import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import _measure as m  # noqa: E402
+from _library import build_library  # noqa: E402
 
 from mergekit_sd.arch.identify import identify  # noqa: E402
 from mergekit_sd.inspect_report import inspect_file  # noqa: E402
@@ -43,61 +41,11 @@ from mergekit_sd.testing import (  # noqa: E402
     CHECKPOINT_VARIANTS,
     LORA_FORMATS,
     write_checkpoint,
-    write_lora,
 )
 
 TARGET_TOTAL_S = 2.0
 TARGET_BYTES = 1_000_000  # "under 1 MB"
 TARGET_START_RATIO = 2.0
-LORA_SHARE = 0.85  # most people keep many LoRAs and fewer checkpoints
-
-
-# --- the file set --------------------------------------------------------------------------------
-
-
-def sparse_copy(src: Path, dst: Path) -> None:
-    """Copy a sparse model file: its header, then a hole up to the same size (a new inode)."""
-    with open(src, "rb") as f:
-        prefix = f.read(8)
-        header = f.read(int.from_bytes(prefix, "little"))
-        size = os.fstat(f.fileno()).st_size
-    with open(dst, "wb") as f:
-        f.write(prefix + header)
-        f.truncate(size)
-
-
-def build_library(root: Path, n_files: int) -> tuple[list[Path], dict[Path, str]]:
-    """`n_files` model files: tiny LoRAs of every format and sparse full-size F16 checkpoints
-    and components of every variant, each distinct kind written once and copied under many
-    names (distinct inodes), shuffled as a folder listing would mix them."""
-    proto = root / "proto"
-    n_ckpt = round(n_files * (1 - LORA_SHARE))
-    sources: list[tuple[Path, str]] = []
-    for i in range(n_files - n_ckpt):
-        fmt = LORA_FORMATS[i % len(LORA_FORMATS)]
-        src = proto / f"lora-{fmt}.safetensors"
-        if not src.exists():
-            write_lora(src, fmt)
-        sources.append((src, "lora"))
-    for i in range(n_ckpt):
-        variant = CHECKPOINT_VARIANTS[i % len(CHECKPOINT_VARIANTS)]
-        src = proto / f"{variant}.safetensors"
-        if not src.exists():
-            write_checkpoint(src, variant, size="full", fill="sparse", dtype="F16")
-        sources.append((src, "checkpoint"))
-    library = root / "library"
-    library.mkdir()
-    paths, kinds = [], {}
-    for i, (src, kind) in enumerate(sources):
-        dst = library / f"{i:04d}-{src.name}"
-        if kind == "lora":
-            shutil.copyfile(src, dst)
-        else:
-            sparse_copy(src, dst)
-        paths.append(dst)
-        kinds[dst] = kind
-    random.Random(0).shuffle(paths)
-    return paths, kinds
 
 
 # --- target a ------------------------------------------------------------------------------------

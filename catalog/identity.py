@@ -7,13 +7,13 @@ picklable record, not the header itself.
 from __future__ import annotations
 
 import json
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mergekit_sd.arch.identify import Identification, identify, sdxl_family
 from mergekit_sd.arch.lora import trigger_words
 from mergekit_sd.errors import BadModelFile
+from mergekit_sd.io.dtypes import SAFETENSORS_DTYPES
 from mergekit_sd.io.header import SafetensorsHeader, read_header
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -73,10 +73,11 @@ def examine(path: str) -> FileFacts:
 def facts_from_header(header: SafetensorsHeader) -> FileFacts:
     found = identify(header)
     metadata = header.metadata
+    dtype, parameters = _dtype_and_parameters(header)
     facts = FileFacts(
         "ok", kind=found.kind, architecture=found.architecture,
         base_model=base_model_label(found, metadata), label=found.label, layout=found.layout,
-        dtype=_dominant_dtype(header), parameters=_parameters(header, found),
+        dtype=dtype, parameters=parameters,
         trigger_words=trigger_words(metadata) if found.kind == "lora" else [],
         parents=parents_from_metadata(metadata),
         details={"evidence": found.evidence, "caveats": found.caveats,
@@ -90,17 +91,14 @@ def facts_from_header(header: SafetensorsHeader) -> FileFacts:
     return facts
 
 
-def _dominant_dtype(header: SafetensorsHeader) -> str | None:
-    by_bytes = Counter()
+def _dtype_and_parameters(header: SafetensorsHeader) -> tuple[str | None, int]:
+    """The dtype holding most bytes, and the number of parameters, in one pass over the
+    tensors (a scan does this for every file)."""
+    by_bytes: dict[str, int] = {}
     for info in header.tensors.values():
-        by_bytes[info.dtype] += info.end - info.start
-    return by_bytes.most_common(1)[0][0] if by_bytes else None
-
-
-def _parameters(header: SafetensorsHeader, found: Identification) -> int:
-    if found.components:
-        return sum(c.parameters for c in found.components)
-    return sum(info.numel for info in header.tensors.values())
+        by_bytes[info.dtype] = by_bytes.get(info.dtype, 0) + info.end - info.start
+    parameters = sum(n * 8 // SAFETENSORS_DTYPES[d][0] for d, n in by_bytes.items())
+    return (max(by_bytes, key=by_bytes.__getitem__) if by_bytes else None), parameters
 
 
 def base_model_label(found: Identification, metadata: dict[str, str]) -> str | None:

@@ -107,12 +107,13 @@ def _scan_root(store: Store, root_id: int, root: Path, jobs: int, report: ScanRe
     to_examine = [f for f in to_examine if str(f.path) not in moved]
     report.new += len(new_files) - len(moved)
 
-    for batch in _batches(_examined(to_examine, jobs, progress, cancel), BATCH):
+    facts = examine_files([str(f.path) for f in to_examine], jobs, progress, cancel)
+    for batch in _batches(zip(to_examine, facts, strict=True), BATCH):
         with store.write() as db:
-            for file, facts in batch:
-                _upsert(db, root_id, file, facts)
-                if facts.status != "ok":
-                    report.bad.append((str(file.path), facts.problem or facts.status))
+            for file, found in batch:
+                _upsert(db, root_id, file, found)
+                if found.status != "ok":
+                    report.bad.append((str(file.path), found.problem or found.status))
     if sidecars_only:
         with store.write() as db:
             for file_id, file in sidecars_only:
@@ -134,14 +135,13 @@ def _batches(items: Iterator, size: int) -> Iterator[list]:
         yield batch
 
 
-def _examined(files: list[FoundFile], jobs: int, progress: ProgressCallback,
-              cancel: CancelToken | None) -> Iterator[tuple[FoundFile, FileFacts]]:
-    """Each file with its facts, in order; in worker processes when there are many."""
-    total = len(files)
+def examine_files(paths: list[str], jobs: int, progress: ProgressCallback = no_progress,
+                  cancel: CancelToken | None = None) -> Iterator[FileFacts]:
+    """Each file's facts, in order; in `jobs` worker processes when there are many files."""
+    total = len(paths)
     if not total:
         return
     progress("identifying", 0, total)
-    paths = [str(f.path) for f in files]
     if jobs <= 1 or total < PARALLEL_MIN:
         results: Iterator[FileFacts] = map(examine, paths)
         pool = None
@@ -153,10 +153,10 @@ def _examined(files: list[FoundFile], jobs: int, progress: ProgressCallback,
         pool = ProcessPoolExecutor(min(jobs, total), mp_context=context)
         results = pool.map(examine, paths, chunksize=max(1, min(32, total // (jobs * 8))))
     try:
-        for done, (file, facts) in enumerate(zip(files, results, strict=True), 1):
+        for done, facts in enumerate(results, 1):
             if cancel is not None and cancel.cancelled:
                 raise Cancelled("scan cancelled; what was scanned so far is kept")
-            yield file, facts
+            yield facts
             progress("identifying", done, total)
     finally:
         if pool is not None:
