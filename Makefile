@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # recipes/demo.yaml reads its models from here
 DEMO := demo-workspace
+# the demo keeps its own catalog: it never touches the user's
+DEMO_CATALOG := $(DEMO)/catalog.sqlite
 # The torch build to install first; any torch the system Python already has is used instead.
 TORCH_SPEC ?= torch==2.13.0
 
@@ -34,16 +36,22 @@ test: lint
 
 demo: $(STAMP)
 	$(BIN)/mergekit-sd demo-workspace $(DEMO)
-	$(BIN)/mergekit-sd inspect $(DEMO)/models/Stable-diffusion/* $(DEMO)/models/Lora/* $(DEMO)/models/VAE/*
+	$(BIN)/mergekit-sd catalog add-root $(DEMO) --catalog $(DEMO_CATALOG)
+	$(BIN)/mergekit-sd catalog scan --hash --catalog $(DEMO_CATALOG)
+	$(BIN)/mergekit-sd catalog list --catalog $(DEMO_CATALOG)
 	$(BIN)/mergekit-sd inspect $(DEMO)/models/Lora/demo-lora-mychar.safetensors
 	$(BIN)/mergekit-sd plan recipes/demo.yaml
 	$(BIN)/mergekit-sd merge recipes/demo.yaml
 	$(BIN)/mergekit-sd inspect $(DEMO)/merges/*.safetensors
+	$(BIN)/mergekit-sd catalog add-root $(DEMO)/merges --scan --catalog $(DEMO_CATALOG)
+	$(BIN)/mergekit-sd catalog scan --hash --catalog $(DEMO_CATALOG)
+	$(BIN)/mergekit-sd catalog lineage demo-sd15-anime --catalog $(DEMO_CATALOG)
 
 bench: $(STAMP)
 	$(BIN)/python bench/inspect.py
 	$(BIN)/python bench/writer.py
 	$(BIN)/python bench/merge.py
+	$(BIN)/python bench/catalog.py
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache .ruff_cache

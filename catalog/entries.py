@@ -128,17 +128,24 @@ def _matching_ids(store: Store, ref: str) -> list[int]:
             digits = ref[len(scheme):].strip().lower()
             if len(digits) < 10 or any(c not in "0123456789abcdef" for c in digits):
                 raise UserError(f"{ref!r}: give at least 10 hex digits of the hash")
-            return [r[0] for r in db.execute(
-                f"SELECT id FROM files WHERE {column} >= ? AND {column} < ? "
-                "ORDER BY status = 'missing', id", (digits, digits + "g"))]
+            rows = db.execute(f"SELECT id, {column} AS hash, status = 'missing' AS gone FROM "
+                              f"files WHERE {column} >= ? AND {column} < ? "
+                              "ORDER BY gone, id", (digits, digits + "g")).fetchall()
+            # copies of one file share its hash, and any present copy is the file meant:
+            # ambiguous only when the prefix names different files
+            if len({r["hash"] for r in rows}) == 1:
+                return [rows[0]["id"]]
+            return [r["id"] for r in rows]
     name = ref.removeprefix("catalog:")
-    rows = db.execute("SELECT id FROM files WHERE name = ? ORDER BY status = 'missing', id",
-                      (name,)).fetchall()
+    rows = db.execute("SELECT id, status = 'missing' FROM files WHERE name = ? "
+                      "ORDER BY status = 'missing', id", (name,)).fetchall()
     if not rows:
-        rows = db.execute("SELECT id FROM files WHERE name = ? COLLATE NOCASE "
-                          "ORDER BY status = 'missing', id", (name,)).fetchall()
+        rows = db.execute("SELECT id, status = 'missing' FROM files WHERE name = ? "
+                          "COLLATE NOCASE ORDER BY status = 'missing', id", (name,)).fetchall()
     if rows:
-        return [r[0] for r in rows]
+        present = [r[0] for r in rows if r[1] == 0]
+        # a name shared by a present file and missing ones means the present file
+        return present if len(present) == 1 else [r[0] for r in rows]
     if not ref.startswith("catalog:"):
         path = os.path.abspath(os.path.expanduser(ref))
         row = db.execute("SELECT id FROM files WHERE path = ? OR path = ?",
@@ -180,10 +187,10 @@ def list_entries(store: Store, filters: Filters) -> list[Entry]:
         args.append(tag)
     if filters.search:
         # one case-insensitive substring search over what people remember a model by
-        where.append("(instr(lower(name), ?) OR instr(lower(path), ?) OR "
-                     "instr(lower(trigger_words), ?) OR instr(lower(notes), ?) OR "
-                     "instr(lower(coalesce(label, '')), ?))")
-        args.extend([filters.search.lower()] * 5)
+        where.append("(instr(casefold(name), ?) OR instr(casefold(path), ?) OR "
+                     "instr(casefold(trigger_words), ?) OR instr(casefold(notes), ?) OR "
+                     "instr(casefold(coalesce(label, '')), ?))")
+        args.extend([filters.search.casefold()] * 5)
     sql = f"SELECT {_COLUMNS} FROM files"
     if where:
         sql += " WHERE " + " AND ".join(where)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from catalog.hashes import FileHashes, hash_file
+from catalog.moves import adopt, missing_twin
 from catalog.store import Store
 from mergekit_sd.errors import Cancelled
 from mergekit_sd.progress import CancelToken, ProgressCallback, no_progress
@@ -122,26 +123,13 @@ def hash_pending(store: Store, root_ids: list[int] | None = None, jobs: int = 2,
 
 
 def _adopt_missing_twin(store: Store, file_id: int, sha256: str) -> str | None:
-    """If a missing entry has this SHA256, the file moved: carry its user data over and drop
-    the missing entry. Returns the old path."""
+    """If a missing entry has this SHA256, the file moved: its entry's user data comes along
+    and the missing entry goes. Returns the old path."""
     with store.write() as db:
-        twin = db.execute("SELECT id, path, notes, rating, favourite, source, source_ids FROM "
-                          "files WHERE sha256 = ? AND status = 'missing' AND id != ? LIMIT 1",
-                          (sha256, file_id)).fetchone()
+        twin = missing_twin(db, file_id, sha256)
         if twin is None:
             return None
-        db.execute("INSERT OR IGNORE INTO tags (file_id, tag) SELECT ?, tag FROM tags WHERE "
-                   "file_id = ?", (file_id, twin["id"]))
-        db.execute("""UPDATE files SET
-                          notes = CASE WHEN notes = '' THEN ? ELSE notes END,
-                          rating = MAX(rating, ?), favourite = MAX(favourite, ?),
-                          source = CASE WHEN source = 'local' THEN ? ELSE source END,
-                          source_ids = json_patch(?, source_ids), first_seen = MIN(first_seen,
-                              (SELECT first_seen FROM files WHERE id = ?))
-                      WHERE id = ?""",
-                   (twin["notes"], twin["rating"], twin["favourite"], twin["source"],
-                    twin["source_ids"], twin["id"], file_id))
-        db.execute("DELETE FROM files WHERE id = ?", (twin["id"],))
+        adopt(db, twin["id"], file_id)
         return twin["path"]
 
 

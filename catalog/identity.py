@@ -63,7 +63,9 @@ def examine(path: str) -> FileFacts:
     try:
         header = read_header(p)
     except BadModelFile as exc:
-        status = "truncated" if "truncated" in exc.problem else "invalid"
+        # only a file whose header is sound but whose data stops short is a cut download; a
+        # header length past the end is more often a saved error page than a cut one
+        status = "truncated" if exc.problem.startswith("is truncated") else "invalid"
         return FileFacts(status, problem=exc.problem)
     except OSError as exc:  # read_header turns these into sentences; belt and braces
         return FileFacts("unreadable", problem=str(exc))

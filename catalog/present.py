@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from rich.console import Console
 from rich.table import Table
 from rich.tree import Tree
@@ -22,31 +24,43 @@ def _stars(entry: Entry) -> str:
     return ("*" * entry.rating) + (" fav" if entry.favourite else "")
 
 
-def show_list(entries: list[Entry]) -> None:
-    out = console()
+# widest a column may grow before its values are cut with an ellipsis
+_LIST_WIDTHS = {"name": 48, "kind": 16, "base": 14, "tags": 30}
+
+
+def show_list(entries: list[Entry], write=None) -> None:
+    """One aligned line per entry. Plain text, not a rich Table: a library lists thousands of
+    entries, and laying out a rich table of 4,000 rows took 1.6 s (measured) against 20 ms."""
+    write = write or sys.stdout.write
     if not entries:
-        out.print("no entries match; `mergekit-sd catalog scan` adds the files of your roots")
+        write("no entries match; `mergekit-sd catalog scan` adds the files of your roots\n")
         return
     columns = ["#", "name", "kind", "base", "dtype", "size"]
     # columns nobody has filled in yet would only take width from the names
     columns += [c for c, used in (("rating", any(e.rating or e.favourite for e in entries)),
                                   ("tags", any(e.tags for e in entries))) if used]
     columns.append("status")
-    table = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
-    for column in columns:
-        table.add_column(column, justify="right" if column in ("#", "size") else "left",
-                         no_wrap=column != "tags", overflow="fold" if column == "name" else
-                         "ellipsis")
+    rows = []
     for e in entries:
-        kind = e.kind or "?"
-        if e.lora_rank:
-            kind = f"{kind} r{e.lora_rank}"
+        kind = f"{e.kind} r{e.lora_rank}" if e.lora_rank else (e.kind or "?")
         values = {"#": str(e.id), "name": e.name, "kind": kind, "base": e.base_model or "",
                   "dtype": e.dtype or "", "size": human_size(e.size), "rating": _stars(e),
                   "tags": ", ".join(e.tags), "status": e.status}
-        table.add_row(*(values[c] for c in columns))
-    out.print(table)
-    out.print(f"{len(entries)} entries, {human_size(sum(e.size for e in entries))}")
+        rows.append([_cut(values[c], _LIST_WIDTHS.get(c)) for c in columns])
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
+    right = {columns.index("#"), columns.index("size")}
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(cell.rjust(w) if i in right else cell.ljust(w)
+                         for i, (cell, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
+
+    lines = [line(columns), *(line(r) for r in rows),
+             f"{len(entries)} entries, {human_size(sum(e.size for e in entries))}"]
+    write("\n".join(lines) + "\n")
+
+
+def _cut(text: str, width: int | None) -> str:
+    return text if width is None or len(text) <= width else text[: width - 1] + "…"
 
 
 def show_entry(entry: Entry) -> None:

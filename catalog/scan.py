@@ -20,6 +20,7 @@ from pathlib import Path
 
 from catalog.identity import CIVITAI_BASE_MODELS, FileFacts, examine
 from catalog.layouts import detect_layout
+from catalog.moves import adopt, present_twin
 from catalog.sidecars import SidecarFacts, read_sidecars, signature
 from catalog.store import Store
 from catalog.walk import FoundFile, walk
@@ -70,9 +71,10 @@ def scan(store: Store, root_ids: list[int] | None = None, jobs: int | None = Non
 def _scan_root(store: Store, root_id: int, root: Path, jobs: int, report: ScanReport,
                progress: ProgressCallback, cancel: CancelToken | None) -> None:
     report.roots.append(str(root))
-    existing = {row["path"]: row for row in store.db.execute(
-        "SELECT id, path, device, inode, size, mtime_ns, status, sidecars FROM files "
-        "WHERE root_id = ?", (root_id,))}
+    # every entry, not only this root's: a root inside another root shares files with it
+    known = {row["path"]: row for row in store.db.execute(
+        "SELECT id, path, root_id, device, inode, size, mtime_ns, status, sidecars FROM files")}
+    existing = {path: row for path, row in known.items() if row["root_id"] == root_id}
     if not root.is_dir():
         report.problems.append(f"{root}: the root folder is not there (an unplugged drive?); "
                                "its files are marked missing")
@@ -89,7 +91,7 @@ def _scan_root(store: Store, root_id: int, root: Path, jobs: int, report: ScanRe
     for file in found.files:
         key = str(file.path)
         seen_paths.add(key)
-        row = existing.get(key)
+        row = known.get(key)
         if row is None:
             to_examine.append(file)
         elif row["status"] == "missing" or (row["device"], row["inode"], row["size"],
@@ -102,7 +104,7 @@ def _scan_root(store: Store, root_id: int, root: Path, jobs: int, report: ScanRe
             if row["sidecars"] != signature(file.sidecars):
                 sidecars_only.append((row["id"], file))
 
-    new_files = [f for f in to_examine if str(f.path) not in existing]
+    new_files = [f for f in to_examine if str(f.path) not in known]
     moved = _adopt_moves(store, root_id, new_files, report)
     to_examine = [f for f in to_examine if str(f.path) not in moved]
     report.new += len(new_files) - len(moved)
@@ -191,12 +193,23 @@ def _adopt_moves(store: Store, root_id: int, new_files: list[FoundFile],
 
 
 def _mark_missing(store: Store, rows, report: ScanReport) -> None:
+    """Vanished files become missing entries, unless a present file with the same SHA256 is
+    known (scanned and hashed under another root first): then the entry's user data moves to
+    it and the stale entry goes."""
     if not rows:
         return
     with store.write() as db:
-        db.executemany("UPDATE files SET status = 'missing', updated_at = ? WHERE id = ?",
-                       [(time.time(), row["id"]) for row in rows])
-    report.missing += len(rows)
+        for row in rows:
+            sha256 = db.execute("SELECT sha256 FROM files WHERE id = ?",
+                                (row["id"],)).fetchone()[0]
+            twin = present_twin(db, row["id"], sha256) if sha256 else None
+            if twin is not None:
+                adopt(db, row["id"], twin["id"])
+                report.moved.append((row["path"], twin["path"]))
+                continue
+            db.execute("UPDATE files SET status = 'missing', updated_at = ? WHERE id = ?",
+                       (time.time(), row["id"]))
+            report.missing += 1
 
 
 def _stem(path: Path) -> str:
@@ -211,7 +224,8 @@ def merged_columns(header: dict, sidecar: SidecarFacts) -> dict:
         base = CIVITAI_BASE_MODELS.get(sidecar.architecture)
     return {
         "base_model": base or header.get("base_model"),
-        "trigger_words": json.dumps(sidecar.trained_words or header.get("trigger_words", [])),
+        "trigger_words": json.dumps(sidecar.trained_words or header.get("trigger_words", []),
+                                    ensure_ascii=False),  # searchable as typed
         "preview": sidecar.preview,
     }
 
@@ -227,6 +241,41 @@ def _source_ids(sidecar: SidecarFacts) -> dict:
     return {"civitai": {"model_id": sidecar.model_id, "version_id": sidecar.version_id}}
 
 
+# A file seen before keeps its user data (tags, notes, rating) and, while it is the same file
+# (device, inode, size, mtime), its hashes.
+_SAME_FILE = ("files.device IS excluded.device AND files.inode IS excluded.inode AND "
+              "files.size = excluded.size AND files.mtime_ns = excluded.mtime_ns")
+_UPSERT = """INSERT INTO files (path, root_id, folder_kind, name, status, problem, device,
+        inode, size, mtime_ns, kind, architecture, base_model, label, layout, dtype, parameters,
+        lora_format, lora_rank, trigger_words, details, sidecars, preview, source,
+        source_ids, first_seen, last_seen, updated_at)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,
+            ?, ?)
+    ON CONFLICT(path) DO UPDATE SET
+        -- a file under two roots (one inside the other) stays with the first
+        root_id = coalesce(files.root_id, excluded.root_id),
+        folder_kind = coalesce(files.folder_kind, excluded.folder_kind),
+        -- hashes of the file as it was are not the file's any more
+        sha256 = CASE WHEN {same} THEN files.sha256 END,
+        autov1 = CASE WHEN {same} THEN files.autov1 END,
+        autov3 = CASE WHEN {same} THEN files.autov3 END,
+        crc32 = CASE WHEN {same} THEN files.crc32 END,
+        hash_key = CASE WHEN {same} THEN files.hash_key END,
+        status = excluded.status, problem = excluded.problem, device = excluded.device,
+        inode = excluded.inode, size = excluded.size, mtime_ns = excluded.mtime_ns,
+        kind = excluded.kind, architecture = excluded.architecture,
+        base_model = excluded.base_model, label = excluded.label,
+        layout = excluded.layout, dtype = excluded.dtype,
+        parameters = excluded.parameters, lora_format = excluded.lora_format,
+        lora_rank = excluded.lora_rank, trigger_words = excluded.trigger_words,
+        details = excluded.details, sidecars = excluded.sidecars,
+        preview = excluded.preview,
+        source = CASE WHEN files.source = 'local' THEN excluded.source ELSE files.source END,
+        source_ids = json_patch(files.source_ids, excluded.source_ids),
+        last_seen = excluded.last_seen, updated_at = excluded.updated_at
+    RETURNING id""".replace("{same}", _SAME_FILE)
+
+
 def _upsert(db, root_id: int, file: FoundFile, facts: FileFacts) -> None:
     sidecar = read_sidecars(file.sidecars)
     header = {"base_model": facts.base_model, "trigger_words": facts.trigger_words}
@@ -234,29 +283,7 @@ def _upsert(db, root_id: int, file: FoundFile, facts: FileFacts) -> None:
     merged = merged_columns(header, sidecar)
     ids = _source_ids(sidecar)
     now = time.time()
-    row = db.execute(
-        """INSERT INTO files (path, root_id, folder_kind, name, status, problem, device, inode,
-               size, mtime_ns, kind, architecture, base_model, label, layout, dtype, parameters,
-               lora_format, lora_rank, trigger_words, details, sidecars, preview, source,
-               source_ids, first_seen, last_seen, updated_at)
-           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,
-                   ?, ?)
-           ON CONFLICT(path) DO UPDATE SET
-               root_id = excluded.root_id, folder_kind = excluded.folder_kind,
-               status = excluded.status, problem = excluded.problem, device = excluded.device,
-               inode = excluded.inode, size = excluded.size, mtime_ns = excluded.mtime_ns,
-               kind = excluded.kind, architecture = excluded.architecture,
-               base_model = excluded.base_model, label = excluded.label,
-               layout = excluded.layout, dtype = excluded.dtype,
-               parameters = excluded.parameters, lora_format = excluded.lora_format,
-               lora_rank = excluded.lora_rank, trigger_words = excluded.trigger_words,
-               details = excluded.details, sidecars = excluded.sidecars,
-               preview = excluded.preview,
-               source = CASE WHEN files.source = 'local' THEN excluded.source
-                             ELSE files.source END,
-               source_ids = json_patch(files.source_ids, excluded.source_ids),
-               last_seen = excluded.last_seen, updated_at = excluded.updated_at
-           RETURNING id""",
+    row = db.execute(_UPSERT,
         (str(file.path), root_id, file.folder_kind, _stem(file.path), facts.status,
          facts.problem, file.device, file.inode, file.size, file.mtime_ns, facts.kind,
          facts.architecture, merged["base_model"], facts.label, facts.layout, facts.dtype,

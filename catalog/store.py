@@ -103,6 +103,9 @@ class Store:
             db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
                                  check_same_thread=False)
             db.row_factory = sqlite3.Row
+            # SQLite's lower() folds ASCII only; searches fold "CAFÉ" and "café" alike
+            db.create_function("casefold", 1, lambda t: t.casefold() if isinstance(t, str)
+                               else t, deterministic=True)
             db.execute("PRAGMA foreign_keys = ON")
             db.execute("PRAGMA journal_mode = WAL")
             # with WAL, NORMAL loses at most the last commits on power loss, never consistency

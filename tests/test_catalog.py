@@ -1,0 +1,1068 @@
+"""The model catalog as a user meets it: roots in the layouts of the web UIs, scans that read only
+what changed, sidecars of other tools, finding and listing entries, tags and ratings, duplicates,
+lineage, catalog references in recipes, and the `mergekit-sd catalog` commands.
+
+Every test passes its catalog explicitly (a file under tmp_path); MERGEKIT_SD_CATALOG points at a
+throwaway path so nothing can reach the user's real catalog."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import textwrap
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from conftest import REPO, run_cli
+
+from catalog import scan as scan_module
+from catalog.dupes import find_duplicates
+from catalog.edits import add_root, remove, set_note, set_rating, set_tags
+from catalog.entries import Filters, find_entry, get_entry, list_entries
+from catalog.hash_cache import hash_pending
+from catalog.hashes import hash_file
+from catalog.layouts import ModelFolder, detect_layout
+from catalog.lineage import Node, lineage
+from catalog.resolver import CatalogResolver
+from catalog.scan import PARALLEL_MIN, scan
+from catalog.sidecars import write_civitai_info, write_preview
+from catalog.store import ENV_VAR, Store
+from mergekit_sd.errors import UserError
+from mergekit_sd.testing import make_demo_workspace, write_checkpoint, write_embedding, write_lora
+
+# the six files of `webui()`: name -> (folder, template)
+WEBUI_FILES = {
+    "base15": ("models/Stable-diffusion", "sd1"),
+    "basexl": ("models/Stable-diffusion", "sdxl"),
+    "mychar": ("models/Lora", "lora"),
+    "xlstyle": ("models/LyCORIS", "lora_xl"),
+    "vae": ("models/VAE", "vae"),
+    "emb": ("embeddings", "emb"),
+}
+
+
+@pytest.fixture(autouse=True)
+def _no_user_catalog(tmp_path, monkeypatch):
+    """Anything that forgot to pass its catalog would land here, not in the user's data dir."""
+    fallback = tmp_path / "env-catalog.sqlite"
+    monkeypatch.setenv(ENV_VAR, str(fallback))
+    yield
+    assert not fallback.exists(), "a catalog was opened without an explicit path"
+
+
+@pytest.fixture
+def store(tmp_path):
+    with Store.open(tmp_path / "c.sqlite") as opened:
+        yield opened
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    """One tiny file of each kind, written once; tests copy them (a copy is a new inode)."""
+    d = tmp_path_factory.mktemp("tiny")
+    return {
+        "sd1": write_checkpoint(d / "sd1.safetensors", "sd1", seed=1),
+        "sdxl": write_checkpoint(d / "sdxl.safetensors", "sdxl", seed=3),
+        "vae": write_checkpoint(d / "vae.safetensors", "vae-sd", seed=4),
+        "lora": write_lora(d / "mychar.safetensors", "kohya-sd1", seed=5),
+        "lora_xl": write_lora(d / "xlstyle.safetensors", "kohya-sdxl", seed=6),
+        "emb": write_embedding(d / "emb.safetensors", "sd1"),
+    }
+
+
+def put(template: Path, dest: Path) -> Path:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(template, dest)
+    return dest
+
+
+def webui(root: Path, tiny: dict[str, Path]) -> dict[str, Path]:
+    """An AUTOMATIC1111 folder with two checkpoints, two LoRAs, a VAE and an embedding."""
+    return {name: put(tiny[template], root / folder / f"{name}.safetensors")
+            for name, (folder, template) in WEBUI_FILES.items()}
+
+
+def by_name(store: Store) -> dict:
+    return {e.name: e for e in list_entries(store, Filters())}
+
+
+def names(entries) -> list[str]:
+    return [e.name for e in entries]
+
+
+def bump_mtime(path: Path, seconds: int = 5) -> None:
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + seconds * 1_000_000_000))
+
+
+def no_reading(monkeypatch) -> None:
+    """Make any model or sidecar read during a scan fail the test."""
+    def refuse(*args):
+        raise AssertionError(f"read during a scan that should read nothing: {args}")
+
+    monkeypatch.setattr(scan_module, "examine", refuse)
+    monkeypatch.setattr(scan_module, "read_sidecars", refuse)
+
+
+def catalog_cli(catalog: Path, *args) -> subprocess.CompletedProcess:
+    return run_cli("catalog", *args, "--catalog", catalog)
+
+
+def run_without_terminal(*args) -> subprocess.CompletedProcess:
+    """run_cli with stdin that is not a terminal (so a question cannot be asked or hang)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "mergekit_sd.cli", *map(str, args)],
+                          capture_output=True, text=True, env=env, timeout=300,
+                          stdin=subprocess.DEVNULL)
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+# --- layouts ---------------------------------------------------------------------------------
+
+
+def test_a1111_layout_names_each_model_folder_with_its_kind(tmp_path):
+    for folder in ("models/Stable-diffusion", "models/Lora", "models/LyCORIS", "models/VAE",
+                   "embeddings", "models/ESRGAN", "outputs"):
+        (tmp_path / folder).mkdir(parents=True)
+    layout = detect_layout(tmp_path)
+    assert layout.name == "a1111"
+    assert layout.folders == (
+        ModelFolder(tmp_path / "models/Stable-diffusion", "checkpoint"),
+        ModelFolder(tmp_path / "models/Lora", "lora"),
+        ModelFolder(tmp_path / "models/LyCORIS", "lora"),
+        ModelFolder(tmp_path / "models/VAE", "vae"),
+        ModelFolder(tmp_path / "embeddings", "embedding"),
+    )
+
+
+def test_comfyui_layout_adds_the_folders_of_extra_model_paths(tmp_path):
+    comfy = tmp_path / "ComfyUI"
+    for folder in ("checkpoints", "loras", "vae", "clip", "unet", "diffusion_models",
+                   "upscale_models"):
+        (comfy / "models" / folder).mkdir(parents=True)
+    webui_dir = tmp_path / "webui"
+    for folder in ("models/Stable-diffusion", "models/Lora", "models/LyCORIS", "models/ESRGAN"):
+        (webui_dir / folder).mkdir(parents=True)
+    (comfy / "extra_model_paths.yaml").write_text(textwrap.dedent("""\
+        a111:
+            base_path: ../webui
+            checkpoints: models/Stable-diffusion
+            loras: |
+                models/Lora
+                models/LyCORIS
+            upscale_models: models/ESRGAN
+            vae: models/does-not-exist
+        other:
+            is_default: true
+        """))
+    layout = detect_layout(comfy)
+    assert layout.name == "comfyui"
+    assert layout.folders == (
+        ModelFolder(comfy / "models/checkpoints", "checkpoint"),
+        ModelFolder(comfy / "models/loras", "lora"),
+        ModelFolder(comfy / "models/vae", "vae"),
+        ModelFolder(comfy / "models/clip", "text_encoder"),
+        ModelFolder(comfy / "models/unet", "diffusion_model"),
+        ModelFolder(comfy / "models/diffusion_models", "diffusion_model"),
+        ModelFolder(webui_dir / "models/Stable-diffusion", "checkpoint"),
+        ModelFolder(webui_dir / "models/Lora", "lora"),
+        ModelFolder(webui_dir / "models/LyCORIS", "lora"),
+    )
+
+
+def test_plain_folder_is_scanned_whole_and_known_folder_names_give_a_kind(tmp_path):
+    plain = tmp_path / "my models"
+    plain.mkdir()
+    assert detect_layout(plain).name == "plain"
+    assert detect_layout(plain).folders == (ModelFolder(plain, None),)
+    loras = tmp_path / "Lora"
+    loras.mkdir()
+    assert detect_layout(loras).folders == (ModelFolder(loras, "lora"),)
+
+
+def test_layout_of_a_file_or_a_missing_folder_is_a_user_error(tmp_path):
+    file = tmp_path / "model.safetensors"
+    file.write_bytes(b"x")
+    for bad in (file, tmp_path / "nowhere"):
+        with pytest.raises(UserError, match="not a folder"):
+            detect_layout(bad)
+
+
+def test_bad_extra_model_paths_yaml_is_a_user_error(tmp_path):
+    (tmp_path / "models" / "checkpoints").mkdir(parents=True)
+    extra = tmp_path / "extra_model_paths.yaml"
+    extra.write_text("a111:\n    base_path: [unclosed\n")
+    with pytest.raises(UserError, match="cannot read it as YAML"):
+        detect_layout(tmp_path)
+    extra.write_text("- just\n- a list\n")
+    with pytest.raises(UserError, match="expected sections"):
+        detect_layout(tmp_path)
+
+
+# --- scanning --------------------------------------------------------------------------------
+
+
+def test_scan_identifies_every_file_of_a_webui_folder(tmp_path, store, tiny):
+    files = webui(tmp_path / "webui", tiny)
+    root_id, layout = add_root(store, tmp_path / "webui")
+    assert (root_id, layout.name) == (1, "a1111")
+    report = scan(store, jobs=1)
+    assert (report.seen, report.new, report.changed, report.unchanged) == (6, 6, 0, 0)
+    assert (report.bad, report.problems, report.partial, report.missing) == ([], [], 0, 0)
+    entries = by_name(store)
+    found = {n: (e.kind, e.architecture, e.base_model, e.folder_kind, e.lora_rank, e.status)
+             for n, e in entries.items()}
+    assert found == {
+        "base15": ("checkpoint", "sd1", "SD 1.5", "checkpoint", None, "ok"),
+        "basexl": ("checkpoint", "sdxl", "SDXL 1.0", "checkpoint", None, "ok"),
+        "mychar": ("lora", "sd1", "SD 1.5", "lora", 4, "ok"),
+        "xlstyle": ("lora", "sdxl", "SDXL 1.0", "lora", 4, "ok"),
+        "vae": ("vae", "VAE (4 latent channels)", None, "vae", None, "ok"),
+        "emb": ("embedding", "sd1", "SD 1.5", "embedding", None, "ok"),
+    }
+    # kohya's most frequent training tags; the synthetic LoRAs were trained as "mychar" ...
+    assert entries["mychar"].trigger_words == ["mychar", "1girl", "solo"]
+    assert entries["xlstyle"].trigger_words == ["xlstyle", "1girl", "solo"]
+    assert entries["base15"].trigger_words == []
+    assert entries["mychar"].lora_format == "kohya LoRA"
+    assert {n: (e.path, e.size) for n, e in entries.items()} == {
+        n: (str(p), p.stat().st_size) for n, p in files.items()}
+    assert all(e.sha256 is None and e.source == "local" for e in entries.values())
+
+
+def test_second_scan_reads_nothing_and_reports_all_unchanged(tmp_path, store, tiny, monkeypatch):
+    webui(tmp_path / "webui", tiny)
+    add_root(store, tmp_path / "webui")
+    scan(store, jobs=1)
+    before = [tuple(r) for r in store.db.execute("SELECT * FROM files ORDER BY id")]
+    no_reading(monkeypatch)
+    report = scan(store, jobs=1)
+    assert (report.seen, report.new, report.changed, report.unchanged, report.missing) == (
+        6, 0, 0, 6, 0)
+    assert report.moved == [] and report.bad == []
+    assert [tuple(r) for r in store.db.execute("SELECT * FROM files ORDER BY id")] == before
+
+
+def test_touched_file_is_changed_and_only_it_is_read_again(tmp_path, store, tiny, monkeypatch):
+    files = webui(tmp_path / "webui", tiny)
+    add_root(store, tmp_path / "webui")
+    scan(store, jobs=1)
+    bump_mtime(files["mychar"])
+    examined = []
+    real = scan_module.examine
+    monkeypatch.setattr(scan_module, "examine", lambda p: examined.append(p) or real(p))
+    report = scan(store, jobs=1)
+    assert (report.new, report.changed, report.unchanged) == (0, 1, 5)
+    assert examined == [str(files["mychar"])]
+    row = store.db.execute("SELECT mtime_ns FROM files WHERE name = 'mychar'").fetchone()
+    assert row[0] == files["mychar"].stat().st_mtime_ns
+
+
+def test_downloads_in_progress_and_hidden_files_are_skipped(tmp_path, store, tiny):
+    loras = tmp_path / "webui" / "models" / "Lora"
+    put(tiny["lora"], loras / "done.safetensors")
+    for name in ("a.safetensors.partial", "b.safetensors.part", "c.safetensors.downloading"):
+        put(tiny["lora"], loras / name)
+    (loras / "notes.txt.part").write_text("not a model download")
+    put(tiny["lora"], loras / ".hidden.safetensors")
+    put(tiny["lora"], loras / ".cache" / "inside.safetensors")
+    add_root(store, tmp_path / "webui")
+    report = scan(store, jobs=1)
+    assert (report.seen, report.new, report.partial) == (1, 1, 3)
+    assert names(list_entries(store, Filters())) == ["done"]
+
+
+def test_truncated_and_garbage_files_get_a_status_and_a_sentence(tmp_path, store, tiny):
+    loras = tmp_path / "webui" / "models" / "Lora"
+    good = put(tiny["lora"], loras / "good.safetensors")
+    data = good.read_bytes()
+    (loras / "cut.safetensors").write_bytes(data[:-1000])
+    header = b'{"x": 1}'  # the prefix says 8 bytes of header; they are not a tensor table
+    (loras / "garbage.safetensors").write_bytes(struct.pack("<Q", 8) + header + b"\0" * 64)
+    add_root(store, tmp_path / "webui")
+    report = scan(store, jobs=1)
+    assert report.seen == 3
+    entries = {e.name: e for e in list_entries(store, Filters())}
+    assert entries["good"].status == "ok" and entries["good"].problem is None
+    assert entries["cut"].status == "truncated"
+    assert entries["cut"].problem == (
+        f"is truncated: its tensor offsets need {len(data)} bytes but the file has "
+        f"{len(data) - 1000} (1000 missing); download it again")
+    assert entries["garbage"].status == "invalid"
+    assert entries["garbage"].problem
+    assert entries["cut"].kind is None and entries["garbage"].kind is None
+    assert sorted(p for p, _ in report.bad) == [str(loras / "cut.safetensors"),
+                                               str(loras / "garbage.safetensors")]
+
+
+def test_text_file_saved_as_safetensors_is_invalid_not_truncated(tmp_path, store):
+    loras = tmp_path / "webui" / "models" / "Lora"
+    loras.mkdir(parents=True)
+    # what a failed download often leaves: the site's HTML page under the model's name
+    (loras / "page.safetensors").write_text("<!DOCTYPE html><html><body>Please log in</body>"
+                                            "</html>\n" * 20)
+    add_root(store, tmp_path / "webui")
+    scan(store, jobs=1)
+    assert find_entry(store, "page").status == "invalid"
+
+
+def test_broken_links_and_link_loops_are_reported_and_the_scan_goes_on(tmp_path, store, tiny):
+    loras = tmp_path / "webui" / "models" / "Lora"
+    put(tiny["lora"], loras / "real.safetensors")
+    broken = loras / "broken.safetensors"
+    broken.symlink_to(loras / "gone.safetensors")
+    loop = loras / "sub" / "loop"
+    loop.parent.mkdir()
+    loop.symlink_to(loras)  # a folder linking back to its parent's parent
+    add_root(store, tmp_path / "webui")
+    report = scan(store, jobs=1)
+    assert (report.seen, report.new) == (1, 1)
+    assert sorted(report.problems) == sorted([
+        f"{broken}: a broken link; skipped",
+        f"{loop}: links back to a folder already scanned (a link loop or a second link); "
+        "walked once",
+    ])
+    assert names(list_entries(store, Filters())) == ["real"]
+
+
+def test_deleted_file_becomes_missing_and_keeps_its_tags(tmp_path, store, tiny):
+    files = webui(tmp_path / "webui", tiny)
+    add_root(store, tmp_path / "webui")
+    scan(store, jobs=1)
+    entry = find_entry(store, "mychar")
+    set_tags(store, entry, ["style", "keep"], [])
+    set_note(store, entry, "the good one")
+    files["mychar"].unlink()
+    report = scan(store, jobs=1)
+    assert (report.seen, report.missing, report.unchanged, report.moved) == (5, 1, 5, [])
+    gone = get_entry(store, entry.id)
+    assert (gone.status, gone.tags, gone.notes, gone.path) == (
+        "missing", ["keep", "style"], "the good one", str(files["mychar"]))
+    assert names(list_entries(store, Filters(status="missing"))) == ["mychar"]
+    # back in place (an unplugged drive came back): the same entry is ok again
+    put(tiny["lora"], files["mychar"])
+    report = scan(store, jobs=1)
+    assert (report.changed, report.missing) == (1, 0)
+    back = get_entry(store, entry.id)
+    assert (back.status, back.tags) == ("ok", ["keep", "style"])
+
+
+def test_a_root_that_is_gone_marks_its_files_missing(tmp_path, store, tiny):
+    webui(tmp_path / "drive" / "webui", tiny)
+    add_root(store, tmp_path / "drive" / "webui")
+    scan(store, jobs=1)
+    set_tags(store, find_entry(store, "basexl"), ["best"], [])
+    os.rename(tmp_path / "drive", tmp_path / "unplugged")
+    report = scan(store, jobs=1)
+    assert report.problems == [f"{tmp_path / 'drive' / 'webui'}: the root folder is not there "
+                               "(an unplugged drive?); its files are marked missing"]
+    assert (report.seen, report.missing) == (0, 6)
+    assert names(list_entries(store, Filters(status="missing"))) == sorted(WEBUI_FILES)
+    os.rename(tmp_path / "unplugged", tmp_path / "drive")
+    report = scan(store, jobs=1)
+    assert (report.changed, report.new, report.missing, report.problems) == (6, 0, 0, [])
+    assert find_entry(store, "basexl").tags == ["best"]
+
+
+def test_renamed_file_is_reported_moved_and_keeps_its_entry(tmp_path, store, tiny, monkeypatch):
+    files = webui(tmp_path / "webui", tiny)
+    add_root(store, tmp_path / "webui")
+    scan(store, jobs=1)
+    hash_pending(store)
+    entry = find_entry(store, "mychar")
+    set_tags(store, entry, ["style"], [])
+    set_rating(store, entry, 4, True)
+    renamed = files["mychar"].with_name("mychar-v2.safetensors")
+    os.rename(files["mychar"], renamed)
+    monkeypatch.setattr(scan_module, "examine", lambda p: pytest.fail(f"{p} was read again"))
+    report = scan(store, jobs=1)
+    assert report.moved == [(str(files["mychar"]), str(renamed))]
+    assert (report.new, report.missing, report.changed, report.unchanged) == (0, 0, 0, 5)
+    moved = get_entry(store, entry.id)
+    assert (moved.name, moved.path, moved.status, moved.tags, moved.rating, moved.favourite) == (
+        "mychar-v2", str(renamed), "ok", ["style"], 4, True)
+    assert moved.sha256 == entry.sha256 and moved.kind == "lora"
+    assert store.db.execute("SELECT count(*) FROM files").fetchone()[0] == 6
+    assert hash_pending(store).hashed == 0  # the hashes still hold for the renamed file
+
+
+def test_file_moved_to_another_disk_takes_over_its_entry_once_hashed(tmp_path, store, tiny):
+    files = webui(tmp_path / "webui", tiny)
+    other = tmp_path / "other-disk"
+    other.mkdir()
+    add_root(store, tmp_path / "webui")
+    add_root(store, other)
+    scan(store, jobs=1)
+    hash_pending(store)
+    old = find_entry(store, "mychar")
+    set_tags(store, old, ["style"], [])
+    set_note(store, old, "from civitai")
+    set_rating(store, old, 5, True)
+    copy = put(files["mychar"], other / "mychar.safetensors")  # a copy has a new inode
+    files["mychar"].unlink()
+    report = scan(store, jobs=1)
+    assert (report.new, report.missing, report.moved) == (1, 1, [])
+    hashed = hash_pending(store)
+    assert hashed.moved == [(str(files["mychar"]), str(copy))]
+    assert hashed.hashed == 1
+    new = find_entry(store, "mychar")
+    assert (new.path, new.status, new.tags, new.notes, new.rating, new.favourite) == (
+        str(copy), "ok", ["style"], "from civitai", 5, True)
+    assert new.id != old.id and new.sha256 == old.sha256
+    assert store.db.execute("SELECT count(*) FROM files WHERE path = ?",
+                            (str(files["mychar"]),)).fetchone()[0] == 0
+    assert store.db.execute("SELECT count(*) FROM tags WHERE file_id = ?",
+                            (old.id,)).fetchone()[0] == 0
+
+
+def test_move_found_when_the_new_disk_is_scanned_first(tmp_path, store, tiny):
+    files = webui(tmp_path / "webui", tiny)
+    other = tmp_path / "other-disk"
+    other.mkdir()
+    old_root, _ = add_root(store, tmp_path / "webui")
+    new_root, _ = add_root(store, other)
+    scan(store, jobs=1)
+    hash_pending(store)
+    set_tags(store, find_entry(store, "mychar"), ["style"], [])
+    copy = put(files["mychar"], other / "mychar.safetensors")
+    files["mychar"].unlink()
+    # `catalog scan OTHER-DISK --hash`, later `catalog scan --hash`
+    scan(store, root_ids=[new_root], jobs=1)
+    hash_pending(store, root_ids=[new_root])
+    scan(store, jobs=1)
+    hash_pending(store)
+    assert find_entry(store, str(copy)).tags == ["style"]
+    assert store.db.execute("SELECT count(*) FROM files WHERE path = ?",
+                            (str(files["mychar"]),)).fetchone()[0] == 0
+
+
+def test_nested_roots_rescan_reads_nothing(tmp_path, store, tiny, monkeypatch):
+    webui(tmp_path / "webui", tiny)
+    add_root(store, tmp_path / "webui")
+    add_root(store, tmp_path / "webui" / "models" / "Lora")
+    scan(store, jobs=1)
+    scan(store, jobs=1)
+    no_reading(monkeypatch)
+    report = scan(store, jobs=1)
+    assert (report.new, report.changed) == (0, 0)
+
+
+# --- the process pool ------------------------------------------------------------------------
+
+COMPARED = ("path, folder_kind, name, status, problem, device, inode, size, mtime_ns, kind, "
+            "architecture, base_model, label, layout, dtype, parameters, lora_format, lora_rank, "
+            "trigger_words, details, sidecars, source, source_ids, preview")
+
+
+def test_many_new_files_scan_in_worker_processes_with_the_same_result(tmp_path, tiny,
+                                                                      monkeypatch):
+    loras = tmp_path / "loras"
+    count = 60
+    assert count > PARALLEL_MIN
+    for i in range(count - 1):
+        put(tiny["lora"], loras / f"lora{i:02d}.safetensors")
+    (loras / "lora59.safetensors").write_bytes(tiny["lora"].read_bytes()[:-10])
+    (loras / "lora00.json").write_text(json.dumps({"activation text": "abc"}))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("jobs=1 must identify in-process")
+
+    pools = []
+
+    class Recording(ProcessPoolExecutor):
+        def __init__(self, *args, **kwargs):
+            pools.append(args)
+            super().__init__(*args, **kwargs)
+
+    results = []
+    for jobs in (1, 2):
+        monkeypatch.setattr(scan_module, "ProcessPoolExecutor", refuse if jobs == 1 else Recording)
+        with Store.open(tmp_path / f"jobs{jobs}.sqlite") as store:
+            add_root(store, loras)
+            report = scan(store, jobs=jobs)
+            assert (report.new, len(report.bad)) == (count, 1)
+            results.append([tuple(r) for r in store.db.execute(
+                f"SELECT {COMPARED} FROM files ORDER BY path")])
+        assert len(pools) == jobs - 1  # the pool was started for jobs=2 only
+    assert len(results[0]) == count
+    assert results[0] == results[1]
+    statuses = [row[3] for row in results[1]]
+    assert statuses == ["ok"] * (count - 1) + ["truncated"]
+
+
+# --- sidecars --------------------------------------------------------------------------------
+
+CIVITAI = {"id": 123, "modelId": 45, "name": "v1.0", "baseModel": "Pony",
+           "trainedWords": ["mychar"],
+           "model": {"name": "My Char", "type": "LORA", "nsfw": False},
+           "files": [{"name": "mychar.safetensors", "type": "Model", "primary": True}]}
+A1111 = {"description": "", "sd version": "SDXL", "activation text": "foo, bar",
+         "preferred weight": 0.8, "notes": "n"}
+STABILITY = {"ModelName": "SM Char", "VersionName": "sm-v2", "ModelId": 1, "VersionId": 2,
+             "BaseModel": "Illustrious", "TrainedWords": ["x"]}
+
+
+def sidecar_library(tmp_path: Path, tiny) -> Path:
+    """Four copies of one SD1 LoRA: header only, + AUTOMATIC1111's json, + Stability Matrix's,
+    + Civitai's (and a preview)."""
+    loras = tmp_path / "webui" / "models" / "Lora"
+    layers = {"header": {}, "a1111": {".json": A1111},
+              "matrix": {".json": A1111, ".cm-info.json": STABILITY},
+              "civitai": {".json": A1111, ".cm-info.json": STABILITY, ".civitai.info": CIVITAI}}
+    for name, sidecars in layers.items():
+        put(tiny["lora"], loras / f"{name}.safetensors")
+        for suffix, doc in sidecars.items():
+            (loras / f"{name}{suffix}").write_text(json.dumps(doc))
+    (loras / "civitai.preview.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    return loras
+
+
+def test_sidecars_give_base_model_trigger_words_and_source_in_order(tmp_path, store, tiny):
+    loras = sidecar_library(tmp_path, tiny)
+    add_root(store, tmp_path / "webui")
+    assert scan(store, jobs=1).new == 4
+    got = {e.name: (e.base_model, e.trigger_words, e.source, e.source_ids, e.preview)
+           for e in (find_entry(store, n) for n in ("header", "a1111", "matrix", "civitai"))}
+    assert got == {
+        "header": ("SD 1.5", ["mychar", "1girl", "solo"], "local", {}, None),
+        "a1111": ("SDXL 1.0", ["foo", "bar"], "local", {}, None),
+        "matrix": ("Illustrious", ["x"], "civitai",
+                   {"civitai": {"model_id": 1, "version_id": 2}}, None),
+        "civitai": ("Pony", ["mychar"], "civitai",
+                    {"civitai": {"model_id": 45, "version_id": 123}},
+                    str(loras / "civitai.preview.png")),
+    }
+    civitai = find_entry(store, "civitai")
+    assert civitai.architecture == "sd1"  # the weights still say what they are
+    sidecar = civitai.details["sidecar"]
+    assert (sidecar["model_name"], sidecar["version_name"], sidecar["preferred_weight"],
+            sidecar["notes"], sidecar["nsfw"]) == ("My Char", "v1.0", 0.8, "n", False)
+    assert sorted(sidecar["read"]) == ["civitai.civitai.info", "civitai.cm-info.json",
+                                       "civitai.json"]
+    assert civitai.details["header"]["base_model"] == "SD 1.5"
+
+
+def test_an_edited_sidecar_is_read_without_reading_the_model(tmp_path, store, tiny, monkeypatch):
+    loras = sidecar_library(tmp_path, tiny)
+    add_root(store, tmp_path / "webui")
+    scan(store, jobs=1)
+    (loras / "civitai.civitai.info").write_text(json.dumps(
+        {**CIVITAI, "baseModel": "NoobAI", "trainedWords": ["newword"]}))
+    (loras / "header.json").write_text(json.dumps({"activation text": "added later"}))
+    monkeypatch.setattr(scan_module, "examine", lambda p: pytest.fail(f"{p} was read again"))
+    report = scan(store, jobs=1)
+    assert (report.new, report.changed, report.unchanged) == (0, 0, 4)
+    civitai = find_entry(store, "civitai")
+    assert (civitai.base_model, civitai.trigger_words) == ("NoobAI", ["newword"])
+    assert civitai.source_ids == {"civitai": {"model_id": 45, "version_id": 123}}
+    header = find_entry(store, "header")
+    assert (header.base_model, header.trigger_words) == ("SD 1.5", ["added later"])
+
+
+def test_a_corrupt_sidecar_is_reported_and_ignored(tmp_path, store, tiny):
+    loras = tmp_path / "webui" / "models" / "Lora"
+    put(tiny["lora"], loras / "broken.safetensors")
+    put(tiny["lora"], loras / "fine.safetensors")
+    bad = loras / "broken.civitai.info"
+    bad.write_text('{"id": 123, "baseModel": "Pony"')
+    (loras / "broken.cm-info.json").write_text("[1, 2]")
+    add_root(store, tmp_path / "webui")
+    report = scan(store, jobs=1)
+    assert (report.new, report.bad) == (2, [])
+    entry = find_entry(store, "broken")
+    assert (entry.status, entry.base_model, entry.source) == ("ok", "SD 1.5", "local")
+    assert sorted(entry.details["sidecar"]["problems"]) == [
+        f"{bad}: not readable as JSON (JSONDecodeError); ignored",
+        f"{loras / 'broken.cm-info.json'}: expected a JSON object; ignored",
+    ]
+
+
+def test_written_civitai_info_and_preview_are_read_by_the_next_scan(tmp_path, store, tiny):
+    loras = tmp_path / "webui" / "models" / "Lora"
+    model = put(tiny["lora"], loras / "mychar.safetensors")
+    add_root(store, tmp_path / "webui")
+    scan(store, jobs=1)
+    info = write_civitai_info(model, CIVITAI)
+    preview = write_preview(model, b"\x89PNG\r\n\x1a\npreview")
+    assert (info, preview) == (loras / "mychar.civitai.info", loras / "mychar.preview.png")
+    assert json.loads(info.read_text(encoding="utf-8")) == CIVITAI
+    assert preview.read_bytes() == b"\x89PNG\r\n\x1a\npreview"
+    assert sorted(p.name for p in loras.iterdir()) == [
+        "mychar.civitai.info", "mychar.preview.png", "mychar.safetensors"]
+    report = scan(store, jobs=1)
+    assert (report.unchanged, report.partial) == (1, 0)
+    entry = find_entry(store, "mychar")
+    assert (entry.base_model, entry.trigger_words, entry.preview, entry.source) == (
+        "Pony", ["mychar"], str(preview), "civitai")
+    assert entry.source_ids == {"civitai": {"model_id": 45, "version_id": 123}}
+
+
+# --- finding and listing ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def library(tmp_path, store, tiny):
+    """The webui folder scanned and hashed, with tags, a note and a favourite."""
+    files = webui(tmp_path / "webui", tiny)
+    add_root(store, tmp_path / "webui")
+    scan(store, jobs=1)
+    hash_pending(store)
+    set_tags(store, find_entry(store, "mychar"), ["style", "anime"], [])
+    set_tags(store, find_entry(store, "xlstyle"), ["style"], [])
+    set_note(store, find_entry(store, "base15"), "Great for portraits")
+    set_rating(store, find_entry(store, "basexl"), 5, True)
+    return SimpleNamespace(store=store, files=files, root=tmp_path / "webui")
+
+
+def test_find_entry_by_every_kind_of_reference(library):
+    store, files = library.store, library.files
+    entry = find_entry(store, "mychar")
+    assert entry.path == str(files["mychar"]) and len(entry.sha256) == 64
+    for ref in (f"#{entry.id}", str(entry.id), "mychar", "MyChar", "catalog:mychar",
+                f"sha256:{entry.sha256[:10]}", f"sha256:{entry.sha256.upper()}",
+                f"autov3:{entry.autov3[:12]}", str(files["mychar"]), "  mychar  "):
+        assert find_entry(store, ref).id == entry.id, ref
+
+
+def test_find_entry_says_which_entries_an_ambiguous_name_matches(tmp_path, store, tiny):
+    first = put(tiny["lora"], tmp_path / "loras" / "a" / "twin.safetensors")
+    second = put(tiny["lora_xl"], tmp_path / "loras" / "b" / "twin.safetensors")
+    add_root(store, tmp_path / "loras")
+    scan(store, jobs=1)
+    with pytest.raises(UserError) as error:
+        find_entry(store, "twin")
+    assert str(error.value) == (f"'twin' matches 2 entries (#1 {first}; #2 {second}); use the "
+                                "#id or a longer hash")
+    assert find_entry(store, "#2").path == str(second)
+    assert find_entry(store, str(first)).id == 1
+
+
+def test_find_entry_of_something_unknown_is_a_user_error(library):
+    for ref in ("nope", "catalog:nope", "#999", "sha256:0000000000", str(library.root / "x")):
+        with pytest.raises(UserError, match="no catalog entry matches"):
+            find_entry(library.store, ref)
+    with pytest.raises(UserError, match="at least 10 hex digits"):
+        find_entry(library.store, "sha256:abc")
+    with pytest.raises(UserError, match="at least 10 hex digits"):
+        find_entry(library.store, "sha256:xyzxyzxyzxyz")
+
+
+def test_sha256_ref_of_a_file_with_an_identical_copy_resolves(tmp_path, store, tiny):
+    put(tiny["lora"], tmp_path / "loras" / "mychar.safetensors")
+    put(tiny["lora"], tmp_path / "loras" / "backup" / "mychar-copy.safetensors")
+    add_root(store, tmp_path / "loras")
+    scan(store, jobs=1)
+    hash_pending(store)
+    sha = hash_file(tiny["lora"]).sha256
+    resolved = CatalogResolver(store)(f"sha256:{sha[:12]}")
+    assert resolved.sha256 == sha
+    assert find_entry(store, f"sha256:{sha}").sha256 == sha
+
+
+def test_list_filters_by_kind_architecture_and_base_model(library):
+    store = library.store
+    assert names(list_entries(store, Filters(kind="lora"))) == ["mychar", "xlstyle"]
+    assert names(list_entries(store, Filters(kind="checkpoint"))) == ["base15", "basexl"]
+    assert names(list_entries(store, Filters(architecture="sdxl"))) == ["basexl", "xlstyle"]
+    assert names(list_entries(store, Filters(base_model="sd 1.5"))) == [
+        "base15", "emb", "mychar"]
+    assert names(list_entries(store, Filters(kind="lora", architecture="sd1"))) == ["mychar"]
+    assert names(list_entries(store, Filters(kind="unet"))) == []
+
+
+def test_list_filters_by_tags_text_status_and_favourites(library):
+    store = library.store
+    assert names(list_entries(store, Filters(tags=["style"]))) == ["mychar", "xlstyle"]
+    assert names(list_entries(store, Filters(tags=["style", "anime"]))) == ["mychar"]
+    assert names(list_entries(store, Filters(tags=["anime", "nope"]))) == []
+    assert names(list_entries(store, Filters(search="BASEX"))) == ["basexl"]  # name
+    assert names(list_entries(store, Filters(search="solo"))) == ["mychar", "xlstyle"]  # triggers
+    assert names(list_entries(store, Filters(search="portraits"))) == ["base15"]  # notes
+    assert names(list_entries(store, Filters(favourite=True))) == ["basexl"]
+    assert names(list_entries(store, Filters(status="ok"))) == sorted(WEBUI_FILES)
+    library.files["emb"].unlink()
+    scan(store, jobs=1)
+    assert names(list_entries(store, Filters(status="missing"))) == ["emb"]
+
+
+def test_search_finds_non_ascii_trigger_words(tmp_path, store, tiny):
+    loras = tmp_path / "webui" / "models" / "Lora"
+    put(tiny["lora"], loras / "neko.safetensors")
+    (loras / "neko.civitai.info").write_text(json.dumps({**CIVITAI,
+                                                         "trainedWords": ["猫耳", "café"]}))
+    add_root(store, tmp_path / "webui")
+    scan(store, jobs=1)
+    assert find_entry(store, "neko").trigger_words == ["猫耳", "café"]
+    assert names(list_entries(store, Filters(search="猫耳"))) == ["neko"]
+    assert names(list_entries(store, Filters(search="café"))) == ["neko"]
+
+
+def test_list_sorts_and_limits(library):
+    store = library.store
+    by_size = sorted(WEBUI_FILES, key=lambda n: (-library.files[n].stat().st_size, n))
+    listed = list_entries(store, Filters(sort="size"))
+    assert [e.size for e in listed] == sorted((e.size for e in listed), reverse=True)
+    assert names(listed)[0] == by_size[0] == "basexl"
+    assert names(list_entries(store, Filters(sort="name", limit=2))) == ["base15", "basexl"]
+    assert names(list_entries(store, Filters(sort="rating", limit=1))) == ["basexl"]
+    with pytest.raises(UserError, match="--sort 'biggest': choose one of name, size"):
+        list_entries(store, Filters(sort="biggest"))
+
+
+# --- edits -----------------------------------------------------------------------------------
+
+
+def test_tags_notes_ratings_and_favourites(library):
+    store = library.store
+    entry = find_entry(store, "emb")
+    assert set_tags(store, entry, ["  neg ", "", "hands"], []) == ["hands", "neg"]
+    assert set_tags(store, entry, ["neg", "extra"], ["hands", "absent"]) == ["extra", "neg"]
+    set_note(store, entry, "  use at 0.7  ")
+    set_rating(store, entry, 3, None)
+    set_rating(store, entry, None, True)
+    got = get_entry(store, entry.id)
+    assert (got.tags, got.notes, got.rating, got.favourite) == (["extra", "neg"], "use at 0.7",
+                                                                  3, True)
+    for bad in (6, -1):
+        with pytest.raises(UserError, match=f"rating {bad}: give 0 \\(none\\) to 5 stars"):
+            set_rating(store, entry, bad, None)
+    set_rating(store, entry, 0, False)
+    got = get_entry(store, entry.id)
+    assert (got.rating, got.favourite) == (0, False)
+
+
+def test_remove_forgets_the_entry_and_deletes_the_file_only_when_asked(library):
+    store, files = library.store, library.files
+    kept = find_entry(store, "emb")
+    assert remove(store, kept, delete_file=False) is False
+    assert files["emb"].exists()
+    with pytest.raises(UserError, match="no catalog entry"):
+        get_entry(store, kept.id)
+    deleted = find_entry(store, "vae")
+    assert remove(store, deleted, delete_file=True) is True
+    assert not files["vae"].exists()
+    assert names(list_entries(store, Filters())) == ["base15", "basexl", "mychar", "xlstyle"]
+    # the kept file comes back as a new entry on the next scan
+    assert scan(store, jobs=1).new == 1
+
+
+# --- duplicates ------------------------------------------------------------------------------
+
+
+def test_identical_copies_and_same_weights_with_other_metadata(tmp_path, store, tiny):
+    loras = tmp_path / "loras"
+    a = put(tiny["lora"], loras / "a.safetensors")
+    b = put(tiny["lora"], loras / "copies" / "b.safetensors")
+    c = write_lora(loras / "c.safetensors", "kohya-sdxl", seed=9, metadata={"title": "first"})
+    d = write_lora(loras / "d.safetensors", "kohya-sdxl", seed=9,
+                   metadata={"title": "second, re-titled"})
+    put(tiny["lora_xl"], loras / "unrelated.safetensors")
+    add_root(store, loras)
+    scan(store, jobs=1)
+    assert find_duplicates(store) == []  # nothing hashed yet
+    hash_pending(store)
+    groups = find_duplicates(store)
+    assert [(g.match, g.paths) for g in groups] == [
+        ("same weights", [str(c), str(d)]),
+        ("identical", [str(a), str(b)]),
+    ]
+    same, identical = groups
+    hc, hd = hash_file(c), hash_file(d)
+    assert hc.autov3 == hd.autov3 and hc.sha256 != hd.sha256
+    assert same.hash == hc.autov3
+    assert same.sizes == [c.stat().st_size, d.stat().st_size]
+    assert same.reclaimable == min(same.sizes)
+    assert identical.hash == hash_file(a).sha256
+    assert identical.reclaimable == a.stat().st_size == identical.sizes[0]
+
+
+def test_a_hard_link_frees_nothing(tmp_path, store, tiny):
+    loras = tmp_path / "loras"
+    a = put(tiny["lora"], loras / "a.safetensors")
+    os.link(a, loras / "linked.safetensors")
+    add_root(store, loras)
+    scan(store, jobs=1)
+    hash_pending(store)
+    groups = find_duplicates(store)
+    assert [(g.match, g.paths, g.reclaimable) for g in groups] == [
+        ("identical", [str(a), str(loras / "linked.safetensors")], 0)]
+
+
+def test_a_rewritten_file_is_no_longer_reported_identical(tmp_path, store, tiny):
+    loras = tmp_path / "loras"
+    put(tiny["lora"], loras / "a.safetensors")
+    b = put(tiny["lora"], loras / "b.safetensors")
+    add_root(store, loras)
+    scan(store, jobs=1)
+    hash_pending(store)
+    assert len(find_duplicates(store)) == 1
+    write_lora(b, "kohya-sd1", seed=42)  # retrained under the same name
+    assert scan(store, jobs=1).changed == 1
+    assert find_duplicates(store) == []
+
+
+# --- lineage and catalog references in recipes -----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def merged(tmp_path_factory):
+    """The demo workspace in a catalog, merged by a recipe that names its inputs by catalog
+    name and by hash, and scanned again with --hash."""
+    root = tmp_path_factory.mktemp("merged")
+    env = {ENV_VAR: str(root / "env-catalog.sqlite")}
+    make_demo_workspace(root / "webui")
+    catalog = root / "c.sqlite"
+    with Store.open(catalog) as store:
+        add_root(store, root / "webui")
+        scan(store, jobs=1)
+        hash_pending(store)
+        base = find_entry(store, "demo-sd15-base")
+        anime = find_entry(store, "demo-sd15-anime")
+    recipe = root / "mix.yaml"
+    recipe.write_text(textwrap.dedent(f"""\
+        version: 1
+        models:
+          base: "catalog:demo-sd15-base"
+          anime: "sha256:{anime.sha256[:12]}"
+        steps:
+          - name: mix
+            method: weighted_sum
+            inputs: [base, anime]
+            params:
+              alpha: 0.5
+        output:
+          path: webui/models/Stable-diffusion/demo-mix.safetensors
+          dtype: fp16
+        """))
+    merge = run_cli("merge", recipe, "--catalog", catalog, env=env)
+    rescan = run_cli("catalog", "scan", "--hash", "--json", "--catalog", catalog, env=env)
+    assert not (root / "env-catalog.sqlite").exists()
+    return SimpleNamespace(root=root, catalog=catalog, recipe=recipe, merge=merge, rescan=rescan,
+                           base=base, anime=anime,
+                           output=root / "webui/models/Stable-diffusion/demo-mix.safetensors")
+
+
+def test_recipe_with_catalog_references_merges(merged):
+    assert merged.merge.returncode == 0, merged.merge.stderr
+    last = merged.merge.stdout.strip().splitlines()[-1]
+    assert last.startswith("wrote mix -> ") and Path(last[13:]).resolve() == merged.output
+    assert merged.output.is_file()
+    assert merged.rescan.returncode == 0, merged.rescan.stderr
+    doc = json.loads(merged.rescan.stdout)
+    assert (doc["scan"]["new"], doc["scan"]["unchanged"], doc["scan"]["bad"]) == (1, 7, [])
+    assert (doc["hash"]["hashed"], doc["hash"]["cached"]) == (1, 7)
+
+
+def test_lineage_of_a_merge_names_its_inputs_and_the_inputs_name_it(merged):
+    with Store.open(merged.catalog) as store:
+        mix = find_entry(store, "demo-mix")
+        assert (mix.kind, mix.architecture, mix.dtype) == ("checkpoint", "sd1", "F16")
+        tree = lineage(store, mix).tree
+        assert (tree.name, tree.entry_id, tree.ref) == ("demo-mix", mix.id, mix.sha256)
+        parents = sorted((p.role, p.name, p.ref, p.entry_id, p.path, p.parents)
+                         for p in tree.parents)
+        assert parents == sorted(
+            ("merge input", e.name, e.sha256, e.id, e.path, [])
+            for e in (merged.base, merged.anime))
+        for parent in (merged.base, merged.anime):
+            found = lineage(store, find_entry(store, f"#{parent.id}"))
+            assert found.tree.parents == []
+            assert found.children == [Node("merge input", "demo-mix", "", mix.id, mix.path)]
+        assert lineage(store, find_entry(store, "demo-sd15-photo")).children == []
+
+
+def test_lora_trained_on_a_checkpoint_names_it_as_training_base(tmp_path, store, tiny):
+    folder = tmp_path / "models"
+    base = put(tiny["sdxl"], folder / "my-sdxl.safetensors")
+    autov1 = hash_file(base).autov1
+    assert autov1 is not None and len(autov1) == 8
+    lora = write_lora(folder / "trained.safetensors", "kohya-sdxl", seed=11,
+                      metadata={"ss_sd_model_hash": autov1,
+                                "ss_sd_model_name": "sd_xl_base_1.0.safetensors"})
+    write_lora(folder / "unknown-base.safetensors", "kohya-sdxl", seed=12,
+               metadata={"ss_sd_model_hash": "0badc0de", "ss_sd_model_name": "lost.ckpt"})
+    add_root(store, folder)
+    scan(store, jobs=1)
+    hash_pending(store)
+    checkpoint = find_entry(store, "my-sdxl")
+    assert checkpoint.autov1 == autov1
+    tree = lineage(store, find_entry(store, "trained")).tree
+    assert tree.parents == [Node("training base", "my-sdxl", autov1, checkpoint.id, str(base))]
+    orphan = lineage(store, find_entry(store, "unknown-base")).tree
+    assert orphan.parents == [Node("training base", "lost.ckpt", "0badc0de", None, None)]
+    assert lineage(store, checkpoint).children == [
+        Node("training base", "trained", "", find_entry(store, "trained").id, str(lora))]
+
+
+def test_unknown_catalog_reference_in_a_recipe_is_one_line_naming_file_and_field(merged):
+    recipe = merged.root / "broken.yaml"
+    recipe.write_text(merged.recipe.read_text().replace('"catalog:demo-sd15-base"',
+                                                        '"catalog:nope"'))
+    result = run_cli("merge", recipe, "--catalog", merged.catalog)
+    line = one_line_error(result)
+    assert "broken.yaml" in line and "models.base" in line and "'catalog:nope'" in line
+    assert "no catalog entry matches" in line
+
+
+def test_resolver_refuses_missing_files_and_download_references(tmp_path, store, tiny):
+    model = put(tiny["lora"], tmp_path / "loras" / "gone.safetensors")
+    add_root(store, tmp_path / "loras")
+    scan(store, jobs=1)
+    resolver = CatalogResolver(store)
+    resolved = resolver("catalog:gone")
+    assert (resolved.path, resolved.sha256) == (model, None)  # not hashed: no sha256 to reuse
+    hash_pending(store)
+    assert resolver("catalog:gone").sha256 == hash_file(model).sha256
+    model.unlink()
+    with pytest.raises(LookupError, match=r"is catalog entry #1, whose file .* is missing"):
+        resolver("catalog:gone")
+    with pytest.raises(LookupError, match="download references are not resolvable yet"):
+        resolver("hf://org/repo/model.safetensors")
+    with pytest.raises(LookupError, match="no catalog entry matches"):
+        resolver("catalog:other")
+
+
+# --- the command line ------------------------------------------------------------------------
+
+
+def test_cli_session_add_scan_list_show_tag_rate_dupes_rm(tmp_path, tiny):
+    catalog = tmp_path / "c.sqlite"
+    root = tmp_path / "webui"
+    files = webui(root, tiny)
+    copy = put(tiny["lora"], root / "models" / "Lora" / "backup" / "mychar-copy.safetensors")
+
+    added = catalog_cli(catalog, "add-root", root)
+    assert added.returncode == 0, added.stderr
+    lines = added.stdout.splitlines()
+    assert lines[0] == f"root #1: {root} (a1111 layout)"
+    assert [line.split() for line in lines[1:]] == [
+        ["checkpoint", str(root / "models/Stable-diffusion")],
+        ["lora", str(root / "models/Lora")], ["lora", str(root / "models/LyCORIS")],
+        ["vae", str(root / "models/VAE")], ["embedding", str(root / "embeddings")]]
+
+    scanned = catalog_cli(catalog, "scan", "--json")
+    assert scanned.returncode == 0, scanned.stderr
+    doc = json.loads(scanned.stdout)
+    assert (doc["scan"]["seen"], doc["scan"]["new"], doc["scan"]["roots"], doc["hash"]) == (
+        7, 7, [str(root)], None)
+    doc = json.loads(catalog_cli(catalog, "scan", "--hash", "--json").stdout)
+    assert (doc["scan"]["unchanged"], doc["hash"]["hashed"], doc["hash"]["cached"]) == (7, 7, 0)
+    plain = catalog_cli(catalog, "scan")
+    assert plain.stdout.strip().startswith("scanned 1 root(s): 7 model files, 0 new, 0 changed, "
+                                   "7 unchanged, 0 moved, 0 now missing (")
+    assert catalog_cli(catalog, "roots").stdout.strip() == f"#1 {root} (a1111, 7 files)"
+
+    listed = json.loads(catalog_cli(catalog, "list", "--json", "--kind", "lora").stdout)
+    assert [e["name"] for e in listed] == ["mychar", "mychar-copy", "xlstyle"]
+    listed = json.loads(catalog_cli(catalog, "list", "--json", "--arch", "sdxl").stdout)
+    assert [(e["name"], e["base_model"]) for e in listed] == [("basexl", "SDXL 1.0"),
+                                                              ("xlstyle", "SDXL 1.0")]
+    listed = json.loads(catalog_cli(catalog, "list", "--json", "--sort", "size",
+                                    "--limit", "1").stdout)
+    assert [e["name"] for e in listed] == ["basexl"]
+    assert "unknown architecture 'sdx9'" in one_line_error(
+        catalog_cli(catalog, "list", "--arch", "sdx9"))
+
+    shown = json.loads(catalog_cli(catalog, "show", "mychar", "--json").stdout)
+    assert (shown["path"], shown["kind"], shown["lora_rank"], shown["trigger_words"]) == (
+        str(files["mychar"]), "lora", 4, ["mychar", "1girl", "solo"])
+    assert shown["autov2"] == shown["sha256"][:10] and len(shown["sha256"]) == 64
+    table = {line.split("│")[0].strip(): line.split("│")[1].strip()
+             for line in catalog_cli(catalog, "show", "mychar").stdout.splitlines()
+             if "│" in line}
+    assert (table["entry"], table["trigger words"], table["LoRA"], table["base model"],
+            table["SHA256"]) == (f"#{shown['id']} mychar", "mychar, 1girl, solo",
+                                 "kohya LoRA, rank 4", "SD 1.5", shown["sha256"])
+
+    tagged = catalog_cli(catalog, "tag", "mychar", "style", "fav")
+    assert tagged.stdout.strip() == f"#{shown['id']} mychar: fav, style"
+    untagged = catalog_cli(catalog, "tag", "mychar", "--remove", "fav")
+    assert untagged.stdout.strip() == f"#{shown['id']} mychar: style"
+    noted = catalog_cli(catalog, "note", "mychar", "trained on 40 images")
+    assert noted.stdout.strip() == f"#{shown['id']} mychar: note set"
+    rated = catalog_cli(catalog, "rate", "mychar", "3", "--favourite")
+    assert rated.stdout.strip() == f"#{shown['id']} mychar: 3 star(s), favourite"
+    assert "rating 9" in one_line_error(catalog_cli(catalog, "rate", "mychar", "9"))
+    shown = json.loads(catalog_cli(catalog, "show", f"#{shown['id']}", "--json").stdout)
+    assert (shown["tags"], shown["notes"], shown["rating"], shown["favourite"]) == (
+        ["style"], "trained on 40 images", 3, True)
+    listed = json.loads(catalog_cli(catalog, "list", "--json", "--tag", "style").stdout)
+    assert [e["name"] for e in listed] == ["mychar"]
+    listed = json.loads(catalog_cli(catalog, "list", "--json", "--favourites").stdout)
+    assert [e["name"] for e in listed] == ["mychar"]
+
+    dupes = json.loads(catalog_cli(catalog, "dupes", "--json").stdout)
+    assert dupes == [{"match": "identical", "hash": shown["sha256"],
+                      "paths": [str(copy), str(files["mychar"])],
+                      "sizes": [copy.stat().st_size] * 2, "reclaimable": copy.stat().st_size}]
+    plain = catalog_cli(catalog, "dupes").stdout.splitlines()
+    assert plain[0].startswith(f"identical ({shown['sha256'][:12].upper()}), ")
+    assert plain[0].endswith(" to reclaim:")
+    assert [line.split()[-1] for line in plain[1:3]] == [str(copy), str(files["mychar"])]
+    family = json.loads(catalog_cli(catalog, "lineage", "mychar", "--json").stdout)
+    assert family == {"ancestry": {"role": "", "name": "mychar", "ref": shown["sha256"],
+                                   "entry_id": shown["id"], "path": str(files["mychar"]),
+                                   "parents": []},
+                      "children": []}
+
+    refused = run_without_terminal("catalog", "rm", "mychar-copy", "--delete-file",
+                                   "--catalog", catalog)
+    assert "pass --yes" in one_line_error(refused)
+    assert copy.exists()
+    removed = catalog_cli(catalog, "rm", "mychar-copy", "--delete-file", "--yes")
+    assert removed.returncode == 0, removed.stderr
+    assert removed.stdout.strip().endswith("mychar-copy and deleted its file")
+    assert not copy.exists()
+    forgotten = catalog_cli(catalog, "rm", "emb")
+    assert forgotten.returncode == 0 and files["emb"].exists()
+    assert json.loads(catalog_cli(catalog, "dupes", "--json").stdout) == []
+    listed = json.loads(catalog_cli(catalog, "list", "--json").stdout)
+    assert [e["name"] for e in listed] == ["base15", "basexl", "mychar", "vae", "xlstyle"]
+
+
+def test_cli_lineage_of_a_merge_as_json(merged):
+    result = catalog_cli(merged.catalog, "lineage", "demo-mix", "--json")
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["ancestry"]["name"] == "demo-mix"
+    assert sorted((p["role"], p["entry_id"], p["ref"]) for p in doc["ancestry"]["parents"]) == \
+        sorted(("merge input", e.id, e.sha256) for e in (merged.base, merged.anime))
+    children = json.loads(catalog_cli(merged.catalog, "lineage", "demo-sd15-base",
+                                      "--json").stdout)["children"]
+    assert [(c["role"], c["name"]) for c in children] == [("merge input", "demo-mix")]
+    tree = catalog_cli(merged.catalog, "lineage", "demo-mix").stdout.splitlines()
+    assert tree[0].startswith("demo-mix (#")
+    for parent in (merged.base, merged.anime):
+        label = (f"merge input: {parent.name} [{parent.sha256[:12]}] "
+                 f"(#{parent.id} {parent.path})")
+        assert sum(line.endswith(label) for line in tree) == 1, tree
+
+
+def test_cli_errors_are_one_line_with_exit_code_2(tmp_path):
+    catalog = tmp_path / "c.sqlite"
+    file = tmp_path / "model.safetensors"
+    file.write_bytes(b"x")
+    assert "not a folder" in one_line_error(catalog_cli(catalog, "add-root", file))
+    assert "'nope': no catalog entry matches" in one_line_error(
+        catalog_cli(catalog, "show", "nope"))
+    assert "not a catalog root" in one_line_error(catalog_cli(catalog, "scan", tmp_path))
+    empty = catalog_cli(catalog, "scan")
+    assert (empty.returncode, empty.stdout.strip()) == (
+        0, "no roots yet; add one with `mergekit-sd catalog add-root PATH`")
+    not_a_db = tmp_path / "junk.sqlite"
+    not_a_db.write_bytes(b"this is not a database" * 100)
+    assert "cannot open the catalog" in one_line_error(catalog_cli(not_a_db, "list"))
