@@ -45,7 +45,7 @@ demo: $(STAMP)
 	$(BIN)/mergekit-sd inspect $(DEMO)/merges/*.safetensors
 	$(BIN)/mergekit-sd catalog add-root $(DEMO)/merges --scan --catalog $(DEMO_CATALOG)
 	$(BIN)/mergekit-sd catalog scan --hash --catalog $(DEMO_CATALOG)
-	$(BIN)/mergekit-sd catalog lineage demo-sd15-anime --catalog $(DEMO_CATALOG)
+	$(BIN)/mergekit-sd catalog lineage "demo-mix@alpha=0.3" --catalog $(DEMO_CATALOG)
 
 bench: $(STAMP)
 	$(BIN)/python bench/inspect.py

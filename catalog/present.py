@@ -66,8 +66,8 @@ def _cut(text: str, width: int | None) -> str:
 def show_entry(entry: Entry) -> None:
     out = console()
     table = Table(show_header=False, show_edge=False, pad_edge=False)
-    table.add_column(style="bold")
-    table.add_column()
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")  # hashes and paths whole, folded rather than cut
     sidecar = entry.details.get("sidecar", {})
     rows = [
         ("entry", f"#{entry.id} {entry.name}"),

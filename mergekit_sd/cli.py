@@ -56,10 +56,37 @@ def convert(
     typer.echo(f"wrote {written}")
 
 
-from mergekit_sd.cli_catalog import CATALOG_HELP, catalog_app  # noqa: E402  (typer only)
+CATALOG_HELP = "Catalog database (default: $MERGEKIT_SD_CATALOG or the user data folder)."
+# Command groups built only when invoked or listed: building the catalog's eleven commands
+# costs every other command a few ms of start-up (measured), and `inspect` must start fast.
+LAZY_GROUPS = {
+    "catalog": ("mergekit_sd.cli_catalog", "catalog_app",
+                "The model library: roots, scans, hashes, tags, duplicates, lineage."),
+}
 
-app.add_typer(catalog_app, name="catalog",
-              help="The model library: roots, scans, hashes, tags, duplicates, lineage.")
+
+def command_tree():
+    """The click command tree of `app`, with the LAZY_GROUPS loaded on first use."""
+    import importlib
+
+    import typer.main
+
+    root = typer.main.get_command(app)
+
+    class LazyGroups(type(root)):
+        def list_commands(self, ctx):
+            return [*super().list_commands(ctx), *LAZY_GROUPS]
+
+        def get_command(self, ctx, name):
+            if name not in LAZY_GROUPS:
+                return super().get_command(ctx, name)
+            module, attr, help_text = LAZY_GROUPS[name]
+            group = typer.main.get_command(getattr(importlib.import_module(module), attr))
+            group.name, group.help, group.short_help = name, help_text, help_text
+            return group
+
+    root.__class__ = LazyGroups
+    return root
 
 recipe_app = typer.Typer(help="Recipe tools.", no_args_is_help=True)
 app.add_typer(recipe_app, name="recipe", help="Recipe tools: extract a merged file's recipe.")
@@ -185,7 +212,7 @@ def main() -> None:
 
     try:
         # standalone_mode=False lets our handlers see Ctrl-C and errors before click does.
-        code = app(standalone_mode=False, prog_name="mergekit-sd")
+        code = command_tree().main(standalone_mode=False, prog_name="mergekit-sd")
     except click.exceptions.Abort:
         sys.stderr.write("interrupted: nothing was written under the output name\n")
         sys.exit(130)

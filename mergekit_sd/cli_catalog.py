@@ -15,9 +15,10 @@ import typer
 from mergekit_sd.errors import UserError
 
 catalog_app = typer.Typer(help="The model library: roots, scans, hashes, tags, duplicates.",
-                          no_args_is_help=True)
+                          no_args_is_help=True, add_completion=False,
+                          pretty_exceptions_enable=False, rich_markup_mode=None)
 
-CATALOG_HELP = "Catalog database (default: $MERGEKIT_SD_CATALOG or the user data folder)."
+from mergekit_sd.cli import CATALOG_HELP  # noqa: E402
 
 
 def _catalog_option() -> Path | None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 import struct
 
+import orjson
 import pytest
 import torch
 from conftest import raw_safetensors, run_cli
@@ -74,11 +76,12 @@ def bad_files(tmp_path):
     "empty", "tiny", "truncated", "header-longer-than-file", "bad-json", "unknown-dtype",
     "overlap", "out-of-range", "shape-bytes-mismatch", "trailing-bytes", "pickle", "torch-zip",
     "malicious-pickle", "directory"])
-def test_bad_file_raises_one_sentence(tmp_path, name):
+@pytest.mark.parametrize("loads", [json.loads, orjson.loads], ids=["json", "orjson"])
+def test_bad_file_raises_one_sentence(tmp_path, name, loads):
     files, marker = bad_files(tmp_path)
     path, words = files[name]
     with pytest.raises(BadModelFile) as caught:
-        read_header(path)
+        read_header(path, loads=loads)
     message = str(caught.value)
     assert message.startswith(str(path)) and "\n" not in message
     for word in words:

@@ -7,15 +7,15 @@ download, a renamed pickle or a corrupt header is caught before a single tensor 
 from __future__ import annotations
 
 import gc
+import json
 import math
 import os
 import struct
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
-
-import orjson
 
 from mergekit_sd.errors import BadModelFile
 from mergekit_sd.io.dtypes import SAFETENSORS_DTYPES, nbytes_of
@@ -79,8 +79,16 @@ def _looks_like_pickle(prefix: bytes) -> bool:
     )
 
 
-def read_header(path: str | os.PathLike) -> SafetensorsHeader:
-    """Read and validate the header of `path`; raise BadModelFile with one sentence if invalid."""
+# bytes -> object; json.loads, or a faster parser for callers that read thousands of headers
+JsonLoads = Callable[[bytes], object]
+
+
+def read_header(path: str | os.PathLike, loads: JsonLoads = json.loads) -> SafetensorsHeader:
+    """Read and validate the header of `path`; raise BadModelFile with one sentence if invalid.
+
+    `loads` parses the JSON. The standard library's is the default: a command that reads a few
+    headers would spend more importing a faster parser than parsing; a catalog scan passes
+    orjson's."""
     path = Path(path)
     with os_errors_as_sentences(path), open(path, "rb") as f:
         file_size = os.fstat(f.fileno()).st_size
@@ -109,13 +117,14 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
         if header_len > MAX_HEADER_BYTES:
             _fail(path, f"declares a {header_len}-byte header, over the 100 MB limit")
         raw = f.read(header_len)
-    return parse_header(path, raw, file_size)
+    return parse_header(path, raw, file_size, loads)
 
 
-def parse_header(path: Path, raw: bytes, file_size: int) -> SafetensorsHeader:
+def parse_header(path: Path, raw: bytes, file_size: int, loads: JsonLoads = json.loads
+                 ) -> SafetensorsHeader:
     """Validate the JSON header `raw` of a file of `file_size` bytes."""
     with _collector_paused():
-        return _parse_header(path, raw, file_size)
+        return _parse_header(path, raw, file_size, loads)
 
 
 @contextmanager
@@ -134,11 +143,12 @@ def _collector_paused():
             gc.enable()
 
 
-def _parse_header(path: Path, raw: bytes, file_size: int) -> SafetensorsHeader:
+def _parse_header(path: Path, raw: bytes, file_size: int, loads: JsonLoads
+                  ) -> SafetensorsHeader:
     data_start = 8 + len(raw)
     try:
-        doc = orjson.loads(raw)
-    except ValueError as exc:  # orjson's JSONDecodeError, invalid UTF-8 included
+        doc = loads(raw)
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         _fail(path, f"has a header that is not valid JSON ({exc.__class__.__name__} at "
                     f"byte {getattr(exc, 'pos', '?')}); the file is corrupt")
     if not isinstance(doc, dict):
