@@ -34,6 +34,7 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import _measure as m  # noqa: E402
+from _library import build_library, json_floor  # noqa: E402
 
 TARGET_HASH_RATIO = 0.8
 TARGET_SCAN_S = 2.0
@@ -173,14 +174,6 @@ def _sha256_only(path: Path) -> None:
 # --- b, c. scans ---------------------------------------------------------------------------------
 
 
-def _floor_json(paths: list[Path]) -> float:
-    start = time.perf_counter()
-    for path in paths:
-        with open(path, "rb") as f:
-            json.loads(f.read(int.from_bytes(f.read(8), "little")))
-    return time.perf_counter() - start
-
-
 def _walk_stat(folder: Path) -> float:
     start = time.perf_counter()
     for dirpath, _, names in os.walk(folder):
@@ -203,7 +196,7 @@ def bench_scans(workdir: Path, paths: list[Path], rounds: int) -> dict:
         rescan.append(again["seconds"])
         one = _child(SCAN_CHILD, _fresh_db(workdir, "one.sqlite"), folder, 1)
         single.append(one["seconds"])
-        floor.append(_floor_json(paths))
+        floor.append(json_floor(paths))
         walk.append(_walk_stat(folder))
         db = _fresh_db(workdir, "cli.sqlite")
         _cli_seconds("catalog", "add-root", folder, "--catalog", db)
@@ -307,7 +300,6 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
     m.compile_bytecode()
-    from _library import build_library
 
     started = time.perf_counter()
     workdir = Path(tempfile.mkdtemp(prefix="bench-catalog-", dir=args.workdir))

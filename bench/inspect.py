@@ -33,7 +33,7 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import _measure as m  # noqa: E402
-from _library import build_library  # noqa: E402
+from _library import build_library, json_floor  # noqa: E402
 
 from mergekit_sd.arch.identify import identify  # noqa: E402
 from mergekit_sd.inspect_report import inspect_file  # noqa: E402
@@ -73,15 +73,6 @@ def pass_ours(paths: list[Path], kinds: list[str], subset: list[bool]) -> dict[s
             sums["subset"] += t2 - t0
     sums["total"] = clock() - start
     return sums
-
-
-def pass_json_floor(paths: list[Path]) -> float:
-    """The floor of any Python header reader: read the header and json.loads it, no checks."""
-    start = time.perf_counter()
-    for path in paths:
-        with open(path, "rb") as f:
-            json.loads(f.read(int.from_bytes(f.read(8), "little")))
-    return time.perf_counter() - start
 
 
 def pass_reference(paths: list[Path]) -> float:
@@ -138,7 +129,7 @@ def child_identify(side: str, listing: Path) -> None:
         elif command == "pass":
             answer = pass_ours(paths, kinds, subset)
         elif command == "floor":
-            answer = {"total": pass_json_floor(paths)}
+            answer = {"total": json_floor(paths)}
         else:
             break
         print(json.dumps(answer), flush=True)

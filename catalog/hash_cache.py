@@ -132,15 +132,3 @@ def _adopt_missing_twin(store: Store, file_id: int, sha256: str) -> str | None:
         adopt(db, twin["id"], file_id)
         return twin["path"]
 
-
-def ensure_hashes(store: Store, path: Path) -> FileHashes:
-    """The file's hashes from the cache, or computed now and cached if the catalog knows it."""
-    cached = cached_hashes(store, path)
-    if cached is not None:
-        return cached
-    key = hash_key(path.stat())
-    hashes = hash_file(path)
-    row = store.db.execute("SELECT id FROM files WHERE path = ?", (str(path),)).fetchone()
-    if row is not None:
-        _save(store, row["id"], key, hashes)
-    return hashes

@@ -23,10 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mergekit_sd.errors import Cancelled
+from mergekit_sd.io.hashing import LEGACY_HASH_LENGTH, LEGACY_HASH_OFFSET
 
 CHUNK = 8 * 1024 * 1024
-AUTOV1_OFFSET = 0x100000
-AUTOV1_LENGTH = 0x10000
+AUTOV1_OFFSET = LEGACY_HASH_OFFSET  # the window legacy_model_hash reads, taken in passing
+AUTOV1_LENGTH = LEGACY_HASH_LENGTH
 AUTOV1_MIN_SIZE = 2 * 1024 * 1024
 
 

@@ -10,6 +10,7 @@ from rich.tree import Tree
 
 from catalog.dupes import DuplicateGroup
 from catalog.entries import Entry
+from catalog.hash_cache import HashReport
 from catalog.lineage import Lineage, Node
 from catalog.scan import ScanReport
 from mergekit_sd.inspect_view import human_count, human_size
@@ -122,7 +123,7 @@ def _source(entry: Entry) -> str:
     return entry.source
 
 
-def show_scan(report: ScanReport, hashed: object | None = None) -> None:
+def show_scan(report: ScanReport, hashed: HashReport | None = None) -> None:
     out = console()
     out.print(f"scanned {len(report.roots)} root(s): {report.seen} model files, "
               f"{report.new} new, {report.changed} changed, {report.unchanged} unchanged, "

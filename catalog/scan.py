@@ -112,17 +112,18 @@ def _scan_root(store: Store, root_id: int, root: Path, jobs: int, report: ScanRe
     facts = examine_files([str(f.path) for f in to_examine], jobs, progress, cancel)
     for batch in _batches(zip(to_examine, facts, strict=True), BATCH):
         with store.write() as db:
-            for file, found in batch:
-                _upsert(db, root_id, file, found)
-                if found.status != "ok":
-                    report.bad.append((str(file.path), found.problem or found.status))
+            for file, file_facts in batch:
+                _upsert(db, root_id, file, file_facts)
+                if file_facts.status != "ok":
+                    report.bad.append((str(file.path), file_facts.problem or file_facts.status))
     if sidecars_only:
         with store.write() as db:
             for file_id, file in sidecars_only:
                 _refresh_sidecars(db, file_id, file)
+    moved_from = {old for old, _ in report.moved}
     gone = [row for path, row in existing.items()
-            if path not in seen_paths and row["status"] != "missing" and path not in
-            {old for old, _ in report.moved} and not os.path.exists(path)]
+            if path not in seen_paths and path not in moved_from and row["status"] != "missing"
+            and not os.path.exists(path)]
     _mark_missing(store, gone, report)
 
 

@@ -10,10 +10,40 @@ import sys
 from pathlib import Path
 
 import typer
+from typer.core import TyperGroup
 
 from mergekit_sd.errors import UserError, WorkFailed
 
+CATALOG_HELP = "Catalog database (default: $MERGEKIT_SD_CATALOG or the user data folder)."
+# Command groups built only when invoked or listed: building the catalog's eleven commands
+# costs every other command a few ms of start-up (measured), and `inspect` must start fast.
+LAZY_GROUPS = {
+    "catalog": ("mergekit_sd.cli_catalog", "catalog_app",
+                "The model library: roots, scans, hashes, tags, duplicates, lineage."),
+}
+
+
+class _LazyGroups(TyperGroup):
+    """The top-level group: its own commands, plus LAZY_GROUPS imported on first use."""
+
+    def list_commands(self, ctx):
+        return [*super().list_commands(ctx), *LAZY_GROUPS]
+
+    def get_command(self, ctx, name):
+        if name not in LAZY_GROUPS:
+            return super().get_command(ctx, name)
+        import importlib
+
+        import typer.main
+
+        module, attr, help_text = LAZY_GROUPS[name]
+        group = typer.main.get_command(getattr(importlib.import_module(module), attr))
+        group.name, group.help, group.short_help = name, help_text, help_text
+        return group
+
+
 app = typer.Typer(
+    cls=_LazyGroups,
     name="mergekit-sd",
     help="A workbench for Stable Diffusion checkpoints: inspect, convert, merge, judge.",
     no_args_is_help=True,
@@ -55,38 +85,6 @@ def convert(
     written = convert_to_safetensors(source, target, dtype=dtype, overwrite=overwrite)
     typer.echo(f"wrote {written}")
 
-
-CATALOG_HELP = "Catalog database (default: $MERGEKIT_SD_CATALOG or the user data folder)."
-# Command groups built only when invoked or listed: building the catalog's eleven commands
-# costs every other command a few ms of start-up (measured), and `inspect` must start fast.
-LAZY_GROUPS = {
-    "catalog": ("mergekit_sd.cli_catalog", "catalog_app",
-                "The model library: roots, scans, hashes, tags, duplicates, lineage."),
-}
-
-
-def command_tree():
-    """The click command tree of `app`, with the LAZY_GROUPS loaded on first use."""
-    import importlib
-
-    import typer.main
-
-    root = typer.main.get_command(app)
-
-    class LazyGroups(type(root)):
-        def list_commands(self, ctx):
-            return [*super().list_commands(ctx), *LAZY_GROUPS]
-
-        def get_command(self, ctx, name):
-            if name not in LAZY_GROUPS:
-                return super().get_command(ctx, name)
-            module, attr, help_text = LAZY_GROUPS[name]
-            group = typer.main.get_command(getattr(importlib.import_module(module), attr))
-            group.name, group.help, group.short_help = name, help_text, help_text
-            return group
-
-    root.__class__ = LazyGroups
-    return root
 
 recipe_app = typer.Typer(help="Recipe tools.", no_args_is_help=True)
 app.add_typer(recipe_app, name="recipe", help="Recipe tools: extract a merged file's recipe.")
@@ -212,7 +210,7 @@ def main() -> None:
 
     try:
         # standalone_mode=False lets our handlers see Ctrl-C and errors before click does.
-        code = command_tree().main(standalone_mode=False, prog_name="mergekit-sd")
+        code = app(standalone_mode=False, prog_name="mergekit-sd")
     except click.exceptions.Abort:
         sys.stderr.write("interrupted: nothing was written under the output name\n")
         sys.exit(130)

@@ -12,17 +12,16 @@ from pathlib import Path
 
 import typer
 
+from mergekit_sd.cli import CATALOG_HELP  # loaded lazily by cli.py, which is already loaded
 from mergekit_sd.errors import UserError
 
-catalog_app = typer.Typer(help="The model library: roots, scans, hashes, tags, duplicates.",
-                          no_args_is_help=True, add_completion=False,
+# its help text is LAZY_GROUPS' in cli.py
+catalog_app = typer.Typer(no_args_is_help=True, add_completion=False,
                           pretty_exceptions_enable=False, rich_markup_mode=None)
-
-from mergekit_sd.cli import CATALOG_HELP  # noqa: E402
 
 
 def _catalog_option() -> Path | None:
-    return typer.Option(None, "--catalog", help=CATALOG_HELP, envvar=None)
+    return typer.Option(None, "--catalog", help=CATALOG_HELP)
 
 
 def open_store(path: Path | None):

@@ -1066,3 +1066,16 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path):
     not_a_db = tmp_path / "junk.sqlite"
     not_a_db.write_bytes(b"this is not a database" * 100)
     assert "cannot open the catalog" in one_line_error(catalog_cli(not_a_db, "list"))
+
+
+def test_help_lists_every_command_and_the_catalog_group_is_built_on_use():
+    top = run_cli("--help")
+    assert top.returncode == 0
+    for command in ("inspect", "convert", "plan", "merge", "blocks", "recipe", "catalog"):
+        assert f"  {command} " in top.stdout, top.stdout
+    sub = run_cli("catalog", "--help")
+    assert sub.returncode == 0
+    assert "The model library" in sub.stdout
+    for command in ("add-root", "roots", "scan", "list", "show", "tag", "note", "rate",
+                    "dupes", "lineage", "rm"):
+        assert f"  {command} " in sub.stdout, sub.stdout

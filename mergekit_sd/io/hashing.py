@@ -7,6 +7,9 @@ import os
 from pathlib import Path
 
 CHUNK = 8 * 1024 * 1024
+# AUTOMATIC1111's legacy hash (Civitai's AutoV1) reads this window of the file
+LEGACY_HASH_OFFSET = 0x100000
+LEGACY_HASH_LENGTH = 0x10000
 
 
 def file_sha256(path: str | os.PathLike, on_bytes=None, cancelled=None) -> str:
@@ -27,5 +30,5 @@ def file_sha256(path: str | os.PathLike, on_bytes=None, cancelled=None) -> str:
 def legacy_model_hash(path: str | os.PathLike) -> str:
     """AUTOMATIC1111's old 8-character model hash: SHA256 of 64 KiB at offset 1 MiB."""
     with open(Path(path), "rb") as f:
-        f.seek(0x100000)
-        return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
+        f.seek(LEGACY_HASH_OFFSET)
+        return hashlib.sha256(f.read(LEGACY_HASH_LENGTH)).hexdigest()[:8]
