@@ -64,7 +64,7 @@ class LoraInfo:
         return max(self.ranks, key=lambda r: (self.ranks[r], r)) if self.ranks else None
 
 
-def _split(key: str) -> tuple[str, str] | None:
+def split_key(key: str) -> tuple[str, str] | None:
     """(module, suffix) when the key ends with a LoRA suffix, the longest matching suffix first.
     This runs for every key of every file a catalog scan identifies: the suffixes nearly every
     real LoRA key ends with are found with one or two `rpartition`s, the rest by looking up the
@@ -108,7 +108,7 @@ def detect_lora(shapes: dict[str, tuple[int, ...]], metadata: dict[str, str]) ->
     modules: dict[str, dict[str, tuple[int, ...]]] = {}
     misses = 0
     for key, shape in shapes.items():
-        split = _split(key)
+        split = split_key(key)
         if split is None:
             misses += 1
             if misses > 0.1 * len(shapes):  # a checkpoint: stop early, no LoRA is this mixed

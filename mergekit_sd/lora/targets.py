@@ -1,0 +1,120 @@
+"""Which checkpoint weight (and which rows of it) each LoRA module changes.
+
+LoRA files name modules in one of three vocabularies: diffusers module paths (PEFT, kohya's SD
+UNet and CLIP names with dots turned into underscores, diffusers FLUX), the checkpoint's own
+layout (kohya FLUX and SD3, ai-toolkit, LyCORIS' ldm names), or XLabs' attention processors.
+The first is looked up through the key maps derived from diffusers' converters
+(`arch.keymap`), which also say which rows of a fused qkv / linear1 weight a separate q, k or v
+lands on; the second directly; the third through XLabs' four processor names.
+
+Names are compared with dots turned into underscores, because that is all kohya keeps.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from mergekit_sd.arch.architectures import Architecture
+from mergekit_sd.arch.components import slot_of
+from mergekit_sd.arch.keymap import diffusers_key_maps
+
+DIFFUSION = "diffusion_model"
+
+# the LoRA name prefixes of each checkpoint slot, longest first where one begins another
+_PREFIXES: tuple[tuple[str, str], ...] = (
+    ("lora_unet_", DIFFUSION), ("lora_transformer_", DIFFUSION),
+    ("model_diffusion_model_", DIFFUSION), ("diffusion_model_", DIFFUSION),
+    ("unet_", DIFFUSION), ("transformer_", DIFFUSION),
+    ("lora_te1_", "text_encoder"), ("lora_te2_", "text_encoder_2"),
+    ("lora_te3_", "text_encoder_3"), ("lora_te_", "text_encoder"),
+    ("text_encoder_2_", "text_encoder_2"), ("text_encoder_3_", "text_encoder_3"),
+    ("text_encoder_", "text_encoder"),
+)
+# keymap component -> checkpoint slot
+_SLOT_OF_COMPONENT = {"unet": DIFFUSION, "transformer": DIFFUSION, "text_encoder": "text_encoder",
+                      "text_encoder_2": "text_encoder_2", "text_encoder_3": "text_encoder_3"}
+# XLabs' FLUX processors: <n>.processor.<name> -> the BFL module it adapts
+_XLABS = re.compile(r"^double_blocks\.(\d+)\.processor\.(qkv|proj)_lora([12])$")
+_XLABS_STREAM = {"1": "img_attn", "2": "txt_attn"}
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    key: str  # the checkpoint weight
+    rows: tuple[int, int] | None  # rows of `key` the module covers; None: all of it
+    bias: str | None  # the checkpoint bias of the same rows, if there is one
+    slot: str  # diffusion_model, text_encoder, ...
+    block: str  # the architecture's block (BASE outside blocks; TE for text encoders)
+    shape: tuple[int, ...]  # the delta's shape: `key`'s, or that of its rows
+
+
+def _under(name: str) -> str:
+    return name.replace(".", "_")
+
+
+class TargetIndex:
+    """Every module name a LoRA may use for a weight of one checkpoint."""
+
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]], arch: Architecture,
+                 diffusion_prefix: str):
+        self.shapes = shapes
+        self.arch = arch
+        self.prefix = diffusion_prefix
+        self.by_slot: dict[str, dict[str, Target]] = {}
+        for component, mapping in diffusers_key_maps(shapes).items():
+            slot = _SLOT_OF_COMPONENT.get(component)
+            if slot is None:
+                continue
+            names = self.by_slot.setdefault(slot, {})
+            for name, source in mapping.items():
+                if not name.endswith(".weight") or source.transposed or len(source.segments) != 1:
+                    continue
+                seg = source.segments[0]
+                target = self._target(seg.key, seg.start, seg.stop, slot)
+                module = _under(name[:-len(".weight")])
+                names.setdefault(module, target)
+                if module.startswith("text_model_"):  # transformers 5 drops text_model.
+                    names.setdefault(module[len("text_model_"):], target)
+        for key in shapes:  # the checkpoint's own names (kohya FLUX/SD3, ai-toolkit, LyCORIS)
+            if not key.endswith(".weight"):
+                continue
+            slot, prefix = slot_of(key)
+            if slot == "other" and diffusion_prefix == "":
+                slot = DIFFUSION
+            if slot not in _SLOT_OF_COMPONENT.values():
+                continue
+            module = _under(key[len(prefix):-len(".weight")])
+            rows = shapes[key][0] if shapes[key] else 1
+            self.by_slot.setdefault(slot, {}).setdefault(module, self._target(key, 0, rows, slot))
+
+    def _target(self, key: str, start: int, stop: int, slot: str) -> Target:
+        shape = tuple(self.shapes[key])
+        whole = start == 0 and stop == (shape[0] if shape else 1)
+        bias = key[:-len("weight")] + "bias"
+        if bias not in self.shapes:
+            bias = None
+        block = "TE" if slot != DIFFUSION else self.arch.block_of(key[len(self.prefix):])
+        return Target(key, None if whole else (start, stop), bias, slot, block,
+                      shape if whole else (stop - start, *shape[1:]))
+
+    def find(self, module: str) -> Target | None:
+        """The target of a LoRA module name, or None when this checkpoint has none."""
+        xlabs = _XLABS.match(module)
+        if xlabs:
+            n, kind, stream = xlabs.groups()
+            module = f"double_blocks.{n}.{_XLABS_STREAM[stream]}.{kind}"
+            return self.by_slot.get(DIFFUSION, {}).get(_under(module))
+        name = _under(module)
+        for prefix, slot in _PREFIXES:
+            if name.startswith(prefix):
+                found = self.by_slot.get(slot, {}).get(name[len(prefix):])
+                if found is not None:
+                    return found
+        # unprefixed names (early diffusers files): diffusion model first
+        for slot in (DIFFUSION, "text_encoder", "text_encoder_2"):
+            found = self.by_slot.get(slot, {}).get(name)
+            if found is not None:
+                return found
+        return None
