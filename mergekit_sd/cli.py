@@ -20,6 +20,10 @@ CATALOG_HELP = "Catalog database (default: $MERGEKIT_SD_CATALOG or the user data
 LAZY_GROUPS = {
     "catalog": ("mergekit_sd.cli_catalog", "catalog_app",
                 "The model library: roots, scans, hashes, tags, duplicates, lineage."),
+    "bake": ("mergekit_sd.cli_lora", "bake_app",
+             "Bake LoRAs into a checkpoint in one streaming pass."),
+    "lora": ("mergekit_sd.cli_lora", "lora_app",
+             "LoRA tools: merge several LoRAs into one, extract a LoRA from two checkpoints."),
 }
 
 

@@ -25,7 +25,7 @@ def _tucker(core, left, right):
     """Rebuild a Tucker-factored kernel: core [r, r, kh, kw], left [r, out], right [r, in]."""
     import torch
 
-    return torch.einsum("i j k l, j r, i p -> p r k l", core, right, left)
+    return torch.einsum("i j k l, j r, i p -> p r k l", core, right, left).contiguous()
 
 
 def _scale(module: LoraModule, rank: int | None) -> float:

@@ -50,6 +50,14 @@ class Target:
     shape: tuple[int, ...]  # the delta's shape: `key`'s, or that of its rows
 
 
+@dataclass
+class Unmatched:
+    """A LoRA's modules that change no weight of the base (reported, never skipped silently)."""
+
+    lora: str
+    modules: list[str]  # module names, with the reason where it is not "no such weight"
+
+
 def _under(name: str) -> str:
     return name.replace(".", "_")
 
@@ -63,7 +71,13 @@ class TargetIndex:
         self.arch = arch
         self.prefix = diffusion_prefix
         self.by_slot: dict[str, dict[str, Target]] = {}
-        for component, mapping in diffusers_key_maps(shapes).items():
+        # kohya's name of each target: diffusers module paths for the SD1/SD2 UNet and every
+        # CLIP, the checkpoint's own names for SDXL's UNet (sd-scripts trains its own sgm
+        # model) and the FLUX and SD3 transformers
+        self.kohya: dict[tuple[str, tuple[int, int] | None], str] = {}
+        native_diffusion = arch.family != "sd"
+        maps = diffusers_key_maps(shapes)
+        for component, mapping in maps.items():
             slot = _SLOT_OF_COMPONENT.get(component)
             if slot is None:
                 continue
@@ -75,6 +89,8 @@ class TargetIndex:
                 target = self._target(seg.key, seg.start, seg.stop, slot)
                 module = _under(name[:-len(".weight")])
                 names.setdefault(module, target)
+                if slot != DIFFUSION or not native_diffusion:
+                    self.kohya.setdefault((target.key, target.rows), self._kohya(slot, module))
                 if module.startswith("text_model_"):  # transformers 5 drops text_model.
                     names.setdefault(module[len("text_model_"):], target)
         for key in shapes:  # the checkpoint's own names (kohya FLUX/SD3, ai-toolkit, LyCORIS)
@@ -87,7 +103,18 @@ class TargetIndex:
                 continue
             module = _under(key[len(prefix):-len(".weight")])
             rows = shapes[key][0] if shapes[key] else 1
-            self.by_slot.setdefault(slot, {}).setdefault(module, self._target(key, 0, rows, slot))
+            target = self._target(key, 0, rows, slot)
+            self.by_slot.setdefault(slot, {}).setdefault(module, target)
+            if slot == DIFFUSION and native_diffusion:
+                self.kohya.setdefault((key, None), self._kohya(slot, module))
+
+    def _kohya(self, slot: str, module: str) -> str:
+        if slot == "text_encoder":
+            prefix = "lora_te_" if self.arch.family == "sd" else "lora_te1_"
+        else:
+            prefix = {DIFFUSION: "lora_unet_", "text_encoder_2": "lora_te2_",
+                      "text_encoder_3": "lora_te3_"}[slot]
+        return prefix + module
 
     def _target(self, key: str, start: int, stop: int, slot: str) -> Target:
         shape = tuple(self.shapes[key])

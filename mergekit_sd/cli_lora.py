@@ -1,0 +1,197 @@
+"""`mergekit-sd bake` and the `lora` group (merge, extract): LoRA work from the command line.
+
+Built only when invoked (see LAZY_GROUPS in cli.py). Model arguments are paths or catalog
+references (`catalog:NAME`, `sha256:HEX`, `#ID`), resolved through the catalog only when one is
+used.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from mergekit_sd.cli import CATALOG_HELP, _CatalogOnDemand
+from mergekit_sd.errors import UserError, WorkFailed
+
+bake_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
+                       rich_markup_mode=None)
+lora_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
+                       rich_markup_mode=None, no_args_is_help=True)
+
+_SHOW_UNMATCHED = 8  # module names listed per LoRA when some land nowhere
+
+
+def _resolve(ref: str, resolver: _CatalogOnDemand) -> tuple[Path, str | None]:
+    """(path, SHA256 when the catalog knows it): an existing file as is, a path-looking
+    reference that does not exist is an error, anything else is asked of the catalog."""
+    from mergekit_sd.recipe.refs import is_path_ref
+
+    path = Path(ref).expanduser()
+    if is_path_ref(ref) and path.exists():
+        return path, None
+    if is_path_ref(ref) and ("/" in ref or path.suffix in (".safetensors", ".ckpt", ".pt")):
+        raise UserError(f"{ref}: no such file; give an existing path or a catalog reference "
+                        "(catalog:NAME, sha256:HEX)")
+    try:
+        found = resolver(ref)
+    except LookupError as exc:
+        raise UserError(str(exc)) from None
+    return found.path, found.sha256
+
+
+def _split_strengths(arg: str) -> tuple[str, float, float | None]:
+    """LORA[:STRENGTH[:TE_STRENGTH]] -> (ref, strength, te_strength)."""
+    parts = arg.split(":")
+    numbers: list[float] = []
+    while len(parts) > 1 and len(numbers) < 2:
+        try:
+            numbers.insert(0, float(parts[-1]))
+        except ValueError:
+            break
+        parts.pop()
+    ref = ":".join(parts)
+    strength = numbers[0] if numbers else 1.0
+    return ref, strength, numbers[1] if len(numbers) > 1 else None
+
+
+def show_unmatched(unmatched, echo=typer.echo) -> None:
+    for miss in unmatched:
+        names = miss.modules[:_SHOW_UNMATCHED]
+        more = len(miss.modules) - len(names)
+        echo(f"{miss.lora}: {len(miss.modules)} modules name no weight of the base:", err=True)
+        for name in names:
+            echo(f"  {name[:200]}", err=True)
+        if more:
+            echo(f"  … and {more} more", err=True)
+
+
+@bake_app.command("bake")
+def bake(
+    base: str = typer.Argument(..., help="Checkpoint to bake into (path or catalog ref)."),
+    loras: list[str] = typer.Argument(
+        ..., help="LoRAs as LORA[:STRENGTH[:TE_STRENGTH]], e.g. style.safetensors:0.8"),
+    output: Path = typer.Option(..., "--output", "-o", help="The baked checkpoint to write."),
+    te_strength: float | None = typer.Option(
+        None, "--te-strength", help="Text-encoder strength for every LoRA without its own "
+        "(default: each LoRA's strength)."),
+    blocks: list[str] = typer.Option(
+        [], "--blocks", help="Per-block strengths: a preset (all, in, mid, out, in-mid, mid-out, "
+        "double, single) or comma-separated numbers; once for all LoRAs or once per LoRA."),
+    dtype: str = typer.Option("keep", "--dtype", help="Output dtype: keep, fp16, bf16, fp32."),
+    allow_unmatched: bool = typer.Option(
+        False, "--allow-unmatched", help="Bake even when some LoRA modules name no weight of the "
+        "base (they are listed either way)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
+    catalog: Path | None = typer.Option(None, "--catalog", help=CATALOG_HELP),
+) -> None:
+    """Bake LoRAs into a checkpoint in one streaming pass; every module lands or is listed."""
+    from mergekit_sd.cli_progress import rich_progress
+    from mergekit_sd.lora.bake import LoraUse, check_deltas, plan_bake, run_bake
+
+    if len(blocks) > 1 and len(blocks) != len(loras):
+        raise UserError(f"--blocks given {len(blocks)} times for {len(loras)} LoRAs; give it "
+                        "once (for all) or once per LoRA")
+    if output.exists() and not overwrite:
+        raise UserError(f"{output} exists; pass --overwrite to replace it or choose another -o")
+    resolver = _CatalogOnDemand(catalog)
+    base_path, base_sha = _resolve(base, resolver)
+    uses = []
+    for i, arg in enumerate(loras):
+        ref, strength, te = _split_strengths(arg)
+        path, sha = _resolve(ref, resolver)
+        spec = blocks[i] if len(blocks) > 1 else (blocks[0] if blocks else None)
+        uses.append(LoraUse(ref, path, strength, te if te is not None else te_strength, spec,
+                            sha))
+    plan = plan_bake(base_path, uses, output, dtype, known_sha256=base_sha)
+    plan.unmatched.extend(check_deltas(plan))
+    if plan.unmatched:
+        show_unmatched(plan.unmatched)
+        if not allow_unmatched:
+            raise WorkFailed(f"{plan.unmatched_count} LoRA modules name no weight of "
+                             f"{base_path.name}; nothing written (pass --allow-unmatched to bake "
+                             "the rest)")
+    with rich_progress() as progress:
+        written = run_bake(plan, progress)
+    typer.echo(f"baked {len(uses)} LoRA{'s' if len(uses) != 1 else ''} into {base_path.name}: "
+               f"{plan.changed_keys()} tensors changed → {written}")
+
+
+@lora_app.command("merge")
+def lora_merge(
+    loras: list[str] = typer.Argument(..., help="LoRAs as LORA[:WEIGHT], at least two."),
+    output: Path = typer.Option(..., "--output", "-o", help="The merged LoRA to write."),
+    rank: int | None = typer.Option(
+        None, "--rank", help="Factor each weight's summed delta to this rank by SVD (default: "
+        "concatenate the ranks, which is exact)."),
+    base: str | None = typer.Option(
+        None, "--base", help="A checkpoint of the LoRAs' architecture, for its weights' shapes "
+        "(default: the architecture's real layout)."),
+    dtype: str = typer.Option("fp16", "--dtype", help="fp16, bf16 or fp32."),
+    clamp_quantile: float = typer.Option(1.0, "--clamp-quantile",
+                                         help="With --rank: clamp factors at this quantile."),
+    allow_unmatched: bool = typer.Option(False, "--allow-unmatched",
+                                         help="Merge even when some modules match no weight."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
+    catalog: Path | None = typer.Option(None, "--catalog", help=CATALOG_HELP),
+) -> None:
+    """Merge LoRAs into one kohya-format LoRA (matched by the weight each module changes)."""
+    from mergekit_sd.lora.combine import merge_loras
+    from mergekit_sd.lora.targets import Unmatched
+
+    if output.exists() and not overwrite:
+        raise UserError(f"{output} exists; pass --overwrite to replace it or choose another -o")
+    resolver = _CatalogOnDemand(catalog)
+    pairs = []
+    for arg in loras:
+        ref, weight, _ = _split_strengths(arg)
+        pairs.append((_resolve(ref, resolver)[0], weight))
+    base_path = _resolve(base, resolver)[0] if base else None
+    report = merge_loras(pairs, output, rank, base_path, dtype, clamp_quantile, allow_unmatched)
+    if report.unmatched:
+        show_unmatched([Unmatched(n, m) for n, m in report.unmatched.items()])
+        if not allow_unmatched:
+            count = sum(len(m) for m in report.unmatched.values())
+            raise WorkFailed(f"{count} modules match no weight; nothing written (pass "
+                             "--allow-unmatched to merge the rest)")
+    typer.echo(f"merged {len(pairs)} LoRAs: {report.modules} modules, rank up to {report.rank} "
+               f"→ {output}")
+
+
+@lora_app.command("extract")
+def lora_extract(
+    tuned: str = typer.Argument(..., help="The fine-tuned checkpoint."),
+    base: str = typer.Argument(..., help="The checkpoint it was tuned from."),
+    rank: int = typer.Option(..., "--rank", help="Rank of linear and 1x1 conv modules."),
+    output: Path = typer.Option(..., "--output", "-o", help="The LoRA to write."),
+    conv_rank: int | None = typer.Option(
+        None, "--conv-rank", help="Rank of 3x3 conv modules (LoCon); default: none extracted."),
+    clamp_quantile: float = typer.Option(
+        0.99, "--clamp-quantile", help="Clamp factor values at this quantile of their "
+        "magnitudes, as kohya's script does; 1 keeps them exact."),
+    text_encoders: bool = typer.Option(True, "--text-encoders/--no-text-encoders",
+                                       help="Extract text-encoder differences too."),
+    dtype: str = typer.Option("fp16", "--dtype", help="fp16, bf16 or fp32."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
+    catalog: Path | None = typer.Option(None, "--catalog", help=CATALOG_HELP),
+) -> None:
+    """Extract a kohya-format LoRA of the difference TUNED − BASE by truncated SVD."""
+    from mergekit_sd.cli_progress import rich_progress
+    from mergekit_sd.lora.extract import extract_lora
+
+    if output.exists() and not overwrite:
+        raise UserError(f"{output} exists; pass --overwrite to replace it or choose another -o")
+    resolver = _CatalogOnDemand(catalog)
+    tuned_path, base_path = _resolve(tuned, resolver)[0], _resolve(base, resolver)[0]
+    with rich_progress() as progress:
+        report = extract_lora(tuned_path, base_path, output, rank, conv_rank, clamp_quantile,
+                              text_encoders, dtype, progress)
+    typer.echo(f"extracted {report.modules} modules ({report.unchanged} weights unchanged) "
+               f"→ {output}")
+    if report.skipped_convs:
+        typer.echo(f"{report.skipped_convs} 3x3 convs differ but were left out: pass "
+                   "--conv-rank to extract them")
+    if report.other_differences:
+        some = ", ".join(report.other_differences[:3])
+        typer.echo(f"{len(report.other_differences)} other tensors differ that a LoRA cannot "
+                   f"carry (biases, norms, embeddings), e.g. {some}")

@@ -1,0 +1,305 @@
+"""Bake LoRAs into a checkpoint in one streaming pass, with provenance in the output.
+
+`plan_bake` reads headers and the (small) LoRAs, and decides for every LoRA module which
+checkpoint weight it changes; modules that land nowhere are reported, never skipped silently.
+`run_bake` then streams the checkpoint once: each weight is read, changed in fp32 by every
+module aimed at it (several LoRAs in the same pass), cast back and written; the other tensors
+are copied byte for byte. The base's SHA256, which the provenance records, is computed from the
+same bytes as they stream by, so the base is read exactly once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mergekit_sd import __version__
+from mergekit_sd.arch.architectures import ARCHITECTURES, Architecture
+from mergekit_sd.arch.identify import Identification, identify
+from mergekit_sd.errors import BadModelFile, UserError
+from mergekit_sd.io.dtypes import torch_dtype
+from mergekit_sd.io.hashing import file_sha256
+from mergekit_sd.io.header import SafetensorsHeader, read_header
+from mergekit_sd.io.reader import SafetensorsReader
+from mergekit_sd.io.writer import StreamingWriter, TensorSpec
+from mergekit_sd.lora.deltas import DeltaShapeError, apply_dora, module_delta
+from mergekit_sd.lora.modules import LoraFile, LoraModule, load_lora
+from mergekit_sd.lora.strengths import BlockSpec, block_strengths
+from mergekit_sd.lora.targets import DIFFUSION, Target, TargetIndex, Unmatched
+from mergekit_sd.progress import CancelToken, ProgressCallback, no_progress
+
+OUTPUT_DTYPES = {"keep": None, "fp32": "F32", "fp16": "F16", "bf16": "BF16"}
+_FLOATS = ("F64", "F32", "F16", "BF16")
+
+
+@dataclass
+class LoraUse:
+    """One LoRA to bake and how strongly."""
+
+    ref: str  # as the user named it
+    path: Path
+    strength: float = 1.0
+    te_strength: float | None = None  # None: the same as `strength`
+    blocks: BlockSpec = None
+    sha256: str | None = None  # when already known (the catalog's)
+
+
+@dataclass
+class Application:
+    module: LoraModule
+    target: Target
+    strength: float  # the LoRA's strength for this target's slot and block
+    lora: int  # index into the plan's loras
+
+
+@dataclass
+class BakePlan:
+    base: Path
+    header: SafetensorsHeader
+    arch: Architecture
+    uses: list[LoraUse]
+    files: list[LoraFile]
+    output: Path
+    dtype: str
+    weights: dict[str, list[Application]] = field(default_factory=dict)  # checkpoint key ->
+    biases: dict[str, list[Application]] = field(default_factory=dict)
+    unmatched: list[Unmatched] = field(default_factory=list)
+    known_sha256: str | None = None
+    lora_sha256s: list[str] = field(default_factory=list)
+
+    @property
+    def unmatched_count(self) -> int:
+        return sum(len(u.modules) for u in self.unmatched)
+
+    def changed_keys(self) -> int:
+        return len(self.weights.keys() | self.biases.keys())
+
+
+def _diffusion_prefix(header: SafetensorsHeader) -> str:
+    prefix = "model.diffusion_model."
+    return prefix if any(k.startswith(prefix) for k in header.tensors) else ""
+
+
+def _check_base(path: Path, found: Identification) -> Architecture:
+    if found.kind not in ("checkpoint", "diffusion_model") or found.architecture not in \
+            ARCHITECTURES:
+        raise BadModelFile(path, f"is {found.label}, not a checkpoint or diffusion model to bake "
+                                 "LoRAs into")
+    return ARCHITECTURES[found.architecture]
+
+
+def _check_lora(use: LoraUse, found: Identification, arch: Architecture) -> None:
+    if found.kind != "lora":
+        raise BadModelFile(use.path, f"is {found.label}, not a LoRA")
+    base = found.lora.base if found.lora else None
+    if base in ARCHITECTURES and ARCHITECTURES[base].family != arch.family:
+        raise UserError(f"{use.path}: this LoRA is for {ARCHITECTURES[base].label} and the base "
+                        f"is {arch.label}; pick a LoRA made for {arch.label}")
+
+
+def plan_bake(base: str | Path, uses: list[LoraUse], output: str | Path, dtype: str = "keep",
+              known_sha256: str | None = None) -> BakePlan:
+    base = Path(base)
+    if dtype not in OUTPUT_DTYPES:
+        raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(OUTPUT_DTYPES)}")
+    header = read_header(base)
+    arch = _check_base(base, identify(header))
+    shapes = {k: info.shape for k, info in header.tensors.items()}
+    index = TargetIndex(shapes, arch, _diffusion_prefix(header))
+    plan = BakePlan(base, header, arch, uses, [], Path(output), dtype, known_sha256=known_sha256)
+    for i, use in enumerate(uses):
+        _check_lora(use, identify(read_header(use.path)), arch)
+        lora = load_lora(use.path)
+        plan.files.append(lora)
+        plan.lora_sha256s.append(use.sha256.lower() if use.sha256 else file_sha256(use.path))
+        blocks = block_strengths(use.blocks, arch, f"{use.ref}: blocks")
+        te = use.strength if use.te_strength is None else use.te_strength
+        missing = []
+        for module in lora.modules.values():
+            target = index.find(module.name)
+            if target is None:
+                missing.append(module.name)
+                continue
+            strength = (use.strength if target.slot == DIFFUSION else te) * blocks[target.block]
+            app = Application(module, target, strength, i)
+            if module.tensors.keys() - {"diff_b"}:
+                plan.weights.setdefault(target.key, []).append(app)
+            if "diff_b" in module.tensors and target.bias:
+                plan.biases.setdefault(target.bias, []).append(app)
+        if missing and len(missing) == len(lora.modules):
+            raise UserError(f"{use.path}: none of its {len(missing)} modules names a weight of "
+                            f"{base.name} ({arch.label}), e.g. {missing[0]!r}; is it a LoRA for "
+                            "another architecture?")
+        if missing:
+            plan.unmatched.append(Unmatched(use.ref, missing))
+    return plan
+
+
+def _apply(tensor, apps: list[Application], bias: bool):
+    """The weight (fp32) with every module's delta added, at each one's strength."""
+    for app in apps:
+        if app.strength == 0:
+            continue
+        rows = app.target.rows
+        view = tensor if rows is None else tensor[rows[0]:rows[1]]
+        if bias:
+            view += app.strength * app.module.tensors["diff_b"].reshape(view.shape)
+            continue
+        delta = module_delta(app.module, tuple(view.shape))
+        if delta is None:
+            continue
+        if "dora" in app.module.tensors:
+            view.copy_(apply_dora(view, delta, app.module.tensors["dora"], app.strength))
+        else:
+            view += app.strength * delta
+    return tensor
+
+
+def _out_dtype(plan: BakePlan, dtype: str) -> str:
+    wanted = OUTPUT_DTYPES[plan.dtype]
+    return wanted if wanted and dtype in _FLOATS else dtype
+
+
+def bake_metadata(plan: BakePlan, base_sha256: str) -> dict[str, str]:
+    """The base's own metadata, plus what was baked in: our recipe form (so `catalog lineage`
+    shows the base and every LoRA as parents) and a plain list."""
+    names = _model_names(plan)
+    loras = []
+    for use, name in zip(plan.uses, names[1:], strict=True):
+        entry = {"model": name, "strength": use.strength}
+        if use.te_strength is not None:
+            entry["te_strength"] = use.te_strength
+        if use.blocks not in (None, ""):
+            entry["blocks"] = use.blocks
+        loras.append(entry)
+    shas = [base_sha256, *plan.lora_sha256s]
+    refs = [str(plan.base), *(u.ref for u in plan.uses)]
+    recipe = {
+        "version": 1,
+        "models": {n: {"ref": r, "sha256": s} for n, r, s in zip(names, refs, shas, strict=True)},
+        "steps": [{"name": "bake", "method": "bake_lora", "inputs": [names[0]], "loras": loras}],
+        "output": {"step": "bake", "dtype": plan.dtype, "title": plan.output.stem},
+    }
+    metadata = dict(plan.header.metadata)
+    metadata.update({
+        "modelspec.title": plan.output.stem,
+        "mergekit_sd.recipe": json.dumps(recipe, sort_keys=True),
+        "mergekit_sd.baked_loras": json.dumps(
+            [{"name": u.path.name, "sha256": s, **e}
+             for u, s, e in zip(plan.uses, shas[1:], loras, strict=True)]),
+        "mergekit_sd.version": __version__,
+    })
+    metadata.setdefault("format", "pt")
+    return metadata
+
+
+def _model_names(plan: BakePlan) -> list[str]:
+    names = ["base"]
+    for use in plan.uses:
+        stem, n = use.path.stem, 2
+        name = stem
+        while name in names:
+            name, n = f"{stem}-{n}", n + 1
+        names.append(name)
+    return names
+
+
+def _contiguous(header: SafetensorsHeader, order: list[str]) -> bool:
+    """Whether the tensors' bytes, in file order, are the whole file after the header (then
+    hashing them as they stream by gives the file's SHA256)."""
+    position = header.data_start
+    for key in order:
+        info = header.tensors[key]
+        if info.start != position:
+            return False
+        position = info.end
+    return position == header.file_size
+
+
+def run_bake(plan: BakePlan, progress: ProgressCallback = no_progress,
+             cancel: CancelToken | None = None) -> Path:
+    """Write the baked checkpoint (atomically) and return its path."""
+    import torch
+
+    cancel = cancel or CancelToken()
+    infos = plan.header.tensors
+    order = sorted(infos, key=lambda k: infos[k].start)  # file order: the hash streams along
+    specs = [TensorSpec(k, _out_dtype(plan, i.dtype), i.shape) for k, i in infos.items()]
+    digest = None if plan.known_sha256 or not _contiguous(plan.header, order) \
+        else hashlib.sha256()
+    placeholder = "~" * 64
+    with SafetensorsReader(plan.base, plan.header) as reader, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="hash") as hasher, \
+            StreamingWriter(plan.output, specs, bake_metadata(plan, placeholder)) as writer:
+        if digest is not None:
+            with open(plan.base, "rb") as f:
+                digest.update(f.read(plan.header.data_start))
+        hashing = None
+        for done, key in enumerate(order, 1):
+            cancel.raise_if_cancelled()
+            info = infos[key]
+            raw = reader.read_bytes(key)
+            if hashing is not None:
+                hashing.result()
+            if digest is not None:
+                hashing = hasher.submit(digest.update, raw)
+            spec = writer.specs[key]
+            apps, bias_apps = plan.weights.get(key), plan.biases.get(key)
+            if not apps and not bias_apps and spec.dtype == info.dtype:
+                writer.write_bytes(key, raw)
+            else:
+                tensor = torch.frombuffer(raw, dtype=torch_dtype(info.dtype)) if raw else \
+                    torch.empty(0, dtype=torch_dtype(info.dtype))
+                tensor = tensor.reshape(info.shape)
+                if apps or bias_apps:
+                    tensor = _apply(tensor.float(), apps or bias_apps, bias=not apps)
+                writer.write(key, tensor.to(torch_dtype(spec.dtype)))
+            progress("baking", done, len(order))
+        if hashing is not None:
+            hashing.result()
+        if plan.known_sha256:
+            sha = plan.known_sha256.lower()
+        else:
+            sha = digest.hexdigest() if digest is not None else file_sha256(plan.base)
+        writer.rewrite_metadata(bake_metadata(plan, sha))
+    return plan.output
+
+
+def check_deltas(plan: BakePlan) -> list[Unmatched]:
+    """Modules whose tensors do not fit the weight they name (a LoRA for another model of the
+    same architecture, e.g. another width); taken out of the plan and returned, so this is
+    known before any byte is written."""
+    bad: dict[int, list[str]] = {}
+    for key, apps in list(plan.weights.items()):
+        kept = []
+        for app in apps:
+            problem = _shape_problem(app.module, app.target.shape)
+            if problem:
+                bad.setdefault(app.lora, []).append(f"{app.module.name} ({problem})")
+            else:
+                kept.append(app)
+        if kept:
+            plan.weights[key] = kept
+        else:
+            del plan.weights[key]
+    return [Unmatched(plan.uses[i].ref, names) for i, names in bad.items()]
+
+
+def _shape_problem(module: LoraModule, shape: tuple[int, ...]) -> str | None:
+    t = module.tensors
+    if module.algo == "lora" and "mid" not in t:  # cheap: no product needed
+        width = math.prod(shape[1:]) if len(shape) > 1 else 1
+        if t["up"].shape[0] == shape[0] and t["down"][0].numel() == width \
+                and t["up"][0].numel() == t["down"].shape[0]:
+            return None
+        return (f"up {tuple(t['up'].shape)} and down {tuple(t['down'].shape)} do not fit "
+                f"{shape}")
+    try:
+        module_delta(module, shape)
+    except DeltaShapeError as exc:
+        return str(exc)
+    return None

@@ -1,0 +1,146 @@
+"""Merge several LoRAs into one kohya-format LoRA: concatenated ranks, or SVD to a chosen rank.
+
+Concatenation is exact: Σ wᵢ·upᵢ@downᵢ = [w₁·up₁ … wₙ·upₙ] @ [down₁; …; downₙ], so the merged
+file bakes to the same weights as baking each LoRA at its weight; ranks add up. With `rank`,
+each weight's summed delta is factored again by SVD to that rank (smaller file, approximate);
+this also merges LoHa, LoKr and Tucker modules, which have no up/down pair to concatenate.
+
+Modules are matched by the checkpoint weight they change (`TargetIndex`), so LoRAs of different
+formats (kohya, PEFT, diffusers FLUX with separate q/k/v) merge with each other. The weights'
+full shapes come from a base checkpoint when given, else from the architecture's real layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mergekit_sd.arch.architectures import ARCHITECTURES, Architecture
+from mergekit_sd.arch.identify import identify
+from mergekit_sd.arch.layouts import load_layout
+from mergekit_sd.errors import BadModelFile, UserError
+from mergekit_sd.io.hashing import file_sha256
+from mergekit_sd.io.header import read_header
+from mergekit_sd.lora.deltas import module_delta
+from mergekit_sd.lora.extract import truncated_svd
+from mergekit_sd.lora.kohya_file import LORA_DTYPES, factors_for, write_kohya_lora
+from mergekit_sd.lora.modules import LoraModule, load_lora
+from mergekit_sd.lora.targets import Target, TargetIndex
+
+_REFERENCE_LAYOUTS = {"sd": "sd1-ldm", "sdxl": "sdxl-sgm", "flux": "flux1-dev-bfl",
+                      "sd3": "sd3-medium-comfyui"}
+
+
+@dataclass
+class MergeReport:
+    output: Path
+    modules: int = 0
+    rank: int = 0
+    unmatched: dict[str, list[str]] = field(default_factory=dict)
+
+
+def _lora_arch(path: Path) -> Architecture:
+    found = identify(read_header(path))
+    if found.kind != "lora":
+        raise BadModelFile(path, f"is {found.label}, not a LoRA")
+    base = found.lora.base if found.lora else None
+    if base not in ARCHITECTURES:
+        raise UserError(f"{path}: the LoRA's base model cannot be told from its keys; merge "
+                        "LoRAs whose base `mergekit-sd inspect` can name")
+    return ARCHITECTURES[base]
+
+
+def _index(arch: Architecture, base: Path | None) -> TargetIndex:
+    if base is not None:
+        header = read_header(base)
+        shapes = {k: i.shape for k, i in header.tensors.items()}
+    elif arch.family in _REFERENCE_LAYOUTS and arch.id != "sd2":
+        layout = load_layout(_REFERENCE_LAYOUTS[arch.family])
+        shapes = {e.name: e.shape for e in layout}
+    else:
+        raise UserError(f"no shipped layout for {arch.label}; pass --base CHECKPOINT")
+    prefix = "model.diffusion_model." if any(k.startswith("model.diffusion_model.")
+                                             for k in shapes) else ""
+    return TargetIndex(shapes, arch, prefix)
+
+
+def _pair(module: LoraModule, weight: float):
+    """(up, down) as 2-D fp32 factors with the module's scale and weight folded into up."""
+    t = module.tensors
+    scale = module.alpha / t["down"].shape[0] if module.alpha else 1.0
+    return t["up"].flatten(1) * (weight * scale), t["down"].flatten(1)
+
+
+def merge_loras(loras: list[tuple[Path, float]], output: Path, rank: int | None = None,
+                base: Path | None = None, dtype: str = "fp16", clamp_quantile: float = 1.0,
+                allow_unmatched: bool = False) -> MergeReport:
+    import torch
+
+    if len(loras) < 2:
+        raise UserError("give at least two LoRAs to merge")
+    if dtype not in LORA_DTYPES:
+        raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(LORA_DTYPES)}")
+    archs = [_lora_arch(p) for p, _ in loras]
+    if len({a.family for a in archs}) > 1:
+        labels = ", ".join(f"{p.name} ({a.label})" for (p, _), a in zip(loras, archs, strict=True))
+        raise UserError(f"these LoRAs are for different architectures: {labels}")
+    index = _index(archs[0], base)
+    report = MergeReport(output)
+    by_key: dict[str, list[tuple[LoraModule, float, Target]]] = {}
+    for path, weight in loras:
+        for module in load_lora(path).modules.values():
+            target = index.find(module.name)
+            if target is None:
+                report.unmatched.setdefault(path.name, []).append(module.name)
+                continue
+            if "dora" in module.tensors:
+                raise UserError(f"{path.name}: DoRA modules need the base weights to merge; bake "
+                                "it into a checkpoint with `mergekit-sd bake` instead")
+            by_key.setdefault(target.key, []).append((module, weight, target))
+    if report.unmatched and not allow_unmatched:
+        return report
+    modules = {}
+    for key, entries in by_key.items():
+        rows = {t.rows for _, _, t in entries}
+        whole = len(rows) > 1
+        name = index.kohya.get((key, None) if whole else (key, rows.pop()))
+        if name is None:
+            raise UserError(f"{key}: its modules cover different rows and kohya's format has no "
+                            "name for the whole weight; merge these LoRAs with --base")
+        shape = index.shapes[key] if whole else entries[0][2].shape
+        kernel = tuple(shape[2:])
+        if rank is None:
+            modules[name] = factors_for(*_concatenate(entries, shape, whole, key), kernel)
+        else:
+            delta = torch.zeros(shape)
+            for module, weight, target in entries:
+                view = delta[target.rows[0]:target.rows[1]] if whole and target.rows else delta
+                view += weight * module_delta(module, tuple(view.shape))
+            modules[name] = factors_for(*truncated_svd(delta, rank, clamp_quantile), kernel)
+    provenance = {"mergekit_sd.merged_loras": [
+        {"name": p.name, "sha256": file_sha256(p), "weight": w} for p, w in loras]}
+    write_kohya_lora(output, modules, archs[0], dtype, provenance)
+    report.modules = len(modules)
+    report.rank = max((down.shape[0] for _, down in modules.values()), default=0)
+    return report
+
+
+def _concatenate(entries, shape, whole: bool, key: str):
+    import torch
+
+    ups, downs = [], []
+    for module, weight, target in entries:
+        if module.algo != "lora" or "mid" in module.tensors:
+            kind = "Tucker" if "mid" in module.tensors else module.algo
+            raise UserError(f"{module.name}: {kind} modules have no up/down pair to concatenate; "
+                            "pass --rank R to merge by SVD")
+        up, down = _pair(module, weight)
+        if whole and target.rows is not None:
+            padded = torch.zeros(shape[0], up.shape[1])
+            padded[target.rows[0]:target.rows[1]] = up
+            up = padded
+        ups.append(up)
+        downs.append(down)
+    if len({d.shape[1] for d in downs}) > 1:
+        raise UserError(f"{key}: the LoRAs' modules for this weight have different input widths")
+    return torch.cat(ups, dim=1), torch.cat(downs, dim=0)

@@ -1,0 +1,133 @@
+"""Extract a kohya-format LoRA from two checkpoints: the difference, by truncated SVD.
+
+For every weight a LoRA can carry (linear layers and 1x1 convs; 3x3 convs with a conv rank),
+ΔW = tuned − base is factored as U·S·Vᵀ and the top `rank` singular directions kept:
+lora_up = U·S, lora_down = Vᵀ. At full rank this is exact (to fp32 rounding), so baking the
+result into the base gives the tuned model back. Like kohya's script, the factors' outliers
+can be clamped at a quantile of their magnitudes (`clamp_quantile`, 1 = no clamp). The two
+checkpoints are read one weight at a time; only the (small) factors are held.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mergekit_sd.arch.architectures import ARCHITECTURES
+from mergekit_sd.arch.identify import identify
+from mergekit_sd.errors import BadModelFile, UserError
+from mergekit_sd.io.hashing import file_sha256
+from mergekit_sd.io.header import read_header
+from mergekit_sd.io.reader import SafetensorsReader
+from mergekit_sd.lora.kohya_file import LORA_DTYPES, factors_for, write_kohya_lora
+from mergekit_sd.lora.targets import DIFFUSION, TargetIndex
+from mergekit_sd.progress import CancelToken, ProgressCallback, no_progress
+
+# weights a LoRA never carries even though they are matrices: lookup tables, not layers
+_NOT_LAYERS = ("embedding", "pos_embed", "position", "shared.weight")
+
+
+@dataclass
+class ExtractReport:
+    output: Path
+    modules: int = 0
+    unchanged: int = 0  # weights that do not differ: no module written
+    skipped_convs: int = 0  # 3x3 convs that differ, left out for want of a conv rank
+    other_differences: list[str] = field(default_factory=list)  # differ, no LoRA can carry
+
+
+def truncated_svd(delta, rank: int, clamp_quantile: float):
+    import torch
+
+    matrix = delta.reshape(delta.shape[0], -1)
+    rank = min(rank, *matrix.shape)
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    up, down = u[:, :rank] * s[:rank], vh[:rank]
+    if clamp_quantile < 1:
+        magnitudes = torch.cat([up.reshape(-1), down.reshape(-1)]).abs()
+        k = max(1, math.ceil(clamp_quantile * magnitudes.numel()))
+        limit = magnitudes.kthvalue(k).values
+        up, down = up.clamp(-limit, limit), down.clamp(-limit, limit)
+    return up, down
+
+
+def extract_lora(tuned: Path, base: Path, output: Path, rank: int, conv_rank: int | None = None,
+                 clamp_quantile: float = 0.99, text_encoders: bool = True, dtype: str = "fp16",
+                 progress: ProgressCallback = no_progress, cancel: CancelToken | None = None
+                 ) -> ExtractReport:
+    if rank < 1 or (conv_rank is not None and conv_rank < 0):
+        raise UserError("--rank must be at least 1 and --conv-rank at least 0")
+    if not 0 < clamp_quantile <= 1:
+        raise UserError(f"--clamp-quantile {clamp_quantile}: give a number in (0, 1]")
+    if dtype not in LORA_DTYPES:
+        raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(LORA_DTYPES)}")
+    cancel = cancel or CancelToken()
+    headers = {p: read_header(p) for p in (tuned, base)}
+    found = {p: identify(h) for p, h in headers.items()}
+    for path, ident in found.items():
+        if ident.architecture not in ARCHITECTURES:
+            raise BadModelFile(path, f"is {ident.label}, not a checkpoint to extract from")
+    arch = ARCHITECTURES[found[base].architecture]
+    if ARCHITECTURES[found[tuned].architecture].family != arch.family:
+        raise UserError(f"{tuned.name} is {found[tuned].label} and {base.name} is "
+                        f"{found[base].label}: a LoRA is extracted from two models of one "
+                        "architecture")
+    tensors_t, tensors_b = headers[tuned].tensors, headers[base].tensors
+    shapes = {k: i.shape for k, i in tensors_b.items()}
+    prefix = "model.diffusion_model." if any(k.startswith("model.diffusion_model.")
+                                             for k in shapes) else ""
+    index = TargetIndex(shapes, arch, prefix)
+    wanted = [(key, rows, name) for (key, rows), name in index.kohya.items()
+              if key in tensors_t and tensors_t[key].shape == shapes[key]
+              and len(shapes[key]) in (2, 4) and not any(n in key for n in _NOT_LAYERS)
+              and (text_encoders or index.find(name).slot == DIFFUSION)]
+    report = ExtractReport(output)
+    modules = {}
+    covered = set()
+    with SafetensorsReader(tuned) as rt, SafetensorsReader(base) as rb:
+        for done, (key, rows, name) in enumerate(wanted, 1):
+            cancel.raise_if_cancelled()
+            covered.add(key)
+            kernel = tuple(shapes[key][2:])
+            spatial = bool(kernel) and kernel != (1, 1)
+            module_rank = (conv_rank or 0) if spatial else rank
+            delta = rt.read_tensor(key).float() - rb.read_tensor(key).float()
+            if rows is not None:
+                delta = delta[rows[0]:rows[1]]
+            progress("extracting", done, len(wanted))
+            if not bool(delta.any()):
+                report.unchanged += 1
+                continue
+            if module_rank == 0:
+                report.skipped_convs += 1
+                continue
+            up, down = truncated_svd(delta, module_rank, clamp_quantile)
+            modules[name] = factors_for(up, down, kernel)
+        report.other_differences = _other_differences(rt, rb, covered, tensors_t, tensors_b)
+    report.modules = len(modules)
+    if not modules:
+        raise UserError(f"{tuned.name} and {base.name} do not differ in any weight a LoRA can "
+                        "carry; nothing to extract")
+    provenance = {"mergekit_sd.extracted_from": {
+        "tuned": {"name": tuned.name, "sha256": file_sha256(tuned)},
+        "base": {"name": base.name, "sha256": file_sha256(base)},
+        "rank": rank, "conv_rank": conv_rank, "clamp_quantile": clamp_quantile}}
+    write_kohya_lora(output, modules, arch, dtype, provenance)
+    return report
+
+
+def _other_differences(rt, rb, covered: set[str], tensors_t, tensors_b) -> list[str]:
+    """Tensors outside the LoRA's reach (biases, norms, embeddings) that differ: reported, so
+    a user knows what the LoRA leaves out."""
+    import torch
+
+    differ = []
+    for key, info in tensors_b.items():
+        if key in covered or key not in tensors_t or tensors_t[key].shape != info.shape:
+            continue
+        if info.nbytes > 64 << 20:  # a huge non-layer tensor: not worth reading twice
+            continue
+        if not torch.equal(rt.read_tensor(key), rb.read_tensor(key)):
+            differ.append(key)
+    return differ
