@@ -21,15 +21,12 @@ from diffusers import (  # noqa: E402
     UNet2DConditionModel,
 )
 from diffusers.loaders import single_file_utils as sfu  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # noqa: E402
 
 from mergekit_sd.arch.keymap import diffusers_key_maps  # noqa: E402
 from mergekit_sd.arch.layouts import load_layout  # noqa: E402
-
 from mergekit_sd.lora.bake import LoraUse, plan_bake, run_bake  # noqa: E402
-from mergekit_sd.testing.loras import write_lora  # noqa: E402
 
 MAX_RELATIVE_ERROR = 1e-5
 _LAYOUTS = {"sd1": "sd1-ldm", "sdxl": "sdxl-sgm"}
@@ -86,6 +83,10 @@ def _randomise(*modules) -> None:
             p.data = torch.randn(p.shape, generator=generator) * 0.05
 
 
+def _scheduler() -> DDIMScheduler:
+    return DDIMScheduler(steps_offset=1, clip_sample=False)  # unused: no image is rendered
+
+
 def sd1_pipeline() -> StableDiffusionPipeline:
     unet = UNet2DConditionModel(block_out_channels=[32, 32, 64, 64], layers_per_block=2,
                                 cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8,
@@ -93,7 +94,7 @@ def sd1_pipeline() -> StableDiffusionPipeline:
     te, vae = _clip(32), _vae()
     _randomise(unet, te, vae)
     return StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=None, unet=unet,
-                                   scheduler=DDIMScheduler(steps_offset=1, clip_sample=False), safety_checker=None,
+                                   scheduler=_scheduler(), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
 
 
@@ -109,7 +110,7 @@ def sdxl_pipeline() -> StableDiffusionXLPipeline:
     _randomise(unet, te1, te2, vae)
     return StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2,
                                      tokenizer=None, tokenizer_2=None, unet=unet,
-                                     scheduler=DDIMScheduler(steps_offset=1, clip_sample=False))
+                                     scheduler=_scheduler())
 
 
 def load_single_file(pipe, state: dict):
