@@ -147,7 +147,7 @@ def _apply(tensor, apps: list[Application], bias: bool):
         rows = app.target.rows
         view = tensor if rows is None else tensor[rows[0]:rows[1]]
         if bias:
-            view += app.strength * app.module.tensors["diff_b"].reshape(view.shape)
+            view += app.strength * app.module.tensors["diff_b"].float().reshape(view.shape)
             continue
         delta = module_delta(app.module, tuple(view.shape))
         if delta is None:

@@ -68,7 +68,7 @@ def _pair(module: LoraModule, weight: float):
     """(up, down) as 2-D fp32 factors with the module's scale and weight folded into up."""
     t = module.tensors
     scale = module.alpha / t["down"].shape[0] if module.alpha else 1.0
-    return t["up"].flatten(1) * (weight * scale), t["down"].flatten(1)
+    return t["up"].float().flatten(1) * (weight * scale), t["down"].float().flatten(1)
 
 
 def merge_loras(loras: list[tuple[Path, float]], output: Path, rank: int | None = None,

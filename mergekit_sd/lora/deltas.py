@@ -34,10 +34,14 @@ def _scale(module: LoraModule, rank: int | None) -> float:
     return module.alpha / rank
 
 
+def _fp32(m: LoraModule) -> dict:
+    return {role: tensor.float() for role, tensor in m.tensors.items()}
+
+
 def _lora(m: LoraModule, shape: tuple[int, ...]):
     import torch
 
-    t = m.tensors
+    t = _fp32(m)
     up, down = t["up"].flatten(1), t["down"].flatten(1)
     if "mid" in t:
         delta = torch.einsum("a b h w, o a, b i -> o i h w", t["mid"], up, down)
@@ -47,7 +51,7 @@ def _lora(m: LoraModule, shape: tuple[int, ...]):
 
 
 def _loha(m: LoraModule, shape: tuple[int, ...]):
-    t = m.tensors
+    t = _fp32(m)
     if "t1" in t:
         w1 = _tucker(t["t1"], t["w1a"], t["w1b"])
         w2 = _tucker(t["t2"], t["w2a"], t["w2b"])
@@ -59,7 +63,7 @@ def _loha(m: LoraModule, shape: tuple[int, ...]):
 def _lokr(m: LoraModule, shape: tuple[int, ...]):
     import torch
 
-    t = m.tensors
+    t = _fp32(m)
     rank = None
     if "w1" in t:
         w1 = t["w1"]
@@ -89,7 +93,7 @@ def module_delta(module: LoraModule, shape: tuple[int, ...]):
             return None
         if delta.numel() != math.prod(shape):
             raise DeltaShapeError(f"diff has shape {tuple(delta.shape)}, the target {shape}")
-        return delta.reshape(shape)
+        return delta.float().reshape(shape)
     try:
         return _BUILDERS[module.algo](module, shape)
     except (RuntimeError, KeyError) as exc:
@@ -101,6 +105,7 @@ def module_delta(module: LoraModule, shape: tuple[int, ...]):
 def apply_dora(weight, delta, magnitude, strength: float):
     """DoRA's merge of `delta` (strength 1, alpha applied) into `weight`, blended by strength."""
     merged = weight + delta
+    magnitude = magnitude.float()
     out = weight.shape[0]
     if magnitude.shape[0] == out and magnitude.numel() == out:
         norm = merged.reshape(out, -1).norm(dim=1).reshape(out, *([1] * (weight.ndim - 1)))
