@@ -10,6 +10,7 @@ from conftest import REPO, run_cli
 
 from mergekit_sd.recipe.loader import load_recipe
 from mergekit_sd.testing import write_checkpoint
+from mergekit_sd.testing.loras import write_lora
 
 RECIPES = sorted(p for p in (REPO / "recipes").glob("*.yaml") if p.name != "demo.yaml")
 
@@ -35,7 +36,10 @@ def test_example_recipe_runs(tmp_path, source):
     refs = [recipe.model_ref(n).ref for n in recipe.models]
     refs += [recipe.output.vae] if recipe.output.vae else []
     for seed, ref in enumerate(refs):
-        write_checkpoint(tmp_path / ref, variant_for(Path(ref).name), seed=seed)
+        if Path(ref).parent.name == "loras":  # loras/FORMAT-NAME.safetensors
+            write_lora(tmp_path / ref, Path(ref).stem.rsplit("-", 1)[0], seed=seed)
+        else:
+            write_checkpoint(tmp_path / ref, variant_for(Path(ref).name), seed=seed)
     assert run_cli("plan", path).returncode == 0
     result = run_cli("merge", path)
     assert result.returncode == 0, result.stderr

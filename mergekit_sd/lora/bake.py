@@ -111,11 +111,21 @@ def plan_bake(base: str | Path, uses: list[LoraUse], output: str | Path, dtype: 
     shapes = {k: info.shape for k, info in header.tensors.items()}
     index = TargetIndex(shapes, arch, _diffusion_prefix(header))
     plan = BakePlan(base, header, arch, uses, [], Path(output), dtype, known_sha256=known_sha256)
+    plan.files, plan.weights, plan.biases, plan.unmatched = match_loras(
+        index, arch, uses, base.name)
+    plan.lora_sha256s = [u.sha256.lower() if u.sha256 else file_sha256(u.path) for u in uses]
+    return plan
+
+
+def match_loras(index: TargetIndex, arch: Architecture, uses: list[LoraUse], base_name: str):
+    """Load each LoRA and aim every module at its weight: (files, weight applications by key,
+    bias applications by key, unmatched modules). A LoRA none of whose modules fits is
+    refused as one for another architecture."""
+    files, weights, biases, unmatched = [], {}, {}, []
     for i, use in enumerate(uses):
         _check_lora(use, identify(read_header(use.path)), arch)
         lora = load_lora(use.path)
-        plan.files.append(lora)
-        plan.lora_sha256s.append(use.sha256.lower() if use.sha256 else file_sha256(use.path))
+        files.append(lora)
         blocks = block_strengths(use.blocks, arch, f"{use.ref}: blocks")
         te = use.strength if use.te_strength is None else use.te_strength
         missing = []
@@ -127,19 +137,19 @@ def plan_bake(base: str | Path, uses: list[LoraUse], output: str | Path, dtype: 
             strength = (use.strength if target.slot == DIFFUSION else te) * blocks[target.block]
             app = Application(module, target, strength, i)
             if module.tensors.keys() - {"diff_b"}:
-                plan.weights.setdefault(target.key, []).append(app)
+                weights.setdefault(target.key, []).append(app)
             if "diff_b" in module.tensors and target.bias:
-                plan.biases.setdefault(target.bias, []).append(app)
+                biases.setdefault(target.bias, []).append(app)
         if missing and len(missing) == len(lora.modules):
             raise UserError(f"{use.path}: none of its {len(missing)} modules names a weight of "
-                            f"{base.name} ({arch.label}), e.g. {missing[0]!r}; is it a LoRA for "
+                            f"{base_name} ({arch.label}), e.g. {missing[0]!r}; is it a LoRA for "
                             "another architecture?")
         if missing:
-            plan.unmatched.append(Unmatched(use.ref, missing))
-    return plan
+            unmatched.append(Unmatched(use.ref, missing))
+    return files, weights, biases, unmatched
 
 
-def _apply(tensor, apps: list[Application], bias: bool):
+def apply_loras(tensor, apps: list[Application], bias: bool):
     """The weight (fp32) with every module's delta added, at each one's strength."""
     for app in apps:
         if app.strength == 0:
@@ -256,7 +266,7 @@ def run_bake(plan: BakePlan, progress: ProgressCallback = no_progress,
                     torch.empty(0, dtype=torch_dtype(info.dtype))
                 tensor = tensor.reshape(info.shape)
                 if apps or bias_apps:
-                    tensor = _apply(tensor.float(), apps or bias_apps, bias=not apps)
+                    tensor = apply_loras(tensor.float(), apps or bias_apps, bias=not apps)
                 writer.write(key, tensor.to(torch_dtype(spec.dtype)))
             progress("baking", done, len(order))
         if hashing is not None:

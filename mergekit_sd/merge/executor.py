@@ -16,6 +16,7 @@ import math
 import threading
 import zlib
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,7 +154,18 @@ def _evaluate(plan: MergePlan, cand: Candidate, task: KeyTask, tensors: dict, st
             params["stats"] = stats[sp.step.name]
         args, restore = _overlap(args)
         values[sp.step.name] = restore(sp.method.func(*args, **params))
+        if sp.lora_weights or sp.lora_biases:
+            values[sp.step.name] = _bake(sp, task.key, values[sp.step.name])
     return values.get(plan.steps[-1].step.name)
+
+
+def _bake(sp, key: str, tensor):
+    from mergekit_sd.lora.bake import apply_loras
+
+    weights, biases = sp.lora_weights.get(key), sp.lora_biases.get(key)
+    if not weights and not biases:
+        return tensor
+    return apply_loras(tensor.clone(), weights or biases, bias=not weights)
 
 
 def _collect_stats(plan: MergePlan, inputs: _Inputs, progress: ProgressCallback,
@@ -190,10 +202,11 @@ class _Hasher:
 
     def __init__(self, plan: MergePlan, progress: ProgressCallback, cancel: CancelToken):
         self.files: dict[str, PlannedInput] = dict(plan.inputs)
+        self.files.update(plan.loras)
         if plan.vae is not None:
             self.files["vae"] = plan.vae
         self.stop = threading.Event()
-        total = sum(p.header.file_size for p in self.files.values() if not p.known_sha256)
+        total = sum(p.path.stat().st_size for p in self.files.values() if not p.known_sha256)
         done = [0]
 
         def on_bytes(n: int) -> None:
@@ -315,3 +328,44 @@ def _cast(tensor, task: KeyTask):
     if tensor.dtype == dtype and tensor.device.type == "cpu":
         return tensor
     return tensor.to("cpu").to(dtype) if tensor.is_floating_point() else tensor.to("cpu")
+
+
+def candidate_tensors(plan: MergePlan, candidate: str, device: str = "cpu",
+                      cancel: CancelToken | None = None) -> Iterator[tuple[str, object]]:
+    """Yield one candidate's output tensors, key by key in file order, exactly as `run_merge`
+    writes them (the same pieces, the same output dtype), without writing a file: rendering
+    merges a sweep's candidates straight into a pipeline's memory this way."""
+    import torch
+
+    cancel = cancel or CancelToken()
+    cand = next((c for c in plan.candidates if c.name == candidate), None)
+    if cand is None:
+        raise UserError(f"the recipe has no candidate {candidate!r} (candidates: "
+                        f"{', '.join(c.name for c in plan.candidates)})")
+    inputs = _Inputs(plan, device)
+    try:
+        stats = _collect_stats(plan, inputs, no_progress, cancel)
+        items = work_items(plan)
+        whole = None
+        with ThreadPoolExecutor(max_workers=PREFETCH, thread_name_prefix="read") as readers:
+            pending: deque[Future] = deque()
+            next_index = 0
+            for index, item in enumerate(items):
+                while next_index < len(items) and next_index <= index + PREFETCH:
+                    pending.append(readers.submit(inputs.fetch, items[next_index]))
+                    next_index += 1
+                fetched = pending.popleft().result()
+                cancel.raise_if_cancelled()
+                task = item.task
+                value = _cast(_evaluate(plan, cand, task, fetched, stats) if task.merge
+                              else fetched, task)
+                if item.whole:
+                    yield task.key, value
+                    continue
+                if item.first == 0:  # a large key computed in pieces: gather it
+                    whole = torch.empty(math.prod(task.out.shape), dtype=value.dtype)
+                whole[item.first:item.first + item.count] = value
+                if item.first + item.count == whole.numel():
+                    yield task.key, whole.reshape(task.out.shape)
+    finally:
+        inputs.close()

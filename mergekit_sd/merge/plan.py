@@ -61,6 +61,18 @@ class StepPlan:
     method: MergeMethod
     # candidate name -> param name -> per-key value
     params: dict[str, dict[str, KeyedValue]]
+    # bake_lora: checkpoint key -> the LoRA modules that change it (weights, then biases)
+    lora_weights: dict = field(default_factory=dict)
+    lora_biases: dict = field(default_factory=dict)
+
+
+@dataclass
+class PlannedLora:
+    name: str  # under `models`
+    ref: str
+    path: Path
+    expected_sha256: str | None
+    known_sha256: str | None
 
 
 @dataclass
@@ -77,6 +89,7 @@ class MergePlan:
     vae: PlannedInput | None = None
     vae_keys: dict[str, str] = field(default_factory=dict)  # output key -> key in the VAE file
     notes: list[str] = field(default_factory=list)
+    loras: dict[str, PlannedLora] = field(default_factory=dict)  # bake_lora steps' LoRAs
 
     @property
     def output_bytes(self) -> int:
@@ -131,20 +144,26 @@ def _model_order(loaded: LoadedRecipe) -> list[str]:
     return order
 
 
-def _open_input(loaded: LoadedRecipe, name: str, resolver: Resolver) -> PlannedInput:
+def _locate(loaded: LoadedRecipe, name: str, resolver: Resolver) -> tuple[Path, str | None]:
+    """(path, SHA256 when the resolver knows it) of model `name`."""
     ref = loaded.recipe.model_ref(name)
     loc = ("models", name)
-    known = None
     if is_path_ref(ref.ref):
         path = resolve_path(ref.ref, loaded.path.parent)
         if not path.exists():
             raise loaded.error(loc, f"model file {str(path)!r} does not exist")
-    else:
-        try:
-            resolved = resolver(ref.ref)
-        except LookupError as exc:
-            raise loaded.error(loc, str(exc.args[0])) from None
-        path, known = resolved.path, resolved.sha256
+        return path, None
+    try:
+        resolved = resolver(ref.ref)
+    except LookupError as exc:
+        raise loaded.error(loc, str(exc.args[0])) from None
+    return resolved.path, resolved.sha256
+
+
+def _open_input(loaded: LoadedRecipe, name: str, resolver: Resolver) -> PlannedInput:
+    ref = loaded.recipe.model_ref(name)
+    loc = ("models", name)
+    path, known = _locate(loaded, name, resolver)
     try:
         header = read_header(path)
     except BadModelFile as exc:
@@ -254,8 +273,50 @@ def build_plan(loaded: LoadedRecipe, resolver: Resolver | None = None,
                                    f"would overwrite the input {planned.name}")
     vae = _open_vae(loaded, resolver) if recipe.output.vae else None
     tasks, vae_keys, notes = _plan_keys(loaded, inputs, order, arch, prefix, vae)
+    loras = _plan_loras(loaded, steps, inputs[order[0]], arch, prefix, resolver)
+    baked = {k for sp in steps for k in (*sp.lora_weights, *sp.lora_biases)}
+    for task in tasks:
+        if task.key in baked:
+            task.merge = True  # even with one source: the step changes it
     return MergePlan(loaded, arch, prefix, inputs, order, steps, cands, outputs, tasks, vae,
-                     vae_keys, notes)
+                     vae_keys, notes, loras)
+
+
+def _plan_loras(loaded: LoadedRecipe, steps: list[StepPlan], first: PlannedInput,
+                arch: Architecture, prefix: str, resolver: Resolver) -> dict[str, PlannedLora]:
+    """Aim the modules of every bake_lora step's LoRAs at the keys of the first input (all
+    inputs share its layout); modules that land nowhere stop the plan unless allowed."""
+    from mergekit_sd.lora.bake import LoraUse, match_loras
+    from mergekit_sd.lora.targets import TargetIndex
+
+    planned: dict[str, PlannedLora] = {}
+    baking = [sp for sp in steps if sp.step.loras]
+    if not baking:
+        return planned
+    shapes = {k: i.shape for k, i in first.header.tensors.items()}
+    index = TargetIndex(shapes, arch, prefix)
+    for sp in baking:
+        at = ("steps", loaded.recipe.steps.index(sp.step), "loras")
+        uses = []
+        for spec in sp.step.loras:
+            if spec.model not in planned:
+                path, known = _locate(loaded, spec.model, resolver)
+                ref = loaded.recipe.model_ref(spec.model)
+                planned[spec.model] = PlannedLora(spec.model, ref.ref, path, ref.sha256, known)
+            uses.append(LoraUse(spec.model, planned[spec.model].path, spec.strength,
+                                spec.te_strength, spec.blocks))
+        try:
+            _, sp.lora_weights, sp.lora_biases, unmatched = match_loras(
+                index, arch, uses, first.path.name)
+        except UserError as exc:
+            raise loaded.error(at, str(exc)) from None
+        if unmatched and not sp.step.allow_unmatched:
+            first_miss = unmatched[0]
+            count = sum(len(u.modules) for u in unmatched)
+            raise loaded.error(at, f"{count} LoRA modules name no weight of {first.path.name}, "
+                                   f"e.g. {first_miss.modules[0]!r} of {first_miss.lora}; set "
+                                   "allow_unmatched: true on the step to bake the rest")
+    return planned
 
 
 def _output_paths(loaded: LoadedRecipe, cands: list[Candidate], out: Path | None

@@ -38,12 +38,10 @@ def canonical_recipe(plan: MergePlan, cand: Candidate, hashes: dict[str, str]) -
     output = recipe.output
     doc = {
         "version": 1,
-        "models": {name: {"ref": plan.inputs[name].ref, "sha256": hashes[name]}
-                   for name in plan.model_order},
-        "steps": [{"name": sp.step.name, "method": sp.method.name, "inputs": sp.step.inputs,
-                   "params": {p: _param_json(cand.value_of(sp.step.name, p, v))
-                              for p, v in sp.step.params.items()}}
-                  for sp in plan.steps],
+        "models": {name: {"ref": planned.ref, "sha256": hashes[name]}
+                   for name, planned in (*((n, plan.inputs[n]) for n in plan.model_order),
+                                         *plan.loras.items())},
+        "steps": [_step_json(sp, cand) for sp in plan.steps],
         "output": {"step": recipe.final_step.name, "dtype": output.dtype,
                    "drop_ema": output.drop_ema, "inference_only": output.inference_only,
                    "title": output.title or cand.name, "date": merge_date(plan)},
@@ -51,6 +49,17 @@ def canonical_recipe(plan: MergePlan, cand: Candidate, hashes: dict[str, str]) -
     if plan.vae is not None:
         doc["output"]["vae"] = plan.vae.ref
         doc["output"]["vae_sha256"] = hashes["vae"]
+    return doc
+
+
+def _step_json(sp, cand: Candidate) -> dict:
+    doc = {"name": sp.step.name, "method": sp.method.name, "inputs": sp.step.inputs,
+           "params": {p: _param_json(cand.value_of(sp.step.name, p, v))
+                      for p, v in sp.step.params.items()}}
+    if sp.step.loras:
+        doc["loras"] = [lora.model_dump(exclude_none=True) for lora in sp.step.loras]
+        if sp.step.allow_unmatched:
+            doc["allow_unmatched"] = True
     return doc
 
 

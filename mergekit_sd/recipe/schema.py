@@ -64,11 +64,24 @@ ParamValue = Annotated[
 ]
 
 
+class LoraSpec(Strict):
+    """One LoRA of a `bake_lora` step: a name from `models`, and how strongly to apply it."""
+
+    model: str
+    strength: float = 1.0
+    te_strength: float | None = Field(None, description="text encoders; default: strength")
+    blocks: str | list[float] | dict[str, float] | None = Field(
+        None, description="per-block strengths: a preset, a list, or {block pattern: value}")
+
+
 class Step(Strict):
     name: str = Field(pattern=STEP_NAME)
     method: str
     inputs: list[str] = Field(min_length=1)
     params: dict[str, ParamValue] = Field(default_factory=dict)
+    loras: list[LoraSpec] = Field(default_factory=list, description="bake_lora: LoRAs to bake")
+    allow_unmatched: bool = Field(False, description="bake_lora: bake even when some LoRA "
+                                                     "modules name no weight of the input")
 
 
 class Output(Strict):
@@ -104,6 +117,14 @@ class Recipe(Strict):
                     why = ("is a later step: steps run in order, so that would be a cycle"
                            if name in later else "is neither a model nor an earlier step")
                     raise ValueError(f"steps.{index}.inputs.{i}: {name!r} {why}")
+            if (step.method == "bake_lora") != bool(step.loras):
+                raise ValueError(f"steps.{index}.loras: " + (
+                    "a bake_lora step lists the LoRAs to bake under loras" if step.loras == []
+                    else f"only bake_lora steps take loras, not {step.method}"))
+            for i, lora in enumerate(step.loras):
+                if lora.model not in self.models:
+                    raise ValueError(f"steps.{index}.loras.{i}.model: {lora.model!r} is not a "
+                                     "name under models")
             known.add(step.name)
         if self.output.step is not None and self.output.step not in {s.name for s in self.steps}:
             raise ValueError(f"output.step: {self.output.step!r} is not a step of this recipe")

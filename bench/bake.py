@@ -1,0 +1,131 @@
+"""Benchmark of `mergekit-sd bake`: a full-size SDXL checkpoint with a rank-64 LoRA.
+
+Targets (from the issue), measured against a baseline in the same run:
+  a. wall time <= 1.3x a plain streaming copy of the checkpoint (each tensor read and written
+     through our reader and writer, fsynced and renamed, as the bake does), and
+  b. peak RSS <= 1 GB.
+
+Our side is the command line as users run it, `mergekit-sd bake BASE LORA:0.8 -o OUT`, in a
+child process: its time includes identifying both files, deriving the key maps from diffusers'
+converters, loading the LoRA, computing the base's SHA256 as it streams by (for provenance) and
+the final fsync. The copy runs in a child of its own. Both read a warm page cache (the base is
+read once before every run), run interleaved in a rotating order, and times are medians.
+
+Run from the repository root: .venv/bin/python bench/bake.py  (about 5 minutes on 2 cores; needs
+about 22 GB free in --workdir, default /tmp). --rounds N (default 3). Prints a table and PASS/FAIL
+lines, writes bench/results/bake.json, and exits 0 whatever the outcome.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+_BENCH = Path(__file__).resolve().parent
+# bench/inspect.py would shadow the standard library's `inspect` (torch imports it)
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH] + [str(_BENCH)]
+sys.path.insert(0, str(_BENCH.parent))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import _measure as m  # noqa: E402
+
+TARGET_VS_COPY = 1.3
+TARGET_PEAK = 1_000_000_000
+RANK = 64
+THIS = str(Path(__file__).resolve())
+CLI = str(m.REPO / ".venv" / "bin" / "mergekit-sd")
+
+
+def child_generate(base: str, lora: str) -> None:
+    from mergekit_sd.testing.checkpoints import write_checkpoint
+    from mergekit_sd.testing.loras import write_lora
+
+    start = time.perf_counter()
+    write_checkpoint(base, "sdxl", size="full", fill="random", dtype="F16", seed=1)
+    write_lora(lora, "kohya-sdxl", rank=RANK, size="full", seed=2)
+    print(json.dumps({"seconds": time.perf_counter() - start}))
+
+
+def child_copy(base: str, out: str) -> None:
+    """The baseline: stream every tensor through our reader into our writer (fsync, rename)."""
+    from mergekit_sd.io.reader import SafetensorsReader
+    from mergekit_sd.io.writer import StreamingWriter, TensorSpec
+
+    start = time.perf_counter()
+    with SafetensorsReader(base) as reader:
+        specs = [TensorSpec(k, i.dtype, i.shape) for k, i in reader.tensors.items()]
+        with StreamingWriter(out, specs, reader.metadata) as writer:
+            for key in sorted(reader.tensors, key=lambda k: reader.tensors[k].start):
+                writer.write_bytes(key, reader.read_bytes(key))
+    print(json.dumps({"seconds": time.perf_counter() - start}))
+
+
+def _warm(path: Path) -> None:
+    with open(path, "rb", buffering=0) as f:
+        while f.read(64 << 20):
+            pass
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()))
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    m.compile_bytecode()
+    work = Path(tempfile.mkdtemp(prefix="bench-bake-", dir=args.workdir))
+    try:
+        base, lora = work / "sdxl.safetensors", work / "lora-r64.safetensors"
+        made = m.run_child([sys.executable, THIS, "--child", "generate", str(base), str(lora)])
+        if made.returncode:
+            raise SystemExit(f"generating the models failed:\n{made.stderr[-2000:]}")
+        print(f"SDXL fp16 checkpoint {m.human_bytes(base.stat().st_size)}, kohya LoRA rank "
+              f"{RANK} {m.human_bytes(lora.stat().st_size)} (generated in "
+              f"{made.json_line()['seconds']:.0f} s)")
+        contenders = {
+            "streaming copy": [sys.executable, THIS, "--child", "copy", str(base),
+                               str(work / "copy.safetensors")],
+            "mergekit-sd bake": [CLI, "bake", str(base), f"{lora}:0.8", "-o",
+                                 str(work / "baked.safetensors"), "--overwrite"],
+        }
+        runs: dict[str, list] = {name: [] for name in contenders}
+        names = list(contenders)
+        for round_ in range(args.rounds):
+            for name in names[round_ % 2:] + names[:round_ % 2]:
+                _warm(base)
+                result = m.run_child(contenders[name])
+                if result.returncode:
+                    raise SystemExit(f"{name} failed:\n{result.stderr[-2000:]}")
+                runs[name].append(result)
+        wall = {n: m.median([r.wall_s for r in rs]) for n, rs in runs.items()}
+        peak = {n: max(r.peak_rss for r in rs) for n, rs in runs.items()}
+        m.print_table(["", "wall (median)", "peak RSS"],
+                      [[n, f"{wall[n]:.2f} s", m.human_bytes(peak[n])] for n in contenders])
+        ratio = wall["mergekit-sd bake"] / wall["streaming copy"]
+        verdicts = [
+            m.verdict("a. bake <= 1.3x streaming copy", ratio <= TARGET_VS_COPY,
+                      f"{ratio:.2f}x ({wall['mergekit-sd bake']:.2f} s vs "
+                      f"{wall['streaming copy']:.2f} s)"),
+            m.verdict("b. peak RSS <= 1 GB", peak["mergekit-sd bake"] <= TARGET_PEAK,
+                      m.human_bytes(peak["mergekit-sd bake"])),
+        ]
+        m.write_results("bake", {
+            "machine": m.machine(), "rounds": args.rounds, "cache": "warm",
+            "base_bytes": base.stat().st_size, "lora_bytes": lora.stat().st_size,
+            "wall_s": {n: [r.wall_s for r in rs] for n, rs in runs.items()},
+            "median_s": wall, "peak_rss": peak, "bake_vs_copy": ratio, "verdicts": verdicts})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "--child":
+        {"generate": child_generate, "copy": child_copy}[sys.argv[2]](*sys.argv[3:])
+    else:
+        main()
+        os._exit(0)
