@@ -42,6 +42,8 @@ demo: $(STAMP)
 	$(BIN)/mergekit-sd inspect $(DEMO)/models/Lora/demo-lora-mychar.safetensors
 	$(BIN)/mergekit-sd plan recipes/demo.yaml
 	$(BIN)/mergekit-sd merge recipes/demo.yaml
+	$(BIN)/mergekit-sd bake "$(DEMO)/merges/demo-mix@alpha=0.3.safetensors" \
+	  $(DEMO)/models/Lora/demo-lora-mychar.safetensors:0.8 -o $(DEMO)/merges/demo-mix-mychar.safetensors --overwrite
 	$(BIN)/mergekit-sd inspect $(DEMO)/merges/*.safetensors
 	$(BIN)/mergekit-sd catalog add-root $(DEMO)/merges --scan --catalog $(DEMO_CATALOG)
 	$(BIN)/mergekit-sd catalog scan --hash --catalog $(DEMO_CATALOG)
@@ -52,6 +54,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/writer.py
 	$(BIN)/python bench/merge.py
 	$(BIN)/python bench/catalog.py
+	$(BIN)/python bench/bake.py
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache .ruff_cache
