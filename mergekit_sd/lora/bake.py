@@ -159,10 +159,18 @@ def apply_loras(tensor, apps: list[Application], bias: bool):
         if bias:
             view += app.strength * app.module.tensors["diff_b"].float().reshape(view.shape)
             continue
+        t = app.module.tensors
+        if app.module.algo == "lora" and "mid" not in t and "dora" not in t:
+            # the common case, fused: W += s·scale·up@down without a delta temporary
+            scale = app.module.alpha / t["down"].shape[0] if app.module.alpha else 1.0
+            view.reshape(view.shape[0], -1).addmm_(
+                t["up"].float().flatten(1), t["down"].float().flatten(1),
+                alpha=app.strength * scale)
+            continue
         delta = module_delta(app.module, tuple(view.shape))
         if delta is None:
             continue
-        if "dora" in app.module.tensors:
+        if "dora" in t:
             view.copy_(apply_dora(view, delta, app.module.tensors["dora"], app.strength))
         else:
             view += app.strength * delta
@@ -266,7 +274,8 @@ def run_bake(plan: BakePlan, progress: ProgressCallback = no_progress,
                     torch.empty(0, dtype=torch_dtype(info.dtype))
                 tensor = tensor.reshape(info.shape)
                 if apps or bias_apps:
-                    tensor = apply_loras(tensor.float(), apps or bias_apps, bias=not apps)
+                    tensor = apply_loras(tensor.to(torch.float32, copy=True), apps or bias_apps,
+                                         bias=not apps)  # a copy: `raw` may still be hashing
                 writer.write(key, tensor.to(torch_dtype(spec.dtype)))
             progress("baking", done, len(order))
         if hashing is not None:

@@ -9,7 +9,8 @@
     DoRA           W' = m · (W + ΔW) / ‖W + ΔW‖ per output channel (m = dora_scale), and a
                    strength s below 1 blends: W + s · (W' − W), as ComfyUI and LyCORIS do.
 
-alpha defaults to the rank (scale 1), which is what kohya's scripts and PEFT mean by no alpha.
+alpha defaults to the rank (scale 1), which is what kohya's scripts and PEFT mean by no alpha
+(kohya also reads an alpha of 0 so).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ def _tucker(core, left, right):
 
 
 def _scale(module: LoraModule, rank: int | None) -> float:
-    if module.alpha is None or not rank:
+    # kohya: an alpha of 0 (or none) means alpha = rank, i.e. no scaling
+    if not module.alpha or not rank:
         return 1.0
     return module.alpha / rank
 
