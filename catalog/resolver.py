@@ -1,40 +1,58 @@
-"""The merge engine's resolver for catalog references (`catalog:NAME`, `sha256:HEX`, ids).
+"""The merge engine's resolver for catalog references (`catalog:NAME`, `sha256:HEX`, ids) and
+download references (`hf://org/repo/file`, `civitai://VERSION_ID`, `civitai://model/ID`).
 
 The engine asks for a path and, when known, the SHA256 (which saves hashing the input again
-for the output's provenance). `hf://` and `civitai://` references resolve to the catalog copy
-of the file they name once the download clients register their source ids.
+for the output's provenance). A download reference resolves to the catalog's copy of the file
+it names (found by the source ids a pull records); when there is none, the caller's `fetch`
+(`plan`/`merge --pull`) pulls it first, and without one the answer says how to get it.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
-from catalog.entries import find_entry
+from catalog.entries import Entry, find_entry
 from catalog.hash_cache import cached_hashes
+from catalog.remote_refs import is_remote_ref, owned_entry, parse_remote_ref
 from catalog.store import Store
 from mergekit_sd.errors import UserError
 from mergekit_sd.recipe.refs import ResolvedModel
 
 
 class CatalogResolver:
-    def __init__(self, store: Store):
+    def __init__(self, store: Store, fetch: Callable[[str], None] | None = None):
         self.store = store
+        self.fetch = fetch  # pulls a download reference into the catalog (--pull)
 
     def __call__(self, ref: str) -> ResolvedModel:
         """The file `ref` names; LookupError with one sentence when there is none (the
         planner adds the recipe's file, line and field)."""
-        if ref.startswith(("hf://", "civitai://")):
-            raise LookupError(f"{ref!r}: download references are not resolvable yet; download "
-                              "the file, scan it into the catalog and refer to it as "
-                              "catalog:NAME")
-        try:
-            entry = find_entry(self.store, ref)
-        except UserError as exc:
-            raise LookupError(str(exc)) from None
+        entry = self._download(ref) if is_remote_ref(ref) else self._entry(ref)
         if entry.status == "missing" or not os.path.exists(entry.path):
             raise LookupError(f"{ref!r} is catalog entry #{entry.id}, whose file {entry.path} "
                               "is missing; run `mergekit-sd catalog scan` or give a path")
         path = Path(entry.path)
         cached = cached_hashes(self.store, path)
         return ResolvedModel(path, cached.sha256 if cached else None)
+
+    def _entry(self, ref: str) -> Entry:
+        try:
+            return find_entry(self.store, ref)
+        except UserError as exc:
+            raise LookupError(str(exc)) from None
+
+    def _download(self, ref: str) -> Entry:
+        try:
+            parsed = parse_remote_ref(ref)
+            entry = owned_entry(self.store, parsed)
+            if entry is None and self.fetch is not None:
+                self.fetch(ref)
+                entry = owned_entry(self.store, parsed)
+        except UserError as exc:  # a network failure (WorkFailed) stays one: exit code 1
+            raise LookupError(str(exc)) from None
+        if entry is None:
+            raise LookupError(f"{ref!r} has no copy in the catalog yet; run `mergekit-sd pull "
+                              f"{ref}`, or pass --pull to plan/merge")
+        return entry

@@ -21,7 +21,7 @@ from pathlib import Path
 from catalog.identity import CIVITAI_BASE_MODELS, FileFacts, examine
 from catalog.layouts import detect_layout
 from catalog.moves import adopt, present_twin
-from catalog.sidecars import SidecarFacts, read_sidecars, signature
+from catalog.sidecars import SidecarFacts, read_sidecars, sidecar_paths, signature
 from catalog.store import Store
 from catalog.walk import FoundFile, walk
 from mergekit_sd.errors import Cancelled
@@ -277,7 +277,7 @@ _UPSERT = """INSERT INTO files (path, root_id, folder_kind, name, status, proble
     RETURNING id""".replace("{same}", _SAME_FILE)
 
 
-def _upsert(db, root_id: int, file: FoundFile, facts: FileFacts) -> None:
+def _upsert(db, root_id: int, file: FoundFile, facts: FileFacts) -> int:
     sidecar = read_sidecars(file.sidecars)
     header = {"base_model": facts.base_model, "trigger_words": facts.trigger_words}
     details = {**facts.details, "header": header, "sidecar": _sidecar_details(sidecar)}
@@ -297,6 +297,28 @@ def _upsert(db, root_id: int, file: FoundFile, facts: FileFacts) -> None:
     db.executemany("INSERT OR IGNORE INTO parents (file_id, ref_kind, ref, name, role) "
                    "VALUES (?, ?, ?, ?, ?)",
                    [(file_id, p.ref_kind, p.ref, p.name, p.role) for p in facts.parents])
+    return file_id
+
+
+def scan_file(store: Store, root_id: int, path: Path) -> int:
+    """Record one file of a root now (a download just finished), as a scan of the root would;
+    returns its entry id."""
+    st = path.stat()
+    root = Path(store.db.execute("SELECT path FROM roots WHERE id = ?", (root_id,)).fetchone()[0])
+    kinds = [(f.path, f.kind) for f in detect_layout(root).folders if path.is_relative_to(f.path)]
+    folder_kind = max(kinds, key=lambda item: len(item[0].parts))[1] if kinds else None
+    file = FoundFile(path, folder_kind, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
+                     sidecar_paths(path))
+    facts = examine(str(path))
+    with store.write() as db:
+        return _upsert(db, root_id, file, facts)
+
+
+def refresh_sidecars_of(store: Store, file_id: int, path: Path) -> None:
+    """Read a file's sidecars again after they were written (Civitai identification)."""
+    file = FoundFile(path, None, 0, 0, 0, 0, sidecar_paths(path))
+    with store.write() as db:
+        _refresh_sidecars(db, file_id, file)
 
 
 def _refresh_sidecars(db, file_id: int, file: FoundFile) -> None:

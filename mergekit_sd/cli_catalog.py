@@ -270,3 +270,83 @@ def rm(
             raise typer.Exit(1)
         deleted = remove(store, entry, delete_file)
     typer.echo(f"removed #{entry.id} {entry.name}" + (" and deleted its file" if deleted else ""))
+
+
+@catalog_app.command("identify")
+def identify_command(
+    refresh: bool = typer.Option(False, "--refresh", help="Look up files identified before too."),
+    nsfw_previews: bool = typer.Option(None, "--nsfw-previews/--sfw-previews",
+                                       help="Save previews rated above PG-13 (default: the "
+                                       "config's civitai.nsfw_previews)."),
+    offline: bool = typer.Option(False, "--offline", help="Never call out (then there is "
+                                 "nothing to do: identification asks Civitai)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+    catalog: Path = _catalog_option(),
+) -> None:
+    """Look every hashed file up on Civitai in bulk; fill in names, base models, trigger words
+    and previews (.civitai.info and .preview.png beside each file found)."""
+    from catalog.civitai import CivitaiClient
+    from catalog.config import load_settings
+    from catalog.remote_identify import identify
+    from mergekit_sd.cli_progress import rich_progress
+
+    if offline:
+        raise UserError("identifying files asks Civitai; run it without --offline")
+    settings = load_settings()
+    allow = settings.nsfw_previews if nsfw_previews is None else nsfw_previews
+    with open_store(catalog) as store, CivitaiClient.from_settings(settings) as client:
+        if as_json:
+            report = identify(store, client, refresh=refresh, nsfw_previews=allow)
+        else:
+            with rich_progress() as progress:
+                report = identify(store, client, refresh=refresh, nsfw_previews=allow,
+                                  progress=progress)
+        requests = client.http.requests
+    if as_json:
+        _print_json({**report.to_dict(), "requests": requests})
+        return
+    typer.echo(f"looked up {report.looked_up} hash(es) in {requests} request(s): "
+               f"{len(report.identified)} file(s) identified, {report.unknown} unknown to "
+               f"Civitai, {report.skipped} identified before (--refresh looks again)")
+    for found in report.identified:
+        base = f" [{found.base_model}]" if found.base_model else ""
+        preview = ", preview saved" if found.preview else ""
+        typer.echo(f"  #{found.entry_id} {Path(found.path).name}: {found.model} / "
+                   f"{found.version}{base}{preview}")
+    if report.unhashed:
+        typer.echo(f"{report.unhashed} file(s) have no hash yet; `mergekit-sd catalog scan "
+                   "--hash` hashes them")
+    for problem in report.problems:
+        typer.echo(f"  note: {problem}")
+
+
+@catalog_app.command("updates")
+def updates_command(
+    offline: bool = typer.Option(False, "--offline", help="Never call out (then there is "
+                                 "nothing to do: the versions are Civitai's)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+    catalog: Path = _catalog_option(),
+) -> None:
+    """Newer versions on Civitai of the models the catalog holds."""
+    from catalog.civitai import CivitaiClient
+    from catalog.config import load_settings
+    from catalog.remote_identify import find_updates
+
+    if offline:
+        raise UserError("checking for updates asks Civitai; run it without --offline")
+    with open_store(catalog) as store, CivitaiClient.from_settings(load_settings()) as client:
+        updates, checked = find_updates(store, client)
+    if as_json:
+        _print_json([u.to_dict() for u in updates])
+        return
+    if not checked:
+        typer.echo("no catalog entry came from Civitai yet; `mergekit-sd catalog identify` "
+                   "finds the ones that did")
+        return
+    typer.echo(f"checked {checked} model(s): {len(updates)} with a newer version")
+    for update in updates:
+        have = ", ".join(str(v["version"] or v["version_id"]) for v in update.owned)
+        newest = update.newer[0]
+        typer.echo(f"  {update.model} (model {update.model_id}): you have {have}; newer: "
+                   + ", ".join(f"{v['version']} ({v['base_model']})" for v in update.newer)
+                   + f"; pull civitai://{newest['version_id']}")

@@ -930,7 +930,7 @@ def test_resolver_refuses_missing_files_and_download_references(tmp_path, store,
     model.unlink()
     with pytest.raises(LookupError, match=r"is catalog entry #1, whose file .* is missing"):
         resolver("catalog:gone")
-    with pytest.raises(LookupError, match="download references are not resolvable yet"):
+    with pytest.raises(LookupError, match="has no copy in the catalog yet; run `mergekit-sd pull"):
         resolver("hf://org/repo/model.safetensors")
     with pytest.raises(LookupError, match="no catalog entry matches"):
         resolver("catalog:other")

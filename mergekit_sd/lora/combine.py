@@ -100,7 +100,7 @@ def merge_loras(loras: list[tuple[Path, float]], output: Path, rank: int | None 
     if report.unmatched and not allow_unmatched:
         return report
     modules = {}
-    for key, entries in by_key.items():
+    for key, entries in _groups(by_key, index):
         rows = {t.rows for _, _, t in entries}
         whole = len(rows) > 1
         name = index.kohya.get((key, None) if whole else (key, rows.pop()))
@@ -123,6 +123,24 @@ def merge_loras(loras: list[tuple[Path, float]], output: Path, rank: int | None 
     report.modules = len(modules)
     report.rank = max((down.shape[0] for _, down in modules.values()), default=0)
     return report
+
+
+def _groups(by_key: dict, index: TargetIndex):
+    """(key, modules) to merge into one output module: the modules of one weight, split by
+    rows where they cover separate row ranges that each have a name (OpenCLIP's q, k and v
+    within in_proj_weight), else all together on the whole weight."""
+    for key, entries in by_key.items():
+        by_rows: dict = {}
+        for entry in entries:
+            by_rows.setdefault(entry[2].rows, []).append(entry)
+        ranges = sorted(r for r in by_rows if r is not None)
+        separate = None not in by_rows and all(
+            a[1] <= b[0] for a, b in zip(ranges, ranges[1:], strict=False)) and all(
+            (key, r) in index.kohya for r in ranges)
+        if len(by_rows) > 1 and separate:
+            yield from ((key, group) for group in by_rows.values())
+        else:
+            yield key, entries
 
 
 def _concatenate(entries, shape, whole: bool, key: str):

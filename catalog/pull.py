@@ -1,0 +1,435 @@
+"""`pull`: fetch what a remote reference names into a model folder and catalog it.
+
+For each reference: a file the catalog already has (by source id, or by the SHA256 Civitai or
+the Hub announce) is not downloaded again; the rest are downloaded at most `parallel` at once,
+verified, given their sidecars (`.civitai.info`, preview) and registered with their source ids.
+Files land in `--to ROOT`, else `downloads.root`, else a catalog root: in the folder of that
+root's web UI layout that holds their kind (LoRAs in `models/Lora` ...).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import os
+import shutil
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from catalog.civitai import (
+    CivitaiClient,
+    FileChoice,
+    choose_file,
+    file_sha256,
+    file_size,
+)
+from catalog.civitai_sidecars import write_version_sidecars
+from catalog.config import RemoteSettings
+from catalog.download import BadDownload, Downloaded, Downloader, DownloadRequest
+from catalog.entries import Entry
+from catalog.hashes import FileHashes, hash_file
+from catalog.identity import examine
+from catalog.layouts import detect_layout
+from catalog.register import record_source, register_download
+from catalog.remote_http import GuardedClient, RetryPolicy
+from catalog.remote_refs import (
+    CivitaiModelRef,
+    CivitaiVersionRef,
+    HubRef,
+    UrlRef,
+    owned_by_sha256,
+    owned_entry,
+    parse_remote_ref,
+)
+from catalog.safe_names import bare_url, safe_file_name
+from catalog.sidecars import CIVITAI_INFO
+from catalog.store import Store
+from catalog.walk import MODEL_SUFFIXES
+from mergekit_sd.errors import UserError, WorkFailed
+from mergekit_sd.progress import CancelToken, ProgressCallback, no_progress
+
+# Civitai's model types -> the folder kinds of the web UI layouts
+CIVITAI_KINDS = {"Checkpoint": "checkpoint", "LORA": "lora", "LoCon": "lora", "DoRA": "lora",
+                 "VAE": "vae", "TextualInversion": "embedding"}
+
+
+@dataclass
+class PullOptions:
+    to: Path | None = None
+    choice: FileChoice = field(default_factory=FileChoice)
+    sha256: str | None = None  # for plain URLs: the hash to verify against
+    offline: bool = False
+    nsfw_previews: bool | None = None  # None: the config's civitai.nsfw_previews
+    parallel: int | None = None  # None: the config's downloads.parallel
+
+
+@dataclass
+class Pulled:
+    ref: str
+    entry_id: int | None  # None for a file that is not a model (a README pulled by a pattern)
+    path: Path
+    size: int
+    # downloaded, resumed, restarted, already owned, already there (the target held it),
+    # from cache (huggingface_hub's cache held it)
+    status: str
+    fetched: int = 0  # bytes received in this run
+    verified: bool = False  # matched the SHA256 its source announced
+    sha256: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {**self.__dict__, "path": str(self.path)}
+
+
+@dataclass
+class Failed:
+    ref: str
+    error: UserError | WorkFailed
+
+
+Outcome = Pulled | Failed
+
+
+@dataclass
+class _Job:
+    """One file to fetch: `fetch` runs on a worker thread, `register` after it on the caller's
+    (the catalog connection stays on one thread)."""
+    ref: str
+    fetch: Callable[[], object]
+    register: Callable[[object], Pulled]
+
+
+class Puller:
+    def __init__(self, store: Store, settings: RemoteSettings,
+                 progress: ProgressCallback = no_progress, cancel: CancelToken | None = None,
+                 civitai: CivitaiClient | None = None, hub=None):
+        self.store = store
+        self.settings = settings
+        self.progress = progress
+        self.cancel = cancel or CancelToken()
+        self._civitai = civitai
+        self._hub = hub
+
+    @property
+    def civitai(self) -> CivitaiClient:
+        if self._civitai is None:
+            self._civitai = CivitaiClient.from_settings(self.settings)
+        return self._civitai
+
+    @property
+    def hub(self):
+        if self._hub is None:
+            from catalog.hub import HubClient
+
+            self._hub = HubClient()
+        return self._hub
+
+    def close(self) -> None:
+        if self._civitai is not None:
+            self._civitai.close()
+
+    def pull(self, refs: list[str], options: PullOptions | None = None) -> list[Outcome]:
+        """What became of each reference, in order (a pattern gives one outcome per file):
+        the file pulled or found, or the error that stopped it."""
+        options = options or PullOptions()
+        outcomes: list[list[Outcome]] = [[] for _ in refs]
+        jobs: list[tuple[int, _Job]] = []
+        for index, ref in enumerate(refs):
+            try:
+                planned = self._plan(ref, options)
+            except (UserError, WorkFailed) as exc:
+                outcomes[index].append(Failed(ref, exc))
+                continue
+            for item in planned:
+                if isinstance(item, Pulled):
+                    outcomes[index].append(item)
+                else:
+                    jobs.append((index, item))
+        self._run(jobs, outcomes, options)
+        return [outcome for per_ref in outcomes for outcome in per_ref]
+
+    def _run(self, jobs: list[tuple[int, _Job]], outcomes: list[list[Outcome]],
+             options: PullOptions) -> None:
+        parallel = options.parallel or self.settings.parallel
+        with ThreadPoolExecutor(max(1, parallel)) as pool:
+            futures = [(index, job, pool.submit(job.fetch)) for index, job in jobs]
+            try:
+                for index, job, future in futures:
+                    try:
+                        outcomes[index].append(job.register(future.result()))
+                    except (UserError, WorkFailed) as exc:
+                        outcomes[index].append(Failed(job.ref, exc))
+            except BaseException:
+                self.cancel.cancel()  # Ctrl-C: the workers stop at their next chunk
+                raise
+
+    # --- planning ----------------------------------------------------------------------------
+
+    def _plan(self, text: str, options: PullOptions) -> list[Pulled | _Job]:
+        ref = parse_remote_ref(text)
+        # online, civitai://model/ID means its newest version, which may not be the one owned;
+        # file selectors may ask for another file of a version owned (checked by its SHA256)
+        chosen = isinstance(ref, CivitaiVersionRef) and options.choice != FileChoice()
+        if not (isinstance(ref, CivitaiModelRef) or chosen) or options.offline:
+            owned = owned_entry(self.store, ref)
+            if owned is not None:
+                return [_already(text, owned)]
+        if options.offline and not isinstance(ref, HubRef):
+            raise UserError(f"{text}: not in the catalog, and --offline forbids downloading it; "
+                            "run the pull online")
+        self._destination(options.to, None)  # no folder to land in: say so before any download
+        if isinstance(ref, CivitaiModelRef | CivitaiVersionRef):
+            return self._plan_civitai(text, ref, options)
+        if isinstance(ref, HubRef):
+            return self._plan_hub(text, ref, options)
+        return self._plan_url(text, ref, options)
+
+    def _plan_civitai(self, text: str, ref: CivitaiModelRef | CivitaiVersionRef,
+                      options: PullOptions) -> list[Pulled | _Job]:
+        if isinstance(ref, CivitaiModelRef):
+            model = self.civitai.model(ref.model_id)
+            versions = model.get("modelVersions") or []
+            if not versions:
+                raise UserError(f"{text}: the model has no published version on Civitai")
+            version_id = int(versions[0]["id"])  # Civitai lists the newest first
+            owned = (owned_entry(self.store, CivitaiVersionRef(version_id))
+                     if options.choice == FileChoice() else None)
+            if owned is not None:
+                return [_already(text, owned)]
+        else:
+            version_id = ref.version_id
+        version = self.civitai.version(version_id)
+        file = choose_file(version, options.choice)
+        sha256 = file_sha256(file)
+        ids = {"civitai": {"model_id": version.get("modelId"), "version_id": version_id,
+                           "file_id": file.get("id")}}
+        if sha256 and (owned := owned_by_sha256(self.store, sha256)) is not None:
+            record_source(self.store, owned.id, "civitai", ids)
+            if not Path(owned.path).with_name(_stem(Path(owned.path)) + CIVITAI_INFO).exists():
+                self._sidecars(Path(owned.path), version, options)
+            return [_already(text, owned)]
+        kind = CIVITAI_KINDS.get((version.get("model") or {}).get("type"))
+        folder, root = self._destination(options.to, kind)
+        meta = file.get("metadata") or {}
+        # name the file chosen: the endpoint's own default could be another of the version's
+        choice = FileChoice(file.get("type"), meta.get("format"), meta.get("size"),
+                            meta.get("fp"))
+        request = DownloadRequest(
+            url=self.civitai.download_url(version_id, choice), folder=folder,
+            key=f"civitai:{version_id}:{file.get('id')}", name=file.get("name"), sha256=sha256,
+            size=file_size(file), label=safe_file_name(file.get("name")),
+            refusal=lambda response: self.civitai.refusal(
+                response, f"model version {version_id}"))
+        downloader = Downloader(self.civitai.http, self.progress, self.cancel)
+
+        def register(done: Downloaded) -> Pulled:
+            notes = self._sidecars(done.path, version, options)
+            entry_id = register_download(self.store, done.path, done.hashes, root, "civitai",
+                                         ids)
+            return _pulled(text, entry_id, done, notes)
+
+        return [_Job(text, lambda: downloader.fetch(request), register)]
+
+    def _plan_url(self, text: str, ref: UrlRef, options: PullOptions) -> list[Pulled | _Job]:
+        sha256 = options.sha256.lower() if options.sha256 else None
+        if sha256 and (owned := owned_by_sha256(self.store, sha256)) is not None:
+            return [_already(text, owned)]
+        folder, root = self._destination(options.to, None)
+        http = GuardedClient(retry=RetryPolicy.from_settings(self.settings.network),
+                             timeout=self.settings.network.timeout, service=bare_url(ref.url))
+        request = DownloadRequest(url=ref.url, folder=folder, key=f"url:{ref.url}",
+                                  sha256=sha256)
+        downloader = Downloader(http, self.progress, self.cancel)
+
+        def fetch() -> Downloaded:
+            try:
+                return downloader.fetch(request)
+            finally:
+                http.close()
+
+        def register(done: Downloaded) -> Pulled:
+            notes = [] if sha256 else ["not verified: no --sha256 was given"]
+            if done.path.name.lower().endswith(MODEL_SUFFIXES):
+                # without its query: a signed or tokened link is not the file's name
+                entry_id = register_download(self.store, done.path, done.hashes, root, "url",
+                                             {"url": bare_url(ref.url)})
+            else:
+                entry_id = None
+                notes.append("not a model file: kept, not catalogued")
+            return _pulled(text, entry_id, done, notes)
+
+        return [_Job(text, fetch, register)]
+
+    def _plan_hub(self, text: str, ref: HubRef, options: PullOptions) -> list[Pulled | _Job]:
+        offline = options.offline or self.hub.offline
+        if offline:  # huggingface_hub's cache may have it: that needs no network
+            cached = None if ref.is_pattern else self.hub.cached_file(ref.repo, ref.path,
+                                                                      ref.revision)
+            if cached is None:
+                raise UserError(f"{text}: not in the catalog nor in the Hugging Face cache, and "
+                                "offline (--offline or HF_HUB_OFFLINE) it cannot be downloaded; "
+                                "run the pull online")
+            files = [cached]
+        elif ref.is_pattern:
+            files = [f for f in self.hub.files(ref.repo, ref.revision)
+                     if fnmatch.fnmatchcase(f.path, ref.path)]
+            if not files:
+                raise UserError(f"{text}: no file of {ref.repo} matches {ref.path!r}; "
+                                f"`mergekit-sd search hf {ref.repo} --files` lists them")
+        else:
+            files = [self.hub.file(ref.repo, ref.path, ref.revision)]
+        planned: list[Pulled | _Job] = []
+        for hub_file in files:
+            file_ref = HubRef(ref.repo, hub_file.path, ref.revision)
+            ids = {"hf": {"repo": ref.repo, "path": hub_file.path}}
+            if ref.revision:
+                ids["hf"]["revision"] = ref.revision
+            owned = owned_entry(self.store, file_ref) or (
+                owned_by_sha256(self.store, hub_file.sha256) if hub_file.sha256 else None)
+            if owned is not None:  # compared by the LFS SHA256: nothing to download
+                record_source(self.store, owned.id, "hf", ids)
+                planned.append(_already(str(file_ref), owned))
+            else:
+                planned.append(self._hub_job(str(file_ref), file_ref, hub_file, ids, options))
+        return planned
+
+    def _hub_job(self, text: str, ref: HubRef, hub_file, ids: dict,
+                 options: PullOptions) -> _Job:
+        name = safe_file_name(PurePosixPath(hub_file.path).name)
+
+        def fetch():
+            found = self.hub.download(ref.repo, hub_file.path, ref.revision, self.progress,
+                                      self.cancel, label=name, offline=options.offline or None)
+            hashes = hash_file(found.path)
+            _verify_hub_file(found.path, hub_file, hashes)
+            return found, hashes
+
+        def register(fetched) -> Pulled:
+            found, hashes = fetched
+            kind = examine(str(found.path)).kind
+            folder, root = self._destination(options.to, kind)
+            target, how = _place(found.path, folder / name, hashes)
+            ids["hf"]["commit"] = found.commit
+            notes = [how] if how else []
+            if target.name.lower().endswith(MODEL_SUFFIXES):
+                entry_id = register_download(self.store, target, hashes, root, "hf", ids)
+            else:
+                entry_id = None
+                notes.append("not a model file: kept, not catalogued")
+            fetched_bytes = 0 if found.from_cache else hub_file.size
+            # verified either way: against the LFS SHA256, or a small file's git blob id
+            done = Downloaded(target, hashes, hub_file.size, fetched_bytes, verified=True)
+            pulled = _pulled(text, entry_id, done, notes)
+            if found.from_cache:
+                pulled.status = "from cache"
+            return pulled
+
+        return _Job(text, fetch, register)
+
+    # --- helpers -------------------------------------------------------------------------------
+
+    def _destination(self, to: Path | None, kind: str | None) -> tuple[Path, Path]:
+        """(the folder a file of `kind` goes to, the root it belongs to)."""
+        base = to or self.settings.download_root
+        if base is None:
+            base = self._root_for(kind)
+        if base is None:
+            raise UserError("there is no folder to download into; pass --to FOLDER, set "
+                            "downloads.root in the config, or add a root with `mergekit-sd "
+                            "catalog add-root`")
+        base = Path(os.path.abspath(base.expanduser()))
+        try:
+            base.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"{base}: cannot create the folder ({exc.strerror}); choose another "
+                            "with --to") from None
+        for folder in detect_layout(base).folders:
+            if kind is not None and folder.kind == kind and folder.path != base:
+                return folder.path, base
+        return base, base
+
+    def _root_for(self, kind: str | None) -> Path | None:
+        roots = [Path(r["path"]) for r in self.store.db.execute(
+            "SELECT path FROM roots ORDER BY id")]
+        roots = [r for r in roots if r.is_dir()]
+        for root in roots:
+            if any(f.kind == kind for f in detect_layout(root).folders):
+                return root
+        return roots[0] if roots else None
+
+    def _sidecars(self, model: Path, version: dict, options: PullOptions) -> list[str]:
+        allow = (self.settings.nsfw_previews if options.nsfw_previews is None
+                 else options.nsfw_previews)
+        return write_version_sidecars(model, version, self.civitai.http, allow).problems
+
+
+def _stem(path: Path) -> str:
+    return path.name[: -len(path.suffix)] if path.suffix else path.name
+
+
+def _already(ref: str, entry: Entry) -> Pulled:
+    return Pulled(ref, entry.id, Path(entry.path), entry.size, "already owned",
+                  sha256=entry.sha256)
+
+
+def _pulled(ref: str, entry_id: int, done: Downloaded, notes: list[str]) -> Pulled:
+    if done.already_there:
+        status = "already there"
+    elif done.restarted:
+        status = "restarted"
+    elif done.resumed_from:
+        status = "resumed"
+    else:
+        status = "downloaded"
+    return Pulled(ref, entry_id, done.path, done.size, status, done.fetched, done.verified,
+                  done.hashes.sha256, notes)
+
+
+def _verify_hub_file(cached: Path, hub_file, hashes: FileHashes) -> None:
+    """The Hub announces an LFS file's SHA256 and a small file's git blob id: the cached file
+    must have them (a bad one is dropped from the cache, so the next run fetches it again)."""
+    if hub_file.sha256:
+        ok = hashes.sha256 == hub_file.sha256
+    else:
+        ok = _git_blob_id(cached) == hub_file.blob_id
+    if not ok:
+        blob = Path(os.path.realpath(cached))
+        for path in (cached, blob):
+            path.unlink(missing_ok=True)
+        raise BadDownload(f"{hub_file.path}: the download does not match the hash the Hub "
+                          "announced; it was removed from the cache; run the pull again")
+
+
+def _git_blob_id(path: Path) -> str:
+    digest = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _place(cached: Path, target: Path, hashes: FileHashes) -> tuple[Path, str | None]:
+    """Put the cached file at `target`: a hard link to the cache's copy where the disk allows
+    (no second copy of the bytes), else a copy; both through `target.partial`, so the final
+    name appears only complete."""
+    if target.exists():
+        if hash_file(target).sha256 == hashes.sha256:
+            return target, None
+        raise UserError(f"{target}: a different file already has this name; move it away or "
+                        "pull into another folder with --to")
+    blob = Path(os.path.realpath(cached))
+    partial = target.with_name(target.name + ".partial")
+    partial.unlink(missing_ok=True)
+    try:
+        os.link(blob, partial)
+        how = None
+    except OSError:  # another disk, or a file system without hard links
+        with open(blob, "rb") as source, open(partial, "wb") as copy:
+            shutil.copyfileobj(source, copy, 8 * 1024 * 1024)
+            copy.flush()
+            os.fsync(copy.fileno())
+        how = "copied from the Hugging Face cache (another disk)"
+    os.replace(partial, target)
+    return target, how

@@ -1,0 +1,132 @@
+"""References to remote files (`civitai://VERSION_ID`, `civitai://model/MODEL_ID`,
+`hf://org/repo[@revision]/path`, plain http(s) URLs) and the catalog entries that came from them.
+
+Kept free of network libraries: the recipe resolver reads these on every `plan`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+from catalog.entries import Entry, get_entry
+from catalog.hash_cache import hash_key
+from catalog.safe_names import bare_url
+from catalog.store import Store
+from mergekit_sd.errors import UserError
+
+
+@dataclass(frozen=True)
+class CivitaiVersionRef:
+    version_id: int
+
+    def __str__(self) -> str:
+        return f"civitai://{self.version_id}"
+
+
+@dataclass(frozen=True)
+class CivitaiModelRef:
+    model_id: int  # its newest version
+
+    def __str__(self) -> str:
+        return f"civitai://model/{self.model_id}"
+
+
+@dataclass(frozen=True)
+class HubRef:
+    repo: str
+    path: str  # a file, or a glob pattern (`*.safetensors`)
+    revision: str | None = None
+
+    @property
+    def is_pattern(self) -> bool:
+        return any(c in self.path for c in "*?[")
+
+    def __str__(self) -> str:
+        at = f"@{self.revision}" if self.revision else ""
+        return f"hf://{self.repo}{at}/{self.path}"
+
+
+@dataclass(frozen=True)
+class UrlRef:
+    url: str
+
+    def __str__(self) -> str:
+        return self.url
+
+
+RemoteRef = CivitaiVersionRef | CivitaiModelRef | HubRef | UrlRef
+REMOTE_SCHEMES = ("civitai://", "hf://", "http://", "https://")
+_HUB = re.compile(r"hf://(?P<org>[^/@\s]+)/(?P<name>[^/@\s]+)(?:@(?P<rev>[^/\s]+))?/(?P<path>.+)")
+
+
+def is_remote_ref(ref: str) -> bool:
+    return ref.startswith(REMOTE_SCHEMES)
+
+
+def parse_remote_ref(ref: str) -> RemoteRef:
+    """The reference `ref` names; UserError saying the accepted forms when it is none."""
+    ref = ref.strip()
+    if ref.startswith("civitai://"):
+        rest = ref[len("civitai://"):].strip("/")
+        if rest.isdigit():
+            return CivitaiVersionRef(int(rest))
+        if rest.startswith("model/") and rest[6:].isdigit():
+            return CivitaiModelRef(int(rest[6:]))
+        raise UserError(f"{ref!r}: write civitai://VERSION_ID or civitai://model/MODEL_ID (the "
+                        "numbers in the model page's address: ?modelVersionId=... and "
+                        "/models/...)")
+    if ref.startswith("hf://"):
+        match = _HUB.fullmatch(ref)
+        if not match or match["path"].startswith("/") or ".." in match["path"].split("/"):
+            raise UserError(f"{ref!r}: write hf://ORG/REPO/PATH (or hf://ORG/REPO@REVISION/PATH)"
+                            ", for example hf://org/repo/model.safetensors")
+        return HubRef(f"{match['org']}/{match['name']}", match["path"], match["rev"])
+    if ref.startswith(("http://", "https://")):
+        return UrlRef(ref)
+    raise UserError(f"{ref!r}: not a download reference; use civitai://VERSION_ID, "
+                    "civitai://model/MODEL_ID, hf://ORG/REPO/PATH or an http(s) URL")
+
+
+def owned_entry(store: Store, ref: RemoteRef) -> Entry | None:
+    """The present catalog file that came from `ref`, if any (the newest version for a model
+    reference)."""
+    if isinstance(ref, CivitaiVersionRef):
+        where, args = "json_extract(source_ids, '$.civitai.version_id') = ?", [ref.version_id]
+    elif isinstance(ref, CivitaiModelRef):
+        where, args = "json_extract(source_ids, '$.civitai.model_id') = ?", [ref.model_id]
+    elif isinstance(ref, HubRef) and not ref.is_pattern:
+        where = ("json_extract(source_ids, '$.hf.repo') = ? AND "
+                 "json_extract(source_ids, '$.hf.path') = ?")
+        args = [ref.repo, ref.path]
+        if ref.revision:
+            where += (" AND ? IN (json_extract(source_ids, '$.hf.revision'), "
+                      "json_extract(source_ids, '$.hf.commit'))")
+            args.append(ref.revision)
+    elif isinstance(ref, UrlRef):  # recorded without the query (see pull)
+        where, args = "json_extract(source_ids, '$.url') = ?", [bare_url(ref.url)]
+    else:
+        return None
+    rows = store.db.execute(
+        f"SELECT id, path FROM files WHERE {where} AND status NOT IN ('missing', 'invalid', "
+        "'truncated') ORDER BY json_extract(source_ids, '$.civitai.version_id') DESC, id",
+        args).fetchall()
+    for row in rows:
+        if os.path.exists(row["path"]):
+            return get_entry(store, row["id"])
+    return None
+
+
+def owned_by_sha256(store: Store, sha256: str) -> Entry | None:
+    """A present catalog file with exactly these bytes (hashed, and unchanged since)."""
+    rows = store.db.execute("SELECT id, path, hash_key FROM files WHERE sha256 = ? AND status = "
+                            "'ok' ORDER BY id", (sha256.lower(),)).fetchall()
+    for row in rows:
+        try:
+            st = os.stat(row["path"])
+        except OSError:
+            continue
+        if row["hash_key"] == hash_key(st):
+            return get_entry(store, row["id"])
+    return None

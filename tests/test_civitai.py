@@ -1,0 +1,414 @@
+"""The Civitai client, pulls and identification against a fake Civitai on 127.0.0.1 that answers
+in the real JSON shapes: search with filters and cursors, look-ups by id and hash (one and in
+bulk), back-off on 429/5xx only, each refusal as one sentence, the token only ever sent to
+Civitai's own host, sidecars and previews (NSFW only when allowed), and `catalog identify` /
+`catalog updates` in a handful of requests."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from fakes.civitai import TOKEN, FakeCivitai, FakeFile
+from fakes.env import settings_for
+from fakes.files import FileHost
+
+from catalog.civitai import CivitaiClient, CivitaiRefused, FileChoice
+from catalog.config import load_settings
+from catalog.download import BadDownload, Downloader, DownloadRequest
+from catalog.edits import add_root
+from catalog.entries import find_entry, get_entry
+from catalog.hash_cache import hash_pending
+from catalog.pull import Failed, Puller, PullOptions
+from catalog.remote_http import GuardedClient, RetryPolicy
+from catalog.remote_identify import find_updates, identify
+from catalog.scan import scan
+from catalog.store import Store
+from mergekit_sd.errors import UserError, WorkFailed
+from mergekit_sd.testing import write_lora
+
+PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
+
+
+@pytest.fixture(scope="module")
+def loras(tmp_path_factory) -> list[bytes]:
+    folder = tmp_path_factory.mktemp("loras")
+    return [write_lora(folder / f"l{i}.safetensors", "kohya-sd1", seed=20 + i).read_bytes()
+            for i in range(4)]
+
+
+@pytest.fixture
+def fake(loras):
+    """A storage host and a Civitai with one LoRA model (45) of one version (123)."""
+    files = FileHost()
+    civitai = FakeCivitai(files)
+    files.put("img/sfw.png", PNG, "image/png")
+    files.put("img/x.png", PNG + b"x", "image/png")
+    civitai.add_model(45, "My Character", "LORA", tags=["character"])
+    civitai.add_version(45, 123, "v1.0", "Pony", [FakeFile("mychar.safetensors", loras[0])],
+                        trained_words=["mychar", "1girl"],
+                        images=[{"url": f"{files.url}/files/img/x.png", "nsfwLevel": 8},
+                                {"url": f"{files.url}/files/img/sfw.png", "nsfwLevel": 1}])
+    yield SimpleNamespace(files=files, civitai=civitai, url=civitai.url)
+    civitai.server.close()
+    files.server.close()
+
+
+@pytest.fixture
+def store(tmp_path):
+    with Store.open(tmp_path / "c.sqlite") as opened:
+        yield opened
+
+
+def client_for(fake, token=None, sleep=None) -> CivitaiClient:
+    retry = RetryPolicy(4, 0.001, 0.01, **({"sleep": sleep} if sleep else {}))
+    return CivitaiClient(fake.url, token, retry, timeout=5.0)
+
+
+def pull(store, fake, ref, token=None, **options):
+    puller = Puller(store, settings_for(fake.url, token))
+    try:
+        return puller.pull([ref], PullOptions(**options))
+    finally:
+        puller.close()
+
+
+def model_files(folder: Path) -> list[str]:
+    """Everything under `folder` that a web UI or a scan could take for a model."""
+    return sorted(p.name for p in folder.rglob("*") if p.is_file()
+                  and (".safetensors" in p.name or p.suffix in (".ckpt", ".pt")))
+
+
+# --- settings ----------------------------------------------------------------------------------
+
+
+def test_settings_come_from_the_environment_then_the_file(tmp_path, monkeypatch):
+    config = tmp_path / "config.toml"
+    config.write_text('[civitai]\ntoken = "from-file"\nbase_url = "http://mirror.test/"\n'
+                      '[downloads]\nparallel = 5\nroot = "~/models"\n[network]\nattempts = 2\n')
+    monkeypatch.setenv("MERGEKIT_SD_CONFIG", str(config))
+    for name in ("CIVITAI_API_TOKEN", "CIVITAI_BASE_URL", "MERGEKIT_SD_DOWNLOADS"):
+        monkeypatch.delenv(name, raising=False)
+    settings = load_settings()
+    assert (settings.civitai_token, settings.civitai_base_url, settings.parallel,
+            settings.network.attempts) == ("from-file", "http://mirror.test", 5, 2)
+    assert settings.download_root == Path("~/models").expanduser()
+    monkeypatch.setenv("CIVITAI_API_TOKEN", "from-env")
+    assert load_settings().civitai_token == "from-env"
+    assert "from-env" not in repr(load_settings())
+    config.write_text("[network]\nattempts = true\n")
+    with pytest.raises(UserError, match="attempts must be a whole number, not True"):
+        load_settings()
+    config.write_text("[civitai\n")
+    with pytest.raises(UserError, match="config.toml: not valid TOML"):
+        load_settings()
+
+
+# --- search and look-ups ----------------------------------------------------------------------
+
+
+def test_search_sends_the_filters_and_follows_cursors(fake, loras):
+    for i in range(5):
+        fake.civitai.add_model(100 + i, f"Style {i}", "LORA" if i % 2 else "Checkpoint",
+                               nsfw=i == 3)
+        fake.civitai.add_version(100 + i, 1000 + i, "v1", "Pony" if i < 4 else "SDXL 1.0",
+                                 [FakeFile(f"s{i}.safetensors", loras[1])])
+    with client_for(fake) as client:
+        page = client.search_models("style", types=["LORA"], base_models=["Pony"], nsfw=False,
+                                    sort="Most Downloaded", period="Month", limit=1)
+        assert [m["name"] for m in page.items] == ["Style 1"] and page.next_cursor is None
+        sent = fake.civitai.server.requests("/api/v1/models")[-1]
+        assert sent.query == {"limit": ["1"], "query": ["style"], "types": ["LORA"],
+                              "baseModels": ["Pony"], "sort": ["Most Downloaded"],
+                              "period": ["Month"], "nsfw": ["false"]}
+        before = len(fake.civitai.server.requests("/api/v1/models"))
+        names = [m["name"] for m in client.iter_models(5, page_size=2, query="style")]
+        assert names == [f"Style {i}" for i in range(5)]
+        pages = fake.civitai.server.requests("/api/v1/models")[before:]
+        assert [(p.param("cursor"), p.param("limit")) for p in pages] == [
+            (None, "2"), ("2", "2"), ("4", "1")]
+        with pytest.raises(UserError, match="--sort 'Best'.*Highest Rated"):
+            client.search_models("x", sort="Best")
+        with pytest.raises(UserError, match="--type 'Lora'.*LORA"):
+            client.search_models("x", types=["Lora"])
+
+
+def test_lookups_by_id_and_hash_in_real_shapes(fake, loras):
+    sha = hashlib.sha256(loras[0]).hexdigest()
+    with client_for(fake) as client:
+        version = client.version(123)
+        assert (version["modelId"], version["baseModel"], version["model"]["type"]) == (
+            45, "Pony", "LORA")
+        file = version["files"][0]
+        assert file["hashes"]["SHA256"] == sha.upper() and file["primary"]
+        assert file["metadata"] == {"format": "SafeTensor", "size": "pruned", "fp": "fp16"}
+        assert client.model(45)["modelVersions"][0]["id"] == 123
+        assert client.version_by_hash(sha)["id"] == 123
+        assert client.version_by_hash(sha[:10])["id"] == 123  # AutoV2
+        assert client.version_by_hash("0" * 64) is None
+        with pytest.raises(CivitaiRefused, match=r"Civitai does not know model version 999 "
+                                                 r"\(404\)"):
+            client.version(999)
+
+
+def test_bulk_lookups_batch_by_the_endpoints_limits(fake, loras):
+    known = hashlib.sha256(loras[0]).hexdigest()
+    hashes = [hashlib.sha256(b"%d" % i).hexdigest() for i in range(249)] + [known]
+    with client_for(fake) as client:
+        versions = client.versions_by_hashes(hashes)
+        posts = fake.civitai.server.requests("/api/v1/model-versions/by-hash", "POST")
+        assert [len(p.json()) for p in posts] == [100, 100, 50]
+        assert [v["id"] for v in versions] == [123]
+        ids = client.version_ids_by_hashes(hashes * 4)  # duplicates are sent once
+        posts = fake.civitai.server.requests("/api/v1/model-versions/by-hash/ids")
+        assert len(posts) == 1 and len(posts[0].json()) == 250
+        assert ids == {known: 123}
+
+
+# --- back-off and refusals --------------------------------------------------------------------
+
+
+def test_backoff_on_429_and_5xx_only(fake):
+    waits = []
+    fake.civitai.fail("/api/v1/model-versions/123", 429, 503)
+    with client_for(fake, sleep=waits.append) as client:
+        assert client.version(123)["id"] == 123
+        assert len(fake.civitai.server.requests("/api/v1/model-versions/123")) == 3
+        assert waits[0] == 0.0  # the 429's Retry-After: 0
+        assert 0 <= waits[1] <= 0.002  # full jitter under backoff * 2**1
+        fake.civitai.fail("/api/v1/model-versions/123", 502, 503, 500, 504)
+        with pytest.raises(WorkFailed, match=r"kept answering HTTP 504"):
+            client.version(123)
+        before = len(fake.civitai.server.log)
+        with pytest.raises(CivitaiRefused):
+            client.version(999)
+        assert len(fake.civitai.server.log) == before + 1  # a 404 is not retried
+
+
+def test_retry_delays_are_jittered_and_bounded():
+    policy = RetryPolicy(5, 1.0, 8.0)
+    delays = [policy.delay(3) for _ in range(200)]
+    assert all(0 <= d <= 8.0 for d in delays) and len(set(delays)) > 150
+    assert policy.delay(0, "120") == 8.0 and policy.delay(0, "2") == 2.0
+
+
+def test_each_refusal_is_one_sentence_and_leaves_no_model(tmp_path, store, fake, loras):
+    civitai = fake.civitai
+    civitai.add_model(50, "Members Only", "LORA")
+    civitai.add_version(50, 500, "v1", "SDXL 1.0", [FakeFile("members.safetensors", loras[1])],
+                        needs_account=True)
+    civitai.add_model(51, "Soon", "LORA")
+    civitai.add_version(51, 510, "v1", "Pony", [FakeFile("soon.safetensors", loras[2])],
+                        early_access_until="2031-01-01T00:00:00.000Z")
+    civitai.add_model(52, "Old", "LORA", mode="Archived")
+    civitai.add_version(52, 520, "v1", "SD 1.5", [FakeFile("old.safetensors", loras[3])])
+    root = tmp_path / "root"
+    expected = {
+        ("civitai://500", None): r"Civitai wants an account for model version 500 \(401\); "
+                                 r"create an API token .* set CIVITAI_API_TOKEN$",
+        ("civitai://500", "wrong"): r"Civitai refused the API token for model version 500 "
+                                    r"\(401\); check CIVITAI_API_TOKEN",
+        ("civitai://510", None): r"model version 510 is in early access on Civitai until "
+                                 r"2031-01-01T00:00:00.000Z; download it after that",
+        ("civitai://999", None): r"Civitai does not know model version 999 \(404\)",
+        ("civitai://520", None): r"model version 520 was archived on Civitai and can no longer "
+                                 "be downloaded",
+    }
+    for (ref, token), sentence in expected.items():
+        [outcome] = pull(store, fake, ref, token, to=root)
+        assert isinstance(outcome, Failed) and isinstance(outcome.error, UserError), outcome
+        message = str(outcome.error)
+        assert re.search(sentence, message) and "\n" not in message, message
+        assert model_files(tmp_path) == [] and not list(tmp_path.rglob("*.partial*"))
+    # the download endpoint's own 410, as a client that skipped the version look-up meets it
+    with client_for(fake) as client:
+        request = DownloadRequest(client.download_url(520), root, "k", name="old.safetensors",
+                                  refusal=lambda r: client.refusal(r, "model version 520"))
+        with pytest.raises(CivitaiRefused, match=r"model version 520 was archived on Civitai "
+                                                 r"\(410\) and can no longer be downloaded"):
+            Downloader(client.http).fetch(request)
+    assert model_files(tmp_path) == [] and not list(tmp_path.rglob("*.partial*"))
+
+
+def test_a_login_page_never_becomes_a_model(tmp_path, fake, loras):
+    """Without `Content-Type: application/json`, Civitai answers a download without an account
+    with its HTML login page: the downloader refuses to keep it."""
+    fake.civitai.add_model(50, "Members Only", "LORA")
+    fake.civitai.add_version(50, 500, "v1", "SDXL 1.0",
+                             [FakeFile("members.safetensors", loras[1])], needs_account=True)
+    with GuardedClient(retry=RetryPolicy(2, 0.001, 0.01)) as bare:
+        request = DownloadRequest(f"{fake.url}/api/download/models/500", tmp_path, "k",
+                                  name="members.safetensors")
+        with pytest.raises(BadDownload, match="sent a web page instead of the model file"):
+            Downloader(bare).fetch(request)
+    assert fake.civitai.server.requests("/login")[0].status == 200
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- the token --------------------------------------------------------------------------------
+
+
+def test_the_token_goes_to_civitai_only_and_is_never_logged(tmp_path, store, fake, caplog):
+    caplog.set_level(logging.DEBUG)
+    [pulled] = pull(store, fake, "civitai://123", TOKEN, to=tmp_path / "root")
+    assert pulled.status == "downloaded" and pulled.verified
+    api = fake.civitai.server.log
+    assert api and all(s.headers.get("authorization") == f"Bearer {TOKEN}" for s in api)
+    storage = fake.files.server.log
+    assert {s.path for s in storage} == {"/files/model/123/9001", "/files/img/sfw.png"}
+    assert all("authorization" not in s.headers for s in storage)
+    assert TOKEN not in caplog.text and TOKEN not in repr(settings_for(fake.url, TOKEN))
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert TOKEN.encode() not in path.read_bytes(), path
+
+
+# --- pulls ------------------------------------------------------------------------------------
+
+
+def test_pull_registers_the_file_with_its_sidecars_and_source(tmp_path, store, fake, loras):
+    webui = tmp_path / "webui"
+    (webui / "models" / "Lora").mkdir(parents=True)
+    (webui / "models" / "Stable-diffusion").mkdir()
+    [pulled] = pull(store, fake, "civitai://123", to=webui)
+    lora_dir = webui / "models" / "Lora"
+    assert pulled.path == lora_dir / "mychar.safetensors"  # a LoRA goes where LoRAs go
+    assert sorted(p.name for p in lora_dir.iterdir()) == [
+        "mychar.civitai.info", "mychar.preview.png", "mychar.safetensors"]
+    assert (lora_dir / "mychar.preview.png").read_bytes() == PNG  # the PG image, not the X one
+    assert json.loads((lora_dir / "mychar.civitai.info").read_text())["id"] == 123
+    entry = get_entry(store, pulled.entry_id)
+    assert (entry.base_model, entry.trigger_words, entry.source) == (
+        "Pony", ["mychar", "1girl"], "civitai")
+    assert entry.source_ids == {"civitai": {"model_id": 45, "version_id": 123,
+                                            "file_id": 9001}}
+    assert entry.sha256 == hashlib.sha256(loras[0]).hexdigest() and entry.autov3
+    assert entry.details["sidecar"]["model_name"] == "My Character"
+    assert store.db.execute("SELECT path FROM roots").fetchone()[0] == str(webui)
+
+    downloads = len(fake.files.server.requests("/files/model/"))
+    [again] = pull(store, fake, "civitai://model/45", to=webui)
+    assert (again.status, again.entry_id) == ("already owned", pulled.entry_id)
+    assert len(fake.files.server.requests("/files/model/")) == downloads
+
+
+def test_a_file_already_owned_under_another_name_is_not_downloaded(tmp_path, store, fake,
+                                                                    loras):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "renamed.safetensors").write_bytes(loras[0])
+    add_root(store, mine)
+    scan(store, jobs=1)
+    hash_pending(store)
+    [pulled] = pull(store, fake, "civitai://123", to=tmp_path / "elsewhere")
+    assert pulled.status == "already owned" and pulled.path == mine / "renamed.safetensors"
+    assert fake.files.server.requests("/files/model/") == []
+    entry = find_entry(store, "renamed")
+    assert entry.source_ids["civitai"]["version_id"] == 123
+    assert (mine / "renamed.civitai.info").exists()
+
+
+def test_file_selectors_pick_the_file_and_name_it_to_the_endpoint(tmp_path, store, fake,
+                                                                   loras):
+    fake.civitai.add_model(60, "Two Files", "Checkpoint")
+    fake.civitai.add_version(60, 600, "v1", "SD 1.5", [
+        FakeFile("two-pruned.safetensors", loras[1]),
+        FakeFile("two-full.safetensors", loras[2], size="full", fp="fp32", primary=False)])
+    [pulled] = pull(store, fake, "civitai://600", to=tmp_path, choice=FileChoice(fp="fp32"))
+    assert pulled.path.name == "two-full.safetensors" and pulled.verified
+    asked = fake.civitai.server.requests("/api/download/models/600")[-1]
+    assert asked.query["fp"] == ["fp32"] and asked.query["size"] == ["full"]
+    [missing] = pull(store, fake, "civitai://600", to=tmp_path, choice=FileChoice(fp="bf16"))
+    assert "has no file that fits" in str(missing.error)
+    assert "two-pruned.safetensors (Model, SafeTensor, pruned, fp16)" in str(missing.error)
+
+
+def test_previews_rated_above_pg13_only_when_allowed(tmp_path, store, fake, loras):
+    fake.civitai.add_model(70, "Spicy", "LORA", nsfw=True)
+    fake.civitai.add_version(70, 700, "v1", "Pony", [FakeFile("spicy.safetensors", loras[1])],
+                             images=[{"url": f"{fake.files.url}/files/img/x.png",
+                                      "nsfwLevel": 16}])
+    [safe] = pull(store, fake, "civitai://700", to=tmp_path / "a")
+    assert not (tmp_path / "a" / "spicy.preview.png").exists()
+    assert get_entry(store, safe.entry_id).preview is None
+    [allowed] = pull(store, fake, "civitai://700", to=tmp_path / "b", nsfw_previews=True)
+    assert allowed.status == "already owned"  # the same bytes are owned already
+    fake.civitai.add_model(71, "Spicy 2", "LORA", nsfw=True)
+    fake.civitai.add_version(71, 710, "v1", "Pony", [FakeFile("spicy2.safetensors", loras[2])],
+                             images=[{"url": f"{fake.files.url}/files/img/x.png",
+                                      "nsfwLevel": 16}])
+    [shown] = pull(store, fake, "civitai://710", to=tmp_path / "b", nsfw_previews=True)
+    assert (tmp_path / "b" / "spicy2.preview.png").read_bytes() == PNG + b"x"
+    assert get_entry(store, shown.entry_id).preview == str(tmp_path / "b" / "spicy2.preview.png")
+
+
+def test_offline_pull_never_calls_out(tmp_path, store, fake):
+    [failed] = pull(store, fake, "civitai://123", offline=True, to=tmp_path)
+    assert "--offline forbids downloading it" in str(failed.error)
+    assert fake.civitai.server.log == [] and fake.files.server.log == []
+
+
+# --- identify and updates ---------------------------------------------------------------------
+
+
+def test_identify_1000_hashes_in_a_handful_of_requests(tmp_path, store, fake, loras):
+    fake.civitai.add_model(80, "Second", "LORA")
+    fake.civitai.add_version(80, 800, "v2", "Illustrious", [FakeFile("b.safetensors", loras[1])],
+                             trained_words=["second"])
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    for i, data in enumerate(loras):
+        (folder / f"local-{i}.safetensors").write_bytes(data)
+    add_root(store, folder)
+    scan(store, jobs=1)
+    hash_pending(store)
+    now = time.time()
+    with store.write() as db:  # 996 more hashed files Civitai does not know
+        db.executemany(
+            "INSERT INTO files (path, name, status, size, mtime_ns, sha256, first_seen, "
+            "last_seen, updated_at) VALUES (?, ?, 'ok', 1, 0, ?, ?, ?, ?)",
+            [(str(folder / f"other-{i}.safetensors"), f"other-{i}",
+              hashlib.sha256(b"other %d" % i).hexdigest(), now, now, now) for i in range(996)])
+
+    with client_for(fake) as client:
+        report = identify(store, client)
+    api = fake.civitai.api_requests()
+    assert len(api) <= 3, [s.path for s in api]  # by-hash/ids once, by-hash once
+    assert report.looked_up == 1000 and report.unknown == 998
+    assert sorted(i.version_id for i in report.identified) == [123, 800]
+    first = find_entry(store, "local-0")
+    assert (first.base_model, first.trigger_words, first.source) == (
+        "Pony", ["mychar", "1girl"], "civitai")
+    assert first.details["sidecar"]["model_name"] == "My Character"
+    assert first.preview == str(folder / "local-0.preview.png")
+    assert find_entry(store, "local-1").base_model == "Illustrious"
+
+    with client_for(fake) as client:
+        again = identify(store, client)
+    assert again.skipped == 2 and again.looked_up == 998
+    assert [s.path for s in fake.civitai.api_requests()[len(api):]] == [
+        "/api/v1/model-versions/by-hash/ids"]
+
+
+def test_updates_name_newer_versions_of_owned_models(tmp_path, store, fake, loras):
+    [pulled] = pull(store, fake, "civitai://123", to=tmp_path)
+    with client_for(fake) as client:
+        assert find_updates(store, client) == ([], 1)
+    fake.civitai.add_version(45, 124, "v2.0", "Illustrious",
+                             [FakeFile("mychar-v2.safetensors", loras[3])])
+    before = len(fake.civitai.api_requests())
+    with client_for(fake) as client:
+        updates, checked = find_updates(store, client)
+    assert checked == 1 and len(fake.civitai.api_requests()) == before + 1
+    [update] = updates
+    assert (update.model_id, update.model) == (45, "My Character")
+    assert update.owned == [{"version_id": 123, "version": "v1.0", "path": str(pulled.path)}]
+    assert [(v["version_id"], v["version"], v["base_model"]) for v in update.newer] == [
+        (124, "v2.0", "Illustrious")]
+

@@ -1,0 +1,212 @@
+"""`mergekit-sd search`, `pull`, `catalog identify`, `catalog updates` and `plan --pull` as a
+user runs them: real subprocesses whose environment reaches only the fake Civitai and Hub on
+127.0.0.1. Refusals are one line and exit code 2; the token shows up in no output."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from conftest import REPO
+from fakes.civitai import TOKEN, FakeCivitai, FakeFile
+from fakes.env import cli_env
+from fakes.files import FileHost
+from fakes.hub import FakeHub
+
+from mergekit_sd.testing import write_checkpoint, write_lora
+
+
+@pytest.fixture(scope="module")
+def blobs(tmp_path_factory) -> dict[str, bytes]:
+    folder = tmp_path_factory.mktemp("cli-src")
+    return {"lora": write_lora(folder / "l.safetensors", "kohya-sd1", seed=30).read_bytes(),
+            "lora2": write_lora(folder / "m.safetensors", "kohya-sd1", seed=31).read_bytes(),
+            "lora3": write_lora(folder / "n.safetensors", "kohya-sd1", seed=34).read_bytes(),
+            "sd15a": write_checkpoint(folder / "a.safetensors", "sd1", seed=32).read_bytes(),
+            "sd15b": write_checkpoint(folder / "b.safetensors", "sd1", seed=33).read_bytes()}
+
+
+@pytest.fixture
+def fake(blobs):
+    files = FileHost()
+    civitai = FakeCivitai(files)
+    hub = FakeHub(files)
+    files.put("img/sfw.png", b"\x89PNG\r\n\x1a\n" + bytes(32), "image/png")
+    civitai.add_model(45, "My Character", "LORA")
+    civitai.add_version(45, 123, "v1.0", "Pony", [FakeFile("mychar.safetensors", blobs["lora"])],
+                        trained_words=["mychar"],
+                        images=[{"url": f"{files.url}/files/img/sfw.png", "nsfwLevel": 1}])
+    civitai.add_model(46, "Photo Mix", "Checkpoint")
+    civitai.add_version(46, 300, "v3", "SD 1.5", [FakeFile("photomix.safetensors",
+                                                            blobs["sd15a"])])
+    civitai.add_model(47, "Members Only", "LORA")
+    civitai.add_version(47, 470, "v1", "SDXL 1.0", [FakeFile("members.safetensors",
+                                                             blobs["lora2"])],
+                        needs_account=True)
+    hub.add_repo("org/models", {"sd15-tiny.safetensors": blobs["sd15b"]}, downloads=9)
+    yield SimpleNamespace(files=files, civitai=civitai, hub=hub)
+    for server in (civitai.server, hub.server, files.server):
+        server.close()
+
+
+def mergekit(tmp_path: Path, fake, *args, token: str | None = None,
+             **env) -> subprocess.CompletedProcess:
+    full_env = cli_env(tmp_path, fake.civitai.url, fake.hub.url, token, **env)
+    full_env.update(PYTHONPATH=str(REPO), COLUMNS="200",
+                    MERGEKIT_SD_CATALOG=str(tmp_path / "c.sqlite"))
+    return subprocess.run([sys.executable, "-m", "mergekit_sd.cli", *map(str, args)],
+                          capture_output=True, text=True, env=full_env, timeout=120)
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+def test_search_civitai_and_hf(tmp_path, fake):
+    table = mergekit(tmp_path, fake, "search", "civitai", "mix", "--type", "Checkpoint")
+    assert table.returncode == 0, table.stderr
+    assert "Photo Mix" in table.stdout and "civitai://300" in table.stdout
+    assert "My Character" not in table.stdout
+    as_json = json.loads(mergekit(tmp_path, fake, "search", "civitai", "--base", "Pony",
+                                  "--json").stdout)
+    assert [m["id"] for m in as_json["items"]] == [45]
+    assert "--type 'lora'" in one_error_line(
+        mergekit(tmp_path, fake, "search", "civitai", "x", "--type", "lora"))
+
+    found = mergekit(tmp_path, fake, "search", "hf", "org")
+    assert found.returncode == 0 and "org/models" in found.stdout
+    listed = mergekit(tmp_path, fake, "search", "hf", "org/models", "--files")
+    assert "hf://org/models/sd15-tiny.safetensors" in listed.stdout
+    assert "needs the network" in one_error_line(
+        mergekit(tmp_path, fake, "search", "hf", "org", "--offline"))
+
+
+def test_pull_then_show_and_pull_again_offline(tmp_path, fake, blobs):
+    root = tmp_path / "models"
+    pulled = mergekit(tmp_path, fake, "pull", "civitai://123", "--to", root, token=TOKEN)
+    assert pulled.returncode == 0, pulled.stderr
+    target = root / "mychar.safetensors"
+    assert f"pulled civitai://123 -> {target} (#1, " in pulled.stdout
+    assert "SHA256 verified" in pulled.stdout
+    assert TOKEN not in pulled.stdout + pulled.stderr
+    assert all("authorization" not in s.headers for s in fake.files.server.log)
+    assert all(s.headers["authorization"] == f"Bearer {TOKEN}" for s in fake.civitai.server.log)
+
+    shown = json.loads(mergekit(tmp_path, fake, "catalog", "show", "mychar", "--json").stdout)
+    assert (shown["base_model"], shown["trigger_words"], shown["source"]) == (
+        "Pony", ["mychar"], "civitai")
+    assert shown["source_ids"]["civitai"]["version_id"] == 123
+    assert shown["preview"] == str(root / "mychar.preview.png")
+
+    before = len(fake.civitai.server.log)
+    again = mergekit(tmp_path, fake, "pull", "civitai://123", "--offline")
+    assert again.returncode == 0 and f"already have civitai://123: #1 {target}" in again.stdout
+    assert len(fake.civitai.server.log) == before
+    assert "--offline forbids downloading it" in one_error_line(
+        mergekit(tmp_path, fake, "pull", "civitai://300", "--offline"))
+
+
+def test_refusals_are_one_line_and_leave_no_model(tmp_path, fake):
+    root = tmp_path / "models"
+    line = one_error_line(mergekit(tmp_path, fake, "pull", "civitai://470", "--to", root))
+    assert "Civitai wants an account for model version 470 (401)" in line
+    line = one_error_line(mergekit(tmp_path, fake, "pull", "civitai://470", "--to", root,
+                                   token="not-the-token"))
+    assert "Civitai refused the API token" in line and "not-the-token" not in line
+    assert "civitai://VERSION_ID" in one_error_line(
+        mergekit(tmp_path, fake, "pull", "civitai://abc"))
+    assert not root.exists() or [p.name for p in root.iterdir()] == []
+
+    both = mergekit(tmp_path, fake, "pull", "civitai://999", "civitai://123", "--to", root)
+    assert both.returncode == 2 and "Civitai does not know model version 999 (404)" in both.stderr
+    assert "pulled civitai://123" in both.stdout
+
+
+def test_busy_civitai_is_retried(tmp_path, fake):
+    fake.civitai.fail("/api/v1/model-versions/300", 429, 503)
+    result = mergekit(tmp_path, fake, "pull", "civitai://300", "--to", tmp_path / "m")
+    assert result.returncode == 0, result.stderr
+    statuses = [s.status for s in fake.civitai.server.requests("/api/v1/model-versions/300")]
+    assert statuses == [429, 503, 200]
+
+
+def test_pull_from_the_hub_and_a_plain_url(tmp_path, fake, blobs):
+    root = tmp_path / "models"
+    hub = mergekit(tmp_path, fake, "pull", "hf://org/models/sd15-tiny.safetensors", "--to",
+                   root)
+    assert hub.returncode == 0, hub.stderr
+    assert f"-> {root / 'sd15-tiny.safetensors'}" in hub.stdout
+    fake.files.put("direct/extra.safetensors", blobs["lora2"])
+    url = f"{fake.files.url}/files/direct/extra.safetensors"
+    sha = hashlib.sha256(blobs["lora2"]).hexdigest()
+    plain = mergekit(tmp_path, fake, "pull", url, "--sha256", sha, "--to", root, "--json")
+    [outcome] = json.loads(plain.stdout)
+    assert (outcome["status"], outcome["verified"], outcome["sha256"]) == (
+        "downloaded", True, sha)
+
+
+def test_identify_and_updates(tmp_path, fake, blobs):
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    (folder / "found.safetensors").write_bytes(blobs["lora"])
+    (folder / "unknown.safetensors").write_bytes(blobs["lora3"])
+    assert mergekit(tmp_path, fake, "catalog", "add-root", folder, "--scan").returncode == 0
+    assert mergekit(tmp_path, fake, "catalog", "scan", "--hash").returncode == 0
+    found = mergekit(tmp_path, fake, "catalog", "identify")
+    assert found.returncode == 0, found.stderr
+    assert ("looked up 2 hash(es) in 3 request(s): 1 file(s) identified, 1 unknown to "
+            "Civitai") in found.stdout
+    assert "found.safetensors: My Character / v1.0 [Pony], preview saved" in found.stdout
+    assert (folder / "found.civitai.info").exists() and (folder / "found.preview.png").exists()
+
+    fake.civitai.add_version(45, 124, "v2.0", "Illustrious",
+                             [FakeFile("mychar2.safetensors", blobs["lora2"])])
+    updates = mergekit(tmp_path, fake, "catalog", "updates")
+    assert updates.returncode == 0, updates.stderr
+    assert "checked 1 model(s): 1 with a newer version" in updates.stdout
+    assert ("My Character (model 45): you have v1.0; newer: v2.0 (Illustrious); pull "
+            "civitai://124") in updates.stdout
+
+
+def test_recipe_download_references_resolve_or_are_pulled(tmp_path, fake):
+    recipe = tmp_path / "mix.yaml"
+    recipe.write_text(textwrap.dedent("""\
+        version: 1
+        models:
+          photo: civitai://300
+          tiny: hf://org/models/sd15-tiny.safetensors
+        steps:
+          - name: mix
+            method: weighted_sum
+            inputs: [photo, tiny]
+            params: {alpha: 0.5}
+        output:
+          path: out/mix.safetensors
+        """))
+    line = one_error_line(mergekit(tmp_path, fake, "plan", recipe))
+    assert "mix.yaml" in line and "models.photo" in line
+    assert "run `mergekit-sd pull civitai://300`, or pass --pull to plan/merge" in line
+    assert "choose one" in one_error_line(
+        mergekit(tmp_path, fake, "plan", recipe, "--pull", "--offline"))
+    downloads = tmp_path / "downloads"
+    planned = mergekit(tmp_path, fake, "plan", recipe, "--pull", "--json",
+                       MERGEKIT_SD_DOWNLOADS=str(downloads))
+    assert planned.returncode == 0, planned.stderr
+    doc = json.loads(planned.stdout)
+    assert {Path(i["path"]).name for i in doc["inputs"]} == {"photomix.safetensors",
+                                                              "sd15-tiny.safetensors"}
+    assert "pulled civitai://300" in planned.stderr
+    offline = mergekit(tmp_path, fake, "plan", recipe, "--offline")
+    assert offline.returncode == 0, offline.stderr
+    assert os.path.exists(downloads / "photomix.civitai.info")
