@@ -20,6 +20,8 @@ CATALOG_HELP = "Catalog database (default: $MERGEKIT_SD_CATALOG or the user data
 LAZY_GROUPS = {
     "catalog": ("mergekit_sd.cli_catalog", "catalog_app",
                 "The model library: roots, scans, hashes, tags, duplicates, lineage."),
+    "search": ("mergekit_sd.cli_remote", "search_app",
+               "Search Civitai and Hugging Face for models to pull."),
     "bake": ("mergekit_sd.cli_lora", "bake_app",
              "Bake LoRAs into a checkpoint in one streaming pass."),
     "lora": ("mergekit_sd.cli_lora", "lora_app",
@@ -96,10 +98,12 @@ app.add_typer(recipe_app, name="recipe", help="Recipe tools: extract a merged fi
 
 class _CatalogOnDemand:
     """Resolves catalog references through the catalog, opened only when a recipe has one
-    (a recipe of plain paths never creates a catalog database)."""
+    (a recipe of plain paths never creates a catalog database). With `pull`, a download
+    reference the catalog lacks is pulled first."""
 
-    def __init__(self, path: Path | None):
+    def __init__(self, path: Path | None, pull: bool = False):
         self.path = path
+        self.pull = pull
         self.resolver = None
 
     def __call__(self, ref: str):
@@ -107,17 +111,30 @@ class _CatalogOnDemand:
             from catalog.resolver import CatalogResolver
             from catalog.store import Store
 
-            self.resolver = CatalogResolver(Store.open(self.path))
+            store = Store.open(self.path)
+            fetch = None
+            if self.pull:
+                from mergekit_sd.cli_remote import recipe_fetcher
+
+                fetch = recipe_fetcher(store)
+            self.resolver = CatalogResolver(store, fetch)
         return self.resolver(ref)
 
 
-def _load_plan(recipe: Path, assignments: list[str], out: Path | None, catalog: Path | None):
+PULL_HELP = "Download hf:// and civitai:// inputs the catalog does not have yet."
+OFFLINE_HELP = "Never call out: download references must already be in the catalog."
+
+
+def _load_plan(recipe: Path, assignments: list[str], out: Path | None, catalog: Path | None,
+               pull: bool = False, offline: bool = False):
     from mergekit_sd.merge.plan import apply_overrides, build_plan
     from mergekit_sd.recipe.loader import load_recipe
 
+    if pull and offline:
+        raise UserError("--pull downloads and --offline forbids it; choose one")
     loaded = load_recipe(recipe)
     apply_overrides(loaded, assignments)
-    return build_plan(loaded, resolver=_CatalogOnDemand(catalog), out=out)
+    return build_plan(loaded, resolver=_CatalogOnDemand(catalog, pull), out=out)
 
 
 @app.command()
@@ -127,11 +144,13 @@ def plan(
     out: Path = typer.Option(None, "--out", help="Write the output here instead."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
     catalog: Path = typer.Option(None, "--catalog", help=CATALOG_HELP),
+    pull: bool = typer.Option(False, "--pull", help=PULL_HELP),
+    offline: bool = typer.Option(False, "--offline", help=OFFLINE_HELP),
 ) -> None:
     """Show what a recipe will do, reading only headers."""
     from mergekit_sd.merge.report import plan_as_dict, show_plan
 
-    merge_plan = _load_plan(recipe, assignments, out, catalog)
+    merge_plan = _load_plan(recipe, assignments, out, catalog, pull, offline)
     if as_json:
         import json
 
@@ -148,12 +167,14 @@ def merge(
     device: str = typer.Option("cpu", help="cpu or cuda: where the arithmetic runs."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
     catalog: Path = typer.Option(None, "--catalog", help=CATALOG_HELP),
+    pull: bool = typer.Option(False, "--pull", help=PULL_HELP),
+    offline: bool = typer.Option(False, "--offline", help=OFFLINE_HELP),
 ) -> None:
     """Run a recipe: stream every key through its steps into the output file(s)."""
     from mergekit_sd.cli_progress import rich_progress
     from mergekit_sd.merge.executor import run_merge
 
-    merge_plan = _load_plan(recipe, assignments, out, catalog)
+    merge_plan = _load_plan(recipe, assignments, out, catalog, pull, offline)
     if as_json:
         written = run_merge(merge_plan, device=device)
         import json
@@ -164,6 +185,40 @@ def merge(
         written = run_merge(merge_plan, device=device, progress=progress)
     for name, path in written.items():
         typer.echo(f"wrote {name} -> {path}")
+
+
+@app.command()
+def pull(
+    refs: list[str] = typer.Argument(..., help="civitai://VERSION_ID, civitai://model/MODEL_ID, "
+                                     "hf://ORG/REPO[@REV]/PATH (globs allowed) or an http(s) URL."),
+    to: Path = typer.Option(None, "--to", help="Folder (or web UI root) to download into "
+                            "(default: downloads.root in the config, else a catalog root)."),
+    file_type: str = typer.Option(None, "--type", help="Civitai file type: Model, 'Pruned "
+                                  "Model', VAE, Config ... (default: the primary file)."),
+    file_format: str = typer.Option(None, "--format", help="Civitai format: SafeTensor, "
+                                    "PickleTensor, GGUF ..."),
+    size: str = typer.Option(None, "--size", help="Civitai size: full or pruned."),
+    fp: str = typer.Option(None, "--fp", help="Civitai precision: fp16, fp32, bf16 ..."),
+    sha256: str = typer.Option(None, "--sha256", help="For a plain URL: verify against this."),
+    parallel: int = typer.Option(None, "--parallel", "-j", help="Files downloaded at once."),
+    nsfw_previews: bool = typer.Option(None, "--nsfw-previews/--sfw-previews",
+                                       help="Save previews rated above PG-13 (default: the "
+                                       "config's civitai.nsfw_previews)."),
+    offline: bool = typer.Option(False, "--offline", help="Never call out: only what the "
+                                 "catalog (or the Hugging Face cache) already has."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+    catalog: Path = typer.Option(None, "--catalog", help=CATALOG_HELP),
+) -> None:
+    """Download models from Civitai, Hugging Face or a URL into the catalog.
+
+    Resumes interrupted downloads, verifies each file's SHA256, skips files the catalog
+    already has, and writes .civitai.info and preview sidecars. CIVITAI_API_TOKEN and
+    HF_TOKEN are sent only to their own hosts.
+    """
+    from mergekit_sd.cli_remote import run_pull
+
+    run_pull(refs, to, file_type, file_format, size, fp, sha256, parallel, nsfw_previews,
+             offline, as_json, catalog)
 
 
 @recipe_app.command("extract")
