@@ -49,7 +49,7 @@ def call(name: str, *tensors, **params):
 def test_every_family_is_registered_with_its_formula():
     assert set(method_names()) == {"weighted_sum", "add_difference", "sum_twice", "triple_sum",
                                    "copy", "slerp", "ties", "train_difference", "cosine_a",
-                                   "cosine_b"}
+                                   "cosine_b", "bake_lora"}
     for name in method_names():
         method = get_method(name)
         assert method.formula == method.func.__doc__.strip().splitlines()[0]
@@ -480,7 +480,7 @@ def test_unknown_method_names_the_nearest():
         get_method("weighted_som")
     with pytest.raises(UserError, match="did you mean 'slerp'"):
         get_method("slerpp")
-    with pytest.raises(UnknownMethod, match="known: add_difference, copy") as caught:
+    with pytest.raises(UnknownMethod, match="known: add_difference, bake_lora, copy") as caught:
         get_method("zzzz")
     assert caught.value.suggestions == []
 
