@@ -48,6 +48,10 @@ demo: $(STAMP)
 	$(BIN)/mergekit-sd catalog add-root $(DEMO)/merges --scan --catalog $(DEMO_CATALOG)
 	$(BIN)/mergekit-sd catalog scan --hash --catalog $(DEMO_CATALOG)
 	$(BIN)/mergekit-sd catalog lineage "demo-mix@alpha=0.3" --catalog $(DEMO_CATALOG)
+	$(BIN)/mergekit-sd render demo-sd15-base recipes/demo.yaml demo-sdxl-base --grid tiny \
+	  --out $(DEMO)/renders --html --catalog $(DEMO_CATALOG)
+	$(BIN)/mergekit-sd compare "demo-mix@alpha=0.3" "demo-mix@alpha=0.5" --grid tiny \
+	  --out $(DEMO)/compare --html --catalog $(DEMO_CATALOG)
 
 bench: $(STAMP)
 	$(BIN)/python bench/inspect.py
@@ -55,6 +59,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/merge.py
 	$(BIN)/python bench/catalog.py
 	$(BIN)/python bench/bake.py
+	$(BIN)/python bench/render.py
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache .ruff_cache

@@ -26,6 +26,10 @@ LAZY_GROUPS = {
              "Bake LoRAs into a checkpoint in one streaming pass."),
     "lora": ("mergekit_sd.cli_lora", "lora_app",
              "LoRA tools: merge several LoRAs into one, extract a LoRA from two checkpoints."),
+    "render": ("mergekit_sd.cli_render", "render_app",
+               "Render candidates on a prompt grid with few-step presets; contact sheet."),
+    "compare": ("mergekit_sd.cli_render", "compare_app",
+                "Render two candidates on the same grid and noise; A/B sheets, heat maps."),
 }
 
 

@@ -1,0 +1,182 @@
+"""`mergekit-sd render` and `mergekit-sd compare`: few-step renders of candidates on a fixed prompt
+grid, and A/B sheets. Registered lazily by cli.py (torch and diffusers load only here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from mergekit_sd.cli import CATALOG_HELP, _CatalogOnDemand
+from mergekit_sd.errors import UserError
+
+render_app = typer.Typer(add_completion=False, rich_markup_mode=None)
+compare_app = typer.Typer(add_completion=False, rich_markup_mode=None)
+
+GRID_HELP = "Prompt grid YAML, or a shipped one by name (default, tiny)."
+PRESET_HELP = ("standard, lcm, lightning-2/4/8, turbo, hyper-1/2/4/8 or schnell "
+               "(see README: Renders and A/B grids).")
+LORA_HELP = ("The preset's LoRA: a path, catalog name or hf://org/repo/file; `none` for "
+             "candidates that have it merged in (default: the preset's official one).")
+CONFIG_DIR_HELP = "A local diffusers-format model folder to take tokenizers from."
+
+
+def _size(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    width, sep, height = text.lower().partition("x")
+    try:
+        size = (int(width), int(height or width)) if sep or width else None
+    except ValueError:
+        size = None
+    if size is None or min(size) <= 0 or any(side % 64 for side in size):
+        raise UserError(f"--size {text!r}: write WIDTHxHEIGHT in multiples of 64, e.g. 512x768")
+    return size
+
+
+def _options(grid, preset, out, device, dtype, steps, guidance, scheduler, lora, lora_scale,
+             size, batch, config_dir):
+    from mergekit_sd.render.grids import load_grid
+    from mergekit_sd.render.presets import get_preset
+    from mergekit_sd.render.runner import RenderOptions, check_output_folder
+
+    check_output_folder(out)
+    if steps is not None and steps < 1:
+        raise UserError(f"--steps {steps}: give at least 1")
+    if batch is not None and batch < 1:
+        raise UserError(f"--batch {batch}: give at least 1")
+    return RenderOptions(load_grid(grid), get_preset(preset), out, device, dtype, steps,
+                         guidance, scheduler, lora, lora_scale, _size(size), batch, config_dir)
+
+
+def _report(result, as_json: bool) -> None:
+    manifest = result.manifest
+    if as_json:
+        import json
+
+        typer.echo(json.dumps({"out": str(result.out), "manifest": str(result.out /
+                                                                       "manifest.json"),
+                               "sheets": manifest.sheets,
+                               "images": len(manifest.images)}))
+        return
+    for pipeline in manifest.pipelines:
+        typer.echo(f"{pipeline.family}: pipeline built from {pipeline.built_from} in "
+                   f"{pipeline.build_s:.2f} s ({pipeline.preset}, {pipeline.scheduler}, "
+                   f"{pipeline.steps} steps, guidance {pipeline.guidance:g}, {pipeline.dtype}, "
+                   f"batch {pipeline.batch_size})")
+    for cand in manifest.candidates:
+        how = "pipeline built" if any(p.built_from == cand.label for p in manifest.pipelines) \
+            else "weights swapped in"
+        typer.echo(f"  {cand.label}: {how} {cand.load_s:.2f} s, {cand.images} images "
+                   f"{cand.render_s:.2f} s")
+    typer.echo(f"wrote {len(manifest.images)} images, {manifest.sheets['contact']}"
+               + "".join(f", {manifest.sheets[k]}" for k in ("ab_sheet", "html")
+                         if k in manifest.sheets)
+               + f" and manifest.json to {result.out}")
+
+
+def _run(work, html: bool, as_json: bool):
+    from mergekit_sd.cli_progress import rich_progress
+    from mergekit_sd.render.html import write_html
+
+    if as_json:
+        result = work(None)
+    else:
+        with rich_progress() as progress:
+            result = work(progress)
+    if html:
+        write_html(result)
+    _report(result, as_json)
+
+
+@render_app.command("render")
+def render(
+    candidates: list[str] = typer.Argument(..., help="Checkpoint files, catalog names, or "
+                                                     "recipes (a sweep: every candidate, "
+                                                     "merged in memory)."),
+    out: Path = typer.Option(..., "--out", help="Folder for images, sheets and manifest."),
+    grid: str = typer.Option(None, "--grid", help=GRID_HELP),
+    preset: str = typer.Option("standard", "--preset", help=PRESET_HELP),
+    steps: int = typer.Option(None, "--steps", help="Override the preset's or grid's steps."),
+    guidance: float = typer.Option(None, "--guidance", help="Override the guidance (CFG)."),
+    scheduler: str = typer.Option(None, "--scheduler", help="euler, euler_a, dpmpp_2m, ddim, "
+                                                            "lcm, unipc, flow_euler ..."),
+    lora: str = typer.Option(None, "--lora", help=LORA_HELP),
+    lora_scale: float = typer.Option(None, "--lora-scale", help="Weight of the fused LoRA."),
+    size: str = typer.Option(None, "--size", help="WIDTHxHEIGHT (default: the grid's)."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or mps."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, fp32, fp16 or bf16."),
+    batch: int = typer.Option(None, "--batch", help="Images per batch (default: fill the "
+                                                    "device)."),
+    config_dir: Path = typer.Option(None, "--config-dir", help=CONFIG_DIR_HELP),
+    assignments: list[str] = typer.Option([], "--set", help="STEP.PARAM=VALUE for recipes."),
+    html: bool = typer.Option(False, "--html", help="Also write index.html."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+    catalog: Path = typer.Option(None, "--catalog", help=CATALOG_HELP),
+    pull: bool = typer.Option(False, "--pull", help="Download hf:// references the catalog "
+                                                    "does not have yet."),
+) -> None:
+    """Render every candidate on a prompt grid with one pipeline per architecture.
+
+    Writes images/CANDIDATE/PROMPT-SEED.png (with AUTOMATIC1111 parameters), contact-sheet.png
+    (rows: prompt and seed; columns: candidates) and manifest.json.
+    """
+    from mergekit_sd.render.candidates import collect_candidates
+    from mergekit_sd.render.runner import render_candidates
+
+    options = _options(grid, preset, out, device, dtype, steps, guidance, scheduler, lora,
+                       lora_scale, size, batch, config_dir)
+    resolver = _CatalogOnDemand(catalog, pull)
+    found = collect_candidates(candidates, resolver, assignments)
+    _run(lambda progress: render_candidates(found, options, resolver, progress or _quiet),
+         html, as_json)
+
+
+@compare_app.command("compare")
+def compare(
+    a: str = typer.Argument(..., help="Candidate A: a file, catalog name or single-output "
+                                      "recipe."),
+    b: str = typer.Argument(..., help="Candidate B."),
+    out: Path = typer.Option(..., "--out", help="Folder for images, A/B sheets and manifest."),
+    grid: str = typer.Option(None, "--grid", help=GRID_HELP),
+    preset: str = typer.Option("standard", "--preset", help=PRESET_HELP),
+    steps: int = typer.Option(None, "--steps", help="Override the preset's or grid's steps."),
+    guidance: float = typer.Option(None, "--guidance", help="Override the guidance (CFG)."),
+    scheduler: str = typer.Option(None, "--scheduler", help="See render --help."),
+    lora: str = typer.Option(None, "--lora", help=LORA_HELP),
+    lora_scale: float = typer.Option(None, "--lora-scale", help="Weight of the fused LoRA."),
+    size: str = typer.Option(None, "--size", help="WIDTHxHEIGHT (default: the grid's)."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or mps."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, fp32, fp16 or bf16."),
+    batch: int = typer.Option(None, "--batch", help="Images per batch."),
+    config_dir: Path = typer.Option(None, "--config-dir", help=CONFIG_DIR_HELP),
+    assignments: list[str] = typer.Option([], "--set", help="STEP.PARAM=VALUE for recipes."),
+    no_heat: bool = typer.Option(False, "--no-heat", help="Leave out the difference heat map."),
+    html: bool = typer.Option(False, "--html", help="Also write index.html."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+    catalog: Path = typer.Option(None, "--catalog", help=CATALOG_HELP),
+    pull: bool = typer.Option(False, "--pull", help="Download hf:// references the catalog "
+                                                    "does not have yet."),
+) -> None:
+    """Render two candidates on the same grid and noise, and lay them out side by side.
+
+    Writes ab/PROMPT-SEED.png (A, B and their difference heat map), ab-sheet.png, the images,
+    contact-sheet.png and manifest.json (with the mean difference of every pair).
+    """
+    from mergekit_sd.render.candidates import collect_candidates
+    from mergekit_sd.render.compare import compare_candidates
+
+    options = _options(grid, preset, out, device, dtype, steps, guidance, scheduler, lora,
+                       lora_scale, size, batch, config_dir)
+    resolver = _CatalogOnDemand(catalog, pull)
+    found = collect_candidates([a, b], resolver, assignments)
+    if len(found) != 2:
+        raise UserError(f"compare takes two candidates; {a} and {b} give {len(found)} "
+                        "(a sweep recipe gives one per value: use --set to pick one, or "
+                        "render)")
+    _run(lambda progress: compare_candidates(found[0], found[1], options, not no_heat,
+                                             resolver, progress or _quiet), html, as_json)
+
+
+def _quiet(stage: str, done: int, total: int) -> None:
+    """No progress output (--json)."""

@@ -1,0 +1,106 @@
+"""What gets rendered: checkpoint files, catalog references, and recipe outputs.
+
+A recipe given as a candidate contributes one candidate per sweep value; those are merged
+straight into the pipeline's memory (`merge.executor.candidate_tensors`), key by key, with the
+values the file `mergekit-sd merge` would write, and no file is written.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mergekit_sd.errors import BadModelFile, UserError
+from mergekit_sd.io.header import read_header
+from mergekit_sd.recipe.refs import Resolver
+from mergekit_sd.render.layout import CheckpointLayout, checkpoint_layout, layout_of
+from mergekit_sd.render.refs import resolve_file
+
+RECIPE_SUFFIXES = (".yaml", ".yml")
+
+
+@dataclass
+class RenderCandidate:
+    label: str  # column title and folder name; unique within a run
+    ref: str  # as the user gave it
+    layout: CheckpointLayout
+    path: Path | None = None  # a file; None for a merge computed in memory
+    known_sha256: str | None = None  # from the resolver (a catalog's hash cache)
+    recipe: dict | None = None  # recipe file, candidate name, swept values, input files
+    plan: object | None = None  # the MergePlan of a recipe candidate
+    merged_name: str | None = None
+    inputs: dict[str, Path] = field(default_factory=dict)  # recipe input name -> file
+
+    def tensors(self, device: str) -> Iterator[tuple[str, object]]:
+        """A recipe candidate's merged tensors, computed on `device`."""
+        from mergekit_sd.merge.executor import candidate_tensors
+
+        return candidate_tensors(self.plan, self.merged_name, device=device)
+
+
+def _file_candidate(ref: str, path: Path, sha256: str | None) -> RenderCandidate:
+    try:
+        header = read_header(path)
+    except BadModelFile as exc:
+        raise UserError(str(exc)) from None
+    return RenderCandidate(path.stem, ref, checkpoint_layout(header), path=path,
+                           known_sha256=sha256)
+
+
+def recipe_candidates(path: Path, resolver: Resolver | None,
+                      assignments: list[str] | None = None) -> list[RenderCandidate]:
+    """One candidate per output of the recipe (a sweep gives several)."""
+    from mergekit_sd.merge.plan import apply_overrides, build_plan
+    from mergekit_sd.recipe.loader import load_recipe
+
+    loaded = load_recipe(path)
+    apply_overrides(loaded, assignments or [])
+    plan = build_plan(loaded, resolver=resolver)
+    first = plan.inputs[plan.model_order[0]]
+    shapes = {task.key: task.out.shape for task in plan.tasks}
+    found = []
+    for cand in plan.candidates:
+        layout = layout_of(f"{path.name}: {cand.name}", first.found, shapes)
+        recipe = {"path": str(path), "candidate": cand.name,
+                  "values": {f"{step}.{param}": value for step, param, value in cand.choice},
+                  "inputs": {name: str(p.path) for name, p in plan.inputs.items()}}
+        found.append(RenderCandidate(cand.name, str(path), layout, recipe=recipe, plan=plan,
+                                     merged_name=cand.name,
+                                     inputs={n: p.path for n, p in plan.inputs.items()}))
+    return found
+
+
+def collect_candidates(refs: list[str], resolver: Resolver | None = None,
+                       assignments: list[str] | None = None) -> list[RenderCandidate]:
+    """Candidates for the command line's references, in order, with unique labels.
+    `assignments` (`STEP.PARAM=VALUE`) apply to every recipe among them."""
+    if not refs:
+        raise UserError("give at least one candidate: a checkpoint file, a catalog name or a "
+                        "recipe")
+    found: list[RenderCandidate] = []
+    for ref in refs:
+        path = Path(ref).expanduser()
+        if path.suffix in RECIPE_SUFFIXES and path.is_file():
+            found.extend(recipe_candidates(path, resolver, assignments))
+            continue
+        resolved = resolve_file(ref, resolver, "candidate")
+        found.append(_file_candidate(ref, resolved.path, resolved.sha256))
+    _unique_labels(found)
+    return found
+
+
+def _unique_labels(candidates: list[RenderCandidate]) -> None:
+    seen: dict[str, int] = {}
+    for cand in candidates:
+        base = cand.label
+        seen[base] = seen.get(base, 0) + 1
+        if seen[base] > 1:
+            cand.label = f"{base}-{seen[base]}"
+
+
+def slug(text: str) -> str:
+    """A file-name-safe version of a label (`mix@alpha=0.3` stays readable)."""
+    cleaned = re.sub(r"[^A-Za-z0-9@=._+-]+", "_", text).strip("._")
+    return cleaned[:120] or "candidate"

@@ -1,0 +1,166 @@
+"""Prompt grids: YAML files of prompts (with optional negatives), seeds, size, steps and guidance.
+
+Read with `yaml.safe_load`, validated by pydantic models that mirror the file; errors name the
+file, the line and the field, as recipe errors do. `recipes/grids/` holds the shipped ones.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mergekit_sd.errors import UserError
+from mergekit_sd.recipe.loader import _line_map, dotted, line_of
+
+GRIDS_DIR = Path(__file__).resolve().parents[2] / "recipes" / "grids"
+DEFAULT_GRID = GRIDS_DIR / "default.yaml"
+MAX_SIDE = 4096
+SIZE_STEP = 64  # every UNet and transformer here accepts multiples of 64 pixels
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+class GridError(UserError):
+    """A grid problem: one sentence with the file, the line and the field."""
+
+    def __init__(self, path: Path | str, line: int | None, field_path: str, problem: str):
+        where = f"{path}, line {line}" if line else f"{path}"
+        super().__init__(f"{where}, {field_path}: {problem}" if field_path
+                         else f"{where}: {problem}")
+
+
+class GridPrompt(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    text: str = Field(min_length=1)
+    negative: str | None = None
+    name: str | None = None  # short name for sheets and file names (default: p01, p02 ...)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_file_name(cls, value: str | None) -> str | None:
+        if value is not None and not _NAME.match(value):
+            raise ValueError("use letters, digits, - and _ only (it names files)")
+        return value
+
+
+class Grid(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: Literal[1] = 1
+    name: str | None = None
+    prompts: list[GridPrompt | str] = Field(min_length=1)
+    seeds: list[int] = Field(default=[1234], min_length=1)
+    size: tuple[int, int] | int | None = None  # None: the model's own (512 SD1, 1024 others)
+    steps: int = Field(default=25, ge=1, le=200)
+    guidance: float = Field(default=6.0, ge=0, le=30)
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds_in_range(cls, seeds: list[int]) -> list[int]:
+        for seed in seeds:
+            if not 0 <= seed < 2**63:
+                raise ValueError(f"seed {seed} is out of range (0 to 2**63 - 1)")
+        if len(set(seeds)) != len(seeds):
+            raise ValueError("lists a seed twice")
+        return seeds
+
+    @field_validator("size")
+    @classmethod
+    def _size_fits(cls, size):
+        sides = (size, size) if isinstance(size, int) else size
+        if sides is not None:
+            for side in sides:
+                if side <= 0 or side > MAX_SIDE or side % SIZE_STEP:
+                    raise ValueError(f"{side} must be a multiple of {SIZE_STEP} up to "
+                                     f"{MAX_SIDE} pixels")
+        return size
+
+    @model_validator(mode="after")
+    def _names_unique(self) -> Grid:
+        names = [p.name for p in self.prompts if isinstance(p, GridPrompt) and p.name]
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"prompts: the name {name!r} is used twice")
+        return self
+
+
+@dataclass(frozen=True)
+class Prompt:
+    name: str
+    text: str
+    negative: str | None
+
+
+@dataclass(frozen=True)
+class LoadedGrid:
+    path: Path
+    name: str
+    prompts: tuple[Prompt, ...]
+    seeds: tuple[int, ...]
+    size: tuple[int, int] | None  # (width, height); None: the model's own
+    steps: int
+    guidance: float
+
+    def size_for(self, family: str) -> tuple[int, int]:
+        if self.size is not None:
+            return self.size
+        side = 512 if family == "sd1" else 1024
+        return side, side
+
+
+def _loaded(grid: Grid, path: Path) -> LoadedGrid:
+    prompts = []
+    for i, item in enumerate(grid.prompts, 1):
+        item = GridPrompt(text=item) if isinstance(item, str) else item
+        prompts.append(Prompt(item.name or f"p{i:02d}", item.text, item.negative or None))
+    size = (grid.size, grid.size) if isinstance(grid.size, int) else grid.size
+    return LoadedGrid(path, grid.name or path.stem, tuple(prompts), tuple(grid.seeds),
+                      tuple(size) if size else None, grid.steps, grid.guidance)
+
+
+def parse_grid(text: str, path: Path | str = "<grid>") -> LoadedGrid:
+    path = Path(path)
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise GridError(path, mark.line + 1 if mark else None, "",
+                        f"is not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
+    if not isinstance(data, dict):
+        raise GridError(path, 1, "", "must be a YAML mapping with prompts and seeds")
+    lines = _line_map(node) if node is not None else {}
+    try:
+        grid = Grid.model_validate(data)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and (
+            p in ("GridPrompt", "str", "int") or p.startswith(("tuple[", "function-")))))
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "is not a field here (valid: " + ", ".join(
+                GridPrompt.model_fields if "prompts" in loc else Grid.model_fields) + ")"
+        elif error["type"] == "missing":
+            message = "is required but missing"
+        raise GridError(path, line_of(lines, loc), dotted(loc), message) from None
+    return _loaded(grid, path)
+
+
+def load_grid(path: str | Path | None) -> LoadedGrid:
+    """A grid file; a bare name (`default`, `tiny`) means recipes/grids/NAME.yaml."""
+    path = DEFAULT_GRID if path is None else Path(path)
+    if not path.exists() and path.suffix == "" and (GRIDS_DIR / f"{path}.yaml").exists():
+        path = GRIDS_DIR / f"{path}.yaml"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise GridError(path, None, "", "does not exist; give a grid YAML file or one of "
+                        + ", ".join(p.stem for p in sorted(GRIDS_DIR.glob("*.yaml")))) from None
+    except (IsADirectoryError, UnicodeDecodeError):
+        raise GridError(path, None, "", "is not a YAML text file") from None
+    return parse_grid(text, path)

@@ -1,0 +1,83 @@
+"""The manifest of a render: every image with what produced it (candidate ref and hash, recipe,
+prompt, seed, preset, scheduler, steps, guidance, size, device, timings), for scripts and for
+reproducing a sheet."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from mergekit_sd.render.outputs import write_atomic
+
+MANIFEST_NAME = "manifest.json"
+
+
+@dataclass
+class ImageEntry:
+    file: str  # relative to the output folder
+    candidate: str
+    candidate_ref: str
+    candidate_sha256: str | None  # None for a merge computed in memory (see recipe)
+    recipe: dict | None
+    prompt_name: str
+    prompt: str
+    negative: str | None
+    seed: int
+    preset: str
+    scheduler: str
+    steps: int
+    guidance: float
+    width: int
+    height: int
+    device: str
+    lora: str | None
+    seconds: float  # this image's share of its batch's wall time
+
+
+@dataclass
+class CandidateEntry:
+    label: str
+    ref: str
+    family: str
+    path: str | None
+    sha256: str | None
+    recipe: dict | None
+    load_s: float  # building the pipeline (first of an architecture) or swapping weights in
+    render_s: float
+    images: int
+
+
+@dataclass
+class PipelineEntry:
+    family: str
+    built_from: str
+    build_s: float
+    dtype: str
+    preset: str
+    scheduler: str
+    steps: int
+    guidance: float
+    lora: dict | None
+    batch_size: int
+
+
+@dataclass
+class Manifest:
+    tool: str
+    command: str
+    grid: dict
+    device: str
+    pipelines: list[PipelineEntry] = field(default_factory=list)
+    candidates: list[CandidateEntry] = field(default_factory=list)
+    images: list[ImageEntry] = field(default_factory=list)
+    sheets: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+
+    def write(self, folder: Path) -> Path:
+        text = json.dumps(asdict(self), indent=2, ensure_ascii=False) + "\n"
+        return write_atomic(folder / MANIFEST_NAME, text.encode("utf-8"))
+
+
+def read_manifest(folder: Path) -> dict:
+    return json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))

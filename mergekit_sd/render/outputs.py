@@ -1,0 +1,64 @@
+"""Writing render outputs: atomic files, PNGs with AUTOMATIC1111's `parameters` text chunk.
+
+Every file is written as NAME.partial, fsynced and renamed, so an interrupted run never leaves
+a half image or manifest under the final name. PNG bytes depend only on the pixels and the
+parameters text (no timestamps), so the same render gives the same file.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+from mergekit_sd.io.writer import fsync_directory, partial_path
+
+
+def write_atomic(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = partial_path(path)
+    try:
+        with open(partial, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def sync_folder(folder: Path) -> None:
+    """Make the renames of a run durable (once per folder, not per file)."""
+    fsync_directory(folder)
+
+
+def png_bytes(image, parameters: str | None = None) -> bytes:
+    from PIL.PngImagePlugin import PngInfo
+
+    info = None
+    if parameters is not None:
+        info = PngInfo()
+        info.add_text("parameters", parameters)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def a1111_parameters(prompt: str, negative: str | None, fields: dict[str, object]) -> str:
+    """AUTOMATIC1111's infotext: the prompt, `Negative prompt: ...`, then `Key: value, ...`
+    (values with commas or colons quoted, as the web UI writes them)."""
+    lines = [prompt]
+    if negative:
+        lines.append(f"Negative prompt: {negative}")
+    parts = []
+    for key, value in fields.items():
+        if value is None:
+            continue
+        text = str(value)
+        if any(c in text for c in ",:\n\""):
+            text = '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        parts.append(f"{key}: {text}")
+    lines.append(", ".join(parts))
+    return "\n".join(lines)

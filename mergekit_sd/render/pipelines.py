@@ -1,0 +1,226 @@
+"""One diffusers pipeline per architecture, built once from a checkpoint's shapes, whose weights
+are then swapped in place for every candidate (DESIGN.md decision 9).
+
+Building: configs derived from the file (`configs.py`), modules constructed with empty
+parameters, storage allocated on the device in the render dtype, weights copied in through the
+key map. Swapping: the same copy into the same parameters, nothing rebuilt. A preset's LoRA is
+fused once with diffusers' own `load_lora_weights` + `fuse_lora`; after a swap it is fused again
+into the weights just copied, so every candidate carries exactly the delta a fresh pipeline with
+that LoRA fused would. That costs computing the delta again (B·A per layer: negligible on a
+GPU, seconds for a full-size model on a CPU, measured in bench/render.py); keeping the deltas
+instead would cost a second copy of every adapted weight in device memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mergekit_sd.errors import UserError
+from mergekit_sd.render.assets import TOKENIZER_FOLDERS, scheduler_config
+from mergekit_sd.render.components import build_modules, load_tokenizers
+from mergekit_sd.render.layout import (
+    FAMILY_LABELS,
+    CheckpointLayout,
+    required_components,
+)
+from mergekit_sd.render.weights import WeightTable, load_file, load_tensors, materialize
+
+
+def render_dtype(family: str, device: str, requested: str = "auto"):
+    """fp32 on the CPU (half precision is slow or unsupported there); on an accelerator fp16
+    for SD1/SDXL and bf16 for SD3/FLUX, as their releases are meant to run."""
+    import torch
+
+    names = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if requested != "auto":
+        if requested not in names:
+            raise UserError(f"--dtype {requested!r}: use auto, fp32, fp16 or bf16")
+        return names[requested]
+    if device == "cpu":
+        return torch.float32
+    return torch.bfloat16 if family in ("sd3", "flux") else torch.float16
+
+
+def check_device(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA device is available on this machine; "
+                        "use --device cpu")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps: this machine has no Apple GPU; use --device cpu")
+    if not device.startswith(("cpu", "cuda", "mps")):
+        raise UserError(f"--device {device!r}: use cpu, cuda, cuda:N or mps")
+    return device
+
+
+@dataclass
+class LoraState:
+    path: Path
+    scale: float
+    label: str
+    components: list[str]  # those the LoRA adapts
+
+
+@dataclass
+class RenderPipeline:
+    """A diffusers pipeline plus what swapping weights into it needs."""
+
+    family: str
+    variant: str | None  # the architecture id the pipeline was built for (flux-dev ...)
+    pipe: object
+    modules: dict[str, object]  # component name -> torch module
+    device: str
+    dtype: object
+    context_width: int  # width of text features the diffusion model attends to
+    base: CheckpointLayout
+    lora: LoraState | None = None
+    _tables: dict[tuple, WeightTable] = field(default_factory=dict)
+
+    def table_for(self, layout: CheckpointLayout) -> WeightTable:
+        """The key map of `layout` resolved against this pipeline's parameters (cached per
+        distinct layout: a sweep's candidates all share their inputs' one)."""
+        key = tuple(layout.key_shapes.items())
+        table = self._tables.get(key)
+        if table is None:
+            check_compatible(self.base, layout)
+            modules = {c: m for c, m in self.modules.items() if c in layout.maps}
+            table = WeightTable(modules, layout.maps, layout.key_shapes)
+            if table.mismatched:
+                name, want, got = table.mismatched[0]
+                if layout is self.base:
+                    raise UserError(f"{layout.name}: {name} has {got} values but the model its "
+                                    f"shapes describe has {want}; it is no released "
+                                    f"{FAMILY_LABELS[layout.family]} layout")
+                raise UserError(f"{layout.name}: {name} has {got} values where the pipeline "
+                                f"built from {self.base.name} has {want}; render models of "
+                                "different sizes separately")
+            self._tables[key] = table
+        return table
+
+    def load(self, layout: CheckpointLayout, path: Path | None = None, tensors=None) -> int:
+        """Copy a candidate's weights in (from `path`, or from (key, tensor) pairs); the
+        preset's LoRA stays fused. Returns the number of checkpoint keys copied."""
+        table = self.table_for(layout)
+        copied = load_file(table, path) if path is not None else load_tensors(table, tensors)
+        table.reset_unfilled(self.modules)
+        if self.lora is not None:
+            self._refuse(table)
+        return copied
+
+    def _refuse(self, table: WeightTable) -> None:
+        """Fuse the LoRA again into the weights just copied. Their fused values were
+        overwritten, so the LoRA layers holding them are told they are unmerged (not unfused:
+        subtracting the delta from weights that are gone would be wasted work) and diffusers'
+        `fuse_lora` adds the delta exactly as it does in a fresh pipeline."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        copied = {id(p) for p in table.params.values()}
+        components = set()
+        for component in self.lora.components:
+            for module in self.modules[component].modules():
+                if isinstance(module, BaseTunerLayer) and id(module.get_base_layer().weight) \
+                        in copied:
+                    module.merged_adapters = []
+                    components.add(component)
+        if components:
+            self.pipe.fuse_lora(components=sorted(components), lora_scale=self.lora.scale)
+
+    def fuse_lora(self, path: Path, scale: float, label: str) -> None:
+        """Load a LoRA (kohya, diffusers/PEFT ... whatever diffusers reads) and fuse it."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        try:
+            with quiet_transformers():
+                self.pipe.load_lora_weights(str(path), adapter_name="preset")
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise UserError(f"{path}: diffusers could not load it as a LoRA for "
+                            f"{FAMILY_LABELS[self.family]} ({str(exc).splitlines()[0][:200]})"
+                            ) from None
+        adapted = [c for c, m in self.modules.items()
+                   if any(isinstance(sub, BaseTunerLayer) for sub in m.modules())]
+        self.pipe.fuse_lora(components=adapted, lora_scale=scale)
+        self.lora = LoraState(Path(path), scale, label, adapted)
+
+
+def check_compatible(base: CheckpointLayout, other: CheckpointLayout) -> None:
+    if other.family != base.family:
+        raise UserError(f"{other.name} is {FAMILY_LABELS[other.family]} but the pipeline is "
+                        f"{FAMILY_LABELS[base.family]}; each architecture gets its own pipeline")
+
+
+def build_pipeline(layout: CheckpointLayout, path: Path | None = None, tensors=None,
+                   device: str = "cpu", dtype: str = "auto",
+                   config_dir: Path | None = None) -> RenderPipeline:
+    """A pipeline for `layout`'s architecture holding its weights (from `path` or tensors)."""
+    if not layout.is_full:
+        missing = [c for c in required_components(layout.family) if c not in layout.maps]
+        raise UserError(f"{layout.name} has no {', '.join(missing)}; a pipeline is built from "
+                        "the first candidate of each architecture, so put a full checkpoint "
+                        "of the same architecture before it")
+    check_device(device)
+    torch_dtype = render_dtype(layout.family, device, dtype)
+    tokenizers = load_tokenizers(layout, config_dir)
+    modules, context_width = build_modules(layout, tokenizers)
+    for module in modules.values():
+        materialize(module, device, torch_dtype)
+    pipe = _assemble(layout, modules, tokenizers)
+    rp = RenderPipeline(layout.family, layout.found.architecture, pipe, modules, device,
+                        torch_dtype, context_width, layout)
+    missing = rp.table_for(layout).required_missing()
+    if missing:
+        component, names = next(iter(missing.items()))
+        raise UserError(f"{layout.name}: its {component} lacks {len(names)} weight(s) the "
+                        f"pipeline needs (e.g. {names[0]}); the file is incomplete")
+    rp.load(layout, path=path, tensors=tensors)
+    pipe.set_progress_bar_config(disable=True)
+    # one image at a time through the VAE: a batch's decode needs no more memory than one
+    modules["vae"].enable_slicing()
+    return rp
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers warns, when diffusers' pipelines import it, about optional backends
+    (torchvision) rendering never uses, and draws a progress bar for every LoRA it loads;
+    keep both off the user's terminal."""
+    from transformers.utils import logging
+
+    before, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(before)
+        if bars:
+            logging.enable_progress_bar()
+
+
+# --- assembling diffusers' pipeline classes -------------------------------------------------------
+
+_PIPELINE_CLASSES = {"sd1": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
+                     "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
+# what each class takes besides models, tokenizers and scheduler
+_EXTRA = {"sd1": {"safety_checker": None, "feature_extractor": None,
+                  "requires_safety_checker": False},
+          "sdxl": {"add_watermarker": False}}
+
+
+def _scheduler(layout: CheckpointLayout):
+    import diffusers
+
+    config = scheduler_config(layout.family, layout.found.architecture)
+    return getattr(diffusers, config["_class_name"]).from_config(config)
+
+
+def _assemble(layout: CheckpointLayout, modules: dict, tokenizers: dict):
+    with quiet_transformers():
+        import diffusers
+
+        cls = getattr(diffusers, _PIPELINE_CLASSES[layout.family])
+    named_tokenizers = {TOKENIZER_FOLDERS[c]: t for c, t in tokenizers.items()}
+    return cls(**modules, **named_tokenizers, scheduler=_scheduler(layout),
+               **_EXTRA.get(layout.family, {}))

@@ -1,0 +1,168 @@
+"""Sampling presets: few-step samplers (LCM, SDXL-Lightning, SDXL-Turbo, Hyper-SD, FLUX.1-schnell)
+and `standard` (any scheduler, the grid's steps and guidance), each with the scheduler, steps,
+guidance and distillation LoRA its makers recommend.
+
+A preset's LoRA is a reference (a path, a catalog name or `hf://org/repo/file`); the defaults
+name the official releases. Distilled candidates (a Lightning UNet, a merge with LCM baked in)
+need no LoRA: `--lora none`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+
+from mergekit_sd.errors import UserError
+from mergekit_sd.render.layout import FAMILY_LABELS
+
+# scheduler name -> (diffusers class, settings over the family's reference config, A1111 name)
+SCHEDULERS: dict[str, tuple[str, dict, str]] = {
+    "euler": ("EulerDiscreteScheduler", {}, "Euler"),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}, "Euler a"),
+    "euler_trailing": ("EulerDiscreteScheduler", {"timestep_spacing": "trailing"}, "Euler"),
+    "euler_a_trailing": ("EulerAncestralDiscreteScheduler", {"timestep_spacing": "trailing"},
+                         "Euler a"),
+    "ddim": ("DDIMScheduler", {}, "DDIM"),
+    "ddim_trailing": ("DDIMScheduler", {"timestep_spacing": "trailing"}, "DDIM"),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}, "DPM++ 2M"),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True},
+                        "DPM++ 2M Karras"),
+    "unipc": ("UniPCMultistepScheduler", {}, "UniPC"),
+    "heun": ("HeunDiscreteScheduler", {}, "Heun"),
+    "pndm": ("PNDMScheduler", {}, "PLMS"),
+    "lcm": ("LCMScheduler", {}, "LCM"),
+    "tcd": ("TCDScheduler", {}, "TCD"),
+    "flow_euler": ("FlowMatchEulerDiscreteScheduler", {}, "Euler"),
+}
+FLOW_FAMILIES = ("sd3", "flux")  # rectified-flow models take flow-matching schedulers only
+DEFAULT_SCHEDULER = {"sd1": "euler_a", "sdxl": "euler_a", "sd3": "flow_euler",
+                     "flux": "flow_euler"}
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    families: tuple[str, ...]
+    scheduler: str | None  # None: --scheduler or the family's default
+    steps: int | None  # None: the grid's
+    step_range: tuple[int, int] = (1, 200)
+    guidance: float | None = None  # None: the grid's
+    loras: dict[str, str] = field(default_factory=dict)  # family -> default LoRA reference
+    lora_scale: float = 1.0
+    guidance_by_family: dict[str, float] = field(default_factory=dict)
+    scheduler_by_family: dict[str, str] = field(default_factory=dict)
+
+
+_HYPER = "hf://ByteDance/Hyper-SD/"
+
+
+def _hyper(steps: int) -> Preset:
+    plural = "step" if steps == 1 else "steps"
+    loras = {"sd1": f"{_HYPER}Hyper-SD15-{steps}{plural}-lora.safetensors",
+             "sdxl": f"{_HYPER}Hyper-SDXL-{steps}{plural}-lora.safetensors"}
+    families: tuple[str, ...] = ("sd1", "sdxl")
+    if steps == 8:
+        loras["flux"] = f"{_HYPER}Hyper-FLUX.1-dev-8steps-lora.safetensors"
+        families += ("flux",)
+    return Preset(f"hyper-{steps}", f"Hyper-SD {steps}-step LoRA, guidance 0 (FLUX 3.5)",
+                  families, "tcd" if steps == 1 else "ddim_trailing", steps, (steps, steps), 0.0,
+                  loras, lora_scale=1.0, guidance_by_family={"flux": 3.5},
+                  scheduler_by_family={"flux": "flow_euler"})
+
+
+def _lightning(steps: int) -> Preset:
+    return Preset(f"lightning-{steps}", f"SDXL-Lightning {steps}-step LoRA (or a Lightning "
+                  "UNet with --lora none), Euler with trailing timesteps, guidance 0",
+                  ("sdxl",), "euler_trailing", steps, (steps, steps), 0.0,
+                  {"sdxl": f"hf://ByteDance/SDXL-Lightning/sdxl_lightning_{steps}step_lora"
+                           ".safetensors"})
+
+
+PRESETS: dict[str, Preset] = {p.name: p for p in (
+    Preset("standard", "any scheduler (--scheduler), the grid's steps and guidance (CFG)",
+           ("sd1", "sdxl", "sd3", "flux"), None, None),
+    Preset("lcm", "LCM scheduler with LCM-LoRA, 4 steps, guidance 1", ("sd1", "sdxl"), "lcm",
+           4, (2, 8), 1.0,
+           {"sd1": "hf://latent-consistency/lcm-lora-sdv1-5/pytorch_lora_weights.safetensors",
+            "sdxl": "hf://latent-consistency/lcm-lora-sdxl/pytorch_lora_weights.safetensors"}),
+    _lightning(2), _lightning(4), _lightning(8),
+    Preset("turbo", "SDXL-Turbo / SD3.5-Large-Turbo models: 1 step (up to 4), guidance 0",
+           ("sdxl", "sd3"), "euler_a_trailing", 1, (1, 4), 0.0,
+           scheduler_by_family={"sd3": "flow_euler"}),
+    _hyper(1), _hyper(2), _hyper(4), _hyper(8),
+    Preset("schnell", "FLUX.1-schnell: 4 steps (1 to 4), guidance 0", ("flux",), "flow_euler",
+           4, (1, 4), 0.0),
+)}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        near = difflib.get_close_matches(name, list(PRESETS), n=1)
+        hint = f"did you mean {near[0]!r}? " if near else ""
+        raise UserError(f"--preset {name!r} is not a preset ({hint}presets: "
+                        f"{', '.join(PRESETS)})")
+    return PRESETS[name]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """What one architecture is rendered with: the preset resolved for its family."""
+
+    preset: str
+    scheduler: str
+    steps: int
+    guidance: float
+    lora_ref: str | None  # None: no LoRA
+    lora_scale: float
+
+    @property
+    def sampler_label(self) -> str:
+        return SCHEDULERS[self.scheduler][2]
+
+
+def resolve_sampling(preset: Preset, family: str, grid_steps: int, grid_guidance: float,
+                     steps: int | None = None, guidance: float | None = None,
+                     scheduler: str | None = None, lora: str | None = None,
+                     lora_scale: float | None = None) -> Sampling:
+    """The preset's settings for `family`, with the command line's overrides checked.
+    `lora` is a reference, "none", or None for the preset's default."""
+    if family not in preset.families:
+        fits = ", ".join(FAMILY_LABELS[f] for f in preset.families)
+        raise UserError(f"--preset {preset.name} is for {fits}, not "
+                        f"{FAMILY_LABELS[family]}; use --preset standard for those candidates")
+    chosen = steps or preset.steps or grid_steps
+    low, high = preset.step_range
+    if not low <= chosen <= high:
+        raise UserError(f"--steps {chosen}: --preset {preset.name} takes {low} to {high} steps")
+    name = (scheduler or preset.scheduler_by_family.get(family) or preset.scheduler
+            or DEFAULT_SCHEDULER[family])
+    check_scheduler(name, family)
+    if guidance is None:
+        guidance = preset.guidance_by_family.get(family, preset.guidance)
+    if guidance is None:
+        guidance = grid_guidance
+    lora_ref = None if lora == "none" else lora or preset.loras.get(family)
+    return Sampling(preset.name, name, chosen, float(guidance), lora_ref,
+                    preset.lora_scale if lora_scale is None else lora_scale)
+
+
+def check_scheduler(name: str, family: str) -> None:
+    if name not in SCHEDULERS:
+        near = difflib.get_close_matches(name, list(SCHEDULERS), n=1)
+        hint = f"did you mean {near[0]!r}? " if near else ""
+        raise UserError(f"--scheduler {name!r} is not known ({hint}schedulers: "
+                        f"{', '.join(SCHEDULERS)})")
+    flow = name.startswith("flow_")
+    if flow != (family in FLOW_FAMILIES):
+        kind = "a flow-matching" if family in FLOW_FAMILIES else "a noise-prediction"
+        raise UserError(f"--scheduler {name}: {FAMILY_LABELS[family]} needs {kind} scheduler "
+                        f"(e.g. {DEFAULT_SCHEDULER[family]})")
+
+
+def make_scheduler(name: str, reference_config: dict):
+    """A diffusers scheduler `name` built from the family's reference scheduler settings."""
+    import diffusers
+
+    class_name, overrides, _ = SCHEDULERS[name]
+    return getattr(diffusers, class_name).from_config({**reference_config, **overrides})

@@ -1,0 +1,293 @@
+"""Render a prompt grid for every candidate: one pipeline per architecture, candidate weights
+swapped in place, PNGs with their parameters, a manifest and a contact sheet.
+
+Candidates are grouped by architecture. Each group's pipeline is built from its first full
+checkpoint (and the preset's LoRA fused once); every other candidate of the group is copied into
+it. Sheets and the HTML page are drawn from the PNGs written, so images never pile up in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from mergekit_sd import __version__
+from mergekit_sd.errors import UserError
+from mergekit_sd.io.hashing import file_sha256
+from mergekit_sd.progress import CancelToken, ProgressCallback, no_progress
+from mergekit_sd.recipe.refs import ResolvedModel, Resolver
+from mergekit_sd.render.assets import scheduler_config
+from mergekit_sd.render.candidates import RenderCandidate, slug
+from mergekit_sd.render.generate import Job, Settings, auto_batch, render_batch
+from mergekit_sd.render.grids import LoadedGrid
+from mergekit_sd.render.layout import DIFFUSION_COMPONENT
+from mergekit_sd.render.manifest import CandidateEntry, ImageEntry, Manifest, PipelineEntry
+from mergekit_sd.render.outputs import a1111_parameters, png_bytes, sync_folder, write_atomic
+from mergekit_sd.render.pipelines import RenderPipeline, build_pipeline, check_device
+from mergekit_sd.render.presets import Preset, Sampling, make_scheduler, resolve_sampling
+from mergekit_sd.render.refs import resolve_file
+
+IMAGES_DIR = "images"
+CONTACT_SHEET = "contact-sheet.png"
+# Below this many diffusion-model parameters (tiny test models) one CPU thread is fastest:
+# intra-op threads cost more to wake than tensors this small take to compute.
+SMALL_MODEL_PARAMS = 20_000_000
+
+
+@dataclass
+class RenderOptions:
+    grid: LoadedGrid
+    preset: Preset
+    out: Path
+    device: str = "cpu"
+    dtype: str = "auto"
+    steps: int | None = None
+    guidance: float | None = None
+    scheduler: str | None = None
+    lora: str | None = None  # a reference, "none", or None for the preset's own
+    lora_scale: float | None = None
+    size: tuple[int, int] | None = None
+    batch: int | None = None  # None: as many as the device holds
+    config_dir: Path | None = None
+    command: str = "render"
+
+
+@dataclass
+class RenderResult:
+    out: Path
+    manifest: Manifest
+    candidates: list[RenderCandidate]
+
+    def image_file(self, candidate: str, prompt: str, seed: int) -> Path:
+        for entry in self.manifest.images:
+            if (entry.candidate, entry.prompt_name, entry.seed) == (candidate, prompt, seed):
+                return self.out / entry.file
+        raise KeyError((candidate, prompt, seed))
+
+
+class _Hashes:
+    """SHA256 of candidate and LoRA files on a background thread (known ones reused), so
+    hashing overlaps building and rendering; a PNG waits only for its own model's hash."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hash")
+        self._futures: dict[Path, Future] = {}
+
+    def start(self, path: Path, known: str | None = None) -> None:
+        if path in self._futures:
+            return
+        if known:
+            future: Future = Future()
+            future.set_result(known.lower())
+            self._futures[path] = future
+        else:
+            self._futures[path] = self._pool.submit(file_sha256, path)
+
+    def get(self, path: Path | None) -> str | None:
+        return None if path is None else self._futures[path].result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+@contextlib.contextmanager
+def _threads_for(rp: RenderPipeline):
+    import torch
+
+    params = sum(p.numel() for p in rp.modules[DIFFUSION_COMPONENT[rp.family]].parameters())
+    if rp.device != "cpu" or params >= SMALL_MODEL_PARAMS:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(torch.device(device))
+
+
+def render_candidates(candidates: list[RenderCandidate], options: RenderOptions,
+                      resolver: Resolver | None = None,
+                      progress: ProgressCallback = no_progress,
+                      cancel: CancelToken | None = None) -> RenderResult:
+    """Render `options.grid` for every candidate into `options.out`."""
+    start = time.perf_counter()
+    grid = options.grid
+    families: dict[str, list[RenderCandidate]] = {}
+    for cand in candidates:
+        families.setdefault(cand.layout.family, []).append(cand)
+    # every setting is checked before any pipeline is built: bad input fails at once
+    check_device(options.device)
+    samplings = {family: resolve_sampling(options.preset, family, grid.steps, grid.guidance,
+                                          options.steps, options.guidance, options.scheduler,
+                                          options.lora, options.lora_scale)
+                 for family in families}
+    loras = {family: _preset_lora(sampling, resolver) for family, sampling in samplings.items()}
+    run = _Run(options, len(candidates), progress, cancel or CancelToken())
+    try:
+        for cand in candidates:
+            if cand.path is not None:
+                run.hashes.start(cand.path, cand.known_sha256)
+            for path in cand.inputs.values():  # a recipe's: its manifest names them by hash
+                run.hashes.start(path)
+        for family, group in families.items():
+            run.family(group, samplings[family], loras[family])
+    finally:
+        run.hashes.close()
+    manifest = run.manifest
+    order = [c.label for c in candidates]
+    prompts = [p.name for p in grid.prompts]
+    manifest.candidates.sort(key=lambda e: order.index(e.label))
+    manifest.images.sort(key=lambda e: (order.index(e.candidate), prompts.index(e.prompt_name),
+                                        grid.seeds.index(e.seed)))
+    result = RenderResult(options.out, manifest, list(candidates))
+    manifest.sheets["contact"] = write_contact_sheet(result, grid)
+    manifest.timings["total_s"] = round(time.perf_counter() - start, 3)
+    manifest.write(options.out)
+    sync_folder(options.out)
+    return result
+
+
+def _preset_lora(sampling: Sampling, resolver: Resolver | None) -> ResolvedModel | None:
+    if sampling.lora_ref is None:
+        return None
+    advice = "; or give --lora PATH, or --lora none for candidates that have it merged in"
+    return resolve_file(sampling.lora_ref, resolver, "--lora", advice)
+
+
+class _Run:
+    """One render: the options, the file hashes, the manifest being filled, progress."""
+
+    def __init__(self, options: RenderOptions, candidates: int, progress: ProgressCallback,
+                 cancel: CancelToken):
+        grid = options.grid
+        self.options = options
+        self.hashes = _Hashes()
+        self.manifest = Manifest(f"mergekit-sd {__version__}", options.command, {
+            "name": grid.name, "path": str(grid.path), "seeds": list(grid.seeds),
+            "prompts": [{"name": p.name, "text": p.text, "negative": p.negative}
+                        for p in grid.prompts]}, options.device)
+        self.jobs = [Job(p, s) for p in grid.prompts for s in grid.seeds]
+        self.total = candidates * len(self.jobs)
+        self.done = 0
+        self.progress = progress
+        self.cancel = cancel
+
+    def family(self, group: list[RenderCandidate], sampling: Sampling,
+               lora_file: ResolvedModel | None) -> None:
+        """Build the architecture's pipeline from its first full checkpoint, then render
+        every candidate of the group through it."""
+        options = self.options
+        base = next((c for c in group if c.layout.is_full), group[0])
+        started = time.perf_counter()
+        rp = build_pipeline(base.layout, path=base.path,
+                            tensors=None if base.path else base.tensors(options.device),
+                            device=options.device, dtype=options.dtype,
+                            config_dir=options.config_dir)
+        lora = None
+        if lora_file is not None:
+            self.hashes.start(lora_file.path, lora_file.sha256)
+            rp.fuse_lora(lora_file.path, sampling.lora_scale, Path(lora_file.path).stem)
+            lora = {"ref": sampling.lora_ref, "path": str(lora_file.path),
+                    "sha256": self.hashes.get(lora_file.path), "scale": sampling.lora_scale}
+        rp.pipe.scheduler = make_scheduler(sampling.scheduler,
+                                           scheduler_config(rp.family, rp.variant))
+        _sync(options.device)
+        build_s = time.perf_counter() - started
+        width, height = options.size or options.grid.size_for(rp.family)
+        settings = Settings(width, height, sampling.steps, sampling.guidance)
+        batch = options.batch or auto_batch(rp, settings, len(self.jobs))
+        self.manifest.pipelines.append(PipelineEntry(
+            rp.family, base.label, round(build_s, 3), str(rp.dtype).removeprefix("torch."),
+            sampling.preset, sampling.scheduler, sampling.steps, sampling.guidance, lora, batch))
+        with _threads_for(rp):
+            for cand in [base, *(c for c in group if c is not base)]:
+                self.cancel.raise_if_cancelled()
+                load_s = build_s
+                if cand is not base:
+                    started = time.perf_counter()
+                    rp.load(cand.layout, path=cand.path,
+                            tensors=None if cand.path else cand.tensors(options.device))
+                    _sync(options.device)
+                    load_s = time.perf_counter() - started
+                started = time.perf_counter()
+                images = self.grid(rp, cand, settings, batch, sampling, lora)
+                if cand.recipe is not None:
+                    cand.recipe["input_sha256"] = {name: self.hashes.get(path)
+                                                   for name, path in cand.inputs.items()}
+                self.manifest.candidates.append(CandidateEntry(
+                    cand.label, cand.ref, rp.family, str(cand.path) if cand.path else None,
+                    self.hashes.get(cand.path), cand.recipe, round(load_s, 3),
+                    round(time.perf_counter() - started, 3), images))
+
+    def grid(self, rp: RenderPipeline, cand: RenderCandidate, settings: Settings, batch: int,
+             sampling: Sampling, lora: dict | None) -> int:
+        """Every (prompt, seed) of the grid for the candidate now in the pipeline."""
+        encoded: dict[str, dict] = {}
+        folder = Path(IMAGES_DIR) / slug(cand.label)
+        for first in range(0, len(self.jobs), batch):
+            self.cancel.raise_if_cancelled()
+            chunk = self.jobs[first:first + batch]
+            started = time.perf_counter()
+            images = render_batch(rp, chunk, settings, encoded)
+            seconds = (time.perf_counter() - started) / len(chunk)
+            sha256 = self.hashes.get(cand.path)
+            for job, image in zip(chunk, images, strict=True):
+                file = folder / f"{job.prompt.name}-{job.seed}.png"
+                text = a1111_parameters(job.prompt.text, job.prompt.negative, {
+                    "Steps": settings.steps, "Sampler": sampling.sampler_label,
+                    "CFG scale": settings.guidance, "Seed": job.seed,
+                    "Size": f"{settings.width}x{settings.height}",
+                    "Model hash": sha256[:10] if sha256 else None, "Model": cand.label,
+                    "Lora hashes": f"{Path(lora['path']).stem}: {lora['sha256'][:12]}"
+                    if lora else None,
+                    "Preset": sampling.preset, "Version": f"mergekit-sd {__version__}"})
+                write_atomic(self.options.out / file, png_bytes(image, text))
+                self.manifest.images.append(ImageEntry(
+                    file.as_posix(), cand.label, cand.ref, sha256, cand.recipe,
+                    job.prompt.name, job.prompt.text, job.prompt.negative, job.seed,
+                    sampling.preset, sampling.scheduler, settings.steps, settings.guidance,
+                    settings.width, settings.height, self.options.device,
+                    lora["ref"] if lora else None, round(seconds, 4)))
+                self.done += 1
+                self.progress("rendering", self.done, self.total)
+        sync_folder(self.options.out / folder)
+        return len(self.jobs)
+
+
+def write_contact_sheet(result: RenderResult, grid: LoadedGrid) -> str:
+    """Rows: prompt and seed; columns: candidates. Returns the file name."""
+    from PIL import Image
+
+    from mergekit_sd.render.sheets import CELL, grid_sheet
+
+    rows, cells = [], {}
+    labels = [c.label for c in result.candidates]
+    for prompt in grid.prompts:
+        for seed in grid.seeds:
+            rows.append(f"{prompt.name}\nseed {seed}")
+            for column, label in enumerate(labels):
+                with Image.open(result.image_file(label, prompt.name, seed)) as image:
+                    thumb = image.convert("RGB")
+                thumb.thumbnail((CELL, CELL))
+                cells[(len(rows) - 1, column)] = thumb
+    title = (f"{grid.name}: {len(grid.prompts)} prompts x {len(grid.seeds)} seeds, "
+             f"{len(labels)} candidates")
+    sheet = grid_sheet(title, rows, labels, cells)
+    write_atomic(result.out / CONTACT_SHEET, png_bytes(sheet))
+    return CONTACT_SHEET
+
+
+def check_output_folder(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file; give a folder for the images and sheets")

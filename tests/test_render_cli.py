@@ -1,0 +1,182 @@
+"""`mergekit-sd render` and `compare` as users run them: tiny SD1 and SDXL checkpoints, a recipe
+sweep, offline; identical PNG bytes run after run; one sentence and exit 2 for bad input.
+
+One run goes through a fresh process; the others call the same entry point in this process,
+which spares each a few seconds of importing torch and diffusers."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from mergekit_sd.testing.checkpoints import write_checkpoint
+
+Image = pytest.importorskip("PIL.Image")
+
+RECIPE = """\
+version: 1
+models:
+  base: sd1-a.safetensors
+  other: sd1-b.safetensors
+steps:
+  - {name: mix, method: weighted_sum, inputs: [base, other], params: {alpha: [0.25, 0.75]}}
+output: {path: merged/mix.safetensors}
+"""
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli-models")
+    write_checkpoint(folder / "sd1-a.safetensors", "sd1", seed=11)
+    write_checkpoint(folder / "sd1-b.safetensors", "sd1", seed=12)
+    write_checkpoint(folder / "sdxl.safetensors", "sdxl", seed=13)
+    (folder / "sweep.yaml").write_text(RECIPE)
+    return folder
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    """No network, an empty Hugging Face cache and a catalog of the test's own, for a child
+    process (the returned environment) and for this one."""
+    from huggingface_hub import constants
+
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
+           "MERGEKIT_SD_CATALOG": str(tmp_path / "catalog.sqlite")}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    return env
+
+
+class Done:
+    def __init__(self, returncode: int, stdout: str, stderr: str):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+@pytest.fixture
+def main(capsys, monkeypatch):
+    """`mergekit-sd ARGS` through the console entry point, in this process."""
+    import torch
+
+    from mergekit_sd.cli import main as entry
+
+    def run(*args) -> Done:
+        monkeypatch.setattr(sys, "argv", ["mergekit-sd", *map(str, args)])
+        threads = torch.get_num_threads()
+        try:
+            entry()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code or 0
+        finally:
+            torch.set_num_threads(threads)
+        out, err = capsys.readouterr()
+        return Done(code, out, err)
+
+    return run
+
+
+def _render_args(models, out):
+    return ("render", models / "sd1-a.safetensors", models / "sweep.yaml",
+            models / "sdxl.safetensors", "--grid", "tiny", "--out", out, "--html")
+
+
+def test_render_writes_images_sheet_manifest_and_page_the_same_bytes_every_run(
+        cli, main, models, tmp_path, offline):
+    first = cli(*_render_args(models, tmp_path / "one"), env=offline)
+    assert first.returncode == 0, first.stderr
+    assert "sd1: pipeline built from sd1-a" in first.stdout
+    assert "mix@alpha=0.25: weights swapped in" in first.stdout
+    assert "sdxl: pipeline built from sdxl" in first.stdout
+    assert not (models / "merged").exists()
+
+    manifest = json.loads((tmp_path / "one" / "manifest.json").read_text())
+    labels = ["sd1-a", "mix@alpha=0.25", "mix@alpha=0.75", "sdxl"]
+    assert [c["label"] for c in manifest["candidates"]] == labels
+    assert len(manifest["images"]) == 4 * 3 * 2
+    image = manifest["images"][0]
+    assert {k: image[k] for k in ("candidate", "prompt_name", "seed", "preset", "scheduler",
+                                  "steps", "guidance", "width", "height", "device")} == {
+        "candidate": "sd1-a", "prompt_name": "face", "seed": 1, "preset": "standard",
+        "scheduler": "euler_a", "steps": 4, "guidance": 5.0, "width": 64, "height": 64,
+        "device": "cpu"}
+    assert len(image["candidate_sha256"]) == 64 and image["seconds"] > 0
+
+    with Image.open(tmp_path / "one" / image["file"]) as png:
+        assert png.size == (64, 64)
+        assert png.text["parameters"].startswith(
+            "portrait photo of a woman\nNegative prompt: blurry\nSteps: 4, Sampler: Euler a, "
+            f"CFG scale: 5.0, Seed: 1, Size: 64x64, Model hash: {image['candidate_sha256'][:10]}"
+            ", Model: sd1-a")
+    with Image.open(tmp_path / "one" / "contact-sheet.png") as sheet:
+        assert sheet.width > 4 * 256 and sheet.height > 6 * 256
+    page = (tmp_path / "one" / "index.html").read_text()
+    assert page.count("<img") == 24 and "mix@alpha=0.75" in page
+
+    second = main(*_render_args(models, tmp_path / "two"))
+    assert second.returncode == 0, second.stderr
+    for entry in manifest["images"]:
+        assert ((tmp_path / "one" / entry["file"]).read_bytes()
+                == (tmp_path / "two" / entry["file"]).read_bytes()), entry["file"]
+
+
+def test_compare_lays_two_candidates_side_by_side_with_a_heat_map(main, models, tmp_path,
+                                                                   offline):
+    done = main("compare", models / "sd1-a.safetensors", models / "sd1-b.safetensors",
+                "--grid", "tiny", "--steps", "2", "--out", tmp_path / "ab", "--json")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["sheets"]["ab_sheet"] == "ab-sheet.png" and summary["images"] == 12
+    pairs = summary["sheets"]["ab"]
+    assert [(p["prompt_name"], p["seed"]) for p in pairs][:2] == [("face", 1), ("face", 2)]
+    assert all(p["mean_abs_difference"] > 0 for p in pairs)
+    with Image.open(tmp_path / "ab" / pairs[0]["file"]) as sheet:
+        assert sheet.width >= 3 * 192  # A, B and the heat map
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--preset", "lcm"], "error: --lora hf://latent-consistency/lcm-lora-sdv1-5/"),
+    (["--grid", "nope.yaml"], "error: nope.yaml: does not exist; give a grid YAML file"),
+    (["--preset", "lightning-4"], "error: --preset lightning-4 is for SDXL, not SD1.x"),
+    (["--size", "100x64"], "error: --size '100x64': write WIDTHxHEIGHT in multiples of 64"),
+    (["--device", "cuda:7"], "error: --device cuda:7: no CUDA device is available"),
+])
+def test_bad_input_is_one_sentence_and_exit_code_2(main, models, tmp_path, offline, args,
+                                                   message):
+    done = main("render", models / "sd1-a.safetensors", "--grid", "tiny", "--out",
+                tmp_path / "out", *args)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.startswith(message) and done.stderr.count("\n") == 1
+    assert "Traceback" not in done.stderr
+
+
+def test_a_missing_tokenizer_offline_says_which_and_how_to_get_it(main, tmp_path, offline):
+    flux = write_checkpoint(tmp_path / "flux.safetensors", "flux-schnell")
+    done = main("render", flux, "--preset", "schnell", "--grid", "tiny", "--out",
+                tmp_path / "out")
+    assert done.returncode == 2
+    assert done.stderr == (
+        "error: FLUX.1 rendering needs the tokenizer_2 of black-forest-labs/FLUX.1-schnell, "
+        "which is not in the Hugging Face cache; download it once with `hf download "
+        "black-forest-labs/FLUX.1-schnell --include 'tokenizer_2/*'` (online), or pass "
+        "--config-dir with a diffusers-format folder that has tokenizer_2/\n")
+
+
+def test_render_and_compare_are_listed_without_importing_torch(cli):
+    import subprocess
+
+    from conftest import REPO
+
+    done = cli("--help")
+    assert done.returncode == 0
+    assert "render" in done.stdout and "compare" in done.stdout
+    probe = subprocess.run(
+        [sys.executable, "-c", "import sys\nfrom mergekit_sd.cli import main\n"
+         "sys.argv = ['mergekit-sd', 'render', '--help']\n"
+         "try:\n    main()\nexcept SystemExit:\n    pass\n"
+         "print('torch loaded' if 'torch' in sys.modules else 'no torch')"],
+        capture_output=True, text=True, cwd=REPO)
+    assert "--preset" in probe.stdout and probe.stdout.rstrip().endswith("no torch")

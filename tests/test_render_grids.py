@@ -1,0 +1,59 @@
+"""Prompt grids: the shipped ones, and errors that name the file, the line and the field."""
+
+from __future__ import annotations
+
+import pytest
+
+from mergekit_sd.render.grids import GRIDS_DIR, GridError, load_grid, parse_grid
+
+DAMAGE_KINDS = {"face", "hands", "text", "anatomy", "landscape", "anime", "photo",
+                "architecture"}
+
+
+def test_the_default_grid_covers_typical_merge_damage_with_two_seeds():
+    grid = load_grid(None)
+    assert {p.name for p in grid.prompts} >= DAMAGE_KINDS
+    assert len(grid.prompts) >= 8 and len(grid.seeds) == 2
+    assert any(p.negative for p in grid.prompts)
+    assert grid.size_for("sd1") == (512, 512) and grid.size_for("sdxl") == (1024, 1024)
+
+
+@pytest.mark.parametrize("path", sorted(GRIDS_DIR.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_grid_loads(path):
+    grid = load_grid(path)
+    assert grid.prompts and grid.seeds
+
+
+def test_a_shipped_grid_is_found_by_name():
+    assert load_grid("tiny").size == (64, 64)
+
+
+def test_plain_string_prompts_get_numbered_names():
+    grid = parse_grid("prompts: [a cat, a dog]\nseeds: [3]\n", "g.yaml")
+    assert [(p.name, p.text, p.negative) for p in grid.prompts] == [
+        ("p01", "a cat", None), ("p02", "a dog", None)]
+    assert grid.size is None and grid.seeds == (3,)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("prompts:\n  - text: a cat\n    negativ: blurry\n",
+     "g.yaml, line 3, prompts.0.negativ: is not a field here"),
+    ("prompts: [a cat]\nsize: [500, 512]\n",
+     "g.yaml, line 2, size: Value error, 500 must be a multiple of 64"),
+    ("prompts: [a cat]\nseeds: [1, 1]\n", "g.yaml, line 2, seeds: Value error, lists a seed"),
+    ("seeds: [1]\n", "g.yaml, line 1, prompts: is required but missing"),
+    ("prompts:\n  - {text: a, name: x}\n  - {text: b, name: x}\n",
+     "prompts: the name 'x' is used twice"),
+    ("prompts:\n  - {text: a, name: 'a b'}\n", "g.yaml, line 2, prompts.0.name"),
+    ("prompts: [a\n", "g.yaml, line 2: is not valid YAML"),
+])
+def test_grid_errors_name_the_file_line_and_field(text, expected):
+    with pytest.raises(GridError) as caught:
+        parse_grid(text, "g.yaml")
+    assert expected.replace("Value error, ", "") in str(caught.value)
+
+
+def test_a_missing_grid_lists_the_shipped_ones(tmp_path):
+    with pytest.raises(GridError, match="does not exist; give a grid YAML file or one of "
+                                        "default, tiny"):
+        load_grid(tmp_path / "nope.yaml")
