@@ -10,9 +10,10 @@ A sidecar that cannot be read is reported and otherwise ignored; it never stops 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from mergekit_sd.io.writer import write_bytes_atomic
 
 CIVITAI_INFO = ".civitai.info"
 A1111_JSON = ".json"
@@ -137,23 +138,17 @@ def read_sidecars(paths: dict[str, Path]) -> SidecarFacts:
     return facts
 
 
-def _write_atomic(path: Path, data: bytes) -> Path:
-    partial = path.with_name(path.name + ".partial")
-    with open(partial, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(partial, path)
-    return path
-
-
 def write_civitai_info(model: Path, version: dict) -> Path:
     """Save Civitai's model-version JSON as `X.civitai.info`, as Civitai Helper does."""
     data = json.dumps(version, indent=4, ensure_ascii=False).encode("utf-8")
-    return _write_atomic(model.with_name(model.name[: -len(model.suffix)] + CIVITAI_INFO), data)
+    return write_bytes_atomic(_beside(model, CIVITAI_INFO), data)
 
 
 def write_preview(model: Path, image: bytes) -> Path:
     """Save a preview image as `X.preview.png` (the name every web UI looks for first)."""
-    return _write_atomic(model.with_name(model.name[: -len(model.suffix)] + ".preview.png"),
-                         image)
+    return write_bytes_atomic(_beside(model, ".preview.png"), image)
+
+
+def _beside(model: Path, suffix: str) -> Path:
+    """The sidecar name other tools use: the model's stem plus `suffix`."""
+    return model.with_name(model.name[: -len(model.suffix)] + suffix)

@@ -87,7 +87,7 @@ def bake(
 ) -> None:
     """Bake LoRAs into a checkpoint in one streaming pass; every module lands or is listed."""
     from mergekit_sd.cli_progress import rich_progress
-    from mergekit_sd.lora.bake import LoraUse, check_deltas, plan_bake, run_bake
+    from mergekit_sd.lora.bake import LoraUse, plan_bake, run_bake
 
     if len(blocks) > 1 and len(blocks) != len(loras):
         raise UserError(f"--blocks given {len(blocks)} times for {len(loras)} LoRAs; give it "
@@ -104,7 +104,6 @@ def bake(
         uses.append(LoraUse(ref, path, strength, te if te is not None else te_strength, spec,
                             sha))
     plan = plan_bake(base_path, uses, output, dtype, known_sha256=base_sha)
-    plan.unmatched.extend(check_deltas(plan))
     if plan.unmatched:
         show_unmatched(plan.unmatched)
         if not allow_unmatched:

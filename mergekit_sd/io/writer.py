@@ -49,6 +49,23 @@ def fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+def write_bytes_atomic(path: Path, data: bytes) -> Path:
+    """Write a small file whole (an image, a sidecar, a manifest) as NAME.partial, fsync it and
+    rename it to NAME; on any failure the partial file is removed and NAME left as it was."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = partial_path(path)
+    try:
+        with open(partial, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return path
+
+
 def build_header(specs: Iterable[TensorSpec], metadata: Mapping[str, str] | None
                  ) -> tuple[bytes, dict[str, tuple[int, int]]]:
     """The padded header bytes and each tensor's (begin, end) in the data area."""

@@ -134,6 +134,10 @@ def match_loras(index: TargetIndex, arch: Architecture, uses: list[LoraUse], bas
             if target is None:
                 missing.append(module.name)
                 continue
+            problem = _shape_problem(module, target.shape)
+            if problem:  # a LoRA for another model of this architecture (another width)
+                missing.append(f"{module.name} ({problem})")
+                continue
             strength = (use.strength if target.slot == DIFFUSION else te) * blocks[target.block]
             app = Application(module, target, strength, i)
             if module.tensors.keys() - {"diff_b"}:
@@ -288,27 +292,9 @@ def run_bake(plan: BakePlan, progress: ProgressCallback = no_progress,
     return plan.output
 
 
-def check_deltas(plan: BakePlan) -> list[Unmatched]:
-    """Modules whose tensors do not fit the weight they name (a LoRA for another model of the
-    same architecture, e.g. another width); taken out of the plan and returned, so this is
-    known before any byte is written."""
-    bad: dict[int, list[str]] = {}
-    for key, apps in list(plan.weights.items()):
-        kept = []
-        for app in apps:
-            problem = _shape_problem(app.module, app.target.shape)
-            if problem:
-                bad.setdefault(app.lora, []).append(f"{app.module.name} ({problem})")
-            else:
-                kept.append(app)
-        if kept:
-            plan.weights[key] = kept
-        else:
-            del plan.weights[key]
-    return [Unmatched(plan.uses[i].ref, names) for i, names in bad.items()]
-
-
 def _shape_problem(module: LoraModule, shape: tuple[int, ...]) -> str | None:
+    """Why `module`'s tensors cannot make a delta of `shape`, or None when they can; found
+    while planning, before any byte is written."""
     t = module.tensors
     if module.algo == "lora" and "mid" not in t:  # cheap: no product needed
         width = math.prod(shape[1:]) if len(shape) > 1 else 1

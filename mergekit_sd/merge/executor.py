@@ -272,14 +272,10 @@ def run_merge(plan: MergePlan, device: str = "cpu", progress: ProgressCallback =
     return dict(plan.outputs)
 
 
-def _stream(plan: MergePlan, inputs: _Inputs, writers: dict[str, StreamingWriter], stats: dict,
-            progress: ProgressCallback, cancel: CancelToken) -> None:
-    items = work_items(plan)
-    keys_done = 0
-    with ThreadPoolExecutor(max_workers=PREFETCH, thread_name_prefix="read") as readers, \
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="write") as writer_thread:
+def _prefetched(items: list[WorkItem], inputs: _Inputs, cancel: CancelToken):
+    """(item, its inputs' tensors) in order, the next PREFETCH items read ahead on threads."""
+    with ThreadPoolExecutor(max_workers=PREFETCH, thread_name_prefix="read") as readers:
         pending: deque[Future] = deque()
-        writes: deque[Future] = deque()
         next_index = 0
         for index, item in enumerate(items):
             while next_index < len(items) and next_index <= index + PREFETCH:
@@ -287,6 +283,15 @@ def _stream(plan: MergePlan, inputs: _Inputs, writers: dict[str, StreamingWriter
                 next_index += 1
             fetched = pending.popleft().result()
             cancel.raise_if_cancelled()
+            yield item, fetched
+
+
+def _stream(plan: MergePlan, inputs: _Inputs, writers: dict[str, StreamingWriter], stats: dict,
+            progress: ProgressCallback, cancel: CancelToken) -> None:
+    keys_done = 0
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="write") as writer_thread:
+        writes: deque[Future] = deque()
+        for item, fetched in _prefetched(work_items(plan), inputs, cancel):
             for job in _results(plan, item, fetched, stats):
                 writes.append(writer_thread.submit(_write, writers, item, *job))
             while len(writes) > WRITE_BEHIND:
@@ -345,27 +350,18 @@ def candidate_tensors(plan: MergePlan, candidate: str, device: str = "cpu",
     inputs = _Inputs(plan, device)
     try:
         stats = _collect_stats(plan, inputs, no_progress, cancel)
-        items = work_items(plan)
         whole = None
-        with ThreadPoolExecutor(max_workers=PREFETCH, thread_name_prefix="read") as readers:
-            pending: deque[Future] = deque()
-            next_index = 0
-            for index, item in enumerate(items):
-                while next_index < len(items) and next_index <= index + PREFETCH:
-                    pending.append(readers.submit(inputs.fetch, items[next_index]))
-                    next_index += 1
-                fetched = pending.popleft().result()
-                cancel.raise_if_cancelled()
-                task = item.task
-                value = _cast(_evaluate(plan, cand, task, fetched, stats) if task.merge
-                              else fetched, task)
-                if item.whole:
-                    yield task.key, value
-                    continue
-                if item.first == 0:  # a large key computed in pieces: gather it
-                    whole = torch.empty(math.prod(task.out.shape), dtype=value.dtype)
-                whole[item.first:item.first + item.count] = value
-                if item.first + item.count == whole.numel():
-                    yield task.key, whole.reshape(task.out.shape)
+        for item, fetched in _prefetched(work_items(plan), inputs, cancel):
+            task = item.task
+            value = _cast(_evaluate(plan, cand, task, fetched, stats) if task.merge
+                          else fetched, task)
+            if item.whole:
+                yield task.key, value
+                continue
+            if item.first == 0:  # a large key computed in pieces: gather it
+                whole = torch.empty(math.prod(task.out.shape), dtype=value.dtype)
+            whole[item.first:item.first + item.count] = value
+            if item.first + item.count == whole.numel():
+                yield task.key, whole.reshape(task.out.shape)
     finally:
         inputs.close()

@@ -8,7 +8,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from mergekit_sd.render.outputs import write_atomic
+from mergekit_sd.io.writer import write_bytes_atomic
 
 MANIFEST_NAME = "manifest.json"
 
@@ -76,7 +76,7 @@ class Manifest:
 
     def write(self, folder: Path) -> Path:
         text = json.dumps(asdict(self), indent=2, ensure_ascii=False) + "\n"
-        return write_atomic(folder / MANIFEST_NAME, text.encode("utf-8"))
+        return write_bytes_atomic(folder / MANIFEST_NAME, text.encode("utf-8"))
 
 
 def read_manifest(folder: Path) -> dict:

@@ -8,25 +8,9 @@ parameters text (no timestamps), so the same render gives the same file.
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
 
-from mergekit_sd.io.writer import fsync_directory, partial_path
-
-
-def write_atomic(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = partial_path(path)
-    try:
-        with open(partial, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    return path
+from mergekit_sd.io.writer import fsync_directory
 
 
 def sync_folder(folder: Path) -> None:
