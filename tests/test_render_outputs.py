@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mergekit_sd.render.outputs import a1111_parameters, png_bytes, write_atomic
+from mergekit_sd.io.writer import write_bytes_atomic
+from mergekit_sd.render.outputs import a1111_parameters, png_bytes
 from mergekit_sd.render.tiny_tokenizer import TINY_CLIP, TINY_DIR, build_clip_tokenizer
 
 Image = pytest.importorskip("PIL.Image")
@@ -23,7 +24,7 @@ def test_a_png_carries_its_parameters_and_the_same_image_gives_the_same_bytes(tm
     image = Image.new("RGB", (8, 8), (10, 200, 30))
     data = png_bytes(image, "a cat\nSteps: 4")
     assert data == png_bytes(image.copy(), "a cat\nSteps: 4")
-    path = write_atomic(tmp_path / "out" / "x.png", data)
+    path = write_bytes_atomic(tmp_path / "out" / "x.png", data)
     assert not list(tmp_path.rglob("*.partial"))
     with Image.open(path) as back:
         assert back.text["parameters"] == "a cat\nSteps: 4"
