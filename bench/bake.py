@@ -1,17 +1,21 @@
 """Benchmark of `mergekit-sd bake`: a full-size SDXL checkpoint with a rank-64 LoRA.
 
 Targets (from the issue), measured against a baseline in the same run:
-  a. wall time <= 1.3x a plain streaming copy of the checkpoint (each tensor read and written
-     through our reader and writer, fsynced and renamed, as the bake does), and
+  a. wall time <= 1.3x a plain streaming copy of the checkpoint (the file read ahead in chunks
+     into reused buffers and written through our writer, fsynced and renamed: the bake's own
+     input and output machinery with nothing computed), and
   b. peak RSS <= 1 GB.
 
 Our side is the command line as users run it, `mergekit-sd bake BASE LORA:0.8 -o OUT`, in a
-child process: its time includes identifying both files, deriving the key maps from diffusers'
-converters, loading the LoRA, computing the base's SHA256 as it streams by (for provenance) and
-the final fsync. The copy runs in a child of its own. Both read a warm page cache (the base is
-read once before every run), run interleaved in a rotating order, and times are medians.
+child process: its time includes starting Python and torch, identifying both files, loading the
+LoRA and the final fsync. It is measured twice: "first time", with an empty cache folder, so the
+key maps are derived from diffusers' converters and the SHA256s of both files (for provenance)
+are computed, the base's as it streams by; and "base seen before", where both are remembered,
+as at every later bake into the same base. The copy runs in a child of its own. All read a warm
+page cache (the base is read once before every run), run interleaved in a rotating order, and
+times are medians.
 
-Run from the repository root: .venv/bin/python bench/bake.py  (about 5 minutes on 2 cores; needs
+Run from the repository root: .venv/bin/python bench/bake.py  (about 8 minutes on 2 cores; needs
 about 22 GB free in --workdir, default /tmp). --rounds N (default 3). Prints a table and PASS/FAIL
 lines, writes bench/results/bake.json, and exits 0 whatever the outcome.
 """
@@ -36,6 +40,8 @@ import time  # noqa: E402
 import _measure as m  # noqa: E402
 
 TARGET_VS_COPY = 1.3
+FIRST = "bake, first time"
+AGAIN = "bake, base seen before"
 TARGET_PEAK = 1_000_000_000
 RANK = 64
 THIS = str(Path(__file__).resolve())
@@ -53,16 +59,22 @@ def child_generate(base: str, lora: str) -> None:
 
 
 def child_copy(base: str, out: str) -> None:
-    """The baseline: stream every tensor through our reader into our writer (fsync, rename)."""
+    """The baseline: the file streamed through the same chunked read-ahead and writer the bake
+    uses (reused buffers, reading on a thread while this one writes; fsync, rename)."""
+    from mergekit_sd.io.chunks import ChunkReader, plan_chunks
     from mergekit_sd.io.reader import SafetensorsReader
     from mergekit_sd.io.writer import StreamingWriter, TensorSpec
 
     start = time.perf_counter()
     with SafetensorsReader(base) as reader:
         specs = [TensorSpec(k, i.dtype, i.shape) for k, i in reader.tensors.items()]
-        with StreamingWriter(out, specs, reader.metadata) as writer:
-            for key in sorted(reader.tensors, key=lambda k: reader.tensors[k].start):
-                writer.write_bytes(key, reader.read_bytes(key))
+        order = sorted(reader.tensors, key=lambda k: reader.tensors[k].start)
+        with StreamingWriter(out, specs, reader.metadata) as writer, \
+                ChunkReader(reader, plan_chunks(reader.header, order, set())) as chunks:
+            for chunk in chunks:
+                for piece in chunk.pieces:
+                    writer.write_part(piece.key, piece.offset, chunk.bytes_of(piece))
+                chunks.release(chunk)
     print(json.dumps({"seconds": time.perf_counter() - start}))
 
 
@@ -87,16 +99,26 @@ def main() -> None:
         print(f"SDXL fp16 checkpoint {m.human_bytes(base.stat().st_size)}, kohya LoRA rank "
               f"{RANK} {m.human_bytes(lora.stat().st_size)} (generated in "
               f"{made.json_line()['seconds']:.0f} s)")
+        bake = [CLI, "bake", str(base), f"{lora}:0.8", "-o", str(work / "baked.safetensors"),
+                "--overwrite"]
         contenders = {
             "streaming copy": [sys.executable, THIS, "--child", "copy", str(base),
                                str(work / "copy.safetensors")],
-            "mergekit-sd bake": [CLI, "bake", str(base), f"{lora}:0.8", "-o",
-                                 str(work / "baked.safetensors"), "--overwrite"],
+            # nothing cached: the key maps are derived from diffusers' converters and both files
+            # are hashed (the base as it streams by), as at the first bake of a base
+            FIRST: bake,
+            # what every later bake of the same base finds: the key maps and the SHA256s of
+            # both unchanged files remembered (arch.keymap_cache, io.hash_cache)
+            AGAIN: bake,
         }
         runs: dict[str, list] = {name: [] for name in contenders}
         names = list(contenders)
         for round_ in range(args.rounds):
-            for name in names[round_ % 2:] + names[:round_ % 2]:
+            for name in names[round_ % 3:] + names[:round_ % 3]:
+                cache = work / ("cache" if name == AGAIN else f"cache-{round_}")
+                os.environ["MERGEKIT_SD_CACHE"] = str(cache)
+                if name == AGAIN and not cache.exists():  # fill it, untimed
+                    m.run_child(bake)
                 _warm(base)
                 result = m.run_child(contenders[name])
                 if result.returncode:
@@ -106,19 +128,18 @@ def main() -> None:
         peak = {n: max(r.peak_rss for r in rs) for n, rs in runs.items()}
         m.print_table(["", "wall (median)", "peak RSS"],
                       [[n, f"{wall[n]:.2f} s", m.human_bytes(peak[n])] for n in contenders])
-        ratio = wall["mergekit-sd bake"] / wall["streaming copy"]
+        ratios = {n: wall[n] / wall["streaming copy"] for n in (FIRST, AGAIN)}
         verdicts = [
-            m.verdict("a. bake <= 1.3x streaming copy", ratio <= TARGET_VS_COPY,
-                      f"{ratio:.2f}x ({wall['mergekit-sd bake']:.2f} s vs "
-                      f"{wall['streaming copy']:.2f} s)"),
-            m.verdict("b. peak RSS <= 1 GB", peak["mergekit-sd bake"] <= TARGET_PEAK,
-                      m.human_bytes(peak["mergekit-sd bake"])),
-        ]
+            m.verdict(f"a. {n} <= 1.3x streaming copy", ratios[n] <= TARGET_VS_COPY,
+                      f"{ratios[n]:.2f}x ({wall[n]:.2f} s vs {wall['streaming copy']:.2f} s)")
+            for n in (AGAIN, FIRST)]
+        verdicts.append(m.verdict("b. peak RSS <= 1 GB", max(peak[FIRST], peak[AGAIN]) <=
+                                  TARGET_PEAK, m.human_bytes(max(peak[FIRST], peak[AGAIN]))))
         m.write_results("bake", {
-            "machine": m.machine(), "rounds": args.rounds, "cache": "warm",
+            "machine": m.machine(), "rounds": args.rounds, "page_cache": "warm",
             "base_bytes": base.stat().st_size, "lora_bytes": lora.stat().st_size,
             "wall_s": {n: [r.wall_s for r in rs] for n, rs in runs.items()},
-            "median_s": wall, "peak_rss": peak, "bake_vs_copy": ratio, "verdicts": verdicts})
+            "median_s": wall, "peak_rss": peak, "vs_copy": ratios, "verdicts": verdicts})
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

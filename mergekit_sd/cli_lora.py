@@ -87,7 +87,8 @@ def bake(
 ) -> None:
     """Bake LoRAs into a checkpoint in one streaming pass; every module lands or is listed."""
     from mergekit_sd.cli_progress import rich_progress
-    from mergekit_sd.lora.bake import LoraUse, plan_bake, run_bake
+    from mergekit_sd.lora.bake import LoraUse, plan_bake
+    from mergekit_sd.lora.bake_run import run_bake
 
     if len(blocks) > 1 and len(blocks) != len(loras):
         raise UserError(f"--blocks given {len(blocks)} times for {len(loras)} LoRAs; give it "

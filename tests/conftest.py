@@ -36,3 +36,11 @@ def raw_safetensors(entries: dict, data: bytes = b"", metadata: dict | None = No
 @pytest.fixture
 def cli():
     return run_cli
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _own_cache_folder(tmp_path_factory):
+    """Key maps and file hashes are cached per user; the suite keeps its own (shared by the
+    CLI subprocesses it starts), never the user's."""
+    os.environ["MERGEKIT_SD_CACHE"] = str(tmp_path_factory.mktemp("user-cache"))
+    yield

@@ -11,6 +11,7 @@ import hashlib
 import json
 import re
 import sys
+import time
 from itertools import pairwise
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,8 +24,9 @@ from safetensors.torch import load_file, save_file
 
 from mergekit_sd.arch.architectures import ARCHITECTURES
 from mergekit_sd.errors import Cancelled, UserError
-from mergekit_sd.lora import bake as bake_module
-from mergekit_sd.lora.bake import LoraUse, plan_bake, run_bake
+from mergekit_sd.lora import bake_run as bake_module
+from mergekit_sd.lora.bake import LoraUse, plan_bake
+from mergekit_sd.lora.bake_run import run_bake
 from mergekit_sd.lora.combine import merge_loras
 from mergekit_sd.lora.extract import extract_lora
 from mergekit_sd.lora.strengths import block_strengths
@@ -504,20 +506,19 @@ _SHA256 = hashlib.sha256
 
 
 class _LateDigest:
-    """A SHA256 that reads the buffers it is given only when the digest is asked for: what a
-    hashing thread that runs late sees. Buffers changed after `update` make a wrong digest."""
+    """A SHA256 that waits before reading each buffer it is given: what a hashing thread that
+    runs late sees. A buffer changed (or reused) before the hash has read it makes a wrong
+    digest."""
 
     def __init__(self):
-        self.parts = []
+        self.digest = _SHA256()
 
     def update(self, data):
-        self.parts.append(data)
+        time.sleep(0.05)
+        self.digest.update(data)
 
     def hexdigest(self):
-        digest = _SHA256()
-        for part in self.parts:
-            digest.update(part)
-        return digest.hexdigest()
+        return self.digest.hexdigest()
 
 
 @pytest.mark.parametrize("dtype", ["F32", "F16"])

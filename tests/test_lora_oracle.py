@@ -26,7 +26,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from mergekit_sd.arch.keymap import diffusers_key_maps  # noqa: E402
 from mergekit_sd.arch.layouts import load_layout  # noqa: E402
-from mergekit_sd.lora.bake import LoraUse, plan_bake, run_bake  # noqa: E402
+from mergekit_sd.lora.bake import LoraUse, plan_bake  # noqa: E402
+from mergekit_sd.lora.bake_run import run_bake  # noqa: E402
 
 MAX_RELATIVE_ERROR = 1e-5
 _LAYOUTS = {"sd1": "sd1-ldm", "sdxl": "sdxl-sgm"}

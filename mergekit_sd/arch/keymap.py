@@ -244,7 +244,16 @@ def diffusers_key_maps(shapes: Shapes) -> dict[str, ComponentMap]:
 
 @lru_cache(maxsize=8)
 def _cached_maps(items: tuple) -> tuple:
-    shapes = dict(items)
+    from mergekit_sd.arch import keymap_cache
+
+    maps = keymap_cache.load(items)
+    if maps is None:
+        maps = _derive_maps(dict(items))
+        keymap_cache.save(items, maps)
+    return maps
+
+
+def _derive_maps(shapes: dict) -> tuple:
     maps = []
     for component, (prefix, convert) in _converters(shapes).items():
         sub = _sub(shapes, prefix)

@@ -6,6 +6,8 @@ import hashlib
 import os
 from pathlib import Path
 
+from mergekit_sd.io.hash_cache import identity, known_sha256, remember_sha256
+
 CHUNK = 8 * 1024 * 1024
 # AUTOMATIC1111's legacy hash (Civitai's AutoV1) reads this window of the file
 LEGACY_HASH_OFFSET = 0x100000
@@ -13,7 +15,14 @@ LEGACY_HASH_LENGTH = 0x10000
 
 
 def file_sha256(path: str | os.PathLike, on_bytes=None, cancelled=None) -> str:
-    """SHA256 of the whole file, read sequentially; `on_bytes(n)` after each chunk."""
+    """SHA256 of the whole file, read sequentially; `on_bytes(n)` after each chunk. Remembered
+    (`hash_cache`): an unchanged file is read only the first time."""
+    known = known_sha256(path)
+    if known:
+        if on_bytes:
+            on_bytes(os.path.getsize(path))
+        return known
+    before = identity(path)
     digest = hashlib.sha256()
     buffer = bytearray(CHUNK)
     view = memoryview(buffer)
@@ -23,7 +32,8 @@ def file_sha256(path: str | os.PathLike, on_bytes=None, cancelled=None) -> str:
             if on_bytes:
                 on_bytes(n)
             if cancelled and cancelled():
-                break
+                return digest.hexdigest()  # a partial hash: the caller is stopping
+    remember_sha256(path, digest.hexdigest(), before)
     return digest.hexdigest()
 
 

@@ -49,6 +49,11 @@ class SafetensorsReader:
         pread_exact(self._fd, buffer, info.start)
         self.bytes_read += info.nbytes
 
+    def read_at(self, offset: int, buffer) -> None:
+        """Fill `buffer` with the file's bytes from `offset` (a span of several tensors)."""
+        pread_exact(self._fd, buffer, offset)
+        self.bytes_read += memoryview(buffer).nbytes
+
     def read_bytes(self, name: str) -> bytearray:
         buffer = bytearray(self.header.tensors[name].nbytes)
         self.read_into(name, buffer)

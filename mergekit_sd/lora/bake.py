@@ -2,18 +2,15 @@
 
 `plan_bake` reads headers and the (small) LoRAs, and decides for every LoRA module which
 checkpoint weight it changes; modules that land nowhere are reported, never skipped silently.
-`run_bake` then streams the checkpoint once: each weight is read, changed in fp32 by every
-module aimed at it (several LoRAs in the same pass), cast back and written; the other tensors
-are copied byte for byte. The base's SHA256, which the provenance records, is computed from the
-same bytes as they stream by, so the base is read exactly once.
+`apply_loras` adds every module aimed at a weight (several LoRAs in the same pass) to it in
+fp32, and `bake_metadata` says what was baked in. `bake_run.run_bake` streams the checkpoint
+once through them.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,16 +18,12 @@ from mergekit_sd import __version__
 from mergekit_sd.arch.architectures import ARCHITECTURES, Architecture
 from mergekit_sd.arch.identify import Identification, identify
 from mergekit_sd.errors import BadModelFile, UserError
-from mergekit_sd.io.dtypes import torch_dtype
 from mergekit_sd.io.hashing import file_sha256
 from mergekit_sd.io.header import SafetensorsHeader, read_header
-from mergekit_sd.io.reader import SafetensorsReader
-from mergekit_sd.io.writer import StreamingWriter, TensorSpec
 from mergekit_sd.lora.deltas import DeltaShapeError, apply_dora, module_delta
 from mergekit_sd.lora.modules import LoraFile, LoraModule, load_lora
 from mergekit_sd.lora.strengths import BlockSpec, block_strengths
 from mergekit_sd.lora.targets import DIFFUSION, Target, TargetIndex, Unmatched
-from mergekit_sd.progress import CancelToken, ProgressCallback, no_progress
 
 OUTPUT_DTYPES = {"keep": None, "fp32": "F32", "fp16": "F16", "bf16": "BF16"}
 _FLOATS = ("F64", "F32", "F16", "BF16")
@@ -153,8 +146,26 @@ def match_loras(index: TargetIndex, arch: Architecture, uses: list[LoraUse], bas
     return files, weights, biases, unmatched
 
 
+def _plain(module: LoraModule) -> bool:
+    t = module.tensors
+    return module.algo == "lora" and "mid" not in t and "dora" not in t
+
+
+def exact_in(apps: list[Application], dtype) -> bool:
+    """Whether `apply_loras` may work on a weight in `dtype` itself (fp16, bf16) rather than on
+    an fp32 copy with the same result: one plain LoRA module whose factors are stored in that
+    dtype. The product is then accumulated in fp32 by the matrix kernel and rounded once, as
+    the fp32 route rounds once when casting back; with several modules, every module would
+    round again."""
+    if len(apps) != 1 or not _plain(apps[0].module):
+        return False
+    t = apps[0].module.tensors
+    return t["up"].dtype == dtype and t["down"].dtype == dtype
+
+
 def apply_loras(tensor, apps: list[Application], bias: bool):
-    """The weight (fp32) with every module's delta added, at each one's strength."""
+    """The weight with every module's delta added, at each one's strength: in fp32, or in the
+    weight's own dtype when `exact_in` says that gives the same result."""
     for app in apps:
         if app.strength == 0:
             continue
@@ -164,11 +175,11 @@ def apply_loras(tensor, apps: list[Application], bias: bool):
             view += app.strength * app.module.tensors["diff_b"].float().reshape(view.shape)
             continue
         t = app.module.tensors
-        if app.module.algo == "lora" and "mid" not in t and "dora" not in t:
+        if _plain(app.module):
             # the common case, fused: W += s·scale·up@down without a delta temporary
             scale = app.module.alpha / t["down"].shape[0] if app.module.alpha else 1.0
             view.reshape(view.shape[0], -1).addmm_(
-                t["up"].float().flatten(1), t["down"].float().flatten(1),
+                t["up"].to(view.dtype).flatten(1), t["down"].to(view.dtype).flatten(1),
                 alpha=app.strength * scale)
             continue
         delta = module_delta(app.module, tuple(view.shape))
@@ -179,11 +190,6 @@ def apply_loras(tensor, apps: list[Application], bias: bool):
         else:
             view += app.strength * delta
     return tensor
-
-
-def _out_dtype(plan: BakePlan, dtype: str) -> str:
-    wanted = OUTPUT_DTYPES[plan.dtype]
-    return wanted if wanted and dtype in _FLOATS else dtype
 
 
 def bake_metadata(plan: BakePlan, base_sha256: str) -> dict[str, str]:
@@ -228,68 +234,6 @@ def _model_names(plan: BakePlan) -> list[str]:
             name, n = f"{stem}-{n}", n + 1
         names.append(name)
     return names
-
-
-def _contiguous(header: SafetensorsHeader, order: list[str]) -> bool:
-    """Whether the tensors' bytes, in file order, are the whole file after the header (then
-    hashing them as they stream by gives the file's SHA256)."""
-    position = header.data_start
-    for key in order:
-        info = header.tensors[key]
-        if info.start != position:
-            return False
-        position = info.end
-    return position == header.file_size
-
-
-def run_bake(plan: BakePlan, progress: ProgressCallback = no_progress,
-             cancel: CancelToken | None = None) -> Path:
-    """Write the baked checkpoint (atomically) and return its path."""
-    import torch
-
-    cancel = cancel or CancelToken()
-    infos = plan.header.tensors
-    order = sorted(infos, key=lambda k: infos[k].start)  # file order: the hash streams along
-    specs = [TensorSpec(k, _out_dtype(plan, i.dtype), i.shape) for k, i in infos.items()]
-    digest = None if plan.known_sha256 or not _contiguous(plan.header, order) \
-        else hashlib.sha256()
-    placeholder = "~" * 64
-    with SafetensorsReader(plan.base, plan.header) as reader, \
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="hash") as hasher, \
-            StreamingWriter(plan.output, specs, bake_metadata(plan, placeholder)) as writer:
-        if digest is not None:
-            with open(plan.base, "rb") as f:
-                digest.update(f.read(plan.header.data_start))
-        hashing = None
-        for done, key in enumerate(order, 1):
-            cancel.raise_if_cancelled()
-            info = infos[key]
-            raw = reader.read_bytes(key)
-            if hashing is not None:
-                hashing.result()
-            if digest is not None:
-                hashing = hasher.submit(digest.update, raw)
-            spec = writer.specs[key]
-            apps, bias_apps = plan.weights.get(key), plan.biases.get(key)
-            if not apps and not bias_apps and spec.dtype == info.dtype:
-                writer.write_bytes(key, raw)
-            else:
-                tensor = torch.frombuffer(raw, dtype=torch_dtype(info.dtype)) if raw else \
-                    torch.empty(0, dtype=torch_dtype(info.dtype))
-                tensor = tensor.reshape(info.shape)
-                if apps or bias_apps:
-                    tensor = apply_loras(tensor.to(torch.float32, copy=True), apps or bias_apps,
-                                         bias=not apps)  # a copy: `raw` may still be hashing
-                writer.write(key, tensor.to(torch_dtype(spec.dtype)))
-            progress("baking", done, len(order))
-        if hashing is not None:
-            hashing.result()
-        if plan.known_sha256:
-            sha = plan.known_sha256.lower()
-        else:
-            sha = digest.hexdigest() if digest is not None else file_sha256(plan.base)
-        writer.rewrite_metadata(bake_metadata(plan, sha))
-    return plan.output
 
 
 def _shape_problem(module: LoraModule, shape: tuple[int, ...]) -> str | None:

@@ -1,0 +1,174 @@
+"""Write a planned bake: one streaming pass over the base checkpoint, on three threads.
+
+The file is read ahead in large chunks into reused buffers (`io.chunks`) by a thread that also
+feeds the base's SHA256 (for the provenance) from the very same bytes, so the base is read
+exactly once. This thread then adds the LoRA deltas to the weights they change, in the read
+buffer itself (see `_Baker`), and a writer thread writes each chunk from that buffer. Reading
+and hashing, computing, and writing overlap; no memory is allocated per tensor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+from mergekit_sd.io.chunks import Chunk, ChunkReader, Piece, plan_chunks
+from mergekit_sd.io.dtypes import torch_dtype
+from mergekit_sd.io.hash_cache import identity, known_sha256, remember_sha256
+from mergekit_sd.io.hashing import file_sha256
+from mergekit_sd.io.header import SafetensorsHeader, TensorInfo
+from mergekit_sd.io.reader import SafetensorsReader
+from mergekit_sd.io.writer import StreamingWriter, TensorSpec
+from mergekit_sd.lora.bake import OUTPUT_DTYPES, BakePlan, apply_loras, bake_metadata, exact_in
+from mergekit_sd.progress import CancelToken, ProgressCallback, no_progress
+
+_FLOATS = ("F64", "F32", "F16", "BF16")
+WRITE_BEHIND = 2  # chunks handed to the writer and not yet written
+
+
+def _out_dtype(plan: BakePlan, dtype: str) -> str:
+    wanted = OUTPUT_DTYPES[plan.dtype]
+    return wanted if wanted and dtype in _FLOATS else dtype
+
+
+def _contiguous(header: SafetensorsHeader, order: list[str]) -> bool:
+    """Whether the tensors' bytes, in file order, are the whole file after the header (then
+    hashing them as they stream by gives the file's SHA256)."""
+    position = header.data_start
+    for key in order:
+        info = header.tensors[key]
+        if info.start != position:
+            return False
+        position = info.end
+    return position == header.file_size
+
+
+class _Baker:
+    """Bakes one tensor's bytes as they sit in the read buffer: in place when the output keeps
+    the input's dtype (the writer then writes the buffer as it is), else into a new tensor of
+    the output dtype."""
+
+    def __init__(self, plan: BakePlan, specs: dict[str, TensorSpec], changed: set[str]):
+        import torch
+
+        self.plan, self.specs, self.torch = plan, specs, torch
+        infos = plan.header.tensors
+        self.largest = max((math.prod(infos[k].shape) for k in changed
+                            if k in plan.weights or k in plan.biases), default=0)
+        self._scratch = None
+
+    def scratch(self, tensor):
+        """An fp32 work copy of `tensor` in one buffer reused for every weight (fresh memory
+        per weight costs page faults), made on first need: most bakes never need it."""
+        if self._scratch is None:
+            self._scratch = self.torch.empty(self.largest, dtype=self.torch.float32)
+        return self._scratch[:tensor.numel()].view(tensor.shape).copy_(tensor)
+
+    def __call__(self, key: str, info: TensorInfo, raw: memoryview):
+        torch, spec = self.torch, self.specs[key]
+        apps, bias_apps = self.plan.weights.get(key), self.plan.biases.get(key)
+        if not raw.nbytes or (not apps and not bias_apps and spec.dtype == info.dtype):
+            return raw
+        tensor = torch.frombuffer(raw, dtype=torch_dtype(info.dtype)).reshape(info.shape)
+        if apps or bias_apps:
+            apps = apps or bias_apps
+            if spec.dtype == info.dtype and (tensor.dtype == torch.float32 or
+                                             (not bias_apps and exact_in(apps, tensor.dtype))):
+                apply_loras(tensor, apps, bias=not self.plan.weights.get(key))
+                return raw
+            work = self.scratch(tensor)
+            apply_loras(work, apps, bias=not self.plan.weights.get(key))
+            if spec.dtype == info.dtype:
+                tensor.copy_(work)  # rounded once, back into the buffer
+                return raw
+            tensor = work
+        return tensor.to(torch_dtype(spec.dtype), copy=True)
+
+
+def _write_chunk(writer: StreamingWriter, results: list[tuple[Piece, object]], release,
+                 chunk: Chunk) -> None:
+    for piece, result in results:
+        if isinstance(result, memoryview):
+            writer.write_part(piece.key, piece.offset, result)
+        else:
+            writer.write(piece.key, result)
+    results.clear()
+    release(chunk)
+
+
+@contextmanager
+def _one_core_spared():
+    """torch's compute threads, one fewer while the hashing, reading and writing threads run
+    beside them: on a small machine they would otherwise fight over every core."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads - 1))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_bake(plan: BakePlan, progress: ProgressCallback = no_progress,
+             cancel: CancelToken | None = None) -> Path:
+    """Write the baked checkpoint (atomically) and return its path."""
+    with _one_core_spared():
+        return _stream(plan, progress, cancel or CancelToken())
+
+
+def _stream(plan: BakePlan, progress: ProgressCallback, cancel: CancelToken) -> Path:
+    infos = plan.header.tensors
+    order = sorted(infos, key=lambda k: infos[k].start)  # file order: the hash streams along
+    specs = [TensorSpec(k, _out_dtype(plan, i.dtype), i.shape) for k, i in infos.items()]
+    changed = {s.name for s in specs if s.name in plan.weights or s.name in plan.biases
+               or s.dtype != infos[s.name].dtype}
+    known = plan.known_sha256 or known_sha256(plan.base)
+    before = identity(plan.base)
+    digest = None if known or not _contiguous(plan.header, order) else hashlib.sha256()
+    chunks = plan_chunks(plan.header, order, changed)
+    with SafetensorsReader(plan.base, plan.header) as reader, \
+            StreamingWriter(plan.output, specs, bake_metadata(plan, "~" * 64)) as writer:
+        bake = _Baker(plan, writer.specs, changed)
+        if digest is not None:
+            head = bytearray(plan.header.data_start)
+            reader.read_at(0, head)
+            digest.update(head)
+        with ChunkReader(reader, chunks, digest=digest) as chunk_reader, \
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix="write") as write_thread:
+            _bake_chunks(chunk_reader, bake, writer, write_thread, infos, progress, cancel)
+        if known:
+            sha = known.lower()
+        elif digest is not None:
+            sha = digest.hexdigest()
+            remember_sha256(plan.base, sha, before)
+        else:
+            sha = file_sha256(plan.base)
+        writer.rewrite_metadata(bake_metadata(plan, sha))
+    return plan.output
+
+
+def _bake_chunks(chunk_reader: ChunkReader, bake: _Baker, writer: StreamingWriter,
+                 write_thread: ThreadPoolExecutor, infos: dict[str, TensorInfo],
+                 progress: ProgressCallback, cancel: CancelToken) -> None:
+    done, total = 0, len(infos)
+    writes: deque[Future] = deque()
+    for chunk in chunk_reader:
+        results = []
+        for piece in chunk.pieces:
+            cancel.raise_if_cancelled()
+            info = infos[piece.key]
+            results.append((piece, bake(piece.key, info, chunk.bytes_of(piece))))
+            if piece.offset + piece.size == info.nbytes:
+                done += 1
+                progress("baking", done, total)
+        writes.append(write_thread.submit(_write_chunk, writer, results, chunk_reader.release,
+                                          chunk))
+        while len(writes) > WRITE_BEHIND:
+            writes.popleft().result()
+    while writes:
+        writes.popleft().result()

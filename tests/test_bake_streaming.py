@@ -1,0 +1,257 @@
+"""The machinery that makes a bake fast: chunked read-ahead, weights changed in their own dtype
+in the read buffer, and the on-disk caches of key maps and file hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mergekit_sd.arch import keymap, keymap_cache
+from mergekit_sd.arch.keymap import diffusers_key_maps
+from mergekit_sd.io import hash_cache
+from mergekit_sd.io.chunks import ChunkReader, plan_chunks
+from mergekit_sd.io.hashing import file_sha256
+from mergekit_sd.io.header import read_header
+from mergekit_sd.io.reader import SafetensorsReader
+from mergekit_sd.lora.bake import LoraUse, apply_loras, plan_bake
+from mergekit_sd.lora.bake_run import run_bake
+from mergekit_sd.testing import write_checkpoint, write_lora
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("MERGEKIT_SD_CACHE", str(folder))
+    keymap._cached_maps.cache_clear()  # maps this process derived already stay in memory
+    return folder
+
+
+def file_order(header):
+    return sorted(header.tensors, key=lambda k: header.tensors[k].start)
+
+
+# --- chunks --------------------------------------------------------------------------------------
+
+
+def test_chunks_cover_every_byte_once_and_never_split_a_whole_tensor(tmp_path):
+    path = write_checkpoint(tmp_path / "m.safetensors", "sd1", dtype="F32")
+    header = read_header(path)
+    order = file_order(header)
+    big = sorted(order, key=lambda k: -header.tensors[k].nbytes)
+    whole = set(big[:40:2])  # some of the largest, so chunk boundaries must move around them
+    size = header.tensors[big[0]].nbytes // 3  # smaller than the largest tensors
+    chunks = plan_chunks(header, order, whole, size)
+
+    covered = {k: 0 for k in order}
+    for chunk in chunks:
+        at = 0
+        for piece in chunk.pieces:
+            info = header.tensors[piece.key]
+            assert piece.at == at and chunk.start + at == info.start + piece.offset
+            if piece.key in whole:
+                assert piece.offset == 0 and piece.size == info.nbytes
+            covered[piece.key] += piece.size
+            at += piece.size
+        assert at == chunk.size
+        assert chunk.size <= size or len(chunk.pieces) == 1  # only a whole tensor exceeds it
+    assert covered == {k: header.tensors[k].nbytes for k in order}
+    assert any(len({p.key for p in c.pieces}) > 1 for c in chunks)  # small ones share chunks
+    assert any(p.offset for c in chunks for p in c.pieces)  # copy-only tensors were cut
+
+
+def test_the_chunk_reader_gives_the_files_bytes_and_hash_with_few_buffers(tmp_path):
+    path = write_checkpoint(tmp_path / "m.safetensors", "sd1", dtype="F16")
+    header = read_header(path)
+    order = file_order(header)
+    chunks = plan_chunks(header, order, set(), 16 << 10)
+    data = path.read_bytes()
+    digest = hashlib.sha256(data[:header.data_start])
+    buffers = set()
+    with SafetensorsReader(path) as reader, \
+            ChunkReader(reader, chunks, 16 << 10, buffers=3, digest=digest) as reading:
+        for chunk in reading:
+            assert bytes(chunk.view) == data[chunk.start:chunk.start + chunk.size]
+            buffers.add(id(chunk._buffer))
+            reading.release(chunk)
+    assert len(chunks) > 20 and len(buffers) == 3
+    assert digest.hexdigest() == hashlib.sha256(data).hexdigest()
+
+
+def test_a_file_that_shrinks_under_the_reader_is_an_error_not_a_hang(tmp_path):
+    path = write_checkpoint(tmp_path / "m.safetensors", "sd1", dtype="F16")
+    header = read_header(path)
+    chunks = plan_chunks(header, file_order(header), set(), 64 << 10)
+    with SafetensorsReader(path) as reader:
+        os.truncate(path, header.data_start + 100_000)
+        with pytest.raises(OSError, match="ended"), ChunkReader(reader, chunks, 64 << 10) as r:
+            for chunk in r:
+                r.release(chunk)
+
+
+def test_leaving_the_reader_early_stops_its_thread(tmp_path):
+    path = write_checkpoint(tmp_path / "m.safetensors", "sd1", dtype="F16")
+    header = read_header(path)
+    chunks = plan_chunks(header, file_order(header), set(), 64 << 10)
+    with SafetensorsReader(path) as reader:
+        reading = ChunkReader(reader, chunks, 64 << 10, buffers=2)
+        with reading:
+            next(iter(reading))  # never released: the read-ahead thread waits for a buffer
+        assert not reading._thread.is_alive()
+
+
+# --- weights changed in their own dtype ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["F16", "BF16"])
+def test_in_place_low_precision_bakes_round_like_the_fp32_route(tmp_path, dtype):
+    """A plain LoRA whose factors share the base's dtype is fused in that dtype in the read
+    buffer; the matrix kernel accumulates in fp32 and rounds once, so the result must be the
+    fp32 route's rounded result up to the summation order: at most one unit in the last place,
+    and on almost no elements."""
+    base = write_checkpoint(tmp_path / "base.safetensors", "sdxl", dtype=dtype)
+    lora = write_lora(tmp_path / "l.safetensors", "kohya-sdxl", rank=8, dtype=dtype)
+    plan = plan_bake(base, [LoraUse("l", lora, 0.7)], tmp_path / "out.safetensors")
+    baked, original = load_file(run_bake(plan)), load_file(base)
+    low = getattr(torch, {"F16": "float16", "BF16": "bfloat16"}[dtype])
+    checked = differing = elements = 0
+    for key, apps in plan.weights.items():
+        expected = apply_loras(original[key].float(), apps, bias=False).to(low)
+        got = baked[key]
+        assert got.dtype == low
+        ulp = torch.abs(expected.float()).clamp_min(1e-30)
+        ulp = torch.pow(2.0, torch.floor(torch.log2(ulp)) - (10 if dtype == "F16" else 7))
+        off = (got.float() - expected.float()).abs()
+        assert (off <= ulp * 1.0001).all(), key
+        differing += int((got != expected).sum())
+        elements += got.numel()
+        checked += 1
+    assert checked > 50 and differing <= elements * 1e-3
+    for key in original.keys() - plan.weights.keys() - plan.biases.keys():
+        assert torch.equal(baked[key], original[key]), key
+
+
+def test_several_loras_on_one_weight_still_add_up_in_fp32(tmp_path):
+    base = write_checkpoint(tmp_path / "base.safetensors", "sd1", dtype="F16")
+    a = write_lora(tmp_path / "a.safetensors", "kohya-sd1", seed=1)
+    b = write_lora(tmp_path / "b.safetensors", "kohya-sd1", seed=2)
+    plan = plan_bake(base, [LoraUse("a", a, 0.6), LoraUse("b", b, -0.4)],
+                     tmp_path / "out.safetensors")
+    baked, original = load_file(run_bake(plan)), load_file(base)
+    for key, apps in plan.weights.items():
+        assert len(apps) == 2
+        expected = apply_loras(original[key].float(), apps, bias=False).half()
+        assert torch.equal(baked[key], expected), key  # one rounding, exactly
+
+
+# --- key maps cached on disk ---------------------------------------------------------------------
+
+
+def test_key_maps_are_derived_once_then_read_without_diffusers(tmp_path, cache):
+    path = write_checkpoint(tmp_path / "m.safetensors", "sdxl", dtype="F16")
+    shapes = {k: i.shape for k, i in read_header(path).tensors.items()}
+    derived = diffusers_key_maps(shapes)
+    assert list((cache / "keymaps").glob("*.json"))
+    # a fresh process where importing diffusers fails: the maps must come from the cache
+    script = (
+        "import sys, json; sys.modules['diffusers'] = None\n"
+        "from mergekit_sd.arch.keymap import diffusers_key_maps\n"
+        "from mergekit_sd.io.header import read_header\n"
+        f"h = read_header({str(path)!r})\n"
+        "maps = diffusers_key_maps({k: i.shape for k, i in h.tensors.items()})\n"
+        "print(json.dumps({c: {n: [[[s.key, s.start, s.stop] for s in src.segments],"
+        " src.transposed] for n, src in m.items()} for c, m in maps.items()}))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": REPO}, timeout=120)
+    assert done.returncode == 0, done.stderr
+    again = json.loads(done.stdout)
+    assert again == {c: {n: [[[s.key, s.start, s.stop] for s in src.segments], src.transposed]
+                         for n, src in m.items()} for c, m in derived.items()}
+
+
+def test_a_corrupt_key_map_entry_is_derived_again(tmp_path, cache):
+    path = write_checkpoint(tmp_path / "m.safetensors", "sd1", dtype="F16")
+    items = tuple((k, tuple(i.shape)) for k, i in read_header(path).tensors.items())
+    maps = keymap_cache.load(items)
+    assert maps is None
+    diffusers_key_maps(dict(items))
+    entry = next((cache / "keymaps").glob("*.json"))
+    assert keymap_cache.load(items) is not None
+    entry.write_text('{"keys": ["x"], "maps": [["unet", {"a": [[[7, 0, 1]], false]}]]}')
+    assert keymap_cache.load(items) is None  # an index out of range: not trusted
+
+
+# --- file hashes remembered ----------------------------------------------------------------------
+
+
+def clock_ahead(monkeypatch):
+    """The hash cache's clock a minute ahead: files written by the test count as settled."""
+    monkeypatch.setattr(hash_cache, "time",
+                        SimpleNamespace(time_ns=lambda: time.time_ns() + 60_000_000_000))
+
+
+@pytest.fixture
+def later(monkeypatch):
+    clock_ahead(monkeypatch)
+
+
+def test_a_hash_is_remembered_for_an_unchanged_file_only(tmp_path, cache, later):
+    path = tmp_path / "m.bin"
+    path.write_bytes(b"a" * 1000)
+    first = file_sha256(path)
+    assert hash_cache.known_sha256(path) == first == hashlib.sha256(b"a" * 1000).hexdigest()
+    stamp = os.stat(path)
+    path.write_bytes(b"b" * 1000)  # same size, then the old times put back
+    os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    assert hash_cache.known_sha256(path) is None  # the change time gives it away
+    assert file_sha256(path) == hashlib.sha256(b"b" * 1000).hexdigest()
+
+
+def test_a_file_changed_moments_ago_is_not_remembered(tmp_path, cache, monkeypatch):
+    path = tmp_path / "m.bin"
+    path.write_bytes(b"fresh")
+    file_sha256(path)
+    assert hash_cache.known_sha256(path) is None
+    clock_ahead(monkeypatch)
+    file_sha256(path)
+    assert hash_cache.known_sha256(path) == hashlib.sha256(b"fresh").hexdigest()
+
+
+def test_an_unwritable_cache_folder_only_costs_time(tmp_path, monkeypatch, later):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("MERGEKIT_SD_CACHE", str(blocker / "cache"))
+    path = tmp_path / "m.bin"
+    path.write_bytes(b"x")
+    assert file_sha256(path) == hashlib.sha256(b"x").hexdigest()
+    assert hash_cache.known_sha256(path) is None
+
+
+def test_a_bake_hashes_the_base_once_and_the_next_bake_not_at_all(tmp_path, cache, later,
+                                                                   monkeypatch):
+    from mergekit_sd.lora import bake_run
+
+    base = write_checkpoint(tmp_path / "base.safetensors", "sd1", dtype="F16")
+    lora = write_lora(tmp_path / "l.safetensors", "kohya-sd1")
+    run_bake(plan_bake(base, [LoraUse("l", lora)], tmp_path / "one.safetensors"))
+    assert hash_cache.known_sha256(base) == hashlib.sha256(base.read_bytes()).hexdigest()
+
+    class NoHashing:
+        def __init__(self):
+            pytest.fail("the base was hashed again")
+
+    monkeypatch.setattr(bake_run, "hashlib", SimpleNamespace(sha256=NoHashing))
+    out = run_bake(plan_bake(base, [LoraUse("l", lora)], tmp_path / "two.safetensors"))
+    assert (tmp_path / "one.safetensors").read_bytes() != b""
+    recipe = json.loads(read_header(out).metadata["mergekit_sd.recipe"])
+    assert recipe["models"]["base"]["sha256"] == hash_cache.known_sha256(base)
