@@ -143,3 +143,51 @@ def test_a_pipeline_needs_a_full_checkpoint_first(files):
 def test_a_lora_is_not_a_candidate(files):
     with pytest.raises(UserError, match="not a checkpoint"):
         _layout(files["lora"])
+
+
+def _mapped_from(path) -> list[tuple[int, int]]:
+    """Address ranges of this process's mappings of `path` (Linux /proc)."""
+    ranges = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            if line.rstrip().endswith(str(path)):
+                start, end = line.split()[0].split("-")
+                ranges.append((int(start, 16), int(end, 16)))
+    return ranges
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="Linux /proc")
+def test_weights_in_the_render_dtype_share_the_files_pages_and_a_fused_lora_stays_private(
+        tmp_path):
+    """A candidate whose dtype is the pipeline's is not copied: its parameters use the file's
+    mapped pages, at build and at every swap. Fusing a LoRA writes private copies of them (the
+    file and a fresh pipeline from it keep the original weights), and once a LoRA is fused,
+    swaps copy the weights it will be fused into again."""
+    from safetensors.torch import load_file
+
+    a = write_checkpoint(tmp_path / "a.safetensors", "sd1", seed=1, dtype="F32")
+    b = write_checkpoint(tmp_path / "b.safetensors", "sd1", seed=2, dtype="F32")
+    lora = write_lora(tmp_path / "lora.safetensors", "kohya-sd1", seed=4)
+    before = a.read_bytes()
+    rp = _build(a, dtype="fp32")
+    weight = rp.modules["unet"].conv_in.weight
+
+    def shared_with(path):
+        return any(s <= weight.data_ptr() < e for s, e in _mapped_from(path))
+
+    assert shared_with(a)
+    rp.load(_layout(b), path=b)
+    assert shared_with(b) and not shared_with(a)
+    rp.load(_layout(a), path=a)
+    plain_a = _weights(rp)
+    rp.fuse_lora(lora, 1.0, "lora")
+    assert a.read_bytes() == before
+    assert _same_weights(plain_a, _weights(rp))  # the LoRA changed weights, privately
+    rp.load(_layout(b), path=b)
+    assert not shared_with(b)  # copied: the LoRA is fused into it again
+    fresh = _build(b, dtype="fp32")
+    key = "model.diffusion_model.input_blocks.0.0.weight"
+    assert torch.equal(_weights(fresh)[("unet", "conv_in.weight")], load_file(b)[key])
+    fresh.fuse_lora(lora, 1.0, "lora")
+    assert _same_weights(_weights(rp), _weights(fresh)) == []
+    assert _same_weights(plain_a, _weights(_build(a, dtype="fp32"))) == []

@@ -104,7 +104,9 @@ class RenderPipeline:
         """Copy a candidate's weights in (from `path`, or from (key, tensor) pairs); the
         preset's LoRA stays fused. Returns the number of checkpoint keys copied."""
         table = self.table_for(layout)
-        copied = load_file(table, path) if path is not None else load_tensors(table, tensors)
+        # with a LoRA to fuse again, the weights get written: copy them rather than share pages
+        copied = load_file(table, path, share=self.lora is None) if path is not None \
+            else load_tensors(table, tensors)
         table.reset_unfilled(self.modules)
         if self.lora is not None:
             self._refuse(table)

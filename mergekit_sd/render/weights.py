@@ -4,7 +4,8 @@ A pipeline is built once per architecture with empty parameters (`empty_paramete
 filled from a file or from tensors a merge computes in memory. `WeightTable` is the key map
 resolved against the live modules: for every checkpoint key, the parameters (and which rows of
 them) it fills. Swapping a candidate is then one pass of `param.data[rows].copy_(tensor[rows])`;
-nothing is allocated or rebuilt, so it costs about what reading the weights costs.
+nothing is allocated or rebuilt, so it costs about what reading the weights costs. On the CPU,
+a parameter in the file's own dtype is not even copied: it takes the file's mapped pages.
 """
 
 from __future__ import annotations
@@ -166,10 +167,27 @@ class WeightTable:
                     count += 1
         return count
 
-    def copy(self, key: str, tensor) -> None:
-        """Copy one checkpoint tensor into every parameter it feeds."""
+    def _shareable(self, fill: _Fill, dtype, device: str) -> bool:
+        data = fill.param.data
+        return fill.whole and data.dtype == dtype and data.device.type == device == "cpu"
+
+    def shares(self, key: str, file_dtype: str) -> bool:
+        """Whether `copy(key, ..., share=True)` of a CPU tensor in `file_dtype` copies
+        nothing."""
+        from mergekit_sd.io.dtypes import torch_dtype
+
+        dtype = torch_dtype(file_dtype)
+        return all(self._shareable(f, dtype, "cpu") for f in self.by_key.get(key, ()))
+
+    def copy(self, key: str, tensor, share: bool = False) -> None:
+        """Copy one checkpoint tensor into every parameter it feeds. With `share`, a parameter
+        the tensor fills whole, in the same dtype and on the CPU, takes the tensor's memory
+        itself instead of a copy (the tensor must never be written by anyone else)."""
         for fill in self.by_key.get(key, ()):
             data = fill.param.data
+            if share and self._shareable(fill, tensor.dtype, tensor.device.type):
+                fill.param.data = tensor.reshape(data.shape)
+                continue
             if fill.whole:  # non_blocking: a device copy overlaps reading the next tensor
                 data.copy_(tensor.reshape(data.shape), non_blocking=True)
                 continue
@@ -221,13 +239,18 @@ def _source_numel(source: Source, key_shapes) -> int:
     return total
 
 
-def load_file(table: WeightTable, path: Path, keys: Iterable[str] | None = None) -> int:
+def load_file(table: WeightTable, path: Path, keys: Iterable[str] | None = None,
+              share: bool = True) -> int:
     """Fill the table's parameters from a safetensors file; returns how many keys were copied.
 
     `keys` limits the copy (a swap of the diffusion model alone). For CPU parameters the file
-    is memory-mapped and each tensor copied (and converted) straight out of the page cache:
-    measured on an SD1.5 UNet, half the time of reading it into a buffer first. For an
-    accelerator, tensors are read into pinned buffers that the device copies from."""
+    is memory-mapped copy-on-write: a parameter in the file's dtype that a key fills whole
+    simply uses the mapped bytes (no copy: the pages are the page cache's until something, such
+    as fusing a LoRA, writes to them, which then gets a private copy), and the others are
+    copied (and converted) straight out of the mapping. `share=False` copies every parameter:
+    for weights about to be written anyway (a LoRA fused again after the swap), a private copy
+    made in one pass is far cheaper than a copy-on-write fault per page. For an accelerator,
+    tensors are read into pinned buffers that the device copies from."""
     wanted = [k for k in (table.keys() if keys is None else keys) if k in table.by_key]
     with SafetensorsReader(path) as reader:
         absent = [k for k in wanted if k not in reader]
@@ -242,17 +265,25 @@ def load_file(table: WeightTable, path: Path, keys: Iterable[str] | None = None)
                 staging.copied()
             staging.finish()
         else:
-            with _mapped(reader) as tensor_of:
-                for key in wanted:
-                    table.copy(key, tensor_of(key))
+            tensor_of, populate = _mapped(reader)
+            # the copies read every page of their keys: map those pages in one call (far
+            # cheaper than a fault each); shared pages are read where the render first uses
+            # them, as with diffusers' own loading
+            populate(k for k in wanted
+                     if not (share and table.shares(k, reader.tensors[k].dtype)))
+            for key in wanted:
+                table.copy(key, tensor_of(key), share=share)
     return len(wanted)
 
 
-@contextlib.contextmanager
+_MADV_POPULATE_READ = 22  # Linux 5.14+; not named by Python's mmap module before 3.13
+
+
 def _mapped(reader: SafetensorsReader):
-    """`tensor_of(key)`: a tensor viewing the key's bytes in a private read-only-in-practice
-    mapping of the file (copy-on-write, never written; torch wants a writable buffer). The
-    header was validated against the file's size, so every range is inside the mapping."""
+    """`tensor_of(key)`: a tensor viewing the key's bytes in a copy-on-write mapping of the
+    file (a write, such as fusing a LoRA into a parameter sharing it, gets private pages and
+    never reaches the file). The header was validated against the file's size, so every range
+    is inside the mapping."""
     import mmap
 
     import torch
@@ -261,6 +292,15 @@ def _mapped(reader: SafetensorsReader):
 
     with open(reader.path, "rb") as f:
         mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+
+    def populate(keys: Iterable[str]) -> None:
+        """Map the pages of `keys` now (read-only; copy-on-write stays) in one call."""
+        spans = [(reader.tensors[k].start, reader.tensors[k].end) for k in keys]
+        if not spans:
+            return
+        first = min(s for s, _ in spans) // mmap.PAGESIZE * mmap.PAGESIZE
+        with contextlib.suppress(OSError, ValueError):  # an older kernel: pages fault in
+            mapping.madvise(_MADV_POPULATE_READ, first, max(e for _, e in spans) - first)
 
     def tensor_of(key: str):
         info = reader.tensors[key]
@@ -271,11 +311,10 @@ def _mapped(reader: SafetensorsReader):
                                offset=info.start)
         return raw.view(dtype).reshape(info.shape)
 
-    try:
-        yield tensor_of
-    finally:
-        with contextlib.suppress(BufferError):  # a tensor still alive keeps it until then
-            mapping.close()
+    # Never closed here: torch.frombuffer keeps a reference to `mapping`, not a buffer export,
+    # so closing would unmap memory that parameters sharing it still use. It is unmapped when
+    # the last tensor viewing it is gone.
+    return tensor_of, populate
 
 
 class _Staging:
