@@ -255,3 +255,77 @@ def test_a_bake_hashes_the_base_once_and_the_next_bake_not_at_all(tmp_path, cach
     assert (tmp_path / "one.safetensors").read_bytes() != b""
     recipe = json.loads(read_header(out).metadata["mergekit_sd.recipe"])
     assert recipe["models"]["base"]["sha256"] == hash_cache.known_sha256(base)
+
+
+@pytest.mark.parametrize("stop_at", ["in the header", "in the data", "never"])
+def test_a_hash_begun_while_planning_is_finished_from_the_streamed_bytes(tmp_path, cache,
+                                                                         later, monkeypatch,
+                                                                         stop_at):
+    from mergekit_sd.io import hashing
+    from mergekit_sd.lora import bake
+
+    base = write_checkpoint(tmp_path / "base.safetensors", "sd1", dtype="F16")
+    lora = write_lora(tmp_path / "l.safetensors", "kohya-sd1")
+    header = read_header(base)
+    limit = {"in the header": header.data_start // 2, "in the data": header.data_start + 5000,
+             "never": header.file_size}[stop_at]
+
+    class Partial(hashing.PrefixHasher):
+        """Covers `limit` bytes, as a hash-ahead that planning outran would."""
+
+        def _run(self):
+            with open(self.path, "rb") as f:
+                data = f.read(limit)
+            self.digest.update(data)
+            self.position = len(data)
+
+    monkeypatch.setattr(bake, "PrefixHasher", Partial)
+    plan = plan_bake(base, [LoraUse("l", lora)], tmp_path / "out.safetensors")
+    assert isinstance(plan.hash_ahead, Partial)
+    out = run_bake(plan)
+    expected = hashlib.sha256(base.read_bytes()).hexdigest()
+    recipe = json.loads(read_header(out).metadata["mergekit_sd.recipe"])
+    assert recipe["models"]["base"]["sha256"] == expected
+    assert hash_cache.known_sha256(base) == expected
+
+
+def test_a_plan_that_fails_stops_its_hash_ahead(tmp_path, monkeypatch):
+    from mergekit_sd.errors import UserError
+    from mergekit_sd.lora import bake
+
+    started = []
+
+    class Recorded(bake.PrefixHasher):
+        def __init__(self, path):
+            super().__init__(path)
+            started.append(self)
+
+    def no_index(*args):
+        raise UserError("planning failed")
+
+    monkeypatch.setattr(bake, "PrefixHasher", Recorded)
+    monkeypatch.setattr(bake, "TargetIndex", no_index)
+    base = write_checkpoint(tmp_path / "base.safetensors", "sd1", dtype="F16")
+    lora = write_lora(tmp_path / "l.safetensors", "kohya-sd1")
+    with pytest.raises(UserError, match="planning failed"):
+        plan_bake(base, [LoraUse("l", lora)], tmp_path / "out.safetensors")
+    assert started and not started[0]._thread.is_alive()
+
+
+def test_a_lora_for_another_architecture_is_refused_before_any_key_map_is_derived(tmp_path):
+    base = write_checkpoint(tmp_path / "base.safetensors", "sdxl", dtype="F16")
+    lora = write_lora(tmp_path / "l.safetensors", "kohya-sd1")
+    script = (
+        "import sys; sys.modules['diffusers'] = None\n"  # deriving maps would fail loudly
+        "from pathlib import Path\n"
+        "from mergekit_sd.errors import UserError\n"
+        "from mergekit_sd.lora.bake import LoraUse, plan_bake\n"
+        "try:\n"
+        f"    plan_bake(Path({str(base)!r}), [LoraUse('l', Path({str(lora)!r}))], 'o')\n"
+        "except UserError as exc:\n"
+        "    print(exc)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": REPO,
+                               "MERGEKIT_SD_CACHE": str(tmp_path / "empty")}, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "this LoRA is for" in done.stdout and "pick a LoRA made for" in done.stdout, done.stdout

@@ -533,7 +533,7 @@ def test_recipe_and_baked_loras_record_every_input_with_its_sha256(tmp_path, mon
             LoraUse("other/style.safetensors", same_stem, -0.5, None, "out"),
             LoraUse("detail.safetensors", detail, 1.0, None, [1.0] * 26)]
     output = tmp_path / "baked.safetensors"
-    plan = plan_bake(base, uses, output)
+    plan = plan_bake(base, uses, output, hash_ahead=False)
     # the base's hash must come from the bytes as they stream by (read once), never a re-read
     monkeypatch.setattr(bake_module, "file_sha256", lambda *a: pytest.fail("base re-read"))
     monkeypatch.setattr(bake_module, "hashlib", SimpleNamespace(sha256=_LateDigest))

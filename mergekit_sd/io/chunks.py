@@ -84,13 +84,14 @@ class ChunkReader:
     """Iterate over `chunks` filled with their bytes; `release(chunk)` (from any thread) when
     done with one, so its buffer can take a later chunk. Use as a context manager.
 
-    With a `digest` (hashlib), the read-ahead thread also feeds it every chunk's bytes, in
-    order, before handing the chunk over: the consumer may then change a chunk in place."""
+    With a `digest` (hashlib), the read-ahead thread also feeds it every chunk's bytes from
+    file offset `digest_from` on, in order, before handing the chunk over: the consumer may
+    then change a chunk in place."""
 
     def __init__(self, reader: SafetensorsReader, chunks: list[Chunk], size: int = CHUNK_BYTES,
-                 buffers: int = BUFFERS, digest=None):
+                 buffers: int = BUFFERS, digest=None, digest_from: int = 0):
         self._reader, self._chunks, self._size = reader, chunks, size
-        self._digest = digest
+        self._digest, self._digest_from = digest, digest_from
         self._free: queue.Queue = queue.Queue()
         for _ in range(min(buffers, len(chunks))):
             self._free.put(bytearray(size))
@@ -119,8 +120,9 @@ class ChunkReader:
                 chunk._buffer = buffer
                 chunk.view = memoryview(buffer)[:chunk.size]
                 self._reader.read_at(chunk.start, chunk.view)
-                if self._digest is not None:
-                    self._digest.update(chunk.view)
+                skip = self._digest_from - chunk.start
+                if self._digest is not None and skip < chunk.size:
+                    self._digest.update(chunk.view[max(skip, 0):])
                 self._ready.put(chunk)
         except BaseException as exc:  # handed to the consumer, which raises it
             self._ready.put(exc)

@@ -42,3 +42,42 @@ def legacy_model_hash(path: str | os.PathLike) -> str:
     with open(Path(path), "rb") as f:
         f.seek(LEGACY_HASH_OFFSET)
         return hashlib.sha256(f.read(LEGACY_HASH_LENGTH)).hexdigest()[:8]
+
+
+class PrefixHasher:
+    """Hashes a file from its first byte on a background thread until `stop()`, which hands
+    over the SHA256 state and how many bytes it covers, so the caller can feed it the rest as
+    it reads the file anyway. Started while other work holds the GIL (planning a bake imports
+    diffusers and derives key maps), it uses an otherwise idle core without reading the whole
+    file a second time."""
+
+    def __init__(self, path: str | os.PathLike, block: int = CHUNK):
+        import threading
+
+        self.path, self.block = Path(path), block
+        self.before = identity(path)  # for `remember_sha256` once the hash is finished
+        self.digest = hashlib.sha256()
+        self.position = 0
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="hash-ahead", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            buffer = bytearray(self.block)
+            view = memoryview(buffer)
+            with open(self.path, "rb", buffering=0) as f:
+                while not self._stop.is_set() and (n := f.readinto(buffer)):
+                    self.digest.update(view[:n])
+                    self.position += n
+        except OSError as exc:  # the streaming pass reads the file too and will say why
+            self.error = exc
+
+    def stop(self):
+        """(hashlib state, bytes of the file it covers), the thread finished."""
+        self._stop.set()
+        self._thread.join()
+        if self.error is not None:
+            return hashlib.sha256(), 0
+        return self.digest, self.position

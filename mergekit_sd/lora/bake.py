@@ -18,7 +18,8 @@ from mergekit_sd import __version__
 from mergekit_sd.arch.architectures import ARCHITECTURES, Architecture
 from mergekit_sd.arch.identify import Identification, identify
 from mergekit_sd.errors import BadModelFile, UserError
-from mergekit_sd.io.hashing import file_sha256
+from mergekit_sd.io.hash_cache import known_sha256 as remembered_sha256
+from mergekit_sd.io.hashing import PrefixHasher, file_sha256
 from mergekit_sd.io.header import SafetensorsHeader, read_header
 from mergekit_sd.lora.deltas import DeltaShapeError, apply_dora, module_delta
 from mergekit_sd.lora.modules import LoraFile, LoraModule, load_lora
@@ -63,6 +64,7 @@ class BakePlan:
     unmatched: list[Unmatched] = field(default_factory=list)
     known_sha256: str | None = None
     lora_sha256s: list[str] = field(default_factory=list)
+    hash_ahead: PrefixHasher | None = None  # hashing the base while the plan is made
 
     @property
     def unmatched_count(self) -> int:
@@ -95,18 +97,32 @@ def _check_lora(use: LoraUse, found: Identification, arch: Architecture) -> None
 
 
 def plan_bake(base: str | Path, uses: list[LoraUse], output: str | Path, dtype: str = "keep",
-              known_sha256: str | None = None) -> BakePlan:
+              known_sha256: str | None = None, hash_ahead: bool = True) -> BakePlan:
+    """Check the inputs and aim every LoRA module at its weight. Unless the base's SHA256 is
+    known (given, or remembered), it starts being hashed now, on another core, while the key
+    maps are derived (`hash_ahead`); `bake_run.run_bake` finishes it from the bytes it
+    streams."""
     base = Path(base)
     if dtype not in OUTPUT_DTYPES:
         raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(OUTPUT_DTYPES)}")
     header = read_header(base)
     arch = _check_base(base, identify(header))
-    shapes = {k: info.shape for k, info in header.tensors.items()}
-    index = TargetIndex(shapes, arch, _diffusion_prefix(header))
+    for use in uses:  # before the key maps, which may take seconds to derive
+        _check_lora(use, identify(read_header(use.path)), arch)
     plan = BakePlan(base, header, arch, uses, [], Path(output), dtype, known_sha256=known_sha256)
-    plan.files, plan.weights, plan.biases, plan.unmatched = match_loras(
-        index, arch, uses, base.name)
-    plan.lora_sha256s = [u.sha256.lower() if u.sha256 else file_sha256(u.path) for u in uses]
+    if hash_ahead and not known_sha256 and not remembered_sha256(base):
+        plan.hash_ahead = PrefixHasher(base)
+    try:
+        shapes = {k: info.shape for k, info in header.tensors.items()}
+        index = TargetIndex(shapes, arch, _diffusion_prefix(header))
+        plan.files, plan.weights, plan.biases, plan.unmatched = match_loras(
+            index, arch, uses, base.name)
+        plan.lora_sha256s = [u.sha256.lower() if u.sha256 else file_sha256(u.path)
+                             for u in uses]
+    except BaseException:
+        if plan.hash_ahead is not None:
+            plan.hash_ahead.stop()
+        raise
     return plan
 
 

@@ -89,6 +89,41 @@ class _Baker:
         return tensor.to(torch_dtype(spec.dtype), copy=True)
 
 
+class _BaseHash:
+    """The base's SHA256 for the provenance: known already, or finished from the bytes the
+    bake streams, after what planning's hash-ahead thread (`PrefixHasher`) covered."""
+
+    def __init__(self, plan: BakePlan, known: str | None, contiguous: bool):
+        self.plan, self.digest, self.position = plan, None, 0
+        self.before = identity(plan.base)
+        if plan.hash_ahead is not None:
+            state, covered = plan.hash_ahead.stop()
+            self.before = plan.hash_ahead.before
+            if covered == plan.header.file_size or (contiguous and not known):
+                self.digest, self.position = state, covered
+        elif contiguous and not known:
+            self.digest = hashlib.sha256()
+
+    def rest_from(self, reader: SafetensorsReader):
+        """(digest, file offset) for the chunk reader to go on from; None when complete."""
+        if self.digest is None or self.position == self.plan.header.file_size:
+            return None, 0
+        data_start = self.plan.header.data_start
+        if self.position < data_start:  # the header, which no chunk holds
+            head = bytearray(data_start - self.position)
+            reader.read_at(self.position, head)
+            self.digest.update(head)
+            self.position = data_start
+        return self.digest, self.position
+
+    def result(self) -> str:
+        if self.digest is None:  # tensors not laid end to end: hash the file as it is
+            return file_sha256(self.plan.base)
+        sha = self.digest.hexdigest()
+        remember_sha256(self.plan.base, sha, self.before)
+        return sha
+
+
 def _write_chunk(writer: StreamingWriter, results: list[tuple[Piece, object]], release,
                  chunk: Chunk) -> None:
     for piece, result in results:
@@ -128,26 +163,16 @@ def _stream(plan: BakePlan, progress: ProgressCallback, cancel: CancelToken) -> 
     changed = {s.name for s in specs if s.name in plan.weights or s.name in plan.biases
                or s.dtype != infos[s.name].dtype}
     known = plan.known_sha256 or known_sha256(plan.base)
-    before = identity(plan.base)
-    digest = None if known or not _contiguous(plan.header, order) else hashlib.sha256()
+    hashing = _BaseHash(plan, known, _contiguous(plan.header, order))
     chunks = plan_chunks(plan.header, order, changed)
     with SafetensorsReader(plan.base, plan.header) as reader, \
             StreamingWriter(plan.output, specs, bake_metadata(plan, "~" * 64)) as writer:
         bake = _Baker(plan, writer.specs, changed)
-        if digest is not None:
-            head = bytearray(plan.header.data_start)
-            reader.read_at(0, head)
-            digest.update(head)
-        with ChunkReader(reader, chunks, digest=digest) as chunk_reader, \
+        digest, start = hashing.rest_from(reader)
+        with ChunkReader(reader, chunks, digest=digest, digest_from=start) as chunk_reader, \
                 ThreadPoolExecutor(max_workers=1, thread_name_prefix="write") as write_thread:
             _bake_chunks(chunk_reader, bake, writer, write_thread, infos, progress, cancel)
-        if known:
-            sha = known.lower()
-        elif digest is not None:
-            sha = digest.hexdigest()
-            remember_sha256(plan.base, sha, before)
-        else:
-            sha = file_sha256(plan.base)
+        sha = known.lower() if known else hashing.result()
         writer.rewrite_metadata(bake_metadata(plan, sha))
     return plan.output
 
