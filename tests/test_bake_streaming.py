@@ -329,3 +329,35 @@ def test_a_lora_for_another_architecture_is_refused_before_any_key_map_is_derive
                                "MERGEKIT_SD_CACHE": str(tmp_path / "empty")}, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "this LoRA is for" in done.stdout and "pick a LoRA made for" in done.stdout, done.stdout
+
+
+# --- inspect and bake agree on blocks ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["kohya-sd1", "peft-sd1", "kohya-sdxl", "peft-sdxl"])
+def test_inspect_lists_each_module_under_the_block_whose_strength_bake_gives_it(fmt):
+    """`inspect` names the blocks a LoRA touches; `bake --blocks` scales each module by its
+    weight's block. Every module, including the input/output convs and time embeddings outside
+    the numbered blocks, must land in the same block both ways."""
+    from mergekit_sd.arch.architectures import ARCHITECTURES
+    from mergekit_sd.arch.lora import block_of_module
+    from mergekit_sd.lora.targets import TargetIndex
+    from mergekit_sd.testing import LORA_BASES, lora_targets
+    from mergekit_sd.testing.checkpoints import checkpoint_specs
+
+    base = LORA_BASES[fmt]
+    shapes = {s.name: s.shape for s in checkpoint_specs(base, "tiny")}
+    index = TargetIndex(shapes, ARCHITECTURES[base], "model.diffusion_model.")
+    names = [t.module for t in lora_targets(fmt)]
+    kohya = fmt.startswith("kohya")
+    names += (["lora_unet_conv_in", "lora_unet_time_embedding_linear_1", "lora_unet_conv_out",
+               "lora_unet_out_2"]
+              if kohya else ["unet.conv_in", "unet.time_embedding.linear_1", "unet.conv_out"])
+    blocks = set()
+    for name in names:
+        target = index.find(name)
+        assert target is not None, name
+        expected = "BASE" if target.block == "TE" else target.block
+        assert block_of_module(name, base) == expected, name
+        blocks.add(expected)
+    assert {"BASE", "IN00", "M00"} <= blocks and len(blocks) > 10

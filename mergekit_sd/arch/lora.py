@@ -249,6 +249,12 @@ _SD_BLOCK_PATTERNS = (
      lambda m: f"OUT{3 * int(m[1]) + int(m[2]):02d}"),
     ((r"up_blocks[._](\d+)[._]upsamplers"), lambda m: f"OUT{3 * int(m[1]) + 2:02d}"),
 )
+# Outside the numbered blocks, as the block-weight tools count them (and as `bake` applies
+# block strengths): the input conv and the time / label embeddings are IN00, the output conv
+# and its norm the last OUT block.
+_SD_EDGE_IN = re.compile(r"conv_in|time_embed|label_emb|add_embedding")
+_SD_EDGE_OUT = re.compile(r"(?:^|lora_unet_|unet\.|diffusion_model\.)"
+                          r"(?:conv_out|conv_norm_out|out[._][02])(?:[._]|$)")
 _DIT_BLOCK_PATTERNS = (
     ((r"single_(?:transformer_)?blocks[._](\d+)"), lambda m: f"S{int(m[1]):02d}"),
     ((r"joint_blocks[._](\d+)"), lambda m: f"J{int(m[1]):02d}"),
@@ -273,6 +279,10 @@ def block_of_module(module: str, base: str | None) -> str | None:
         match = re.search(pattern, module)
         if match:
             return name(match)
+    if _SD_EDGE_IN.search(module):
+        return "IN00"
+    if _SD_EDGE_OUT.search(module):
+        return "OUT08" if base and base.startswith("sdxl") else "OUT11"
     return "BASE"
 
 
