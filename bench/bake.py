@@ -10,10 +10,11 @@ Our side is the command line as users run it, `mergekit-sd bake BASE LORA:0.8 -o
 child process: its time includes starting Python and torch, identifying both files, loading the
 LoRA and the final fsync. It is measured twice: "first time", with an empty cache folder, so the
 key maps are derived from diffusers' converters and the SHA256s of both files (for provenance)
-are computed, the base's as it streams by; and "base seen before", where both are remembered,
-as at every later bake into the same base. The copy runs in a child of its own. All read a warm
-page cache (the base is read once before every run), run interleaved in a rotating order, and
-times are medians.
+are computed, the base's begun while the plan is made and finished as it streams by; and "base
+seen before", where both are remembered, as at every later bake into the same base. The copy
+runs in a child of its own. All read a warm page cache (the base is read once before every
+run), start with earlier outputs deleted and everything flushed to disk, run interleaved in a
+rotating order, and times are medians.
 
 Run from the repository root: .venv/bin/python bench/bake.py  (about 8 minutes on 2 cores; needs
 about 22 GB free in --workdir, default /tmp). --rounds N (default 3). Prints a table and PASS/FAIL
@@ -84,6 +85,16 @@ def _warm(path: Path) -> None:
             pass
 
 
+def _settle(work: Path) -> None:
+    """Delete the outputs of earlier runs and flush everything to disk, untimed: otherwise
+    the write-back of the generated files and the freeing (discard) of a replaced output land
+    on whichever run comes next."""
+    for name in ("copy.safetensors", "baked.safetensors"):
+        (work / name).unlink(missing_ok=True)
+    os.sync()
+    time.sleep(2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()))
@@ -99,8 +110,7 @@ def main() -> None:
         print(f"SDXL fp16 checkpoint {m.human_bytes(base.stat().st_size)}, kohya LoRA rank "
               f"{RANK} {m.human_bytes(lora.stat().st_size)} (generated in "
               f"{made.json_line()['seconds']:.0f} s)")
-        bake = [CLI, "bake", str(base), f"{lora}:0.8", "-o", str(work / "baked.safetensors"),
-                "--overwrite"]
+        bake = [CLI, "bake", str(base), f"{lora}:0.8", "-o", str(work / "baked.safetensors")]
         contenders = {
             "streaming copy": [sys.executable, THIS, "--child", "copy", str(base),
                                str(work / "copy.safetensors")],
@@ -118,7 +128,10 @@ def main() -> None:
                 cache = work / ("cache" if name == AGAIN else f"cache-{round_}")
                 os.environ["MERGEKIT_SD_CACHE"] = str(cache)
                 if name == AGAIN and not cache.exists():  # fill it, untimed
-                    m.run_child(bake)
+                    _settle(work)
+                    if m.run_child(bake).returncode:
+                        raise SystemExit("the bake that fills the cache failed")
+                _settle(work)
                 _warm(base)
                 result = m.run_child(contenders[name])
                 if result.returncode:
