@@ -33,6 +33,7 @@ from catalog.walk import MODEL_SUFFIXES
 from mergekit_sd.errors import BadModelFile, Cancelled, UserError, WorkFailed
 from mergekit_sd.inspect_view import human_size
 from mergekit_sd.io.header import read_header
+from mergekit_sd.io.writer import fsync_directory
 from mergekit_sd.progress import CancelToken, ProgressCallback, no_progress
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
@@ -299,7 +300,7 @@ class Downloader:
             _remove(partial, resume_path)
             return there
         os.replace(partial, target)
-        _fsync_folder(request.folder)
+        fsync_directory(request.folder)
         _remove(resume_path)
         return Downloaded(target, hashes, size, state.fetched, state.resumed_from,
                           state.restarted, verified=request.sha256 is not None)
@@ -418,9 +419,3 @@ def _remove(*paths: Path) -> None:
             os.unlink(path)
 
 
-def _fsync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
