@@ -72,7 +72,8 @@ def _probe(shapes: Shapes, rows_of: Callable[[str, tuple[int, ...]], int]):
 
 def _decode(tensor, names: list[str]) -> Source | None:
     """The rows a converted probe tensor is made of; None when it is no pure rearrangement
-    (a tensor the converter made up, or arithmetic on values)."""
+    (a tensor the converter made up, or arithmetic on values). Vectorised: an SDXL file's
+    probes hold over four million rows."""
     import torch
 
     if not torch.is_floating_point(tensor):
@@ -82,18 +83,22 @@ def _decode(tensor, names: list[str]) -> Source | None:
         transposed = True
     elif tensor.ndim and tensor.numel() != tensor.shape[0]:
         return None
-    values = tensor.reshape(-1).tolist()
-    segments: list[list] = []
-    for value in values:
-        index, row = divmod(value, _ROW_SPAN)
-        if row != int(row) or not 0 <= index < len(names):
-            return None
-        key, row = names[int(index)], int(row)
-        if segments and segments[-1][0] == key and segments[-1][2] == row:
-            segments[-1][2] = row + 1
-        else:
-            segments.append([key, row, row + 1])
-    return Source(tuple(Segment(k, a, b) for k, a, b in segments), transposed)
+    values = tensor.reshape(-1).to(torch.float64)
+    if not values.numel():
+        return None
+    index = torch.floor(values / _ROW_SPAN)
+    row = values - index * _ROW_SPAN
+    if not bool(((row == torch.round(row)) & (index >= 0) & (index < len(names))).all()):
+        return None
+    index, row = index.long(), row.long()
+    # a new segment wherever the key changes or the rows stop running on by one
+    breaks = torch.ones_like(index, dtype=torch.bool)
+    breaks[1:] = (index[1:] != index[:-1]) | (row[1:] != row[:-1] + 1)
+    starts = torch.nonzero(breaks).flatten().tolist()
+    stops = starts[1:] + [values.numel()]
+    keys, rows = index[starts].tolist(), row[starts].tolist()
+    return Source(tuple(Segment(names[k], r, r + stop - start)
+                        for k, r, start, stop in zip(keys, rows, starts, stops)), transposed)
 
 
 def _derive(shapes: Shapes, convert: Callable[[dict], dict],
