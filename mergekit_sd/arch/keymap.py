@@ -97,8 +97,9 @@ def _decode(tensor, names: list[str]) -> Source | None:
     starts = torch.nonzero(breaks).flatten().tolist()
     stops = starts[1:] + [values.numel()]
     keys, rows = index[starts].tolist(), row[starts].tolist()
+    segments = zip(keys, rows, starts, stops, strict=True)
     return Source(tuple(Segment(names[k], r, r + stop - start)
-                        for k, r, start, stop in zip(keys, rows, starts, stops)), transposed)
+                        for k, r, start, stop in segments), transposed)
 
 
 def _derive(shapes: Shapes, convert: Callable[[dict], dict],
