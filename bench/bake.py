@@ -68,8 +68,8 @@ def child_copy(base: str, out: str) -> None:
 
     start = time.perf_counter()
     with SafetensorsReader(base) as reader:
-        specs = [TensorSpec(k, i.dtype, i.shape) for k, i in reader.tensors.items()]
         order = sorted(reader.tensors, key=lambda k: reader.tensors[k].start)
+        specs = [TensorSpec(k, reader.tensors[k].dtype, reader.tensors[k].shape) for k in order]
         with StreamingWriter(out, specs, reader.metadata) as writer, \
                 ChunkReader(reader, plan_chunks(reader.header, order, set())) as chunks:
             for chunk in chunks:

@@ -7,12 +7,14 @@ raw little-endian data), and files written here load with the reference library 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from mergekit_sd.io.direct import DIRECT_FROM_BYTES, DirectAppender, pwrite_all
 from mergekit_sd.io.dtypes import SAFETENSORS_DTYPES, nbytes_of, safetensors_dtype
 
 ALIGNMENT = 8  # header padded with spaces so tensor data starts 8-byte aligned, as the library does
@@ -95,10 +97,14 @@ class StreamingWriter:
     Use as a context manager: the file is built as NAME.partial and renamed to NAME only when
     every tensor has been written and the data is on disk; any exception (Ctrl-C included)
     removes the partial file, and a killed process leaves only the .partial name behind.
+
+    Tensors written in the declared order go out with O_DIRECT (`io.direct`) when the file is
+    large (`direct=None`, the default) or `direct=True`; the first write anywhere else turns the
+    rest into ordinary writes.
     """
 
     def __init__(self, path: str | os.PathLike, specs: Iterable[TensorSpec],
-                 metadata: Mapping[str, str] | None = None):
+                 metadata: Mapping[str, str] | None = None, direct: bool | None = None):
         self.path = Path(path)
         self.specs = {spec.name: spec for spec in specs}
         header, self._offsets = build_header(self.specs.values(), metadata)
@@ -108,15 +114,40 @@ class StreamingWriter:
         self.partial = partial_path(self.path)
         self.partial.parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        total = self._data_start + (max((e for _, e in self._offsets.values()), default=0))
+        self._size = self._data_start + (max((e for _, e in self._offsets.values()), default=0))
+        self._sequence: DirectAppender | None = None
+        if direct or (direct is None and self._size >= DIRECT_FROM_BYTES):
+            with contextlib.suppress(OSError):  # no O_DIRECT here: ordinary writes
+                self._sequence = DirectAppender(self.partial, self._fd)
         self._write_at(header, 0)
-        os.ftruncate(self._fd, total)
+        os.ftruncate(self._fd, self._size)
+
+    @property
+    def direct_io(self) -> bool:
+        """Whether the bytes so far went out with O_DIRECT."""
+        return self._sequence is not None and self._sequence.direct
 
     def _write_at(self, data, offset: int) -> None:
         view = memoryview(data).cast("B")
-        done = 0
-        while done < len(view):
-            done += os.pwrite(self._fd, view[done:], offset + done)
+        if self._sequence is not None:
+            if offset == self._sequence.position:
+                self._sequence.append(view)
+                return
+            self._end_sequence(whole=False)
+        pwrite_all(self._fd, view, offset)
+
+    def _end_sequence(self, whole: bool) -> None:
+        """Stop appending with O_DIRECT: `whole`, everything written (the file truncated back
+        after the padded last block); else the unaligned rest written here."""
+        sequence, self._sequence = self._sequence, None
+        if sequence is None:
+            return
+        if whole:
+            sequence.finish()
+            os.ftruncate(self._fd, self._size)
+        else:
+            offset, rest = sequence.stop_at_block()
+            pwrite_all(self._fd, memoryview(rest), offset)
 
     def write_bytes(self, name: str, data) -> None:
         """Write tensor `name` from raw bytes (any buffer of exactly its size)."""
@@ -166,6 +197,7 @@ class StreamingWriter:
         header, _ = build_header(self.specs.values(), metadata)
         if len(header) != self._data_start:
             raise ValueError("the new header differs in length from the one written")
+        self._end_sequence(whole=True)  # the old header may still be on its way
         self._write_at(header, 0)
 
     @property
@@ -177,6 +209,7 @@ class StreamingWriter:
         if self._pending:
             some = ", ".join(sorted(self._pending)[:3])
             raise RuntimeError(f"{len(self._pending)} declared tensors were never written ({some})")
+        self._end_sequence(whole=True)
         os.fsync(self._fd)
         os.close(self._fd)
         self._fd = -1
@@ -185,6 +218,9 @@ class StreamingWriter:
         return self.path
 
     def abort(self) -> None:
+        if self._sequence is not None:
+            self._sequence.abandon()
+            self._sequence = None
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

@@ -159,7 +159,8 @@ def run_bake(plan: BakePlan, progress: ProgressCallback = no_progress,
 def _stream(plan: BakePlan, progress: ProgressCallback, cancel: CancelToken) -> Path:
     infos = plan.header.tensors
     order = sorted(infos, key=lambda k: infos[k].start)  # file order: the hash streams along
-    specs = [TensorSpec(k, _out_dtype(plan, i.dtype), i.shape) for k, i in infos.items()]
+    # the output keeps the base's data order, so the writer gets every byte in sequence
+    specs = [TensorSpec(k, _out_dtype(plan, infos[k].dtype), infos[k].shape) for k in order]
     changed = {s.name for s in specs if s.name in plan.weights or s.name in plan.biases
                or s.dtype != infos[s.name].dtype}
     known = plan.known_sha256 or known_sha256(plan.base)

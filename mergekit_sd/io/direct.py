@@ -1,0 +1,160 @@
+"""Writing a large file front to back with O_DIRECT, past the page cache.
+
+Why: a buffered write of a multi-GB checkpoint copies every byte into the page cache, where
+pages are allocated, accounted and later written back by kernel threads; on the 2-core test
+machine that cost 13.7 s of system time for 6.7 GB (`dd`, 461 MB/s) against 0.4 s with
+O_DIRECT (1.9 GB/s). The files we write (merged and baked checkpoints) are not read back
+soon, so caching them would also evict the models being read.
+
+O_DIRECT needs the memory, the file offset and the length aligned to the device's block, so the
+bytes are gathered into page-aligned stage buffers and a thread writes each full one while the
+next fills. The last stage is written padded to a whole block; the caller truncates the file
+back to its size. A file system that refuses direct writes (EINVAL) gets ordinary writes from
+then on: the result is the same file.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import queue
+import threading
+import traceback
+from pathlib import Path
+
+BLOCK = 4096  # alignment of offsets and lengths (every common device's block divides it)
+STAGE_BYTES = 8 << 20
+STAGES = 3  # one filling, the others queued or being written
+DIRECT_FROM_BYTES = 64 << 20  # smaller files gain nothing worth a thread
+
+
+def pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
+class DirectAppender:
+    """Appends bytes to a file from offset 0 on, written with O_DIRECT where the file system
+    allows. `buffered_fd` is an ordinary descriptor of the same file, used when it does not.
+    Raises OSError when the file cannot be opened for direct writes at all."""
+
+    def __init__(self, path: Path, buffered_fd: int, stage_bytes: int | None = None):
+        flag = getattr(os, "O_DIRECT", 0)
+        if not flag:
+            raise OSError(errno.EINVAL, "O_DIRECT is not available on this system")
+        self._fd = os.open(path, os.O_WRONLY | flag)
+        self._buffered_fd = buffered_fd
+        self.direct = True  # False once the file system refused a direct write
+        self.position = 0  # bytes appended so far
+        self._handed = 0  # bytes handed to the writing thread (whole stages)
+        stage_bytes = stage_bytes or STAGE_BYTES
+        self._stage_bytes = stage_bytes
+        self._free: queue.Queue = queue.Queue()
+        self._maps = [mmap.mmap(-1, stage_bytes) for _ in range(STAGES)]  # page-aligned
+        for stage in self._maps:
+            self._free.put(memoryview(stage))
+        self._current: memoryview = self._free.get()
+        self._fill = 0
+        self._jobs: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="direct-write", daemon=True)
+        self._thread.start()
+
+    # --- the producer's side -------------------------------------------------------------------
+
+    def append(self, data) -> None:
+        view = memoryview(data).cast("B")
+        while len(view):
+            take = min(len(view), self._stage_bytes - self._fill)
+            self._current[self._fill:self._fill + take] = view[:take]
+            self._fill += take
+            view = view[take:]
+            self.position += take
+            if self._fill == self._stage_bytes:
+                self._hand_over()
+
+    def _hand_over(self) -> None:
+        if self._error is not None:
+            raise self._error
+        self._jobs.put((self._current, self._handed, self._fill))
+        self._handed += self._fill
+        self._current, self._fill = self._free.get(), 0  # waits while the disk lags
+
+    def finish(self) -> None:
+        """Write what is staged (the last block padded: truncate the file afterwards) and close.
+        Raises what a write raised."""
+        if self._fill:
+            end = -(-self._fill // BLOCK) * BLOCK
+            self._current[self._fill:end] = bytes(end - self._fill)
+            self._jobs.put((self._current, self._handed, self._fill))
+            self._handed += self._fill
+            self._fill = 0
+        self._close()
+        if self._error is not None:
+            raise self._error
+
+    def stop_at_block(self) -> tuple[int, bytes]:
+        """Write the whole blocks appended so far and close; returns (offset, bytes) of the
+        rest, for the caller to write itself (ordinary writes, which then never overlap a block
+        written here)."""
+        whole = self._fill - self._fill % BLOCK
+        tail = bytes(self._current[whole:self._fill])
+        if whole:
+            self._jobs.put((self._current, self._handed, whole))
+            self._handed += whole
+        self._fill = 0
+        self._close()
+        if self._error is not None:
+            raise self._error
+        return self._handed, tail
+
+    def abandon(self) -> None:
+        """Stop without writing what is staged (the file is being deleted)."""
+        self._error = self._error or OSError(errno.ECANCELED, "abandoned")
+        self._close()
+
+    def _close(self) -> None:
+        if self._fd < 0:
+            return
+        self._jobs.put(None)
+        self._thread.join()
+        os.close(self._fd)
+        self._fd = -1
+        self._current.release()
+        while not self._free.empty():
+            self._free.get().release()
+        for stage in self._maps:
+            stage.close()
+
+    # --- the writing thread ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            stage, offset, length = job
+            try:
+                if self._error is None:
+                    self._write(stage, offset, length)
+            except BaseException as exc:  # raised on the producer's next call
+                # without the frames' locals, which hold views of the stage buffers
+                traceback.clear_frames(exc.__traceback__)
+                self._error = exc
+            self._free.put(stage)
+
+    def _write(self, stage: memoryview, offset: int, length: int) -> None:
+        done = 0
+        if self.direct:
+            padded = -(-length // BLOCK) * BLOCK
+            try:
+                while done < padded:
+                    written = os.pwrite(self._fd, stage[done:padded], offset + done)
+                    if written <= 0 or written % BLOCK:
+                        raise OSError(errno.EINVAL, "short direct write")
+                    done += written
+                return
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                self.direct = False  # this file system wants ordinary writes
+        pwrite_all(self._buffered_fd, stage[done:length], offset + done)
