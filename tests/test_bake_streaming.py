@@ -110,6 +110,31 @@ def test_leaving_the_reader_early_stops_its_thread(tmp_path):
         assert not reading._thread.is_alive()
 
 
+def test_tensors_larger_than_a_chunk_are_held_no_more_than_the_buffers_allow(tmp_path):
+    """Each gets a buffer of its own, but the read-ahead must not run on allocating them while
+    the consumer holds `buffers` chunks (memory would grow with the file)."""
+    path = write_checkpoint(tmp_path / "m.safetensors", "sd1", dtype="F32")
+    header = read_header(path)
+    order = file_order(header)
+    size = 4 << 10
+    big = [k for k in order if header.tensors[k].nbytes > size]
+    chunks = plan_chunks(header, big, set(big), size)
+    with SafetensorsReader(path) as reader, \
+            ChunkReader(reader, chunks, size, buffers=2) as reading:
+        chunks_in = iter(reading)
+        held = [next(chunks_in), next(chunks_in)]
+        assert all(c.size > size for c in held)
+        time.sleep(0.3)  # time for the read-ahead to run on, if it could
+        assert reading._ready.empty()
+        reading.release(held[0])
+        third = next(chunks_in)
+        assert third.index == 2
+        reading.release(held[1])
+        reading.release(third)
+        for chunk in chunks_in:
+            reading.release(chunk)
+
+
 # --- weights changed in their own dtype ----------------------------------------------------------
 
 

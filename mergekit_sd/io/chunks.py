@@ -38,7 +38,7 @@ class Chunk:
     pieces: list[Piece]
     view: memoryview | None = None
     _buffer: bytearray | None = None
-    _pooled: bool = False
+    _pooled: bytearray | None = None  # the pool's buffer this chunk holds
 
     def bytes_of(self, piece: Piece) -> memoryview:
         return self.view[piece.at:piece.at + piece.size]
@@ -100,15 +100,16 @@ class ChunkReader:
         self._thread = threading.Thread(target=self._fill, name="read-ahead", daemon=True)
 
     def _buffer_for(self, chunk: Chunk) -> bytearray | None:
-        if chunk.size > self._size:
-            return bytearray(chunk.size)  # a tensor larger than a chunk: its own buffer
+        """A pooled buffer, waiting for one to be released. A tensor larger than a chunk gets
+        a buffer of its own, but still takes a pooled one out while it is in flight, so that
+        no more than `buffers` chunks are ever held."""
         while not self._stop.is_set():
             try:
                 buffer = self._free.get(timeout=0.1)
             except queue.Empty:
                 continue
-            chunk._pooled = True
-            return buffer
+            chunk._pooled = buffer
+            return buffer if chunk.size <= len(buffer) else bytearray(chunk.size)
         return None
 
     def _fill(self) -> None:
@@ -135,9 +136,9 @@ class ChunkReader:
             yield item
 
     def release(self, chunk: Chunk) -> None:
-        buffer, chunk._buffer, chunk.view = chunk._buffer, None, None
-        if chunk._pooled and buffer is not None:
-            self._free.put(buffer)
+        pooled, chunk._pooled, chunk._buffer, chunk.view = chunk._pooled, None, None, None
+        if pooled is not None:
+            self._free.put(pooled)
 
     def __enter__(self) -> ChunkReader:
         self._thread.start()

@@ -58,8 +58,20 @@ class _Baker:
         self.plan, self.specs, self.torch = plan, specs, torch
         infos = plan.header.tensors
         self.largest = max((math.prod(infos[k].shape) for k in changed
-                            if k in plan.weights or k in plan.biases), default=0)
+                            if self._applied(k) and not self._in_place(k)), default=0)
         self._scratch = None
+
+    def _applied(self, key: str) -> list | None:
+        return self.plan.weights.get(key) or self.plan.biases.get(key)
+
+    def _in_place(self, key: str) -> bool:
+        """Whether the LoRAs go into the read buffer itself, with no fp32 work copy."""
+        info = self.plan.header.tensors[key]
+        if self.specs[key].dtype != info.dtype:
+            return False
+        dtype = torch_dtype(info.dtype)
+        return dtype == self.torch.float32 or (
+            not self.plan.biases.get(key) and exact_in(self.plan.weights[key], dtype))
 
     def scratch(self, tensor):
         """An fp32 work copy of `tensor` in one buffer reused for every weight (fresh memory
@@ -70,18 +82,17 @@ class _Baker:
 
     def __call__(self, key: str, info: TensorInfo, raw: memoryview):
         torch, spec = self.torch, self.specs[key]
-        apps, bias_apps = self.plan.weights.get(key), self.plan.biases.get(key)
-        if not raw.nbytes or (not apps and not bias_apps and spec.dtype == info.dtype):
+        apps = self._applied(key)
+        if not raw.nbytes or (not apps and spec.dtype == info.dtype):
             return raw
         tensor = torch.frombuffer(raw, dtype=torch_dtype(info.dtype)).reshape(info.shape)
-        if apps or bias_apps:
-            apps = apps or bias_apps
-            if spec.dtype == info.dtype and (tensor.dtype == torch.float32 or
-                                             (not bias_apps and exact_in(apps, tensor.dtype))):
-                apply_loras(tensor, apps, bias=not self.plan.weights.get(key))
+        if apps:
+            bias = not self.plan.weights.get(key)
+            if self._in_place(key):
+                apply_loras(tensor, apps, bias=bias)
                 return raw
             work = self.scratch(tensor)
-            apply_loras(work, apps, bias=not self.plan.weights.get(key))
+            apply_loras(work, apps, bias=bias)
             if spec.dtype == info.dtype:
                 tensor.copy_(work)  # rounded once, back into the buffer
                 return raw
