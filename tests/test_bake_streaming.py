@@ -356,6 +356,33 @@ def test_a_lora_for_another_architecture_is_refused_before_any_key_map_is_derive
     assert "this LoRA is for" in done.stdout and "pick a LoRA made for" in done.stdout, done.stdout
 
 
+@pytest.mark.parametrize("fmt", ["kohya-flux", "aitoolkit-flux", "xlabs-flux", "kohya-sd3"])
+def test_loras_in_the_checkpoints_own_names_bake_without_deriving_key_maps(tmp_path, fmt):
+    """Only names in diffusers' vocabulary need the derived key maps (and so diffusers, the
+    first time); these formats name the checkpoint's own weights. The bake, with diffusers
+    unimportable and no cached maps, must give the very bytes of an ordinary bake."""
+    from mergekit_sd.testing import LORA_BASES
+
+    base = write_checkpoint(tmp_path / "base.safetensors", LORA_BASES[fmt], dtype="BF16")
+    lora = write_lora(tmp_path / "l.safetensors", fmt)
+    script = (
+        "import sys; sys.modules['diffusers'] = None\n"  # deriving maps would fail loudly
+        "from pathlib import Path\n"
+        "from mergekit_sd.lora.bake import LoraUse, plan_bake\n"
+        "from mergekit_sd.lora.bake_run import run_bake\n"
+        f"plan = plan_bake(Path({str(base)!r}), [LoraUse('l', Path({str(lora)!r}), 0.7)],\n"
+        f"                 {str(tmp_path / 'lazy' / 'out.safetensors')!r})\n"
+        "assert not plan.unmatched, plan.unmatched\n"
+        "run_bake(plan)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": REPO,
+                               "MERGEKIT_SD_CACHE": str(tmp_path / "empty")}, timeout=120)
+    assert done.returncode == 0, done.stderr
+    run_bake(plan_bake(base, [LoraUse("l", lora, 0.7)], tmp_path / "usual" / "out.safetensors"))
+    assert (tmp_path / "lazy" / "out.safetensors").read_bytes() == \
+        (tmp_path / "usual" / "out.safetensors").read_bytes()
+
+
 # --- inspect and bake agree on blocks ------------------------------------------------------------
 
 

@@ -24,7 +24,7 @@ import traceback
 from pathlib import Path
 
 BLOCK = 4096  # alignment of offsets and lengths (every common device's block divides it)
-STAGE_BYTES = 8 << 20
+STAGE_BYTES = 4 << 20
 STAGES = 3  # one filling, the others queued or being written
 DIRECT_FROM_BYTES = 64 << 20  # smaller files gain nothing worth a thread
 

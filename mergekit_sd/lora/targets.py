@@ -62,37 +62,34 @@ def _under(name: str) -> str:
     return name.replace(".", "_")
 
 
+def _transformers_names(module: str) -> list[str]:
+    """A bundled text encoder's module in transformers' naming (`text_model_...`, what kohya
+    and PEFT use), and in transformers 5's, which drops `text_model.`."""
+    name = module.removeprefix("transformer_")
+    names = [name] if name != module else []
+    if name.startswith("text_model_"):
+        names.append(name[len("text_model_"):])
+    return names
+
+
 class TargetIndex:
-    """Every module name a LoRA may use for a weight of one checkpoint."""
+    """Every module name a LoRA may use for a weight of one checkpoint.
+
+    The checkpoint's own names are indexed at once; the diffusers names only when a module
+    needs them (`find`) or kohya names are asked for (`kohya`), because deriving their key maps
+    the first time imports diffusers and runs its converters (seconds). kohya's SDXL UNet,
+    FLUX and SD3 LoRAs, and LyCORIS' ldm names, never need them."""
 
     def __init__(self, shapes: Mapping[str, tuple[int, ...]], arch: Architecture,
                  diffusion_prefix: str):
         self.shapes = shapes
         self.arch = arch
         self.prefix = diffusion_prefix
-        self.by_slot: dict[str, dict[str, Target]] = {}
-        # kohya's name of each target: diffusers module paths for the SD1/SD2 UNet and every
-        # CLIP, the checkpoint's own names for SDXL's UNet (sd-scripts trains its own sgm
-        # model) and the FLUX and SD3 transformers
-        self.kohya: dict[tuple[str, tuple[int, int] | None], str] = {}
-        native_diffusion = arch.family != "sd"
-        maps = diffusers_key_maps(shapes)
-        for component, mapping in maps.items():
-            slot = _SLOT_OF_COMPONENT.get(component)
-            if slot is None:
-                continue
-            names = self.by_slot.setdefault(slot, {})
-            for name, source in mapping.items():
-                if not name.endswith(".weight") or source.transposed or len(source.segments) != 1:
-                    continue
-                seg = source.segments[0]
-                target = self._target(seg.key, seg.start, seg.stop, slot)
-                module = _under(name[:-len(".weight")])
-                names.setdefault(module, target)
-                if slot != DIFFUSION or not native_diffusion:
-                    self.kohya.setdefault((target.key, target.rows), self._kohya(slot, module))
-                if module.startswith("text_model_"):  # transformers 5 drops text_model.
-                    names.setdefault(module[len("text_model_"):], target)
+        self._native_diffusion = arch.family != "sd"
+        self.native: dict[str, dict[str, Target]] = {}
+        self._native_kohya: dict[tuple[str, tuple[int, int] | None], str] = {}
+        self._by_slot: dict[str, dict[str, Target]] | None = None  # diffusers names first
+        self._kohya_names: dict[tuple[str, tuple[int, int] | None], str] | None = None
         for key in shapes:  # the checkpoint's own names (kohya FLUX/SD3, ai-toolkit, LyCORIS)
             if not key.endswith(".weight"):
                 continue
@@ -104,9 +101,57 @@ class TargetIndex:
             module = _under(key[len(prefix):-len(".weight")])
             rows = shapes[key][0] if shapes[key] else 1
             target = self._target(key, 0, rows, slot)
-            self.by_slot.setdefault(slot, {}).setdefault(module, target)
-            if slot == DIFFUSION and native_diffusion:
-                self.kohya.setdefault((key, None), self._kohya(slot, module))
+            names = self.native.setdefault(slot, {})
+            names.setdefault(module, target)
+            if slot != DIFFUSION:  # transformers' own names, as the diffusers maps give them
+                for alias in _transformers_names(module):
+                    names.setdefault(alias, target)
+            if slot == DIFFUSION and self._native_diffusion:
+                self._native_kohya.setdefault((key, None), self._kohya(slot, module))
+
+    def _with_diffusers_names(self) -> None:
+        """Add the names of the diffusers key maps, which take precedence over the
+        checkpoint's own (as they always did: both name the same weight where both exist)."""
+        by_slot: dict[str, dict[str, Target]] = {}
+        # kohya's name of each target: diffusers module paths for the SD1/SD2 UNet and every
+        # CLIP, the checkpoint's own names for SDXL's UNet (sd-scripts trains its own sgm
+        # model) and the FLUX and SD3 transformers
+        kohya: dict[tuple[str, tuple[int, int] | None], str] = {}
+        for component, mapping in diffusers_key_maps(self.shapes).items():
+            slot = _SLOT_OF_COMPONENT.get(component)
+            if slot is None:
+                continue
+            names = by_slot.setdefault(slot, {})
+            for name, source in mapping.items():
+                if not name.endswith(".weight") or source.transposed or len(source.segments) != 1:
+                    continue
+                seg = source.segments[0]
+                target = self._target(seg.key, seg.start, seg.stop, slot)
+                module = _under(name[:-len(".weight")])
+                names.setdefault(module, target)
+                if slot != DIFFUSION or not self._native_diffusion:
+                    kohya.setdefault((target.key, target.rows), self._kohya(slot, module))
+                if module.startswith("text_model_"):  # transformers 5 drops text_model.
+                    names.setdefault(module[len("text_model_"):], target)
+        for slot, names in self.native.items():
+            merged = by_slot.setdefault(slot, {})
+            for module, target in names.items():
+                merged.setdefault(module, target)
+        for pair, name in self._native_kohya.items():
+            kohya.setdefault(pair, name)
+        self._by_slot, self._kohya_names = by_slot, kohya
+
+    @property
+    def by_slot(self) -> dict[str, dict[str, Target]]:
+        if self._by_slot is None:
+            self._with_diffusers_names()
+        return self._by_slot
+
+    @property
+    def kohya(self) -> dict[tuple[str, tuple[int, int] | None], str]:
+        if self._kohya_names is None:
+            self._with_diffusers_names()
+        return self._kohya_names
 
     def _kohya(self, slot: str, module: str) -> str:
         if slot == "text_encoder":
@@ -132,8 +177,16 @@ class TargetIndex:
         if xlabs:
             n, kind, stream = xlabs.groups()
             module = f"double_blocks.{n}.{_XLABS_STREAM[stream]}.{kind}"
-            return self.by_slot.get(DIFFUSION, {}).get(_under(module))
+            bfl = _under(module)
+            return self.native.get(DIFFUSION, {}).get(bfl) or \
+                self.by_slot.get(DIFFUSION, {}).get(bfl)
         name = _under(module)
+        for prefix, slot in _PREFIXES:  # the checkpoint's own name, under the first prefix
+            if name.startswith(prefix):
+                found = self.native.get(slot, {}).get(name[len(prefix):])
+                if found is not None:
+                    return found
+                break
         for prefix, slot in _PREFIXES:
             if name.startswith(prefix):
                 found = self.by_slot.get(slot, {}).get(name[len(prefix):])
