@@ -44,15 +44,19 @@ class DirectAppender:
         flag = getattr(os, "O_DIRECT", 0)
         if not flag:
             raise OSError(errno.EINVAL, "O_DIRECT is not available on this system")
+        stage_bytes = stage_bytes or STAGE_BYTES
         self._fd = os.open(path, os.O_WRONLY | flag)
+        try:
+            self._maps = [mmap.mmap(-1, stage_bytes) for _ in range(STAGES)]  # page-aligned
+        except BaseException:
+            os.close(self._fd)
+            raise
         self._buffered_fd = buffered_fd
         self.direct = True  # False once the file system refused a direct write
         self.position = 0  # bytes appended so far
         self._handed = 0  # bytes handed to the writing thread (whole stages)
-        stage_bytes = stage_bytes or STAGE_BYTES
         self._stage_bytes = stage_bytes
         self._free: queue.Queue = queue.Queue()
-        self._maps = [mmap.mmap(-1, stage_bytes) for _ in range(STAGES)]  # page-aligned
         for stage in self._maps:
             self._free.put(memoryview(stage))
         self._current: memoryview = self._free.get()

@@ -119,8 +119,12 @@ class StreamingWriter:
         if direct or (direct is None and self._size >= DIRECT_FROM_BYTES):
             with contextlib.suppress(OSError):  # no O_DIRECT here: ordinary writes
                 self._sequence = DirectAppender(self.partial, self._fd)
-        self._write_at(header, 0)
-        os.ftruncate(self._fd, self._size)
+        try:
+            self._write_at(header, 0)
+            os.ftruncate(self._fd, self._size)
+        except BaseException:
+            self.abort()
+            raise
 
     @property
     def direct_io(self) -> bool:
