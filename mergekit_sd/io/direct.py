@@ -120,6 +120,8 @@ class DirectAppender:
         self._close()
 
     def _close(self) -> None:
+        """Join the thread, then close. Interrupted while joining, it leaves the descriptor
+        open (the thread may still write to it) for a later call, e.g. `abandon`."""
         if self._fd < 0:
             return
         self._jobs.put(None)

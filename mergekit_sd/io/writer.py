@@ -116,6 +116,7 @@ class StreamingWriter:
         self._fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self._size = self._data_start + (max((e for _, e in self._offsets.values()), default=0))
         self._sequence: DirectAppender | None = None
+        self._went_direct = False
         if direct or (direct is None and self._size >= DIRECT_FROM_BYTES):
             with contextlib.suppress(OSError):  # no O_DIRECT here: ordinary writes
                 self._sequence = DirectAppender(self.partial, self._fd)
@@ -128,8 +129,8 @@ class StreamingWriter:
 
     @property
     def direct_io(self) -> bool:
-        """Whether the bytes so far went out with O_DIRECT."""
-        return self._sequence is not None and self._sequence.direct
+        """Whether the bytes written in sequence went out with O_DIRECT."""
+        return self._sequence.direct if self._sequence is not None else self._went_direct
 
     def _write_at(self, data, offset: int) -> None:
         view = memoryview(data).cast("B")
@@ -143,14 +144,17 @@ class StreamingWriter:
     def _end_sequence(self, whole: bool) -> None:
         """Stop appending with O_DIRECT: `whole`, everything written (the file truncated back
         after the padded last block); else the unaligned rest written here."""
-        sequence, self._sequence = self._sequence, None
+        sequence = self._sequence
         if sequence is None:
             return
+        # kept until it has closed: an interrupted finish is closed again by `abort`
         if whole:
             sequence.finish()
+            self._sequence, self._went_direct = None, sequence.direct
             os.ftruncate(self._fd, self._size)
         else:
             offset, rest = sequence.stop_at_block()
+            self._sequence, self._went_direct = None, sequence.direct
             pwrite_all(self._fd, memoryview(rest), offset)
 
     def write_bytes(self, name: str, data) -> None:
