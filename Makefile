@@ -56,6 +56,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/inspect.py
 	$(BIN)/python bench/writer.py
+	$(BIN)/python bench/direct_writes.py
 	$(BIN)/python bench/merge.py
 	$(BIN)/python bench/catalog.py
 	$(BIN)/python bench/bake.py

@@ -41,6 +41,18 @@ def file_order(header):
     return sorted(header.tensors, key=lambda k: header.tensors[k].start)
 
 
+def run_without_diffusers(script: str, cache: os.PathLike | None = None):
+    """Run `script` in a fresh process where importing diffusers fails (deriving key maps
+    would fail loudly), with `cache` as the cache folder when given."""
+    env = {**os.environ, "PYTHONPATH": REPO}
+    if cache is not None:
+        env["MERGEKIT_SD_CACHE"] = str(cache)
+    done = subprocess.run([sys.executable, "-c", "import sys; sys.modules['diffusers'] = None\n"
+                           + script], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
 # --- chunks --------------------------------------------------------------------------------------
 
 
@@ -189,17 +201,14 @@ def test_key_maps_are_derived_once_then_read_without_diffusers(tmp_path, cache):
     assert list((cache / "keymaps").glob("*.json"))
     # a fresh process where importing diffusers fails: the maps must come from the cache
     script = (
-        "import sys, json; sys.modules['diffusers'] = None\n"
+        "import json\n"
         "from mergekit_sd.arch.keymap import diffusers_key_maps\n"
         "from mergekit_sd.io.header import read_header\n"
         f"h = read_header({str(path)!r})\n"
         "maps = diffusers_key_maps({k: i.shape for k, i in h.tensors.items()})\n"
         "print(json.dumps({c: {n: [[[s.key, s.start, s.stop] for s in src.segments],"
         " src.transposed] for n, src in m.items()} for c, m in maps.items()}))\n")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": REPO}, timeout=120)
-    assert done.returncode == 0, done.stderr
-    again = json.loads(done.stdout)
+    again = json.loads(run_without_diffusers(script).stdout)
     assert again == {c: {n: [[[s.key, s.start, s.stop] for s in src.segments], src.transposed]
                          for n, src in m.items()} for c, m in derived.items()}
 
@@ -341,7 +350,6 @@ def test_a_lora_for_another_architecture_is_refused_before_any_key_map_is_derive
     base = write_checkpoint(tmp_path / "base.safetensors", "sdxl", dtype="F16")
     lora = write_lora(tmp_path / "l.safetensors", "kohya-sd1")
     script = (
-        "import sys; sys.modules['diffusers'] = None\n"  # deriving maps would fail loudly
         "from pathlib import Path\n"
         "from mergekit_sd.errors import UserError\n"
         "from mergekit_sd.lora.bake import LoraUse, plan_bake\n"
@@ -349,10 +357,7 @@ def test_a_lora_for_another_architecture_is_refused_before_any_key_map_is_derive
         f"    plan_bake(Path({str(base)!r}), [LoraUse('l', Path({str(lora)!r}))], 'o')\n"
         "except UserError as exc:\n"
         "    print(exc)\n")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": REPO,
-                               "MERGEKIT_SD_CACHE": str(tmp_path / "empty")}, timeout=120)
-    assert done.returncode == 0, done.stderr
+    done = run_without_diffusers(script, tmp_path / "empty")
     assert "this LoRA is for" in done.stdout and "pick a LoRA made for" in done.stdout, done.stdout
 
 
@@ -366,7 +371,6 @@ def test_loras_in_the_checkpoints_own_names_bake_without_deriving_key_maps(tmp_p
     base = write_checkpoint(tmp_path / "base.safetensors", LORA_BASES[fmt], dtype="BF16")
     lora = write_lora(tmp_path / "l.safetensors", fmt)
     script = (
-        "import sys; sys.modules['diffusers'] = None\n"  # deriving maps would fail loudly
         "from pathlib import Path\n"
         "from mergekit_sd.lora.bake import LoraUse, plan_bake\n"
         "from mergekit_sd.lora.bake_run import run_bake\n"
@@ -374,10 +378,7 @@ def test_loras_in_the_checkpoints_own_names_bake_without_deriving_key_maps(tmp_p
         f"                 {str(tmp_path / 'lazy' / 'out.safetensors')!r})\n"
         "assert not plan.unmatched, plan.unmatched\n"
         "run_bake(plan)\n")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": REPO,
-                               "MERGEKIT_SD_CACHE": str(tmp_path / "empty")}, timeout=120)
-    assert done.returncode == 0, done.stderr
+    run_without_diffusers(script, tmp_path / "empty")
     run_bake(plan_bake(base, [LoraUse("l", lora, 0.7)], tmp_path / "usual" / "out.safetensors"))
     assert (tmp_path / "lazy" / "out.safetensors").read_bytes() == \
         (tmp_path / "usual" / "out.safetensors").read_bytes()
