@@ -64,8 +64,9 @@ def child_generate(base: str, lora: str) -> None:
 
 def child_copy(base: str, out: str) -> None:
     """The baseline: the file streamed through the same chunked read-ahead and writer the bake
-    uses (reused buffers, reading on a thread while this one writes; fsync, rename)."""
-    from mergekit_sd.io.chunks import ChunkReader, plan_chunks
+    uses (reused buffers, reading on a thread while this one writes, each chunk written from
+    its buffer with O_DIRECT; fsync, rename)."""
+    from mergekit_sd.io.chunks import ChunkReader, landing_in, plan_chunks, write_runs
     from mergekit_sd.io.reader import SafetensorsReader
     from mergekit_sd.io.writer import StreamingWriter, TensorSpec
 
@@ -74,10 +75,10 @@ def child_copy(base: str, out: str) -> None:
         order = sorted(reader.tensors, key=lambda k: reader.tensors[k].start)
         specs = [TensorSpec(k, reader.tensors[k].dtype, reader.tensors[k].shape) for k in order]
         with StreamingWriter(out, specs, reader.metadata) as writer, \
-                ChunkReader(reader, plan_chunks(reader.header, order, set())) as chunks:
+                ChunkReader(reader, plan_chunks(reader.header, order, set()),
+                            landing=landing_in(writer)) as chunks:
             for chunk in chunks:
-                for piece in chunk.pieces:
-                    writer.write_part(piece.key, piece.offset, chunk.bytes_of(piece))
+                write_runs(writer, chunk, chunk.pieces)
                 chunks.release(chunk)
     print(json.dumps({"seconds": time.perf_counter() - start}))
 

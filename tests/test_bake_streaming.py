@@ -17,11 +17,12 @@ from safetensors.torch import load_file
 
 from mergekit_sd.arch import keymap, keymap_cache
 from mergekit_sd.arch.keymap import diffusers_key_maps
-from mergekit_sd.io import hash_cache
-from mergekit_sd.io.chunks import ChunkReader, plan_chunks
+from mergekit_sd.io import direct, hash_cache
+from mergekit_sd.io.chunks import ChunkReader, landing_in, plan_chunks, write_runs
 from mergekit_sd.io.hashing import file_sha256
 from mergekit_sd.io.header import read_header
 from mergekit_sd.io.reader import SafetensorsReader
+from mergekit_sd.io.writer import StreamingWriter, TensorSpec
 from mergekit_sd.lora.bake import LoraUse, apply_loras, plan_bake
 from mergekit_sd.lora.bake_run import run_bake
 from mergekit_sd.testing import write_checkpoint, write_lora
@@ -120,6 +121,39 @@ def test_leaving_the_reader_early_stops_its_thread(tmp_path):
         with reading:
             next(iter(reading))  # never released: the read-ahead thread waits for a buffer
         assert not reading._thread.is_alive()
+
+
+def test_a_copy_through_chunks_is_one_in_place_write_per_chunk(tmp_path, monkeypatch):
+    """Each chunk lands in its buffer at the offset within a block where it goes in the output
+    (whose header is a different length), so the writer sends it out from there: the copy is
+    byte for byte the file, with one write per chunk and nothing large staged."""
+    monkeypatch.setattr(direct, "IN_PLACE_FROM_BYTES", 4 << 10)
+    path = write_checkpoint(tmp_path / "m.safetensors", "sd1", dtype="F16")
+    header = read_header(path)
+    order = file_order(header)
+    size = 64 << 10
+    chunks = plan_chunks(header, order, set(order[::7]), size)
+    runs, in_place, real_run = [], [], StreamingWriter.write_run
+    monkeypatch.setattr(StreamingWriter, "write_run",
+                        lambda self, parts, data: runs.append(parts) or real_run(self, parts, data))
+    real_in_place = direct.DirectAppender._write_in_place
+    monkeypatch.setattr(direct.DirectAppender, "_write_in_place",
+                        lambda self, view: in_place.append(len(view)) or real_in_place(self, view))
+    out = tmp_path / "copy.safetensors"
+    with SafetensorsReader(path) as reader:
+        specs = [TensorSpec(k, header.tensors[k].dtype, header.tensors[k].shape) for k in order]
+        with StreamingWriter(out, specs, {"longer": "metadata" * 3}, direct=True) as writer, \
+                ChunkReader(reader, chunks, size, landing=landing_in(writer)) as reading:
+            for chunk in reading:
+                offset = writer.file_offset(chunk.pieces[0].key, chunk.pieces[0].offset)
+                assert direct.address_of(chunk.view) % direct.BLOCK == offset % direct.BLOCK
+                write_runs(writer, chunk, chunk.pieces)
+                reading.release(chunk)
+    assert len(runs) == len(chunks)
+    got, want = load_file(out), load_file(path)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    if writer.direct_io:  # the file system took O_DIRECT
+        assert sum(in_place) > header.file_size - header.data_start - len(chunks) * 2 * 4096
 
 
 def test_tensors_larger_than_a_chunk_are_held_no_more_than_the_buffers_allow(tmp_path):

@@ -4,6 +4,7 @@ a file system's refusal turns into ordinary writes, and a failed write leaves no
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 
 import pytest
@@ -154,3 +155,62 @@ def test_small_files_are_written_the_ordinary_way(tmp_path):
         assert not w.direct_io  # 1 MB: below DIRECT_FROM_BYTES
         for name, t in ts.items():
             w.write(name, t)
+
+
+# --- buffers written from where they are --------------------------------------------------------
+
+
+def write_from_placed_buffers(path, ts, direct_io):
+    """Each tensor's bytes copied into a page-aligned buffer at the offset within a block at
+    which they go in the file (what `io.chunks` does when it reads), then written from there."""
+    with StreamingWriter(path, specs(ts), {"m": "x"}, direct=direct_io) as w:
+        for name, t in ts.items():
+            raw = t.contiguous().view(torch.uint8).numpy().tobytes()
+            shift = w.file_offset(name) % direct.BLOCK
+            buffer = mmap.mmap(-1, len(raw) + direct.BLOCK)
+            view = memoryview(buffer)[shift:shift + len(raw)]
+            view[:] = raw
+            assert direct.address_of(view) % direct.BLOCK == w.file_offset(name) % direct.BLOCK
+            w.write_part(name, 0, view)
+            del view
+        used = w.direct_io
+    return path.read_bytes(), used
+
+
+@pytest.fixture
+def in_place_writes(monkeypatch):
+    """Appends of 8 KiB and more may go out in place; returns the byte counts written so."""
+    monkeypatch.setattr(direct, "IN_PLACE_FROM_BYTES", 8 << 10)
+    sizes, real = [], direct.DirectAppender._write_in_place
+
+    def counting(self, view):
+        sizes.append(len(view))
+        return real(self, view)
+
+    monkeypatch.setattr(direct.DirectAppender, "_write_in_place", counting)
+    return sizes
+
+
+def test_placed_buffers_are_written_in_place_with_the_same_bytes(tmp_path, in_place_writes):
+    ts = tensors()
+    expected, _ = write(tmp_path / "plain.safetensors", ts, False, metadata={"m": "x"})
+    got, used = write_from_placed_buffers(tmp_path / "direct.safetensors", ts, True)
+    assert got == expected
+    if direct_supported(tmp_path):
+        assert used
+        big = sum(t.numel() * t.element_size() for t in ts.values() if
+                  t.numel() * t.element_size() >= 8 << 10)
+        # all but the partial blocks at either end of each large tensor went out in place
+        assert sum(in_place_writes) > big - 2 * direct.BLOCK * len(in_place_writes) > 0
+
+
+@pytest.mark.parametrize("after", [0, 2])
+def test_a_refused_in_place_write_turns_into_ordinary_writes(tmp_path, monkeypatch, direct_fds,
+                                                             in_place_writes, after):
+    if not direct_supported(tmp_path):
+        pytest.skip("this file system has no O_DIRECT")
+    ts = tensors()
+    expected, _ = write(tmp_path / "plain.safetensors", ts, False, metadata={"m": "x"})
+    failing_direct_writes(monkeypatch, direct_fds, errno.EINVAL, after)
+    got, used = write_from_placed_buffers(tmp_path / "direct.safetensors", ts, True)
+    assert got == expected and not used and in_place_writes

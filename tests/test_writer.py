@@ -146,3 +146,19 @@ def test_a_piece_outside_the_tensor_is_refused(tmp_path):
             StreamingWriter(tmp_path / "o.safetensors", [TensorSpec("x", "F32", (2,))]) as w:
         w.write_part("x", 4, b"\0" * 8)
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_a_run_of_parts_is_written_from_one_buffer_when_they_follow_each_other(tmp_path):
+    path = tmp_path / "run.safetensors"
+    a, b = torch.arange(10, dtype=torch.float32), torch.arange(6, dtype=torch.float16)
+    specs = [TensorSpec("a", "F32", (10,)), TensorSpec("b", "F16", (6,))]
+    raw = a.numpy().tobytes() + b.numpy().tobytes()
+    with StreamingWriter(path, specs) as writer:
+        assert writer.file_offset("b", 2) == writer.file_offset("a") + 42
+        with pytest.raises(ValueError, match="follow"):  # a's last 8 bytes are not in the run
+            writer.write_run([("a", 0, 32), ("b", 0, 12)], raw[:32] + raw[40:])
+        writer.write_run([("a", 8, 32), ("b", 0, 12)], raw[8:])
+        assert writer.missing == {"a"}
+        writer.write_run([("a", 0, 8)], raw[:8])
+    got = load_file(path)
+    assert torch.equal(got["a"], a) and torch.equal(got["b"], b)

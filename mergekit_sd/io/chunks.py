@@ -6,17 +6,25 @@ a fresh buffer per tensor costs a page fault per 4 KiB on top of the copy, and r
 tensor at a time on the compute thread leaves the disk idle while it computes. Chunks fix both:
 a chunk is a run of the file's bytes up to `size` long, cut between tensors or inside a tensor
 the caller only copies, but never inside a tensor the caller asked to see `whole` (one that is
-larger than `size` gets a chunk, and a buffer, of its own).
+larger than `size` gets a chunk of its own, and a pooled buffer grown to fit it).
+
+Each chunk's bytes sit in their page-aligned buffer at the offset within a block at which they
+will be written (`landing`), so that the writer can send them to disk with O_DIRECT straight
+from there (`io.direct`) instead of copying them into its stages.
 """
 
 from __future__ import annotations
 
+import mmap
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from mergekit_sd.io.direct import BLOCK
 from mergekit_sd.io.header import SafetensorsHeader
 from mergekit_sd.io.reader import SafetensorsReader
+from mergekit_sd.io.writer import StreamingWriter
 
 CHUNK_BYTES = 16 << 20
 BUFFERS = 4  # in flight at once: being read, computed on, written and hashed
@@ -37,8 +45,7 @@ class Chunk:
     size: int
     pieces: list[Piece]
     view: memoryview | None = None
-    _buffer: bytearray | None = None
-    _pooled: bytearray | None = None  # the pool's buffer this chunk holds
+    _buffer: mmap.mmap | None = None  # the pool's buffer this chunk holds
 
     def bytes_of(self, piece: Piece) -> memoryview:
         return self.view[piece.at:piece.at + piece.size]
@@ -86,30 +93,37 @@ class ChunkReader:
 
     With a `digest` (hashlib), the read-ahead thread also feeds it every chunk's bytes from
     file offset `digest_from` on, in order, before handing the chunk over: the consumer may
-    then change a chunk in place."""
+    then change a chunk in place.
+
+    `landing(chunk)` is the file offset the chunk's first byte will be written at (by default,
+    where it was read from)."""
 
     def __init__(self, reader: SafetensorsReader, chunks: list[Chunk], size: int = CHUNK_BYTES,
-                 buffers: int = BUFFERS, digest=None, digest_from: int = 0):
+                 buffers: int = BUFFERS, digest=None, digest_from: int = 0,
+                 landing: Callable[[Chunk], int] | None = None):
         self._reader, self._chunks, self._size = reader, chunks, size
         self._digest, self._digest_from = digest, digest_from
+        self._landing = landing or (lambda chunk: chunk.start)
         self._free: queue.Queue = queue.Queue()
         for _ in range(min(buffers, len(chunks))):
-            self._free.put(bytearray(size))
+            self._free.put(mmap.mmap(-1, size + BLOCK))  # room to shift by up to a block
         self._ready: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._fill, name="read-ahead", daemon=True)
 
-    def _buffer_for(self, chunk: Chunk) -> bytearray | None:
-        """A pooled buffer, waiting for one to be released. A tensor larger than a chunk gets
-        a buffer of its own, but still takes a pooled one out while it is in flight, so that
-        no more than `buffers` chunks are ever held."""
+    def _buffer_for(self, chunk: Chunk) -> mmap.mmap | None:
+        """A pooled buffer, waiting for one to be released, so that no more than `buffers`
+        chunks are ever held. One too small for a tensor larger than a chunk is replaced by a
+        larger one, which stays in the pool: fresh memory for every large tensor would cost a
+        page fault per 4 KiB of it."""
         while not self._stop.is_set():
             try:
                 buffer = self._free.get(timeout=0.1)
             except queue.Empty:
                 continue
-            chunk._pooled = buffer
-            return buffer if chunk.size <= len(buffer) else bytearray(chunk.size)
+            if len(buffer) < chunk.size + BLOCK:
+                buffer = mmap.mmap(-1, chunk.size + BLOCK)  # the smaller one goes when unused
+            return buffer
         return None
 
     def _fill(self) -> None:
@@ -119,7 +133,8 @@ class ChunkReader:
                 if buffer is None:
                     return
                 chunk._buffer = buffer
-                chunk.view = memoryview(buffer)[:chunk.size]
+                shift = self._landing(chunk) % BLOCK
+                chunk.view = memoryview(buffer)[shift:shift + chunk.size]
                 self._reader.read_at(chunk.start, chunk.view)
                 skip = self._digest_from - chunk.start
                 if self._digest is not None and skip < chunk.size:
@@ -136,9 +151,9 @@ class ChunkReader:
             yield item
 
     def release(self, chunk: Chunk) -> None:
-        pooled, chunk._pooled, chunk._buffer, chunk.view = chunk._pooled, None, None, None
-        if pooled is not None:
-            self._free.put(pooled)
+        buffer, chunk._buffer, chunk.view = chunk._buffer, None, None
+        if buffer is not None:
+            self._free.put(buffer)
 
     def __enter__(self) -> ChunkReader:
         self._thread.start()
@@ -147,3 +162,28 @@ class ChunkReader:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def landing_in(writer: StreamingWriter) -> Callable[[Chunk], int]:
+    """`ChunkReader`'s `landing` for chunks written to `writer` as they were read."""
+    return lambda chunk: writer.file_offset(chunk.pieces[0].key, chunk.pieces[0].offset)
+
+
+def write_runs(writer: StreamingWriter, chunk: Chunk, pieces: list[Piece]) -> None:
+    """Write `pieces` of `chunk` from its buffer, one write per run of pieces that lie end to
+    end both there and in the output file (a chunk copied whole is one write)."""
+    run: list[Piece] = []
+
+    def flush() -> None:
+        if run:
+            start, end = run[0].at, run[-1].at + run[-1].size
+            writer.write_run([(p.key, p.offset, p.size) for p in run], chunk.view[start:end])
+            run.clear()
+
+    for piece in pieces:
+        if run and not (piece.at == run[-1].at + run[-1].size and
+                        writer.file_offset(piece.key, piece.offset) ==
+                        writer.file_offset(run[-1].key, run[-1].offset) + run[-1].size):
+            flush()
+        run.append(piece)
+    flush()

@@ -9,12 +9,16 @@ soon, so caching them would also evict the models being read.
 O_DIRECT needs the memory, the file offset and the length aligned to the device's block, so the
 bytes are gathered into page-aligned stage buffers and a thread writes each full one while the
 next fills. The last stage is written padded to a whole block; the caller truncates the file
-back to its size. A file system that refuses direct writes (EINVAL) gets ordinary writes from
-then on: the result is the same file.
+back to its size. A large buffer that already sits in memory as its bytes will sit in the file
+(its address and its file offset equal modulo the block; `io.chunks` reads so) is written from
+where it is, only its unaligned ends staged: copying gigabytes into stages costs a core. A file
+system that refuses direct writes (EINVAL) gets ordinary writes from then on: the result is the
+same file.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import mmap
 import os
@@ -27,6 +31,15 @@ BLOCK = 4096  # alignment of offsets and lengths (every common device's block di
 STAGE_BYTES = 4 << 20
 STAGES = 3  # one filling, the others queued or being written
 DIRECT_FROM_BYTES = 64 << 20  # smaller files gain nothing worth a thread
+IN_PLACE_FROM_BYTES = 256 << 10  # smaller appends are copied: a syscall each costs more
+
+
+def address_of(view: memoryview) -> int | None:
+    """Where a writable buffer's first byte is in memory (None for a read-only one)."""
+    try:
+        return ctypes.addressof(ctypes.c_char.from_buffer(view))
+    except (TypeError, ValueError):
+        return None
 
 
 def pwrite_all(fd: int, view: memoryview, offset: int) -> None:
@@ -70,6 +83,16 @@ class DirectAppender:
 
     def append(self, data) -> None:
         view = memoryview(data).cast("B")
+        address = address_of(view) if self.direct and len(view) >= IN_PLACE_FROM_BYTES else None
+        if address is not None and address % BLOCK == self.position % BLOCK:
+            head = -self.position % BLOCK
+            middle = (len(view) - head) // BLOCK * BLOCK
+            self._stage(view[:head])  # the staged bytes now end on a block boundary
+            self._write_in_place(view[head:head + middle])
+            view = view[head + middle:]
+        self._stage(view)
+
+    def _stage(self, view: memoryview) -> None:
         while len(view):
             take = min(len(view), self._stage_bytes - self._fill)
             self._current[self._fill:self._fill + take] = view[:take]
@@ -78,6 +101,18 @@ class DirectAppender:
             self.position += take
             if self._fill == self._stage_bytes:
                 self._hand_over()
+
+    def _write_in_place(self, view: memoryview) -> None:
+        """Write whole blocks from the caller's memory, on the caller's thread, while the
+        writing thread writes the stages before them (other blocks of the file)."""
+        if self._fill:
+            self._hand_over()
+        elif self._error is not None:
+            raise self._error
+        offset = self._handed
+        self._handed += len(view)
+        self.position += len(view)
+        self._write(view, offset, len(view))
 
     def _hand_over(self) -> None:
         if self._error is not None:

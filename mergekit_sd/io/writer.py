@@ -169,17 +169,37 @@ class StreamingWriter:
         """Write bytes of tensor `name` starting `offset` bytes into it, so a tensor larger than
         the memory one wants to spend can be written in pieces. Pieces must not overlap; the
         tensor counts as written once all its bytes have arrived."""
-        spec = self._spec(name)
-        size = memoryview(data).nbytes
-        if name not in self._pending:
-            raise ValueError(f"tensor {name!r} was already written")
-        if offset < 0 or offset + size > spec.nbytes:
-            raise ValueError(f"{name}: bytes {offset}..{offset + size} fall outside its "
-                             f"{spec.nbytes} bytes")
-        self._write_at(data, self._data_start + self._offsets[name][0] + offset)
-        self._remaining[name] -= size
-        if self._remaining[name] <= 0:
-            self._pending.discard(name)
+        self.write_run([(name, offset, memoryview(data).nbytes)], data)
+
+    def write_run(self, parts: list[tuple[str, int, int]], data) -> None:
+        """Write, from one buffer and with one write, parts of tensors that lie end to end in
+        the file: `parts` are (name, offset into the tensor, size) in file order (a chunk read
+        whole, `io.chunks`)."""
+        position = None
+        for name, offset, size in parts:
+            spec = self._spec(name)
+            if name not in self._pending:
+                raise ValueError(f"tensor {name!r} was already written")
+            if offset < 0 or offset + size > spec.nbytes:
+                raise ValueError(f"{name}: bytes {offset}..{offset + size} fall outside its "
+                                 f"{spec.nbytes} bytes")
+            if position is not None and self.file_offset(name, offset) != position:
+                raise ValueError(f"{name}: bytes {offset}.. do not follow the part before")
+            position = self.file_offset(name, offset) + size
+        total = sum(size for _, _, size in parts)
+        if memoryview(data).nbytes != total:
+            raise ValueError(f"got {memoryview(data).nbytes} bytes for parts of {total}")
+        if total:
+            self._write_at(data, self.file_offset(parts[0][0], parts[0][1]))
+        for name, _, size in parts:
+            self._remaining[name] -= size
+            if self._remaining[name] <= 0:
+                self._pending.discard(name)
+
+    def file_offset(self, name: str, offset: int = 0) -> int:
+        """Where byte `offset` of tensor `name` goes in the file."""
+        self._spec(name)
+        return self._data_start + self._offsets[name][0] + offset
 
     def _spec(self, name: str) -> TensorSpec:
         spec = self.specs.get(name)

@@ -16,7 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
-from mergekit_sd.io.chunks import Chunk, ChunkReader, Piece, plan_chunks
+from mergekit_sd.io.chunks import Chunk, ChunkReader, Piece, landing_in, plan_chunks, write_runs
 from mergekit_sd.io.dtypes import torch_dtype
 from mergekit_sd.io.hash_cache import identity, known_sha256, remember_sha256
 from mergekit_sd.io.hashing import file_sha256
@@ -137,11 +137,17 @@ class _BaseHash:
 
 def _write_chunk(writer: StreamingWriter, results: list[tuple[Piece, object]], release,
                  chunk: Chunk) -> None:
+    """Write a baked chunk: the pieces left in its buffer in runs (`write_runs`), tensors of
+    another dtype one by one."""
+    in_buffer: list[Piece] = []
     for piece, result in results:
         if isinstance(result, memoryview):
-            writer.write_part(piece.key, piece.offset, result)
-        else:
-            writer.write(piece.key, result)
+            in_buffer.append(piece)
+            continue
+        write_runs(writer, chunk, in_buffer)
+        in_buffer.clear()
+        writer.write(piece.key, result)
+    write_runs(writer, chunk, in_buffer)
     results.clear()
     release(chunk)
 
@@ -181,7 +187,8 @@ def _stream(plan: BakePlan, progress: ProgressCallback, cancel: CancelToken) -> 
             StreamingWriter(plan.output, specs, bake_metadata(plan, "~" * 64)) as writer:
         bake = _Baker(plan, writer.specs, changed)
         digest, start = hashing.rest_from(reader)
-        with ChunkReader(reader, chunks, digest=digest, digest_from=start) as chunk_reader, \
+        with ChunkReader(reader, chunks, digest=digest, digest_from=start,
+                         landing=landing_in(writer)) as chunk_reader, \
                 ThreadPoolExecutor(max_workers=1, thread_name_prefix="write") as write_thread:
             _bake_chunks(chunk_reader, bake, writer, write_thread, infos, progress, cancel)
         sha = known.lower() if known else hashing.result()
