@@ -87,8 +87,8 @@ def bake(
 ) -> None:
     """Bake LoRAs into a checkpoint in one streaming pass; every module lands or is listed."""
     from mergekit_sd.cli_progress import rich_progress
-    from mergekit_sd.lora.bake import LoraUse, plan_bake
-    from mergekit_sd.lora.bake_run import run_bake
+    from mergekit_sd.lora.bake import LoraUse, load_loras, prepare_bake
+    from mergekit_sd.lora.bake_run import BakeStream
 
     if len(blocks) > 1 and len(blocks) != len(loras):
         raise UserError(f"--blocks given {len(blocks)} times for {len(loras)} LoRAs; give it "
@@ -104,15 +104,18 @@ def bake(
         spec = blocks[i] if len(blocks) > 1 else (blocks[0] if blocks else None)
         uses.append(LoraUse(ref, path, strength, te if te is not None else te_strength, spec,
                             sha))
-    plan = plan_bake(base_path, uses, output, dtype, known_sha256=base_sha)
-    if plan.unmatched:
-        show_unmatched(plan.unmatched)
-        if not allow_unmatched:
-            raise WorkFailed(f"{plan.unmatched_count} LoRA modules name no weight of "
-                             f"{base_path.name}; nothing written (pass --allow-unmatched to bake "
-                             "the rest)")
-    with rich_progress() as progress:
-        written = run_bake(plan, progress)
+    plan = prepare_bake(base_path, uses, output, dtype, known_sha256=base_sha)
+    # the output begins (tensors no LoRA names) while the LoRAs load and torch is imported
+    with BakeStream(plan) as stream:
+        load_loras(plan)
+        if plan.unmatched:
+            show_unmatched(plan.unmatched)
+            if not allow_unmatched:
+                raise WorkFailed(f"{plan.unmatched_count} LoRA modules name no weight of "
+                                 f"{base_path.name}; nothing written (pass --allow-unmatched "
+                                 "to bake the rest)")
+        with rich_progress() as progress:
+            written = stream.finish(progress)
     typer.echo(f"baked {len(uses)} LoRA{'s' if len(uses) != 1 else ''} into {base_path.name}: "
                f"{plan.changed_keys()} tensors changed → {written}")
 

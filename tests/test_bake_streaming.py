@@ -83,44 +83,19 @@ def test_chunks_cover_every_byte_once_and_never_split_a_whole_tensor(tmp_path):
     assert any(p.offset for c in chunks for p in c.pieces)  # copy-only tensors were cut
 
 
-def test_the_chunk_reader_gives_the_files_bytes_and_hash_with_few_buffers(tmp_path):
+def test_the_chunk_reader_gives_the_files_bytes_with_few_buffers(tmp_path):
     path = write_checkpoint(tmp_path / "m.safetensors", "sd1", dtype="F16")
     header = read_header(path)
-    order = file_order(header)
-    chunks = plan_chunks(header, order, set(), 16 << 10)
+    chunks = plan_chunks(header, file_order(header), set(), 16 << 10)
     data = path.read_bytes()
-    digest = hashlib.sha256(data[:header.data_start])
     buffers = set()
     with SafetensorsReader(path) as reader, \
-            ChunkReader(reader, chunks, 16 << 10, buffers=3, digest=digest) as reading:
+            ChunkReader(reader, chunks, 16 << 10, buffers=3) as reading:
         for chunk in reading:
             assert bytes(chunk.view) == data[chunk.start:chunk.start + chunk.size]
             buffers.add(id(chunk._buffer))
             reading.release(chunk)
     assert len(chunks) > 20 and len(buffers) == 3
-    assert digest.hexdigest() == hashlib.sha256(data).hexdigest()
-
-
-def test_a_file_that_shrinks_under_the_reader_is_an_error_not_a_hang(tmp_path):
-    path = write_checkpoint(tmp_path / "m.safetensors", "sd1", dtype="F16")
-    header = read_header(path)
-    chunks = plan_chunks(header, file_order(header), set(), 64 << 10)
-    with SafetensorsReader(path) as reader:
-        os.truncate(path, header.data_start + 100_000)
-        with pytest.raises(OSError, match="ended"), ChunkReader(reader, chunks, 64 << 10) as r:
-            for chunk in r:
-                r.release(chunk)
-
-
-def test_leaving_the_reader_early_stops_its_thread(tmp_path):
-    path = write_checkpoint(tmp_path / "m.safetensors", "sd1", dtype="F16")
-    header = read_header(path)
-    chunks = plan_chunks(header, file_order(header), set(), 64 << 10)
-    with SafetensorsReader(path) as reader:
-        reading = ChunkReader(reader, chunks, 64 << 10, buffers=2)
-        with reading:
-            next(iter(reading))  # never released: the read-ahead thread waits for a buffer
-        assert not reading._thread.is_alive()
 
 
 def test_a_copy_through_chunks_is_one_in_place_write_per_chunk(tmp_path, monkeypatch):
@@ -307,77 +282,76 @@ def test_an_unwritable_cache_folder_only_costs_time(tmp_path, monkeypatch, later
 
 def test_a_bake_hashes_the_base_once_and_the_next_bake_not_at_all(tmp_path, cache, later,
                                                                    monkeypatch):
-    from mergekit_sd.lora import bake_run
+    from mergekit_sd.lora import bake
 
     base = write_checkpoint(tmp_path / "base.safetensors", "sd1", dtype="F16")
     lora = write_lora(tmp_path / "l.safetensors", "kohya-sd1")
-    run_bake(plan_bake(base, [LoraUse("l", lora)], tmp_path / "one.safetensors"))
+    one = run_bake(plan_bake(base, [LoraUse("l", lora)], tmp_path / "one" / "out.safetensors"))
     assert hash_cache.known_sha256(base) == hashlib.sha256(base.read_bytes()).hexdigest()
 
-    class NoHashing:
-        def __init__(self):
-            pytest.fail("the base was hashed again")
+    def no_hashing(path):
+        pytest.fail("the base was hashed again")
 
-    monkeypatch.setattr(bake_run, "hashlib", SimpleNamespace(sha256=NoHashing))
-    out = run_bake(plan_bake(base, [LoraUse("l", lora)], tmp_path / "two.safetensors"))
-    assert (tmp_path / "one.safetensors").read_bytes() != b""
-    recipe = json.loads(read_header(out).metadata["mergekit_sd.recipe"])
+    monkeypatch.setattr(bake, "BackgroundSha256", no_hashing)
+    two = run_bake(plan_bake(base, [LoraUse("l", lora)], tmp_path / "two" / "out.safetensors"))
+    recipe = json.loads(read_header(two).metadata["mergekit_sd.recipe"])
     assert recipe["models"]["base"]["sha256"] == hash_cache.known_sha256(base)
+    # the same bytes, whether the base's hash had to be computed or was remembered
+    assert json.loads(read_header(one).metadata["mergekit_sd.recipe"]) == recipe
+    assert one.read_bytes() == two.read_bytes()
 
 
-@pytest.mark.parametrize("stop_at", ["in the header", "in the data", "never"])
-def test_a_hash_begun_while_planning_is_finished_from_the_streamed_bytes(tmp_path, cache,
-                                                                         later, monkeypatch,
-                                                                         stop_at):
-    from mergekit_sd.io import hashing
-    from mergekit_sd.lora import bake
-
-    base = write_checkpoint(tmp_path / "base.safetensors", "sd1", dtype="F16")
-    lora = write_lora(tmp_path / "l.safetensors", "kohya-sd1")
-    header = read_header(base)
-    limit = {"in the header": header.data_start // 2, "in the data": header.data_start + 5000,
-             "never": header.file_size}[stop_at]
-
-    class Partial(hashing.PrefixHasher):
-        """Covers `limit` bytes, as a hash-ahead that planning outran would."""
-
-        def _run(self):
-            with open(self.path, "rb") as f:
-                data = f.read(limit)
-            self.digest.update(data)
-            self.position = len(data)
-
-    monkeypatch.setattr(bake, "PrefixHasher", Partial)
-    plan = plan_bake(base, [LoraUse("l", lora)], tmp_path / "out.safetensors")
-    assert isinstance(plan.hash_ahead, Partial)
-    out = run_bake(plan)
-    expected = hashlib.sha256(base.read_bytes()).hexdigest()
-    recipe = json.loads(read_header(out).metadata["mergekit_sd.recipe"])
-    assert recipe["models"]["base"]["sha256"] == expected
-    assert hash_cache.known_sha256(base) == expected
-
-
-def test_a_plan_that_fails_stops_its_hash_ahead(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fails", ["planning", "loading", "streaming"])
+def test_a_bake_that_fails_stops_hashing_the_base(tmp_path, monkeypatch, fails):
     from mergekit_sd.errors import UserError
-    from mergekit_sd.lora import bake
+    from mergekit_sd.lora import bake, bake_run
 
     started = []
 
-    class Recorded(bake.PrefixHasher):
+    class Recorded(bake.BackgroundSha256):
         def __init__(self, path):
             super().__init__(path)
             started.append(self)
 
-    def no_index(*args):
-        raise UserError("planning failed")
+    def failing(*args, **kwargs):
+        raise UserError(f"{fails} failed")
 
-    monkeypatch.setattr(bake, "PrefixHasher", Recorded)
-    monkeypatch.setattr(bake, "TargetIndex", no_index)
+    monkeypatch.setattr(bake, "BackgroundSha256", Recorded)
+    monkeypatch.setattr(*{"planning": (bake, "TargetIndex"), "loading": (bake, "match_loras"),
+                          "streaming": (bake_run, "_bake_chunks")}[fails], failing)
     base = write_checkpoint(tmp_path / "base.safetensors", "sd1", dtype="F16")
     lora = write_lora(tmp_path / "l.safetensors", "kohya-sd1")
-    with pytest.raises(UserError, match="planning failed"):
-        plan_bake(base, [LoraUse("l", lora)], tmp_path / "out.safetensors")
+    with pytest.raises(UserError, match=f"{fails} failed"):
+        run_bake(plan_bake(base, [LoraUse("l", lora)], tmp_path / "out.safetensors"))
     assert started and not started[0]._thread.is_alive()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.safetensors", "l.safetensors"]
+
+
+def test_the_output_begins_before_the_loras_are_loaded_and_torch_imported(tmp_path, cache):
+    """`prepare_bake` reads headers only; `BakeStream` then copies the tensors no LoRA names
+    (laid first in the output) with torch not yet imported. The result is an ordinary bake."""
+    base = write_checkpoint(tmp_path / "base.safetensors", "sdxl", dtype="F16")
+    lora = write_lora(tmp_path / "l.safetensors", "kohya-sdxl", rank=4)
+    plan = plan_bake(base, [LoraUse("l", lora, 0.6)], tmp_path / "usual" / "out.safetensors")
+    untouched = [k for k in file_order(plan.header) if k not in plan.touched]
+    touched = [k for k in file_order(plan.header) if k in plan.touched]
+    assert untouched and touched and set(touched) == plan.weights.keys() | plan.biases.keys()
+    usual = run_bake(plan)
+    assert file_order(read_header(usual)) == untouched + touched
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from mergekit_sd.lora.bake import LoraUse, load_loras, prepare_bake\n"
+        "from mergekit_sd.lora.bake_run import BakeStream\n"
+        f"plan = prepare_bake(Path({str(base)!r}), [LoraUse('l', Path({str(lora)!r}), 0.6)],\n"
+        f"                    {str(tmp_path / 'early' / 'out.safetensors')!r})\n"
+        "with BakeStream(plan) as stream:\n"
+        "    stream._thread.join()\n"
+        "    assert 'torch' not in sys.modules\n"
+        "    load_loras(plan)\n"
+        "    stream.finish()\n")
+    run_without_diffusers(script, cache)  # the key maps the first bake derived are cached
+    assert (tmp_path / "early" / "out.safetensors").read_bytes() == usual.read_bytes()
 
 
 def test_a_lora_for_another_architecture_is_refused_before_any_key_map_is_derived(tmp_path):

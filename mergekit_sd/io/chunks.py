@@ -27,7 +27,7 @@ from mergekit_sd.io.reader import SafetensorsReader
 from mergekit_sd.io.writer import StreamingWriter
 
 CHUNK_BYTES = 16 << 20
-BUFFERS = 4  # in flight at once: being read, computed on, written and hashed
+BUFFERS = 4  # in flight at once: being read, computed on and written
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,18 +91,12 @@ class ChunkReader:
     """Iterate over `chunks` filled with their bytes; `release(chunk)` (from any thread) when
     done with one, so its buffer can take a later chunk. Use as a context manager.
 
-    With a `digest` (hashlib), the read-ahead thread also feeds it every chunk's bytes from
-    file offset `digest_from` on, in order, before handing the chunk over: the consumer may
-    then change a chunk in place.
-
     `landing(chunk)` is the file offset the chunk's first byte will be written at (by default,
     where it was read from)."""
 
     def __init__(self, reader: SafetensorsReader, chunks: list[Chunk], size: int = CHUNK_BYTES,
-                 buffers: int = BUFFERS, digest=None, digest_from: int = 0,
-                 landing: Callable[[Chunk], int] | None = None):
+                 buffers: int = BUFFERS, landing: Callable[[Chunk], int] | None = None):
         self._reader, self._chunks, self._size = reader, chunks, size
-        self._digest, self._digest_from = digest, digest_from
         self._landing = landing or (lambda chunk: chunk.start)
         self._free: queue.Queue = queue.Queue()
         for _ in range(min(buffers, len(chunks))):
@@ -136,9 +130,6 @@ class ChunkReader:
                 shift = self._landing(chunk) % BLOCK
                 chunk.view = memoryview(buffer)[shift:shift + chunk.size]
                 self._reader.read_at(chunk.start, chunk.view)
-                skip = self._digest_from - chunk.start
-                if self._digest is not None and skip < chunk.size:
-                    self._digest.update(chunk.view[max(skip, 0):])
                 self._ready.put(chunk)
         except BaseException as exc:  # handed to the consumer, which raises it
             self._ready.put(exc)

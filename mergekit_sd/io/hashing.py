@@ -44,23 +44,20 @@ def legacy_model_hash(path: str | os.PathLike) -> str:
         return hashlib.sha256(f.read(LEGACY_HASH_LENGTH)).hexdigest()[:8]
 
 
-class PrefixHasher:
-    """Hashes a file from its first byte on a background thread until `stop()`, which hands
-    over the SHA256 state and how many bytes it covers, so the caller can feed it the rest as
-    it reads the file anyway. Started while other work holds the GIL (planning a bake imports
-    diffusers and derives key maps), it uses an otherwise idle core without reading the whole
-    file a second time."""
+class BackgroundSha256:
+    """A file's SHA256, computed on a thread while other work goes on (a bake plans and writes
+    meanwhile: hashing a 7 GB checkpoint takes four seconds of a core, which the other core
+    hides). `result()` waits for it and remembers it (`hash_cache`); `stop()` abandons it."""
 
     def __init__(self, path: str | os.PathLike, block: int = CHUNK):
         import threading
 
         self.path, self.block = Path(path), block
         self.before = identity(path)  # for `remember_sha256` once the hash is finished
-        self.digest = hashlib.sha256()
-        self.position = 0
         self.error: BaseException | None = None
+        self._digest = hashlib.sha256()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="hash-ahead", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="hash", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
@@ -69,15 +66,20 @@ class PrefixHasher:
             view = memoryview(buffer)
             with open(self.path, "rb", buffering=0) as f:
                 while not self._stop.is_set() and (n := f.readinto(buffer)):
-                    self.digest.update(view[:n])
-                    self.position += n
-        except OSError as exc:  # the streaming pass reads the file too and will say why
+                    self._digest.update(view[:n])  # releases the GIL for large updates
+        except OSError as exc:
             self.error = exc
 
-    def stop(self):
-        """(hashlib state, bytes of the file it covers), the thread finished."""
-        self._stop.set()
+    def result(self) -> str:
         self._thread.join()
         if self.error is not None:
-            return hashlib.sha256(), 0
-        return self.digest, self.position
+            raise self.error
+        if self._stop.is_set():
+            raise RuntimeError("the hash was stopped before it finished")
+        sha = self._digest.hexdigest()
+        remember_sha256(self.path, sha, self.before)
+        return sha
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()

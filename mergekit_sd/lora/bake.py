@@ -2,6 +2,9 @@
 
 `plan_bake` reads headers and the (small) LoRAs, and decides for every LoRA module which
 checkpoint weight it changes; modules that land nowhere are reported, never skipped silently.
+It runs in two steps: `prepare_bake`, from the files' headers alone (no torch), finds the
+weights the LoRAs name, so that the output can begin (`bake_run.BakeStream`) while
+`load_loras` loads them.
 `apply_loras` adds every module aimed at a weight (several LoRAs in the same pass) to it in
 fp32, and `bake_metadata` says what was baked in. `bake_run.run_bake` streams the checkpoint
 once through them.
@@ -19,14 +22,15 @@ from mergekit_sd.arch.architectures import ARCHITECTURES, Architecture
 from mergekit_sd.arch.identify import Identification, identify
 from mergekit_sd.errors import BadModelFile, UserError
 from mergekit_sd.io.hash_cache import known_sha256 as remembered_sha256
-from mergekit_sd.io.hashing import PrefixHasher, file_sha256
+from mergekit_sd.io.hashing import BackgroundSha256, file_sha256
 from mergekit_sd.io.header import SafetensorsHeader, read_header
 from mergekit_sd.lora.deltas import DeltaShapeError, apply_dora, module_delta
-from mergekit_sd.lora.modules import LoraFile, LoraModule, load_lora
+from mergekit_sd.lora.modules import LoraFile, LoraModule, group_modules, load_lora
 from mergekit_sd.lora.strengths import BlockSpec, block_strengths
 from mergekit_sd.lora.targets import DIFFUSION, Target, TargetIndex, Unmatched
 
 OUTPUT_DTYPES = {"keep": None, "fp32": "F32", "fp16": "F16", "bf16": "BF16"}
+UNKNOWN_SHA256 = "~" * 64  # in the metadata written first, until the hash is known
 _FLOATS = ("F64", "F32", "F16", "BF16")
 
 
@@ -64,7 +68,15 @@ class BakePlan:
     unmatched: list[Unmatched] = field(default_factory=list)
     known_sha256: str | None = None
     lora_sha256s: list[str] = field(default_factory=list)
-    hash_ahead: PrefixHasher | None = None  # hashing the base while the plan is made
+    base_hash: BackgroundSha256 | None = None  # hashing the base meanwhile, when not known
+    index: TargetIndex | None = None
+    touched: set[str] = field(default_factory=set)  # keys some LoRA module names
+
+    def stop(self) -> None:
+        """Stop the work it runs in the background (the base's hash): the bake is not going
+        ahead."""
+        if self.base_hash is not None:
+            self.base_hash.stop()
 
     @property
     def unmatched_count(self) -> int:
@@ -97,33 +109,56 @@ def _check_lora(use: LoraUse, found: Identification, arch: Architecture) -> None
 
 
 def plan_bake(base: str | Path, uses: list[LoraUse], output: str | Path, dtype: str = "keep",
-              known_sha256: str | None = None, hash_ahead: bool = True) -> BakePlan:
-    """Check the inputs and aim every LoRA module at its weight. Unless the base's SHA256 is
-    known (given, or remembered), it starts being hashed now, on another core, while the key
-    maps are derived (`hash_ahead`); `bake_run.run_bake` finishes it from the bytes it
-    streams."""
+              known_sha256: str | None = None) -> BakePlan:
+    """Check the inputs and aim every LoRA module at its weight (`prepare_bake`, then
+    `load_loras`)."""
+    plan = prepare_bake(base, uses, output, dtype, known_sha256)
+    try:
+        load_loras(plan)
+    except BaseException:
+        plan.stop()
+        raise
+    return plan
+
+
+def prepare_bake(base: str | Path, uses: list[LoraUse], output: str | Path,
+                 dtype: str = "keep", known_sha256: str | None = None) -> BakePlan:
+    """The plan as far as the files' headers tell it: the base and the LoRAs checked, and the
+    weights the LoRAs' modules name (`touched`). Unless the base's SHA256 is known (given, or
+    remembered), it starts being hashed now, on another core (`base_hash`)."""
     base = Path(base)
     if dtype not in OUTPUT_DTYPES:
         raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(OUTPUT_DTYPES)}")
     header = read_header(base)
     arch = _check_base(base, identify(header))
-    for use in uses:  # before the key maps, which may take seconds to derive
-        _check_lora(use, identify(read_header(use.path)), arch)
+    lora_headers = [read_header(use.path) for use in uses]
+    for use, lora_header in zip(uses, lora_headers, strict=True):  # before the key maps
+        _check_lora(use, identify(lora_header), arch)
     plan = BakePlan(base, header, arch, uses, [], Path(output), dtype, known_sha256=known_sha256)
-    if hash_ahead and not known_sha256 and not remembered_sha256(base):
-        plan.hash_ahead = PrefixHasher(base)
+    if not known_sha256 and not remembered_sha256(base):
+        plan.base_hash = BackgroundSha256(base)
     try:
         shapes = {k: info.shape for k, info in header.tensors.items()}
-        index = TargetIndex(shapes, arch, _diffusion_prefix(header))
-        plan.files, plan.weights, plan.biases, plan.unmatched = match_loras(
-            index, arch, uses, base.name)
-        plan.lora_sha256s = [u.sha256.lower() if u.sha256 else file_sha256(u.path)
-                             for u in uses]
+        plan.index = TargetIndex(shapes, arch, _diffusion_prefix(header))
+        for lora_header in lora_headers:
+            for name, roles in group_modules(lora_header)[0].items():
+                target = plan.index.find(name)
+                if target is not None:
+                    plan.touched.add(target.key)
+                    if "diff_b" in roles and target.bias:
+                        plan.touched.add(target.bias)
     except BaseException:
-        if plan.hash_ahead is not None:
-            plan.hash_ahead.stop()
+        plan.stop()
         raise
     return plan
+
+
+def load_loras(plan: BakePlan) -> None:
+    """Load the LoRAs and aim every module at its weight; their SHA256s for the provenance."""
+    plan.files, plan.weights, plan.biases, plan.unmatched = match_loras(
+        plan.index, plan.arch, plan.uses, plan.base.name)
+    plan.lora_sha256s = [u.sha256.lower() if u.sha256 else file_sha256(u.path)
+                         for u in plan.uses]
 
 
 def match_loras(index: TargetIndex, arch: Architecture, uses: list[LoraUse], base_name: str):
@@ -220,7 +255,7 @@ def bake_metadata(plan: BakePlan, base_sha256: str) -> dict[str, str]:
         if use.blocks not in (None, ""):
             entry["blocks"] = use.blocks
         loras.append(entry)
-    shas = [base_sha256, *plan.lora_sha256s]
+    shas = [base_sha256, *(plan.lora_sha256s or [UNKNOWN_SHA256] * len(plan.uses))]
     refs = [str(plan.base), *(u.ref for u in plan.uses)]
     recipe = {
         "version": 1,

@@ -1,16 +1,20 @@
-"""Write a planned bake: one streaming pass over the base checkpoint, on three threads.
+"""Write a planned bake: one streaming pass over the base checkpoint.
 
-The file is read ahead in large chunks into reused buffers (`io.chunks`) by a thread that also
-feeds the base's SHA256 (for the provenance) from the very same bytes, so the base is read
-exactly once. This thread then adds the LoRA deltas to the weights they change, in the read
-buffer itself (see `_Baker`), and a writer thread writes each chunk from that buffer. Reading
-and hashing, computing, and writing overlap; no memory is allocated per tensor.
+The output lays out first the tensors no LoRA names, then the rest, each part in the base's
+order. The first part is a plain copy, so it needs neither torch nor the LoRAs: `BakeStream`
+writes it on a thread as soon as `prepare_bake` has read the headers, while the main thread
+loads the LoRAs (and imports torch, most of a second). `finish` then bakes the rest: the file
+is read ahead in large chunks into reused buffers (`io.chunks`), the LoRA deltas are added to
+the weights in the read buffer itself (see `_Baker`), and a writer thread writes each chunk
+from that buffer. Reading, computing and writing overlap; no memory is allocated per tensor.
+The layout depends only on the inputs, so the same bake always gives the same bytes.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
+import threading
+import traceback
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -18,12 +22,18 @@ from pathlib import Path
 
 from mergekit_sd.io.chunks import Chunk, ChunkReader, Piece, landing_in, plan_chunks, write_runs
 from mergekit_sd.io.dtypes import torch_dtype
-from mergekit_sd.io.hash_cache import identity, known_sha256, remember_sha256
-from mergekit_sd.io.hashing import file_sha256
-from mergekit_sd.io.header import SafetensorsHeader, TensorInfo
+from mergekit_sd.io.hash_cache import known_sha256
+from mergekit_sd.io.header import TensorInfo
 from mergekit_sd.io.reader import SafetensorsReader
 from mergekit_sd.io.writer import StreamingWriter, TensorSpec
-from mergekit_sd.lora.bake import OUTPUT_DTYPES, BakePlan, apply_loras, bake_metadata, exact_in
+from mergekit_sd.lora.bake import (
+    OUTPUT_DTYPES,
+    UNKNOWN_SHA256,
+    BakePlan,
+    apply_loras,
+    bake_metadata,
+    exact_in,
+)
 from mergekit_sd.progress import CancelToken, ProgressCallback, no_progress
 
 _FLOATS = ("F64", "F32", "F16", "BF16")
@@ -33,18 +43,6 @@ WRITE_BEHIND = 2  # chunks handed to the writer and not yet written
 def _out_dtype(plan: BakePlan, dtype: str) -> str:
     wanted = OUTPUT_DTYPES[plan.dtype]
     return wanted if wanted and dtype in _FLOATS else dtype
-
-
-def _contiguous(header: SafetensorsHeader, order: list[str]) -> bool:
-    """Whether the tensors' bytes, in file order, are the whole file after the header (then
-    hashing them as they stream by gives the file's SHA256)."""
-    position = header.data_start
-    for key in order:
-        info = header.tensors[key]
-        if info.start != position:
-            return False
-        position = info.end
-    return position == header.file_size
 
 
 class _Baker:
@@ -100,41 +98,6 @@ class _Baker:
         return tensor.to(torch_dtype(spec.dtype), copy=True)
 
 
-class _BaseHash:
-    """The base's SHA256 for the provenance: known already, or finished from the bytes the
-    bake streams, after what planning's hash-ahead thread (`PrefixHasher`) covered."""
-
-    def __init__(self, plan: BakePlan, known: str | None, contiguous: bool):
-        self.plan, self.digest, self.position = plan, None, 0
-        self.before = identity(plan.base)
-        if plan.hash_ahead is not None:
-            state, covered = plan.hash_ahead.stop()
-            self.before = plan.hash_ahead.before
-            if covered == plan.header.file_size or (contiguous and not known):
-                self.digest, self.position = state, covered
-        elif contiguous and not known:
-            self.digest = hashlib.sha256()
-
-    def rest_from(self, reader: SafetensorsReader):
-        """(digest, file offset) for the chunk reader to go on from; None when complete."""
-        if self.digest is None or self.position == self.plan.header.file_size:
-            return None, 0
-        data_start = self.plan.header.data_start
-        if self.position < data_start:  # the header, which no chunk holds
-            head = bytearray(data_start - self.position)
-            reader.read_at(self.position, head)
-            self.digest.update(head)
-            self.position = data_start
-        return self.digest, self.position
-
-    def result(self) -> str:
-        if self.digest is None:  # tensors not laid end to end: hash the file as it is
-            return file_sha256(self.plan.base)
-        sha = self.digest.hexdigest()
-        remember_sha256(self.plan.base, sha, self.before)
-        return sha
-
-
 def _write_chunk(writer: StreamingWriter, results: list[tuple[Piece, object]], release,
                  chunk: Chunk) -> None:
     """Write a baked chunk: the pieces left in its buffer in runs (`write_runs`), tensors of
@@ -154,8 +117,8 @@ def _write_chunk(writer: StreamingWriter, results: list[tuple[Piece, object]], r
 
 @contextmanager
 def _one_core_spared():
-    """torch's compute threads, one fewer while the hashing, reading and writing threads run
-    beside them: on a small machine they would otherwise fight over every core."""
+    """torch's compute threads, one fewer while the reading and writing threads run beside
+    them: on a small machine they would otherwise fight over every core."""
     import torch
 
     threads = torch.get_num_threads()
@@ -166,40 +129,99 @@ def _one_core_spared():
         torch.set_num_threads(threads)
 
 
+class BakeStream:
+    """The output file of a prepared bake (`prepare_bake`), begun at once: the tensors no LoRA
+    names are copied on a thread while the caller loads the LoRAs (`load_loras`); `finish`
+    bakes the rest and renames the file into place. Use as a context manager: leaving it
+    without `finish` (an error, Ctrl-C) stops the copy and deletes the partial file."""
+
+    def __init__(self, plan: BakePlan):
+        infos = plan.header.tensors
+        in_file = sorted(infos, key=lambda k: infos[k].start)
+        untouched = [k for k in in_file if k not in plan.touched]
+        self.order = untouched + [k for k in in_file if k in plan.touched]
+        specs = [TensorSpec(k, _out_dtype(plan, infos[k].dtype), infos[k].shape)
+                 for k in self.order]
+        self.plan = plan
+        self._reader = SafetensorsReader(plan.base, plan.header)
+        try:
+            self._writer = StreamingWriter(plan.output, specs,
+                                           bake_metadata(plan, UNKNOWN_SHA256))
+        except BaseException:
+            self._reader.close()
+            raise
+        # a copy only while no tensor changes dtype (that takes torch)
+        self._copied = untouched if OUTPUT_DTYPES[plan.dtype] is None else []
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._copy, name="copy-untouched", daemon=True)
+        self._thread.start()
+
+    def _copy(self) -> None:
+        chunks = plan_chunks(self.plan.header, self._copied, set())
+        try:
+            with ChunkReader(self._reader, chunks, landing=landing_in(self._writer)) as reading:
+                for chunk in reading:
+                    if self._stop.is_set():
+                        return
+                    write_runs(self._writer, chunk, chunk.pieces)
+                    reading.release(chunk)
+        except BaseException as exc:  # raised by `finish`
+            traceback.clear_frames(exc.__traceback__)
+            self._error = exc
+
+    def finish(self, progress: ProgressCallback = no_progress,
+               cancel: CancelToken | None = None) -> Path:
+        """Bake the rest (the LoRAs loaded), write the provenance and commit; the path."""
+        cancel = cancel or CancelToken()
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        plan, writer, infos = self.plan, self._writer, self.plan.header.tensors
+        rest = self.order[len(self._copied):] if self._copied else self.order
+        progress("baking", len(self._copied), len(self.order))
+        changed = {k for k in rest if k in plan.weights or k in plan.biases
+                   or writer.specs[k].dtype != infos[k].dtype}
+        with _one_core_spared():
+            bake = _Baker(plan, writer.specs, changed)
+            chunks = plan_chunks(plan.header, rest, changed)
+            with ChunkReader(self._reader, chunks, landing=landing_in(writer)) as chunk_reader, \
+                    ThreadPoolExecutor(max_workers=1, thread_name_prefix="write") as write_thread:
+                _bake_chunks(chunk_reader, bake, writer, write_thread, infos,
+                             len(self._copied), progress, cancel)
+        known = plan.known_sha256 or known_sha256(plan.base)
+        sha = known.lower() if known else plan.base_hash.result()
+        writer.rewrite_metadata(bake_metadata(plan, sha))
+        written = writer.commit()
+        self._reader.close()
+        return written
+
+    def abort(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.plan.stop()
+        self._writer.abort()
+        self._reader.close()
+
+    def __enter__(self) -> BakeStream:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
 def run_bake(plan: BakePlan, progress: ProgressCallback = no_progress,
              cancel: CancelToken | None = None) -> Path:
-    """Write the baked checkpoint (atomically) and return its path."""
-    with _one_core_spared():
-        return _stream(plan, progress, cancel or CancelToken())
-
-
-def _stream(plan: BakePlan, progress: ProgressCallback, cancel: CancelToken) -> Path:
-    infos = plan.header.tensors
-    order = sorted(infos, key=lambda k: infos[k].start)  # file order: the hash streams along
-    # the output keeps the base's data order, so the writer gets every byte in sequence
-    specs = [TensorSpec(k, _out_dtype(plan, infos[k].dtype), infos[k].shape) for k in order]
-    changed = {s.name for s in specs if s.name in plan.weights or s.name in plan.biases
-               or s.dtype != infos[s.name].dtype}
-    known = plan.known_sha256 or known_sha256(plan.base)
-    hashing = _BaseHash(plan, known, _contiguous(plan.header, order))
-    chunks = plan_chunks(plan.header, order, changed)
-    with SafetensorsReader(plan.base, plan.header) as reader, \
-            StreamingWriter(plan.output, specs, bake_metadata(plan, "~" * 64)) as writer:
-        bake = _Baker(plan, writer.specs, changed)
-        digest, start = hashing.rest_from(reader)
-        with ChunkReader(reader, chunks, digest=digest, digest_from=start,
-                         landing=landing_in(writer)) as chunk_reader, \
-                ThreadPoolExecutor(max_workers=1, thread_name_prefix="write") as write_thread:
-            _bake_chunks(chunk_reader, bake, writer, write_thread, infos, progress, cancel)
-        sha = known.lower() if known else hashing.result()
-        writer.rewrite_metadata(bake_metadata(plan, sha))
-    return plan.output
+    """Write the baked checkpoint of a whole plan (atomically) and return its path."""
+    with BakeStream(plan) as stream:
+        return stream.finish(progress, cancel)
 
 
 def _bake_chunks(chunk_reader: ChunkReader, bake: _Baker, writer: StreamingWriter,
-                 write_thread: ThreadPoolExecutor, infos: dict[str, TensorInfo],
+                 write_thread: ThreadPoolExecutor, infos: dict[str, TensorInfo], done: int,
                  progress: ProgressCallback, cancel: CancelToken) -> None:
-    done, total = 0, len(infos)
+    total = len(infos)
     writes: deque[Future] = deque()
     for chunk in chunk_reader:
         results = []
