@@ -179,8 +179,10 @@ def write_from_placed_buffers(path, ts, direct_io):
 
 @pytest.fixture
 def in_place_writes(monkeypatch):
-    """Appends of 8 KiB and more may go out in place; returns the byte counts written so."""
+    """Appends of 8 KiB and more may go out in place, from 16 KiB in two halves written at
+    once; returns the byte counts written so."""
     monkeypatch.setattr(direct, "IN_PLACE_FROM_BYTES", 8 << 10)
+    monkeypatch.setattr(direct, "SPLIT_FROM_BYTES", 8 << 10)
     sizes, real = [], direct.DirectAppender._write_in_place
 
     def counting(self, view):
@@ -214,3 +216,14 @@ def test_a_refused_in_place_write_turns_into_ordinary_writes(tmp_path, monkeypat
     failing_direct_writes(monkeypatch, direct_fds, errno.EINVAL, after)
     got, used = write_from_placed_buffers(tmp_path / "direct.safetensors", ts, True)
     assert got == expected and not used and in_place_writes
+
+
+def test_a_failing_in_place_write_leaves_no_file(tmp_path, monkeypatch, direct_fds,
+                                                 in_place_writes):
+    if not direct_supported(tmp_path):
+        pytest.skip("this file system has no O_DIRECT")
+    failing_direct_writes(monkeypatch, direct_fds, errno.ENOSPC, after=4)
+    path = tmp_path / "full.safetensors"
+    with pytest.raises(OSError, match=os.strerror(errno.ENOSPC)):
+        write_from_placed_buffers(path, tensors(), True)
+    assert in_place_writes and not path.exists() and not list(tmp_path.glob("*.partial"))

@@ -19,7 +19,7 @@ import mmap
 import queue
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mergekit_sd.io.direct import BLOCK
 from mergekit_sd.io.header import SafetensorsHeader
@@ -44,16 +44,30 @@ class Chunk:
     start: int  # file offset of its first byte
     size: int
     pieces: list[Piece]
+    # (file offset, bytes into the chunk, length) of each run of the file it holds
+    ranges: list[tuple[int, int, int]] = field(default_factory=list)
     view: memoryview | None = None
     _buffer: mmap.mmap | None = None  # the pool's buffer this chunk holds
 
     def bytes_of(self, piece: Piece) -> memoryview:
         return self.view[piece.at:piece.at + piece.size]
 
+    def add(self, key: str, offset: int, size: int, file_offset: int) -> None:
+        self.pieces.append(Piece(key, offset, size, self.size))
+        if size:
+            last = self.ranges[-1] if self.ranges else None
+            if last and last[0] + last[2] == file_offset:
+                self.ranges[-1] = (last[0], last[1], last[2] + size)
+            else:
+                self.ranges.append((file_offset, self.size, size))
+        self.size += size
+
 
 def plan_chunks(header: SafetensorsHeader, order: list[str], whole: set[str],
                 size: int = CHUNK_BYTES) -> list[Chunk]:
-    """Chunks over the tensors in `order` (file order); bytes between tensors are skipped."""
+    """Chunks over the tensors in `order`, which fill each chunk in that order (the order they
+    will be written in) wherever they lie in the file: a chunk may gather several runs of it,
+    so that small tensors scattered between others do not each cost a chunk."""
     chunks: list[Chunk] = []
     current: Chunk | None = None
 
@@ -64,25 +78,17 @@ def plan_chunks(header: SafetensorsHeader, order: list[str], whole: set[str],
 
     for key in order:
         info = header.tensors[key]
-        if info.nbytes == 0:
-            (current or start_at(info.start)).pieces.append(Piece(key, 0, 0, 0))
-            continue
-        if key in whole:
-            fits = current is not None and current.start + current.size == info.start and \
-                current.size + info.nbytes <= size
-            if not fits:
+        if key in whole or info.nbytes == 0:
+            if current is None or (info.nbytes and current.size + info.nbytes > size):
                 current = start_at(info.start)
-            current.pieces.append(Piece(key, 0, info.nbytes, current.size))
-            current.size += info.nbytes
+            current.add(key, 0, info.nbytes, info.start)
             continue
         done = 0
         while done < info.nbytes:
-            if current is None or current.size >= size or \
-                    current.start + current.size != info.start + done:
+            if current is None or current.size >= size:
                 current = start_at(info.start + done)
             take = min(info.nbytes - done, size - current.size)
-            current.pieces.append(Piece(key, done, take, current.size))
-            current.size += take
+            current.add(key, done, take, info.start + done)
             done += take
     return chunks
 
@@ -129,7 +135,8 @@ class ChunkReader:
                 chunk._buffer = buffer
                 shift = self._landing(chunk) % BLOCK
                 chunk.view = memoryview(buffer)[shift:shift + chunk.size]
-                self._reader.read_at(chunk.start, chunk.view)
+                for offset, at, length in chunk.ranges:
+                    self._reader.read_at(offset, chunk.view[at:at + length])
                 self._ready.put(chunk)
         except BaseException as exc:  # handed to the consumer, which raises it
             self._ready.put(exc)

@@ -11,9 +11,9 @@ bytes are gathered into page-aligned stage buffers and a thread writes each full
 next fills. The last stage is written padded to a whole block; the caller truncates the file
 back to its size. A large buffer that already sits in memory as its bytes will sit in the file
 (its address and its file offset equal modulo the block; `io.chunks` reads so) is written from
-where it is, only its unaligned ends staged: copying gigabytes into stages costs a core. A file
-system that refuses direct writes (EINVAL) gets ordinary writes from then on: the result is the
-same file.
+where it is (two writes in flight), only its unaligned ends staged: copying gigabytes into
+stages costs a core. A file system that refuses direct writes (EINVAL) gets ordinary writes
+from then on: the result is the same file.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ BLOCK = 4096  # alignment of offsets and lengths (every common device's block di
 STAGE_BYTES = 4 << 20
 STAGES = 3  # one filling, the others queued or being written
 DIRECT_FROM_BYTES = 64 << 20  # smaller files gain nothing worth a thread
-IN_PLACE_FROM_BYTES = 256 << 10  # smaller appends are copied: a syscall each costs more
+IN_PLACE_FROM_BYTES = 256 << 10
+SPLIT_FROM_BYTES = 1 << 20  # smaller appends are copied: a syscall each costs more
 
 
 def address_of(view: memoryview) -> int | None:
@@ -103,8 +104,9 @@ class DirectAppender:
                 self._hand_over()
 
     def _write_in_place(self, view: memoryview) -> None:
-        """Write whole blocks from the caller's memory, on the caller's thread, while the
-        writing thread writes the stages before them (other blocks of the file)."""
+        """Write whole blocks from the caller's memory: a large run in two halves, one on the
+        caller's thread and one on the writing thread (after the stages before it), so that
+        two writes are in flight and the disk is not idle while a thread waits for a core."""
         if self._fill:
             self._hand_over()
         elif self._error is not None:
@@ -112,12 +114,23 @@ class DirectAppender:
         offset = self._handed
         self._handed += len(view)
         self.position += len(view)
-        self._write(view, offset, len(view))
+        half = len(view) // 2 // BLOCK * BLOCK
+        if half < SPLIT_FROM_BYTES:
+            self._write(view, offset, len(view))
+            return
+        done = threading.Event()
+        self._jobs.put((view[half:], offset + half, len(view) - half, done))
+        try:
+            self._write(view[:half], offset, half)
+        finally:
+            done.wait()  # the caller's memory is in use until then
+        if self._error is not None:
+            raise self._error
 
     def _hand_over(self) -> None:
         if self._error is not None:
             raise self._error
-        self._jobs.put((self._current, self._handed, self._fill))
+        self._jobs.put((self._current, self._handed, self._fill, None))
         self._handed += self._fill
         self._current, self._fill = self._free.get(), 0  # waits while the disk lags
 
@@ -127,7 +140,7 @@ class DirectAppender:
         if self._fill:
             end = -(-self._fill // BLOCK) * BLOCK
             self._current[self._fill:end] = bytes(end - self._fill)
-            self._jobs.put((self._current, self._handed, self._fill))
+            self._jobs.put((self._current, self._handed, self._fill, None))
             self._handed += self._fill
             self._fill = 0
         self._close()
@@ -141,7 +154,7 @@ class DirectAppender:
         whole = self._fill - self._fill % BLOCK
         tail = bytes(self._current[whole:self._fill])
         if whole:
-            self._jobs.put((self._current, self._handed, whole))
+            self._jobs.put((self._current, self._handed, whole, None))
             self._handed += whole
         self._fill = 0
         self._close()
@@ -173,7 +186,7 @@ class DirectAppender:
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
-            stage, offset, length = job
+            stage, offset, length, borrowed = job
             try:
                 if self._error is None:
                     self._write(stage, offset, length)
@@ -181,7 +194,11 @@ class DirectAppender:
                 # without the frames' locals, which hold views of the stage buffers
                 traceback.clear_frames(exc.__traceback__)
                 self._error = exc
-            self._free.put(stage)
+            if borrowed is None:
+                self._free.put(stage)
+            else:  # the producer's memory, which it waits on
+                del stage
+                borrowed.set()
 
     def _write(self, stage: memoryview, offset: int, length: int) -> None:
         done = 0
