@@ -10,8 +10,8 @@ Our side is the command line as users run it, `mergekit-sd bake BASE LORA:0.8 -o
 child process: its time includes starting Python and torch, identifying both files, loading the
 LoRA and the final fsync. It is measured twice: "first time", with an empty cache folder, so the
 key maps are derived from diffusers' converters and the SHA256s of both files (for provenance)
-are computed, the base's begun while the plan is made and finished as it streams by; and "base
-seen before", where both are remembered, as at every later bake into the same base. The copy
+are computed, the base's on a thread of its own while the bake runs; and "base seen before",
+where both are remembered, as at every later bake into the same base. The copy
 runs in a child of its own; so does, for information only, `cp` + `sync` of the file (the
 ordinary buffered copy, which on this machine is far slower than ours). All read a warm page
 cache (the base is read once before every
