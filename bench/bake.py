@@ -13,12 +13,12 @@ maps and the SHA256s of both files are remembered, as at every bake into a base 
 catalog has hashed or that was baked into before. Two bakes that carry one-time work are timed
 beside it, for information: "new base", where the key maps are cached but neither file was
 hashed, so the base's SHA256 (for the provenance; 4 s of a core for this file) is computed on a
-thread of its own while the bake runs; and "first time", with an empty cache folder, where the key
-maps are also derived from diffusers' converters (once per architecture on a machine). The copy runs in a child of its own; so does, for information only, `cp` +
-`sync` of the file (the ordinary buffered copy, which on this machine is far slower than ours).
-All read a warm page cache (the base is read once before every run), start with earlier
-outputs deleted and everything flushed to disk, run interleaved in a rotating order, and times
-are medians.
+thread of its own while the bake runs; and "first time", with an empty cache folder, where the
+key maps are also derived from diffusers' converters (once per architecture on a machine). The
+copy runs in a child of its own; so does, for information only, `cp` + `sync` of the file (the
+ordinary buffered copy, which on this machine is far slower than ours). All read a warm page
+cache (the base is read once before every run), start with earlier outputs deleted and
+everything flushed to disk, run interleaved in a rotating order, and times are medians.
 
 Run from the repository root: .venv/bin/python bench/bake.py  (about 10 minutes on 2 cores; needs
 about 22 GB free in --workdir, default /tmp). --rounds N (default 3). Prints a table and PASS/FAIL
