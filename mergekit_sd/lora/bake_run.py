@@ -178,6 +178,10 @@ class BakeStream:
         if self._error is not None:
             raise self._error
         plan, writer, infos = self.plan, self._writer, self.plan.header.tensors
+        copied_changed = (plan.weights.keys() | plan.biases.keys()) & set(self._copied)
+        if copied_changed:  # `touched` must cover every weight a module changes
+            raise RuntimeError(f"{len(copied_changed)} weights the LoRAs change were copied "
+                               f"unchanged, e.g. {min(copied_changed)}")
         rest = self.order[len(self._copied):] if self._copied else self.order
         progress("baking", len(self._copied), len(self.order))
         changed = {k for k in rest if k in plan.weights or k in plan.biases
