@@ -12,7 +12,7 @@ LoRA and the final fsync. The target is judged on the bake itself: "base known",
 maps and the SHA256s of both files are remembered, as at every bake into a base that the
 catalog has hashed or that was baked into before. Two bakes that carry one-time work are timed
 beside it, for information: "new base", where the key maps are cached but neither file was
-hashed, so the base's SHA256 (for the provenance; 4 s of a core for this file) is computed on a
+hashed, so the base's SHA256 (for the provenance; seconds of a core for this file) is computed on a
 thread of its own while the bake runs; and "first time", with an empty cache folder, where the
 key maps are also derived from diffusers' converters (once per architecture on a machine). The
 copy runs in a child of its own; so does, for information only, `cp` + `sync` of the file (the

@@ -1,12 +1,13 @@
-"""Read a safetensors file's data front to back in large chunks, ahead of the caller, on a
-thread, into a few buffers that are reused.
+"""Read a safetensors file's tensors, in the order they will be written, in large chunks ahead
+of the caller, on a thread, into a few buffers that are reused.
 
 A streaming pass that touches most of a file (bake, convert) spends its time in memory traffic:
 a fresh buffer per tensor costs a page fault per 4 KiB on top of the copy, and reading one
 tensor at a time on the compute thread leaves the disk idle while it computes. Chunks fix both:
-a chunk is a run of the file's bytes up to `size` long, cut between tensors or inside a tensor
-the caller only copies, but never inside a tensor the caller asked to see `whole` (one that is
-larger than `size` gets a chunk of its own, and a pooled buffer grown to fit it).
+a chunk is up to `size` bytes of consecutive tensors of that order, gathered from wherever they
+lie in the file, cut between tensors or inside a tensor the caller only copies, but never
+inside a tensor the caller asked to see `whole` (one that is larger than `size` gets a chunk of
+its own, and a pooled buffer grown to fit it).
 
 Each chunk's bytes sit in their page-aligned buffer at the offset within a block at which they
 will be written (`landing`), so that the writer can send them to disk with O_DIRECT straight

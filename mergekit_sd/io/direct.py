@@ -31,8 +31,8 @@ BLOCK = 4096  # alignment of offsets and lengths (every common device's block di
 STAGE_BYTES = 4 << 20
 STAGES = 3  # one filling, the others queued or being written
 DIRECT_FROM_BYTES = 64 << 20  # smaller files gain nothing worth a thread
-IN_PLACE_FROM_BYTES = 256 << 10
-SPLIT_FROM_BYTES = 1 << 20  # smaller appends are copied: a syscall each costs more
+IN_PLACE_FROM_BYTES = 256 << 10  # smaller appends are copied: a syscall each costs more
+SPLIT_FROM_BYTES = 1 << 20  # in-place runs of twice this go out as two writes at once
 
 
 def address_of(view: memoryview) -> int | None:
@@ -68,7 +68,7 @@ class DirectAppender:
         self._buffered_fd = buffered_fd
         self.direct = True  # False once the file system refused a direct write
         self.position = 0  # bytes appended so far
-        self._handed = 0  # bytes handed to the writing thread (whole stages)
+        self._handed = 0  # bytes handed over for writing (stages, or written in place)
         self._stage_bytes = stage_bytes
         self._free: queue.Queue = queue.Queue()
         for stage in self._maps:

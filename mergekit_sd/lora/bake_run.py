@@ -182,7 +182,7 @@ class BakeStream:
         if copied_changed:  # `touched` must cover every weight a module changes
             raise RuntimeError(f"{len(copied_changed)} weights the LoRAs change were copied "
                                f"unchanged, e.g. {min(copied_changed)}")
-        rest = self.order[len(self._copied):] if self._copied else self.order
+        rest = self.order[len(self._copied):]
         progress("baking", len(self._copied), len(self.order))
         changed = {k for k in rest if k in plan.weights or k in plan.biases
                    or writer.specs[k].dtype != infos[k].dtype}
