@@ -9,14 +9,13 @@ The whole LoRA is held in memory (LoRAs are small next to the checkpoints they g
 from __future__ import annotations
 
 import json
-import mmap
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mergekit_sd.arch.lora import split_key
 from mergekit_sd.errors import BadModelFile
-from mergekit_sd.io.dtypes import torch_dtype
 from mergekit_sd.io.header import SafetensorsHeader, read_header
+from mergekit_sd.io.mapped import MappedTensors
 from mergekit_sd.io.reader import SafetensorsReader
 
 # file suffix -> role
@@ -106,28 +105,6 @@ def group_modules(header: SafetensorsHeader) -> tuple[dict[str, dict[str, str]],
     return grouped, ignored
 
 
-def _read_tensors(path: Path, header: SafetensorsHeader):
-    """Every tensor of the file, as views of one private (copy-on-write) mapping of it: a
-    half-gigabyte LoRA read into fresh memory costs 0.3 s of page faults and copying, mapped a
-    few milliseconds, and its pages are the page cache's until written to. As with the
-    safetensors library's own loading, truncating the file meanwhile would fault."""
-    import torch
-
-    with open(path, "rb") as f:
-        mapped = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE)
-    with SafetensorsReader(path, header) as reader:
-        tensors = {}
-        for key, info in header.tensors.items():
-            dtype = torch_dtype(info.dtype)
-            if info.nbytes == 0 or info.start % dtype.itemsize:  # nothing to view, misaligned
-                tensors[key] = reader.read_tensor(key)
-            else:
-                tensors[key] = torch.frombuffer(mapped, dtype=dtype, offset=info.start,
-                                                count=info.nbytes // dtype.itemsize
-                                                ).reshape(info.shape)
-    return tensors
-
-
 def load_lora(path: str | Path) -> LoraFile:
     """Every module of the LoRA at `path`. Tensors keep the file's dtype: a rank-64 SDXL LoRA
     is half a gigabyte in fp16 and would be a whole one in fp32; each module's factors are
@@ -140,7 +117,9 @@ def load_lora(path: str | Path) -> LoraFile:
         raise BadModelFile(path, "has no LoRA module tensors (lora_up/lora_down, lora_A/lora_B, "
                                  "hada_*, lokr_*, diff); is it a LoRA?")
     peft_alpha = _peft_alphas(lora.metadata)
-    stored = _read_tensors(path, header)
+    with SafetensorsReader(path, header) as reader:  # the mapping outlives the reader
+        mapped = MappedTensors(reader)
+        stored = {key: mapped.tensor(key) for key in header.tensors}
     for module, roles in grouped.items():
         tensors = {role: stored[key] for role, key in roles.items() if role != "alpha"}
         if not tensors:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from mergekit_sd.arch.keymap import Source
 from mergekit_sd.errors import UserError
+from mergekit_sd.io.mapped import MappedTensors
 from mergekit_sd.io.reader import SafetensorsReader
 
 
@@ -265,56 +266,15 @@ def load_file(table: WeightTable, path: Path, keys: Iterable[str] | None = None,
                 staging.copied()
             staging.finish()
         else:
-            tensor_of, populate = _mapped(reader)
+            mapped = MappedTensors(reader)
             # the copies read every page of their keys: map those pages in one call (far
             # cheaper than a fault each); shared pages are read where the render first uses
             # them, as with diffusers' own loading
-            populate(k for k in wanted
-                     if not (share and table.shares(k, reader.tensors[k].dtype)))
+            mapped.populate(k for k in wanted
+                            if not (share and table.shares(k, reader.tensors[k].dtype)))
             for key in wanted:
-                table.copy(key, tensor_of(key), share=share)
+                table.copy(key, mapped.tensor(key), share=share)
     return len(wanted)
-
-
-_MADV_POPULATE_READ = 22  # Linux 5.14+; not named by Python's mmap module before 3.13
-
-
-def _mapped(reader: SafetensorsReader):
-    """`tensor_of(key)`: a tensor viewing the key's bytes in a copy-on-write mapping of the
-    file (a write, such as fusing a LoRA into a parameter sharing it, gets private pages and
-    never reaches the file). The header was validated against the file's size, so every range
-    is inside the mapping."""
-    import mmap
-
-    import torch
-
-    from mergekit_sd.io.dtypes import torch_dtype
-
-    with open(reader.path, "rb") as f:
-        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-
-    def populate(keys: Iterable[str]) -> None:
-        """Map the pages of `keys` now (read-only; copy-on-write stays) in one call."""
-        spans = [(reader.tensors[k].start, reader.tensors[k].end) for k in keys]
-        if not spans:
-            return
-        first = min(s for s, _ in spans) // mmap.PAGESIZE * mmap.PAGESIZE
-        with contextlib.suppress(OSError, ValueError):  # an older kernel: pages fault in
-            mapping.madvise(_MADV_POPULATE_READ, first, max(e for _, e in spans) - first)
-
-    def tensor_of(key: str):
-        info = reader.tensors[key]
-        dtype = torch_dtype(info.dtype)
-        if info.nbytes == 0:
-            return torch.empty(info.shape, dtype=dtype)
-        raw = torch.frombuffer(mapping, dtype=torch.uint8, count=info.nbytes,
-                               offset=info.start)
-        return raw.view(dtype).reshape(info.shape)
-
-    # Never closed here: torch.frombuffer keeps a reference to `mapping`, not a buffer export,
-    # so closing would unmap memory that parameters sharing it still use. It is unmapped when
-    # the last tensor viewing it is gone.
-    return tensor_of, populate
 
 
 class _Staging:
