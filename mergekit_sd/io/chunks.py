@@ -22,6 +22,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from mergekit_sd.io.buffers import page_buffer
 from mergekit_sd.io.direct import BLOCK
 from mergekit_sd.io.header import SafetensorsHeader
 from mergekit_sd.io.reader import SafetensorsReader
@@ -107,7 +108,7 @@ class ChunkReader:
         self._landing = landing or (lambda chunk: chunk.start)
         self._free: queue.Queue = queue.Queue()
         for _ in range(min(buffers, len(chunks))):
-            self._free.put(mmap.mmap(-1, size + BLOCK))  # room to shift by up to a block
+            self._free.put(page_buffer(size + BLOCK))  # room to shift by up to a block
         self._ready: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._fill, name="read-ahead", daemon=True)
@@ -123,7 +124,7 @@ class ChunkReader:
             except queue.Empty:
                 continue
             if len(buffer) < chunk.size + BLOCK:
-                buffer = mmap.mmap(-1, chunk.size + BLOCK)  # the smaller one goes when unused
+                buffer = page_buffer(chunk.size + BLOCK)  # the smaller one goes when unused
             return buffer
         return None
 

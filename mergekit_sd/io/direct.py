@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import mmap
 import os
 import queue
 import threading
 import traceback
 from pathlib import Path
+
+from mergekit_sd.io.buffers import page_buffer
 
 BLOCK = 4096  # alignment of offsets and lengths (every common device's block divides it)
 STAGE_BYTES = 4 << 20
@@ -61,7 +62,7 @@ class DirectAppender:
         stage_bytes = stage_bytes or STAGE_BYTES
         self._fd = os.open(path, os.O_WRONLY | flag)
         try:
-            self._maps = [mmap.mmap(-1, stage_bytes) for _ in range(STAGES)]  # page-aligned
+            self._maps = [page_buffer(stage_bytes) for _ in range(STAGES)]
         except BaseException:
             os.close(self._fd)
             raise
