@@ -292,5 +292,23 @@ def main() -> None:
     sys.exit(code if isinstance(code, int) else 0)
 
 
+def run() -> None:
+    """The installed `mergekit-sd` command: `main`, then out of the process without the slow
+    teardown torch brings (`cli_exit`). `main` itself only raises SystemExit, so that it can
+    be called in a process that goes on (the tests)."""
+    from mergekit_sd.cli_exit import exit_process
+
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code
+    else:
+        code = 0
+    if code is not None and not isinstance(code, int):  # sys.exit("message") prints it
+        sys.stderr.write(f"{code}\n")
+        code = 1
+    exit_process(code or 0)
+
+
 if __name__ == "__main__":
-    main()
+    run()
