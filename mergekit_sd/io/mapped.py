@@ -48,3 +48,19 @@ class MappedTensors:
         first = min(s for s, _ in spans) // mmap.PAGESIZE * mmap.PAGESIZE
         with contextlib.suppress(OSError, ValueError):  # an older kernel: pages fault in
             self.mapping.madvise(_MADV_POPULATE_READ, first, max(e for _, e in spans) - first)
+
+    def release(self, keys: Iterable[str]) -> None:
+        """Hand back the memory of `keys`, which the caller will not read again (a bake is
+        done with a module once its weight is written): the pages wholly inside their bytes
+        leave this process (they stay in the page cache, and would be mapped again if read).
+        Only for tensors never written to: a written page's private copy would be lost."""
+        advice = getattr(mmap, "MADV_DONTNEED", None)
+        if advice is None:
+            return
+        page = mmap.PAGESIZE
+        for key in keys:
+            info = self.reader.tensors[key]
+            first, end = -(-info.start // page) * page, info.end // page * page
+            if end > first:
+                with contextlib.suppress(OSError, ValueError):
+                    self.mapping.madvise(advice, first, end - first)

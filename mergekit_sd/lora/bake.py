@@ -78,6 +78,14 @@ class BakePlan:
         if self.base_hash is not None:
             self.base_hash.stop()
 
+    def done_with(self, key: str) -> None:
+        """The weight at `key` is baked: the memory of the LoRA modules applied to it goes
+        back (the mapped LoRAs would otherwise grow to their full size in the process)."""
+        for app in (*self.weights.get(key, ()), *self.biases.get(key, ())):
+            mapped = self.files[app.lora].mapped
+            if mapped is not None:
+                mapped.release(app.module.keys)
+
     @property
     def unmatched_count(self) -> int:
         return sum(len(u.modules) for u in self.unmatched)

@@ -234,6 +234,7 @@ def _bake_chunks(chunk_reader: ChunkReader, bake: _Baker, writer: StreamingWrite
             info = infos[piece.key]
             results.append((piece, bake(piece.key, info, chunk.bytes_of(piece))))
             if piece.offset + piece.size == info.nbytes:
+                bake.plan.done_with(piece.key)
                 done += 1
                 progress("baking", done, total)
         writes.append(write_thread.submit(_write_chunk, writer, results, chunk_reader.release,

@@ -40,6 +40,7 @@ class LoraModule:
     algo: str  # lora, loha, lokr, full
     tensors: dict[str, object]  # role -> torch tensor, in the file's dtype (cast when used)
     alpha: float | None = None
+    keys: tuple[str, ...] = ()  # the file's tensor names it was read from
 
     @property
     def rank(self) -> int | None:
@@ -61,6 +62,7 @@ class LoraFile:
     metadata: dict[str, str]
     modules: dict[str, LoraModule] = field(default_factory=dict)
     ignored: list[str] = field(default_factory=list)  # keys that are no module tensor
+    mapped: MappedTensors | None = None  # the mapping the modules' tensors view
 
 
 def _algo(suffixes: set[str]) -> str:
@@ -118,8 +120,8 @@ def load_lora(path: str | Path) -> LoraFile:
                                  "hada_*, lokr_*, diff); is it a LoRA?")
     peft_alpha = _peft_alphas(lora.metadata)
     with SafetensorsReader(path, header) as reader:  # the mapping outlives the reader
-        mapped = MappedTensors(reader)
-        stored = {key: mapped.tensor(key) for key in header.tensors}
+        lora.mapped = MappedTensors(reader)
+        stored = {key: lora.mapped.tensor(key) for key in header.tensors}
     for module, roles in grouped.items():
         tensors = {role: stored[key] for role, key in roles.items() if role != "alpha"}
         if not tensors:
@@ -128,5 +130,6 @@ def load_lora(path: str | Path) -> LoraFile:
         if alpha is None and peft_alpha:
             alpha = next((a for p, a in peft_alpha.items() if module.startswith(p)), None)
         suffixes = {key[len(module):] for key in roles.values()}
-        lora.modules[module] = LoraModule(module, _algo(suffixes), tensors, alpha)
+        lora.modules[module] = LoraModule(module, _algo(suffixes), tensors, alpha,
+                                          tuple(roles.values()))
     return lora
