@@ -60,6 +60,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/merge.py
 	$(BIN)/python bench/catalog.py
 	$(BIN)/python bench/bake.py
+	$(BIN)/python bench/bake_parts.py
 	$(BIN)/python bench/render.py
 
 clean:

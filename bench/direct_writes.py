@@ -39,8 +39,7 @@ THIS = str(Path(__file__).resolve())
 
 def child_write(out: str, gigabytes: str, mode: str) -> None:
     """Write `gigabytes` GB of random bytes as 16 MB tensors through the streaming writer."""
-    import mmap
-
+    from mergekit_sd.io.buffers import page_buffer
     from mergekit_sd.io.direct import BLOCK
     from mergekit_sd.io.writer import StreamingWriter, TensorSpec
 
@@ -51,7 +50,7 @@ def child_write(out: str, gigabytes: str, mode: str) -> None:
     with StreamingWriter(out, specs, direct=(mode != "buffered")) as writer:
         if mode == "direct, in place":  # every tensor starts at the same offset within a block
             shift = writer.file_offset(specs[0].name) % BLOCK
-            placed = mmap.mmap(-1, PIECE + BLOCK)
+            placed = page_buffer(PIECE + BLOCK)  # as the chunk reader's buffers are
             placed[shift:shift + PIECE] = data
             data = memoryview(placed)[shift:shift + PIECE]
         for spec in specs:

@@ -1,0 +1,111 @@
+"""What three of the bake's mechanisms are worth: `mergekit-sd bake` as shipped against the same
+command with one of them undone, each in a child process, interleaved, in the same run.
+
+  4 KiB shared buffers   the chunk and stage buffers as Python's plain anonymous mmap (shared,
+                         so the kernel keeps them on small pages) instead of `io.buffers`'
+                         private mappings advised onto transparent huge pages
+  interpreter teardown   `cli.main` + the normal exit instead of `cli.run`'s quick exit once
+                         torch is loaded (`cli_exit`)
+  LoRA pages kept        `BakePlan.done_with` a no-op: the mapped LoRA's pages stay in the
+                         process until it ends
+
+The case is bench/bake.py's "base known": a full-size SDXL fp16 checkpoint and a kohya rank-64
+LoRA, key maps and SHA256s remembered, warm page cache, earlier outputs deleted and the disk
+flushed before every run. Prints median wall time and peak RSS per variant and each one's
+ratio to the shipped bake; writes bench/results/bake_parts.json.
+
+Run from the repository root: .venv/bin/python bench/bake_parts.py  (about 5 minutes on 2 cores
+with the default 5 rounds; needs about 15 GB free in --workdir, default /tmp).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+_BENCH = Path(__file__).resolve().parent
+# bench/inspect.py would shadow the standard library's `inspect` (torch imports it)
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH] + [str(_BENCH)]
+sys.path.insert(0, str(_BENCH.parent))
+
+import argparse  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+import _measure as m  # noqa: E402
+from bake import THIS as BAKE_BENCH  # noqa: E402
+from bake import _settle, _warm  # noqa: E402
+
+THIS = str(Path(__file__).resolve())
+SHIPPED = "as shipped"
+VARIANTS = (SHIPPED, "4 KiB shared buffers", "interpreter teardown", "LoRA pages kept")
+
+
+def child_bake(variant: str, *argv: str) -> None:
+    """`mergekit-sd bake ARGV` with `variant` undone."""
+    if variant == "4 KiB shared buffers":
+        import mmap
+
+        from mergekit_sd.io import chunks, direct
+
+        chunks.page_buffer = direct.page_buffer = lambda size: mmap.mmap(-1, size)
+    elif variant == "LoRA pages kept":
+        from mergekit_sd.lora.bake import BakePlan
+
+        BakePlan.done_with = lambda self, key: None
+    from mergekit_sd import cli
+
+    sys.argv = ["mergekit-sd", "bake", *argv]
+    (cli.main if variant == "interpreter teardown" else cli.run)()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()))
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    m.compile_bytecode()
+    work = Path(tempfile.mkdtemp(prefix="bench-bake-parts-", dir=args.workdir))
+    try:
+        base, lora = work / "sdxl.safetensors", work / "lora-r64.safetensors"
+        made = m.run_child([sys.executable, BAKE_BENCH, "--child", "generate", str(base),
+                            str(lora)])
+        if made.returncode:
+            raise SystemExit(f"generating the models failed:\n{made.stderr[-2000:]}")
+        os.environ["MERGEKIT_SD_CACHE"] = str(work / "cache")
+        bake = [str(base), f"{lora}:0.8", "-o", str(work / "baked.safetensors")]
+        _settle(work)
+        if m.run_child([sys.executable, THIS, "--child", SHIPPED, *bake]).returncode:
+            raise SystemExit("the bake that fills the cache failed")  # key maps, SHA256s
+        runs: dict[str, list] = {name: [] for name in VARIANTS}
+        for round_ in range(args.rounds):
+            shift = round_ % len(VARIANTS)
+            for name in VARIANTS[shift:] + VARIANTS[:shift]:
+                _settle(work)
+                _warm(base)
+                result = m.run_child([sys.executable, THIS, "--child", name, *bake])
+                if result.returncode:
+                    raise SystemExit(f"{name} failed:\n{result.stderr[-2000:]}")
+                runs[name].append(result)
+        wall = {n: m.median([r.wall_s for r in rs]) for n, rs in runs.items()}
+        peak = {n: max(r.peak_rss for r in rs) for n, rs in runs.items()}
+        m.print_table(["", "wall (median)", "/ as shipped", "peak RSS", "/ as shipped"],
+                      [[n, f"{wall[n]:.2f} s", f"{wall[n] / wall[SHIPPED]:.2f}x",
+                        m.human_bytes(peak[n]), f"{peak[n] / peak[SHIPPED]:.2f}x"]
+                       for n in VARIANTS])
+        m.write_results("bake_parts", {
+            "machine": m.machine(), "rounds": args.rounds, "page_cache": "warm",
+            "wall_s": {n: [r.wall_s for r in rs] for n, rs in runs.items()},
+            "median_s": wall, "peak_rss": peak,
+            "vs_shipped": {n: wall[n] / wall[SHIPPED] for n in VARIANTS}})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "--child":
+        child_bake(sys.argv[2], *sys.argv[3:])
+    else:
+        main()
+        os._exit(0)
