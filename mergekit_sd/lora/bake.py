@@ -222,6 +222,33 @@ def exact_in(apps: list[Application], dtype) -> bool:
     return t["up"].dtype == dtype and t["down"].dtype == dtype
 
 
+def row_separable(apps: list[Application]) -> bool:
+    """Whether `apply_plain_rows` can bake these modules into a weight a block of rows at a
+    time (on several cores at once) with the result `apply_loras` gives: every one a plain
+    LoRA, whose delta's rows each come from the same row of `up`."""
+    return all(_plain(app.module) for app in apps)
+
+
+def apply_plain_rows(tensor, apps: list[Application], first: int, end: int) -> None:
+    """Rows [first, end) of the weight with every (plain) module's delta added, each module
+    where its target's rows meet them, in the order `apply_loras` adds them."""
+    for app in apps:
+        lo, hi = app.target.rows or (0, tensor.shape[0])
+        lo, hi, skip = max(lo, first), min(hi, end), lo
+        if app.strength and lo < hi:
+            _add_plain(tensor[lo:hi], app, lo - skip)
+
+
+def _add_plain(view, app: Application, up_row: int) -> None:
+    """The common case, fused: view += s·scale·up@down (from `up`'s row `up_row` on) without
+    a delta temporary."""
+    t = app.module.tensors
+    scale = app.module.alpha / t["down"].shape[0] if app.module.alpha else 1.0
+    view.reshape(view.shape[0], -1).addmm_(
+        t["up"].flatten(1)[up_row:up_row + view.shape[0]].to(view.dtype),
+        t["down"].to(view.dtype).flatten(1), alpha=app.strength * scale)
+
+
 def apply_loras(tensor, apps: list[Application], bias: bool):
     """The weight with every module's delta added, at each one's strength: in fp32, or in the
     weight's own dtype when `exact_in` says that gives the same result."""
@@ -235,11 +262,7 @@ def apply_loras(tensor, apps: list[Application], bias: bool):
             continue
         t = app.module.tensors
         if _plain(app.module):
-            # the common case, fused: W += s·scale·up@down without a delta temporary
-            scale = app.module.alpha / t["down"].shape[0] if app.module.alpha else 1.0
-            view.reshape(view.shape[0], -1).addmm_(
-                t["up"].to(view.dtype).flatten(1), t["down"].to(view.dtype).flatten(1),
-                alpha=app.strength * scale)
+            _add_plain(view, app, 0)
             continue
         delta = module_delta(app.module, tuple(view.shape))
         if delta is None:

@@ -5,8 +5,9 @@ order. The first part is a plain copy, so it needs neither torch nor the LoRAs: 
 writes it on a thread as soon as `prepare_bake` has read the headers, while the main thread
 loads the LoRAs (and imports torch, most of a second). `finish` then bakes the rest: the file
 is read ahead in large chunks into reused buffers (`io.chunks`), the LoRA deltas are added to
-the weights in the read buffer itself (see `_Baker`), and a writer thread writes each chunk
-from that buffer. Reading, computing and writing overlap; no memory is allocated per tensor.
+the weights in the read buffer itself (see `_Baker`) by a worker per core (`bake_crew`), and a
+writer thread writes each chunk from that buffer. Reading, computing and writing overlap; no
+memory is allocated per tensor.
 The layout depends only on the inputs, so the same bake always gives the same bytes.
 """
 
@@ -31,13 +32,17 @@ from mergekit_sd.lora.bake import (
     UNKNOWN_SHA256,
     BakePlan,
     apply_loras,
+    apply_plain_rows,
     bake_metadata,
     exact_in,
+    row_separable,
 )
+from mergekit_sd.lora.bake_crew import AHEAD, BakeCrew, Task, cores
 from mergekit_sd.progress import CancelToken, ProgressCallback, no_progress
 
 _FLOATS = ("F64", "F32", "F16", "BF16")
-WRITE_BEHIND = 2  # chunks handed to the writer and not yet written
+ROW_BLOCK_ELEMENTS = 1 << 20  # a task's share of a large weight (smaller blocks cost more calls)
+BUFFERS = AHEAD + 3  # read buffers: being read, baked (AHEAD chunks) and written
 
 
 def _out_dtype(plan: BakePlan, dtype: str) -> str:
@@ -57,7 +62,7 @@ class _Baker:
         infos = plan.header.tensors
         self.largest = max((math.prod(infos[k].shape) for k in changed
                             if self._applied(k) and not self._in_place(k)), default=0)
-        self._scratch = None
+        self._own = threading.local()  # each worker's scratch
 
     def _applied(self, key: str) -> list | None:
         return self.plan.weights.get(key) or self.plan.biases.get(key)
@@ -72,11 +77,30 @@ class _Baker:
             not self.plan.biases.get(key) and exact_in(self.plan.weights[key], dtype))
 
     def scratch(self, tensor):
-        """An fp32 work copy of `tensor` in one buffer reused for every weight (fresh memory
-        per weight costs page faults), made on first need: most bakes never need it."""
-        if self._scratch is None:
-            self._scratch = self.torch.empty(self.largest, dtype=self.torch.float32)
-        return self._scratch[:tensor.numel()].view(tensor.shape).copy_(tensor)
+        """An fp32 work copy of `tensor` in a buffer of the calling thread's, reused for every
+        weight (fresh memory per weight costs page faults), made on first need: most bakes
+        never need it."""
+        own = getattr(self._own, "scratch", None)
+        if own is None:
+            own = self._own.scratch = self.torch.empty(self.largest, dtype=self.torch.float32)
+        return own[:tensor.numel()].view(tensor.shape).copy_(tensor)
+
+    def tasks(self, key: str, info: TensorInfo, raw: memoryview) -> list[Task]:
+        """The work on one tensor's bytes: none (written as read), the whole tensor, or, for a
+        large weight baked in place whose modules are all plain LoRAs, one task per block of
+        rows (so that several cores share it)."""
+        apps = self._applied(key)
+        if not raw.nbytes or (not apps and self.specs[key].dtype == info.dtype):
+            return []
+        rows = info.shape[0] if info.shape else 0
+        width = math.prod(info.shape[1:])
+        step = max(1, ROW_BLOCK_ELEMENTS // max(1, width))
+        if not apps or self.plan.biases.get(key) or rows <= step or not self._in_place(key) \
+                or not row_separable(apps):
+            return [lambda: self(key, info, raw)]
+        tensor = self.torch.frombuffer(raw, dtype=torch_dtype(info.dtype)).reshape(info.shape)
+        return [lambda first=first: apply_plain_rows(tensor, apps, first, min(first + step, rows))
+                for first in range(0, rows, step)]
 
     def __call__(self, key: str, info: TensorInfo, raw: memoryview):
         torch, spec = self.torch, self.specs[key]
@@ -116,13 +140,13 @@ def _write_chunk(writer: StreamingWriter, results: list[tuple[Piece, object]], r
 
 
 @contextmanager
-def _one_core_spared():
-    """torch's compute threads, one fewer while the reading and writing threads run beside
-    them: on a small machine they would otherwise fight over every core."""
+def _one_torch_thread():
+    """torch computing on the calling thread alone: the crew's workers are the parallelism,
+    one per core, and torch's own threads beside them would fight them for every core."""
     import torch
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads - 1))
+    torch.set_num_threads(1)
     try:
         yield
     finally:
@@ -186,10 +210,11 @@ class BakeStream:
         progress("baking", len(self._copied), len(self.order))
         changed = {k for k in rest if k in plan.weights or k in plan.biases
                    or writer.specs[k].dtype != infos[k].dtype}
-        with _one_core_spared():
+        with _one_torch_thread():
             bake = _Baker(plan, writer.specs, changed)
             chunks = plan_chunks(plan.header, rest, changed)
-            with ChunkReader(self._reader, chunks, landing=landing_in(writer)) as chunk_reader, \
+            with ChunkReader(self._reader, chunks, landing=landing_in(writer),
+                             buffers=BUFFERS) as chunk_reader, \
                     ThreadPoolExecutor(max_workers=1, thread_name_prefix="write") as write_thread:
                 _bake_chunks(chunk_reader, bake, writer, write_thread, infos,
                              len(self._copied), progress, cancel)
@@ -225,21 +250,32 @@ def run_bake(plan: BakePlan, progress: ProgressCallback = no_progress,
 def _bake_chunks(chunk_reader: ChunkReader, bake: _Baker, writer: StreamingWriter,
                  write_thread: ThreadPoolExecutor, infos: dict[str, TensorInfo], done: int,
                  progress: ProgressCallback, cancel: CancelToken) -> None:
+    """Bake the chunks on a crew of workers (`bake_crew`) and write each as it is done, in
+    order, on `write_thread`."""
+    import torch
+
     total = len(infos)
+    as_read = 0  # tensors that end in a chunk and need no work
     writes: deque[Future] = deque()
-    for chunk in chunk_reader:
-        results = []
-        for piece in chunk.pieces:
-            cancel.raise_if_cancelled()
-            info = infos[piece.key]
-            results.append((piece, bake(piece.key, info, chunk.bytes_of(piece))))
-            if piece.offset + piece.size == info.nbytes:
-                bake.plan.done_with(piece.key)
-                done += 1
-                progress("baking", done, total)
-        writes.append(write_thread.submit(_write_chunk, writer, results, chunk_reader.release,
-                                          chunk))
-        while len(writes) > WRITE_BEHIND:
-            writes.popleft().result()
+
+    def tasks_of(chunk: Chunk) -> list[list[Task]]:
+        nonlocal as_read
+        tasks = [bake.tasks(p.key, infos[p.key], chunk.bytes_of(p)) for p in chunk.pieces]
+        as_read += sum(1 for p, t in zip(chunk.pieces, tasks, strict=True)
+                       if not t and p.offset + p.size == infos[p.key].nbytes)
+        return tasks
+
+    def hand_on(chunk: Chunk, results: list) -> None:
+        writes.append(write_thread.submit(_write_chunk, writer, list(zip(
+            chunk.pieces, results, strict=True)), chunk_reader.release, chunk))
+
+    def tick() -> None:
+        while writes and writes[0].done():
+            writes.popleft().result()  # raises what a write raised
+        progress("baking", done + as_read + crew.tensors_done, total)
+
+    with BakeCrew(cores(), setup=lambda: torch.set_num_threads(1)) as crew:
+        crew.run(chunk_reader, tasks_of, hand_on, bake.plan.done_with, cancel, tick)
     while writes:
         writes.popleft().result()
+    progress("baking", total, total)
