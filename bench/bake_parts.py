@@ -1,11 +1,8 @@
-"""What five of the bake's mechanisms are worth: `mergekit-sd bake` as shipped against the same
+"""What four of the bake's mechanisms are worth: `mergekit-sd bake` as shipped against the same
 command with one of them undone, each in a child process, interleaved, in the same run.
 
   one worker             the crew of workers (`lora.bake_crew`) cut to one: the arithmetic on
                          a single core, as before the crew
-  buffers per pass       the copy of the untouched tensors and the bake each with read buffers
-                         of their own, made at 16 MB and replaced by a larger one for a larger
-                         tensor, instead of one `io.buffers.BufferPool` made once for both
   4 KiB shared buffers   the chunk and stage buffers as Python's plain anonymous mmap (shared,
                          so the kernel keeps them on small pages) instead of `io.buffers`'
                          private mappings advised onto transparent huge pages
@@ -19,7 +16,7 @@ LoRA, key maps and SHA256s remembered, warm page cache, earlier outputs deleted 
 flushed before every run. Prints median wall time and peak RSS per variant and each one's
 ratio to the shipped bake; writes bench/results/bake_parts.json.
 
-Run from the repository root: .venv/bin/python bench/bake_parts.py  (about 7 minutes on 2 cores
+Run from the repository root: .venv/bin/python bench/bake_parts.py  (about 6 minutes on 2 cores
 with the default 5 rounds; needs about 15 GB free in --workdir, default /tmp).
 """
 
@@ -44,8 +41,8 @@ from bake import _settle, _warm  # noqa: E402
 
 THIS = str(Path(__file__).resolve())
 SHIPPED = "as shipped"
-VARIANTS = (SHIPPED, "one worker", "buffers per pass", "4 KiB shared buffers",
-            "interpreter teardown", "LoRA pages kept")
+VARIANTS = (SHIPPED, "one worker", "4 KiB shared buffers", "interpreter teardown",
+            "LoRA pages kept")
 
 
 def child_bake(variant: str, *argv: str) -> None:
@@ -54,17 +51,12 @@ def child_bake(variant: str, *argv: str) -> None:
         from mergekit_sd.lora import bake_run
 
         bake_run.cores = lambda: 1
-    elif variant == "buffers per pass":
-        from mergekit_sd.io.chunks import ChunkReader
-
-        own_buffers = ChunkReader.__init__
-        ChunkReader.__init__ = lambda self, *a, pool=None, **k: own_buffers(self, *a, **k)
     elif variant == "4 KiB shared buffers":
         import mmap
 
-        from mergekit_sd.io import buffers, direct
+        from mergekit_sd.io import chunks, direct
 
-        buffers.page_buffer = direct.page_buffer = lambda size: mmap.mmap(-1, size)
+        chunks.page_buffer = direct.page_buffer = lambda size: mmap.mmap(-1, size)
     elif variant == "LoRA pages kept":
         from mergekit_sd.lora.bake import BakePlan
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import mmap
-import queue
-import threading
 
 
 def page_buffer(size: int) -> mmap.mmap:
@@ -26,41 +24,3 @@ def page_buffer(size: int) -> mmap.mmap:
         with contextlib.suppress(OSError):
             buffer.madvise(advice)
     return buffer
-
-
-HUGE_PAGE = 2 << 20
-
-
-class BufferPool:
-    """A few large buffers, taken and given back, that several passes over one file can share
-    (a bake copies part of the file, then bakes the rest): their memory is faulted in once.
-    Fresh memory costs more than the copy into it on some machines (each page is zeroed, and a
-    virtual machine's host may back it only when first touched), so buffers are made only when
-    first taken, and one too small for what it must hold is replaced by a larger one, which
-    stays. Sizes are whole huge pages, so that the kernel can place them on huge pages."""
-
-    def __init__(self, count: int, size: int):
-        self.size = _whole_huge_pages(size)
-        self._free: queue.Queue = queue.Queue()
-        for _ in range(count):
-            self._free.put(None)  # a buffer not made yet
-
-    def take(self, size: int, stop: threading.Event) -> mmap.mmap | None:
-        """A buffer of at least `size` bytes, waiting while all are taken; None once `stop`
-        is set."""
-        while not stop.is_set():
-            try:
-                buffer = self._free.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            if buffer is None or len(buffer) < size:
-                buffer = page_buffer(_whole_huge_pages(max(size, self.size)))
-            return buffer
-        return None
-
-    def give(self, buffer: mmap.mmap) -> None:
-        self._free.put(buffer)
-
-
-def _whole_huge_pages(size: int) -> int:
-    return -(-size // HUGE_PAGE) * HUGE_PAGE if size >= HUGE_PAGE else size

@@ -22,7 +22,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from mergekit_sd.io.buffers import BufferPool
+from mergekit_sd.io.buffers import page_buffer
 from mergekit_sd.io.direct import BLOCK
 from mergekit_sd.io.header import SafetensorsHeader
 from mergekit_sd.io.reader import SafetensorsReader
@@ -103,21 +103,35 @@ class ChunkReader:
     where it was read from)."""
 
     def __init__(self, reader: SafetensorsReader, chunks: list[Chunk], size: int = CHUNK_BYTES,
-                 buffers: int = BUFFERS, landing: Callable[[Chunk], int] | None = None,
-                 pool: BufferPool | None = None):
-        self._reader, self._chunks = reader, chunks
+                 buffers: int = BUFFERS, landing: Callable[[Chunk], int] | None = None):
+        self._reader, self._chunks, self._size = reader, chunks, size
         self._landing = landing or (lambda chunk: chunk.start)
-        # room to shift by up to a block; a tensor larger than a chunk gets a larger buffer,
-        # never more than the pool's buffers at once (memory would grow with the file)
-        self._pool = pool or BufferPool(min(buffers, len(chunks)), size + BLOCK)
+        self._free: queue.Queue = queue.Queue()
+        for _ in range(min(buffers, len(chunks))):
+            self._free.put(page_buffer(size + BLOCK))  # room to shift by up to a block
         self._ready: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._fill, name="read-ahead", daemon=True)
 
+    def _buffer_for(self, chunk: Chunk) -> mmap.mmap | None:
+        """A pooled buffer, waiting for one to be released, so that no more than `buffers`
+        chunks are ever held. One too small for a tensor larger than a chunk is replaced by a
+        larger one, which stays in the pool: fresh memory for every large tensor would cost a
+        page fault per 4 KiB of it."""
+        while not self._stop.is_set():
+            try:
+                buffer = self._free.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if len(buffer) < chunk.size + BLOCK:
+                buffer = page_buffer(chunk.size + BLOCK)  # the smaller one goes when unused
+            return buffer
+        return None
+
     def _fill(self) -> None:
         try:
             for chunk in self._chunks:
-                buffer = self._pool.take(chunk.size + BLOCK, self._stop)
+                buffer = self._buffer_for(chunk)
                 if buffer is None:
                     return
                 chunk._buffer = buffer
@@ -139,21 +153,15 @@ class ChunkReader:
     def release(self, chunk: Chunk) -> None:
         buffer, chunk._buffer, chunk.view = chunk._buffer, None, None
         if buffer is not None:
-            self._pool.give(buffer)
+            self._free.put(buffer)
 
     def __enter__(self) -> ChunkReader:
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        """Stop reading ahead; the buffers of chunks read and never taken go back to the
-        pool."""
         self._stop.set()
         self._thread.join()
-        while not self._ready.empty():
-            item = self._ready.get()
-            if isinstance(item, Chunk):
-                self.release(item)
 
 
 def landing_in(writer: StreamingWriter) -> Callable[[Chunk], int]:

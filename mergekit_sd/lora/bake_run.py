@@ -21,17 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
-from mergekit_sd.io.buffers import BufferPool
-from mergekit_sd.io.chunks import (
-    CHUNK_BYTES,
-    Chunk,
-    ChunkReader,
-    Piece,
-    landing_in,
-    plan_chunks,
-    write_runs,
-)
-from mergekit_sd.io.direct import BLOCK
+from mergekit_sd.io.chunks import Chunk, ChunkReader, Piece, landing_in, plan_chunks, write_runs
 from mergekit_sd.io.dtypes import torch_dtype
 from mergekit_sd.io.hash_cache import known_sha256
 from mergekit_sd.io.header import TensorInfo
@@ -186,10 +176,6 @@ class BakeStream:
             raise
         # a copy only while no tensor changes dtype (that takes torch)
         self._copied = untouched if OUTPUT_DTYPES[plan.dtype] is None else []
-        # one set of read buffers for the copy and the bake, each large enough for any tensor
-        # the bake may need whole: made (and their pages faulted in) once
-        largest = max((infos[k].nbytes for k in self.order[len(self._copied):]), default=0)
-        self._buffers = BufferPool(BUFFERS, max(CHUNK_BYTES, largest) + BLOCK)
         self._stop = threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._copy, name="copy-untouched", daemon=True)
@@ -198,8 +184,7 @@ class BakeStream:
     def _copy(self) -> None:
         chunks = plan_chunks(self.plan.header, self._copied, set())
         try:
-            with ChunkReader(self._reader, chunks, landing=landing_in(self._writer),
-                             pool=self._buffers) as reading:
+            with ChunkReader(self._reader, chunks, landing=landing_in(self._writer)) as reading:
                 for chunk in reading:
                     if self._stop.is_set():
                         return
@@ -229,7 +214,7 @@ class BakeStream:
             bake = _Baker(plan, writer.specs, changed)
             chunks = plan_chunks(plan.header, rest, changed)
             with ChunkReader(self._reader, chunks, landing=landing_in(writer),
-                             pool=self._buffers) as chunk_reader, \
+                             buffers=BUFFERS) as chunk_reader, \
                     ThreadPoolExecutor(max_workers=1, thread_name_prefix="write") as write_thread:
                 _bake_chunks(chunk_reader, bake, writer, write_thread, infos,
                              len(self._copied), progress, cancel)
