@@ -442,3 +442,21 @@ def test_inspect_lists_each_module_under_the_block_whose_strength_bake_gives_it(
         assert block_of_module(name, base) == expected, name
         blocks.add(expected)
     assert {"BASE", "IN00", "M00"} <= blocks and len(blocks) > 10
+
+
+def test_planning_a_bake_reads_each_loras_header_once(tmp_path, monkeypatch):
+    from mergekit_sd.lora import bake, modules
+
+    base = write_checkpoint(tmp_path / "base.safetensors", "sd1", dtype="F16")
+    loras = [write_lora(tmp_path / f"{n}.safetensors", "kohya-sd1", seed=n) for n in (1, 2)]
+    reads: list[str] = []
+
+    def counted(path, *args, **kwargs):
+        reads.append(os.path.basename(path))
+        return read_header(path, *args, **kwargs)
+
+    monkeypatch.setattr(bake, "read_header", counted)
+    monkeypatch.setattr(modules, "read_header", counted)
+    plan = plan_bake(base, [LoraUse(p.stem, p) for p in loras], tmp_path / "out.safetensors")
+    assert len(plan.files) == 2 and all(f.modules for f in plan.files)
+    assert sorted(r for r in reads if r != "base.safetensors") == ["1.safetensors", "2.safetensors"]

@@ -71,6 +71,7 @@ class BakePlan:
     base_hash: BackgroundSha256 | None = None  # hashing the base meanwhile, when not known
     index: TargetIndex | None = None
     touched: set[str] = field(default_factory=set)  # keys some LoRA module names
+    lora_headers: list[SafetensorsHeader] = field(default_factory=list)  # read while planning
 
     def stop(self) -> None:
         """Stop the work it runs in the background (the base's hash): the bake is not going
@@ -142,7 +143,8 @@ def prepare_bake(base: str | Path, uses: list[LoraUse], output: str | Path,
     lora_headers = [read_header(use.path) for use in uses]
     for use, lora_header in zip(uses, lora_headers, strict=True):  # before the key maps
         _check_lora(use, identify(lora_header), arch)
-    plan = BakePlan(base, header, arch, uses, [], Path(output), dtype, known_sha256=known_sha256)
+    plan = BakePlan(base, header, arch, uses, [], Path(output), dtype, known_sha256=known_sha256,
+                    lora_headers=lora_headers)
     if not known_sha256 and not remembered_sha256(base):
         plan.base_hash = BackgroundSha256(base)
     try:
@@ -164,19 +166,21 @@ def prepare_bake(base: str | Path, uses: list[LoraUse], output: str | Path,
 def load_loras(plan: BakePlan) -> None:
     """Load the LoRAs and aim every module at its weight; their SHA256s for the provenance."""
     plan.files, plan.weights, plan.biases, plan.unmatched = match_loras(
-        plan.index, plan.arch, plan.uses, plan.base.name)
+        plan.index, plan.arch, plan.uses, plan.base.name, plan.lora_headers)
     plan.lora_sha256s = [u.sha256.lower() if u.sha256 else file_sha256(u.path)
                          for u in plan.uses]
 
 
-def match_loras(index: TargetIndex, arch: Architecture, uses: list[LoraUse], base_name: str):
+def match_loras(index: TargetIndex, arch: Architecture, uses: list[LoraUse], base_name: str,
+                headers: list[SafetensorsHeader] | None = None):
     """Load each LoRA and aim every module at its weight: (files, weight applications by key,
     bias applications by key, unmatched modules). A LoRA none of whose modules fits is
-    refused as one for another architecture."""
+    refused as one for another architecture. `headers`: the LoRAs' own, when already read."""
     files, weights, biases, unmatched = [], {}, {}, []
     for i, use in enumerate(uses):
-        _check_lora(use, identify(read_header(use.path)), arch)
-        lora = load_lora(use.path)
+        header = headers[i] if headers else read_header(use.path)
+        _check_lora(use, identify(header), arch)
+        lora = load_lora(use.path, header)
         files.append(lora)
         blocks = block_strengths(use.blocks, arch, f"{use.ref}: blocks")
         te = use.strength if use.te_strength is None else use.te_strength

@@ -107,12 +107,12 @@ def group_modules(header: SafetensorsHeader) -> tuple[dict[str, dict[str, str]],
     return grouped, ignored
 
 
-def load_lora(path: str | Path) -> LoraFile:
-    """Every module of the LoRA at `path`. Tensors keep the file's dtype: a rank-64 SDXL LoRA
-    is half a gigabyte in fp16 and would be a whole one in fp32; each module's factors are
-    cast when its delta is made."""
+def load_lora(path: str | Path, header: SafetensorsHeader | None = None) -> LoraFile:
+    """Every module of the LoRA at `path` (whose `header` the caller may have read already).
+    Tensors keep the file's dtype: a rank-64 SDXL LoRA is half a gigabyte in fp16 and would be
+    a whole one in fp32; each module's factors are cast when its delta is made."""
     path = Path(path)
-    header = read_header(path)
+    header = header or read_header(path)
     grouped, ignored = group_modules(header)
     lora = LoraFile(path, dict(header.metadata), ignored=ignored)
     if not grouped:
