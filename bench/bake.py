@@ -65,6 +65,19 @@ def child_generate(base: str, lora: str) -> None:
     print(json.dumps({"seconds": time.perf_counter() - start}))
 
 
+def generate_models(work: Path) -> tuple[Path, Path]:
+    """The full-size SDXL checkpoint and rank-64 LoRA the bake benches use, written into
+    `work` by a child process; prints their sizes."""
+    base, lora = work / "sdxl.safetensors", work / "lora-r64.safetensors"
+    made = m.run_child([sys.executable, THIS, "--child", "generate", str(base), str(lora)])
+    if made.returncode:
+        raise SystemExit(f"generating the models failed:\n{made.stderr[-2000:]}")
+    print(f"SDXL fp16 checkpoint {m.human_bytes(base.stat().st_size)}, kohya LoRA rank "
+          f"{RANK} {m.human_bytes(lora.stat().st_size)} (generated in "
+          f"{made.json_line()['seconds']:.0f} s)")
+    return base, lora
+
+
 def child_copy(base: str, out: str) -> None:
     """The baseline: the file streamed through the same chunked read-ahead and writer the bake
     uses (reused buffers, reading on a thread while this one writes, each chunk written from
@@ -110,13 +123,7 @@ def main() -> None:
     m.compile_bytecode()
     work = Path(tempfile.mkdtemp(prefix="bench-bake-", dir=args.workdir))
     try:
-        base, lora = work / "sdxl.safetensors", work / "lora-r64.safetensors"
-        made = m.run_child([sys.executable, THIS, "--child", "generate", str(base), str(lora)])
-        if made.returncode:
-            raise SystemExit(f"generating the models failed:\n{made.stderr[-2000:]}")
-        print(f"SDXL fp16 checkpoint {m.human_bytes(base.stat().st_size)}, kohya LoRA rank "
-              f"{RANK} {m.human_bytes(lora.stat().st_size)} (generated in "
-              f"{made.json_line()['seconds']:.0f} s)")
+        base, lora = generate_models(work)
         bake = [CLI, "bake", str(base), f"{lora}:0.8", "-o", str(work / "baked.safetensors")]
         contenders = {
             "streaming copy": [sys.executable, THIS, "--child", "copy", str(base),

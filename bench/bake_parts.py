@@ -36,8 +36,7 @@ import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
 import _measure as m  # noqa: E402
-from bake import THIS as BAKE_BENCH  # noqa: E402
-from bake import _settle, _warm  # noqa: E402
+from bake import _settle, _warm, generate_models  # noqa: E402
 
 THIS = str(Path(__file__).resolve())
 SHIPPED = "as shipped"
@@ -75,11 +74,7 @@ def main() -> None:
     m.compile_bytecode()
     work = Path(tempfile.mkdtemp(prefix="bench-bake-parts-", dir=args.workdir))
     try:
-        base, lora = work / "sdxl.safetensors", work / "lora-r64.safetensors"
-        made = m.run_child([sys.executable, BAKE_BENCH, "--child", "generate", str(base),
-                            str(lora)])
-        if made.returncode:
-            raise SystemExit(f"generating the models failed:\n{made.stderr[-2000:]}")
+        base, lora = generate_models(work)
         os.environ["MERGEKIT_SD_CACHE"] = str(work / "cache")
         bake = [str(base), f"{lora}:0.8", "-o", str(work / "baked.safetensors")]
         _settle(work)

@@ -237,10 +237,10 @@ def apply_plain_rows(tensor, apps: list[Application], first: int, end: int) -> N
     """Rows [first, end) of the weight with every (plain) module's delta added, each module
     where its target's rows meet them, in the order `apply_loras` adds them."""
     for app in apps:
-        lo, hi = app.target.rows or (0, tensor.shape[0])
-        lo, hi, skip = max(lo, first), min(hi, end), lo
+        start, stop = app.target.rows or (0, tensor.shape[0])  # the module's rows
+        lo, hi = max(start, first), min(stop, end)
         if app.strength and lo < hi:
-            _add_plain(tensor[lo:hi], app, lo - skip)
+            _add_plain(tensor[lo:hi], app, lo - start)
 
 
 def _add_plain(view, app: Application, up_row: int) -> None:
