@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -23,7 +24,7 @@ from mergekit_sd.io.hashing import file_sha256
 from mergekit_sd.io.header import read_header
 from mergekit_sd.io.reader import SafetensorsReader
 from mergekit_sd.io.writer import StreamingWriter, TensorSpec
-from mergekit_sd.lora.bake import LoraUse, apply_loras, plan_bake
+from mergekit_sd.lora.bake import LoraUse, apply_loras, exact_in, plan_bake
 from mergekit_sd.lora.bake_run import run_bake
 from mergekit_sd.testing import write_checkpoint, write_lora
 
@@ -179,14 +180,17 @@ def test_tensors_larger_than_a_chunk_are_held_no_more_than_the_buffers_allow(tmp
 # --- weights changed in their own dtype ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", ["F16", "BF16"])
-def test_in_place_low_precision_bakes_round_like_the_fp32_route(tmp_path, dtype):
+@pytest.mark.parametrize(("variant", "kind", "dtype"), [
+    ("sdxl", "kohya-sdxl", "F16"), ("sdxl", "kohya-sdxl", "BF16"),
+    ("flux-dev", "diffusers-flux", "BF16")])
+def test_in_place_low_precision_bakes_round_like_the_fp32_route(tmp_path, variant, kind, dtype):
     """A plain LoRA whose factors share the base's dtype is fused in that dtype in the read
-    buffer; the matrix kernel accumulates in fp32 and rounds once, so the result must be the
-    fp32 route's rounded result up to the summation order: at most one unit in the last place,
-    and on almost no elements."""
-    base = write_checkpoint(tmp_path / "base.safetensors", "sdxl", dtype=dtype)
-    lora = write_lora(tmp_path / "l.safetensors", "kohya-sdxl", rank=8, dtype=dtype)
+    buffer, and so are the separate q, k and v modules on their own rows of a fused qkv (SDXL's
+    second text encoder, FLUX); the matrix kernel accumulates in fp32 and rounds once, so the
+    result must be the fp32 route's rounded result up to the summation order: at most one unit
+    in the last place, and on almost no elements."""
+    base = write_checkpoint(tmp_path / "base.safetensors", variant, dtype=dtype)
+    lora = write_lora(tmp_path / "l.safetensors", kind, rank=8, dtype=dtype)
     plan = plan_bake(base, [LoraUse("l", lora, 0.7)], tmp_path / "out.safetensors")
     baked, original = load_file(run_bake(plan)), load_file(base)
     low = getattr(torch, {"F16": "float16", "BF16": "bfloat16"}[dtype])
@@ -197,14 +201,28 @@ def test_in_place_low_precision_bakes_round_like_the_fp32_route(tmp_path, dtype)
         assert got.dtype == low
         ulp = torch.abs(expected.float()).clamp_min(1e-30)
         ulp = torch.pow(2.0, torch.floor(torch.log2(ulp)) - (10 if dtype == "F16" else 7))
+        ulp = ulp.clamp_min(torch.finfo(low).tiny * torch.finfo(low).eps)  # subnormals' step
         off = (got.float() - expected.float()).abs()
         assert (off <= ulp * 1.0001).all(), key
         differing += int((got != expected).sum())
         elements += got.numel()
         checked += 1
     assert checked > 50 and differing <= elements * 1e-3
+    assert any(len(apps) == 3 for apps in plan.weights.values())  # a fused qkv among them
     for key in original.keys() - plan.weights.keys() - plan.biases.keys():
         assert torch.equal(baked[key], original[key]), key
+
+
+def test_modules_sharing_rows_are_not_baked_in_low_precision(tmp_path):
+    base = write_checkpoint(tmp_path / "base.safetensors", "sdxl", dtype="F16")
+    lora = write_lora(tmp_path / "l.safetensors", "kohya-sdxl", rank=4, dtype="F16")
+    plan = plan_bake(base, [LoraUse("l", lora, 0.7)], tmp_path / "out.safetensors")
+    key, apps = next((k, a) for k, a in plan.weights.items() if len(a) == 3)
+    rows = plan.header.tensors[key].shape[0]
+    assert exact_in(apps, torch.float16, rows)
+    assert not exact_in(apps, torch.bfloat16, rows)  # factors in another dtype
+    shifted = replace(apps[1], target=replace(apps[1].target, rows=(1, rows // 3 + 1)))
+    assert not exact_in([apps[0], shifted, apps[2]], torch.float16, rows)  # rows overlap
 
 
 def test_several_loras_on_one_weight_still_add_up_in_fp32(tmp_path):

@@ -214,16 +214,21 @@ def _plain(module: LoraModule) -> bool:
     return module.algo == "lora" and "mid" not in t and "dora" not in t
 
 
-def exact_in(apps: list[Application], dtype) -> bool:
-    """Whether `apply_loras` may work on a weight in `dtype` itself (fp16, bf16) rather than on
-    an fp32 copy with the same result: one plain LoRA module whose factors are stored in that
-    dtype. The product is then accumulated in fp32 by the matrix kernel and rounded once, as
-    the fp32 route rounds once when casting back; with several modules, every module would
-    round again."""
-    if len(apps) != 1 or not _plain(apps[0].module):
-        return False
-    t = apps[0].module.tensors
-    return t["up"].dtype == dtype and t["down"].dtype == dtype
+def exact_in(apps: list[Application], dtype, rows: int) -> bool:
+    """Whether `apply_loras` may work on a weight of `rows` rows in `dtype` itself (fp16,
+    bf16) rather than on an fp32 copy with the same result: plain LoRA modules whose factors
+    are stored in that dtype, each on rows of its own (one module on the whole weight, or the
+    separate q, k and v of a fused qkv). Each element's product is then accumulated in fp32 by
+    the matrix kernel and rounded once, as the fp32 route rounds once when casting back; where
+    two modules shared an element, it would be rounded again for the second."""
+    spans = sorted(app.target.rows or (0, rows) for app in apps)
+    if any(end > start for (_, end), (start, _) in zip(spans, spans[1:])):
+        return False  # two modules on one row
+    for app in apps:
+        t = app.module.tensors
+        if not _plain(app.module) or t["up"].dtype != dtype or t["down"].dtype != dtype:
+            return False
+    return True
 
 
 def row_separable(apps: list[Application]) -> bool:

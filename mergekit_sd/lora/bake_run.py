@@ -74,7 +74,8 @@ class _Baker:
             return False
         dtype = torch_dtype(info.dtype)
         return dtype == self.torch.float32 or (
-            not self.plan.biases.get(key) and exact_in(self.plan.weights[key], dtype))
+            not self.plan.biases.get(key)
+            and exact_in(self.plan.weights[key], dtype, info.shape[0] if info.shape else 1))
 
     def scratch(self, tensor):
         """An fp32 work copy of `tensor` in a buffer of the calling thread's, reused for every
