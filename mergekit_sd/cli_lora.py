@@ -88,6 +88,7 @@ def bake(
     """Bake LoRAs into a checkpoint in one streaming pass; every module lands or is listed."""
     from mergekit_sd.cli_progress import rich_progress
     from mergekit_sd.lora.bake import LoraUse, load_loras, prepare_bake
+    from mergekit_sd.cli_startup import import_torch
     from mergekit_sd.lora.bake_run import BakeStream
 
     if len(blocks) > 1 and len(blocks) != len(loras):
@@ -107,6 +108,7 @@ def bake(
     plan = prepare_bake(base_path, uses, output, dtype, known_sha256=base_sha)
     # the output begins (tensors no LoRA names) while the LoRAs load and torch is imported
     with BakeStream(plan) as stream:
+        import_torch()
         load_loras(plan)
         if plan.unmatched:
             show_unmatched(plan.unmatched)
