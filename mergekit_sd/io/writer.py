@@ -16,6 +16,7 @@ from pathlib import Path
 
 from mergekit_sd.io.direct import DIRECT_FROM_BYTES, DirectAppender, pwrite_all
 from mergekit_sd.io.dtypes import SAFETENSORS_DTYPES, nbytes_of, safetensors_dtype
+from mergekit_sd.io.interrupts import interrupts_held
 
 ALIGNMENT = 8  # header padded with spaces so tensor data starts 8-byte aligned, as the library does
 
@@ -246,13 +247,15 @@ class StreamingWriter:
         return self.path
 
     def abort(self) -> None:
-        if self._sequence is not None:
-            self._sequence.abandon()
-            self._sequence = None
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-        self.partial.unlink(missing_ok=True)
+        """Stop and delete the partial file (a second Ctrl-C waits until it is gone)."""
+        with interrupts_held():
+            if self._sequence is not None:
+                self._sequence.abandon()
+                self._sequence = None
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+            self.partial.unlink(missing_ok=True)
 
     def __enter__(self) -> StreamingWriter:
         return self

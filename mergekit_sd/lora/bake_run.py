@@ -25,6 +25,7 @@ from mergekit_sd.io.chunks import Chunk, ChunkReader, Piece, landing_in, plan_ch
 from mergekit_sd.io.dtypes import torch_dtype
 from mergekit_sd.io.hash_cache import known_sha256
 from mergekit_sd.io.header import TensorInfo
+from mergekit_sd.io.interrupts import interrupts_held
 from mergekit_sd.io.reader import SafetensorsReader
 from mergekit_sd.io.writer import StreamingWriter, TensorSpec
 from mergekit_sd.lora.bake import (
@@ -227,11 +228,14 @@ class BakeStream:
         return written
 
     def abort(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.plan.stop()
-        self._writer.abort()
-        self._reader.close()
+        """Stop the copy and delete the partial file (a second Ctrl-C waits until it is gone:
+        the copy thread may take a moment to finish its chunk)."""
+        with interrupts_held():
+            self._stop.set()
+            self._thread.join()
+            self.plan.stop()
+            self._writer.abort()
+            self._reader.close()
 
     def __enter__(self) -> BakeStream:
         return self
