@@ -87,8 +87,8 @@ def bake(
 ) -> None:
     """Bake LoRAs into a checkpoint in one streaming pass; every module lands or is listed."""
     from mergekit_sd.cli_progress import rich_progress
-    from mergekit_sd.lora.bake import LoraUse, load_loras, prepare_bake
     from mergekit_sd.cli_startup import import_torch
+    from mergekit_sd.lora.bake import LoraUse, load_loras, prepare_bake
     from mergekit_sd.lora.bake_run import BakeStream
 
     if len(blocks) > 1 and len(blocks) != len(loras):

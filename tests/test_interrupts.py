@@ -16,19 +16,17 @@ from mergekit_sd.testing import write_checkpoint, write_lora
 
 def test_an_interrupt_inside_is_held_until_the_block_is_done():
     done = []
-    with pytest.raises(KeyboardInterrupt):
-        with interrupts_held():
-            signal.raise_signal(signal.SIGINT)
-            done.append("after the signal")
+    with pytest.raises(KeyboardInterrupt), interrupts_held():
+        signal.raise_signal(signal.SIGINT)
+        done.append("after the signal")
     assert done == ["after the signal"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_a_block_leaving_with_its_own_error_keeps_that_error():
-    with pytest.raises(ValueError):
-        with interrupts_held():
-            signal.raise_signal(signal.SIGINT)
-            raise ValueError("the block's own")
+    with pytest.raises(ValueError), interrupts_held():
+        signal.raise_signal(signal.SIGINT)
+        raise ValueError("the block's own")
 
 
 def test_nothing_is_held_off_the_main_thread():

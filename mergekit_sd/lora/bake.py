@@ -222,7 +222,7 @@ def exact_in(apps: list[Application], dtype, rows: int) -> bool:
     the matrix kernel and rounded once, as the fp32 route rounds once when casting back; where
     two modules shared an element, it would be rounded again for the second."""
     spans = sorted(app.target.rows or (0, rows) for app in apps)
-    if any(end > start for (_, end), (start, _) in zip(spans, spans[1:])):
+    if any(end > start for (_, end), (start, _) in zip(spans, spans[1:], strict=False)):
         return False  # two modules on one row
     for app in apps:
         t = app.module.tensors
