@@ -4,6 +4,7 @@ grid, and A/B sheets. Registered lazily by cli.py (torch and diffusers load only
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -19,6 +20,32 @@ PRESET_HELP = ("standard, lcm, lightning-2/4/8, turbo, hyper-1/2/4/8 or schnell 
 LORA_HELP = ("The preset's LoRA: a path, catalog name or hf://org/repo/file; `none` for "
              "candidates that have it merged in (default: the preset's official one).")
 CONFIG_DIR_HELP = "A local diffusers-format model folder to take tokenizers from."
+
+# The options render and compare share, declared once.
+Grid = Annotated[str | None, typer.Option("--grid", help=GRID_HELP)]
+Preset = Annotated[str, typer.Option("--preset", help=PRESET_HELP)]
+Steps = Annotated[int | None, typer.Option("--steps", help="Override the preset's or grid's "
+                                                           "steps.")]
+Guidance = Annotated[float | None, typer.Option("--guidance", help="Override the guidance "
+                                                                   "(CFG).")]
+Scheduler = Annotated[str | None, typer.Option("--scheduler", help="euler, euler_a, dpmpp_2m, "
+                                                                   "ddim, lcm, unipc, flow_euler "
+                                                                   "...")]
+Lora = Annotated[str | None, typer.Option("--lora", help=LORA_HELP)]
+LoraScale = Annotated[float | None, typer.Option("--lora-scale", help="Weight of the fused "
+                                                                      "LoRA.")]
+Size = Annotated[str | None, typer.Option("--size", help="WIDTHxHEIGHT (default: the grid's).")]
+Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or mps.")]
+Dtype = Annotated[str, typer.Option("--dtype", help="auto, fp32, fp16 or bf16.")]
+Batch = Annotated[int | None, typer.Option("--batch", help="Images per batch (default: fill "
+                                                           "the device).")]
+ConfigDir = Annotated[Path | None, typer.Option("--config-dir", help=CONFIG_DIR_HELP)]
+Assignments = Annotated[list[str], typer.Option("--set", help="STEP.PARAM=VALUE for recipes.")]
+Html = Annotated[bool, typer.Option("--html", help="Also write index.html.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+Catalog = Annotated[Path | None, typer.Option("--catalog", help=CATALOG_HELP)]
+Pull = Annotated[bool, typer.Option("--pull", help="Download hf:// references the catalog does "
+                                                   "not have yet.")]
 
 
 def _size(text: str | None) -> tuple[int, int] | None:
@@ -95,26 +122,23 @@ def render(
                                                      "recipes (a sweep: every candidate, "
                                                      "merged in memory)."),
     out: Path = typer.Option(..., "--out", help="Folder for images, sheets and manifest."),
-    grid: str = typer.Option(None, "--grid", help=GRID_HELP),
-    preset: str = typer.Option("standard", "--preset", help=PRESET_HELP),
-    steps: int = typer.Option(None, "--steps", help="Override the preset's or grid's steps."),
-    guidance: float = typer.Option(None, "--guidance", help="Override the guidance (CFG)."),
-    scheduler: str = typer.Option(None, "--scheduler", help="euler, euler_a, dpmpp_2m, ddim, "
-                                                            "lcm, unipc, flow_euler ..."),
-    lora: str = typer.Option(None, "--lora", help=LORA_HELP),
-    lora_scale: float = typer.Option(None, "--lora-scale", help="Weight of the fused LoRA."),
-    size: str = typer.Option(None, "--size", help="WIDTHxHEIGHT (default: the grid's)."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or mps."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto, fp32, fp16 or bf16."),
-    batch: int = typer.Option(None, "--batch", help="Images per batch (default: fill the "
-                                                    "device)."),
-    config_dir: Path = typer.Option(None, "--config-dir", help=CONFIG_DIR_HELP),
-    assignments: list[str] = typer.Option([], "--set", help="STEP.PARAM=VALUE for recipes."),
-    html: bool = typer.Option(False, "--html", help="Also write index.html."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
-    catalog: Path = typer.Option(None, "--catalog", help=CATALOG_HELP),
-    pull: bool = typer.Option(False, "--pull", help="Download hf:// references the catalog "
-                                                    "does not have yet."),
+    grid: Grid = None,
+    preset: Preset = "standard",
+    steps: Steps = None,
+    guidance: Guidance = None,
+    scheduler: Scheduler = None,
+    lora: Lora = None,
+    lora_scale: LoraScale = None,
+    size: Size = None,
+    device: Device = "cpu",
+    dtype: Dtype = "auto",
+    batch: Batch = None,
+    config_dir: ConfigDir = None,
+    assignments: Assignments = [],  # noqa: B006 (only read)
+    html: Html = False,
+    as_json: AsJson = False,
+    catalog: Catalog = None,
+    pull: Pull = False,
 ) -> None:
     """Render every candidate on a prompt grid with one pipeline per architecture.
 
@@ -138,25 +162,24 @@ def compare(
                                       "recipe."),
     b: str = typer.Argument(..., help="Candidate B."),
     out: Path = typer.Option(..., "--out", help="Folder for images, A/B sheets and manifest."),
-    grid: str = typer.Option(None, "--grid", help=GRID_HELP),
-    preset: str = typer.Option("standard", "--preset", help=PRESET_HELP),
-    steps: int = typer.Option(None, "--steps", help="Override the preset's or grid's steps."),
-    guidance: float = typer.Option(None, "--guidance", help="Override the guidance (CFG)."),
-    scheduler: str = typer.Option(None, "--scheduler", help="See render --help."),
-    lora: str = typer.Option(None, "--lora", help=LORA_HELP),
-    lora_scale: float = typer.Option(None, "--lora-scale", help="Weight of the fused LoRA."),
-    size: str = typer.Option(None, "--size", help="WIDTHxHEIGHT (default: the grid's)."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or mps."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto, fp32, fp16 or bf16."),
-    batch: int = typer.Option(None, "--batch", help="Images per batch."),
-    config_dir: Path = typer.Option(None, "--config-dir", help=CONFIG_DIR_HELP),
-    assignments: list[str] = typer.Option([], "--set", help="STEP.PARAM=VALUE for recipes."),
+    grid: Grid = None,
+    preset: Preset = "standard",
+    steps: Steps = None,
+    guidance: Guidance = None,
+    scheduler: Scheduler = None,
+    lora: Lora = None,
+    lora_scale: LoraScale = None,
+    size: Size = None,
+    device: Device = "cpu",
+    dtype: Dtype = "auto",
+    batch: Batch = None,
+    config_dir: ConfigDir = None,
+    assignments: Assignments = [],  # noqa: B006 (only read)
     no_heat: bool = typer.Option(False, "--no-heat", help="Leave out the difference heat map."),
-    html: bool = typer.Option(False, "--html", help="Also write index.html."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
-    catalog: Path = typer.Option(None, "--catalog", help=CATALOG_HELP),
-    pull: bool = typer.Option(False, "--pull", help="Download hf:// references the catalog "
-                                                    "does not have yet."),
+    html: Html = False,
+    as_json: AsJson = False,
+    catalog: Catalog = None,
+    pull: Pull = False,
 ) -> None:
     """Render two candidates on the same grid and noise, and lay them out side by side.
 
