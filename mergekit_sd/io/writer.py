@@ -10,9 +10,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from mergekit_sd.io.direct import DIRECT_FROM_BYTES, DirectAppender, pwrite_all
 from mergekit_sd.io.dtypes import SAFETENSORS_DTYPES, nbytes_of, safetensors_dtype
@@ -52,20 +53,27 @@ def fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> Path:
-    """Write a small file whole (an image, a sidecar, a manifest) as NAME.partial, fsync it and
-    rename it to NAME; on any failure the partial file is removed and NAME left as it was."""
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[BinaryIO]:
+    """NAME.partial, open for writing; when the block is done it is fsynced and renamed to
+    NAME, and on any failure (Ctrl-C included) removed, with NAME left as it was."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = partial_path(path)
     try:
         with open(partial, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(partial, path)
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> Path:
+    """Write a small file whole (an image, a sidecar, a manifest) atomically (`atomic_file`)."""
+    with atomic_file(path) as f:
+        f.write(data)
     return path
 
 

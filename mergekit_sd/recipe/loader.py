@@ -6,20 +6,14 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 from pydantic import ValidationError
 
-from mergekit_sd.errors import UserError
 from mergekit_sd.recipe.schema import Recipe
+from mergekit_sd.yaml_lines import YamlFileError, dotted, line_of, load_mapping
 
 
-class RecipeError(UserError):
+class RecipeError(YamlFileError):
     """A recipe problem: one sentence with the file, the line and the field."""
-
-    def __init__(self, path: Path | str, line: int | None, field_path: str, problem: str):
-        where = f"{path}, line {line}" if line else f"{path}"
-        super().__init__(f"{where}, {field_path}: {problem}" if field_path
-                         else f"{where}: {problem}")
 
 
 @dataclass
@@ -34,50 +28,12 @@ class LoadedRecipe:
                            problem)
 
 
-def dotted(loc: tuple) -> str:
-    return ".".join(str(part) for part in loc)
-
-
-def line_of(lines: dict[tuple, int], loc: tuple) -> int | None:
-    """The line of the deepest part of `loc` the file has (a missing field: its parent's)."""
-    loc = tuple(loc)
-    while loc:
-        if loc in lines:
-            return lines[loc]
-        loc = loc[:-1]
-    return lines.get(())
-
-
-def _line_map(node, prefix: tuple = (), lines: dict | None = None) -> dict[tuple, int]:
-    lines = {} if lines is None else lines
-    lines.setdefault(prefix, node.start_mark.line + 1)
-    if isinstance(node, yaml.MappingNode):
-        for key, value in node.value:
-            path = (*prefix, key.value)
-            lines[path] = key.start_mark.line + 1
-            _line_map(value, path, lines)
-    elif isinstance(node, yaml.SequenceNode):
-        for index, item in enumerate(node.value):
-            _line_map(item, (*prefix, index), lines)
-    return lines
-
-
 _LEADING_PATH = re.compile(r"^(?:Value error, )?([A-Za-z_][\w]*(?:\.[\w-]+)*): (.*)$", re.S)
 
 
 def parse_recipe(text: str, path: Path | str = "<recipe>") -> LoadedRecipe:
     path = Path(path)
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        problem = getattr(exc, "problem", None) or "is not valid YAML"
-        raise RecipeError(path, mark.line + 1 if mark else None, "",
-                          f"is not valid YAML ({problem})") from None
-    if not isinstance(data, dict):
-        raise RecipeError(path, 1, "", "must be a YAML mapping with models, steps and output")
-    lines = _line_map(node) if node is not None else {}
+    data, lines = load_mapping(text, path, RecipeError, "models, steps and output")
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:

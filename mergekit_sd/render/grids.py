@@ -11,11 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mergekit_sd.errors import UserError
-from mergekit_sd.recipe.loader import _line_map, dotted, line_of
+from mergekit_sd.yaml_lines import YamlFileError, dotted, line_of, load_mapping
 
 GRIDS_DIR = Path(__file__).resolve().parents[2] / "recipes" / "grids"
 DEFAULT_GRID = GRIDS_DIR / "default.yaml"
@@ -24,13 +22,8 @@ SIZE_STEP = 64  # every UNet and transformer here accepts multiples of 64 pixels
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 
-class GridError(UserError):
+class GridError(YamlFileError):
     """A grid problem: one sentence with the file, the line and the field."""
-
-    def __init__(self, path: Path | str, line: int | None, field_path: str, problem: str):
-        where = f"{path}, line {line}" if line else f"{path}"
-        super().__init__(f"{where}, {field_path}: {problem}" if field_path
-                         else f"{where}: {problem}")
 
 
 class GridPrompt(BaseModel):
@@ -125,16 +118,7 @@ def _loaded(grid: Grid, path: Path) -> LoadedGrid:
 
 def parse_grid(text: str, path: Path | str = "<grid>") -> LoadedGrid:
     path = Path(path)
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise GridError(path, mark.line + 1 if mark else None, "",
-                        f"is not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
-    if not isinstance(data, dict):
-        raise GridError(path, 1, "", "must be a YAML mapping with prompts and seeds")
-    lines = _line_map(node) if node is not None else {}
+    data, lines = load_mapping(text, path, GridError, "prompts and seeds")
     try:
         grid = Grid.model_validate(data)
     except ValidationError as exc:

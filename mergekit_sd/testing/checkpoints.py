@@ -32,9 +32,9 @@ from mergekit_sd.io.dtypes import torch_dtype
 from mergekit_sd.io.writer import (
     StreamingWriter,
     TensorSpec,
+    atomic_file,
     build_header,
     fsync_directory,
-    partial_path,
 )
 
 CHECKPOINT_VARIANTS = (
@@ -390,18 +390,9 @@ def write_sparse(path: Path, specs: list[TensorSpec], metadata: Mapping[str, str
     path = Path(path)
     header, _ = build_header(specs, metadata)
     total = len(header) + sum(spec.nbytes for spec in specs)
-    partial = partial_path(path)
-    partial.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with open(partial, "wb") as f:
-            f.write(header)
-            f.truncate(total)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as f:
+        f.write(header)
+        f.truncate(total)
     fsync_directory(path.parent)
     return path
 

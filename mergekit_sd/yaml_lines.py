@@ -1,0 +1,69 @@
+"""YAML files our users write (recipes, prompt grids): read safely, with every problem reported
+as one sentence naming the file, the line and the field.
+
+`yaml.safe_load` gives the data; `yaml.compose` of the same text gives the nodes, whose marks
+say which line each field is on, so that a validation error found later in the data can point
+at the user's line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from mergekit_sd.errors import UserError
+
+
+class YamlFileError(UserError):
+    """A problem in a YAML file: one sentence with the file, the line and the field."""
+
+    def __init__(self, path: Path | str, line: int | None, field_path: str, problem: str):
+        where = f"{path}, line {line}" if line else f"{path}"
+        super().__init__(f"{where}, {field_path}: {problem}" if field_path
+                         else f"{where}: {problem}")
+
+
+def load_mapping(text: str, path: Path, error: type[YamlFileError],
+                 expected: str) -> tuple[dict, dict[tuple, int]]:
+    """The YAML mapping in `text` and the line of each field in it (`line_of`); invalid YAML,
+    or anything but a mapping ("must be a YAML mapping with `expected`"), raises `error`."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or "is not valid YAML"
+        raise error(path, mark.line + 1 if mark else None, "",
+                    f"is not valid YAML ({problem})") from None
+    if not isinstance(data, dict):
+        raise error(path, 1, "", f"must be a YAML mapping with {expected}")
+    return data, (_line_map(node) if node is not None else {})
+
+
+def dotted(loc: tuple) -> str:
+    return ".".join(str(part) for part in loc)
+
+
+def line_of(lines: dict[tuple, int], loc: tuple) -> int | None:
+    """The line of the deepest part of `loc` the file has (a missing field: its parent's)."""
+    loc = tuple(loc)
+    while loc:
+        if loc in lines:
+            return lines[loc]
+        loc = loc[:-1]
+    return lines.get(())
+
+
+def _line_map(node, prefix: tuple = (), lines: dict | None = None) -> dict[tuple, int]:
+    lines = {} if lines is None else lines
+    lines.setdefault(prefix, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            path = (*prefix, key.value)
+            lines[path] = key.start_mark.line + 1
+            _line_map(value, path, lines)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _line_map(item, (*prefix, index), lines)
+    return lines
