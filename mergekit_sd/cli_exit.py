@@ -3,12 +3,12 @@
 Why not a plain `sys.exit`: once torch is loaded, the interpreter's teardown (clearing a
 thousand modules, then libtorch's static destructors unregistering its operators) comes after
 every byte of the command's work is on disk, and is a visible share of a few-second command
-(bench/bake_parts.py: the SDXL bake with the normal exit takes 1.08x as long). When torch was
-imported and nothing is left running, the process instead runs what teardown must run (the
-`atexit` handlers: logging's flush, sqlite3 and temporary-file cleanups registered that way),
-flushes its output and leaves with `os._exit`. Our outputs never depend on teardown: every file
-is written, fsynced and renamed, and every catalog transaction committed, before a command
-returns.
+(bench/bake_parts.py: the SDXL bake with the normal exit took 1.03x and 1.08x as long in two
+runs). When torch was imported and nothing is left running, the process instead runs what
+teardown must run (the `atexit` handlers: logging's flush, sqlite3 and temporary-file cleanups
+registered that way), flushes its output and leaves with `os._exit`. Our outputs never depend
+on teardown: every file is written, fsynced and renamed, and every catalog transaction
+committed, before a command returns.
 """
 
 from __future__ import annotations
