@@ -61,6 +61,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/catalog.py
 	$(BIN)/python bench/bake.py
 	$(BIN)/python bench/bake_parts.py
+	$(BIN)/python bench/torch_import.py
 	$(BIN)/python bench/render.py
 
 clean:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 
@@ -64,8 +65,7 @@ def test_a_second_ctrl_c_while_a_bake_stops_leaves_no_partial_file(tmp_path):
 
 def test_a_second_ctrl_c_while_a_writer_aborts_leaves_no_partial_file(tmp_path, monkeypatch):
     writer = StreamingWriter(tmp_path / "out.safetensors", [TensorSpec("a", "F32", (4,))])
-    monkeypatch.setattr(writer, "_sequence", None)
-    real_close = __import__("os").close
+    real_close = os.close
 
     def impatient_close(fd):
         signal.raise_signal(signal.SIGINT)
