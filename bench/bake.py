@@ -168,7 +168,7 @@ def main() -> None:
             # for information: copying the file the ordinary way (buffered, through the page
             # cache), fsynced as ours is
             # for information: the same bake where torch is already loaded (timed inside)
-            LOADED: [sys.executable, THIS, "--child", "bake-loaded", *bake[1:]],
+            LOADED: [sys.executable, THIS, "--child", "bake-loaded", *bake[2:]],
             CP: ["sh", "-c", f'cp "{base}" "{work / "copy.safetensors"}" && '
                              f'sync "{work / "copy.safetensors"}"'],
         }
