@@ -10,9 +10,16 @@ import sys
 from pathlib import Path
 
 import typer
+import typer.core
 from typer.core import TyperGroup
 
 from mergekit_sd.errors import UserError, WorkFailed
+
+# Every command prints plain click help (rich_markup_mode=None), but typer before 0.20 (pinned:
+# see pyproject.toml) escapes the "[required]" and "[default: ...]" of that help for rich
+# whenever rich is installed, so users saw "\[required]". That flag decides nothing else once
+# rich markup is off everywhere (pretty tracebacks read typer.main's own copy of it).
+typer.core.HAS_RICH = False
 
 CATALOG_HELP = "Catalog database (default: $MERGEKIT_SD_CATALOG or the user data folder)."
 # Command groups built only when invoked or listed: building the catalog's eleven commands
@@ -96,7 +103,7 @@ def convert(
     typer.echo(f"wrote {written}")
 
 
-recipe_app = typer.Typer(help="Recipe tools.", no_args_is_help=True)
+recipe_app = typer.Typer(help="Recipe tools.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(recipe_app, name="recipe", help="Recipe tools: extract a merged file's recipe.")
 
 
