@@ -40,21 +40,37 @@ def _resolve(ref: str, resolver: _CatalogOnDemand) -> tuple[Path, str | None]:
     return found.path, found.sha256
 
 
-def _split_strengths(arg: str) -> tuple[str, float, float | None]:
-    """LORA[:STRENGTH[:TE_STRENGTH]] -> (ref, strength, te_strength)."""
+def _split_strengths(arg: str, most: int = 2) -> tuple[str, list[float]]:
+    """LORA[:NUMBER...] -> (ref, up to `most` trailing numbers); a ref may hold colons."""
     parts = arg.split(":")
     numbers: list[float] = []
-    while len(parts) > 1 and len(numbers) < 2:
+    while len(parts) > 1 and len(numbers) < most:
         try:
             numbers.insert(0, float(parts[-1]))
         except ValueError:
             break
         parts.pop()
-    ref = ":".join(parts)
-    strength = numbers[0] if numbers else 1.0
-    return ref, strength, numbers[1] if len(numbers) > 1 else None
+    return ":".join(parts), numbers
 
 
+def _lora_arg(arg: str, resolver: _CatalogOnDemand, form: str, most: int
+              ) -> tuple[str, Path, str | None, list[float]]:
+    """(ref, path, known SHA256, numbers) of a LORA[:NUMBER...] argument. When no file has the
+    whole name but one has the part before a colon, the rest is what went wrong: say so."""
+    ref, numbers = _split_strengths(arg, most)
+    try:
+        path, sha = _resolve(ref, resolver)
+    except UserError:
+        parts = arg.split(":")
+        for cut in range(len(parts) - 1, 0, -1):
+            head = ":".join(parts[:cut])
+            if Path(head).expanduser().is_file():
+                rest = ":".join(parts[cut:])
+                numbers_wanted = "one number" if most == 1 else f"one to {most} numbers"
+                raise UserError(f"{arg}: '{rest}' after the file name is not {form}; give "
+                                f"{numbers_wanted} after it, e.g. {head}:0.8") from None
+        raise
+    return ref, path, sha, numbers
 def show_unmatched(unmatched, echo=typer.echo) -> None:
     for miss in unmatched:
         names = miss.modules[:_SHOW_UNMATCHED]
@@ -100,11 +116,11 @@ def bake(
     base_path, base_sha = _resolve(base, resolver)
     uses = []
     for i, arg in enumerate(loras):
-        ref, strength, te = _split_strengths(arg)
-        path, sha = _resolve(ref, resolver)
+        ref, path, sha, numbers = _lora_arg(arg, resolver, "STRENGTH[:TE_STRENGTH]", most=2)
+        strength = numbers[0] if numbers else 1.0
+        te = numbers[1] if len(numbers) > 1 else te_strength
         spec = blocks[i] if len(blocks) > 1 else (blocks[0] if blocks else None)
-        uses.append(LoraUse(ref, path, strength, te if te is not None else te_strength, spec,
-                            sha))
+        uses.append(LoraUse(ref, path, strength, te, spec, sha))
     plan = prepare_bake(base_path, uses, output, dtype, known_sha256=base_sha)
     # the output begins (tensors no LoRA names) while the LoRAs load and torch is imported
     with BakeStream(plan) as stream:
@@ -149,8 +165,8 @@ def lora_merge(
     resolver = _CatalogOnDemand(catalog)
     pairs = []
     for arg in loras:
-        ref, weight, _ = _split_strengths(arg)
-        pairs.append((_resolve(ref, resolver)[0], weight))
+        _ref, path, _sha, numbers = _lora_arg(arg, resolver, "WEIGHT", most=1)
+        pairs.append((path, numbers[0] if numbers else 1.0))
     base_path = _resolve(base, resolver)[0] if base else None
     report = merge_loras(pairs, output, rank, base_path, dtype, clamp_quantile, allow_unmatched)
     if report.unmatched:

@@ -820,6 +820,17 @@ def test_bake_cli_strength_syntax_overwrite_and_inspect(tmp_path, bases, tuned, 
     assert_one_sentence(*cli("bake", bases["sd1"], lora, "-o", other, "--blocks", "1,2"), 2)
     assert "26 or 17" in cli.last_err and not other.exists()
 
+    # what follows an existing LoRA's name must be its numbers; the sentence says which part
+    for arg, wrong in ((f"{lora}:strong", "'strong'"), (f"{lora}:0.5:0.2:9", "'0.5:0.2:9'")):
+        assert_one_sentence(*cli("bake", bases["sd1"], arg, "-o", other), 2)
+        assert f"{wrong} after the file name is not STRENGTH[:TE_STRENGTH]" in cli.last_err
+        assert f"e.g. {lora}:0.8" in cli.last_err and not other.exists()
+    assert_one_sentence(*cli("lora", "merge", f"{lora}:0.5:0.2", lora, "-o", other), 2)
+    assert "'0.5:0.2' after the file name is not WEIGHT; give one number" in cli.last_err
+    assert_one_sentence(*cli("bake", bases["sd1"], f"{tmp_path}/none.safetensors:0.5", "-o",
+                             other), 2)
+    assert "none.safetensors: no such file" in cli.last_err
+
     extracted = tmp_path / "extracted.safetensors"
     code, stdout, err = cli("lora", "extract", tuned[0], bases["sd1"], "--rank", "4",
                             "--conv-rank", "2", "-o", extracted)
