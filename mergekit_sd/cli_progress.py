@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 
 
 @contextlib.contextmanager
@@ -16,12 +17,22 @@ def rich_progress():
     )
 
     bars: dict[str, int] = {}
-    with Progress(TextColumn("{task.description:>10}"), BarColumn(), TaskProgressColumn(),
-                  TimeRemainingColumn(), transient=False) as progress:
+    lock = threading.Lock()  # downloads report from several threads
+    progress = Progress(TextColumn("{task.description:>10}"), BarColumn(), TaskProgressColumn(),
+                        TimeRemainingColumn(), transient=False)
 
-        def report(stage: str, done: int, total: int) -> None:
+    def report(stage: str, done: int, total: int) -> None:
+        with lock:
             if stage not in bars:
+                # drawn from the first report on: a command that fails or has nothing to do
+                # before it prints its lines and nothing else
+                if not bars:
+                    progress.start()
                 bars[stage] = progress.add_task(stage, total=total or 1)
-            progress.update(bars[stage], completed=done, total=total or 1)
+        progress.update(bars[stage], completed=done, total=total or 1)
 
+    try:
         yield report
+    finally:
+        if bars:
+            progress.stop()

@@ -170,7 +170,7 @@ def run_pull(refs: list[str], to: Path | None, file_type: str | None, file_forma
         if as_json:
             outcomes = _pull(store, load_settings(), refs, options, no_progress)
         else:
-            with _bars_on_first_use(rich_progress) as progress:
+            with rich_progress() as progress:
                 outcomes = _pull(store, load_settings(), refs, options, progress)
     failures = [o for o in outcomes if isinstance(o, Failed)]
     if as_json:
@@ -185,26 +185,6 @@ def run_pull(refs: list[str], to: Path | None, file_type: str | None, file_forma
                 typer.echo(describe_pulled(outcome))
     if failures:
         raise typer.Exit(2 if any(isinstance(f.error, UserError) for f in failures) else 1)
-
-
-@contextlib.contextmanager
-def _bars_on_first_use(bars):
-    """Progress bars drawn only once there is progress to show: a pull of files already owned
-    prints its lines and nothing else."""
-    import threading
-
-    lock = threading.Lock()  # downloads report from several threads
-    with contextlib.ExitStack() as stack:
-        report = None
-
-        def progress(stage: str, done: int, total: int) -> None:
-            nonlocal report
-            with lock:
-                if report is None:
-                    report = stack.enter_context(bars())
-            report(stage, done, total)
-
-        yield progress
 
 
 def _pull(store, settings, refs, options, progress):
@@ -247,7 +227,7 @@ def recipe_fetcher(store):
 
     def fetch(ref: str) -> None:
         # the bars go to stderr: stdout carries the plan (JSON with --json)
-        with contextlib.redirect_stdout(sys.stderr), _bars_on_first_use(rich_progress) as progress:
+        with contextlib.redirect_stdout(sys.stderr), rich_progress() as progress:
             outcomes = _pull(store, load_settings(), [ref], PullOptions(), progress)
         for outcome in outcomes:
             if isinstance(outcome, Failed):

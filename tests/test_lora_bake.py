@@ -476,6 +476,16 @@ def test_a_lora_for_another_architecture_is_refused_in_one_sentence(tmp_path, ba
     assert not out.exists() and list(tmp_path.glob("*.partial")) == []
 
 
+def test_an_error_before_any_progress_is_exactly_one_line(tmp_path, bases):
+    """The progress bars start with the first report: an error before it is not preceded by
+    the blank line an empty bar display leaves behind (a real process, as users see it)."""
+    refused = run_cli("lora", "extract", bases["sd1"], bases["sd1"], "--rank", "0",
+                      "-o", tmp_path / "x.safetensors")
+    assert refused.returncode == 2
+    assert refused.stderr == "error: --rank must be at least 1 and --conv-rank at least 0\n"
+    assert refused.stdout == ""
+
+
 def test_a_lora_none_of_whose_modules_lands_is_refused(tmp_path, bases):
     """A LoRA whose base cannot be told from its keys, and that names no weight of the base."""
     lora = tmp_path / "nowhere.safetensors"
