@@ -15,6 +15,16 @@ from mergekit_sd.lora.bake_run import BakeStream
 from mergekit_sd.testing import write_checkpoint, write_lora
 
 
+@pytest.fixture(autouse=True)
+def ctrl_c_raises():
+    """SIGINT handled as Python handles it in a process started from a terminal. A process
+    that a non-interactive shell starts in the background inherits SIGINT ignored, and Python
+    keeps it so: there, Ctrl-C never reaches the code under test at all."""
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, inherited)
+
+
 def test_an_interrupt_inside_is_held_until_the_block_is_done():
     done = []
     with pytest.raises(KeyboardInterrupt), interrupts_held():
