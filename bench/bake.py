@@ -120,7 +120,7 @@ def child_bake_loaded(*argv: str) -> None:
         cli.main()
         code = 0
     except SystemExit as exc:
-        code = exc.code
+        code = exc.code or 0
     seconds = time.perf_counter() - start
     print(json.dumps({"seconds": seconds, "exit": code}))
     sys.stdout.flush()
@@ -165,10 +165,10 @@ def main() -> None:
             # finds: the key maps and the SHA256s of both files remembered
             # (arch.keymap_cache, io.hash_cache)
             AGAIN: bake,
-            # for information: copying the file the ordinary way (buffered, through the page
-            # cache), fsynced as ours is
             # for information: the same bake where torch is already loaded (timed inside)
             LOADED: [sys.executable, THIS, "--child", "bake-loaded", *bake[2:]],
+            # for information: copying the file the ordinary way (buffered, through the page
+            # cache), fsynced as ours is
             CP: ["sh", "-c", f'cp "{base}" "{work / "copy.safetensors"}" && '
                              f'sync "{work / "copy.safetensors"}"'],
         }

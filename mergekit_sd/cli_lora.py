@@ -40,7 +40,7 @@ def _resolve(ref: str, resolver: _CatalogOnDemand) -> tuple[Path, str | None]:
     return found.path, found.sha256
 
 
-def _split_strengths(arg: str, most: int = 2) -> tuple[str, list[float]]:
+def _split_strengths(arg: str, most: int) -> tuple[str, list[float]]:
     """LORA[:NUMBER...] -> (ref, up to `most` trailing numbers); a ref may hold colons."""
     parts = arg.split(":")
     numbers: list[float] = []
@@ -66,11 +66,13 @@ def _lora_arg(arg: str, resolver: _CatalogOnDemand, form: str, most: int
             head = ":".join(parts[:cut])
             if Path(head).expanduser().is_file():
                 rest = ":".join(parts[cut:])
-                numbers_wanted = "one number" if most == 1 else f"one to {most} numbers"
+                numbers_wanted = "one number" if most == 1 else "one or two numbers"
                 raise UserError(f"{arg}: '{rest}' after the file name is not {form}; give "
                                 f"{numbers_wanted} after it, e.g. {head}:0.8") from None
         raise
     return ref, path, sha, numbers
+
+
 def show_unmatched(unmatched, echo=typer.echo) -> None:
     for miss in unmatched:
         names = miss.modules[:_SHOW_UNMATCHED]
