@@ -392,6 +392,47 @@ def test_the_output_begins_before_the_loras_are_loaded_and_torch_imported(tmp_pa
     assert (tmp_path / "early" / "out.safetensors").read_bytes() == usual.read_bytes()
 
 
+@pytest.mark.parametrize("ends", ["finished", "aborted"])
+def test_the_gil_changes_hands_often_only_while_the_untouched_tensors_are_copied(
+        tmp_path, monkeypatch, ends):
+    """The copy beside torch's import runs with a short switch interval (`COPY_SWITCH_S`);
+    the process gets its own back however the bake ends."""
+    import threading
+
+    from mergekit_sd.errors import UserError
+    from mergekit_sd.lora import bake_run
+
+    seen = []
+    real_write_runs = bake_run.write_runs
+
+    def recording(*args):
+        if threading.current_thread().name == "copy-untouched":
+            seen.append(sys.getswitchinterval())
+        return real_write_runs(*args)
+
+    def failing(*args, **kwargs):
+        raise UserError("baking failed")
+
+    monkeypatch.setattr(bake_run, "write_runs", recording)
+    if ends == "aborted":
+        monkeypatch.setattr(bake_run, "_bake_chunks", failing)
+    own, original = 0.004, sys.getswitchinterval()
+    sys.setswitchinterval(own)
+    try:
+        base = write_checkpoint(tmp_path / "base.safetensors", "sd1", dtype="F16")
+        lora = write_lora(tmp_path / "l.safetensors", "kohya-sd1", rank=4)
+        plan = plan_bake(base, [LoraUse("l", lora)], tmp_path / "out.safetensors")
+        if ends == "aborted":
+            with pytest.raises(UserError, match="baking failed"):
+                run_bake(plan)
+        else:
+            run_bake(plan)
+        assert seen and set(seen) == {bake_run.COPY_SWITCH_S}
+        assert sys.getswitchinterval() == pytest.approx(own)
+    finally:
+        sys.setswitchinterval(original)
+
+
 def test_a_lora_for_another_architecture_is_refused_before_any_key_map_is_derived(tmp_path):
     base = write_checkpoint(tmp_path / "base.safetensors", "sdxl", dtype="F16")
     lora = write_lora(tmp_path / "l.safetensors", "kohya-sd1")

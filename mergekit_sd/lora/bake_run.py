@@ -14,6 +14,7 @@ The layout depends only on the inputs, so the same bake always gives the same by
 from __future__ import annotations
 
 import math
+import sys
 import threading
 import traceback
 from collections import deque
@@ -44,6 +45,7 @@ from mergekit_sd.progress import CancelToken, ProgressCallback, no_progress
 _FLOATS = ("F64", "F32", "F16", "BF16")
 ROW_BLOCK_ELEMENTS = 1 << 20  # a task's share of a large weight (smaller blocks cost more calls)
 BUFFERS = AHEAD + 3  # read buffers: being read, baked (AHEAD chunks) and written
+COPY_SWITCH_S = 0.0005  # the GIL's switch interval while the untouched tensors are copied
 
 
 def _out_dtype(plan: BakePlan, dtype: str) -> str:
@@ -184,8 +186,15 @@ class BakeStream:
         self._thread.start()
 
     def _copy(self) -> None:
-        chunks = plan_chunks(self.plan.header, self._copied, set())
+        # The main thread spends this copy importing torch: Python code that holds the GIL,
+        # which this thread, the read-ahead and the writer each wait for at every hand-over
+        # of a chunk, up to the switch interval each time (5 ms by default). That kept the
+        # copy of an SDXL bake's untouched tensors running past the import (bench/bake.py);
+        # a shorter interval while it runs lets it keep up with the disk.
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(min(switch, COPY_SWITCH_S))
         try:
+            chunks = plan_chunks(self.plan.header, self._copied, set())
             with ChunkReader(self._reader, chunks, landing=landing_in(self._writer)) as reading:
                 for chunk in reading:
                     if self._stop.is_set():
@@ -195,6 +204,8 @@ class BakeStream:
         except BaseException as exc:  # raised by `finish`
             traceback.clear_frames(exc.__traceback__)
             self._error = exc
+        finally:
+            sys.setswitchinterval(switch)
 
     def finish(self, progress: ProgressCallback = no_progress,
                cancel: CancelToken | None = None) -> Path:
