@@ -433,6 +433,23 @@ def test_the_gil_changes_hands_often_only_while_the_untouched_tensors_are_copied
         sys.setswitchinterval(original)
 
 
+def test_bakes_that_overlap_leave_the_processs_own_switch_interval():
+    from mergekit_sd.lora.bake_run import COPY_SWITCH_S, _short_switch_interval
+
+    original = sys.getswitchinterval()
+    sys.setswitchinterval(0.004)
+    try:
+        first, second = _short_switch_interval(), _short_switch_interval()
+        first.__enter__()
+        second.__enter__()
+        first.__exit__(None, None, None)  # the first copy ends while the second runs
+        assert sys.getswitchinterval() == pytest.approx(COPY_SWITCH_S)
+        second.__exit__(None, None, None)
+        assert sys.getswitchinterval() == pytest.approx(0.004)
+    finally:
+        sys.setswitchinterval(original)
+
+
 def test_a_lora_for_another_architecture_is_refused_before_any_key_map_is_derived(tmp_path):
     base = write_checkpoint(tmp_path / "base.safetensors", "sdxl", dtype="F16")
     lora = write_lora(tmp_path / "l.safetensors", "kohya-sd1")

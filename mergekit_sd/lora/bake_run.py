@@ -143,6 +143,30 @@ def _write_chunk(writer: StreamingWriter, results: list[tuple[Piece, object]], r
     release(chunk)
 
 
+_switch_lock = threading.Lock()
+_switch_users = 0
+_switch_own = 0.0  # the process's interval, put back when the last user is done
+
+
+@contextmanager
+def _short_switch_interval():
+    """The GIL's switch interval at most `COPY_SWITCH_S` while any copy of a bake in this
+    process runs (counted, so that bakes that overlap leave the process's own value behind)."""
+    global _switch_users, _switch_own
+    with _switch_lock:
+        if not _switch_users:
+            _switch_own = sys.getswitchinterval()
+            sys.setswitchinterval(min(_switch_own, COPY_SWITCH_S))
+        _switch_users += 1
+    try:
+        yield
+    finally:
+        with _switch_lock:
+            _switch_users -= 1
+            if not _switch_users:
+                sys.setswitchinterval(_switch_own)
+
+
 @contextmanager
 def _one_torch_thread():
     """torch computing on the calling thread alone: the crew's workers are the parallelism,
@@ -191,21 +215,19 @@ class BakeStream:
         # of a chunk, up to the switch interval each time (5 ms by default). That kept the
         # copy of an SDXL bake's untouched tensors running past the import (bench/bake.py);
         # a shorter interval while it runs lets it keep up with the disk.
-        switch = sys.getswitchinterval()
-        sys.setswitchinterval(min(switch, COPY_SWITCH_S))
         try:
-            chunks = plan_chunks(self.plan.header, self._copied, set())
-            with ChunkReader(self._reader, chunks, landing=landing_in(self._writer)) as reading:
-                for chunk in reading:
-                    if self._stop.is_set():
-                        return
-                    write_runs(self._writer, chunk, chunk.pieces)
-                    reading.release(chunk)
+            with _short_switch_interval():
+                chunks = plan_chunks(self.plan.header, self._copied, set())
+                with ChunkReader(self._reader, chunks,
+                                 landing=landing_in(self._writer)) as reading:
+                    for chunk in reading:
+                        if self._stop.is_set():
+                            return
+                        write_runs(self._writer, chunk, chunk.pieces)
+                        reading.release(chunk)
         except BaseException as exc:  # raised by `finish`
             traceback.clear_frames(exc.__traceback__)
             self._error = exc
-        finally:
-            sys.setswitchinterval(switch)
 
     def finish(self, progress: ProgressCallback = no_progress,
                cancel: CancelToken | None = None) -> Path:
