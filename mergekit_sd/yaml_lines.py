@@ -1,9 +1,9 @@
 """YAML files our users write (recipes, prompt grids): read safely, with every problem reported
 as one sentence naming the file, the line and the field.
 
-`yaml.safe_load` gives the data; `yaml.compose` of the same text gives the nodes, whose marks
-say which line each field is on, so that a validation error found later in the data can point
-at the user's line.
+The text is parsed once, with PyYAML's safe loader, into nodes, whose marks say which line each
+field is on, and the data is built from those nodes (as `yaml.safe_load` does), so that a
+validation error found later in the data can point at the user's line.
 """
 
 from __future__ import annotations
@@ -28,14 +28,17 @@ def load_mapping(text: str, path: Path, error: type[YamlFileError],
                  expected: str) -> tuple[dict, dict[tuple, int]]:
     """The YAML mapping in `text` and the line of each field in it (`line_of`); invalid YAML,
     or anything but a mapping ("must be a YAML mapping with `expected`"), raises `error`."""
+    loader = yaml.SafeLoader(text)
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         problem = getattr(exc, "problem", None) or "is not valid YAML"
         raise error(path, mark.line + 1 if mark else None, "",
                     f"is not valid YAML ({problem})") from None
+    finally:
+        loader.dispose()
     if not isinstance(data, dict):
         raise error(path, 1, "", f"must be a YAML mapping with {expected}")
     return data, (_line_map(node) if node is not None else {})
