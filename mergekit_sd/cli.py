@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Annotated
 
 import typer
 import typer.core
@@ -22,6 +23,9 @@ from mergekit_sd.errors import UserError, WorkFailed
 typer.core.HAS_RICH = False
 
 CATALOG_HELP = "Catalog database (default: $MERGEKIT_SD_CATALOG or the user data folder)."
+# the options most commands share, for their signatures
+CatalogOption = Annotated[Path | None, typer.Option("--catalog", help=CATALOG_HELP)]
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 # Command groups built only when invoked or listed: building the catalog's eleven commands
 # costs every other command a few ms of start-up (measured), and `inspect` must start fast.
 LAZY_GROUPS = {
@@ -153,8 +157,8 @@ def plan(
     recipe: Path = typer.Argument(..., help="The YAML recipe."),
     assignments: list[str] = typer.Option([], "--set", help="STEP.PARAM=VALUE override."),
     out: Path = typer.Option(None, "--out", help="Write the output here instead."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
-    catalog: Path = typer.Option(None, "--catalog", help=CATALOG_HELP),
+    as_json: AsJson = False,
+    catalog: CatalogOption = None,
     pull: bool = typer.Option(False, "--pull", help=PULL_HELP),
     offline: bool = typer.Option(False, "--offline", help=OFFLINE_HELP),
 ) -> None:
@@ -176,8 +180,8 @@ def merge(
     assignments: list[str] = typer.Option([], "--set", help="STEP.PARAM=VALUE override."),
     out: Path = typer.Option(None, "--out", help="Write the output here instead."),
     device: str = typer.Option("cpu", help="cpu or cuda: where the arithmetic runs."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
-    catalog: Path = typer.Option(None, "--catalog", help=CATALOG_HELP),
+    as_json: AsJson = False,
+    catalog: CatalogOption = None,
     pull: bool = typer.Option(False, "--pull", help=PULL_HELP),
     offline: bool = typer.Option(False, "--offline", help=OFFLINE_HELP),
 ) -> None:
@@ -217,8 +221,8 @@ def pull(
                                        "config's civitai.nsfw_previews)."),
     offline: bool = typer.Option(False, "--offline", help="Never call out: only what the "
                                  "catalog (or the Hugging Face cache) already has."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
-    catalog: Path = typer.Option(None, "--catalog", help=CATALOG_HELP),
+    as_json: AsJson = False,
+    catalog: CatalogOption = None,
 ) -> None:
     """Download models from Civitai, Hugging Face or a URL into the catalog.
 

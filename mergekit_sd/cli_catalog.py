@@ -12,16 +12,12 @@ from pathlib import Path
 
 import typer
 
-from mergekit_sd.cli import CATALOG_HELP  # loaded lazily by cli.py, which is already loaded
+from mergekit_sd.cli import AsJson, CatalogOption  # loaded lazily by cli.py, already loaded
 from mergekit_sd.errors import UserError
 
 # its help text is LAZY_GROUPS' in cli.py
 catalog_app = typer.Typer(no_args_is_help=True, add_completion=False,
                           pretty_exceptions_enable=False, rich_markup_mode=None)
-
-
-def _catalog_option() -> Path | None:
-    return typer.Option(None, "--catalog", help=CATALOG_HELP)
 
 
 def open_store(path: Path | None):
@@ -38,7 +34,7 @@ def _print_json(doc) -> None:
 def add_root(
     path: Path = typer.Argument(..., help="A web UI folder, ComfyUI folder or any model folder."),
     scan_now: bool = typer.Option(False, "--scan", help="Scan it right away."),
-    catalog: Path = _catalog_option(),
+    catalog: CatalogOption = None,
 ) -> None:
     """Register a folder whose models the catalog keeps track of (files stay where they are)."""
     from catalog.edits import add_root as register
@@ -54,7 +50,7 @@ def add_root(
 
 
 @catalog_app.command("roots")
-def roots(catalog: Path = _catalog_option()) -> None:
+def roots(catalog: CatalogOption = None) -> None:
     """List the registered roots."""
     with open_store(catalog) as store:
         rows = store.db.execute("SELECT r.id, r.path, r.layout, count(f.id) AS files FROM roots r "
@@ -89,8 +85,8 @@ def scan_roots(
     jobs: int = typer.Option(None, "--jobs", "-j", help="Worker processes for identification."),
     sequential: bool = typer.Option(False, "--sequential",
                                     help="Hash one file at a time (spinning disks)."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
-    catalog: Path = _catalog_option(),
+    as_json: AsJson = False,
+    catalog: CatalogOption = None,
 ) -> None:
     """Bring the catalog up to date: unchanged files are not read, new ones identified."""
     from catalog.edits import root_ids_for
@@ -114,8 +110,8 @@ def list_command(
     favourites: bool = typer.Option(False, "--favourites", help="Only favourites."),
     sort: str = typer.Option("name", help="name, size, date, rating, kind, arch or path."),
     limit: int = typer.Option(None, help="At most this many entries."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
-    catalog: Path = _catalog_option(),
+    as_json: AsJson = False,
+    catalog: CatalogOption = None,
 ) -> None:
     """List catalog entries, filtered and sorted."""
     from catalog.entries import Filters, list_entries
@@ -143,8 +139,8 @@ def _architecture_id(name: str) -> str:
 @catalog_app.command("show")
 def show(
     ref: str = typer.Argument(..., help="#id, name, catalog:NAME, sha256:HEX or a path."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
-    catalog: Path = _catalog_option(),
+    as_json: AsJson = False,
+    catalog: CatalogOption = None,
 ) -> None:
     """Everything the catalog knows about one entry."""
     from catalog.entries import find_entry
@@ -163,7 +159,7 @@ def tag(
     ref: str = typer.Argument(..., help="The entry."),
     tags: list[str] = typer.Argument(None, help="Tags to add."),
     remove: list[str] = typer.Option([], "--remove", "-r", help="Tag to remove (repeatable)."),
-    catalog: Path = _catalog_option(),
+    catalog: CatalogOption = None,
 ) -> None:
     """Add or remove tags."""
     from catalog.edits import set_tags
@@ -179,7 +175,7 @@ def tag(
 def note(
     ref: str = typer.Argument(..., help="The entry."),
     text: str = typer.Argument(..., help="The note ('' clears it)."),
-    catalog: Path = _catalog_option(),
+    catalog: CatalogOption = None,
 ) -> None:
     """Set an entry's note."""
     from catalog.edits import set_note
@@ -196,7 +192,7 @@ def rate(
     ref: str = typer.Argument(..., help="The entry."),
     stars: int = typer.Argument(None, help="0 (none) to 5."),
     favourite: bool = typer.Option(None, "--favourite/--no-favourite", help="Mark or unmark."),
-    catalog: Path = _catalog_option(),
+    catalog: CatalogOption = None,
 ) -> None:
     """Rate an entry (0-5 stars) and mark favourites."""
     from catalog.edits import set_rating
@@ -212,8 +208,8 @@ def rate(
 
 @catalog_app.command("dupes")
 def dupes(
-    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
-    catalog: Path = _catalog_option(),
+    as_json: AsJson = False,
+    catalog: CatalogOption = None,
 ) -> None:
     """Identical files and same-weights copies, with the space they take twice."""
     from dataclasses import asdict
@@ -232,8 +228,8 @@ def dupes(
 @catalog_app.command("lineage")
 def lineage_command(
     ref: str = typer.Argument(..., help="The entry."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
-    catalog: Path = _catalog_option(),
+    as_json: AsJson = False,
+    catalog: CatalogOption = None,
 ) -> None:
     """Parents (merge inputs, training base) and children of an entry."""
     from catalog.entries import find_entry
@@ -253,7 +249,7 @@ def rm(
     ref: str = typer.Argument(..., help="The entry."),
     delete_file: bool = typer.Option(False, "--delete-file", help="Also delete the model file."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask before deleting the file."),
-    catalog: Path = _catalog_option(),
+    catalog: CatalogOption = None,
 ) -> None:
     """Forget an entry; with --delete-file, delete its file too (asks first)."""
     from catalog.edits import remove
@@ -280,8 +276,8 @@ def identify_command(
                                        "config's civitai.nsfw_previews)."),
     offline: bool = typer.Option(False, "--offline", help="Never call out (then there is "
                                  "nothing to do: identification asks Civitai)."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
-    catalog: Path = _catalog_option(),
+    as_json: AsJson = False,
+    catalog: CatalogOption = None,
 ) -> None:
     """Look every hashed file up on Civitai in bulk; fill in names, base models, trigger words
     and previews (.civitai.info and .preview.png beside each file found)."""
@@ -324,8 +320,8 @@ def identify_command(
 def updates_command(
     offline: bool = typer.Option(False, "--offline", help="Never call out (then there is "
                                  "nothing to do: the versions are Civitai's)."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
-    catalog: Path = _catalog_option(),
+    as_json: AsJson = False,
+    catalog: CatalogOption = None,
 ) -> None:
     """Newer versions on Civitai of the models the catalog holds."""
     from catalog.civitai import CivitaiClient

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from mergekit_sd.cli import CATALOG_HELP, _CatalogOnDemand
+from mergekit_sd.cli import CatalogOption, _CatalogOnDemand
 from mergekit_sd.errors import UserError, WorkFailed
 
 bake_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
@@ -101,7 +101,7 @@ def bake(
         False, "--allow-unmatched", help="Bake even when some LoRA modules name no weight of the "
         "base (they are listed either way)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
-    catalog: Path | None = typer.Option(None, "--catalog", help=CATALOG_HELP),
+    catalog: CatalogOption = None,
 ) -> None:
     """Bake LoRAs into a checkpoint in one streaming pass; every module lands or is listed."""
     from mergekit_sd.cli_progress import rich_progress
@@ -156,7 +156,7 @@ def lora_merge(
     allow_unmatched: bool = typer.Option(False, "--allow-unmatched",
                                          help="Merge even when some modules match no weight."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
-    catalog: Path | None = typer.Option(None, "--catalog", help=CATALOG_HELP),
+    catalog: CatalogOption = None,
 ) -> None:
     """Merge LoRAs into one kohya-format LoRA (matched by the weight each module changes)."""
     from mergekit_sd.lora.combine import merge_loras
@@ -196,7 +196,7 @@ def lora_extract(
                                        help="Extract text-encoder differences too."),
     dtype: str = typer.Option("fp16", "--dtype", help="fp16, bf16 or fp32."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
-    catalog: Path | None = typer.Option(None, "--catalog", help=CATALOG_HELP),
+    catalog: CatalogOption = None,
 ) -> None:
     """Extract a kohya-format LoRA of the difference TUNED − BASE by truncated SVD."""
     from mergekit_sd.cli_progress import rich_progress

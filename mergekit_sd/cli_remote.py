@@ -15,6 +15,7 @@ from pathlib import Path
 
 import typer
 
+from mergekit_sd.cli import AsJson  # loaded lazily by cli.py, already loaded
 from mergekit_sd.errors import UserError
 
 # its help text is LAZY_GROUPS' in cli.py
@@ -99,7 +100,7 @@ def search_hf(
                                "with sizes and SHA256s."),
     revision: str = typer.Option(None, help="Branch, tag or commit (with --files)."),
     limit: int = typer.Option(20, help="Models to show."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+    as_json: AsJson = False,
     offline: bool = typer.Option(False, "--offline", help=OFFLINE_HELP),
 ) -> None:
     """Search Hugging Face models, or list one repository's files."""

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from mergekit_sd.cli import CATALOG_HELP, _CatalogOnDemand
+from mergekit_sd.cli import AsJson, CatalogOption, _CatalogOnDemand
 from mergekit_sd.errors import UserError
 
 render_app = typer.Typer(add_completion=False, rich_markup_mode=None)
@@ -42,8 +42,6 @@ Batch = Annotated[int | None, typer.Option("--batch", help="Images per batch (de
 ConfigDir = Annotated[Path | None, typer.Option("--config-dir", help=CONFIG_DIR_HELP)]
 Assignments = Annotated[list[str], typer.Option("--set", help="STEP.PARAM=VALUE for recipes.")]
 Html = Annotated[bool, typer.Option("--html", help="Also write index.html.")]
-AsJson = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
-Catalog = Annotated[Path | None, typer.Option("--catalog", help=CATALOG_HELP)]
 Pull = Annotated[bool, typer.Option("--pull", help="Download hf:// references the catalog does "
                                                    "not have yet.")]
 
@@ -137,7 +135,7 @@ def render(
     assignments: Assignments = [],  # noqa: B006 (only read)
     html: Html = False,
     as_json: AsJson = False,
-    catalog: Catalog = None,
+    catalog: CatalogOption = None,
     pull: Pull = False,
 ) -> None:
     """Render every candidate on a prompt grid with one pipeline per architecture.
@@ -178,7 +176,7 @@ def compare(
     no_heat: bool = typer.Option(False, "--no-heat", help="Leave out the difference heat map."),
     html: Html = False,
     as_json: AsJson = False,
-    catalog: Catalog = None,
+    catalog: CatalogOption = None,
     pull: Pull = False,
 ) -> None:
     """Render two candidates on the same grid and noise, and lay them out side by side.
