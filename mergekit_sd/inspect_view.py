@@ -27,28 +27,57 @@ def _dtype_mix(dtypes: dict[str, int]) -> str:
     return ", ".join(f"{d}×{n}" for d, n in sorted(dtypes.items(), key=lambda x: -x[1]))
 
 
+HEADERS = ("file", "what it is", "kind", "layout", "dtypes", "params", "size")
+MIN_DESCRIPTION = 16  # the narrowest "what it is" worth keeping file names whole for
+
+
 def show_reports(reports: list[dict], detailed: bool) -> None:
     # no markup or highlighting: cells are plain data (file names may contain [brackets]),
     # and the highlighter's regexes are most of the rendering time
     console = Console(markup=False, highlight=False, emoji=False)
     if not reports:
         return
-    summary = Table(title="Model files", title_justify="left")
-    summary.add_column("file", overflow="fold", ratio=3)
-    summary.add_column("what it is", overflow="fold", ratio=3)
-    for column in ("kind", "layout", "dtypes", "params", "size"):
-        summary.add_column(column, overflow="fold")
-    for r in reports:
-        label = r["label"]
-        if r.get("lora") and r["lora"]["rank"]:
-            label += f", rank {r['lora']['rank']}"
-        summary.add_row(Path(r["path"]).name, label, r["kind"], r["layout"] or "-",
-                        _dtype_mix(r["dtypes"]), human_count(r["parameters"]),
-                        human_size(r["file_size"]))
-    console.print(summary)
+    console.print(_summary([_summary_row(r) for r in reports], console.width))
     if detailed:
         for r in reports:
             _show_details(console, r)
+
+
+def _summary_row(r: dict) -> tuple[str, ...]:
+    label = r["label"]
+    if r.get("lora") and r["lora"]["rank"]:
+        label += f", rank {r['lora']['rank']}"
+    return (Path(r["path"]).name, label, r["kind"], r["layout"] or "-", _dtype_mix(r["dtypes"]),
+            human_count(r["parameters"]), human_size(r["file_size"]))
+
+
+def _summary(rows: list[tuple[str, ...]], width: int) -> Table:
+    """The one-line-per-file table. File names stay whole where the terminal leaves them room
+    beside the short columns and a description of `MIN_DESCRIPTION` (which then wraps at its
+    spaces); in a narrower one, names and descriptions share the room, and in a very narrow
+    one every column wraps."""
+    def needs(column: int) -> int:  # the dtypes one per line, as a narrow terminal gets them
+        texts = (HEADERS[column], *(row[column] for row in rows))
+        parts = [w for t in texts for w in t.split(", ")] if HEADERS[column] == "dtypes" \
+            else texts
+        return max(map(len, parts))
+
+    borders = 3 * len(HEADERS) + 1
+    room = width - borders - sum(needs(i) for i in range(2, len(HEADERS)))
+    whole_names = needs(0) + MIN_DESCRIPTION <= room
+    table = Table(title="Model files", title_justify="left")
+    table.add_column(HEADERS[0], overflow="fold", no_wrap=whole_names,
+                     ratio=None if whole_names else 3)
+    table.add_column(HEADERS[1], overflow="fold", ratio=None if whole_names else 3)
+    short_whole = room >= MIN_DESCRIPTION  # "checkpoint", not "checkpoin/t", where it fits
+    for header in HEADERS[2:]:
+        table.add_column(header, overflow="fold", no_wrap=short_whole)
+    dtypes = HEADERS.index("dtypes")
+    for row in rows:
+        if not whole_names:  # a narrow terminal: one dtype a line
+            row = (*row[:dtypes], row[dtypes].replace(", ", "\n"), *row[dtypes + 1:])
+        table.add_row(*row)
+    return table
 
 
 def _show_details(console: Console, r: dict) -> None:

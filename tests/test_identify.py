@@ -157,3 +157,18 @@ def test_inspect_table_shows_evidence_for_one_file(tmp_path):
     assert result.returncode == 0
     assert "FLUX.1-schnell" in result.stdout
     assert "no guidance_in" in result.stdout
+
+
+@pytest.mark.parametrize("columns", [80, 120])
+def test_inspect_summary_keeps_names_and_short_words_whole_where_they_fit(tmp_path, columns):
+    """Short cells ("checkpoint") never break; file names stay whole once the terminal has room
+    for them beside a readable description."""
+    names = ["demo-sd15-anime.safetensors", "demo-loha-style.safetensors"]
+    write_checkpoint(tmp_path / names[0], "sd1")
+    write_lora(tmp_path / names[1], "loha-sd1")
+    result = run_cli("inspect", *(tmp_path / n for n in names), env={"COLUMNS": str(columns)})
+    assert result.returncode == 0, result.stderr
+    table = result.stdout.split("\n\n")[0]
+    assert max(len(line) for line in table.splitlines()) <= columns
+    assert "│ checkpoint │" in table and "│ lora " in table
+    assert all((name in table) == (columns == 120) for name in names)
