@@ -28,17 +28,24 @@ def load_mapping(text: str, path: Path, error: type[YamlFileError],
                  expected: str) -> tuple[dict, dict[tuple, int]]:
     """The YAML mapping in `text` and the line of each field in it (`line_of`); invalid YAML,
     or anything but a mapping ("must be a YAML mapping with `expected`"), raises `error`."""
-    loader = yaml.SafeLoader(text)
+    loader = None
     try:
+        loader = yaml.SafeLoader(text)  # checks the characters already
         node = loader.get_single_node()
         data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        problem = getattr(exc, "problem", None) or "is not valid YAML"
-        raise error(path, mark.line + 1 if mark else None, "",
-                    f"is not valid YAML ({problem})") from None
+        if mark is not None:
+            line = mark.line + 1
+        elif isinstance(exc, yaml.reader.ReaderError):  # a character YAML does not allow
+            line = text.count("\n", 0, exc.position) + 1
+        else:
+            line = None
+        problem = getattr(exc, "problem", None) or getattr(exc, "reason", None) or str(exc)
+        raise error(path, line, "", f"is not valid YAML ({problem})") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     if not isinstance(data, dict):
         raise error(path, 1, "", f"must be a YAML mapping with {expected}")
     return data, (_line_map(node) if node is not None else {})

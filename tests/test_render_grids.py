@@ -46,6 +46,8 @@ def test_plain_string_prompts_get_numbered_names():
      "prompts: the name 'x' is used twice"),
     ("prompts:\n  - {text: a, name: 'a b'}\n", "g.yaml, line 2, prompts.0.name"),
     ("prompts: [a\n", "g.yaml, line 2: is not valid YAML"),
+    ("prompts: [a cat]\nseeds: [1\x07]\n",
+     "g.yaml, line 2: is not valid YAML (special characters are not allowed)"),
 ])
 def test_grid_errors_name_the_file_line_and_field(text, expected):
     with pytest.raises(GridError) as caught:
