@@ -175,11 +175,15 @@ def match_loras(index: TargetIndex, arch: Architecture, uses: list[LoraUse], bas
                 headers: list[SafetensorsHeader] | None = None):
     """Load each LoRA and aim every module at its weight: (files, weight applications by key,
     bias applications by key, unmatched modules). A LoRA none of whose modules fits is
-    refused as one for another architecture. `headers`: the LoRAs' own, when already read."""
+    refused as one for another architecture. `headers`: the LoRAs' own, when already read and
+    checked (`prepare_bake`)."""
     files, weights, biases, unmatched = [], {}, {}, []
     for i, use in enumerate(uses):
-        header = headers[i] if headers else read_header(use.path)
-        _check_lora(use, identify(header), arch)
+        if headers:
+            header = headers[i]
+        else:
+            header = read_header(use.path)
+            _check_lora(use, identify(header), arch)
         lora = load_lora(use.path, header)
         files.append(lora)
         blocks = block_strengths(use.blocks, arch, f"{use.ref}: blocks")
