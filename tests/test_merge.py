@@ -17,7 +17,7 @@ import torch
 from conftest import REPO, run_cli
 from safetensors.torch import load_file
 
-from mergekit_sd.errors import Cancelled
+from mergekit_sd.errors import Cancelled, UserError
 from mergekit_sd.merge.executor import run_merge
 from mergekit_sd.merge.plan import build_plan
 from mergekit_sd.merge.registry import get_method
@@ -352,3 +352,28 @@ def test_large_tensors_streamed_in_pieces_give_identical_bytes(tmp_path, models,
     assert any(not item.whole for item in items if item.task.sources == ("vae",))
     merge(path)
     assert (tmp_path / "out.safetensors").read_bytes() == in_one_piece
+
+
+def plan_of(path: Path):
+    return build_plan(parse_recipe(path.read_text(), path))
+
+
+@pytest.mark.parametrize("target", ["vae", "lora"])
+def test_an_output_that_would_overwrite_the_vae_or_a_lora_is_refused(tmp_path, models, target):
+    from mergekit_sd.testing import write_lora
+
+    vae = write_checkpoint(tmp_path / "vae.safetensors", "vae-sd", seed=9)
+    lora = write_lora(tmp_path / "lora.safetensors", "kohya-sd1", seed=30)
+    path = recipe(tmp_path, {**models, "l": lora}, f"""
+        - name: m
+          method: bake_lora
+          inputs: [a]
+          loras: [{{model: l}}]
+        """, output=f"vae: {vae}\n", names=("a", "l"))
+    victim = {"vae": vae, "lora": lora}[target]
+    path.write_text(path.read_text().replace(str(tmp_path / "out.safetensors"), str(victim)))
+    before = victim.read_bytes()
+    with pytest.raises(UserError, match="would overwrite the input " + {"vae": "vae",
+                                                                        "lora": "l"}[target]):
+        plan_of(path)
+    assert victim.read_bytes() == before

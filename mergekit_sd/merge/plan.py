@@ -266,20 +266,28 @@ def build_plan(loaded: LoadedRecipe, resolver: Resolver | None = None,
     cands = candidates(recipe)
     steps = _plan_steps(loaded, _needed_steps(loaded), arch, cands)
     outputs = _output_paths(loaded, cands, out)
-    for cand, path in outputs.items():
-        for planned in inputs.values():
-            if path.resolve() == planned.path.resolve():
-                raise loaded.error(("output", "path"), f"the output {path.name} of {cand} "
-                                   f"would overwrite the input {planned.name}")
     vae = _open_vae(loaded, resolver) if recipe.output.vae else None
     tasks, vae_keys, notes = _plan_keys(loaded, inputs, order, arch, prefix, vae)
     loras = _plan_loras(loaded, steps, inputs[order[0]], arch, prefix, resolver)
+    read = [*inputs.values(), *loras.values(), *([vae] if vae else [])]
+    _refuse_overwriting_inputs(loaded, outputs, read)
     baked = {k for sp in steps for k in (*sp.lora_weights, *sp.lora_biases)}
     for task in tasks:
         if task.key in baked:
             task.merge = True  # even with one source: the step changes it
     return MergePlan(loaded, arch, prefix, inputs, order, steps, cands, outputs, tasks, vae,
                      vae_keys, notes, loras)
+
+
+def _refuse_overwriting_inputs(loaded: LoadedRecipe, outputs: dict[str, Path],
+                               read: list[PlannedInput | PlannedLora]) -> None:
+    """Every file the merge reads (models, LoRAs, the VAE) is read while the outputs are
+    written, and an output replacing one would destroy it."""
+    for cand, path in outputs.items():
+        for planned in read:
+            if path.resolve() == planned.path.resolve():
+                raise loaded.error(("output", "path"), f"the output {path.name} of {cand} "
+                                   f"would overwrite the input {planned.name}")
 
 
 def _plan_loras(loaded: LoadedRecipe, steps: list[StepPlan], first: PlannedInput,
