@@ -377,3 +377,20 @@ def test_an_output_that_would_overwrite_the_vae_or_a_lora_is_refused(tmp_path, m
                                                                         "lora": "l"}[target]):
         plan_of(path)
     assert victim.read_bytes() == before
+
+
+@pytest.mark.parametrize(("variant", "component"), [("sd1-unet", "unet"),
+                                                     ("flux-dev-transformer", "transformer")])
+def test_components_apply_to_every_key_of_a_diffusion_model_saved_alone(tmp_path, variant,
+                                                                       component):
+    bare = {n: write_checkpoint(tmp_path / f"{n}.safetensors", variant, seed=seed)
+            for n, seed in (("a", 7), ("b", 12))}
+    out = merge(recipe(tmp_path, bare, f"""
+        - name: m
+          method: weighted_sum
+          inputs: [a, b]
+          params: {{alpha: {{default: 0.5, components: {{{component}: 1.0}}}}}}
+        """, names=("a", "b")))["m"]
+    b = whole(bare, "b")
+    floating = [k for k in b if b[k].is_floating_point()]
+    assert floating and all(torch.equal(out[k], b[k].float()) for k in floating)

@@ -58,6 +58,17 @@ def slot_of(key: str) -> tuple[str, str]:
     return "other", ""
 
 
+def slot_in_file(key: str, diffusion_prefix: str) -> tuple[str, str]:
+    """`slot_of` for a key of a file whose diffusion model sits under `diffusion_prefix`: a
+    UNet or transformer saved alone (prefix "") carries no component prefix, so its unprefixed
+    keys, noise-schedule buffers aside, belong to the diffusion model."""
+    slot, prefix = slot_of(key)
+    if (slot == "other" and diffusion_prefix == "" and key not in SCHEDULE_KEYS
+            and key not in PREDICTION_MARKERS):
+        return "diffusion_model", ""
+    return slot, prefix
+
+
 def split_by_prefix(keys: Iterable[str]) -> dict[str, tuple[str, list[str]]]:
     """slot -> (prefix, keys relative to the prefix), for keys under a known prefix."""
     slots: dict[str, tuple[str, list[str]]] = {}

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mergekit_sd.arch.architectures import ARCHITECTURES, Architecture
-from mergekit_sd.arch.components import SCHEDULE_KEYS, slot_of
+from mergekit_sd.arch.components import SCHEDULE_KEYS, slot_in_file, slot_of
 from mergekit_sd.arch.identify import Identification, identify
 from mergekit_sd.errors import BadModelFile, UserError
 from mergekit_sd.io.dtypes import FLOAT_DTYPES, USER_DTYPES
@@ -379,7 +379,7 @@ def _plan_keys(loaded: LoadedRecipe, inputs: dict[str, PlannedInput], order: lis
         keys.update(dict.fromkeys(inputs[name].header.tensors))
     tasks, only_some, clashes, dropped = [], [], [], 0
     for key in keys:
-        slot, _ = slot_of(key)
+        slot, _ = slot_in_file(key, prefix)
         if (output.drop_ema or output.inference_only) and slot == "ema":
             dropped += 1
             continue
