@@ -364,11 +364,11 @@ def test_an_output_that_would_overwrite_the_vae_or_a_lora_is_refused(tmp_path, m
 
     vae = write_checkpoint(tmp_path / "vae.safetensors", "vae-sd", seed=9)
     lora = write_lora(tmp_path / "lora.safetensors", "kohya-sd1", seed=30)
-    path = recipe(tmp_path, {**models, "l": lora}, f"""
+    path = recipe(tmp_path, {**models, "l": lora}, """
         - name: m
           method: bake_lora
           inputs: [a]
-          loras: [{{model: l}}]
+          loras: [{model: l}]
         """, output=f"vae: {vae}\n", names=("a", "l"))
     victim = {"vae": vae, "lora": lora}[target]
     path.write_text(path.read_text().replace(str(tmp_path / "out.safetensors"), str(victim)))
@@ -394,3 +394,22 @@ def test_components_apply_to_every_key_of_a_diffusion_model_saved_alone(tmp_path
     b = whole(bare, "b")
     floating = [k for k in b if b[k].is_floating_point()]
     assert floating and all(torch.equal(out[k], b[k].float()) for k in floating)
+
+
+@pytest.mark.parametrize(("variant", "vae_variant", "words"), [
+    ("sd1", "vae-flux", "VAE (16 latent channels), which does not fit the VAE (4 latent"),
+    ("sd1-unet", "vae-sd", "has no VAE to replace"),
+])
+def test_a_vae_that_does_not_fit_the_inputs_is_refused(tmp_path, variant, vae_variant, words):
+    inputs = {n: write_checkpoint(tmp_path / f"{n}.safetensors", variant, seed=seed)
+              for n, seed in (("a", 1), ("b", 2))}
+    vae = write_checkpoint(tmp_path / "vae.safetensors", vae_variant, seed=9)
+    path = recipe(tmp_path, inputs, """
+        - name: m
+          method: weighted_sum
+          inputs: [a, b]
+        """, output=f"vae: {vae}\n", names=("a", "b"))
+    result = run_cli("merge", path)
+    assert result.returncode == 2, result.stderr
+    assert "output.vae" in result.stderr and words in result.stderr, result.stderr
+    assert "\n" not in result.stderr.strip() and not list(tmp_path.glob("out*"))

@@ -267,7 +267,8 @@ def build_plan(loaded: LoadedRecipe, resolver: Resolver | None = None,
     steps = _plan_steps(loaded, _needed_steps(loaded), arch, cands)
     outputs = _output_paths(loaded, cands, out)
     vae = _open_vae(loaded, resolver) if recipe.output.vae else None
-    tasks, vae_keys, notes = _plan_keys(loaded, inputs, order, arch, prefix, vae)
+    vae_keys = _fitting_vae_keys(loaded, vae, inputs[order[0]]) if vae else {}
+    tasks, notes = _plan_keys(loaded, inputs, order, arch, prefix, vae, vae_keys)
     loras = _plan_loras(loaded, steps, inputs[order[0]], arch, prefix, resolver)
     read = [*inputs.values(), *loras.values(), *([vae] if vae else [])]
     _refuse_overwriting_inputs(loaded, outputs, read)
@@ -366,14 +367,35 @@ def vae_source_keys(vae: PlannedInput, target_prefix: str) -> dict[str, str]:
             if key.startswith(comp.prefix) and slot_of(key)[0] in ("vae", "other")}
 
 
+def _fitting_vae_keys(loaded: LoadedRecipe, vae: PlannedInput, first: PlannedInput
+                      ) -> dict[str, str]:
+    """Output key -> key in the VAE file, once the VAE is known to replace the inputs' own
+    key for key and shape for shape: any other VAE gives a file no program loads."""
+    loc = ("output", "vae")
+    own = next((c for c in first.found.components if c.slot == "vae"), None)
+    if own is None:
+        raise loaded.error(loc, f"{first.path.name} is {first.found.label} and has no VAE to "
+                                "replace; bake the VAE into a full checkpoint instead")
+    vae_keys = vae_source_keys(vae, own.prefix)
+    replaced = [k for k in first.header.tensors if slot_of(k) == ("vae", own.prefix)]
+    missing = [k for k in replaced if k not in vae_keys]
+    reshaped = [k for k in replaced if k in vae_keys and first.header.tensors[k].shape
+                != vae.header.tensors[vae_keys[k]].shape]
+    if missing or reshaped:
+        key = (reshaped or missing)[0]
+        why = "has another shape" if reshaped else "is missing"
+        theirs = next(c.model for c in vae.found.components if c.slot == "vae")
+        raise loaded.error(loc, f"{vae.path.name} holds a {theirs}, which does not fit the "
+                                f"{own.model} of "
+                                f"{first.path.name}: its {key[len(own.prefix):]!r} {why}; "
+                                "give a VAE of the inputs' architecture and key layout")
+    return vae_keys
+
+
 def _plan_keys(loaded: LoadedRecipe, inputs: dict[str, PlannedInput], order: list[str],
-               arch: Architecture, prefix: str, vae: PlannedInput | None
-               ) -> tuple[list[KeyTask], dict[str, str], list[str]]:
+               arch: Architecture, prefix: str, vae: PlannedInput | None,
+               vae_keys: dict[str, str]) -> tuple[list[KeyTask], list[str]]:
     output = loaded.recipe.output
-    first = inputs[order[0]]
-    vae_prefix = next((c.prefix for c in first.found.components if c.slot == "vae"),
-                      "first_stage_model.")
-    vae_keys = vae_source_keys(vae, vae_prefix) if vae else {}
     keys: dict[str, None] = {}
     for name in order:
         keys.update(dict.fromkeys(inputs[name].header.tensors))
@@ -418,7 +440,7 @@ def _plan_keys(loaded: LoadedRecipe, inputs: dict[str, PlannedInput], order: lis
                      "inference_only)")
     if vae_keys:
         notes.append(f"{len(vae_keys)} VAE keys baked from {vae.path.name}")
-    return tasks, vae_keys, notes
+    return tasks, notes
 
 
 def apply_overrides(loaded: LoadedRecipe, assignments: list[str]) -> None:
