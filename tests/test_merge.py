@@ -413,3 +413,26 @@ def test_a_vae_that_does_not_fit_the_inputs_is_refused(tmp_path, variant, vae_va
     assert result.returncode == 2, result.stderr
     assert "output.vae" in result.stderr and words in result.stderr, result.stderr
     assert "\n" not in result.stderr.strip() and not list(tmp_path.glob("out*"))
+
+
+def test_inputs_with_identical_bytes_merge_and_make_one_lineage_entry(tmp_path, models):
+    import shutil
+
+    shutil.copyfile(models["a"], tmp_path / "a_copy.safetensors")
+    path = recipe(tmp_path, {**models, "base": tmp_path / "a_copy.safetensors",
+                             "again": models["b"]}, """
+        - name: m
+          method: add_difference
+          inputs: [a, b, base]
+          params: {alpha: 0.5}
+        - name: n
+          method: weighted_sum
+          inputs: [m, again]
+        """, names=("a", "b", "base", "again"))
+    out = merge(path)["n"]
+    a, b = whole(models, "a")[UNET_KEY], whole(models, "b")[UNET_KEY]
+    torch.testing.assert_close(out[UNET_KEY], 0.5 * (a + 0.5 * (b - a)) + 0.5 * b)
+    from mergekit_sd.io.header import read_header
+
+    lineage = json.loads(read_header(tmp_path / "out.safetensors").metadata["sd_merge_models"])
+    assert len(lineage) == 2
