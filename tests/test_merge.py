@@ -436,3 +436,39 @@ def test_inputs_with_identical_bytes_merge_and_make_one_lineage_entry(tmp_path, 
 
     lineage = json.loads(read_header(tmp_path / "out.safetensors").metadata["sd_merge_models"])
     assert len(lineage) == 2
+
+
+def test_merging_a_merge_with_one_of_its_parents_keeps_one_entry_per_model(tmp_path, models):
+    first = recipe(tmp_path, models, "- name: m\n  method: weighted_sum\n  inputs: [a, b]\n",
+                   names=("a", "b"))
+    merge(first)
+    (tmp_path / "out.safetensors").rename(tmp_path / "ab.safetensors")
+    again = recipe(tmp_path, {**models, "ab": tmp_path / "ab.safetensors"},
+                   "- name: m\n  method: weighted_sum\n  inputs: [ab, a]\n", names=("ab", "a"))
+    merge(again)
+    from mergekit_sd.io.header import read_header
+
+    lineage = json.loads(read_header(tmp_path / "out.safetensors").metadata["sd_merge_models"])
+    assert sorted(entry["name"] for entry in lineage.values()) == [
+        "a.safetensors", "ab.safetensors", "b.safetensors"]
+
+
+@pytest.mark.parametrize("damage", [{"sd_merge_recipe": "not json"},
+                                    {"sd_merge_models": "[1, 2]"},
+                                    {"sd_merge_models": '{"x": 1}'},
+                                    {"sd_merge_models": "[" * 50000 + "]" * 50000}])
+def test_an_input_with_damaged_merge_lineage_merges_without_it(tmp_path, models, damage):
+    damaged = write_checkpoint(tmp_path / "damaged.safetensors", "sd1", seed=1, metadata=damage)
+    path = recipe(tmp_path, {**models, "a": damaged}, """
+        - name: m
+          method: weighted_sum
+          inputs: [a, b]
+        """, names=("a", "b"))
+    out = merge(path)["m"]
+    a, b = whole(models, "a")[UNET_KEY], whole(models, "b")[UNET_KEY]
+    torch.testing.assert_close(out[UNET_KEY], 0.5 * a + 0.5 * b)
+    from mergekit_sd.io.header import read_header
+
+    lineage = json.loads(read_header(tmp_path / "out.safetensors").metadata["sd_merge_models"])
+    assert sorted(entry["name"] for entry in lineage.values()) == ["b.safetensors",
+                                                                   "damaged.safetensors"]

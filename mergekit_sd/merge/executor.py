@@ -33,7 +33,7 @@ from mergekit_sd.merge.plan import (
     MergePlan,
     PlannedInput,
 )
-from mergekit_sd.merge.provenance import merge_metadata
+from mergekit_sd.merge.provenance import lineage_may_collapse, merge_metadata
 from mergekit_sd.progress import CancelToken, ProgressCallback, no_progress
 from mergekit_sd.recipe.params import Candidate
 
@@ -227,13 +227,6 @@ class _Hasher:
         self.placeholders = {name: f"{'~' * 56}{i:08d}" for i, name in enumerate(self.files)}
         self.legacy = {name: legacy_model_hash(p.path) for name, p in self.files.items()}
 
-    def inputs_may_repeat(self, plan: MergePlan) -> bool:
-        """Whether two model inputs may hold the same bytes (a file under two names, or a
-        copy): AUTOMATIC1111's lineage is keyed by SHA256, so such inputs make one entry there,
-        and distinct placeholders would give a header longer than the final one."""
-        seen = {(p.path.stat().st_size, self.legacy[name]) for name, p in plan.inputs.items()}
-        return len(seen) < len(plan.inputs)
-
     def result(self, plan: MergePlan, cancel: CancelToken) -> dict[str, str]:
         hashes = self._future.result()
         cancel.raise_if_cancelled()
@@ -262,8 +255,8 @@ def run_merge(plan: MergePlan, device: str = "cpu", progress: ProgressCallback =
     hasher = _Hasher(plan, progress, cancel)
     specs = [t.out for t in plan.tasks]
     try:
-        # inputs that may be identical are hashed first, so the header is written exact
-        first_hashes = (hasher.result(plan, cancel) if hasher.inputs_may_repeat(plan)
+        # where the real hashes may shorten the header, they are waited for: it must be exact
+        first_hashes = (hasher.result(plan, cancel) if lineage_may_collapse(plan, hasher.legacy)
                         else hasher.placeholders)
         stats = _collect_stats(plan, inputs, progress, cancel)
         with contextlib.ExitStack() as stack:

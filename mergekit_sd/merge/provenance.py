@@ -7,12 +7,11 @@ recipe that reproduces the file byte for byte.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import json
 
 from mergekit_sd import __version__
-from mergekit_sd.merge.plan import MergePlan
+from mergekit_sd.merge.plan import MergePlan, PlannedInput
 from mergekit_sd.recipe.params import Candidate
 from mergekit_sd.recipe.schema import ParamSpec
 
@@ -89,20 +88,48 @@ def _a1111_recipe(plan: MergePlan, cand: Candidate, hashes: dict[str, str]) -> d
     }
 
 
+def _parent_json(planned: PlannedInput, key: str):
+    """An input's own AUTOMATIC1111 metadata value, parsed; None when absent or damaged (not
+    JSON, or nested too deeply to parse): a parent's corrupt lineage is left out."""
+    raw = planned.header.metadata.get(key)
+    if not raw:
+        return None
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+
+
+def parent_lineage(planned: PlannedInput) -> dict[str, dict]:
+    """The ancestors an input lists under sd_merge_models (SHA256 -> entry), as far as they
+    have the shape AUTOMATIC1111 writes."""
+    models = _parent_json(planned, "sd_merge_models")
+    if not isinstance(models, dict):
+        return {}
+    return {sha: entry for sha, entry in models.items() if isinstance(entry, dict)}
+
+
+def lineage_may_collapse(plan: MergePlan, legacy: dict[str, str]) -> bool:
+    """Whether an input's SHA256 may equal another input's or an ancestor's (same size and
+    legacy hash, or an ancestor without a legacy hash): sd_merge_models, keyed by SHA256, then
+    has fewer entries than a header written with distinct placeholders for the hashes."""
+    ancestors = {entry.get("legacy_hash") for name in plan.model_order
+                 for entry in parent_lineage(plan.inputs[name]).values()}
+    own = [(plan.inputs[name].path.stat().st_size, legacy[name]) for name in plan.model_order]
+    return (len(set(own)) < len(own) or None in ancestors
+            or any(legacy[name] in ancestors for name in plan.model_order))
+
+
 def _a1111_models(plan: MergePlan, hashes: dict[str, str], legacy: dict[str, str]) -> dict:
     """sha256 -> {name, legacy_hash, sd_merge_recipe}, ancestors included as AUTOMATIC1111 does."""
     models: dict = {}
     for name in plan.model_order:
         planned = plan.inputs[name]
-        parent_recipe = planned.header.metadata.get("sd_merge_recipe")
-        parent_models = planned.header.metadata.get("sd_merge_models")
-        if parent_models:
-            with contextlib.suppress(ValueError):  # a parent's corrupt lineage is left out
-                models.update(json.loads(parent_models))
+        models.update(parent_lineage(planned))
         models[hashes[name]] = {
             "name": planned.path.name,
             "legacy_hash": legacy[name],
-            "sd_merge_recipe": json.loads(parent_recipe) if parent_recipe else None,
+            "sd_merge_recipe": _parent_json(planned, "sd_merge_recipe"),
         }
     return models
 
