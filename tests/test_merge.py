@@ -472,3 +472,19 @@ def test_an_input_with_damaged_merge_lineage_merges_without_it(tmp_path, models,
     lineage = json.loads(read_header(tmp_path / "out.safetensors").metadata["sd_merge_models"])
     assert sorted(entry["name"] for entry in lineage.values()) == ["b.safetensors",
                                                                    "damaged.safetensors"]
+
+
+def test_a_regular_expression_key_pattern_must_match_the_full_key(tmp_path, models):
+    out = merge(recipe(tmp_path, models, r"""
+        - name: m
+          method: weighted_sum
+          inputs: [a, b]
+          params:
+            alpha:
+              default: 0.0
+              keys: {"re:model\\.diffusion_model\\.input_blocks\\.1": 1.0,
+                     're:model\.diffusion_model\.input_blocks\.2\..*': 1.0}
+        """, names=("a", "b")))["m"]
+    a = whole(models, "a")
+    took_b = {".".join(k.split(".")[:4]) for k in a if not torch.equal(out[k], a[k].float())}
+    assert took_b == {"model.diffusion_model.input_blocks.2"}

@@ -63,7 +63,7 @@ class KeyedValue:
 
     def value(self, key: str, slot: str, block: str) -> Scalar | None:
         for _, pattern, value in self.by_pattern:
-            if pattern.match(key):
+            if pattern.fullmatch(key):
                 return value
         if slot in self.by_slot:
             return self.by_slot[slot]
