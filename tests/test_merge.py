@@ -488,3 +488,18 @@ def test_a_regular_expression_key_pattern_must_match_the_full_key(tmp_path, mode
     a = whole(models, "a")
     took_b = {".".join(k.split(".")[:4]) for k in a if not torch.equal(out[k], a[k].float())}
     assert took_b == {"model.diffusion_model.input_blocks.2"}
+
+
+def test_a_sweep_of_a_step_the_output_does_not_use_names_no_file(tmp_path, models):
+    out = merge(recipe(tmp_path, models, """
+        - name: mix
+          method: weighted_sum
+          inputs: [a, b]
+          params: {alpha: [0.2, 0.4]}
+        - name: alt
+          method: weighted_sum
+          inputs: [a, b]
+          params: {alpha: 0.5}
+        """, output="step: alt\n", names=("a", "b")))
+    assert set(out) == {"alt"}
+    assert [p.name for p in tmp_path.glob("out*")] == ["out.safetensors"]

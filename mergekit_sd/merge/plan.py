@@ -114,18 +114,6 @@ class MergePlan:
         return moved / ASSUMED_DISK_BYTES_PER_S
 
 
-def _needed_steps(loaded: LoadedRecipe) -> list[Step]:
-    recipe = loaded.recipe
-    by_name = {s.name: s for s in recipe.steps}
-    needed, stack = set(), [recipe.final_step.name]
-    while stack:
-        name = stack.pop()
-        if name in by_name and name not in needed:
-            needed.add(name)
-            stack.extend(by_name[name].inputs)
-    return [s for s in recipe.steps if s.name in needed]
-
-
 def _model_order(loaded: LoadedRecipe) -> list[str]:
     """Models in depth-first order of the final step's inputs: the first one that has a key
     gives the output its shape and its fallback value."""
@@ -264,7 +252,7 @@ def build_plan(loaded: LoadedRecipe, resolver: Resolver | None = None,
     arch_id, prefix = _check_compatible(loaded, inputs)
     arch = ARCHITECTURES[arch_id]
     cands = candidates(recipe)
-    steps = _plan_steps(loaded, _needed_steps(loaded), arch, cands)
+    steps = _plan_steps(loaded, recipe.needed_steps, arch, cands)
     outputs = _output_paths(loaded, cands, out)
     vae = _open_vae(loaded, resolver) if recipe.output.vae else None
     vae_keys = _fitting_vae_keys(loaded, vae, inputs[order[0]]) if vae else {}

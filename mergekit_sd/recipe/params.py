@@ -109,9 +109,10 @@ class SweepAxis:
 
 
 def sweep_axes(recipe: Recipe) -> list[SweepAxis]:
-    """Every parameter given as a list (or whose `default` is a list) is swept."""
+    """Every parameter given as a list (or whose `default` is a list) of a step the output
+    uses is swept (a sweep of an unused step would name identical files after it)."""
     axes = []
-    for step in recipe.steps:
+    for step in recipe.needed_steps:
         for name, value in step.params.items():
             values = value.default if isinstance(value, ParamSpec) else value
             if isinstance(values, list):

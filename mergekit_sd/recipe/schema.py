@@ -135,6 +135,18 @@ class Recipe(Strict):
         wanted = self.output.step or self.steps[-1].name
         return next(s for s in self.steps if s.name == wanted)
 
+    @property
+    def needed_steps(self) -> list[Step]:
+        """The steps the output step depends on, in recipe order: only these run."""
+        by_name = {s.name: s for s in self.steps}
+        needed, stack = set(), [self.final_step.name]
+        while stack:
+            name = stack.pop()
+            if name in by_name and name not in needed:
+                needed.add(name)
+                stack.extend(by_name[name].inputs)
+        return [s for s in self.steps if s.name in needed]
+
     def model_ref(self, name: str) -> ModelRef:
         value = self.models[name]
         return value if isinstance(value, ModelRef) else ModelRef(ref=value)
