@@ -503,3 +503,32 @@ def test_a_sweep_of_a_step_the_output_does_not_use_names_no_file(tmp_path, model
         """, output="step: alt\n", names=("a", "b")))
     assert set(out) == {"alt"}
     assert [p.name for p in tmp_path.glob("out*")] == ["out.safetensors"]
+
+
+@pytest.mark.parametrize(("values", "words"), [
+    ("[0.5, 0.5]", "the sweep values 0.5 and 0.5 give one candidate"),
+    ("[1, 1.0]", "the sweep values 1 and 1.0 give one candidate"),
+    ("[]", "a sweep needs at least one value"),
+    ("{default: []}", "a sweep needs at least one value"),
+])
+def test_a_sweep_needs_values_that_each_name_a_candidate(tmp_path, models, values, words):
+    path = recipe(tmp_path, models, f"""
+        - name: m
+          method: weighted_sum
+          inputs: [a, b]
+          params: {{alpha: {values}}}
+        """, names=("a", "b"))
+    result = run_cli("merge", path)
+    assert result.returncode == 2, result.stderr
+    assert "steps.0.params.alpha" in result.stderr and words in result.stderr, result.stderr
+    assert not list(tmp_path.glob("out*"))
+
+
+def test_sweep_values_that_print_alike_at_six_digits_name_distinct_files(tmp_path, models):
+    out = merge(recipe(tmp_path, models, """
+        - name: m
+          method: weighted_sum
+          inputs: [a, b]
+          params: {alpha: [0.1234561, 0.1234562, 0.25]}
+        """, names=("a", "b")))
+    assert set(out) == {"m@alpha=0.1234561", "m@alpha=0.1234562", "m@alpha=0.25"}

@@ -18,7 +18,13 @@ from mergekit_sd.io.header import SafetensorsHeader, read_header
 from mergekit_sd.io.writer import TensorSpec
 from mergekit_sd.merge.registry import MergeMethod, check_params, get_method
 from mergekit_sd.recipe.loader import LoadedRecipe
-from mergekit_sd.recipe.params import Candidate, KeyedValue, candidates, resolve_param
+from mergekit_sd.recipe.params import (
+    Candidate,
+    KeyedValue,
+    candidates,
+    check_sweeps,
+    resolve_param,
+)
 from mergekit_sd.recipe.refs import NoResolver, Resolver, is_path_ref, resolve_path
 from mergekit_sd.recipe.schema import ParamSpec, Step
 
@@ -251,6 +257,7 @@ def build_plan(loaded: LoadedRecipe, resolver: Resolver | None = None,
     inputs = {name: _open_input(loaded, name, resolver) for name in order}
     arch_id, prefix = _check_compatible(loaded, inputs)
     arch = ARCHITECTURES[arch_id]
+    check_sweeps(recipe, loaded.error)
     cands = candidates(recipe)
     steps = _plan_steps(loaded, recipe.needed_steps, arch, cands)
     outputs = _output_paths(loaded, cands, out)

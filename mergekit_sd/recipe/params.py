@@ -121,7 +121,28 @@ def sweep_axes(recipe: Recipe) -> list[SweepAxis]:
 
 
 def _fmt(value: Scalar) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
+    """A value as candidate names show it: short (%g), unless that would lose precision and
+    so give two values one name (and one file)."""
+    if not isinstance(value, float):
+        return str(value)
+    short = f"{value:g}"
+    return short if float(short) == value else repr(value)
+
+
+def check_sweeps(recipe: Recipe, error: MakeError) -> None:
+    """Every sweep has values, each naming its own candidate (the name names its file)."""
+    steps = [s.name for s in recipe.steps]
+    for axis in sweep_axes(recipe):
+        loc = ("steps", steps.index(axis.step), "params", axis.param)
+        if not axis.values:
+            raise error(loc, "a sweep needs at least one value")
+        named: dict[str, Scalar] = {}
+        for value in axis.values:
+            name = _fmt(value)
+            if name in named:
+                raise error(loc, f"the sweep values {named[name]!r} and {value!r} give one "
+                                 f"candidate ({axis.param}={name}); list each value once")
+            named[name] = value
 
 
 @dataclass(frozen=True)
