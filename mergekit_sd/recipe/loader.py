@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,20 +43,39 @@ def parse_recipe(text: str, path: Path | str = "<recipe>") -> LoadedRecipe:
 
 
 def _first_error(exc: ValidationError, path: Path, lines: dict) -> RecipeError:
-    error = exc.errors()[0]
-    loc = tuple(part for part in error["loc"] if not _is_union_tag(part))
+    loc, message = describe_validation_error(exc)
+    return RecipeError(path, line_of(lines, loc), dotted(loc), message)
+
+
+def describe_validation_error(exc: ValidationError, prefix: tuple = ()) -> tuple[tuple, str]:
+    """(field location, one sentence) for the error that explains `exc` best; `prefix` is
+    where the validated value sits in a recipe (a `--set` value: its step and param)."""
+    errors = exc.errors()
+    first = _user_loc(errors[0])
+    # pydantic reports each member of a union it tried; the one that got deepest into the
+    # value (a ModelRef's unknown field, not "should be a string") says what is wrong
+    error = max((e for e in errors if _user_loc(e)[:len(first)] == first),
+                key=lambda e: len(_user_loc(e)))
+    loc = (*prefix, *_user_loc(error))
     message = error["msg"]
-    if not loc:  # cross-field rules name their field at the start of the message
+    if loc == prefix:  # cross-field rules name their field at the start of the message
         match = _LEADING_PATH.match(message)
         if match:
-            loc = tuple(int(p) if p.isdigit() else p for p in match[1].split("."))
+            loc = (*prefix, *(int(p) if p.isdigit() else p for p in match[1].split(".")))
             message = match[2]
     message = message.removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         message = f"is not a field here ({_known_fields_hint(loc)})"
     elif error["type"] == "missing":
         message = "is required but missing"
-    return RecipeError(path, line_of(lines, loc), dotted(loc), message)
+    elif error["type"] == "string_type" and isinstance(error["input"], dt.date):
+        message = (f"YAML reads {error['input'].isoformat()} as a date, not text; put it in "
+                   f"quotes: '{error['input'].isoformat()}'")
+    return loc, message
+
+
+def _user_loc(error: dict) -> tuple:
+    return tuple(part for part in error["loc"] if not _is_union_tag(part))
 
 
 def _is_union_tag(part) -> bool:
