@@ -532,3 +532,19 @@ def test_sweep_values_that_print_alike_at_six_digits_name_distinct_files(tmp_pat
           params: {alpha: [0.1234561, 0.1234562, 0.25]}
         """, names=("a", "b")))
     assert set(out) == {"m@alpha=0.1234561", "m@alpha=0.1234562", "m@alpha=0.25"}
+
+
+@pytest.mark.parametrize(("value", "words"), [
+    ("[0.2", "'[0.2' is not a plain YAML value"),
+    ("!!python/object:os.system x", "is not a plain YAML value"),
+    ("{default: 0.2, bogus: 1}", "bogus: is not a field here (valid fields: default"),
+    ("", "give a value after '='"),
+])
+def test_set_values_that_are_not_parameters_are_one_sentence(tmp_path, models, value, words):
+    path = recipe(tmp_path, models, "- name: m\n  method: weighted_sum\n  inputs: [a, b]\n",
+                  names=("a", "b"))
+    result = run_cli("plan", path, "--set", f"m.alpha={value}")
+    assert result.returncode == 2, result.stderr
+    message = result.stderr.strip()
+    assert "\n" not in message and f"--set 'm.alpha={value}'" in message, message
+    assert words in message, message

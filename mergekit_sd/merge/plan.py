@@ -26,7 +26,7 @@ from mergekit_sd.recipe.params import (
     resolve_param,
 )
 from mergekit_sd.recipe.refs import NoResolver, Resolver, is_path_ref, resolve_path
-from mergekit_sd.recipe.schema import ParamSpec, Step
+from mergekit_sd.recipe.schema import Step
 
 # FLUX dev, schnell and Fill share every block; merging them is common practice.
 _COMPATIBLE_FAMILIES = {"flux"}
@@ -440,8 +440,6 @@ def _plan_keys(loaded: LoadedRecipe, inputs: dict[str, PlannedInput], order: lis
 
 def apply_overrides(loaded: LoadedRecipe, assignments: list[str]) -> None:
     """`--set step.param=value` (value parsed as YAML, so `[0.2,0.4]` makes a sweep)."""
-    import yaml
-
     for assignment in assignments:
         target, sep, raw = assignment.partition("=")
         step_name, dot, param = target.partition(".")
@@ -452,7 +450,29 @@ def apply_overrides(loaded: LoadedRecipe, assignments: list[str]) -> None:
             names = ", ".join(s.name for s in loaded.recipe.steps)
             raise UserError(f"--set {assignment!r}: there is no step {step_name!r} "
                             f"(steps: {names})")
+        step.params[param] = _override_value(loaded, assignment, step, param, raw)
+
+
+def _override_value(loaded: LoadedRecipe, assignment: str, step: Step, param: str, raw: str):
+    """The value of a `--set`, checked as the recipe's own values are."""
+    import yaml
+    from pydantic import TypeAdapter, ValidationError
+
+    from mergekit_sd.recipe.loader import describe_validation_error
+    from mergekit_sd.recipe.schema import ParamValue
+
+    try:
         value = yaml.safe_load(raw)
-        if isinstance(value, dict):
-            value = ParamSpec.model_validate(value)
-        step.params[param] = value
+    except (yaml.YAMLError, RecursionError):
+        raise UserError(f"--set {assignment!r}: {raw!r} is not a plain YAML value; write a number, "
+                        "a [list] to sweep or a {mapping}") from None
+    if value is None:
+        raise UserError(f"--set {assignment!r}: give a value after '='")
+    try:
+        return TypeAdapter(ParamValue).validate_python(value)
+    except ValidationError as exc:
+        at = ("steps", loaded.recipe.steps.index(step), "params", param)
+        loc, problem = describe_validation_error(exc, at)
+        field = ".".join(str(part) for part in loc[len(at):])
+        raise UserError(f"--set {assignment!r}: {field + ': ' if field else ''}{problem}"
+                        ) from None
