@@ -548,3 +548,12 @@ def test_set_values_that_are_not_parameters_are_one_sentence(tmp_path, models, v
     message = result.stderr.strip()
     assert "\n" not in message and f"--set 'm.alpha={value}'" in message, message
     assert words in message, message
+
+
+@pytest.mark.parametrize("device", ["bogus", "mps", "meta", "cuda:x"])
+def test_a_device_merges_cannot_use_is_one_sentence(tmp_path, models, device):
+    path = recipe(tmp_path, models, "- name: m\n  method: weighted_sum\n  inputs: [a, b]\n",
+                  names=("a", "b"))
+    with pytest.raises(UserError, match=f"--device {device}: use cpu or cuda"):
+        run_merge(plan_of(path), device=device)
+    assert not list(tmp_path.glob("out*"))

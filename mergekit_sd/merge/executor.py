@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import threading
 import zlib
 from collections import deque
@@ -242,15 +243,26 @@ class _Hasher:
         self._pool.shutdown(wait=True)
 
 
+def _check_device(device: str) -> None:
+    """Merges run on the CPU or a CUDA device; torch's own refusals of others are tracebacks."""
+    import torch
+
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise UserError(f"--device {device}: use cpu or cuda[:N]")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA device is available on this machine; "
+                        "use --device cpu")
+    count = torch.cuda.device_count()
+    if ":" in device and int(device.split(":")[1]) >= count:
+        raise UserError(f"--device {device}: this machine has {count} CUDA device"
+                        f"{'' if count == 1 else 's'}; use cuda:0 to cuda:{count - 1}")
+
+
 def run_merge(plan: MergePlan, device: str = "cpu", progress: ProgressCallback = no_progress,
               cancel: CancelToken | None = None) -> dict[str, Path]:
     """Write every candidate of the plan; returns candidate name -> file written."""
-    import torch
-
     cancel = cancel or CancelToken()
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available on this machine; "
-                        "use --device cpu")
+    _check_device(device)
     inputs = _Inputs(plan, device)
     hasher = _Hasher(plan, progress, cancel)
     specs = [t.out for t in plan.tasks]
