@@ -557,3 +557,16 @@ def test_a_device_merges_cannot_use_is_one_sentence(tmp_path, models, device):
     with pytest.raises(UserError, match=f"--device {device}: use cpu or cuda"):
         run_merge(plan_of(path), device=device)
     assert not list(tmp_path.glob("out*"))
+
+
+def test_plan_refuses_cosine_on_an_earlier_step(tmp_path, models):
+    path = recipe(tmp_path, models, """
+        - name: mix
+          method: weighted_sum
+          inputs: [a, b]
+        - name: cos
+          method: cosine_a
+          inputs: [mix, b]
+        """, names=("a", "b"))
+    with pytest.raises(UserError, match=r"steps\.1\.inputs: cosine_a needs models as inputs"):
+        plan_of(path)

@@ -214,6 +214,10 @@ def _plan_steps(loaded: LoadedRecipe, steps: list[Step], arch: Architecture,
             raise loaded.error((*loc, "inputs"), f"{method.name} takes {wanted} inputs "
                                f"({', '.join(method.inputs)}{', ...' if method.variadic else ''}),"
                                f" not {len(step.inputs)}")
+        if method.needs_stats and any(i not in loaded.recipe.models for i in step.inputs):
+            # its statistics are measured over whole input models before any key is merged
+            raise loaded.error((*loc, "inputs"),
+                               f"{method.name} needs models as inputs, not earlier steps")
         per_candidate = {}
         for cand in cands:
             values = {}
