@@ -27,3 +27,18 @@ def test_an_unquoted_date_is_asked_in_quotes():
                          f"{STEPS}output: {{path: o.safetensors, date: 2026-11-21}}\n")
     assert message == ("r.yaml, line 4, output.date: YAML reads 2026-11-21 as a date, not "
                        "text; put it in quotes: '2026-11-21'")
+
+
+@pytest.mark.parametrize("pin", ["f4be143a0045", "'" + "g" * 64 + "'", "'" + "a" * 65 + "'"])
+def test_a_sha256_pin_must_be_64_hex_digits(pin):
+    message = problem_of(f"version: 1\nmodels:\n  a: {{ref: a.safetensors, sha256: {pin}}}\n"
+                         f"  b: b.safetensors\n{STEPS}output: {{path: o.safetensors}}\n")
+    assert message.startswith("r.yaml, line 3, models.a.sha256: give all 64 hex digits of "
+                              "the file's SHA256"), message
+
+
+def test_a_whole_sha256_pin_in_either_case_loads():
+    pin = "F4BE143A0045" + "0" * 52
+    loaded = parse_recipe(f"version: 1\nmodels: {{a: {{ref: a.safetensors, sha256: {pin}}}, "
+                          f"b: b.safetensors}}\n{STEPS}output: {{path: o.safetensors}}\n")
+    assert loaded.recipe.model_ref("a").sha256 == pin

@@ -19,9 +19,18 @@ output:
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
 
 Scalar = float | int | bool | str
 
@@ -38,6 +47,14 @@ class ModelRef(Strict):
 
     ref: str
     sha256: str | None = Field(None, description="expected SHA256; checked before merging")
+
+    @field_validator("sha256")
+    @classmethod
+    def _whole_sha256(cls, value: str | None) -> str | None:
+        # a prefix would pass the plan and be refused only after the whole merge
+        if value is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", value):
+            raise ValueError(f"give all 64 hex digits of the file's SHA256, not {value!r}")
+        return value
 
 
 class ParamSpec(Strict):
