@@ -42,3 +42,15 @@ def test_a_whole_sha256_pin_in_either_case_loads():
     loaded = parse_recipe(f"version: 1\nmodels: {{a: {{ref: a.safetensors, sha256: {pin}}}, "
                           f"b: b.safetensors}}\n{STEPS}output: {{path: o.safetensors}}\n")
     assert loaded.recipe.model_ref("a").sha256 == pin
+
+
+@pytest.mark.parametrize(("lora", "field"), [("strength: .nan", "strength"),
+                                             ("strength: .inf", "strength"),
+                                             ("te_strength: -.inf", "te_strength"),
+                                             ("blocks: [1, .nan]", "blocks.1")])
+def test_lora_strengths_in_a_recipe_must_be_finite(lora, field):
+    message = problem_of("version: 1\nmodels: {a: a.safetensors, l: l.safetensors}\n"
+                         f"steps: [{{name: baked, method: bake_lora, inputs: [a], "
+                         f"loras: [{{model: l, {lora}}}]}}]\noutput: {{path: o.safetensors}}\n")
+    assert message.startswith(f"r.yaml, line 3, steps.0.loras.0.{field}: "), message
+    assert "finite number" in message, message

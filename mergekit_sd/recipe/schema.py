@@ -81,13 +81,17 @@ ParamValue = Annotated[
 ]
 
 
+# A NaN or infinite strength would write a model full of NaN.
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+
+
 class LoraSpec(Strict):
     """One LoRA of a `bake_lora` step: a name from `models`, and how strongly to apply it."""
 
     model: str
-    strength: float = 1.0
-    te_strength: float | None = Field(None, description="text encoders; default: strength")
-    blocks: str | list[float] | dict[str, float] | None = Field(
+    strength: FiniteFloat = 1.0
+    te_strength: FiniteFloat | None = Field(None, description="text encoders; default: strength")
+    blocks: str | list[FiniteFloat] | dict[str, FiniteFloat] | None = Field(
         None, description="per-block strengths: a preset, a list, or {block pattern: value}")
 
 
