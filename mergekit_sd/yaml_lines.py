@@ -43,6 +43,9 @@ def load_mapping(text: str, path: Path, error: type[YamlFileError],
             line = None
         problem = getattr(exc, "problem", None) or getattr(exc, "reason", None) or str(exc)
         raise error(path, line, "", f"is not valid YAML ({problem})") from None
+    except RecursionError:  # PyYAML builds nested collections recursively
+        raise error(path, None, "", "is not valid YAML (its collections are nested too "
+                                    "deeply to read)") from None
     finally:
         if loader is not None:
             loader.dispose()

@@ -54,3 +54,9 @@ def test_lora_strengths_in_a_recipe_must_be_finite(lora, field):
                          f"loras: [{{model: l, {lora}}}]}}]\noutput: {{path: o.safetensors}}\n")
     assert message.startswith(f"r.yaml, line 3, steps.0.loras.0.{field}: "), message
     assert "finite number" in message, message
+
+
+def test_a_recipe_nested_too_deeply_is_not_valid_yaml():
+    message = problem_of("version: 1\nmodels: " + "[" * 3000 + "]" * 3000 + "\n")
+    assert message == ("r.yaml: is not valid YAML (its collections are nested too deeply to "
+                       "read)")
