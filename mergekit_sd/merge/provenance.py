@@ -1,18 +1,22 @@
 """What a merged file says about itself: modelspec, AUTOMATIC1111's merge keys, our recipe.
 
 The recipe stored under `mergekit_sd.recipe` is canonical (sweeps resolved to the candidate's
-values, inputs pinned by SHA256, no output path), so `mergekit-sd recipe extract` gives back a
-recipe that reproduces the file byte for byte.
+values, inputs pinned by SHA256, relative paths relative to the file's own folder, no output
+path), so `mergekit-sd recipe extract` gives back a recipe that reproduces the file byte for
+byte.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import os
+from pathlib import Path
 
 from mergekit_sd import __version__
 from mergekit_sd.merge.plan import MergePlan, PlannedInput
 from mergekit_sd.recipe.params import Candidate
+from mergekit_sd.recipe.refs import is_path_ref
 from mergekit_sd.recipe.schema import ParamSpec
 
 MODELSPEC_ARCHITECTURE = {
@@ -32,12 +36,23 @@ def _param_json(value):
     return value
 
 
+def stored_ref(ref: str, path: Path, output_folder: Path) -> str:
+    """A reference as the merged file records it: a relative path is made relative to the
+    file's own folder, which `recipe extract` can find again (the recipe's folder is not
+    recorded, and recording it would make the bytes depend on where the recipe sits)."""
+    if not is_path_ref(ref) or Path(ref).expanduser().is_absolute():
+        return ref
+    return Path(os.path.relpath(path, output_folder)).as_posix()
+
+
 def canonical_recipe(plan: MergePlan, cand: Candidate, hashes: dict[str, str]) -> dict:
     recipe = plan.loaded.recipe
     output = recipe.output
+    folder = plan.outputs[cand.name].parent
     doc = {
         "version": 1,
-        "models": {name: {"ref": planned.ref, "sha256": hashes[name]}
+        "models": {name: {"ref": stored_ref(planned.ref, planned.path, folder),
+                          "sha256": hashes[name]}
                    for name, planned in (*((n, plan.inputs[n]) for n in plan.model_order),
                                          *plan.loras.items())},
         "steps": [_step_json(sp, cand) for sp in plan.steps],
@@ -46,7 +61,7 @@ def canonical_recipe(plan: MergePlan, cand: Candidate, hashes: dict[str, str]) -
                    "title": output.title or cand.name, "date": merge_date(plan)},
     }
     if plan.vae is not None:
-        doc["output"]["vae"] = plan.vae.ref
+        doc["output"]["vae"] = stored_ref(plan.vae.ref, plan.vae.path, folder)
         doc["output"]["vae_sha256"] = hashes["vae"]
     return doc
 

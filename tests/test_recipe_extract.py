@@ -1,0 +1,56 @@
+"""`recipe extract`: the recipe a merged file carries runs from any folder and gives the same
+bytes; a file whose stored recipe is damaged gets one sentence."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import run_cli
+
+from mergekit_sd.testing import write_checkpoint
+
+RECIPE = """version: 1
+models:
+  a: ../../models/a.safetensors
+  b: {ref: ../../models/b.safetensors}
+steps:
+  - name: mix
+    method: weighted_sum
+    inputs: [a, b]
+    params: {alpha: 0.3}
+output:
+  path: ../../out/mix.safetensors
+  vae: ../../models/vae.safetensors
+  dtype: fp32
+  date: "2026-11-21"
+"""
+
+
+def test_an_extracted_recipe_run_from_another_folder_gives_the_same_bytes(tmp_path):
+    for name, variant, seed in (("a", "sd1", 1), ("b", "sd1", 2), ("vae", "vae-sd", 9)):
+        write_checkpoint(tmp_path / "models" / f"{name}.safetensors", variant, seed=seed)
+    (tmp_path / "recipes" / "sub").mkdir(parents=True)
+    (tmp_path / "recipes" / "sub" / "mix.yaml").write_text(RECIPE)
+    merged = run_cli("merge", tmp_path / "recipes" / "sub" / "mix.yaml")
+    assert merged.returncode == 0, merged.stderr
+    (tmp_path / "elsewhere").mkdir()
+    extracted = run_cli("recipe", "extract", tmp_path / "out" / "mix.safetensors",
+                        "-o", "again.yaml", "--output-path", "../out/again.safetensors",
+                        cwd=tmp_path / "elsewhere")
+    assert extracted.returncode == 0, extracted.stderr
+    rerun = run_cli("merge", "elsewhere/again.yaml", cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr
+    assert ((tmp_path / "out" / "again.safetensors").read_bytes()
+            == (tmp_path / "out" / "mix.safetensors").read_bytes())
+
+
+@pytest.mark.parametrize("stored", [
+    "{bad json", "[1, 2]", '{"output": 1}', "[" * 50000 + "]" * 50000,
+    '{"version": 1, "models": {}, "steps": [], "output": {}}'])
+def test_damaged_recipe_metadata_is_one_sentence(tmp_path, stored):
+    path = write_checkpoint(tmp_path / "m.safetensors", "sd1", metadata={
+        "mergekit_sd.recipe": stored})
+    result = run_cli("recipe", "extract", path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == (
+        f"error: {path}: its mergekit-sd recipe metadata (mergekit_sd.recipe) is damaged, so "
+        "no recipe can be extracted from it")
