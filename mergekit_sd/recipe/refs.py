@@ -1,7 +1,9 @@
 """Model references in recipes: plain paths resolved here, everything else by an injected resolver.
 
-`catalog:NAME`, `sha256:HASH`, `hf://org/repo/file` and `civitai://VERSION_ID` need a model
-library; the engine stays usable without one (DESIGN.md §7), so the caller passes a resolver.
+`catalog:NAME`, `#ID`, `sha256:HASH`, `autov3:HASH`, `hf://org/repo/file` and
+`civitai://VERSION_ID` need a model library; the engine stays usable without one (DESIGN.md §7),
+so the caller passes a resolver. A bare name or number stays a path: a recipe's file names must
+not change meaning with what a catalog holds.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-SCHEMES = ("catalog:", "sha256:", "hf://", "civitai://")
+SCHEMES = ("catalog:", "#", "sha256:", "autov3:", "hf://", "civitai://")
 
 
 @dataclass(frozen=True)
