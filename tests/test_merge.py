@@ -18,6 +18,7 @@ from conftest import REPO, run_cli
 from safetensors.torch import load_file
 
 from mergekit_sd.errors import Cancelled, UserError
+from mergekit_sd.io.header import read_header
 from mergekit_sd.merge.executor import run_merge
 from mergekit_sd.merge.plan import build_plan
 from mergekit_sd.merge.registry import get_method
@@ -214,8 +215,6 @@ def test_provenance_and_byte_exact_reproduction(tmp_path, models):
     result = run_cli("merge", path)
     assert result.returncode == 0, result.stderr
     merged = tmp_path / "out@alpha=0.5.safetensors"
-    from mergekit_sd.io.header import read_header
-
     meta = read_header(merged).metadata
     assert meta["modelspec.architecture"] == "stable-diffusion-v1"
     assert meta["modelspec.title"] == "m@alpha=0.5"
@@ -432,8 +431,6 @@ def test_inputs_with_identical_bytes_merge_and_make_one_lineage_entry(tmp_path, 
     out = merge(path)["n"]
     a, b = whole(models, "a")[UNET_KEY], whole(models, "b")[UNET_KEY]
     torch.testing.assert_close(out[UNET_KEY], 0.5 * (a + 0.5 * (b - a)) + 0.5 * b)
-    from mergekit_sd.io.header import read_header
-
     lineage = json.loads(read_header(tmp_path / "out.safetensors").metadata["sd_merge_models"])
     assert len(lineage) == 2
 
@@ -446,8 +443,6 @@ def test_merging_a_merge_with_one_of_its_parents_keeps_one_entry_per_model(tmp_p
     again = recipe(tmp_path, {**models, "ab": tmp_path / "ab.safetensors"},
                    "- name: m\n  method: weighted_sum\n  inputs: [ab, a]\n", names=("ab", "a"))
     merge(again)
-    from mergekit_sd.io.header import read_header
-
     lineage = json.loads(read_header(tmp_path / "out.safetensors").metadata["sd_merge_models"])
     assert sorted(entry["name"] for entry in lineage.values()) == [
         "a.safetensors", "ab.safetensors", "b.safetensors"]
@@ -467,8 +462,6 @@ def test_an_input_with_damaged_merge_lineage_merges_without_it(tmp_path, models,
     out = merge(path)["m"]
     a, b = whole(models, "a")[UNET_KEY], whole(models, "b")[UNET_KEY]
     torch.testing.assert_close(out[UNET_KEY], 0.5 * a + 0.5 * b)
-    from mergekit_sd.io.header import read_header
-
     lineage = json.loads(read_header(tmp_path / "out.safetensors").metadata["sd_merge_models"])
     assert sorted(entry["name"] for entry in lineage.values()) == ["b.safetensors",
                                                                    "damaged.safetensors"]
