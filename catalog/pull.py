@@ -43,7 +43,7 @@ from catalog.remote_refs import (
     owned_entry,
     parse_remote_ref,
 )
-from catalog.safe_names import bare_url, safe_file_name
+from catalog.safe_names import bare_url, printable_ref, safe_file_name
 from catalog.sidecars import CIVITAI_INFO
 from catalog.store import Store
 from catalog.walk import MODEL_SUFFIXES
@@ -67,7 +67,7 @@ class PullOptions:
 
 @dataclass
 class Pulled:
-    ref: str
+    ref: str  # as output may show it: a URL without its query and user part (printable_ref)
     entry_id: int | None  # None for a file that is not a model (a README pulled by a pattern)
     path: Path
     size: int
@@ -85,7 +85,7 @@ class Pulled:
 
 @dataclass
 class Failed:
-    ref: str
+    ref: str  # printable_ref, as Pulled's
     error: UserError | WorkFailed
 
 
@@ -140,7 +140,7 @@ class Puller:
             try:
                 planned = self._plan(ref, options)
             except (UserError, WorkFailed) as exc:
-                outcomes[index].append(Failed(ref, exc))
+                outcomes[index].append(Failed(printable_ref(ref), exc))
                 continue
             for item in planned:
                 if isinstance(item, Pulled):
@@ -169,6 +169,7 @@ class Puller:
 
     def _plan(self, text: str, options: PullOptions) -> list[Pulled | _Job]:
         ref = parse_remote_ref(text)
+        text = printable_ref(text)  # what outcomes and messages show: never a URL's token
         # online, civitai://model/ID means its newest version, which may not be the one owned;
         # file selectors may ask for another file of a version owned (checked by its SHA256)
         chosen = isinstance(ref, CivitaiVersionRef) and options.choice != FileChoice()

@@ -156,6 +156,24 @@ def test_pull_from_the_hub_and_a_plain_url(tmp_path, fake, blobs):
         "downloaded", True, sha)
 
 
+def test_a_token_in_a_url_is_never_printed(tmp_path, fake, blobs):
+    fake.files.put("direct/extra.safetensors", blobs["lora2"])
+    secret = "SUPERSECRET123"
+    host = fake.files.url.removeprefix("http://")
+    tokened = [f"{fake.files.url}/files/direct/extra.safetensors?token={secret}",
+               f"http://user:{secret}@{host}/files/direct/extra.safetensors",
+               f"{fake.files.url}/files/direct/absent.safetensors?token={secret}"]
+    root = tmp_path / "models"
+    for url in tokened:
+        for extra in ([], ["--json"]):
+            result = mergekit(tmp_path, fake, "pull", url, "--to", root, *extra)
+            assert result.returncode in (0, 2), result.stderr
+            assert secret not in result.stdout + result.stderr
+            assert "/files/direct/" in result.stdout + result.stderr
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert written and not [p for p in written if secret.encode() in p.read_bytes()]
+
+
 def test_identify_and_updates(tmp_path, fake, blobs):
     folder = tmp_path / "loras"
     folder.mkdir()
