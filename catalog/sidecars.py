@@ -72,6 +72,9 @@ def signature(paths: dict[str, Path]) -> str:
 
 
 def _load_json(path: Path, facts: SidecarFacts) -> dict | None:
+    if not path.is_file():  # a FIFO named like a sidecar would block the read forever
+        facts.problems.append(f"{path}: not a regular file; ignored")
+        return None
     try:
         doc = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:

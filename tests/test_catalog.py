@@ -339,6 +339,24 @@ def test_broken_links_and_link_loops_are_reported_and_the_scan_goes_on(tmp_path,
     assert names(list_entries(store, Filters())) == ["real"]
 
 
+def test_fifos_named_like_models_or_sidecars_are_skipped_not_waited_on(tmp_path, tiny):
+    loras = tmp_path / "webui" / "models" / "Lora"
+    put(tiny["lora"], loras / "real.safetensors")
+    os.mkfifo(loras / "stuck.safetensors")
+    os.mkfifo(loras / "real.civitai.info")
+    catalog = tmp_path / "c.sqlite"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"}
+    # a scan that opens a FIFO waits for a writer forever: the timeout turns that into a failure
+    result = subprocess.run([sys.executable, "-m", "mergekit_sd.cli", "catalog", "add-root",
+                             tmp_path / "webui", "--scan", "--catalog", catalog],
+                            capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout + result.stderr
+    assert f"{loras / 'stuck.safetensors'}: not a regular file" in out
+    with Store.open(catalog) as opened:
+        assert names(list_entries(opened, Filters())) == ["real"]
+
+
 def test_deleted_file_becomes_missing_and_keeps_its_tags(tmp_path, store, tiny):
     files = webui(tmp_path / "webui", tiny)
     add_root(store, tmp_path / "webui")
