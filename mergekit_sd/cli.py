@@ -119,6 +119,7 @@ class _CatalogOnDemand:
     def __init__(self, path: Path | None, pull: bool = False):
         self.path = path
         self.pull = pull
+        self.store = None
         self.resolver = None
 
     def __call__(self, ref: str):
@@ -126,14 +127,15 @@ class _CatalogOnDemand:
             from catalog.resolver import CatalogResolver
             from catalog.store import Store
 
-            store = Store.open(self.path)
+            self.store = Store.open(self.path)
             fetch = None
             if self.pull:
                 from mergekit_sd.cli_remote import recipe_fetcher
 
-                fetch = recipe_fetcher(store)
-            self.resolver = CatalogResolver(store, fetch)
-        return self.resolver(ref)
+                fetch = recipe_fetcher(self.store)
+            self.resolver = CatalogResolver(self.store, fetch)
+        with self.store.damage_said():
+            return self.resolver(ref)
 
 
 PULL_HELP = "Download hf:// and civitai:// inputs the catalog does not have yet."

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sqlite3
 import struct
 import subprocess
 import sys
@@ -1084,6 +1085,36 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path):
     not_a_db = tmp_path / "junk.sqlite"
     not_a_db.write_bytes(b"this is not a database" * 100)
     assert "cannot open the catalog" in one_line_error(catalog_cli(not_a_db, "list"))
+
+
+def test_a_damaged_or_foreign_database_is_one_sentence_and_left_as_it_is(tmp_path, tiny):
+    damaged = tmp_path / "damaged.sqlite"
+    with Store.open(damaged) as store:
+        add_root(store, webui(tmp_path / "webui", tiny)["base15"].parents[2])
+        scan(store, jobs=1)
+        store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    data = bytearray(damaged.read_bytes())
+    data[4096:] = b"\xab" * (len(data) - 4096)  # page 1 (the schema) intact, the tables gone
+    damaged.write_bytes(bytes(data))
+    for command in (["list"], ["roots"], ["show", "1"], ["scan"]):
+        assert "the catalog is damaged" in one_line_error(catalog_cli(damaged, *command))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("version: 1\nmodels: {a: 'catalog:base15', b: 'catalog:base15'}\n"
+                      "steps: [{name: mix, method: weighted_sum, inputs: [a, b]}]\n"
+                      "output: {path: out.safetensors}\n")
+    assert "the catalog is damaged" in one_line_error(
+        run_cli("plan", recipe, "--catalog", damaged))
+
+    for version in (0, 1):
+        foreign = tmp_path / f"foreign{version}.sqlite"
+        db = sqlite3.connect(foreign)
+        db.execute("CREATE TABLE things (x)")
+        db.execute(f"PRAGMA user_version = {version}")
+        db.commit()
+        db.close()
+        before = foreign.read_bytes()
+        assert "not a mergekit-sd catalog" in one_line_error(catalog_cli(foreign, "list"))
+        assert foreign.read_bytes() == before
 
 
 def test_help_lists_every_command_and_the_catalog_group_is_built_on_use():
