@@ -144,6 +144,7 @@ OFFLINE_HELP = "Never call out: download references must already be in the catal
 
 def _load_plan(recipe: Path, assignments: list[str], out: Path | None, catalog: Path | None,
                pull: bool = False, offline: bool = False):
+    from mergekit_sd.io.writer import check_output_path
     from mergekit_sd.merge.plan import apply_overrides, build_plan
     from mergekit_sd.recipe.loader import load_recipe
 
@@ -151,7 +152,10 @@ def _load_plan(recipe: Path, assignments: list[str], out: Path | None, catalog: 
         raise UserError("--pull downloads and --offline forbids it; choose one")
     loaded = load_recipe(recipe)
     apply_overrides(loaded, assignments)
-    return build_plan(loaded, resolver=_CatalogOnDemand(catalog, pull), out=out)
+    planned = build_plan(loaded, resolver=_CatalogOnDemand(catalog, pull), out=out)
+    for path in planned.outputs.values():  # said now, not after the whole merge
+        check_output_path(path)
+    return planned
 
 
 @app.command()
@@ -246,13 +250,16 @@ def recipe_extract(
                                      help="output.path in the recipe (default: MERGED's name)."),
 ) -> None:
     """Write the recipe stored in a merged file back out as YAML."""
+    from mergekit_sd.io.writer import check_output_path, write_bytes_atomic
     from mergekit_sd.recipe.extract import extract_recipe
 
+    if out is not None:
+        check_output_path(out)
     text = extract_recipe(merged, output_path)
     if out is None:
         typer.echo(text, nl=False)
     else:
-        out.write_text(text)
+        write_bytes_atomic(out, text.encode())  # its folder is made; never a half recipe
         typer.echo(f"wrote {out}")
 
 

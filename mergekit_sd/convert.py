@@ -14,7 +14,7 @@ from pathlib import Path
 
 from mergekit_sd.errors import BadModelFile, UserError
 from mergekit_sd.io.dtypes import FLOAT_DTYPES, USER_DTYPES, safetensors_dtype, torch_dtype
-from mergekit_sd.io.writer import StreamingWriter, TensorSpec
+from mergekit_sd.io.writer import StreamingWriter, TensorSpec, check_output_path
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -63,8 +63,7 @@ def _check_target(source: Path, target: Path, overwrite: bool) -> None:
         raise UserError(f"{target}: the output file name must end in .safetensors")
     if _same_file(source, target):
         raise UserError(f"{target}: the output is the source file itself; choose another name")
-    if target.is_dir():
-        raise UserError(f"{target}: is a directory; name the .safetensors file to write")
+    check_output_path(target)
     if target.exists() and not overwrite:
         raise UserError(f"{target}: already exists; pass --overwrite to replace it")
 
