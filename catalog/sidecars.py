@@ -77,7 +77,8 @@ def _load_json(path: Path, facts: SidecarFacts) -> dict | None:
         return None
     try:
         doc = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+    # RecursionError: nested deeper than the parser goes, unreadable like any bad JSON
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         facts.problems.append(f"{path}: not readable as JSON ({exc.__class__.__name__}); "
                               "ignored")
         return None

@@ -358,6 +358,20 @@ def test_fifos_named_like_models_or_sidecars_are_skipped_not_waited_on(tmp_path,
         assert names(list_entries(opened, Filters())) == ["real"]
 
 
+def test_json_nested_deeper_than_the_parser_goes_is_ignored_like_bad_json(tmp_path, store, tiny):
+    folder = tmp_path / "models"
+    put(tiny["sd1"], folder / "sidecar.safetensors")
+    deep = "[" * 100_000 + "]" * 100_000
+    (folder / "sidecar.civitai.info").write_text(deep)
+    write_checkpoint(folder / "meta.safetensors", "sd1", seed=2,
+                     metadata={"sd_merge_models": deep, "sd_merge_recipe": deep})
+    add_root(store, folder)
+    report = scan(store, jobs=1)
+    assert report.new == 2
+    assert {e.name: e.status for e in list_entries(store, Filters())} == {
+        "meta": "ok", "sidecar": "ok"}
+
+
 def test_deleted_file_becomes_missing_and_keeps_its_tags(tmp_path, store, tiny):
     files = webui(tmp_path / "webui", tiny)
     add_root(store, tmp_path / "webui")
