@@ -130,6 +130,7 @@ def _convert_pickle(source: Path, target: Path, dtype: str, cast_to: str | None,
 
     checkpoint = load_pickle_checkpoint(source)
     tensors = checkpoint.tensors
+    _check_names(source, tensors)
     target_torch = torch_dtype(cast_to) if cast_to is not None else None
     specs = []
     for name, tensor in tensors.items():
@@ -151,6 +152,21 @@ def _convert_pickle(source: Path, target: Path, dtype: str, cast_to: str | None,
             if progress is not None:
                 progress(done, len(specs))
     return target
+
+
+def _check_names(source: Path, tensors: dict) -> None:
+    """Names a pickle allows and a safetensors header cannot hold: its metadata key, and text
+    that is not valid UTF-8 (lone surrogates)."""
+    for name in tensors:
+        if name == "__metadata__":
+            raise BadModelFile(source, "tensor '__metadata__' cannot be stored under that name "
+                                       "in safetensors (the name of its metadata)")
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = name.encode("utf-8", "replace").decode()
+            raise BadModelFile(source, f"the tensor name {shown!r} is not valid UTF-8 (a lone "
+                                       "surrogate), which safetensors needs") from None
 
 
 def _cast(tensor, dtype):
