@@ -174,6 +174,23 @@ def test_a_token_in_a_url_is_never_printed(tmp_path, fake, blobs):
     assert written and not [p for p in written if secret.encode() in p.read_bytes()]
 
 
+def test_invalid_repository_ids_are_one_sentence_before_any_request(tmp_path, fake):
+    root = tmp_path / "models"
+    for args in (["pull", "hf://org/../x.safetensors", "--to", root],
+                 ["pull", "hf://-bad/repo/x.safetensors", "--to", root],
+                 ["pull", "hf://org/repo..x/x.safetensors", "--to", root],
+                 ["search", "hf", "org/..", "--files"]):
+        assert "not a valid repository id" in one_error_line(mergekit(tmp_path, fake, *args))
+    recipe = tmp_path / "mix.yaml"
+    recipe.write_text("version: 1\nmodels: {a: 'hf://org/repo--x/m.safetensors', "
+                      "b: 'hf://org/repo--x/m.safetensors'}\n"
+                      "steps: [{name: mix, method: weighted_sum, inputs: [a, b]}]\n"
+                      "output: {path: out.safetensors}\n")
+    line = one_error_line(mergekit(tmp_path, fake, "plan", recipe, "--pull"))
+    assert "models.a" in line and "not a valid repository id" in line
+    assert fake.hub.server.log == []
+
+
 def test_identify_and_updates(tmp_path, fake, blobs):
     folder = tmp_path / "loras"
     folder.mkdir()
