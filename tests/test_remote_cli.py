@@ -19,6 +19,7 @@ from fakes.civitai import TOKEN, FakeCivitai, FakeFile
 from fakes.env import cli_env
 from fakes.files import FileHost
 from fakes.hub import FakeHub
+from fakes.loopback import LoopbackServer, json_reply
 
 from mergekit_sd.testing import write_checkpoint, write_lora
 
@@ -189,6 +190,51 @@ def test_invalid_repository_ids_are_one_sentence_before_any_request(tmp_path, fa
     line = one_error_line(mergekit(tmp_path, fake, "plan", recipe, "--pull"))
     assert "models.a" in line and "not a valid repository id" in line
     assert fake.hub.server.log == []
+
+
+# what an API answers when its JSON is not the shape documented: the pull says "unexpected"
+ODD_ANSWERS = {
+    "/api/v1/model-versions/900": [1, 2, 3],
+    "/api/v1/model-versions/901": {"id": 901, "model": "str", "files": [
+        {"name": "x.safetensors", "metadata": [1], "type": "Model", "primary": True,
+         "hashes": {"SHA256": "a" * 64}, "sizeKB": 1}]},
+    "/api/v1/models/903": {"id": 903, "modelVersions": [{"name": "no id"}]},
+    "/api/v1/models/904": {"id": 904, "modelVersions": [{"id": "abc"}]},
+    "/api/v1/models/905": "just a string",
+    "/api/v1/models/906": {"id": 906, "modelVersions": "bad"},
+}
+
+
+def test_odd_json_from_civitai_is_a_failure_in_one_sentence(tmp_path, fake):
+    def answer(seen):
+        return json_reply(ODD_ANSWERS.get(seen.path.rstrip("/"), {"error": "Not found"}))
+
+    odd = LoopbackServer(answer)
+    try:
+        for ref in ("civitai://900", "civitai://model/903", "civitai://model/904",
+                    "civitai://model/905", "civitai://model/906"):
+            result = mergekit(tmp_path, SimpleNamespace(civitai=odd, hub=fake.hub), "pull", ref,
+                              "--to", tmp_path / "models")
+            assert result.returncode == 1, result.stderr
+            assert result.stderr.strip().splitlines() == [
+                f"failed: Civitai answered {'model' if '/model/' in ref else 'model version'} "
+                f"{ref.rsplit('/', 1)[1]} with something unexpected; try again later"]
+        # odd inner fields are treated as absent: the download is tried (and refused here)
+        result = mergekit(tmp_path, SimpleNamespace(civitai=odd, hub=fake.hub), "pull",
+                          "civitai://901", "--to", tmp_path / "models")
+        assert "Traceback" not in result.stderr and len(result.stderr.splitlines()) == 1
+    finally:
+        odd.close()
+
+
+def test_a_sha256_that_is_not_64_hex_digits_is_refused_before_downloading(tmp_path, fake, blobs):
+    fake.files.put("direct/extra.safetensors", blobs["lora2"])
+    url = f"{fake.files.url}/files/direct/extra.safetensors"
+    prefix = hashlib.sha256(blobs["lora2"]).hexdigest()[:12]
+    line = one_error_line(mergekit(tmp_path, fake, "pull", url, "--sha256", prefix, "--to",
+                                   tmp_path / "models"))
+    assert f"--sha256 '{prefix}': give all 64 hex digits" in line
+    assert fake.files.sent("direct/extra.safetensors") == 0
 
 
 def test_identify_and_updates(tmp_path, fake, blobs):
