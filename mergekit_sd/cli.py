@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 import typer.core
@@ -292,11 +292,10 @@ def main() -> None:
     import click
 
     try:
-        # standalone_mode=False lets our handlers see Ctrl-C and errors before click does.
+        # standalone_mode=False lets our handlers see errors before click does.
         code = app(standalone_mode=False, prog_name="mergekit-sd")
     except click.exceptions.Abort:
-        sys.stderr.write("interrupted: nothing was written under the output name\n")
-        sys.exit(130)
+        _interrupted()
     except click.ClickException as exc:  # usage errors: click's own message and exit code 2
         exc.show()
         sys.exit(exc.exit_code)
@@ -307,9 +306,20 @@ def main() -> None:
         sys.stderr.write(f"failed: {exc}\n")
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        sys.stderr.write("interrupted: nothing was written under the output name\n")
-        sys.exit(130)
+        _interrupted()
+    if code == INTERRUPTED_CODE:
+        # typer turns Ctrl-C into click's Exit(130), which standalone_mode=False hands back as
+        # this return value: the KeyboardInterrupt never reaches the handler above
+        _interrupted()
     sys.exit(code if isinstance(code, int) else 0)
+
+
+INTERRUPTED_CODE = 130  # 128 + SIGINT, as shells report a Ctrl-C
+
+
+def _interrupted() -> NoReturn:
+    sys.stderr.write("interrupted: nothing was written under the output name\n")
+    sys.exit(INTERRUPTED_CODE)
 
 
 def run() -> None:

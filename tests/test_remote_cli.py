@@ -7,9 +7,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -235,6 +237,31 @@ def test_a_sha256_that_is_not_64_hex_digits_is_refused_before_downloading(tmp_pa
                                    tmp_path / "models"))
     assert f"--sha256 '{prefix}': give all 64 hex digits" in line
     assert fake.files.sent("direct/extra.safetensors") == 0
+
+
+def test_ctrl_c_says_interrupted_and_exits_130(tmp_path, fake, blobs):
+    fake.files.put("direct/slow.safetensors", blobs["sd15a"])
+    fake.files.slow["direct/slow.safetensors"] = 1.0  # a chunk a second: caught mid-download
+    env = cli_env(tmp_path, fake.civitai.url, fake.hub.url, None)
+    env.update(PYTHONPATH=str(REPO), MERGEKIT_SD_CATALOG=str(tmp_path / "c.sqlite"))
+    # SIGINT as a terminal leaves it: a background job of a shell may have it ignored
+    pulling = subprocess.Popen(
+        [sys.executable, "-m", "mergekit_sd.cli", "pull",
+         f"{fake.files.url}/files/direct/slow.safetensors", "--to", str(tmp_path / "m")],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 60
+        while not fake.files.server.requests("/files/direct/slow.safetensors", "GET"):
+            assert time.monotonic() < deadline and pulling.poll() is None
+            time.sleep(0.05)
+        pulling.send_signal(signal.SIGINT)
+        _, err = pulling.communicate(timeout=60)
+    finally:
+        pulling.kill()
+    assert pulling.returncode == 130
+    assert err.strip().splitlines()[-1:] == [
+        "interrupted: nothing was written under the output name"]
 
 
 def test_identify_and_updates(tmp_path, fake, blobs):
