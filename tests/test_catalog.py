@@ -1096,6 +1096,9 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path):
     empty = catalog_cli(catalog, "scan")
     assert (empty.returncode, empty.stdout.strip()) == (
         0, "no roots yet; add one with `mergekit-sd catalog add-root PATH`")
+    line = one_line_error(catalog_cli(catalog, "list", "--arch", "bogus"))
+    assert line.startswith("error: --arch 'bogus': unknown architecture 'bogus'"), line
+    assert '"' not in line
     not_a_db = tmp_path / "junk.sqlite"
     not_a_db.write_bytes(b"this is not a database" * 100)
     assert "cannot open the catalog" in one_line_error(catalog_cli(not_a_db, "list"))
