@@ -104,7 +104,7 @@ class CivitaiClient:
         if nsfw is not None:
             params.append(("nsfw", "true" if nsfw else "false"))
         doc = self._json("GET", "/api/v1/models", "the model search", params=params)
-        metadata = doc.get("metadata") or {}
+        metadata = mapping(doc.get("metadata"))
         cursor = metadata.get("nextCursor")
         return SearchPage(list(doc.get("items") or []), str(cursor) if cursor else None)
 
@@ -133,7 +133,7 @@ class CivitaiClient:
             params = [("ids", ",".join(map(str, chunk))), ("limit", str(len(chunk))),
                       ("nsfw", "true")]
             doc = self._json("GET", "/api/v1/models", f"{len(chunk)} models", params=params)
-            found.extend(doc.get("items") or [])
+            found.extend(i for i in sequence(doc.get("items")) if isinstance(i, dict))
         return found
 
     def version(self, version_id: int) -> dict:
@@ -157,7 +157,8 @@ class CivitaiClient:
         for start in range(0, len(hashes), BY_HASH_BATCH):
             chunk = hashes[start:start + BY_HASH_BATCH]
             versions.extend(self._json("POST", "/api/v1/model-versions/by-hash",
-                                       f"the look-up of {len(chunk)} file hashes", json=chunk))
+                                       f"the look-up of {len(chunk)} file hashes", json=chunk,
+                                       shape=list))
         return [v for v in versions if isinstance(v, dict)]
 
     def version_ids_by_hashes(self, sha256s: Iterable[str]) -> dict[str, int]:
@@ -168,11 +169,14 @@ class CivitaiClient:
         for start in range(0, len(hashes), BY_HASH_IDS_BATCH):
             chunk = hashes[start:start + BY_HASH_IDS_BATCH]
             answer = self._json("POST", "/api/v1/model-versions/by-hash/ids",
-                                f"the look-up of {len(chunk)} file hashes", json=chunk)
+                                f"the look-up of {len(chunk)} file hashes", json=chunk,
+                                shape=list)
             for item in answer:
                 # the endpoint answers {modelVersionId, hash} pairs; bare ids came before that
-                if isinstance(item, dict) and isinstance(item.get("hash"), str):
-                    found[item["hash"].lower()] = int(item["modelVersionId"])
+                pair = mapping(item)
+                version_id = pair.get("modelVersionId")
+                if isinstance(pair.get("hash"), str) and isinstance(version_id, int):
+                    found[pair["hash"].lower()] = version_id
         return found
 
     # --- downloads ----------------------------------------------------------------------------
@@ -190,17 +194,22 @@ class CivitaiClient:
 
     # --- plumbing -----------------------------------------------------------------------------
 
-    def _json(self, method: str, path: str, what: str, params=None, json=None):
+    def _json(self, method: str, path: str, what: str, params=None, json=None,
+              shape: type = dict):
+        """The answer's JSON, which must be a `shape` (an object, or a list)."""
         response = self.http.request(method, self.base_url + path, what=what, params=params,
                                      json=json)
         if response.status_code != 200:
             raise self.refusal(response, what)
         try:
-            return response.json()
-        except ValueError:
+            doc = response.json()
+        except (ValueError, RecursionError):
             kind = response.headers.get("Content-Type", "no content type")
             raise WorkFailed(f"{what}: Civitai answered with something that is not JSON "
                              f"({kind}); try again later") from None
+        if not isinstance(doc, shape):
+            raise unexpected(what)
+        return doc
 
 
 def refusal(response: httpx.Response, what: str, has_token: bool) -> Exception:
@@ -257,20 +266,36 @@ def _unique_upper(hashes: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(h.upper() for h in hashes if h))
 
 
+def unexpected(what: str) -> WorkFailed:
+    """For JSON whose shape is not the API's (a list for an object, a version without an id):
+    Civitai's trouble, not the user's."""
+    return WorkFailed(f"Civitai answered {what} with something unexpected; try again later")
+
+
+def mapping(value) -> dict:
+    """A JSON object from Civitai, or {} where it sent something else."""
+    return value if isinstance(value, dict) else {}
+
+
+def sequence(value) -> list:
+    """A JSON list from Civitai, or [] where it sent something else."""
+    return value if isinstance(value, list) else []
+
+
 def choose_file(version: dict, choice: FileChoice = FileChoice()) -> dict:
     """The version's file the selectors pick (the primary one among equals), as the download
     endpoint would; UserError naming what there is when none fits."""
-    files = [f for f in version.get("files") or [] if isinstance(f, dict)]
+    files = [f for f in sequence(version.get("files")) if isinstance(f, dict)]
     what = f"model version {version.get('id')}"
     if not files:
-        model = version.get("model") or {}
+        model = mapping(version.get("model"))
         if model.get("mode") == "Archived":
             raise CivitaiRefused(f"{what} was archived on Civitai and can no longer be "
                                  "downloaded", 410)
         raise UserError(f"{what} has no files to download on Civitai")
 
     def fits(file: dict) -> bool:
-        meta = file.get("metadata") or {}
+        meta = mapping(file.get("metadata"))
         return all(wanted is None or str(have).lower() == wanted.lower() for wanted, have in (
             (choice.type, file.get("type")), (choice.format, meta.get("format")),
             (choice.size, meta.get("size")), (choice.fp, meta.get("fp"))))
@@ -286,14 +311,14 @@ def choose_file(version: dict, choice: FileChoice = FileChoice()) -> dict:
 
 
 def describe_file(file: dict) -> str:
-    meta = file.get("metadata") or {}
+    meta = mapping(file.get("metadata"))
     bits = [str(v) for v in (file.get("type"), meta.get("format"), meta.get("size"),
                              meta.get("fp")) if v]
     return f"{file.get('name')} ({', '.join(bits)})"
 
 
 def file_sha256(file: dict) -> str | None:
-    value = (file.get("hashes") or {}).get("SHA256")
+    value = mapping(file.get("hashes")).get("SHA256")
     return value.lower() if isinstance(value, str) and len(value) == 64 else None
 
 

@@ -156,6 +156,9 @@ def _hub_errors(what: str, offline: bool = False) -> Iterator[None]:
 
     try:
         yield
+    except errors.HFValidationError:  # callers check repository ids first; belt and braces
+        raise UserError(f"{what}: not a valid Hugging Face repository id or file name; write "
+                        "hf://ORG/REPO/PATH") from None
     except errors.GatedRepoError:
         raise UserError(f"{what}: the repository is gated; accept its terms on its page, then "
                         "set HF_TOKEN to a token of that account") from None

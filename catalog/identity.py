@@ -159,6 +159,6 @@ def _json(text: str | None):
         return None
     try:
         return json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # nested deeper than the parser goes: unreadable too
         return None
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import os
+import re
 import shutil
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +25,9 @@ from catalog.civitai import (
     choose_file,
     file_sha256,
     file_size,
+    mapping,
+    sequence,
+    unexpected,
 )
 from catalog.civitai_sidecars import write_version_sidecars
 from catalog.config import RemoteSettings
@@ -43,7 +47,7 @@ from catalog.remote_refs import (
     owned_entry,
     parse_remote_ref,
 )
-from catalog.safe_names import bare_url, safe_file_name
+from catalog.safe_names import bare_url, printable_ref, safe_file_name
 from catalog.sidecars import CIVITAI_INFO
 from catalog.store import Store
 from catalog.walk import MODEL_SUFFIXES
@@ -67,7 +71,7 @@ class PullOptions:
 
 @dataclass
 class Pulled:
-    ref: str
+    ref: str  # as output may show it: a URL without its query and user part (printable_ref)
     entry_id: int | None  # None for a file that is not a model (a README pulled by a pattern)
     path: Path
     size: int
@@ -85,7 +89,7 @@ class Pulled:
 
 @dataclass
 class Failed:
-    ref: str
+    ref: str  # printable_ref, as Pulled's
     error: UserError | WorkFailed
 
 
@@ -134,13 +138,14 @@ class Puller:
         """What became of each reference, in order (a pattern gives one outcome per file):
         the file pulled or found, or the error that stopped it."""
         options = options or PullOptions()
+        _check_sha256(options.sha256)
         outcomes: list[list[Outcome]] = [[] for _ in refs]
         jobs: list[tuple[int, _Job]] = []
         for index, ref in enumerate(refs):
             try:
                 planned = self._plan(ref, options)
             except (UserError, WorkFailed) as exc:
-                outcomes[index].append(Failed(ref, exc))
+                outcomes[index].append(Failed(printable_ref(ref), exc))
                 continue
             for item in planned:
                 if isinstance(item, Pulled):
@@ -169,6 +174,7 @@ class Puller:
 
     def _plan(self, text: str, options: PullOptions) -> list[Pulled | _Job]:
         ref = parse_remote_ref(text)
+        text = printable_ref(text)  # what outcomes and messages show: never a URL's token
         # online, civitai://model/ID means its newest version, which may not be the one owned;
         # file selectors may ask for another file of a version owned (checked by its SHA256)
         chosen = isinstance(ref, CivitaiVersionRef) and options.choice != FileChoice()
@@ -190,10 +196,11 @@ class Puller:
                       options: PullOptions) -> list[Pulled | _Job]:
         if isinstance(ref, CivitaiModelRef):
             model = self.civitai.model(ref.model_id)
-            versions = model.get("modelVersions") or []
+            versions = model.get("modelVersions")
             if not versions:
                 raise UserError(f"{text}: the model has no published version on Civitai")
-            version_id = int(versions[0]["id"])  # Civitai lists the newest first
+            # Civitai lists the newest first
+            version_id = _civitai_id(sequence(versions)[:1], f"model {ref.model_id}")
             owned = (owned_entry(self.store, CivitaiVersionRef(version_id))
                      if options.choice == FileChoice() else None)
             if owned is not None:
@@ -210,9 +217,9 @@ class Puller:
             if not Path(owned.path).with_name(_stem(Path(owned.path)) + CIVITAI_INFO).exists():
                 self._sidecars(Path(owned.path), version, options)
             return [_already(text, owned)]
-        kind = CIVITAI_KINDS.get((version.get("model") or {}).get("type"))
+        kind = CIVITAI_KINDS.get(mapping(version.get("model")).get("type"))
         folder, root = self._destination(options.to, kind)
-        meta = file.get("metadata") or {}
+        meta = mapping(file.get("metadata"))
         # name the file chosen: the endpoint's own default could be another of the version's
         choice = FileChoice(file.get("type"), meta.get("format"), meta.get("size"),
                             meta.get("fp"))
@@ -363,6 +370,21 @@ class Puller:
         allow = (self.settings.nsfw_previews if options.nsfw_previews is None
                  else options.nsfw_previews)
         return write_version_sidecars(model, version, self.civitai.http, allow).problems
+
+
+def _check_sha256(sha256: str | None) -> None:
+    """Before any download: a prefix or a typo could only fail once the whole file is in."""
+    if sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
+        raise UserError(f"--sha256 {sha256!r}: give all 64 hex digits of the file's SHA256")
+
+
+def _civitai_id(listed: list, what: str) -> int:
+    """The id of the one version in `listed`; WorkFailed where Civitai's JSON has none."""
+    version = mapping(listed[0]) if listed else {}
+    version_id = version.get("id")
+    if not isinstance(version_id, int) or isinstance(version_id, bool) or version_id <= 0:
+        raise unexpected(what)
+    return version_id
 
 
 def _stem(path: Path) -> str:

@@ -17,7 +17,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from catalog.civitai import CivitaiClient
+from catalog.civitai import CivitaiClient, mapping, sequence
 from catalog.civitai_sidecars import write_version_sidecars
 from catalog.register import record_source
 from catalog.scan import refresh_sidecars_of
@@ -94,8 +94,8 @@ def _versions_by_sha256(versions: list[dict]) -> dict[str, dict]:
     hash asked for which version)."""
     found = {}
     for version in versions:
-        for file in version.get("files") or []:
-            sha = (file.get("hashes") or {}).get("SHA256")
+        for file in sequence(version.get("files")):
+            sha = mapping(mapping(file).get("hashes")).get("SHA256")
             if isinstance(sha, str):
                 found[sha.lower()] = version
     return found
@@ -117,7 +117,7 @@ def _apply(store: Store, client: CivitaiClient, row, version: dict, nsfw_preview
     refresh_sidecars_of(store, row["id"], path)
     record_source(store, row["id"], "civitai", {"civitai": {
         "model_id": version.get("modelId"), "version_id": version.get("id")}})
-    model = version.get("model") or {}
+    model = mapping(version.get("model"))
     report.identified.append(Identified(
         row["id"], str(path), model.get("name"), version.get("name"), version.get("baseModel"),
         int(version["id"]), str(written.preview) if written.preview else None))

@@ -59,6 +59,22 @@ class UrlRef:
 RemoteRef = CivitaiVersionRef | CivitaiModelRef | HubRef | UrlRef
 REMOTE_SCHEMES = ("civitai://", "hf://", "http://", "https://")
 _HUB = re.compile(r"hf://(?P<org>[^/@\s]+)/(?P<name>[^/@\s]+)(?:@(?P<rev>[^/\s]+))?/(?P<path>.+)")
+# the Hub's own rule for each half of ORG/REPO: letters, digits, _ - . (at most 96), starting
+# and ending with a letter, digit or _, without "--" or ".." (huggingface_hub refuses the rest
+# with an exception of its own, before any request)
+_REPO_PART = re.compile(r"\w(?:[\w.-]{0,94}\w)?")
+
+
+def valid_repo_id(repo: str) -> bool:
+    parts = repo.split("/")
+    return (len(parts) in (1, 2) and all(_REPO_PART.fullmatch(p) for p in parts)
+            and "--" not in repo and ".." not in repo and not repo.endswith(".git"))
+
+
+def check_repo_id(repo: str, shown: str, form: str = "hf://ORG/REPO/PATH") -> None:
+    if not valid_repo_id(repo):
+        raise UserError(f"{shown!r}: not a valid repository id (letters, digits, _ - . in "
+                        f"ORG/REPO, no '..' or '--'); write {form}")
 
 
 def is_remote_ref(ref: str) -> bool:
@@ -82,7 +98,9 @@ def parse_remote_ref(ref: str) -> RemoteRef:
         if not match or match["path"].startswith("/") or ".." in match["path"].split("/"):
             raise UserError(f"{ref!r}: write hf://ORG/REPO/PATH (or hf://ORG/REPO@REVISION/PATH)"
                             ", for example hf://org/repo/model.safetensors")
-        return HubRef(f"{match['org']}/{match['name']}", match["path"], match["rev"])
+        repo = f"{match['org']}/{match['name']}"
+        check_repo_id(repo, ref)
+        return HubRef(repo, match["path"], match["rev"])
     if ref.startswith(("http://", "https://")):
         return UrlRef(ref)
     raise UserError(f"{ref!r}: not a download reference; use civitai://VERSION_ID, "

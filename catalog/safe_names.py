@@ -4,7 +4,7 @@ made safe to show and store.
 A server (or a model page) names the file; that name must never climb out of the target folder
 (`../../.bashrc`), hide itself (`.bashrc`), carry control characters or characters other
 systems refuse, or be too long for the file system. A URL's query may hold a signature or a
-token, so messages and the catalog keep URLs without it.
+token, and its user part a password, so messages and the catalog keep URLs without them.
 """
 
 from __future__ import annotations
@@ -69,6 +69,15 @@ def name_from_url(url: str) -> str | None:
 
 
 def bare_url(url) -> str:
-    """`url` (a string or httpx.URL) without its query and fragment."""
+    """`url` (a string or httpx.URL) without its query, fragment and user:password@."""
     parts = urlsplit(str(url))
-    return f"{parts.scheme}://{parts.netloc}{parts.path}"
+    host = parts.netloc.rpartition("@")[2]
+    return f"{parts.scheme}://{host}{parts.path}"
+
+
+def printable_ref(ref: str) -> str:
+    """A download reference as output may show it: a URL bare (its query or user part may be
+    a token), the other references as they are."""
+    if ref.strip().lower().startswith(("http://", "https://")):
+        return bare_url(ref.strip())
+    return ref

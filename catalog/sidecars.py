@@ -72,9 +72,13 @@ def signature(paths: dict[str, Path]) -> str:
 
 
 def _load_json(path: Path, facts: SidecarFacts) -> dict | None:
+    if not path.is_file():  # a FIFO named like a sidecar would block the read forever
+        facts.problems.append(f"{path}: not a regular file; ignored")
+        return None
     try:
         doc = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+    # RecursionError: nested deeper than the parser goes, unreadable like any bad JSON
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         facts.problems.append(f"{path}: not readable as JSON ({exc.__class__.__name__}); "
                               "ignored")
         return None

@@ -20,6 +20,9 @@ ENV_VAR = "MERGEKIT_SD_CATALOG"
 FILE_NAME = "catalog.sqlite"
 BUSY_TIMEOUT_S = 60.0
 SCHEMA_VERSION = 1
+_TABLES = {"roots", "files", "tags", "parents"}
+# SQLite's codes for a file whose pages are garbage (they show only when a page is read)
+_DAMAGE_CODES = ("SQLITE_CORRUPT", "SQLITE_NOTADB")
 
 # Version 1. Files are referenced in place by path; the catalog never moves or copies them.
 _SCHEMA_V1 = """
@@ -106,11 +109,12 @@ class Store:
             # SQLite's lower() folds ASCII only; searches fold "CAFÉ" and "café" alike
             db.create_function("casefold", 1, lambda t: t.casefold() if isinstance(t, str)
                                else t, deterministic=True)
+            store = cls(path, db)
+            store._refuse_foreign()  # before WAL mode, which rewrites the file's header
             db.execute("PRAGMA foreign_keys = ON")
             db.execute("PRAGMA journal_mode = WAL")
             # with WAL, NORMAL loses at most the last commits on power loss, never consistency
             db.execute("PRAGMA synchronous = NORMAL")
-            store = cls(path, db)
             store._migrate()
         except sqlite3.DatabaseError as exc:
             raise UserError(f"{path}: cannot open the catalog ({exc}); check the file, or pass "
@@ -126,8 +130,21 @@ class Store:
     def __enter__(self) -> Store:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, kind, exc, traceback) -> None:
         self.close()
+        if _is_damage(exc):
+            raise damaged(self.path, exc) from None
+
+    @contextmanager
+    def damage_said(self) -> Iterator[None]:
+        """A damaged page met inside becomes one sentence (what `with store:` does on exit),
+        for a store kept open across calls."""
+        try:
+            yield
+        except sqlite3.DatabaseError as exc:
+            if _is_damage(exc):
+                raise damaged(self.path, exc) from None
+            raise
 
     @contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
@@ -155,3 +172,26 @@ class Store:
                     if statement.strip():
                         db.execute(statement)
                 db.execute(f"PRAGMA user_version = {target}")
+
+    def _refuse_foreign(self) -> None:
+        """Another program's SQLite file: ours has all our tables, or (a new file) no table at
+        all; adding our schema beside someone else's tables would change their file."""
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        tables = {row[0] for row in self.db.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if (tables if version == 0 else _TABLES - tables) and version <= SCHEMA_VERSION:
+            self.db.close()
+            raise UserError(f"{self.path}: not a mergekit-sd catalog (another program's "
+                            "database); pass --catalog PATH or set "
+                            f"{ENV_VAR} to a catalog or a new file")
+
+
+def _is_damage(exc: BaseException | None) -> bool:
+    return (isinstance(exc, sqlite3.DatabaseError)
+            and getattr(exc, "sqlite_errorname", "").startswith(_DAMAGE_CODES))
+
+
+def damaged(path: Path, exc: sqlite3.DatabaseError) -> UserError:
+    return UserError(f"{path}: the catalog is damaged ({exc}); move it away and build a new one "
+                     "with `mergekit-sd catalog add-root` (tags, notes and ratings are lost), "
+                     f"or pass --catalog PATH / set {ENV_VAR} to use another")

@@ -2,12 +2,14 @@
 
 Symbolic links are followed (people link model folders between UIs), each real folder is
 walked once (a link loop is reported, not followed forever), broken links and unreadable
-folders are reported and skipped, half-downloaded files and hidden files are skipped.
+folders are reported and skipped, and so are files that are not regular (a FIFO would block the
+first read forever); half-downloaded files and hidden files are skipped.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,13 +90,17 @@ def _walk_folder(folder: ModelFolder, result: WalkResult, visited: set[tuple[int
             if not lower.endswith(MODEL_SUFFIXES):
                 continue
             try:
-                stat = entry.stat()  # follows links
+                info = entry.stat()  # follows links
             except OSError as exc:
                 what = "a broken link" if entry.is_symlink() else f"unreadable ({exc.strerror})"
                 result.problems.append(f"{entry.path}: {what}; skipped")
                 continue
+            if not stat.S_ISREG(info.st_mode):  # reading a FIFO would wait for a writer forever
+                result.problems.append(f"{entry.path}: not a regular file (a pipe, socket or "
+                                       "device); skipped")
+                continue
             path = Path(entry.path)
-            result.files.append(FoundFile(path, folder.kind, stat.st_dev, stat.st_ino,
-                                          stat.st_size, stat.st_mtime_ns,
+            result.files.append(FoundFile(path, folder.kind, info.st_dev, info.st_ino,
+                                          info.st_size, info.st_mtime_ns,
                                           sidecar_paths(path, names)))
         stack.extend(sorted(subfolders, reverse=True))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 import typer.core
@@ -119,6 +119,7 @@ class _CatalogOnDemand:
     def __init__(self, path: Path | None, pull: bool = False):
         self.path = path
         self.pull = pull
+        self.store = None
         self.resolver = None
 
     def __call__(self, ref: str):
@@ -126,14 +127,15 @@ class _CatalogOnDemand:
             from catalog.resolver import CatalogResolver
             from catalog.store import Store
 
-            store = Store.open(self.path)
+            self.store = Store.open(self.path)
             fetch = None
             if self.pull:
                 from mergekit_sd.cli_remote import recipe_fetcher
 
-                fetch = recipe_fetcher(store)
-            self.resolver = CatalogResolver(store, fetch)
-        return self.resolver(ref)
+                fetch = recipe_fetcher(self.store)
+            self.resolver = CatalogResolver(self.store, fetch)
+        with self.store.damage_said():
+            return self.resolver(ref)
 
 
 PULL_HELP = "Download hf:// and civitai:// inputs the catalog does not have yet."
@@ -142,6 +144,7 @@ OFFLINE_HELP = "Never call out: download references must already be in the catal
 
 def _load_plan(recipe: Path, assignments: list[str], out: Path | None, catalog: Path | None,
                pull: bool = False, offline: bool = False):
+    from mergekit_sd.io.writer import check_output_path
     from mergekit_sd.merge.plan import apply_overrides, build_plan
     from mergekit_sd.recipe.loader import load_recipe
 
@@ -149,7 +152,10 @@ def _load_plan(recipe: Path, assignments: list[str], out: Path | None, catalog: 
         raise UserError("--pull downloads and --offline forbids it; choose one")
     loaded = load_recipe(recipe)
     apply_overrides(loaded, assignments)
-    return build_plan(loaded, resolver=_CatalogOnDemand(catalog, pull), out=out)
+    planned = build_plan(loaded, resolver=_CatalogOnDemand(catalog, pull), out=out)
+    for path in planned.outputs.values():  # said now, not after the whole merge
+        check_output_path(path)
+    return planned
 
 
 @app.command()
@@ -244,13 +250,16 @@ def recipe_extract(
                                      help="output.path in the recipe (default: MERGED's name)."),
 ) -> None:
     """Write the recipe stored in a merged file back out as YAML."""
+    from mergekit_sd.io.writer import check_output_path, write_bytes_atomic
     from mergekit_sd.recipe.extract import extract_recipe
 
+    if out is not None:
+        check_output_path(out)
     text = extract_recipe(merged, output_path)
     if out is None:
         typer.echo(text, nl=False)
     else:
-        out.write_text(text)
+        write_bytes_atomic(out, text.encode())  # its folder is made; never a half recipe
         typer.echo(f"wrote {out}")
 
 
@@ -283,11 +292,10 @@ def main() -> None:
     import click
 
     try:
-        # standalone_mode=False lets our handlers see Ctrl-C and errors before click does.
+        # standalone_mode=False lets our handlers see errors before click does.
         code = app(standalone_mode=False, prog_name="mergekit-sd")
     except click.exceptions.Abort:
-        sys.stderr.write("interrupted: nothing was written under the output name\n")
-        sys.exit(130)
+        _interrupted()
     except click.ClickException as exc:  # usage errors: click's own message and exit code 2
         exc.show()
         sys.exit(exc.exit_code)
@@ -298,9 +306,20 @@ def main() -> None:
         sys.stderr.write(f"failed: {exc}\n")
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        sys.stderr.write("interrupted: nothing was written under the output name\n")
-        sys.exit(130)
+        _interrupted()
+    if code == INTERRUPTED_CODE:
+        # typer turns Ctrl-C into click's Exit(130), which standalone_mode=False hands back as
+        # this return value: the KeyboardInterrupt never reaches the handler above
+        _interrupted()
     sys.exit(code if isinstance(code, int) else 0)
+
+
+INTERRUPTED_CODE = 130  # 128 + SIGINT, as shells report a Ctrl-C
+
+
+def _interrupted() -> NoReturn:
+    sys.stderr.write("interrupted: nothing was written under the output name\n")
+    sys.exit(INTERRUPTED_CODE)
 
 
 def run() -> None:

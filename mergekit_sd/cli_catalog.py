@@ -132,7 +132,9 @@ def _architecture_id(name: str) -> str:
 
     try:
         return get_architecture(name).id
-    except (KeyError, LookupError, ValueError) as exc:
+    except LookupError as exc:  # KeyError too: str() of one would quote the sentence
+        raise UserError(f"--arch {name!r}: {exc.args[0]}") from None
+    except ValueError as exc:
         raise UserError(f"--arch {name!r}: {exc}") from None
 
 

@@ -107,8 +107,11 @@ def search_hf(
     from dataclasses import asdict
 
     from catalog.hub import HubClient
+    from catalog.remote_refs import check_repo_id
 
     _refuse_offline(offline, "searching Hugging Face")
+    if files:
+        check_repo_id(query, query, "ORG/REPO")
     hub = HubClient()
     if files:
         found = hub.files(query, revision)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from mergekit_sd.errors import BadModelFile, UserError
 from mergekit_sd.io.dtypes import FLOAT_DTYPES, USER_DTYPES, safetensors_dtype, torch_dtype
-from mergekit_sd.io.writer import StreamingWriter, TensorSpec
+from mergekit_sd.io.writer import StreamingWriter, TensorSpec, check_output_path
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -63,8 +63,7 @@ def _check_target(source: Path, target: Path, overwrite: bool) -> None:
         raise UserError(f"{target}: the output file name must end in .safetensors")
     if _same_file(source, target):
         raise UserError(f"{target}: the output is the source file itself; choose another name")
-    if target.is_dir():
-        raise UserError(f"{target}: is a directory; name the .safetensors file to write")
+    check_output_path(target)
     if target.exists() and not overwrite:
         raise UserError(f"{target}: already exists; pass --overwrite to replace it")
 
@@ -131,6 +130,7 @@ def _convert_pickle(source: Path, target: Path, dtype: str, cast_to: str | None,
 
     checkpoint = load_pickle_checkpoint(source)
     tensors = checkpoint.tensors
+    _check_names(source, tensors)
     target_torch = torch_dtype(cast_to) if cast_to is not None else None
     specs = []
     for name, tensor in tensors.items():
@@ -152,6 +152,21 @@ def _convert_pickle(source: Path, target: Path, dtype: str, cast_to: str | None,
             if progress is not None:
                 progress(done, len(specs))
     return target
+
+
+def _check_names(source: Path, tensors: dict) -> None:
+    """Names a pickle allows and a safetensors header cannot hold: its metadata key, and text
+    that is not valid UTF-8 (lone surrogates)."""
+    for name in tensors:
+        if name == "__metadata__":
+            raise BadModelFile(source, "tensor '__metadata__' cannot be stored under that name "
+                                       "in safetensors (the name of its metadata)")
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = name.encode("utf-8", "replace").decode()
+            raise BadModelFile(source, f"the tensor name {shown!r} is not valid UTF-8 (a lone "
+                                       "surrogate), which safetensors needs") from None
 
 
 def _cast(tensor, dtype):

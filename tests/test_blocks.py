@@ -6,6 +6,7 @@ import pytest
 
 from mergekit_sd.arch.architectures import ARCHITECTURES, block_counts, get_architecture
 from mergekit_sd.arch.layouts import load_layout
+from mergekit_sd.block_report import keys_of, sgm_unet_block_keys
 
 PREFIX = "model.diffusion_model."
 
@@ -68,3 +69,20 @@ def test_blocks_command_for_a_name_and_for_a_file(tmp_path):
     assert by_file.returncode == 0 and "OUT11" in by_file.stdout
     wrong = run_cli("blocks", "sdxk")
     assert wrong.returncode == 2 and "did you mean 'sdxl'" in wrong.stderr
+
+
+def test_the_unet_block_builder_gives_sdxl_base_its_real_keys():
+    numbered = {k[len(PREFIX):] for k in layout_keys("sdxl-sgm")
+                if k.startswith(tuple(PREFIX + n for n in ("input_blocks.", "middle_block.",
+                                                           "output_blocks.")))}
+    built = sgm_unet_block_keys((1, 2, 4), (0, 2, 10), 10)
+    assert len(built) == len(set(built)) and set(built) == numbered
+
+
+def test_sdxl_refiner_blocks_follow_its_four_level_unet():
+    arch_id, keys, prefix, _ = keys_of("sdxl-refiner")
+    counts = block_counts(ARCHITECTURES[arch_id], keys, prefix)
+    assert all(counts[b] > 0 for b in ARCHITECTURES[arch_id].blocks), counts
+    # a downsample; res blocks without attention; a res block and a 4-deep transformer
+    assert (counts["IN09"], counts["IN10"], counts["IN11"], counts["IN05"]) == (2, 10, 10, 96)
+    assert (counts["M00"], counts["OUT02"], counts["OUT11"]) == (106, 14, 16)

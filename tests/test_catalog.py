@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sqlite3
 import struct
 import subprocess
 import sys
@@ -337,6 +338,38 @@ def test_broken_links_and_link_loops_are_reported_and_the_scan_goes_on(tmp_path,
         "walked once",
     ])
     assert names(list_entries(store, Filters())) == ["real"]
+
+
+def test_fifos_named_like_models_or_sidecars_are_skipped_not_waited_on(tmp_path, tiny):
+    loras = tmp_path / "webui" / "models" / "Lora"
+    put(tiny["lora"], loras / "real.safetensors")
+    os.mkfifo(loras / "stuck.safetensors")
+    os.mkfifo(loras / "real.civitai.info")
+    catalog = tmp_path / "c.sqlite"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"}
+    # a scan that opens a FIFO waits for a writer forever: the timeout turns that into a failure
+    result = subprocess.run([sys.executable, "-m", "mergekit_sd.cli", "catalog", "add-root",
+                             tmp_path / "webui", "--scan", "--catalog", catalog],
+                            capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout + result.stderr
+    assert f"{loras / 'stuck.safetensors'}: not a regular file" in out
+    with Store.open(catalog) as opened:
+        assert names(list_entries(opened, Filters())) == ["real"]
+
+
+def test_json_nested_deeper_than_the_parser_goes_is_ignored_like_bad_json(tmp_path, store, tiny):
+    folder = tmp_path / "models"
+    put(tiny["sd1"], folder / "sidecar.safetensors")
+    deep = "[" * 100_000 + "]" * 100_000
+    (folder / "sidecar.civitai.info").write_text(deep)
+    write_checkpoint(folder / "meta.safetensors", "sd1", seed=2,
+                     metadata={"sd_merge_models": deep, "sd_merge_recipe": deep})
+    add_root(store, folder)
+    report = scan(store, jobs=1)
+    assert report.new == 2
+    assert {e.name: e.status for e in list_entries(store, Filters())} == {
+        "meta": "ok", "sidecar": "ok"}
 
 
 def test_deleted_file_becomes_missing_and_keeps_its_tags(tmp_path, store, tiny):
@@ -1063,9 +1096,42 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path):
     empty = catalog_cli(catalog, "scan")
     assert (empty.returncode, empty.stdout.strip()) == (
         0, "no roots yet; add one with `mergekit-sd catalog add-root PATH`")
+    line = one_line_error(catalog_cli(catalog, "list", "--arch", "bogus"))
+    assert line.startswith("error: --arch 'bogus': unknown architecture 'bogus'"), line
+    assert '"' not in line
     not_a_db = tmp_path / "junk.sqlite"
     not_a_db.write_bytes(b"this is not a database" * 100)
     assert "cannot open the catalog" in one_line_error(catalog_cli(not_a_db, "list"))
+
+
+def test_a_damaged_or_foreign_database_is_one_sentence_and_left_as_it_is(tmp_path, tiny):
+    damaged = tmp_path / "damaged.sqlite"
+    with Store.open(damaged) as store:
+        add_root(store, webui(tmp_path / "webui", tiny)["base15"].parents[2])
+        scan(store, jobs=1)
+        store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    data = bytearray(damaged.read_bytes())
+    data[4096:] = b"\xab" * (len(data) - 4096)  # page 1 (the schema) intact, the tables gone
+    damaged.write_bytes(bytes(data))
+    for command in (["list"], ["roots"], ["show", "1"], ["scan"]):
+        assert "the catalog is damaged" in one_line_error(catalog_cli(damaged, *command))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("version: 1\nmodels: {a: 'catalog:base15', b: 'catalog:base15'}\n"
+                      "steps: [{name: mix, method: weighted_sum, inputs: [a, b]}]\n"
+                      "output: {path: out.safetensors}\n")
+    assert "the catalog is damaged" in one_line_error(
+        run_cli("plan", recipe, "--catalog", damaged))
+
+    for version in (0, 1):
+        foreign = tmp_path / f"foreign{version}.sqlite"
+        db = sqlite3.connect(foreign)
+        db.execute("CREATE TABLE things (x)")
+        db.execute(f"PRAGMA user_version = {version}")
+        db.commit()
+        db.close()
+        before = foreign.read_bytes()
+        assert "not a mergekit-sd catalog" in one_line_error(catalog_cli(foreign, "list"))
+        assert foreign.read_bytes() == before
 
 
 def test_help_lists_every_command_and_the_catalog_group_is_built_on_use():

@@ -308,6 +308,23 @@ def test_cli_non_pickles_named_ckpt_exit_2_with_one_sentence(tmp_path, kind):
     assert not target.exists()
 
 
+@pytest.mark.parametrize(("state", "phrase"), [
+    ({"state_dict": {"__metadata__": torch.zeros(2), "w": torch.ones(2)}},
+     "tensor '__metadata__' cannot be stored under that name"),
+    ({"w": torch.empty(3, device="meta")}, "tensor 'w' has no data (a meta tensor)"),
+    ({"w\ud800x": torch.ones(2)}, "the tensor name 'w?x' is not valid UTF-8"),
+])
+def test_pickles_safetensors_cannot_hold_are_one_sentence_and_leave_nothing(tmp_path, state,
+                                                                            phrase):
+    source = tmp_path / "odd.ckpt"
+    torch.save(state, source)
+    target = tmp_path / "out.safetensors"
+    with pytest.raises(BadModelFile) as caught:
+        convert_to_safetensors(source, target)
+    assert phrase in str(caught.value) and str(source) in str(caught.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["odd.ckpt"]
+
+
 def test_cli_missing_source_exits_2(tmp_path):
     result = run_cli("convert", str(tmp_path / "nope.ckpt"), str(tmp_path / "o.safetensors"),
                      cwd=tmp_path)

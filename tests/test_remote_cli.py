@@ -7,9 +7,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,6 +21,7 @@ from fakes.civitai import TOKEN, FakeCivitai, FakeFile
 from fakes.env import cli_env
 from fakes.files import FileHost
 from fakes.hub import FakeHub
+from fakes.loopback import LoopbackServer, json_reply
 
 from mergekit_sd.testing import write_checkpoint, write_lora
 
@@ -154,6 +157,111 @@ def test_pull_from_the_hub_and_a_plain_url(tmp_path, fake, blobs):
     [outcome] = json.loads(plain.stdout)
     assert (outcome["status"], outcome["verified"], outcome["sha256"]) == (
         "downloaded", True, sha)
+
+
+def test_a_token_in_a_url_is_never_printed(tmp_path, fake, blobs):
+    fake.files.put("direct/extra.safetensors", blobs["lora2"])
+    secret = "SUPERSECRET123"
+    host = fake.files.url.removeprefix("http://")
+    tokened = [f"{fake.files.url}/files/direct/extra.safetensors?token={secret}",
+               f"http://user:{secret}@{host}/files/direct/extra.safetensors",
+               f"{fake.files.url}/files/direct/absent.safetensors?token={secret}"]
+    root = tmp_path / "models"
+    for url in tokened:
+        for extra in ([], ["--json"]):
+            result = mergekit(tmp_path, fake, "pull", url, "--to", root, *extra)
+            assert result.returncode in (0, 2), result.stderr
+            assert secret not in result.stdout + result.stderr
+            assert "/files/direct/" in result.stdout + result.stderr
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert written and not [p for p in written if secret.encode() in p.read_bytes()]
+
+
+def test_invalid_repository_ids_are_one_sentence_before_any_request(tmp_path, fake):
+    root = tmp_path / "models"
+    for args in (["pull", "hf://org/../x.safetensors", "--to", root],
+                 ["pull", "hf://-bad/repo/x.safetensors", "--to", root],
+                 ["pull", "hf://org/repo..x/x.safetensors", "--to", root],
+                 ["search", "hf", "org/..", "--files"]):
+        assert "not a valid repository id" in one_error_line(mergekit(tmp_path, fake, *args))
+    recipe = tmp_path / "mix.yaml"
+    recipe.write_text("version: 1\nmodels: {a: 'hf://org/repo--x/m.safetensors', "
+                      "b: 'hf://org/repo--x/m.safetensors'}\n"
+                      "steps: [{name: mix, method: weighted_sum, inputs: [a, b]}]\n"
+                      "output: {path: out.safetensors}\n")
+    line = one_error_line(mergekit(tmp_path, fake, "plan", recipe, "--pull"))
+    assert "models.a" in line and "not a valid repository id" in line
+    assert fake.hub.server.log == []
+
+
+# what an API answers when its JSON is not the shape documented: the pull says "unexpected"
+ODD_ANSWERS = {
+    "/api/v1/model-versions/900": [1, 2, 3],
+    "/api/v1/model-versions/901": {"id": 901, "model": "str", "files": [
+        {"name": "x.safetensors", "metadata": [1], "type": "Model", "primary": True,
+         "hashes": {"SHA256": "a" * 64}, "sizeKB": 1}]},
+    "/api/v1/models/903": {"id": 903, "modelVersions": [{"name": "no id"}]},
+    "/api/v1/models/904": {"id": 904, "modelVersions": [{"id": "abc"}]},
+    "/api/v1/models/905": "just a string",
+    "/api/v1/models/906": {"id": 906, "modelVersions": "bad"},
+}
+
+
+def test_odd_json_from_civitai_is_a_failure_in_one_sentence(tmp_path, fake):
+    def answer(seen):
+        return json_reply(ODD_ANSWERS.get(seen.path.rstrip("/"), {"error": "Not found"}))
+
+    odd = LoopbackServer(answer)
+    try:
+        for ref in ("civitai://900", "civitai://model/903", "civitai://model/904",
+                    "civitai://model/905", "civitai://model/906"):
+            result = mergekit(tmp_path, SimpleNamespace(civitai=odd, hub=fake.hub), "pull", ref,
+                              "--to", tmp_path / "models")
+            assert result.returncode == 1, result.stderr
+            assert result.stderr.strip().splitlines() == [
+                f"failed: Civitai answered {'model' if '/model/' in ref else 'model version'} "
+                f"{ref.rsplit('/', 1)[1]} with something unexpected; try again later"]
+        # odd inner fields are treated as absent: the download is tried (and refused here)
+        result = mergekit(tmp_path, SimpleNamespace(civitai=odd, hub=fake.hub), "pull",
+                          "civitai://901", "--to", tmp_path / "models")
+        assert "Traceback" not in result.stderr and len(result.stderr.splitlines()) == 1
+    finally:
+        odd.close()
+
+
+def test_a_sha256_that_is_not_64_hex_digits_is_refused_before_downloading(tmp_path, fake, blobs):
+    fake.files.put("direct/extra.safetensors", blobs["lora2"])
+    url = f"{fake.files.url}/files/direct/extra.safetensors"
+    prefix = hashlib.sha256(blobs["lora2"]).hexdigest()[:12]
+    line = one_error_line(mergekit(tmp_path, fake, "pull", url, "--sha256", prefix, "--to",
+                                   tmp_path / "models"))
+    assert f"--sha256 '{prefix}': give all 64 hex digits" in line
+    assert fake.files.sent("direct/extra.safetensors") == 0
+
+
+def test_ctrl_c_says_interrupted_and_exits_130(tmp_path, fake, blobs):
+    fake.files.put("direct/slow.safetensors", blobs["sd15a"])
+    fake.files.slow["direct/slow.safetensors"] = 1.0  # a chunk a second: caught mid-download
+    env = cli_env(tmp_path, fake.civitai.url, fake.hub.url, None)
+    env.update(PYTHONPATH=str(REPO), MERGEKIT_SD_CATALOG=str(tmp_path / "c.sqlite"))
+    # SIGINT as a terminal leaves it: a background job of a shell may have it ignored
+    pulling = subprocess.Popen(
+        [sys.executable, "-m", "mergekit_sd.cli", "pull",
+         f"{fake.files.url}/files/direct/slow.safetensors", "--to", str(tmp_path / "m")],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 60
+        while not fake.files.server.requests("/files/direct/slow.safetensors", "GET"):
+            assert time.monotonic() < deadline and pulling.poll() is None
+            time.sleep(0.05)
+        pulling.send_signal(signal.SIGINT)
+        _, err = pulling.communicate(timeout=60)
+    finally:
+        pulling.kill()
+    assert pulling.returncode == 130
+    assert err.strip().splitlines()[-1:] == [
+        "interrupted: nothing was written under the output name"]
 
 
 def test_identify_and_updates(tmp_path, fake, blobs):

@@ -10,13 +10,15 @@ import time
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, run_cli
 from safetensors.torch import load_file
 
+from mergekit_sd.errors import UserError
 from mergekit_sd.io.dtypes import safetensors_dtype
 from mergekit_sd.io.header import read_header
 from mergekit_sd.io.reader import SafetensorsReader
 from mergekit_sd.io.writer import StreamingWriter, TensorSpec
+from mergekit_sd.testing import write_checkpoint
 
 
 def sample_tensors() -> dict[str, torch.Tensor]:
@@ -162,3 +164,46 @@ def test_a_run_of_parts_is_written_from_one_buffer_when_they_follow_each_other(t
         writer.write_run([("a", 0, 8)], raw[:8])
     got = load_file(path)
     assert torch.equal(got["a"], a) and torch.equal(got["b"], b)
+
+
+def test_an_output_under_a_file_or_on_a_directory_is_one_sentence_before_any_write(tmp_path):
+    a_file = tmp_path / "model.safetensors"
+    a_file.write_bytes(b"keep")
+    a_folder = tmp_path / "dir.safetensors"
+    a_folder.mkdir()
+    spec = [TensorSpec("w", "F32", (2,))]
+    for path, words in ((a_file / "x.safetensors", "is a file, not a folder"),
+                        (a_folder, "is a directory")):
+        with pytest.raises(UserError, match=words):
+            StreamingWriter(path, spec)
+    assert a_file.read_bytes() == b"keep" and list(a_folder.iterdir()) == []
+
+
+def test_merge_convert_and_recipe_extract_refuse_such_outputs_in_one_sentence(tmp_path):
+    a = write_checkpoint(tmp_path / "a.safetensors", "sd1", seed=1)
+    b = write_checkpoint(tmp_path / "b.safetensors", "sd1", seed=2)
+    recipe = tmp_path / "ws.yaml"
+    recipe.write_text("version: 1\nmodels: {a: a.safetensors, b: b.safetensors}\n"
+                      "steps: [{name: mix, method: weighted_sum, inputs: [a, b]}]\n"
+                      "output: {path: out/ws.safetensors}\n")
+    (tmp_path / "dir.safetensors").mkdir()
+    refused = [("merge", recipe, "--out", a / "x.safetensors"),
+               ("merge", recipe, "--out", tmp_path / "dir.safetensors"),
+               ("convert", a, b / "x.safetensors")]
+    for args in refused:
+        assert one_sentence(run_cli(*args)).startswith("error: ")
+    assert run_cli("merge", recipe).returncode == 0
+    merged = tmp_path / "out" / "ws.safetensors"
+    for target in (tmp_path / "out", a / "r.yaml"):
+        assert one_sentence(run_cli("recipe", "extract", merged, "-o", target))
+    made = run_cli("recipe", "extract", merged, "-o", tmp_path / "new" / "again.yaml")
+    assert made.returncode == 0, made.stderr
+    assert "weighted_sum" in (tmp_path / "new" / "again.yaml").read_text()
+    assert sorted(p.name for p in tmp_path.rglob("*.partial")) == []
+
+
+def one_sentence(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    return lines[0]

@@ -285,6 +285,9 @@ def _check_layouts(path: Path, tensors: dict[str, object]) -> None:
     import torch
 
     for name, tensor in tensors.items():
+        if tensor.is_meta:  # saved from torch's meta device: a shape without any data
+            _fail(path, f"tensor {_safe(name)!r} has no data (a meta tensor); save the "
+                        "checkpoint again from a loaded model")
         if tensor.layout != torch.strided:
             _fail(path, f"tensor {_safe(name)!r} is a {tensor.layout} tensor; only dense "
                         "tensors can be converted")

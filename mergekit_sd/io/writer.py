@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from mergekit_sd.errors import UserError
 from mergekit_sd.io.direct import DIRECT_FROM_BYTES, DirectAppender, pwrite_all
 from mergekit_sd.io.dtypes import SAFETENSORS_DTYPES, nbytes_of, safetensors_dtype
 from mergekit_sd.io.interrupts import interrupts_held
@@ -45,6 +46,30 @@ def partial_path(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
 
 
+def check_output_path(path: Path) -> None:
+    """UserError with one sentence when `path` cannot be written as a file: it is a directory,
+    or a folder it would go into is a file. Called before any work, so a long merge does not
+    end in an error it could have said at the start."""
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory; name the file to write")
+    for folder in path.parents:
+        if folder.is_dir():
+            return
+        if folder.exists() or folder.is_symlink():
+            raise UserError(f"{path}: its folder {folder} is a file, not a folder; choose "
+                            "another output path")
+
+
+def make_output_folder(path: Path) -> None:
+    """Create the folder `path` goes into, or say in one sentence why it cannot be."""
+    check_output_path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot create its folder {path.parent} ({exc.strerror}); "
+                        "choose another output path") from None
+
+
 def fsync_directory(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
@@ -57,7 +82,7 @@ def fsync_directory(directory: Path) -> None:
 def atomic_file(path: Path) -> Iterator[BinaryIO]:
     """NAME.partial, open for writing; when the block is done it is fsynced and renamed to
     NAME, and on any failure (Ctrl-C included) removed, with NAME left as it was."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_output_folder(path)
     partial = partial_path(path)
     try:
         with open(partial, "wb") as f:
@@ -121,7 +146,7 @@ class StreamingWriter:
         self._pending = set(self.specs)
         self._remaining = {spec.name: spec.nbytes for spec in self.specs.values()}
         self.partial = partial_path(self.path)
-        self.partial.parent.mkdir(parents=True, exist_ok=True)
+        make_output_folder(self.path)
         self._fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self._size = self._data_start + (max((e for _, e in self._offsets.values()), default=0))
         self._sequence: DirectAppender | None = None
@@ -250,6 +275,7 @@ class StreamingWriter:
         os.fsync(self._fd)
         os.close(self._fd)
         self._fd = -1
+        check_output_path(self.path)  # a directory may have taken the name while we wrote
         os.replace(self.partial, self.path)
         fsync_directory(self.path.parent)
         return self.path
