@@ -255,7 +255,8 @@ def recipe_extract(
 
     if out is not None:
         check_output_path(out)
-    text = extract_recipe(merged, output_path)
+    # relative paths in it are written for the folder the recipe lands in
+    text = extract_recipe(merged, output_path, out.parent if out is not None else None)
     if out is None:
         typer.echo(text, nl=False)
     else:

@@ -25,7 +25,11 @@ output:
 """
 
 
-def test_an_extracted_recipe_run_from_another_folder_gives_the_same_bytes(tmp_path):
+@pytest.mark.parametrize(("written_to", "output_path"), [
+    ("again.yaml", "../out/again.safetensors"),
+    ("deeper/again.yaml", "../../out/again.safetensors")])
+def test_an_extracted_recipe_run_from_another_folder_gives_the_same_bytes(tmp_path, written_to,
+                                                                          output_path):
     for name, variant, seed in (("a", "sd1", 1), ("b", "sd1", 2), ("vae", "vae-sd", 9)):
         write_checkpoint(tmp_path / "models" / f"{name}.safetensors", variant, seed=seed)
     (tmp_path / "recipes" / "sub").mkdir(parents=True)
@@ -34,10 +38,11 @@ def test_an_extracted_recipe_run_from_another_folder_gives_the_same_bytes(tmp_pa
     assert merged.returncode == 0, merged.stderr
     (tmp_path / "elsewhere").mkdir()
     extracted = run_cli("recipe", "extract", tmp_path / "out" / "mix.safetensors",
-                        "-o", "again.yaml", "--output-path", "../out/again.safetensors",
+                        "-o", written_to, "--output-path", output_path,
                         cwd=tmp_path / "elsewhere")
     assert extracted.returncode == 0, extracted.stderr
-    rerun = run_cli("merge", "elsewhere/again.yaml", cwd=tmp_path)
+    # output.path, as given, is relative to the recipe's folder like every other path
+    rerun = run_cli("merge", tmp_path / "elsewhere" / written_to, cwd=tmp_path)
     assert rerun.returncode == 0, rerun.stderr
     assert ((tmp_path / "out" / "again.safetensors").read_bytes()
             == (tmp_path / "out" / "mix.safetensors").read_bytes())
