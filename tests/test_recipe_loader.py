@@ -60,3 +60,18 @@ def test_a_recipe_nested_too_deeply_is_not_valid_yaml():
     message = problem_of("version: 1\nmodels: " + "[" * 3000 + "]" * 3000 + "\n")
     assert message == ("r.yaml: is not valid YAML (its collections are nested too deeply to "
                        "read)")
+
+
+@pytest.mark.parametrize(("models", "output", "field"), [
+    ("{a: 'https://h.test/m?token=SECRET', b: b.safetensors}", "{path: o.safetensors}",
+     "line 2, models.a"),
+    ("{a: {ref: 'HTTP://h.test/m?token=SECRET'}, b: b.safetensors}", "{path: o.safetensors}",
+     "line 2, models.a.ref"),
+    ("{a: a.safetensors, b: b.safetensors}",
+     "{path: o.safetensors, vae: 'https://h.test/v?token=SECRET'}", "line 4, output.vae")])
+def test_a_download_link_is_no_model_reference_and_its_token_is_not_repeated(models, output,
+                                                                             field):
+    message = problem_of(f"version: 1\nmodels: {models}\n{STEPS}output: {output}\n")
+    assert message.startswith(f"r.yaml, {field}: a download link is not a model reference; "
+                              "fetch it with `mergekit-sd pull URL`"), message
+    assert "SECRET" not in message

@@ -23,6 +23,7 @@ import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Discriminator,
@@ -42,10 +43,23 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _not_a_url(ref: str) -> str:
+    # A download link is no model reference: it would be read as a file path, and a token in
+    # its query would be printed back in the "does not exist" sentence.
+    if re.match(r"(?i)https?://", ref):
+        raise ValueError("a download link is not a model reference; fetch it with "
+                         "`mergekit-sd pull URL` and refer to it as catalog:NAME (or use "
+                         "hf://ORG/REPO/FILE or civitai://VERSION)")
+    return ref
+
+
+Reference = Annotated[str, AfterValidator(_not_a_url)]
+
+
 class ModelRef(Strict):
     """A model input in its long form; the short form is the reference string alone."""
 
-    ref: str
+    ref: Reference
     sha256: str | None = Field(None, description="expected SHA256; checked before merging")
 
     @field_validator("sha256")
@@ -109,7 +123,8 @@ class Output(Strict):
     path: str
     step: str | None = Field(None, description="the step to write; the last one by default")
     dtype: Literal["fp32", "fp16", "bf16", "fp8_e4m3fn", "keep"] = "fp16"
-    vae: str | None = Field(None, description="a VAE file whose weights replace the merged VAE")
+    vae: Reference | None = Field(None, description="a VAE file whose weights replace the "
+                                                   "merged VAE")
     drop_ema: bool = True
     inference_only: bool = False
     title: str | None = None
@@ -118,7 +133,7 @@ class Output(Strict):
 
 class Recipe(Strict):
     version: Literal[1] = 1
-    models: dict[str, str | ModelRef] = Field(min_length=1)
+    models: dict[str, Reference | ModelRef] = Field(min_length=1)
     steps: list[Step] = Field(min_length=1)
     output: Output
 
