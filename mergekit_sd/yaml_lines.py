@@ -68,15 +68,23 @@ def line_of(lines: dict[tuple, int], loc: tuple) -> int | None:
     return lines.get(())
 
 
-def _line_map(node, prefix: tuple = (), lines: dict | None = None) -> dict[tuple, int]:
+def _line_map(node, prefix: tuple = (), lines: dict | None = None,
+              walked: set | None = None) -> dict[tuple, int]:
+    # A node an alias repeats is walked once: below its other uses a field gets the alias's
+    # line. Walking it again would never end for an alias inside its own anchor (`&a [*a]`)
+    # and take exponential time for aliases of aliases.
     lines = {} if lines is None else lines
+    walked = set() if walked is None else walked
     lines.setdefault(prefix, node.start_mark.line + 1)
+    if id(node) in walked:
+        return lines
+    walked.add(id(node))
     if isinstance(node, yaml.MappingNode):
         for key, value in node.value:
             path = (*prefix, key.value)
             lines[path] = key.start_mark.line + 1
-            _line_map(value, path, lines)
+            _line_map(value, path, lines, walked)
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
-            _line_map(item, (*prefix, index), lines)
+            _line_map(item, (*prefix, index), lines, walked)
     return lines

@@ -75,3 +75,16 @@ def test_a_download_link_is_no_model_reference_and_its_token_is_not_repeated(mod
     assert message.startswith(f"r.yaml, {field}: a download link is not a model reference; "
                               "fetch it with `mergekit-sd pull URL`"), message
     assert "SECRET" not in message
+
+
+def test_an_alias_inside_its_own_anchor_is_one_sentence():
+    message = problem_of(f"version: 1\nmodels: &m {{a: *m}}\n{STEPS}output: {{path: o.yaml}}\n")
+    assert message.startswith("r.yaml, line 2, models.a"), message
+
+
+def test_aliases_of_aliases_are_read_without_walking_every_repetition():
+    # nine copies of nine copies ... eleven deep: walking every use would never finish
+    lines = ["version: 1", "a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 12)]
+    lines += ["models: {a: a.safetensors, b: *a11}", STEPS.strip(), "output: {path: o.yaml}"]
+    assert problem_of("\n".join(lines) + "\n").startswith("r.yaml, line 14, models.b: ")
