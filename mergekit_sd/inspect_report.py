@@ -78,7 +78,7 @@ def summarise_metadata(metadata: dict[str, str]) -> dict:
         if key in metadata:
             try:
                 summary[key] = json.loads(metadata[key])
-            except ValueError:
+            except (ValueError, RecursionError):  # not JSON, or nested past the parser
                 summary[key] = metadata[key]
     others = [k for k in metadata if not k.startswith(("modelspec.", "ss_"))
               and k not in summary]

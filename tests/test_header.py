@@ -46,6 +46,8 @@ def bad_files(tmp_path):
     put("header-longer-than-file", raw_safetensors(GOOD, b"\0" * 20, header_len=10_000),
         "header", "only")
     put("bad-json", struct.pack("<Q", 5) + b'{"a":', "not valid JSON")
+    deep = b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    put("deep-json", struct.pack("<Q", len(deep)) + deep, "header", "corrupt")
     put("unknown-dtype", raw_safetensors(
         {"w": {"dtype": "F12", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 4),
         "unknown dtype")
@@ -73,7 +75,8 @@ def bad_files(tmp_path):
 
 
 @pytest.mark.parametrize("name", [
-    "empty", "tiny", "truncated", "header-longer-than-file", "bad-json", "unknown-dtype",
+    "empty", "tiny", "truncated", "header-longer-than-file", "bad-json", "deep-json",
+    "unknown-dtype",
     "overlap", "out-of-range", "shape-bytes-mismatch", "trailing-bytes", "pickle", "torch-zip",
     "malicious-pickle", "directory"])
 @pytest.mark.parametrize("loads", [json.loads, orjson.loads], ids=["json", "orjson"])

@@ -172,3 +172,11 @@ def test_inspect_summary_keeps_names_and_short_words_whole_where_they_fit(tmp_pa
     assert max(len(line) for line in table.splitlines()) <= columns
     assert "│ checkpoint │" in table and "│ lora " in table
     assert all((name in table) == (columns == 120) for name in names)
+
+
+def test_inspect_shows_lineage_nested_past_the_json_parser_as_it_is_stored(tmp_path):
+    deep = "[" * 5000 + "]" * 5000
+    path = write_checkpoint(tmp_path / "m.safetensors", "sd1", metadata={"sd_merge_recipe": deep})
+    result = run_cli("inspect", "--json", path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)[0]["metadata"]["sd_merge_recipe"] == deep

@@ -151,6 +151,9 @@ def _parse_header(path: Path, raw: bytes, file_size: int, loads: JsonLoads
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         _fail(path, f"has a header that is not valid JSON ({exc.__class__.__name__} at "
                     f"byte {getattr(exc, 'pos', '?')}); the file is corrupt")
+    except RecursionError:  # the JSON parser recurses once per level of nesting
+        _fail(path, "has a header nested too deeply to be a safetensors header; the file is "
+                    "corrupt")
     if not isinstance(doc, dict):
         _fail(path, "has a header that is not a JSON object; the file is corrupt")
 
