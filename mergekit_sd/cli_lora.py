@@ -7,6 +7,7 @@ used.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import typer
@@ -41,14 +42,17 @@ def _resolve(ref: str, resolver: _CatalogOnDemand) -> tuple[Path, str | None]:
 
 
 def _split_strengths(arg: str, most: int) -> tuple[str, list[float]]:
-    """LORA[:NUMBER...] -> (ref, up to `most` trailing numbers); a ref may hold colons."""
+    """LORA[:NUMBER...] -> (ref, up to `most` trailing numbers); a ref may hold colons.
+    Numbers are finite and written plainly: nan, inf and 1_0 are no strengths."""
+    from mergekit_sd.lora.strengths import plain_number
+
     parts = arg.split(":")
     numbers: list[float] = []
     while len(parts) > 1 and len(numbers) < most:
-        try:
-            numbers.insert(0, float(parts[-1]))
-        except ValueError:
+        number = plain_number(parts[-1])
+        if number is None:
             break
+        numbers.insert(0, number)
         parts.pop()
     return ":".join(parts), numbers
 
@@ -66,7 +70,7 @@ def _lora_arg(arg: str, resolver: _CatalogOnDemand, form: str, most: int
             head = ":".join(parts[:cut])
             if Path(head).expanduser().is_file():
                 rest = ":".join(parts[cut:])
-                numbers_wanted = "one number" if most == 1 else "one or two numbers"
+                numbers_wanted = "one finite number" if most == 1 else "one or two finite numbers"
                 raise UserError(f"{arg}: '{rest}' after the file name is not {form}; give "
                                 f"{numbers_wanted} after it, e.g. {head}:0.8") from None
         raise
@@ -109,6 +113,8 @@ def bake(
     from mergekit_sd.lora.bake import LoraUse, load_loras, prepare_bake
     from mergekit_sd.lora.bake_run import BakeStream
 
+    if te_strength is not None and not math.isfinite(te_strength):
+        raise UserError(f"--te-strength {te_strength}: give a finite number, e.g. 0.5")
     if len(blocks) > 1 and len(blocks) != len(loras):
         raise UserError(f"--blocks given {len(blocks)} times for {len(loras)} LoRAs; give it "
                         "once (for all) or once per LoRA")

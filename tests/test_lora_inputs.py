@@ -10,10 +10,12 @@ import pytest
 import test_lora_bake as lora_bake
 import torch
 from safetensors.torch import load_file
-from test_lora_bake import UNET, expected_bake
+from test_lora_bake import UNET, assert_one_sentence, expected_bake
 
+from mergekit_sd.errors import UserError
 from mergekit_sd.lora.bake import LoraUse, plan_bake
 from mergekit_sd.lora.bake_run import run_bake
+from mergekit_sd.lora.combine import merge_loras
 from mergekit_sd.lora.extract import extract_lora
 from mergekit_sd.testing import write_checkpoint, write_lora
 
@@ -50,3 +52,46 @@ def test_a_lora_is_extracted_from_two_unet_only_files(tmp_path, unet_only):
     report = extract_lora(unet_only[1], unet_only[0], tmp_path / "x.safetensors", rank=2)
     assert report.modules > 100
     assert all(k.startswith("lora_unet_") for k in load_file(tmp_path / "x.safetensors"))
+
+
+# --- strengths are finite numbers ----------------------------------------------------------------
+
+
+@pytest.fixture
+def sd1_lora(tmp_path) -> Path:
+    return write_lora(tmp_path / "l.safetensors", "kohya-sd1")
+
+
+@pytest.mark.parametrize("args", [
+    (":nan",), (":inf",), (":-inf",), (":1_0",), (":0.5:nan",), ("", "--te-strength", "nan"),
+    ("", "--blocks", "nan" + ",1" * 16), ("", "--blocks", "1e999" + ",1" * 16),
+], ids=lambda a: " ".join(a).strip() or "plain")
+def test_a_strength_that_is_no_finite_number_is_one_sentence(tmp_path, bases, cli, sd1_lora,
+                                                             args):
+    out = tmp_path / "out.safetensors"
+    assert_one_sentence(*cli("bake", bases["sd1"], f"{sd1_lora}{args[0]}", *args[1:], "-o", out),
+                        2)
+    assert "finite" in cli.last_err
+    assert not out.exists()
+
+
+def test_a_lora_merge_weight_that_is_no_finite_number_is_one_sentence(tmp_path, cli, sd1_lora):
+    out = tmp_path / "out.safetensors"
+    assert_one_sentence(*cli("lora", "merge", f"{sd1_lora}:nan", sd1_lora, "-o", out), 2)
+    assert "finite" in cli.last_err and not out.exists()
+    with pytest.raises(UserError, match="finite"):  # the API, as recipes and scripts call it
+        merge_loras([(sd1_lora, float("inf")), (sd1_lora, 1.0)], out)
+
+
+@pytest.mark.parametrize("strengths", [(float("nan"), None), (1.0, float("inf"))])
+def test_the_bake_api_refuses_strengths_that_are_no_finite_number(tmp_path, bases, sd1_lora,
+                                                                  strengths):
+    with pytest.raises(UserError, match="finite"):
+        plan_bake(bases["sd1"], [LoraUse("l", sd1_lora, *strengths)], tmp_path / "o.safetensors")
+
+
+@pytest.mark.parametrize("spec", [[float("nan")] * 26, {"IN*": float("inf")}, {"IN*": "abc"}])
+def test_block_lists_and_maps_hold_finite_numbers(tmp_path, bases, sd1_lora, spec):
+    with pytest.raises(UserError, match="finite"):
+        plan_bake(bases["sd1"], [LoraUse("l", sd1_lora, 1.0, None, spec)],
+                  tmp_path / "o.safetensors")

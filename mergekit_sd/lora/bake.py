@@ -108,6 +108,15 @@ def _check_base(path: Path, found: Identification) -> Architecture:
     return ARCHITECTURES[found.architecture]
 
 
+def _check_strengths(use: LoraUse) -> None:
+    """NaN or infinity would fill the checkpoint with NaN (and the metadata with invalid
+    JSON)."""
+    for what, value in (("strength", use.strength), ("te_strength", use.te_strength)):
+        if value is not None and not math.isfinite(value):
+            raise UserError(f"{use.ref}: {what} {value} is not a finite number; give one such "
+                            "as 0.8")
+
+
 def _check_lora(use: LoraUse, found: Identification, arch: Architecture) -> None:
     if found.kind != "lora":
         raise BadModelFile(use.path, f"is {found.label}, not a LoRA")
@@ -138,6 +147,8 @@ def prepare_bake(base: str | Path, uses: list[LoraUse], output: str | Path,
     base = Path(base)
     if dtype not in OUTPUT_DTYPES:
         raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(OUTPUT_DTYPES)}")
+    for use in uses:
+        _check_strengths(use)
     header = read_header(base)
     arch = _check_base(base, identify(header))
     lora_headers = [read_header(use.path) for use in uses]
@@ -179,6 +190,7 @@ def match_loras(index: TargetIndex, arch: Architecture, uses: list[LoraUse], bas
     checked (`prepare_bake`)."""
     files, weights, biases, unmatched = [], {}, {}, []
     for i, use in enumerate(uses):
+        _check_strengths(use)  # a recipe's bake_lora comes here without prepare_bake
         if headers:
             header = headers[i]
         else:

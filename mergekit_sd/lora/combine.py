@@ -12,6 +12,7 @@ full shapes come from a base checkpoint when given, else from the architecture's
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,6 +79,10 @@ def merge_loras(loras: list[tuple[Path, float]], output: Path, rank: int | None 
 
     if len(loras) < 2:
         raise UserError("give at least two LoRAs to merge")
+    for path, weight in loras:
+        if not math.isfinite(weight):
+            raise UserError(f"{path}: weight {weight} is not a finite number; give one such as "
+                            "0.5")
     if dtype not in LORA_DTYPES:
         raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(LORA_DTYPES)}")
     archs = [_lora_arch(p) for p, _ in loras]
