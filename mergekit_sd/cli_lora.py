@@ -57,6 +57,21 @@ def _split_strengths(arg: str, most: int) -> tuple[str, list[float]]:
     return ":".join(parts), numbers
 
 
+def _unplain_number(text: str) -> bool:
+    """Whether one of the colon-separated parts is a number to Python but no strength to us
+    (nan, inf, 1_0)."""
+    from mergekit_sd.lora.strengths import plain_number
+
+    for part in text.split(":"):
+        try:
+            float(part)
+        except ValueError:
+            continue
+        if plain_number(part) is None:
+            return True
+    return False
+
+
 def _lora_arg(arg: str, resolver: _CatalogOnDemand, form: str, most: int
               ) -> tuple[str, Path, str | None, list[float]]:
     """(ref, path, known SHA256, numbers) of a LORA[:NUMBER...] argument. When no file has the
@@ -70,7 +85,9 @@ def _lora_arg(arg: str, resolver: _CatalogOnDemand, form: str, most: int
             head = ":".join(parts[:cut])
             if Path(head).expanduser().is_file():
                 rest = ":".join(parts[cut:])
-                numbers_wanted = "one finite number" if most == 1 else "one or two finite numbers"
+                numbers_wanted = "one number" if most == 1 else "one or two numbers"
+                if _unplain_number(rest):
+                    numbers_wanted = numbers_wanted.replace("number", "finite number")
                 raise UserError(f"{arg}: '{rest}' after the file name is not {form}; give "
                                 f"{numbers_wanted} after it, e.g. {head}:0.8") from None
         raise
