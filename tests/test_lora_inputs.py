@@ -95,3 +95,31 @@ def test_block_lists_and_maps_hold_finite_numbers(tmp_path, bases, sd1_lora, spe
     with pytest.raises(UserError, match="finite"):
         plan_bake(bases["sd1"], [LoraUse("l", sd1_lora, 1.0, None, spec)],
                   tmp_path / "o.safetensors")
+
+
+# --- SD1 and SD2 are different architectures -----------------------------------------------------
+
+
+def test_an_sd2_lora_is_refused_for_an_sd1_base_even_when_allowed_unmatched(tmp_path, bases, cli):
+    lora = write_lora(tmp_path / "sd2.safetensors", "kohya-sd2")
+    out = tmp_path / "out.safetensors"
+    assert_one_sentence(*cli("bake", bases["sd1"], lora, "-o", out, "--allow-unmatched"), 2)
+    assert "SD2" in cli.last_err and "SD1" in cli.last_err and not out.exists()
+
+
+def test_a_lora_merge_of_an_sd1_and_an_sd2_lora_is_refused(tmp_path, cli):
+    a = write_lora(tmp_path / "a.safetensors", "kohya-sd1")
+    b = write_lora(tmp_path / "b.safetensors", "kohya-sd2")
+    assert_one_sentence(*cli("lora", "merge", a, b, "-o", tmp_path / "m.safetensors"), 2)
+    assert "different architectures" in cli.last_err
+
+
+def test_lora_extract_refuses_sd1_against_sd2_and_a_lora_for_a_checkpoint(tmp_path, bases, cli):
+    out = tmp_path / "x.safetensors"
+    assert_one_sentence(*cli("lora", "extract", bases["sd1"], bases["sd2"], "--rank", "2",
+                             "-o", out), 2)
+    assert "one architecture" in cli.last_err
+    lora = write_lora(tmp_path / "l.safetensors", "kohya-sd1")
+    assert_one_sentence(*cli("lora", "extract", lora, bases["sd1"], "--rank", "2", "-o", out), 2)
+    assert "not a checkpoint to extract from" in cli.last_err
+    assert not out.exists()

@@ -24,6 +24,7 @@ from mergekit_sd.errors import BadModelFile, UserError
 from mergekit_sd.io.hash_cache import known_sha256 as remembered_sha256
 from mergekit_sd.io.hashing import BackgroundSha256, file_sha256
 from mergekit_sd.io.header import SafetensorsHeader, read_header
+from mergekit_sd.lora.compat import lora_architecture, lora_fits
 from mergekit_sd.lora.deltas import DeltaShapeError, apply_dora, module_delta
 from mergekit_sd.lora.modules import LoraFile, LoraModule, group_modules, load_lora
 from mergekit_sd.lora.strengths import BlockSpec, block_strengths
@@ -120,10 +121,9 @@ def _check_strengths(use: LoraUse) -> None:
 def _check_lora(use: LoraUse, found: Identification, arch: Architecture) -> None:
     if found.kind != "lora":
         raise BadModelFile(use.path, f"is {found.label}, not a LoRA")
-    base = found.lora.base if found.lora else None
-    if base in ARCHITECTURES and ARCHITECTURES[base].family != arch.family:
-        raise UserError(f"{use.path}: this LoRA is for {ARCHITECTURES[base].label} and the base "
-                        f"is {arch.label}; pick a LoRA made for {arch.label}")
+    if not lora_fits(found, arch):
+        raise UserError(f"{use.path}: this LoRA is for {lora_architecture(found).label} and the "
+                        f"base is {arch.label}; pick a LoRA made for {arch.label}")
 
 
 def plan_bake(base: str | Path, uses: list[LoraUse], output: str | Path, dtype: str = "keep",

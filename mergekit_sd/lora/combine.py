@@ -16,12 +16,13 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mergekit_sd.arch.architectures import ARCHITECTURES, Architecture
-from mergekit_sd.arch.identify import identify
+from mergekit_sd.arch.architectures import Architecture
+from mergekit_sd.arch.identify import Identification, identify
 from mergekit_sd.arch.layouts import load_layout
 from mergekit_sd.errors import BadModelFile, UserError
 from mergekit_sd.io.hashing import file_sha256
 from mergekit_sd.io.header import read_header
+from mergekit_sd.lora.compat import is_guess, lora_architecture, lora_fits
 from mergekit_sd.lora.deltas import module_delta
 from mergekit_sd.lora.extract import truncated_svd
 from mergekit_sd.lora.kohya_file import LORA_DTYPES, factors_for, write_kohya_lora
@@ -40,15 +41,27 @@ class MergeReport:
     unmatched: dict[str, list[str]] = field(default_factory=dict)
 
 
-def _lora_arch(path: Path) -> Architecture:
+def _lora_ident(path: Path) -> Identification:
     found = identify(read_header(path))
     if found.kind != "lora":
         raise BadModelFile(path, f"is {found.label}, not a LoRA")
-    base = found.lora.base if found.lora else None
-    if base not in ARCHITECTURES:
+    if lora_architecture(found) is None:
         raise UserError(f"{path}: the LoRA's base model cannot be told from its keys; merge "
                         "LoRAs whose base `mergekit-sd inspect` can name")
-    return ARCHITECTURES[base]
+    return found
+
+
+def _common_architecture(loras: list[tuple[Path, float]], found: list[Identification]
+                         ) -> Architecture:
+    """The architecture all the LoRAs are for (that of the first one not merely assumed SD1);
+    LoRAs for another are refused."""
+    sure = [f for f in found if not is_guess(f)] or found
+    arch = lora_architecture(sure[0])
+    if not all(lora_fits(f, arch) for f in found):
+        labels = ", ".join(f"{p.name} ({lora_architecture(f).label})"
+                           for (p, _), f in zip(loras, found, strict=True))
+        raise UserError(f"these LoRAs are for different architectures: {labels}")
+    return arch
 
 
 def _index(arch: Architecture, base: Path | None) -> TargetIndex:
@@ -85,11 +98,8 @@ def merge_loras(loras: list[tuple[Path, float]], output: Path, rank: int | None 
                             "0.5")
     if dtype not in LORA_DTYPES:
         raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(LORA_DTYPES)}")
-    archs = [_lora_arch(p) for p, _ in loras]
-    if len({a.family for a in archs}) > 1:
-        labels = ", ".join(f"{p.name} ({a.label})" for (p, _), a in zip(loras, archs, strict=True))
-        raise UserError(f"these LoRAs are for different architectures: {labels}")
-    index = _index(archs[0], base)
+    arch = _common_architecture(loras, [_lora_ident(p) for p, _ in loras])
+    index = _index(arch, base)
     report = MergeReport(output)
     by_key: dict[str, list[tuple[LoraModule, float, Target]]] = {}
     for path, weight in loras:
@@ -124,7 +134,7 @@ def merge_loras(loras: list[tuple[Path, float]], output: Path, rank: int | None 
             modules[name] = factors_for(*truncated_svd(delta, rank, clamp_quantile), kernel)
     provenance = {"mergekit_sd.merged_loras": [
         {"name": p.name, "sha256": file_sha256(p), "weight": w} for p, w in loras]}
-    write_kohya_lora(output, modules, archs[0], dtype, provenance)
+    write_kohya_lora(output, modules, arch, dtype, provenance)
     report.modules = len(modules)
     report.rank = max((down.shape[0] for _, down in modules.values()), default=0)
     return report

@@ -20,6 +20,7 @@ from mergekit_sd.errors import BadModelFile, UserError
 from mergekit_sd.io.hashing import file_sha256
 from mergekit_sd.io.header import read_header
 from mergekit_sd.io.reader import SafetensorsReader
+from mergekit_sd.lora.compat import same_network
 from mergekit_sd.lora.kohya_file import LORA_DTYPES, factors_for, write_kohya_lora
 from mergekit_sd.lora.targets import DIFFUSION, TargetIndex
 from mergekit_sd.progress import CancelToken, ProgressCallback, no_progress
@@ -66,10 +67,11 @@ def extract_lora(tuned: Path, base: Path, output: Path, rank: int, conv_rank: in
     headers = {p: read_header(p) for p in (tuned, base)}
     found = {p: identify(h) for p, h in headers.items()}
     for path, ident in found.items():
-        if ident.architecture not in ARCHITECTURES:
+        if ident.kind not in ("checkpoint", "diffusion_model") or \
+                ident.architecture not in ARCHITECTURES:
             raise BadModelFile(path, f"is {ident.label}, not a checkpoint to extract from")
     arch = ARCHITECTURES[found[base].architecture]
-    if ARCHITECTURES[found[tuned].architecture].family != arch.family:
+    if not same_network(ARCHITECTURES[found[tuned].architecture], arch):
         raise UserError(f"{tuned.name} is {found[tuned].label} and {base.name} is "
                         f"{found[base].label}: a LoRA is extracted from two models of one "
                         "architecture")
