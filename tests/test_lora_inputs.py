@@ -123,3 +123,17 @@ def test_lora_extract_refuses_sd1_against_sd2_and_a_lora_for_a_checkpoint(tmp_pa
     assert_one_sentence(*cli("lora", "extract", lora, bases["sd1"], "--rank", "2", "-o", out), 2)
     assert "not a checkpoint to extract from" in cli.last_err
     assert not out.exists()
+
+
+# --- what the bake reports ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args", [(":0",), ("", "--blocks", "none"), (":0:0.5", "--blocks", "in")])
+def test_the_count_of_changed_tensors_leaves_out_those_at_strength_0(tmp_path, bases, cli,
+                                                                     sd1_lora, args):
+    out = tmp_path / "out.safetensors"
+    code, stdout, err = cli("bake", bases["sd1"], f"{sd1_lora}{args[0]}", *args[1:], "-o", out)
+    assert code == 0, err
+    base, baked = load_file(bases["sd1"]), load_file(out)
+    really = sum(not torch.equal(base[k], baked[k]) for k in base)
+    assert f": {really} tensors changed →" in stdout

@@ -93,7 +93,11 @@ class BakePlan:
         return sum(len(u.modules) for u in self.unmatched)
 
     def changed_keys(self) -> int:
-        return len(self.weights.keys() | self.biases.keys())
+        """The tensors the bake changes: those some module reaches at a strength other than 0
+        (a LoRA at strength 0, or a block at 0, names its tensors and leaves them as they
+        are)."""
+        applied = (*self.weights.values(), *self.biases.values())
+        return sum(any(app.strength for app in apps) for apps in applied)
 
 
 def _diffusion_prefix(header: SafetensorsHeader) -> str:
