@@ -115,8 +115,9 @@ def bake(
         None, "--te-strength", help="Text-encoder strength for every LoRA without its own "
         "(default: each LoRA's strength)."),
     blocks: list[str] = typer.Option(
-        [], "--blocks", help="Per-block strengths: a preset (all, in, mid, out, in-mid, mid-out, "
-        "double, single) or comma-separated numbers; once for all LoRAs or once per LoRA."),
+        [], "--blocks", help="Per-block strengths: a preset (all, none, in, mid, out, in-mid, "
+        "mid-out, double, single) or comma-separated numbers; once for all LoRAs or once per "
+        "LoRA."),
     dtype: str = typer.Option("keep", "--dtype", help="Output dtype: keep, fp16, bf16, fp32."),
     allow_unmatched: bool = typer.Option(
         False, "--allow-unmatched", help="Bake even when some LoRA modules name no weight of the "

@@ -12,11 +12,13 @@ import torch
 from safetensors.torch import load_file
 from test_lora_bake import UNET, assert_one_sentence, expected_bake
 
+from mergekit_sd.arch.architectures import ARCHITECTURES
 from mergekit_sd.errors import UserError
 from mergekit_sd.lora.bake import LoraUse, plan_bake
 from mergekit_sd.lora.bake_run import run_bake
 from mergekit_sd.lora.combine import merge_loras
 from mergekit_sd.lora.extract import extract_lora
+from mergekit_sd.lora.strengths import block_strengths
 from mergekit_sd.testing import write_checkpoint, write_lora
 
 # test_lora_bake's fixtures: its tiny F32 bases, its in-process CLI, one torch thread
@@ -137,3 +139,19 @@ def test_the_count_of_changed_tensors_leaves_out_those_at_strength_0(tmp_path, b
     base, baked = load_file(bases["sd1"]), load_file(out)
     really = sum(not torch.equal(base[k], baked[k]) for k in base)
     assert f": {really} tensors changed →" in stdout
+
+
+@pytest.mark.parametrize(("arch", "preset"), [
+    ("sd1", "double"), ("sd1", "single"), ("flux-dev", "in"), ("flux-dev", "out"),
+    ("flux-dev", "mid-out"),
+])
+def test_a_preset_of_another_architectures_blocks_is_refused(arch, preset):
+    with pytest.raises(UserError, match="no block of .* is in this preset"):
+        block_strengths(preset, ARCHITECTURES[arch], "blocks")
+
+
+def test_the_presets_an_architecture_has_are_kept():
+    for arch, preset in (("sd1", "out"), ("sd1", "none"), ("flux-dev", "double"),
+                         ("flux-dev", "all"), ("sdxl", "in-mid")):
+        strengths = block_strengths(preset, ARCHITECTURES[arch], "blocks")
+        assert strengths["BASE"] == (preset != "none")

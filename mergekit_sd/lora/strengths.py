@@ -96,9 +96,7 @@ def block_strengths(spec: BlockSpec, arch: Architecture, where: str = "blocks"
         if numbers is not None:
             strengths = _positional(numbers, arch, where)
         elif spec.lower() in PRESETS:
-            patterns = PRESETS[spec.lower()]
-            strengths = {b: float(any(fnmatch.fnmatchcase(b, p) for p in patterns))
-                         for b in arch.blocks}
+            strengths = _preset(spec.lower(), arch, where)
         else:
             raise BadBlockStrengths(f"{where}: {spec!r} is neither a preset ({', '.join(PRESETS)})"
                                     " nor a comma-separated list of numbers")
@@ -122,6 +120,18 @@ def _map_value(value, where: str, name: str) -> float:
         raise BadBlockStrengths(f"{where}: the value of {name!r} is {value!r}; block strengths "
                                 "are finite numbers, e.g. {'IN*': 0.5}")
     return float(value)
+
+
+def _preset(name: str, arch: Architecture, where: str) -> dict[str, float]:
+    """1 on the preset's blocks, 0 elsewhere. A preset whose blocks this architecture does not
+    have (FLUX's double on SD1, in/mid/out on FLUX) would leave the diffusion model out
+    silently: refused."""
+    patterns = PRESETS[name]
+    own = [p for p in patterns if p != "BASE"]
+    if own and not any(fnmatch.fnmatchcase(b, p) for b in arch.blocks for p in own):
+        raise BadBlockStrengths(f"{where}: {name!r}: no block of {arch.label} is in this preset "
+                                f"(see `mergekit-sd blocks {arch.id}`)")
+    return {b: float(any(fnmatch.fnmatchcase(b, p) for p in patterns)) for b in arch.blocks}
 
 
 def _from_patterns(spec: Mapping[str, float], arch: Architecture, where: str) -> dict[str, float]:
