@@ -155,3 +155,23 @@ def test_the_presets_an_architecture_has_are_kept():
                          ("flux-dev", "all"), ("sdxl", "in-mid")):
         strengths = block_strengths(preset, ARCHITECTURES[arch], "blocks")
         assert strengths["BASE"] == (preset != "none")
+
+
+# --- lora merge ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def two_sd1_loras(tmp_path) -> tuple[Path, Path]:
+    return (write_lora(tmp_path / "a.safetensors", "kohya-sd1", seed=1),
+            write_lora(tmp_path / "b.safetensors", "kohya-sd1", seed=2))
+
+
+def test_lora_merge_refuses_a_base_of_another_architecture_or_a_lora_as_base(
+        tmp_path, bases, cli, two_sd1_loras):
+    out = tmp_path / "m.safetensors"
+    for base, says in ((bases["sdxl"], "is SDXL base and the LoRAs are for SD1.x"),
+                       (two_sd1_loras[0], "not a checkpoint")):
+        assert_one_sentence(*cli("lora", "merge", *two_sd1_loras, "--base", base,
+                                 "--allow-unmatched", "-o", out), 2)
+        assert says in cli.last_err
+    assert not out.exists()

@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mergekit_sd.arch.architectures import Architecture
+from mergekit_sd.arch.architectures import ARCHITECTURES, Architecture
 from mergekit_sd.arch.identify import Identification, identify
 from mergekit_sd.arch.layouts import load_layout
 from mergekit_sd.errors import BadModelFile, UserError
@@ -64,9 +64,23 @@ def _common_architecture(loras: list[tuple[Path, float]], found: list[Identifica
     return arch
 
 
-def _index(arch: Architecture, base: Path | None) -> TargetIndex:
+def _base_architecture(base: Path, header, found: list[Identification], arch: Architecture
+                       ) -> Architecture:
+    """The architecture of --base, which must be a checkpoint the LoRAs are for."""
+    ident = identify(header)
+    if ident.kind not in ("checkpoint", "diffusion_model") or \
+            ident.architecture not in ARCHITECTURES:
+        raise BadModelFile(base, f"is {ident.label}, not a checkpoint; give --base a checkpoint "
+                                 f"of the LoRAs' architecture ({arch.label})")
+    base_arch = ARCHITECTURES[ident.architecture]
+    if not all(lora_fits(f, base_arch) for f in found):
+        raise UserError(f"--base {base.name} is {base_arch.label} and the LoRAs are for "
+                        f"{arch.label}; give a checkpoint of {arch.label}")
+    return base_arch
+
+
+def _index(arch: Architecture, base: Path | None, header=None) -> TargetIndex:
     if base is not None:
-        header = read_header(base)
         shapes = {k: i.shape for k, i in header.tensors.items()}
     elif arch.family in _REFERENCE_LAYOUTS and arch.id != "sd2":
         layout = load_layout(_REFERENCE_LAYOUTS[arch.family])
@@ -98,8 +112,12 @@ def merge_loras(loras: list[tuple[Path, float]], output: Path, rank: int | None 
                             "0.5")
     if dtype not in LORA_DTYPES:
         raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(LORA_DTYPES)}")
-    arch = _common_architecture(loras, [_lora_ident(p) for p, _ in loras])
-    index = _index(arch, base)
+    found = [_lora_ident(p) for p, _ in loras]
+    arch = _common_architecture(loras, found)
+    base_header = read_header(base) if base is not None else None
+    if base is not None:
+        arch = _base_architecture(base, base_header, found, arch)
+    index = _index(arch, base, base_header)
     report = MergeReport(output)
     by_key: dict[str, list[tuple[LoraModule, float, Target]]] = {}
     for path, weight in loras:
