@@ -238,6 +238,9 @@ def lora_extract(
     if report.skipped_convs:
         typer.echo(f"{report.skipped_convs} 3x3 convs differ but were left out: pass "
                    "--conv-rank to extract them")
+    if report.unlike:
+        typer.echo(f"{len(report.unlike)} tensors are in one model only or differ in shape, "
+                   f"which a LoRA cannot carry, e.g. {'; '.join(report.unlike[:3])}")
     if report.other_differences:
         some = ", ".join(report.other_differences[:3])
         typer.echo(f"{len(report.other_differences)} other tensors differ that a LoRA cannot "

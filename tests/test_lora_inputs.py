@@ -175,3 +175,19 @@ def test_lora_merge_refuses_a_base_of_another_architecture_or_a_lora_as_base(
                                  "--allow-unmatched", "-o", out), 2)
         assert says in cli.last_err
     assert not out.exists()
+
+
+# --- lora extract -------------------------------------------------------------------------------
+
+
+def test_extract_reports_tensors_of_another_shape_and_those_of_one_model(tmp_path, bases, cli):
+    inpainting = write_checkpoint(tmp_path / "inpainting.safetensors", "sd1-inpainting",
+                                  dtype="F32", seed=3)
+    code, stdout, err = cli("lora", "extract", inpainting, bases["sd1"], "--rank", "2",
+                            "-o", tmp_path / "x.safetensors")
+    assert code == 0, err
+    conv_in = UNET + "input_blocks.0.0.weight"
+    assert "1 tensors are in one model only or differ in shape" in stdout
+    assert f"{conv_in} ([" in stdout
+    report = extract_lora(inpainting, bases["sd1"], tmp_path / "y.safetensors", rank=2)
+    assert [u.split(" ")[0] for u in report.unlike] == [conv_in]

@@ -36,6 +36,8 @@ class ExtractReport:
     unchanged: int = 0  # weights that do not differ: no module written
     skipped_convs: int = 0  # 3x3 convs that differ, left out for want of a conv rank
     other_differences: list[str] = field(default_factory=list)  # differ, no LoRA can carry
+    # in one model only, or of another shape in each (an inpainting conv_in): "KEY (why)"
+    unlike: list[str] = field(default_factory=list)
 
 
 def truncated_svd(delta, rank: int, clamp_quantile: float):
@@ -107,6 +109,7 @@ def extract_lora(tuned: Path, base: Path, output: Path, rank: int, conv_rank: in
             up, down = truncated_svd(delta, module_rank, clamp_quantile)
             modules[name] = factors_for(up, down, kernel)
         report.other_differences = _other_differences(rt, rb, covered, tensors_t, tensors_b)
+    report.unlike = _unlike(tensors_t, tensors_b, tuned.name, base.name)
     report.modules = len(modules)
     if not modules:
         raise UserError(f"{tuned.name} and {base.name} do not differ in any weight a LoRA can "
@@ -133,3 +136,17 @@ def _other_differences(rt, rb, covered: set[str], tensors_t, tensors_b) -> list[
         if not torch.equal(rt.read_tensor(key), rb.read_tensor(key)):
             differ.append(key)
     return differ
+
+
+def _unlike(tensors_t, tensors_b, tuned: str, base: str) -> list[str]:
+    """Tensors no LoRA can carry because the two models do not share them as they are: each
+    as "KEY (why)"."""
+    found = []
+    for key, info in tensors_b.items():
+        if key not in tensors_t:
+            found.append(f"{key} (only in {base})")
+        elif tensors_t[key].shape != info.shape:
+            found.append(f"{key} ({list(tensors_t[key].shape)} in {tuned}, "
+                         f"{list(info.shape)} in {base})")
+    found += [f"{key} (only in {tuned})" for key in tensors_t if key not in tensors_b]
+    return found
