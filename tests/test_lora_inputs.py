@@ -191,3 +191,16 @@ def test_extract_reports_tensors_of_another_shape_and_those_of_one_model(tmp_pat
     assert f"{conv_in} ([" in stdout
     report = extract_lora(inpainting, bases["sd1"], tmp_path / "y.safetensors", rank=2)
     assert [u.split(" ")[0] for u in report.unlike] == [conv_in]
+
+
+@pytest.mark.parametrize("option", [("--rank", "0"), ("--rank", "-3"),
+                                    ("--rank", "4", "--clamp-quantile", "0"),
+                                    ("--rank", "4", "--clamp-quantile", "-1"),
+                                    ("--rank", "4", "--clamp-quantile", "2"),
+                                    ("--rank", "4", "--clamp-quantile", "nan")])
+def test_lora_merge_checks_its_rank_and_clamp_quantile(tmp_path, bases, cli, two_sd1_loras,
+                                                       option):
+    out = tmp_path / "m.safetensors"
+    assert_one_sentence(*cli("lora", "merge", *two_sd1_loras, "--base", bases["sd1"], *option,
+                             "-o", out), 2)
+    assert option[-2] in cli.last_err and not out.exists()

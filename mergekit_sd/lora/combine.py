@@ -106,6 +106,10 @@ def merge_loras(loras: list[tuple[Path, float]], output: Path, rank: int | None 
 
     if len(loras) < 2:
         raise UserError("give at least two LoRAs to merge")
+    if rank is not None and rank < 1:  # 0 fails in the SVD, -3 drops the last 3 directions
+        raise UserError(f"--rank {rank}: give at least 1")
+    if not 0 < clamp_quantile <= 1:  # also false for nan
+        raise UserError(f"--clamp-quantile {clamp_quantile}: give a number in (0, 1]")
     for path, weight in loras:
         if not math.isfinite(weight):
             raise UserError(f"{path}: weight {weight} is not a finite number; give one such as "
