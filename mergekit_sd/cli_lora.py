@@ -199,8 +199,9 @@ def lora_merge(
         show_unmatched([Unmatched(n, m) for n, m in report.unmatched.items()])
         if not allow_unmatched:
             count = sum(len(m) for m in report.unmatched.values())
-            raise WorkFailed(f"{count} modules match no weight; nothing written (pass "
-                             "--allow-unmatched to merge the rest)")
+            raise WorkFailed(f"{count} modules (or their bias changes) cannot go into the "
+                             "merged LoRA; nothing written (pass --allow-unmatched to merge the "
+                             "rest)")
     typer.echo(f"merged {len(pairs)} LoRAs: {report.modules} modules, rank up to {report.rank} "
                f"→ {output}")
 

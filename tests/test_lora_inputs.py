@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import test_lora_bake as lora_bake
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from test_lora_bake import UNET, assert_one_sentence, expected_bake
 
 from mergekit_sd.arch.architectures import ARCHITECTURES
@@ -204,3 +204,59 @@ def test_lora_merge_checks_its_rank_and_clamp_quantile(tmp_path, bases, cli, two
     assert_one_sentence(*cli("lora", "merge", *two_sd1_loras, "--base", bases["sd1"], *option,
                              "-o", out), 2)
     assert option[-2] in cli.last_err and not out.exists()
+
+
+def test_lora_merge_lists_modules_that_do_not_fit_the_layout(tmp_path, cli, two_sd1_loras):
+    """Tiny LoRAs against the full-size SD1 layout (no --base): SVD, which builds every
+    delta in its weight's shape, lists each module with its shapes."""
+    out = tmp_path / "m.safetensors"
+    code, stdout, err = cli("lora", "merge", *two_sd1_loras, "--rank", "4", "-o", out)
+    assert code == 1 and "Traceback" not in stdout + err
+    assert "do not fit" in err and "cannot go into the merged LoRA" in err
+    assert not out.exists()
+
+
+def with_module_changed(path: Path, change) -> tuple[Path, str]:
+    """The LoRA at `path` with its first UNet module's tensors passed through `change`."""
+    tensors = load_file(path)
+    module = sorted(k for k in tensors if k.startswith("lora_unet_"))[0].split(".")[0]
+    change(tensors, module)
+    save_file(tensors, path)
+    return path, module
+
+
+def drop_up(tensors, module):
+    del tensors[f"{module}.lora_up.weight"]
+
+
+def rank_zero(tensors, module):
+    down, up = tensors[f"{module}.lora_down.weight"], tensors[f"{module}.lora_up.weight"]
+    tensors[f"{module}.lora_down.weight"] = down[:0].clone()
+    tensors[f"{module}.lora_up.weight"] = up[:, :0].clone()
+
+
+@pytest.mark.parametrize("change", [drop_up, rank_zero])
+def test_a_malformed_module_is_listed_by_bake_and_merge(tmp_path, bases, cli, two_sd1_loras,
+                                                        change):
+    bad, module = with_module_changed(write_lora(tmp_path / "bad.safetensors", "kohya-sd1"),
+                                      change)
+    out = tmp_path / "out.safetensors"
+    for args in (("bake", bases["sd1"], bad), ("lora", "merge", bad, two_sd1_loras[0],
+                                               "--base", bases["sd1"]),
+                 ("lora", "merge", bad, two_sd1_loras[0], "--base", bases["sd1"], "--rank", "4")):
+        code, stdout, err = cli(*args, "-o", out)
+        assert code == 1 and "Traceback" not in stdout + err, err
+        assert f"{module} (" in err
+    assert not out.exists()
+
+
+def test_lora_merge_lists_the_bias_changes_of_full_diff_modules(tmp_path, bases, cli,
+                                                                two_sd1_loras):
+    full = write_lora(tmp_path / "full.safetensors", "full-diff-sd1")
+    out = tmp_path / "m.safetensors"
+    args = ("lora", "merge", two_sd1_loras[0], full, "--base", bases["sd1"], "--rank", "8",
+            "-o", out)
+    code, _, err = cli(*args)
+    assert code == 1 and ".diff_b (a bias change" in err and not out.exists()
+    code, _, err = cli(*args, "--allow-unmatched")
+    assert code == 0 and ".diff_b (a bias change" in err and out.exists()

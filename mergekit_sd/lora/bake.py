@@ -210,7 +210,7 @@ def match_loras(index: TargetIndex, arch: Architecture, uses: list[LoraUse], bas
             if target is None:
                 missing.append(module.name)
                 continue
-            problem = _shape_problem(module, target.shape)
+            problem = shape_problem(module, target.shape)
             if problem:  # a LoRA for another model of this architecture (another width)
                 missing.append(f"{module.name} ({problem})")
                 continue
@@ -347,11 +347,28 @@ def _model_names(plan: BakePlan) -> list[str]:
     return names
 
 
-def _shape_problem(module: LoraModule, shape: tuple[int, ...]) -> str | None:
+def malformed(module: LoraModule) -> str | None:
+    """What a LoRA/LoCon module lacks to be one (a file cut short, a faulty converter); None
+    for the other algorithms, whose deltas tell (`shape_problem`)."""
+    t = module.tensors
+    if module.algo != "lora":
+        return None
+    missing = sorted({"up", "down"} - t.keys())
+    if missing:
+        return f"it has no {' and no '.join(missing)} tensor"
+    if t["up"].ndim < 2 or t["down"].ndim < 2 or t["down"].shape[0] == 0:
+        return f"up {tuple(t['up'].shape)} and down {tuple(t['down'].shape)} are no factors"
+    return None
+
+
+def shape_problem(module: LoraModule, shape: tuple[int, ...]) -> str | None:
     """Why `module`'s tensors cannot make a delta of `shape`, or None when they can; found
     while planning, before any byte is written."""
     t = module.tensors
     if module.algo == "lora" and "mid" not in t:  # cheap: no product needed
+        problem = malformed(module)
+        if problem:
+            return problem
         width = math.prod(shape[1:]) if len(shape) > 1 else 1
         if t["up"].shape[0] == shape[0] and t["down"][0].numel() == width \
                 and t["up"][0].numel() == t["down"].shape[0]:

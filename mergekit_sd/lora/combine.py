@@ -13,7 +13,7 @@ full shapes come from a base checkpoint when given, else from the architecture's
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from mergekit_sd.arch.architectures import ARCHITECTURES, Architecture
@@ -22,6 +22,7 @@ from mergekit_sd.arch.layouts import load_layout
 from mergekit_sd.errors import BadModelFile, UserError
 from mergekit_sd.io.hashing import file_sha256
 from mergekit_sd.io.header import read_header
+from mergekit_sd.lora.bake import malformed, shape_problem
 from mergekit_sd.lora.compat import is_guess, lora_architecture, lora_fits
 from mergekit_sd.lora.deltas import module_delta
 from mergekit_sd.lora.extract import truncated_svd
@@ -92,6 +93,35 @@ def _index(arch: Architecture, base: Path | None, header=None) -> TargetIndex:
     return TargetIndex(shapes, arch, prefix)
 
 
+def _weight_part(module: LoraModule) -> LoraModule | None:
+    """`module` without a full diff's bias change (`diff_b`), which kohya's format has no
+    place for; None when that is all it holds."""
+    if "diff_b" not in module.tensors:
+        return module
+    rest = {role: t for role, t in module.tensors.items() if role != "diff_b"}
+    return replace(module, tensors=rest) if rest else None
+
+
+def _mergeable(module: LoraModule, target: Target | None, exact_shapes: bool
+               ) -> tuple[LoraModule | None, list[str]]:
+    """(what of `module` goes into the merged LoRA, or None; what does not, as the listing
+    names it): a module with no weight of its name, tensors that do not fit that weight or a
+    malformed module is left out whole; a full diff's bias change (kohya's format has no
+    place for it) alone. Shapes are compared only where `exact_shapes`."""
+    if target is None:
+        return None, [module.name]
+    left_out = []
+    if "diff_b" in module.tensors:
+        left_out.append(f"{module.name}.diff_b (a bias change: kohya's LoRA format carries none)")
+    weight_part = _weight_part(module)
+    check = shape_problem if exact_shapes else lambda m, _shape: malformed(m)
+    problem = check(weight_part, target.shape) if weight_part else None
+    if problem:
+        left_out.append(f"{module.name} ({problem})")
+        weight_part = None
+    return weight_part, left_out
+
+
 def _pair(module: LoraModule, weight: float):
     """(up, down) as 2-D fp32 factors with the module's scale and weight folded into up."""
     t = module.tensors
@@ -123,12 +153,17 @@ def merge_loras(loras: list[tuple[Path, float]], output: Path, rank: int | None 
         arch = _base_architecture(base, base_header, found, arch)
     index = _index(arch, base, base_header)
     report = MergeReport(output)
+    # SVD builds each delta in its weight's shape, and a base is the truth of the shapes;
+    # concatenating factors needs neither (the shipped layout may be another model size's)
+    exact_shapes = rank is not None or base is not None
     by_key: dict[str, list[tuple[LoraModule, float, Target]]] = {}
     for path, weight in loras:
         for module in load_lora(path).modules.values():
             target = index.find(module.name)
-            if target is None:
-                report.unmatched.setdefault(path.name, []).append(module.name)
+            module, left_out = _mergeable(module, target, exact_shapes)
+            if left_out:
+                report.unmatched.setdefault(path.name, []).extend(left_out)
+            if module is None:
                 continue
             if "dora" in module.tensors:
                 raise UserError(f"{path.name}: DoRA modules need the base weights to merge; bake "
