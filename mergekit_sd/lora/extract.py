@@ -3,9 +3,10 @@
 For every weight a LoRA can carry (linear layers and 1x1 convs; 3x3 convs with a conv rank),
 ΔW = tuned − base is factored as U·S·Vᵀ and the top `rank` singular directions kept:
 lora_up = U·S, lora_down = Vᵀ. At full rank this is exact (to fp32 rounding), so baking the
-result into the base gives the tuned model back. Like kohya's script, the factors' outliers
-can be clamped at a quantile of their magnitudes (`clamp_quantile`, 1 = no clamp). The two
-checkpoints are read one weight at a time; only the (small) factors are held.
+result into the base gives the tuned model back. The factors' outliers can be clamped at a
+quantile of their magnitudes (`clamp_quantile`, 1 = no clamp); kohya's script clamps at the
+quantile of the signed values instead, which gives another limit. The two checkpoints are
+read one weight at a time; only the (small) factors are held.
 """
 
 from __future__ import annotations
