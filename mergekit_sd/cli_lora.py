@@ -8,6 +8,7 @@ used.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import typer
@@ -94,6 +95,25 @@ def _lora_arg(arg: str, resolver: _CatalogOnDemand, form: str, most: int
     return ref, path, sha, numbers
 
 
+def _check_output(output: Path, overwrite: bool) -> None:
+    """-o names a .safetensors file that can be written: checked before any work (a directory
+    would otherwise fail at the rename, after the whole bake)."""
+    if output.suffix.lower() != ".safetensors":
+        raise UserError(f"-o {output} must end in .safetensors (the file is written in that "
+                        "format)")
+    if output.is_dir():
+        raise UserError(f"-o {output} is a directory; give a file name")
+    if output.exists() and not overwrite:
+        raise UserError(f"{output} exists; pass --overwrite to replace it or choose another -o")
+    parent = output.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"-o {output}: {parent} is a file, not a folder; choose another -o")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"-o {output}: {parent} cannot be written to; choose another -o")
+
+
 def show_unmatched(unmatched, echo=typer.echo) -> None:
     for miss in unmatched:
         names = miss.modules[:_SHOW_UNMATCHED]
@@ -136,8 +156,7 @@ def bake(
     if len(blocks) > 1 and len(blocks) != len(loras):
         raise UserError(f"--blocks given {len(blocks)} times for {len(loras)} LoRAs; give it "
                         "once (for all) or once per LoRA")
-    if output.exists() and not overwrite:
-        raise UserError(f"{output} exists; pass --overwrite to replace it or choose another -o")
+    _check_output(output, overwrite)
     resolver = _CatalogOnDemand(catalog)
     base_path, base_sha = _resolve(base, resolver)
     uses = []
@@ -186,8 +205,7 @@ def lora_merge(
     from mergekit_sd.lora.combine import merge_loras
     from mergekit_sd.lora.targets import Unmatched
 
-    if output.exists() and not overwrite:
-        raise UserError(f"{output} exists; pass --overwrite to replace it or choose another -o")
+    _check_output(output, overwrite)
     resolver = _CatalogOnDemand(catalog)
     pairs = []
     for arg in loras:
@@ -216,7 +234,7 @@ def lora_extract(
         None, "--conv-rank", help="Rank of 3x3 conv modules (LoCon); default: none extracted."),
     clamp_quantile: float = typer.Option(
         0.99, "--clamp-quantile", help="Clamp factor values at this quantile of their "
-        "magnitudes, as kohya's script does; 1 keeps them exact."),
+        "magnitudes (kohya's script clamps at that of the signed values); 1 keeps them exact."),
     text_encoders: bool = typer.Option(True, "--text-encoders/--no-text-encoders",
                                        help="Extract text-encoder differences too."),
     dtype: str = typer.Option("fp16", "--dtype", help="fp16, bf16 or fp32."),
@@ -227,8 +245,7 @@ def lora_extract(
     from mergekit_sd.cli_progress import rich_progress
     from mergekit_sd.lora.extract import extract_lora
 
-    if output.exists() and not overwrite:
-        raise UserError(f"{output} exists; pass --overwrite to replace it or choose another -o")
+    _check_output(output, overwrite)
     resolver = _CatalogOnDemand(catalog)
     tuned_path, base_path = _resolve(tuned, resolver)[0], _resolve(base, resolver)[0]
     with rich_progress() as progress:

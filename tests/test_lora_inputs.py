@@ -260,3 +260,25 @@ def test_lora_merge_lists_the_bias_changes_of_full_diff_modules(tmp_path, bases,
     assert code == 1 and ".diff_b (a bias change" in err and not out.exists()
     code, _, err = cli(*args, "--allow-unmatched")
     assert code == 0 and ".diff_b (a bias change" in err and out.exists()
+
+
+# --- the output -----------------------------------------------------------------------------------
+
+
+def output_cases(tmp_path: Path) -> list[tuple[Path, str]]:
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "adir.safetensors").mkdir()
+    return [(tmp_path / "afile" / "x.safetensors", "is a file, not a folder"),
+            (tmp_path / "adir.safetensors", "is a directory"),
+            (tmp_path / "y.ckpt", "must end in .safetensors")]
+
+
+def test_bad_outputs_are_one_sentence_before_any_work(tmp_path, bases, cli, two_sd1_loras):
+    tuned = write_checkpoint(tmp_path / "tuned.safetensors", "sd1", dtype="F32", seed=5)
+    for output, says in output_cases(tmp_path):
+        for args in (("bake", bases["sd1"], two_sd1_loras[0]),
+                     ("lora", "merge", *two_sd1_loras),
+                     ("lora", "extract", tuned, bases["sd1"], "--rank", "2")):
+            assert_one_sentence(*cli(*args, "-o", output, "--overwrite"), 2)
+            assert says in cli.last_err, (args, cli.last_err)
+    assert not (tmp_path / "y.ckpt").exists() and list(tmp_path.rglob("*.partial")) == []
