@@ -22,6 +22,7 @@ lora_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
                        rich_markup_mode=None, no_args_is_help=True)
 
 _SHOW_UNMATCHED = 8  # module names listed per LoRA when some land nowhere
+_SCHEMES = ("sha256", "autov3", "catalog")  # catalog references: SCHEME:VALUE
 
 
 def _resolve(ref: str, resolver: _CatalogOnDemand) -> tuple[Path, str | None]:
@@ -50,6 +51,8 @@ def _split_strengths(arg: str, most: int) -> tuple[str, list[float]]:
     parts = arg.split(":")
     numbers: list[float] = []
     while len(parts) > 1 and len(numbers) < most:
+        if len(parts) == 2 and parts[0].lower() in _SCHEMES:  # sha256:7996564991 is a hash
+            break
         number = plain_number(parts[-1])
         if number is None:
             break
@@ -73,6 +76,17 @@ def _unplain_number(text: str) -> bool:
     return False
 
 
+def _names_a_model(ref: str, resolver: _CatalogOnDemand) -> bool:
+    """Whether the catalog knows `ref` (the part of an argument before a colon)."""
+    if ref.lower() in _SCHEMES:
+        return False
+    try:
+        _resolve(ref, resolver)
+    except UserError:
+        return False
+    return True
+
+
 def _lora_arg(arg: str, resolver: _CatalogOnDemand, form: str, most: int
               ) -> tuple[str, Path, str | None, list[float]]:
     """(ref, path, known SHA256, numbers) of a LORA[:NUMBER...] argument. When no file has the
@@ -84,7 +98,7 @@ def _lora_arg(arg: str, resolver: _CatalogOnDemand, form: str, most: int
         parts = arg.split(":")
         for cut in range(len(parts) - 1, 0, -1):
             head = ":".join(parts[:cut])
-            if Path(head).expanduser().is_file():
+            if Path(head).expanduser().is_file() or _names_a_model(head, resolver):
                 rest = ":".join(parts[cut:])
                 numbers_wanted = "one number" if most == 1 else "one or two numbers"
                 if _unplain_number(rest):

@@ -282,3 +282,32 @@ def test_bad_outputs_are_one_sentence_before_any_work(tmp_path, bases, cli, two_
             assert_one_sentence(*cli(*args, "-o", output, "--overwrite"), 2)
             assert says in cli.last_err, (args, cli.last_err)
     assert not (tmp_path / "y.ckpt").exists() and list(tmp_path.rglob("*.partial")) == []
+
+
+# --- LoRA arguments -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("arg", "split"), [
+    ("sha256:7996564991", ("sha256:7996564991", [])),
+    ("sha256:7996564991:0.5", ("sha256:7996564991", [0.5])),
+    ("autov3:12e45", ("autov3:12e45", [])),
+    ("catalog:1234:0.5:0.2", ("catalog:1234", [0.5, 0.2])),
+])
+def test_a_catalog_hash_made_of_digits_is_no_strength(arg, split):
+    from mergekit_sd.cli_lora import _split_strengths
+
+    assert _split_strengths(arg, 2) == split
+
+
+def test_a_bad_strength_after_a_catalog_name_is_blamed_on_the_strength(tmp_path, bases, cli):
+    root = tmp_path / "models"
+    root.mkdir()
+    write_lora(root / "mychar.safetensors", "kohya-sd1")
+    catalog = tmp_path / "catalog.sqlite"
+    for args in (("add-root", root), ("scan",)):
+        code, _, err = cli("catalog", *args, "--catalog", catalog)
+        assert code == 0, err
+    for strength in ("abc", "0.5:0.2:0.1"):
+        assert_one_sentence(*cli("bake", "--catalog", catalog, bases["sd1"],
+                                 f"mychar:{strength}", "-o", tmp_path / "o.safetensors"), 2)
+        assert f"'{strength}' after the file name is not STRENGTH" in cli.last_err
