@@ -7,6 +7,8 @@ used.
 
 from __future__ import annotations
 
+import math
+import os
 from pathlib import Path
 
 import typer
@@ -20,6 +22,7 @@ lora_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
                        rich_markup_mode=None, no_args_is_help=True)
 
 _SHOW_UNMATCHED = 8  # module names listed per LoRA when some land nowhere
+_SCHEMES = ("sha256", "autov3", "catalog")  # catalog references: SCHEME:VALUE
 
 
 def _resolve(ref: str, resolver: _CatalogOnDemand) -> tuple[Path, str | None]:
@@ -41,16 +44,47 @@ def _resolve(ref: str, resolver: _CatalogOnDemand) -> tuple[Path, str | None]:
 
 
 def _split_strengths(arg: str, most: int) -> tuple[str, list[float]]:
-    """LORA[:NUMBER...] -> (ref, up to `most` trailing numbers); a ref may hold colons."""
+    """LORA[:NUMBER...] -> (ref, up to `most` trailing numbers); a ref may hold colons.
+    Numbers are finite and written plainly: nan, inf and 1_0 are no strengths."""
+    from mergekit_sd.lora.strengths import plain_number
+
     parts = arg.split(":")
     numbers: list[float] = []
     while len(parts) > 1 and len(numbers) < most:
-        try:
-            numbers.insert(0, float(parts[-1]))
-        except ValueError:
+        if len(parts) == 2 and parts[0].lower() in _SCHEMES:  # sha256:7996564991 is a hash
             break
+        number = plain_number(parts[-1])
+        if number is None:
+            break
+        numbers.insert(0, number)
         parts.pop()
     return ":".join(parts), numbers
+
+
+def _unplain_number(text: str) -> bool:
+    """Whether one of the colon-separated parts is a number to Python but no strength to us
+    (nan, inf, 1_0)."""
+    from mergekit_sd.lora.strengths import plain_number
+
+    for part in text.split(":"):
+        try:
+            float(part)
+        except ValueError:
+            continue
+        if plain_number(part) is None:
+            return True
+    return False
+
+
+def _names_a_model(ref: str, resolver: _CatalogOnDemand) -> bool:
+    """Whether the catalog knows `ref` (the part of an argument before a colon)."""
+    if ref.lower() in _SCHEMES:
+        return False
+    try:
+        _resolve(ref, resolver)
+    except UserError:
+        return False
+    return True
 
 
 def _lora_arg(arg: str, resolver: _CatalogOnDemand, form: str, most: int
@@ -64,13 +98,34 @@ def _lora_arg(arg: str, resolver: _CatalogOnDemand, form: str, most: int
         parts = arg.split(":")
         for cut in range(len(parts) - 1, 0, -1):
             head = ":".join(parts[:cut])
-            if Path(head).expanduser().is_file():
+            if Path(head).expanduser().is_file() or _names_a_model(head, resolver):
                 rest = ":".join(parts[cut:])
                 numbers_wanted = "one number" if most == 1 else "one or two numbers"
+                if _unplain_number(rest):
+                    numbers_wanted = numbers_wanted.replace("number", "finite number")
                 raise UserError(f"{arg}: '{rest}' after the file name is not {form}; give "
                                 f"{numbers_wanted} after it, e.g. {head}:0.8") from None
         raise
     return ref, path, sha, numbers
+
+
+def _check_output(output: Path, overwrite: bool) -> None:
+    """-o names a .safetensors file that can be written: checked before any work (a directory
+    would otherwise fail at the rename, after the whole bake)."""
+    if output.suffix.lower() != ".safetensors":
+        raise UserError(f"-o {output} must end in .safetensors (the file is written in that "
+                        "format)")
+    if output.is_dir():
+        raise UserError(f"-o {output} is a directory; give a file name")
+    if output.exists() and not overwrite:
+        raise UserError(f"{output} exists; pass --overwrite to replace it or choose another -o")
+    parent = output.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"-o {output}: {parent} is a file, not a folder; choose another -o")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"-o {output}: {parent} cannot be written to; choose another -o")
 
 
 def show_unmatched(unmatched, echo=typer.echo) -> None:
@@ -94,8 +149,9 @@ def bake(
         None, "--te-strength", help="Text-encoder strength for every LoRA without its own "
         "(default: each LoRA's strength)."),
     blocks: list[str] = typer.Option(
-        [], "--blocks", help="Per-block strengths: a preset (all, in, mid, out, in-mid, mid-out, "
-        "double, single) or comma-separated numbers; once for all LoRAs or once per LoRA."),
+        [], "--blocks", help="Per-block strengths: a preset (all, none, in, mid, out, in-mid, "
+        "mid-out, double, single) or comma-separated numbers; once for all LoRAs or once per "
+        "LoRA."),
     dtype: str = typer.Option("keep", "--dtype", help="Output dtype: keep, fp16, bf16, fp32."),
     allow_unmatched: bool = typer.Option(
         False, "--allow-unmatched", help="Bake even when some LoRA modules name no weight of the "
@@ -109,11 +165,12 @@ def bake(
     from mergekit_sd.lora.bake import LoraUse, load_loras, prepare_bake
     from mergekit_sd.lora.bake_run import BakeStream
 
+    if te_strength is not None and not math.isfinite(te_strength):
+        raise UserError(f"--te-strength {te_strength}: give a finite number, e.g. 0.5")
     if len(blocks) > 1 and len(blocks) != len(loras):
         raise UserError(f"--blocks given {len(blocks)} times for {len(loras)} LoRAs; give it "
                         "once (for all) or once per LoRA")
-    if output.exists() and not overwrite:
-        raise UserError(f"{output} exists; pass --overwrite to replace it or choose another -o")
+    _check_output(output, overwrite)
     resolver = _CatalogOnDemand(catalog)
     base_path, base_sha = _resolve(base, resolver)
     uses = []
@@ -162,8 +219,7 @@ def lora_merge(
     from mergekit_sd.lora.combine import merge_loras
     from mergekit_sd.lora.targets import Unmatched
 
-    if output.exists() and not overwrite:
-        raise UserError(f"{output} exists; pass --overwrite to replace it or choose another -o")
+    _check_output(output, overwrite)
     resolver = _CatalogOnDemand(catalog)
     pairs = []
     for arg in loras:
@@ -175,8 +231,9 @@ def lora_merge(
         show_unmatched([Unmatched(n, m) for n, m in report.unmatched.items()])
         if not allow_unmatched:
             count = sum(len(m) for m in report.unmatched.values())
-            raise WorkFailed(f"{count} modules match no weight; nothing written (pass "
-                             "--allow-unmatched to merge the rest)")
+            raise WorkFailed(f"{count} modules (or their bias changes) cannot go into the "
+                             "merged LoRA; nothing written (pass --allow-unmatched to merge the "
+                             "rest)")
     typer.echo(f"merged {len(pairs)} LoRAs: {report.modules} modules, rank up to {report.rank} "
                f"→ {output}")
 
@@ -191,7 +248,7 @@ def lora_extract(
         None, "--conv-rank", help="Rank of 3x3 conv modules (LoCon); default: none extracted."),
     clamp_quantile: float = typer.Option(
         0.99, "--clamp-quantile", help="Clamp factor values at this quantile of their "
-        "magnitudes, as kohya's script does; 1 keeps them exact."),
+        "magnitudes (kohya's script clamps at that of the signed values); 1 keeps them exact."),
     text_encoders: bool = typer.Option(True, "--text-encoders/--no-text-encoders",
                                        help="Extract text-encoder differences too."),
     dtype: str = typer.Option("fp16", "--dtype", help="fp16, bf16 or fp32."),
@@ -202,8 +259,7 @@ def lora_extract(
     from mergekit_sd.cli_progress import rich_progress
     from mergekit_sd.lora.extract import extract_lora
 
-    if output.exists() and not overwrite:
-        raise UserError(f"{output} exists; pass --overwrite to replace it or choose another -o")
+    _check_output(output, overwrite)
     resolver = _CatalogOnDemand(catalog)
     tuned_path, base_path = _resolve(tuned, resolver)[0], _resolve(base, resolver)[0]
     with rich_progress() as progress:
@@ -214,6 +270,9 @@ def lora_extract(
     if report.skipped_convs:
         typer.echo(f"{report.skipped_convs} 3x3 convs differ but were left out: pass "
                    "--conv-rank to extract them")
+    if report.unlike:
+        typer.echo(f"{len(report.unlike)} tensors are in one model only or differ in shape, "
+                   f"which a LoRA cannot carry, e.g. {'; '.join(report.unlike[:3])}")
     if report.other_differences:
         some = ", ".join(report.other_differences[:3])
         typer.echo(f"{len(report.other_differences)} other tensors differ that a LoRA cannot "

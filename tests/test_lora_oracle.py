@@ -227,3 +227,36 @@ def _sgm_name(pipe, path: str) -> str:
     maps = diffusers_key_maps({e.name: e.shape for e in load_layout("sdxl-sgm")})
     key = maps["unet"][path + ".weight"].segments[0].key
     return key.removeprefix("model.diffusion_model.").removesuffix(".weight").replace(".", "_")
+
+
+def test_bake_of_a_diffusers_saved_peft_lora_with_alpha_unlike_its_rank(tmp_path):
+    """diffusers' own save_lora_weights stores PEFT's config flat (`unet.lora_alpha`,
+    `unet.r`, ...); lora_alpha 16 on rank 4 scales the delta by 4, for diffusers and for us."""
+    from peft import LoraConfig
+
+    components = COMPONENTS["sd1"]
+    pipe = BUILD["sd1"]()
+    base = tmp_path / "base.safetensors"
+    save_file(to_single_file(pipe, components, _LAYOUTS["sd1"]), base)
+    peft_lora = _lora_for(pipe, "peft-sd1")
+    layers = {c: {k[len(c) + 1:]: v for k, v in peft_lora.items() if k.split(".")[0] == c}
+              for c in ("unet", "text_encoder")}
+    leaves = {"unet": ["to_q", "to_k", "to_v", "to_out.0"],  # those `_lora_for` trains
+              "text_encoder": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]}
+    config = {c: LoraConfig(r=4, lora_alpha=16, target_modules=leaves[c]).to_dict()
+              for c in layers}
+    StableDiffusionPipeline.save_lora_weights(
+        tmp_path, unet_lora_layers=layers["unet"], text_encoder_lora_layers=layers["text_encoder"],
+        unet_lora_adapter_metadata=config["unet"],
+        text_encoder_lora_adapter_metadata=config["text_encoder"], weight_name="lora.safetensors")
+    lora = tmp_path / "lora.safetensors"
+    strength = 0.7
+    reference = load_single_file(BUILD["sd1"](), load_file(base))
+    reference.load_lora_weights(str(lora))
+    reference.fuse_lora(components=["unet", "text_encoder"], lora_scale=strength)
+    reference.unload_lora_weights()
+
+    baked = run_bake(plan_bake(base, [LoraUse(str(lora), lora, strength)],
+                               tmp_path / "baked.safetensors"))
+    ours = _weights(load_single_file(BUILD["sd1"](), load_file(baked)), components)
+    _assert_same(ours, _weights(reference, components))

@@ -259,7 +259,25 @@ def _cached_maps(items: tuple) -> tuple:
     return maps
 
 
+def _bare_unet(shapes: Mapping[str, tuple[int, ...]]) -> bool:
+    """A UNet-only file (the `unet` folder format): ldm keys without `model.diffusion_model.`."""
+    return "input_blocks.0.0.weight" in shapes and not any(k.startswith(_UNET) for k in shapes)
+
+
+def _unprefixed(maps: tuple) -> tuple:
+    """Maps derived under `model.diffusion_model.` with the prefix taken off their keys again."""
+    def strip(source: Source) -> Source:
+        segments = tuple(Segment(s.key.removeprefix(_UNET), s.start, s.stop)
+                         for s in source.segments)
+        return Source(segments, source.transposed)
+
+    return tuple((component, {name: strip(src) for name, src in mapping.items()})
+                 for component, mapping in maps)
+
+
 def _derive_maps(shapes: dict) -> tuple:
+    if _bare_unet(shapes):  # the UNet converter reads only prefixed keys
+        return _unprefixed(_derive_maps({_UNET + k: v for k, v in shapes.items()}))
     maps = []
     for component, (prefix, convert) in _converters(shapes).items():
         sub = _sub(shapes, prefix)

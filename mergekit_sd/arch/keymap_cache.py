@@ -19,7 +19,7 @@ from pathlib import Path
 from mergekit_sd.arch.keymap import ComponentMap, Segment, Source
 from mergekit_sd.io.user_cache import cache_dir
 
-FORMAT = 1
+FORMAT = 2  # 2: UNet-only files (bare ldm keys) have a unet map; 1 cached none
 Maps = tuple[tuple[str, ComponentMap], ...]
 
 

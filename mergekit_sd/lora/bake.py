@@ -24,6 +24,7 @@ from mergekit_sd.errors import BadModelFile, UserError
 from mergekit_sd.io.hash_cache import known_sha256 as remembered_sha256
 from mergekit_sd.io.hashing import BackgroundSha256, file_sha256
 from mergekit_sd.io.header import SafetensorsHeader, read_header
+from mergekit_sd.lora.compat import lora_architecture, lora_fits
 from mergekit_sd.lora.deltas import DeltaShapeError, apply_dora, module_delta
 from mergekit_sd.lora.modules import LoraFile, LoraModule, group_modules, load_lora
 from mergekit_sd.lora.strengths import BlockSpec, block_strengths
@@ -92,7 +93,11 @@ class BakePlan:
         return sum(len(u.modules) for u in self.unmatched)
 
     def changed_keys(self) -> int:
-        return len(self.weights.keys() | self.biases.keys())
+        """The tensors the bake changes: those some module reaches at a strength other than 0
+        (a LoRA at strength 0, or a block at 0, names its tensors and leaves them as they
+        are)."""
+        applied = (*self.weights.values(), *self.biases.values())
+        return sum(any(app.strength for app in apps) for apps in applied)
 
 
 def _diffusion_prefix(header: SafetensorsHeader) -> str:
@@ -108,13 +113,21 @@ def _check_base(path: Path, found: Identification) -> Architecture:
     return ARCHITECTURES[found.architecture]
 
 
+def _check_strengths(use: LoraUse) -> None:
+    """NaN or infinity would fill the checkpoint with NaN (and the metadata with invalid
+    JSON)."""
+    for what, value in (("strength", use.strength), ("te_strength", use.te_strength)):
+        if value is not None and not math.isfinite(value):
+            raise UserError(f"{use.ref}: {what} {value} is not a finite number; give one such "
+                            "as 0.8")
+
+
 def _check_lora(use: LoraUse, found: Identification, arch: Architecture) -> None:
     if found.kind != "lora":
         raise BadModelFile(use.path, f"is {found.label}, not a LoRA")
-    base = found.lora.base if found.lora else None
-    if base in ARCHITECTURES and ARCHITECTURES[base].family != arch.family:
-        raise UserError(f"{use.path}: this LoRA is for {ARCHITECTURES[base].label} and the base "
-                        f"is {arch.label}; pick a LoRA made for {arch.label}")
+    if not lora_fits(found, arch):
+        raise UserError(f"{use.path}: this LoRA is for {lora_architecture(found).label} and the "
+                        f"base is {arch.label}; pick a LoRA made for {arch.label}")
 
 
 def plan_bake(base: str | Path, uses: list[LoraUse], output: str | Path, dtype: str = "keep",
@@ -138,6 +151,8 @@ def prepare_bake(base: str | Path, uses: list[LoraUse], output: str | Path,
     base = Path(base)
     if dtype not in OUTPUT_DTYPES:
         raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(OUTPUT_DTYPES)}")
+    for use in uses:
+        _check_strengths(use)
     header = read_header(base)
     arch = _check_base(base, identify(header))
     lora_headers = [read_header(use.path) for use in uses]
@@ -179,6 +194,7 @@ def match_loras(index: TargetIndex, arch: Architecture, uses: list[LoraUse], bas
     checked (`prepare_bake`)."""
     files, weights, biases, unmatched = [], {}, {}, []
     for i, use in enumerate(uses):
+        _check_strengths(use)  # a recipe's bake_lora comes here without prepare_bake
         if headers:
             header = headers[i]
         else:
@@ -194,7 +210,7 @@ def match_loras(index: TargetIndex, arch: Architecture, uses: list[LoraUse], bas
             if target is None:
                 missing.append(module.name)
                 continue
-            problem = _shape_problem(module, target.shape)
+            problem = shape_problem(module, target.shape)
             if problem:  # a LoRA for another model of this architecture (another width)
                 missing.append(f"{module.name} ({problem})")
                 continue
@@ -331,11 +347,28 @@ def _model_names(plan: BakePlan) -> list[str]:
     return names
 
 
-def _shape_problem(module: LoraModule, shape: tuple[int, ...]) -> str | None:
+def malformed(module: LoraModule) -> str | None:
+    """What a LoRA/LoCon module lacks to be one (a file cut short, a faulty converter); None
+    for the other algorithms, whose deltas tell (`shape_problem`)."""
+    t = module.tensors
+    if module.algo != "lora":
+        return None
+    missing = sorted({"up", "down"} - t.keys())
+    if missing:
+        return f"it has no {' and no '.join(missing)} tensor"
+    if t["up"].ndim < 2 or t["down"].ndim < 2 or t["down"].shape[0] == 0:
+        return f"up {tuple(t['up'].shape)} and down {tuple(t['down'].shape)} are no factors"
+    return None
+
+
+def shape_problem(module: LoraModule, shape: tuple[int, ...]) -> str | None:
     """Why `module`'s tensors cannot make a delta of `shape`, or None when they can; found
     while planning, before any byte is written."""
     t = module.tensors
     if module.algo == "lora" and "mid" not in t:  # cheap: no product needed
+        problem = malformed(module)
+        if problem:
+            return problem
         width = math.prod(shape[1:]) if len(shape) > 1 else 1
         if t["up"].shape[0] == shape[0] and t["down"][0].numel() == width \
                 and t["up"][0].numel() == t["down"].shape[0]:

@@ -12,15 +12,18 @@ full shapes come from a base checkpoint when given, else from the architecture's
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from mergekit_sd.arch.architectures import ARCHITECTURES, Architecture
-from mergekit_sd.arch.identify import identify
+from mergekit_sd.arch.identify import Identification, identify
 from mergekit_sd.arch.layouts import load_layout
 from mergekit_sd.errors import BadModelFile, UserError
 from mergekit_sd.io.hashing import file_sha256
 from mergekit_sd.io.header import read_header
+from mergekit_sd.lora.bake import malformed, shape_problem
+from mergekit_sd.lora.compat import is_guess, lora_architecture, lora_fits
 from mergekit_sd.lora.deltas import module_delta
 from mergekit_sd.lora.extract import truncated_svd
 from mergekit_sd.lora.kohya_file import LORA_DTYPES, factors_for, write_kohya_lora
@@ -39,20 +42,46 @@ class MergeReport:
     unmatched: dict[str, list[str]] = field(default_factory=dict)
 
 
-def _lora_arch(path: Path) -> Architecture:
+def _lora_ident(path: Path) -> Identification:
     found = identify(read_header(path))
     if found.kind != "lora":
         raise BadModelFile(path, f"is {found.label}, not a LoRA")
-    base = found.lora.base if found.lora else None
-    if base not in ARCHITECTURES:
+    if lora_architecture(found) is None:
         raise UserError(f"{path}: the LoRA's base model cannot be told from its keys; merge "
                         "LoRAs whose base `mergekit-sd inspect` can name")
-    return ARCHITECTURES[base]
+    return found
 
 
-def _index(arch: Architecture, base: Path | None) -> TargetIndex:
+def _common_architecture(loras: list[tuple[Path, float]], found: list[Identification]
+                         ) -> Architecture:
+    """The architecture all the LoRAs are for (that of the first one not merely assumed SD1);
+    LoRAs for another are refused."""
+    sure = [f for f in found if not is_guess(f)] or found
+    arch = lora_architecture(sure[0])
+    if not all(lora_fits(f, arch) for f in found):
+        labels = ", ".join(f"{p.name} ({lora_architecture(f).label})"
+                           for (p, _), f in zip(loras, found, strict=True))
+        raise UserError(f"these LoRAs are for different architectures: {labels}")
+    return arch
+
+
+def _base_architecture(base: Path, header, found: list[Identification], arch: Architecture
+                       ) -> Architecture:
+    """The architecture of --base, which must be a checkpoint the LoRAs are for."""
+    ident = identify(header)
+    if ident.kind not in ("checkpoint", "diffusion_model") or \
+            ident.architecture not in ARCHITECTURES:
+        raise BadModelFile(base, f"is {ident.label}, not a checkpoint; give --base a checkpoint "
+                                 f"of the LoRAs' architecture ({arch.label})")
+    base_arch = ARCHITECTURES[ident.architecture]
+    if not all(lora_fits(f, base_arch) for f in found):
+        raise UserError(f"--base {base.name} is {base_arch.label} and the LoRAs are for "
+                        f"{arch.label}; give a checkpoint of {arch.label}")
+    return base_arch
+
+
+def _index(arch: Architecture, base: Path | None, header=None) -> TargetIndex:
     if base is not None:
-        header = read_header(base)
         shapes = {k: i.shape for k, i in header.tensors.items()}
     elif arch.family in _REFERENCE_LAYOUTS and arch.id != "sd2":
         layout = load_layout(_REFERENCE_LAYOUTS[arch.family])
@@ -62,6 +91,35 @@ def _index(arch: Architecture, base: Path | None) -> TargetIndex:
     prefix = "model.diffusion_model." if any(k.startswith("model.diffusion_model.")
                                              for k in shapes) else ""
     return TargetIndex(shapes, arch, prefix)
+
+
+def _weight_part(module: LoraModule) -> LoraModule | None:
+    """`module` without a full diff's bias change (`diff_b`), which kohya's format has no
+    place for; None when that is all it holds."""
+    if "diff_b" not in module.tensors:
+        return module
+    rest = {role: t for role, t in module.tensors.items() if role != "diff_b"}
+    return replace(module, tensors=rest) if rest else None
+
+
+def _mergeable(module: LoraModule, target: Target | None, exact_shapes: bool
+               ) -> tuple[LoraModule | None, list[str]]:
+    """(what of `module` goes into the merged LoRA, or None; what does not, as the listing
+    names it): a module with no weight of its name, tensors that do not fit that weight or a
+    malformed module is left out whole; a full diff's bias change (kohya's format has no
+    place for it) alone. Shapes are compared only where `exact_shapes`."""
+    if target is None:
+        return None, [module.name]
+    left_out = []
+    if "diff_b" in module.tensors:
+        left_out.append(f"{module.name}.diff_b (a bias change: kohya's LoRA format carries none)")
+    weight_part = _weight_part(module)
+    check = shape_problem if exact_shapes else lambda m, _shape: malformed(m)
+    problem = check(weight_part, target.shape) if weight_part else None
+    if problem:
+        left_out.append(f"{module.name} ({problem})")
+        weight_part = None
+    return weight_part, left_out
 
 
 def _pair(module: LoraModule, weight: float):
@@ -78,20 +136,34 @@ def merge_loras(loras: list[tuple[Path, float]], output: Path, rank: int | None 
 
     if len(loras) < 2:
         raise UserError("give at least two LoRAs to merge")
+    if rank is not None and rank < 1:  # 0 fails in the SVD, -3 drops the last 3 directions
+        raise UserError(f"--rank {rank}: give at least 1")
+    if not 0 < clamp_quantile <= 1:  # also false for nan
+        raise UserError(f"--clamp-quantile {clamp_quantile}: give a number in (0, 1]")
+    for path, weight in loras:
+        if not math.isfinite(weight):
+            raise UserError(f"{path}: weight {weight} is not a finite number; give one such as "
+                            "0.5")
     if dtype not in LORA_DTYPES:
         raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(LORA_DTYPES)}")
-    archs = [_lora_arch(p) for p, _ in loras]
-    if len({a.family for a in archs}) > 1:
-        labels = ", ".join(f"{p.name} ({a.label})" for (p, _), a in zip(loras, archs, strict=True))
-        raise UserError(f"these LoRAs are for different architectures: {labels}")
-    index = _index(archs[0], base)
+    found = [_lora_ident(p) for p, _ in loras]
+    arch = _common_architecture(loras, found)
+    base_header = read_header(base) if base is not None else None
+    if base is not None:
+        arch = _base_architecture(base, base_header, found, arch)
+    index = _index(arch, base, base_header)
     report = MergeReport(output)
+    # SVD builds each delta in its weight's shape, and a base is the truth of the shapes;
+    # concatenating factors needs neither (the shipped layout may be another model size's)
+    exact_shapes = rank is not None or base is not None
     by_key: dict[str, list[tuple[LoraModule, float, Target]]] = {}
     for path, weight in loras:
         for module in load_lora(path).modules.values():
             target = index.find(module.name)
-            if target is None:
-                report.unmatched.setdefault(path.name, []).append(module.name)
+            module, left_out = _mergeable(module, target, exact_shapes)
+            if left_out:
+                report.unmatched.setdefault(path.name, []).extend(left_out)
+            if module is None:
                 continue
             if "dora" in module.tensors:
                 raise UserError(f"{path.name}: DoRA modules need the base weights to merge; bake "
@@ -119,7 +191,7 @@ def merge_loras(loras: list[tuple[Path, float]], output: Path, rank: int | None 
             modules[name] = factors_for(*truncated_svd(delta, rank, clamp_quantile), kernel)
     provenance = {"mergekit_sd.merged_loras": [
         {"name": p.name, "sha256": file_sha256(p), "weight": w} for p, w in loras]}
-    write_kohya_lora(output, modules, archs[0], dtype, provenance)
+    write_kohya_lora(output, modules, arch, dtype, provenance)
     report.modules = len(modules)
     report.rank = max((down.shape[0] for _, down in modules.values()), default=0)
     return report

@@ -98,7 +98,7 @@ def module_delta(module: LoraModule, shape: tuple[int, ...]):
         return delta.float().reshape(shape)
     try:
         return _BUILDERS[module.algo](module, shape)
-    except (RuntimeError, KeyError) as exc:
+    except (RuntimeError, KeyError, IndexError, ZeroDivisionError) as exc:  # malformed
         found = {role: tuple(v.shape) for role, v in module.tensors.items()}
         raise DeltaShapeError(f"{module.algo} tensors {found} do not make a delta of shape "
                               f"{shape} ({exc})") from None

@@ -3,9 +3,10 @@
 For every weight a LoRA can carry (linear layers and 1x1 convs; 3x3 convs with a conv rank),
 ΔW = tuned − base is factored as U·S·Vᵀ and the top `rank` singular directions kept:
 lora_up = U·S, lora_down = Vᵀ. At full rank this is exact (to fp32 rounding), so baking the
-result into the base gives the tuned model back. Like kohya's script, the factors' outliers
-can be clamped at a quantile of their magnitudes (`clamp_quantile`, 1 = no clamp). The two
-checkpoints are read one weight at a time; only the (small) factors are held.
+result into the base gives the tuned model back. The factors' outliers can be clamped at a
+quantile of their magnitudes (`clamp_quantile`, 1 = no clamp); kohya's script clamps at the
+quantile of the signed values instead, which gives another limit. The two checkpoints are
+read one weight at a time; only the (small) factors are held.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from mergekit_sd.errors import BadModelFile, UserError
 from mergekit_sd.io.hashing import file_sha256
 from mergekit_sd.io.header import read_header
 from mergekit_sd.io.reader import SafetensorsReader
+from mergekit_sd.lora.compat import same_network
 from mergekit_sd.lora.kohya_file import LORA_DTYPES, factors_for, write_kohya_lora
 from mergekit_sd.lora.targets import DIFFUSION, TargetIndex
 from mergekit_sd.progress import CancelToken, ProgressCallback, no_progress
@@ -35,6 +37,8 @@ class ExtractReport:
     unchanged: int = 0  # weights that do not differ: no module written
     skipped_convs: int = 0  # 3x3 convs that differ, left out for want of a conv rank
     other_differences: list[str] = field(default_factory=list)  # differ, no LoRA can carry
+    # in one model only, or of another shape in each (an inpainting conv_in): "KEY (why)"
+    unlike: list[str] = field(default_factory=list)
 
 
 def truncated_svd(delta, rank: int, clamp_quantile: float):
@@ -66,10 +70,11 @@ def extract_lora(tuned: Path, base: Path, output: Path, rank: int, conv_rank: in
     headers = {p: read_header(p) for p in (tuned, base)}
     found = {p: identify(h) for p, h in headers.items()}
     for path, ident in found.items():
-        if ident.architecture not in ARCHITECTURES:
+        if ident.kind not in ("checkpoint", "diffusion_model") or \
+                ident.architecture not in ARCHITECTURES:
             raise BadModelFile(path, f"is {ident.label}, not a checkpoint to extract from")
     arch = ARCHITECTURES[found[base].architecture]
-    if ARCHITECTURES[found[tuned].architecture].family != arch.family:
+    if not same_network(ARCHITECTURES[found[tuned].architecture], arch):
         raise UserError(f"{tuned.name} is {found[tuned].label} and {base.name} is "
                         f"{found[base].label}: a LoRA is extracted from two models of one "
                         "architecture")
@@ -105,6 +110,7 @@ def extract_lora(tuned: Path, base: Path, output: Path, rank: int, conv_rank: in
             up, down = truncated_svd(delta, module_rank, clamp_quantile)
             modules[name] = factors_for(up, down, kernel)
         report.other_differences = _other_differences(rt, rb, covered, tensors_t, tensors_b)
+    report.unlike = _unlike(tensors_t, tensors_b, tuned.name, base.name)
     report.modules = len(modules)
     if not modules:
         raise UserError(f"{tuned.name} and {base.name} do not differ in any weight a LoRA can "
@@ -131,3 +137,17 @@ def _other_differences(rt, rb, covered: set[str], tensors_t, tensors_b) -> list[
         if not torch.equal(rt.read_tensor(key), rb.read_tensor(key)):
             differ.append(key)
     return differ
+
+
+def _unlike(tensors_t, tensors_b, tuned: str, base: str) -> list[str]:
+    """Tensors no LoRA can carry because the two models do not share them as they are: each
+    as "KEY (why)"."""
+    found = []
+    for key, info in tensors_b.items():
+        if key not in tensors_t:
+            found.append(f"{key} (only in {base})")
+        elif tensors_t[key].shape != info.shape:
+            found.append(f"{key} ({list(tensors_t[key].shape)} in {tuned}, "
+                         f"{list(info.shape)} in {base})")
+    found += [f"{key} (only in {tuned})" for key in tensors_t if key not in tensors_b]
+    return found

@@ -9,6 +9,8 @@ The whole LoRA is held in memory (LoRAs are small next to the checkpoints they g
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,20 +78,61 @@ def _algo(suffixes: set[str]) -> str:
     return "lora"
 
 
-def _peft_alphas(metadata: dict[str, str]) -> dict[str, float]:
-    """diffusers writes PEFT's lora_alpha per component in `lora_adapter_metadata`."""
+def _peft_configs(metadata: dict[str, str]) -> dict[str, dict]:
+    """Component prefix ("" for all modules) -> the PEFT LoraConfig diffusers stored in
+    `lora_adapter_metadata`. A pipeline's `save_lora_weights` writes it flat, each field under
+    its component (`{"unet.lora_alpha": 16, "unet.r": 4, ...}`, read back by the prefix in
+    diffusers' peft.py); a model's `save_lora_adapter` writes one config unprefixed; older
+    files nest it (`{"unet": {"lora_alpha": ...}}`)."""
     text = metadata.get("lora_adapter_metadata")
-    if not text:
-        return {}
     try:
-        doc = json.loads(text)
+        doc = json.loads(text) if text else {}
     except ValueError:
         return {}
-    found = {}
-    for prefix, config in (doc.items() if isinstance(doc, dict) else ()):
-        if isinstance(config, dict) and isinstance(config.get("lora_alpha"), int | float):
-            found[prefix] = float(config["lora_alpha"])
-    return found
+    if not isinstance(doc, dict):
+        return {}
+    configs: dict[str, dict] = {}
+    for key, value in doc.items():
+        if isinstance(value, dict) and {"lora_alpha", "r"} & value.keys():  # nested
+            configs.setdefault(key, {}).update(value)
+        elif "." in key:
+            prefix, field_name = key.split(".", 1)
+            configs.setdefault(prefix, {})[field_name] = value
+        else:
+            configs.setdefault("", {})[key] = value
+    return configs
+
+
+def _number(value) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def _peft_matches(pattern: str, path: str) -> bool:
+    try:
+        return re.match(rf"(.*\.)?({pattern})$", path) is not None
+    except re.error:  # not a pattern PEFT could have used either
+        return False
+
+
+def _peft_alpha(module: str, rank: int | None, configs: dict[str, dict]) -> float | None:
+    """The alpha PEFT scales `module` by, from the config of its component: `alpha_pattern`
+    (PEFT's rule: the pattern matches the module path's end) before `lora_alpha`. With rsLoRA
+    PEFT scales by alpha/sqrt(r); returned as the alpha that gives that scale over r."""
+    for prefix, config in sorted(configs.items(), key=lambda item: -len(item[0])):
+        if prefix and not module.startswith(prefix + "."):  # text_encoder is no text_encoder_2
+            continue
+        path = module[len(prefix) + 1:] if prefix else module
+        alpha = _number(config.get("lora_alpha"))
+        for pattern, value in (config.get("alpha_pattern") or {}).items():
+            if _number(value) is not None and _peft_matches(pattern, path):
+                alpha = _number(value)
+                break
+        if alpha is not None and config.get("use_rslora") and rank:
+            alpha *= math.sqrt(rank)
+        return alpha
+    return None
 
 
 def group_modules(header: SafetensorsHeader) -> tuple[dict[str, dict[str, str]], list[str]]:
@@ -118,7 +161,7 @@ def load_lora(path: str | Path, header: SafetensorsHeader | None = None) -> Lora
     if not grouped:
         raise BadModelFile(path, "has no LoRA module tensors (lora_up/lora_down, lora_A/lora_B, "
                                  "hada_*, lokr_*, diff); is it a LoRA?")
-    peft_alpha = _peft_alphas(lora.metadata)
+    peft_configs = _peft_configs(lora.metadata)
     with SafetensorsReader(path, header) as reader:  # the mapping outlives the reader
         lora.mapped = MappedTensors(reader)
         stored = {key: lora.mapped.tensor(key) for key in header.tensors}
@@ -127,8 +170,10 @@ def load_lora(path: str | Path, header: SafetensorsHeader | None = None) -> Lora
         if not tensors:
             continue
         alpha = float(stored[roles["alpha"]].float().item()) if "alpha" in roles else None
-        if alpha is None and peft_alpha:
-            alpha = next((a for p, a in peft_alpha.items() if module.startswith(p)), None)
+        if alpha is None and peft_configs:
+            down = tensors.get("down")
+            alpha = _peft_alpha(module, down.shape[0] if down is not None else None,
+                                peft_configs)
         suffixes = {key[len(module):] for key in roles.values()}
         lora.modules[module] = LoraModule(module, _algo(suffixes), tensors, alpha,
                                           tuple(roles.values()))

@@ -17,6 +17,8 @@ A block strength multiplies the LoRA's strength on every weight of that block. F
 from __future__ import annotations
 
 import fnmatch
+import math
+import re
 from collections.abc import Mapping
 
 from mergekit_sd.arch.architectures import Architecture
@@ -40,11 +42,34 @@ class BadBlockStrengths(UserError):
     pass
 
 
-def _numbers(text: str) -> list[float] | None:
-    try:
-        return [float(part) for part in text.split(",")]
-    except ValueError:
+# a number as people write one: Python's float() also takes nan, inf and 1_0 (= 10)
+_PLAIN_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def plain_number(text: str) -> float | None:
+    """`text` as a finite number written plainly, or None when it is not one."""
+    if not _PLAIN_NUMBER.fullmatch(text.strip()):
         return None
+    value = float(text)
+    return value if math.isfinite(value) else None  # 1e999 is inf
+
+
+def is_nonfinite(value) -> bool:
+    return isinstance(value, int | float) and not math.isfinite(value)
+
+
+def _numbers(text: str, where: str) -> list[float] | None:
+    """The comma-separated numbers of `text`; None when it holds no number at all (a preset),
+    an error when some are numbers and some not (nan, inf, a typo)."""
+    parts = text.split(",")
+    values = [plain_number(part) for part in parts]
+    if all(v is None for v in values) and len(parts) == 1:
+        return None
+    bad = next((p for p, v in zip(parts, values, strict=True) if v is None), None)
+    if bad is not None:
+        raise BadBlockStrengths(f"{where}: {bad.strip()!r} in {text!r} is not a finite number; "
+                                "give comma-separated numbers such as 1,0,0.5")
+    return values
 
 
 def _positional(values: list[float], arch: Architecture, where: str) -> dict[str, float]:
@@ -67,19 +92,19 @@ def block_strengths(spec: BlockSpec, arch: Architecture, where: str = "blocks"
     if spec is None or spec == "":
         strengths = dict.fromkeys(arch.blocks, 1.0)
     elif isinstance(spec, str):
-        numbers = _numbers(spec)
+        numbers = _numbers(spec, where)
         if numbers is not None:
             strengths = _positional(numbers, arch, where)
         elif spec.lower() in PRESETS:
-            patterns = PRESETS[spec.lower()]
-            strengths = {b: float(any(fnmatch.fnmatchcase(b, p) for p in patterns))
-                         for b in arch.blocks}
+            strengths = _preset(spec.lower(), arch, where)
         else:
             raise BadBlockStrengths(f"{where}: {spec!r} is neither a preset ({', '.join(PRESETS)})"
                                     " nor a comma-separated list of numbers")
     elif isinstance(spec, list):
         if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in spec):
             raise BadBlockStrengths(f"{where}: a block list holds numbers only")
+        if any(is_nonfinite(v) for v in spec):
+            raise BadBlockStrengths(f"{where}: a block list holds finite numbers only")
         strengths = _positional([float(v) for v in spec], arch, where)
     elif isinstance(spec, Mapping):
         strengths = _from_patterns(spec, arch, where)
@@ -90,9 +115,28 @@ def block_strengths(spec: BlockSpec, arch: Architecture, where: str = "blocks"
     return strengths
 
 
+def _map_value(value, where: str, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or is_nonfinite(value):
+        raise BadBlockStrengths(f"{where}: the value of {name!r} is {value!r}; block strengths "
+                                "are finite numbers, e.g. {'IN*': 0.5}")
+    return float(value)
+
+
+def _preset(name: str, arch: Architecture, where: str) -> dict[str, float]:
+    """1 on the preset's blocks, 0 elsewhere. A preset whose blocks this architecture does not
+    have (FLUX's double on SD1, in/mid/out on FLUX) would leave the diffusion model out
+    silently: refused."""
+    patterns = PRESETS[name]
+    own = [p for p in patterns if p != "BASE"]
+    if own and not any(fnmatch.fnmatchcase(b, p) for b in arch.blocks for p in own):
+        raise BadBlockStrengths(f"{where}: {name!r}: no block of {arch.label} is in this preset "
+                                f"(see `mergekit-sd blocks {arch.id}`)")
+    return {b: float(any(fnmatch.fnmatchcase(b, p) for p in patterns)) for b in arch.blocks}
+
+
 def _from_patterns(spec: Mapping[str, float], arch: Architecture, where: str) -> dict[str, float]:
-    default = float(spec.get("default", 1.0))
-    patterns = [(str(p), float(v)) for p, v in spec.items() if p != "default"]
+    default = _map_value(spec.get("default", 1.0), where, "default")
+    patterns = [(str(p), _map_value(v, where, str(p))) for p, v in spec.items() if p != "default"]
     for pattern, _ in patterns:
         if not any(fnmatch.fnmatchcase(b, pattern) for b in arch.blocks):
             raise BadBlockStrengths(f"{where}: {pattern!r} matches no block of {arch.label} "

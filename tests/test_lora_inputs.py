@@ -1,0 +1,313 @@
+"""LoRA bake, merge and extract on inputs off the common path: UNet-only files, bad strengths,
+LoRAs of a sibling architecture, wrong files in the wrong place. Each case is one a review
+found mishandled; the bake's results are checked against `test_lora_bake`'s own formulas."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import test_lora_bake as lora_bake
+import torch
+from safetensors.torch import load_file, save_file
+from test_lora_bake import UNET, assert_one_sentence, expected_bake
+
+from mergekit_sd.arch.architectures import ARCHITECTURES
+from mergekit_sd.errors import UserError
+from mergekit_sd.lora.bake import LoraUse, plan_bake
+from mergekit_sd.lora.bake_run import run_bake
+from mergekit_sd.lora.combine import merge_loras
+from mergekit_sd.lora.extract import extract_lora
+from mergekit_sd.lora.strengths import block_strengths
+from mergekit_sd.testing import write_checkpoint, write_lora
+
+# test_lora_bake's fixtures: its tiny F32 bases, its in-process CLI, one torch thread
+bases, cli, one_torch_thread = lora_bake.bases, lora_bake.cli, lora_bake.one_torch_thread
+
+
+@pytest.fixture(scope="module")
+def unet_only(tmp_path_factory) -> tuple[Path, Path]:
+    """Two SD1 UNet-only files (the `unet` folder format: ldm keys without a prefix)."""
+    root = tmp_path_factory.mktemp("unet")
+    return (write_checkpoint(root / "unet.safetensors", "sd1-unet", dtype="F32"),
+            write_checkpoint(root / "unet_b.safetensors", "sd1-unet", dtype="F32", seed=1))
+
+
+def test_a_diffusers_named_lora_bakes_into_a_unet_only_file(tmp_path, bases, unet_only):
+    """kohya's SD1 names are diffusers module paths: they need the UNet's key map, which an
+    unprefixed UNet has as well as a whole checkpoint."""
+    lora = write_lora(tmp_path / "l.safetensors", "kohya-sd1", alpha=3.0, dtype="F32")
+    whole = expected_bake(load_file(bases["sd1"]), lora, "kohya-sd1", 0.7)
+    plan = plan_bake(unet_only[0], [LoraUse("l", lora, 0.7)], tmp_path / "out.safetensors")
+    assert {u.lora for u in plan.unmatched} == {"l"}  # the text-encoder modules, listed
+    assert all(m.startswith("lora_te_") for m in plan.unmatched[0].modules)
+    baked = load_file(run_bake(plan))
+    base = load_file(unet_only[0])
+    changed = [k for k in base if not torch.equal(base[k], baked[k])]
+    assert len(changed) > 100
+    for key in changed:  # the same change as in the whole checkpoint (same UNet values)
+        expected = whole[UNET + key] - load_file(bases["sd1"])[UNET + key].float() + base[key]
+        assert torch.allclose(baked[key], expected, rtol=0, atol=1e-5), key
+
+
+def test_a_lora_is_extracted_from_two_unet_only_files(tmp_path, unet_only):
+    report = extract_lora(unet_only[1], unet_only[0], tmp_path / "x.safetensors", rank=2)
+    assert report.modules > 100
+    assert all(k.startswith("lora_unet_") for k in load_file(tmp_path / "x.safetensors"))
+
+
+# --- strengths are finite numbers ----------------------------------------------------------------
+
+
+@pytest.fixture
+def sd1_lora(tmp_path) -> Path:
+    return write_lora(tmp_path / "l.safetensors", "kohya-sd1")
+
+
+@pytest.mark.parametrize("args", [
+    (":nan",), (":inf",), (":-inf",), (":1_0",), (":0.5:nan",), ("", "--te-strength", "nan"),
+    ("", "--blocks", "nan" + ",1" * 16), ("", "--blocks", "1e999" + ",1" * 16),
+], ids=lambda a: " ".join(a).strip() or "plain")
+def test_a_strength_that_is_no_finite_number_is_one_sentence(tmp_path, bases, cli, sd1_lora,
+                                                             args):
+    out = tmp_path / "out.safetensors"
+    assert_one_sentence(*cli("bake", bases["sd1"], f"{sd1_lora}{args[0]}", *args[1:], "-o", out),
+                        2)
+    assert "finite" in cli.last_err
+    assert not out.exists()
+
+
+def test_a_lora_merge_weight_that_is_no_finite_number_is_one_sentence(tmp_path, cli, sd1_lora):
+    out = tmp_path / "out.safetensors"
+    assert_one_sentence(*cli("lora", "merge", f"{sd1_lora}:nan", sd1_lora, "-o", out), 2)
+    assert "finite" in cli.last_err and not out.exists()
+    with pytest.raises(UserError, match="finite"):  # the API, as recipes and scripts call it
+        merge_loras([(sd1_lora, float("inf")), (sd1_lora, 1.0)], out)
+
+
+@pytest.mark.parametrize("strengths", [(float("nan"), None), (1.0, float("inf"))])
+def test_the_bake_api_refuses_strengths_that_are_no_finite_number(tmp_path, bases, sd1_lora,
+                                                                  strengths):
+    with pytest.raises(UserError, match="finite"):
+        plan_bake(bases["sd1"], [LoraUse("l", sd1_lora, *strengths)], tmp_path / "o.safetensors")
+
+
+@pytest.mark.parametrize("spec", [[float("nan")] * 26, {"IN*": float("inf")}, {"IN*": "abc"}])
+def test_block_lists_and_maps_hold_finite_numbers(tmp_path, bases, sd1_lora, spec):
+    with pytest.raises(UserError, match="finite"):
+        plan_bake(bases["sd1"], [LoraUse("l", sd1_lora, 1.0, None, spec)],
+                  tmp_path / "o.safetensors")
+
+
+# --- SD1 and SD2 are different architectures -----------------------------------------------------
+
+
+def test_an_sd2_lora_is_refused_for_an_sd1_base_even_when_allowed_unmatched(tmp_path, bases, cli):
+    lora = write_lora(tmp_path / "sd2.safetensors", "kohya-sd2")
+    out = tmp_path / "out.safetensors"
+    assert_one_sentence(*cli("bake", bases["sd1"], lora, "-o", out, "--allow-unmatched"), 2)
+    assert "SD2" in cli.last_err and "SD1" in cli.last_err and not out.exists()
+
+
+def test_a_lora_merge_of_an_sd1_and_an_sd2_lora_is_refused(tmp_path, cli):
+    a = write_lora(tmp_path / "a.safetensors", "kohya-sd1")
+    b = write_lora(tmp_path / "b.safetensors", "kohya-sd2")
+    assert_one_sentence(*cli("lora", "merge", a, b, "-o", tmp_path / "m.safetensors"), 2)
+    assert "different architectures" in cli.last_err
+
+
+def test_lora_extract_refuses_sd1_against_sd2_and_a_lora_for_a_checkpoint(tmp_path, bases, cli):
+    out = tmp_path / "x.safetensors"
+    assert_one_sentence(*cli("lora", "extract", bases["sd1"], bases["sd2"], "--rank", "2",
+                             "-o", out), 2)
+    assert "one architecture" in cli.last_err
+    lora = write_lora(tmp_path / "l.safetensors", "kohya-sd1")
+    assert_one_sentence(*cli("lora", "extract", lora, bases["sd1"], "--rank", "2", "-o", out), 2)
+    assert "not a checkpoint to extract from" in cli.last_err
+    assert not out.exists()
+
+
+# --- what the bake reports ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args", [(":0",), ("", "--blocks", "none"), (":0:0.5", "--blocks", "in")])
+def test_the_count_of_changed_tensors_leaves_out_those_at_strength_0(tmp_path, bases, cli,
+                                                                     sd1_lora, args):
+    out = tmp_path / "out.safetensors"
+    code, stdout, err = cli("bake", bases["sd1"], f"{sd1_lora}{args[0]}", *args[1:], "-o", out)
+    assert code == 0, err
+    base, baked = load_file(bases["sd1"]), load_file(out)
+    really = sum(not torch.equal(base[k], baked[k]) for k in base)
+    assert f": {really} tensors changed →" in stdout
+
+
+@pytest.mark.parametrize(("arch", "preset"), [
+    ("sd1", "double"), ("sd1", "single"), ("flux-dev", "in"), ("flux-dev", "out"),
+    ("flux-dev", "mid-out"),
+])
+def test_a_preset_of_another_architectures_blocks_is_refused(arch, preset):
+    with pytest.raises(UserError, match="no block of .* is in this preset"):
+        block_strengths(preset, ARCHITECTURES[arch], "blocks")
+
+
+def test_the_presets_an_architecture_has_are_kept():
+    for arch, preset in (("sd1", "out"), ("sd1", "none"), ("flux-dev", "double"),
+                         ("flux-dev", "all"), ("sdxl", "in-mid")):
+        strengths = block_strengths(preset, ARCHITECTURES[arch], "blocks")
+        assert strengths["BASE"] == (preset != "none")
+
+
+# --- lora merge ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def two_sd1_loras(tmp_path) -> tuple[Path, Path]:
+    return (write_lora(tmp_path / "a.safetensors", "kohya-sd1", seed=1),
+            write_lora(tmp_path / "b.safetensors", "kohya-sd1", seed=2))
+
+
+def test_lora_merge_refuses_a_base_of_another_architecture_or_a_lora_as_base(
+        tmp_path, bases, cli, two_sd1_loras):
+    out = tmp_path / "m.safetensors"
+    for base, says in ((bases["sdxl"], "is SDXL base and the LoRAs are for SD1.x"),
+                       (two_sd1_loras[0], "not a checkpoint")):
+        assert_one_sentence(*cli("lora", "merge", *two_sd1_loras, "--base", base,
+                                 "--allow-unmatched", "-o", out), 2)
+        assert says in cli.last_err
+    assert not out.exists()
+
+
+# --- lora extract -------------------------------------------------------------------------------
+
+
+def test_extract_reports_tensors_of_another_shape_and_those_of_one_model(tmp_path, bases, cli):
+    inpainting = write_checkpoint(tmp_path / "inpainting.safetensors", "sd1-inpainting",
+                                  dtype="F32", seed=3)
+    code, stdout, err = cli("lora", "extract", inpainting, bases["sd1"], "--rank", "2",
+                            "-o", tmp_path / "x.safetensors")
+    assert code == 0, err
+    conv_in = UNET + "input_blocks.0.0.weight"
+    assert "1 tensors are in one model only or differ in shape" in stdout
+    assert f"{conv_in} ([" in stdout
+    report = extract_lora(inpainting, bases["sd1"], tmp_path / "y.safetensors", rank=2)
+    assert [u.split(" ")[0] for u in report.unlike] == [conv_in]
+
+
+@pytest.mark.parametrize("option", [("--rank", "0"), ("--rank", "-3"),
+                                    ("--rank", "4", "--clamp-quantile", "0"),
+                                    ("--rank", "4", "--clamp-quantile", "-1"),
+                                    ("--rank", "4", "--clamp-quantile", "2"),
+                                    ("--rank", "4", "--clamp-quantile", "nan")])
+def test_lora_merge_checks_its_rank_and_clamp_quantile(tmp_path, bases, cli, two_sd1_loras,
+                                                       option):
+    out = tmp_path / "m.safetensors"
+    assert_one_sentence(*cli("lora", "merge", *two_sd1_loras, "--base", bases["sd1"], *option,
+                             "-o", out), 2)
+    assert option[-2] in cli.last_err and not out.exists()
+
+
+def test_lora_merge_lists_modules_that_do_not_fit_the_layout(tmp_path, cli, two_sd1_loras):
+    """Tiny LoRAs against the full-size SD1 layout (no --base): SVD, which builds every
+    delta in its weight's shape, lists each module with its shapes."""
+    out = tmp_path / "m.safetensors"
+    code, stdout, err = cli("lora", "merge", *two_sd1_loras, "--rank", "4", "-o", out)
+    assert code == 1 and "Traceback" not in stdout + err
+    assert "do not fit" in err and "cannot go into the merged LoRA" in err
+    assert not out.exists()
+
+
+def with_module_changed(path: Path, change) -> tuple[Path, str]:
+    """The LoRA at `path` with its first UNet module's tensors passed through `change`."""
+    tensors = load_file(path)
+    module = sorted(k for k in tensors if k.startswith("lora_unet_"))[0].split(".")[0]
+    change(tensors, module)
+    save_file(tensors, path)
+    return path, module
+
+
+def drop_up(tensors, module):
+    del tensors[f"{module}.lora_up.weight"]
+
+
+def rank_zero(tensors, module):
+    down, up = tensors[f"{module}.lora_down.weight"], tensors[f"{module}.lora_up.weight"]
+    tensors[f"{module}.lora_down.weight"] = down[:0].clone()
+    tensors[f"{module}.lora_up.weight"] = up[:, :0].clone()
+
+
+@pytest.mark.parametrize("change", [drop_up, rank_zero])
+def test_a_malformed_module_is_listed_by_bake_and_merge(tmp_path, bases, cli, two_sd1_loras,
+                                                        change):
+    bad, module = with_module_changed(write_lora(tmp_path / "bad.safetensors", "kohya-sd1"),
+                                      change)
+    out = tmp_path / "out.safetensors"
+    for args in (("bake", bases["sd1"], bad), ("lora", "merge", bad, two_sd1_loras[0],
+                                               "--base", bases["sd1"]),
+                 ("lora", "merge", bad, two_sd1_loras[0], "--base", bases["sd1"], "--rank", "4")):
+        code, stdout, err = cli(*args, "-o", out)
+        assert code == 1 and "Traceback" not in stdout + err, err
+        assert f"{module} (" in err
+    assert not out.exists()
+
+
+def test_lora_merge_lists_the_bias_changes_of_full_diff_modules(tmp_path, bases, cli,
+                                                                two_sd1_loras):
+    full = write_lora(tmp_path / "full.safetensors", "full-diff-sd1")
+    out = tmp_path / "m.safetensors"
+    args = ("lora", "merge", two_sd1_loras[0], full, "--base", bases["sd1"], "--rank", "8",
+            "-o", out)
+    code, _, err = cli(*args)
+    assert code == 1 and ".diff_b (a bias change" in err and not out.exists()
+    code, _, err = cli(*args, "--allow-unmatched")
+    assert code == 0 and ".diff_b (a bias change" in err and out.exists()
+
+
+# --- the output -----------------------------------------------------------------------------------
+
+
+def output_cases(tmp_path: Path) -> list[tuple[Path, str]]:
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "adir.safetensors").mkdir()
+    return [(tmp_path / "afile" / "x.safetensors", "is a file, not a folder"),
+            (tmp_path / "adir.safetensors", "is a directory"),
+            (tmp_path / "y.ckpt", "must end in .safetensors")]
+
+
+def test_bad_outputs_are_one_sentence_before_any_work(tmp_path, bases, cli, two_sd1_loras):
+    tuned = write_checkpoint(tmp_path / "tuned.safetensors", "sd1", dtype="F32", seed=5)
+    for output, says in output_cases(tmp_path):
+        for args in (("bake", bases["sd1"], two_sd1_loras[0]),
+                     ("lora", "merge", *two_sd1_loras),
+                     ("lora", "extract", tuned, bases["sd1"], "--rank", "2")):
+            assert_one_sentence(*cli(*args, "-o", output, "--overwrite"), 2)
+            assert says in cli.last_err, (args, cli.last_err)
+    assert not (tmp_path / "y.ckpt").exists() and list(tmp_path.rglob("*.partial")) == []
+
+
+# --- LoRA arguments -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("arg", "split"), [
+    ("sha256:7996564991", ("sha256:7996564991", [])),
+    ("sha256:7996564991:0.5", ("sha256:7996564991", [0.5])),
+    ("autov3:12e45", ("autov3:12e45", [])),
+    ("catalog:1234:0.5:0.2", ("catalog:1234", [0.5, 0.2])),
+])
+def test_a_catalog_hash_made_of_digits_is_no_strength(arg, split):
+    from mergekit_sd.cli_lora import _split_strengths
+
+    assert _split_strengths(arg, 2) == split
+
+
+def test_a_bad_strength_after_a_catalog_name_is_blamed_on_the_strength(tmp_path, bases, cli):
+    root = tmp_path / "models"
+    root.mkdir()
+    write_lora(root / "mychar.safetensors", "kohya-sd1")
+    catalog = tmp_path / "catalog.sqlite"
+    for args in (("add-root", root), ("scan",)):
+        code, _, err = cli("catalog", *args, "--catalog", catalog)
+        assert code == 0, err
+    for strength in ("abc", "0.5:0.2:0.1"):
+        assert_one_sentence(*cli("bake", "--catalog", catalog, bases["sd1"],
+                                 f"mychar:{strength}", "-o", tmp_path / "o.safetensors"), 2)
+        assert f"'{strength}' after the file name is not STRENGTH" in cli.last_err
