@@ -35,6 +35,11 @@ def test_plain_string_prompts_get_numbered_names():
     assert grid.size is None and grid.seeds == (3,)
 
 
+def test_a_plain_prompt_never_takes_a_name_another_prompt_was_given():
+    grid = parse_grid("prompts: [{name: p02, text: a red apple}, a blue car, p03]\n", "g.yaml")
+    assert [p.name for p in grid.prompts] == ["p02", "p02-2", "p03"]
+
+
 @pytest.mark.parametrize(("text", "expected"), [
     ("prompts:\n  - text: a cat\n    negativ: blurry\n",
      "g.yaml, line 3, prompts.0.negativ: is not a field here"),

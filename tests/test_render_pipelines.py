@@ -97,6 +97,15 @@ def test_every_candidate_starts_from_the_same_noise_whatever_its_batch(files):
     assert alone[0] == together[3]
 
 
+def test_prompts_that_share_a_name_are_each_encoded_from_their_own_text(files):
+    rp = _build(files["sd1-1"])
+    cat, house = (Prompt("p02", p.text, p.negative) for p in PROMPTS)
+    encoded: dict = {}
+    render_batch(rp, [Job(cat, 7), Job(house, 8)], SETTINGS, encoded)
+    embeds = [conditioning["prompt_embeds"] for conditioning in encoded.values()]
+    assert len(embeds) == 2 and not torch.equal(*embeds)
+
+
 def test_a_unet_only_file_swaps_the_unet_and_leaves_the_rest(files):
     rp = _build(files["sd1-1"])
     before = _weights(rp)

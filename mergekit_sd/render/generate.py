@@ -118,17 +118,18 @@ def encode(rp: RenderPipeline, prompt: Prompt, cfg: bool) -> dict:
 
 
 def render_batch(rp: RenderPipeline, jobs: list[Job], settings: Settings,
-                 encoded: dict[str, dict]) -> list:
+                 encoded: dict[Prompt, dict]) -> list:
     """PIL images for `jobs`, in order. `encoded` caches each prompt's conditioning for this
-    candidate (callers clear it when the weights change)."""
+    candidate (callers clear it when the weights change); it is keyed by the whole prompt, not
+    its name, so that prompts sharing a name can never share conditioning."""
     import torch
 
     cfg = _uses_cfg(rp, settings.guidance)
     for job in jobs:
-        if job.prompt.name not in encoded:
-            encoded[job.prompt.name] = encode(rp, job.prompt, cfg)
-    conditioning = {name: torch.cat([encoded[j.prompt.name][name] for j in jobs])
-                    for name in encoded[jobs[0].prompt.name]}
+        if job.prompt not in encoded:
+            encoded[job.prompt] = encode(rp, job.prompt, cfg)
+    conditioning = {name: torch.cat([encoded[j.prompt][name] for j in jobs])
+                    for name in encoded[jobs[0].prompt]}
     latents, generators = zip(*(initial_noise(rp, j.seed, settings) for j in jobs),
                               strict=True)
     extra = {"guidance_scale": settings.guidance}

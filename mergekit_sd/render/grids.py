@@ -106,11 +106,24 @@ class LoadedGrid:
         return side, side
 
 
+def _default_name(number: int, taken: set[str]) -> str:
+    """`pNN` for the prompt's position, with a suffix while an explicit name has it: names
+    key image files and the conditioning cache, so two prompts must never share one."""
+    name, suffix = f"p{number:02d}", 1
+    while name in taken:
+        suffix += 1
+        name = f"p{number:02d}-{suffix}"
+    return name
+
+
 def _loaded(grid: Grid, path: Path) -> LoadedGrid:
+    taken = {p.name for p in grid.prompts if isinstance(p, GridPrompt) and p.name}
     prompts = []
     for i, item in enumerate(grid.prompts, 1):
         item = GridPrompt(text=item) if isinstance(item, str) else item
-        prompts.append(Prompt(item.name or f"p{i:02d}", item.text, item.negative or None))
+        name = item.name or _default_name(i, taken)
+        taken.add(name)
+        prompts.append(Prompt(name, item.text, item.negative or None))
     size = (grid.size, grid.size) if isinstance(grid.size, int) else grid.size
     return LoadedGrid(path, grid.name or path.stem, tuple(prompts), tuple(grid.seeds),
                       tuple(size) if size else None, grid.steps, grid.guidance)

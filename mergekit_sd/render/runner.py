@@ -234,7 +234,7 @@ class _Run:
     def grid(self, rp: RenderPipeline, cand: RenderCandidate, settings: Settings, batch: int,
              sampling: Sampling, lora: dict | None) -> int:
         """Every (prompt, seed) of the grid for the candidate now in the pipeline."""
-        encoded: dict[str, dict] = {}
+        encoded: dict = {}
         folder = Path(IMAGES_DIR) / slug(cand.label)
         for first in range(0, len(self.jobs), batch):
             self.cancel.raise_if_cancelled()
