@@ -92,12 +92,21 @@ def collect_candidates(refs: list[str], resolver: Resolver | None = None,
 
 
 def _unique_labels(candidates: list[RenderCandidate]) -> None:
-    seen: dict[str, int] = {}
+    """Labels name image folders, so they are made unique as folder names: after slugging and
+    case-folding (for case-insensitive file systems), with `-2`, `-3` ... added until the name
+    is free, whatever other candidates happen to be called (`sd1-2` may be a real file)."""
+    taken: set[str] = set()
     for cand in candidates:
-        base = cand.label
-        seen[base] = seen.get(base, 0) + 1
-        if seen[base] > 1:
-            cand.label = f"{base}-{seen[base]}"
+        base, label, number = cand.label, cand.label, 1
+        while _folder_key(label) in taken:
+            number += 1
+            label = f"{base}-{number}"
+        cand.label = label
+        taken.add(_folder_key(label))
+
+
+def _folder_key(label: str) -> str:
+    return slug(label).casefold()
 
 
 def slug(text: str) -> str:
