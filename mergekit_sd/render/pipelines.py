@@ -104,6 +104,7 @@ class RenderPipeline:
         """Copy a candidate's weights in (from `path`, or from (key, tensor) pairs); the
         preset's LoRA stays fused. Returns the number of checkpoint keys copied."""
         table = self.table_for(layout)
+        check_complete(layout, table)
         # with a LoRA to fuse again, the weights get written: copy them rather than share pages
         copied = load_file(table, path, share=self.lora is None) if path is not None \
             else load_tensors(table, tensors)
@@ -147,6 +148,16 @@ class RenderPipeline:
         self.lora = LoraState(Path(path), scale, label, adapted)
 
 
+def check_complete(layout: CheckpointLayout, table: WeightTable) -> None:
+    """Refuse a file lacking weights that have no neutral value: swapped in, those parameters
+    would keep the previous candidate's values and its images would blend two models."""
+    missing = table.required_missing()
+    if missing:
+        component, names = next(iter(missing.items()))
+        raise UserError(f"{layout.name}: its {component} lacks {len(names)} weight(s) the "
+                        f"pipeline needs (e.g. {names[0]}); the file is incomplete")
+
+
 def check_compatible(base: CheckpointLayout, other: CheckpointLayout) -> None:
     if other.family != base.family:
         raise UserError(f"{other.name} is {FAMILY_LABELS[other.family]} but the pipeline is "
@@ -171,11 +182,6 @@ def build_pipeline(layout: CheckpointLayout, path: Path | None = None, tensors=N
     pipe = _assemble(layout, modules, tokenizers)
     rp = RenderPipeline(layout.family, layout.found.architecture, pipe, modules, device,
                         torch_dtype, context_width, layout)
-    missing = rp.table_for(layout).required_missing()
-    if missing:
-        component, names = next(iter(missing.items()))
-        raise UserError(f"{layout.name}: its {component} lacks {len(names)} weight(s) the "
-                        f"pipeline needs (e.g. {names[0]}); the file is incomplete")
     rp.load(layout, path=path, tensors=tensors)
     pipe.set_progress_bar_config(disable=True)
     # one image at a time through the VAE: a batch's decode needs no more memory than one
