@@ -46,6 +46,9 @@ class CandidateEntry:
     load_s: float  # building the pipeline (first of an architecture) or swapping weights in
     render_s: float
     images: int
+    # the candidate each pipeline component's weights came from: a UNet-only file renders
+    # with the text encoders and VAE of the checkpoint its pipeline was built from
+    components: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

@@ -212,13 +212,13 @@ class _Run:
             rp.family, base.label, round(build_s, 3), str(rp.dtype).removeprefix("torch."),
             sampling.preset, sampling.scheduler, sampling.steps, sampling.guidance, lora, batch))
         with _threads_for(rp):
-            for cand in [base, *(c for c in group if c is not base)]:
+            held = {component: base for component in base.layout.maps}
+            for cand in _render_order(base, group):
                 self.cancel.raise_if_cancelled()
                 load_s = build_s
                 if cand is not base:
                     started = time.perf_counter()
-                    rp.load(cand.layout, path=cand.path,
-                            tensors=None if cand.path else cand.tensors(options.device))
+                    self._swap_in(rp, base, cand, held)
                     _sync(options.device)
                     load_s = time.perf_counter() - started
                 started = time.perf_counter()
@@ -229,7 +229,22 @@ class _Run:
                 self.manifest.candidates.append(CandidateEntry(
                     cand.label, cand.ref, rp.family, str(cand.path) if cand.path else None,
                     self.hashes.get(cand.path), cand.recipe, round(load_s, 3),
-                    round(time.perf_counter() - started, 3), images))
+                    round(time.perf_counter() - started, 3), images,
+                    {component: held[component].label for component in sorted(held)}))
+
+    def _swap_in(self, rp: RenderPipeline, base: RenderCandidate, cand: RenderCandidate,
+                 held: dict[str, RenderCandidate]) -> None:
+        """Copy `cand` in. A candidate lacking components (a UNet alone) renders with the
+        base checkpoint's, never with those of whichever candidate came before it: they are
+        copied back first when another candidate replaced them."""
+        device = self.options.device
+        if any(held[c] is not base for c in held if c not in cand.layout.maps):
+            rp.load(base.layout, path=base.path,
+                    tensors=None if base.path else base.tensors(device))
+            held.update(dict.fromkeys(base.layout.maps, base))
+        rp.load(cand.layout, path=cand.path,
+                tensors=None if cand.path else cand.tensors(device))
+        held.update(dict.fromkeys(cand.layout.maps, cand))
 
     def grid(self, rp: RenderPipeline, cand: RenderCandidate, settings: Settings, batch: int,
              sampling: Sampling, lora: dict | None) -> int:
@@ -264,6 +279,14 @@ class _Run:
                 self.progress("rendering", self.done, self.total)
         sync_folder(self.options.out / folder)
         return len(self.jobs)
+
+
+def _render_order(base: RenderCandidate, group: list[RenderCandidate]) -> list[RenderCandidate]:
+    """The base first, then candidates lacking components (which keep the base's), then the
+    other full ones: partial candidates then never need the base's weights copied back."""
+    others = [c for c in group if c is not base]
+    return [base, *(c for c in others if not c.layout.is_full),
+            *(c for c in others if c.layout.is_full)]
 
 
 def write_contact_sheet(result: RenderResult, grid: LoadedGrid) -> str:

@@ -1,0 +1,43 @@
+"""render_candidates as a whole: which weights each candidate renders with, whatever the order of
+the candidates, and what the output folder holds."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from mergekit_sd.render.candidates import collect_candidates  # noqa: E402
+from mergekit_sd.render.grids import parse_grid  # noqa: E402
+from mergekit_sd.render.manifest import read_manifest  # noqa: E402
+from mergekit_sd.render.presets import get_preset  # noqa: E402
+from mergekit_sd.render.runner import RenderOptions, render_candidates  # noqa: E402
+from mergekit_sd.testing.checkpoints import write_checkpoint  # noqa: E402
+
+GRID = "prompts: [{name: cat, text: a photo of a cat}]\nseeds: [5]\nsize: 64\nsteps: 2\n"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("runner-models")
+    for name, variant, seed in [("a", "sd1", 1), ("b", "sd1", 2), ("unet", "sd1-unet", 3)]:
+        write_checkpoint(folder / f"{name}.safetensors", variant, seed=seed)
+    return folder
+
+
+def _render(models, names, out):
+    torch.set_num_threads(1)
+    options = RenderOptions(parse_grid(GRID, "grid.yaml"), get_preset("standard"), out)
+    candidates = collect_candidates([str(models / f"{n}.safetensors") for n in names])
+    return render_candidates(candidates, options)
+
+
+def test_a_unet_only_candidate_keeps_the_base_checkpoints_other_weights_in_any_order(
+        models, tmp_path):
+    alone = _render(models, ["a", "unet"], tmp_path / "alone")
+    after_b = _render(models, ["a", "b", "unet"], tmp_path / "after-b")
+    assert (alone.image_file("unet", "cat", 5).read_bytes()
+            == after_b.image_file("unet", "cat", 5).read_bytes())
+    entry = read_manifest(tmp_path / "after-b")["candidates"][2]
+    assert entry["label"] == "unet"
+    assert entry["components"] == {"text_encoder": "a", "unet": "unet", "vae": "a"}
