@@ -3,6 +3,7 @@ grid, and A/B sheets. Registered lazily by cli.py (torch and diffusers load only
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -47,6 +48,10 @@ Pull = Annotated[bool, typer.Option("--pull", help="Download hf:// references th
 
 
 def _size(text: str | None) -> tuple[int, int] | None:
+    """WIDTHxHEIGHT within a grid file's own limits (checked before anything is built: a
+    huge size would only fail allocating the first batch)."""
+    from mergekit_sd.render.grids import MAX_SIDE, SIZE_STEP
+
     if text is None:
         return None
     width, sep, height = text.lower().partition("x")
@@ -54,9 +59,22 @@ def _size(text: str | None) -> tuple[int, int] | None:
         size = (int(width), int(height or width)) if sep or width else None
     except ValueError:
         size = None
-    if size is None or min(size) <= 0 or any(side % 64 for side in size):
-        raise UserError(f"--size {text!r}: write WIDTHxHEIGHT in multiples of 64, e.g. 512x768")
+    if size is None or min(size) <= 0 or max(size) > MAX_SIDE \
+            or any(side % SIZE_STEP for side in size):
+        raise UserError(f"--size {text!r}: write WIDTHxHEIGHT in multiples of {SIZE_STEP} up "
+                        f"to {MAX_SIDE}, e.g. 512x768")
     return size
+
+
+def _check_numbers(guidance: float | None, lora_scale: float | None) -> None:
+    """NaN and infinity would render (and make manifest.json invalid JSON); a grid file's
+    guidance has the same 0 to 30 range."""
+    from mergekit_sd.render.grids import MAX_GUIDANCE
+
+    if guidance is not None and not (math.isfinite(guidance) and 0 <= guidance <= MAX_GUIDANCE):
+        raise UserError(f"--guidance {guidance:g}: give a number from 0 to {MAX_GUIDANCE:g}")
+    if lora_scale is not None and not math.isfinite(lora_scale):
+        raise UserError(f"--lora-scale {lora_scale:g}: give a finite number, e.g. 1 or 0.8")
 
 
 def _options(grid, preset, out, device, dtype, steps, guidance, scheduler, lora, lora_scale,
@@ -70,6 +88,7 @@ def _options(grid, preset, out, device, dtype, steps, guidance, scheduler, lora,
         raise UserError(f"--steps {steps}: give at least 1")
     if batch is not None and batch < 1:
         raise UserError(f"--batch {batch}: give at least 1")
+    _check_numbers(guidance, lora_scale)
     return RenderOptions(load_grid(grid), get_preset(preset), out, device, dtype, steps,
                          guidance, scheduler, lora, lora_scale, _size(size), batch, config_dir)
 

@@ -142,6 +142,12 @@ def test_compare_lays_two_candidates_side_by_side_with_a_heat_map(main, models, 
     (["--grid", "nope.yaml"], "error: nope.yaml: does not exist; give a grid YAML file"),
     (["--preset", "lightning-4"], "error: --preset lightning-4 is for SDXL, not SD1.x"),
     (["--size", "100x64"], "error: --size '100x64': write WIDTHxHEIGHT in multiples of 64"),
+    (["--size", "4160x64"], "error: --size '4160x64': write WIDTHxHEIGHT in multiples "
+                               "of 64 up to 4096"),
+    (["--guidance", "nan"], "error: --guidance nan: give a number from 0 to 30\n"),
+    (["--guidance", "-3"], "error: --guidance -3: give a number from 0 to 30\n"),
+    (["--guidance", "inf"], "error: --guidance inf: give a number from 0 to 30\n"),
+    (["--lora-scale", "nan"], "error: --lora-scale nan: give a finite number"),
     (["--device", "cuda:7"], "error: --device cuda:7: no CUDA device is available"),
 ])
 def test_bad_input_is_one_sentence_and_exit_code_2(main, models, tmp_path, offline, args,

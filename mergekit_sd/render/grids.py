@@ -18,6 +18,7 @@ from mergekit_sd.yaml_lines import YamlFileError, dotted, line_of, load_mapping
 GRIDS_DIR = Path(__file__).resolve().parents[2] / "recipes" / "grids"
 DEFAULT_GRID = GRIDS_DIR / "default.yaml"
 MAX_SIDE = 4096
+MAX_GUIDANCE = 30
 SIZE_STEP = 64  # every UNet and transformer here accepts multiples of 64 pixels
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
@@ -50,7 +51,7 @@ class Grid(BaseModel):
     seeds: list[int] = Field(default=[1234], min_length=1)
     size: tuple[int, int] | int | None = None  # None: the model's own (512 SD1, 1024 others)
     steps: int = Field(default=25, ge=1, le=200)
-    guidance: float = Field(default=6.0, ge=0, le=30)
+    guidance: float = Field(default=6.0, ge=0, le=MAX_GUIDANCE)
 
     @field_validator("seeds")
     @classmethod

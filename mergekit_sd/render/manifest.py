@@ -78,7 +78,8 @@ class Manifest:
     timings: dict = field(default_factory=dict)
 
     def write(self, folder: Path) -> Path:
-        text = json.dumps(asdict(self), indent=2, ensure_ascii=False) + "\n"
+        # allow_nan=False: NaN and Infinity are not JSON (jq and browsers refuse the file)
+        text = json.dumps(asdict(self), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
         return write_bytes_atomic(folder / MANIFEST_NAME, text.encode("utf-8"))
 
 
