@@ -80,17 +80,20 @@ def _check_numbers(guidance: float | None, lora_scale: float | None) -> None:
 def _options(grid, preset, out, device, dtype, steps, guidance, scheduler, lora, lora_scale,
              size, batch, config_dir):
     from mergekit_sd.render.grids import load_grid
+    from mergekit_sd.render.outputs import check_output_folder
     from mergekit_sd.render.presets import get_preset
-    from mergekit_sd.render.runner import RenderOptions, check_output_folder
+    from mergekit_sd.render.runner import RenderOptions
 
-    check_output_folder(out)
     if steps is not None and steps < 1:
         raise UserError(f"--steps {steps}: give at least 1")
     if batch is not None and batch < 1:
         raise UserError(f"--batch {batch}: give at least 1")
     _check_numbers(guidance, lora_scale)
-    return RenderOptions(load_grid(grid), get_preset(preset), out, device, dtype, steps,
-                         guidance, scheduler, lora, lora_scale, _size(size), batch, config_dir)
+    options = RenderOptions(load_grid(grid), get_preset(preset), out, device, dtype, steps,
+                            guidance, scheduler, lora, lora_scale, _size(size), batch,
+                            config_dir)
+    check_output_folder(out)  # last: it creates the folder, which bad input should not
+    return options
 
 
 def _report(result, as_json: bool) -> None:

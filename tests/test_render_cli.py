@@ -186,3 +186,27 @@ def test_render_and_compare_are_listed_without_importing_torch(cli):
          "print('torch loaded' if 'torch' in sys.modules else 'no torch')"],
         capture_output=True, text=True, cwd=REPO)
     assert "--preset" in probe.stdout and probe.stdout.rstrip().endswith("no torch")
+
+
+@pytest.mark.parametrize("out", ["afile/sub", "a" * 300])
+def test_an_unusable_output_folder_is_one_sentence_before_anything_is_built(main, models,
+                                                                            tmp_path, out):
+    (tmp_path / "afile").write_text("")
+    done = main("render", models / "sd1-a.safetensors", "--grid", "tiny", "--out",
+                tmp_path / out)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.startswith(f"error: --out {tmp_path / out}: ")
+    assert done.stderr.endswith("; give --out a folder that can be created and written\n")
+    assert "pipeline built" not in done.stdout
+
+
+def test_a_full_disk_while_writing_outputs_is_a_failure_not_a_traceback(tmp_path):
+    import errno
+
+    from mergekit_sd.errors import UserError, WorkFailed
+    from mergekit_sd.render.outputs import output_error
+
+    full = output_error(tmp_path / "x.png", OSError(errno.ENOSPC, "No space left on device"))
+    assert isinstance(full, WorkFailed)
+    assert str(full) == f"{tmp_path / 'x.png'}: could not be written (No space left on device)"
+    assert isinstance(output_error(tmp_path, OSError(errno.EROFS, "Read-only")), UserError)

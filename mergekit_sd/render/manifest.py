@@ -8,7 +8,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from mergekit_sd.io.writer import write_bytes_atomic
+from mergekit_sd.render.outputs import write_output
 
 MANIFEST_NAME = "manifest.json"
 
@@ -80,7 +80,7 @@ class Manifest:
     def write(self, folder: Path) -> Path:
         # allow_nan=False: NaN and Infinity are not JSON (jq and browsers refuse the file)
         text = json.dumps(asdict(self), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
-        return write_bytes_atomic(folder / MANIFEST_NAME, text.encode("utf-8"))
+        return write_output(folder / MANIFEST_NAME, text.encode("utf-8"))
 
 
 def read_manifest(folder: Path) -> dict:

@@ -15,9 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mergekit_sd import __version__
-from mergekit_sd.errors import UserError
 from mergekit_sd.io.hashing import file_sha256
-from mergekit_sd.io.writer import write_bytes_atomic
 from mergekit_sd.progress import CancelToken, ProgressCallback, no_progress
 from mergekit_sd.recipe.refs import ResolvedModel, Resolver
 from mergekit_sd.render.assets import scheduler_config
@@ -26,7 +24,7 @@ from mergekit_sd.render.generate import Job, Settings, auto_batch, render_batch
 from mergekit_sd.render.grids import LoadedGrid
 from mergekit_sd.render.layout import DIFFUSION_COMPONENT
 from mergekit_sd.render.manifest import CandidateEntry, ImageEntry, Manifest, PipelineEntry
-from mergekit_sd.render.outputs import a1111_parameters, png_bytes, sync_folder
+from mergekit_sd.render.outputs import a1111_parameters, png_bytes, sync_folder, write_output
 from mergekit_sd.render.pipelines import RenderPipeline, build_pipeline, check_device
 from mergekit_sd.render.presets import Preset, Sampling, make_scheduler, resolve_sampling
 from mergekit_sd.render.refs import resolve_file
@@ -268,7 +266,7 @@ class _Run:
                     "Lora hashes": f"{Path(lora['path']).stem}: {lora['sha256'][:12]}"
                     if lora else None,
                     "Preset": sampling.preset, "Version": f"mergekit-sd {__version__}"})
-                write_bytes_atomic(self.options.out / file, png_bytes(image, text))
+                write_output(self.options.out / file, png_bytes(image, text))
                 self.manifest.images.append(ImageEntry(
                     file.as_posix(), cand.label, cand.ref, sha256, cand.recipe,
                     job.prompt.name, job.prompt.text, job.prompt.negative, job.seed,
@@ -308,10 +306,5 @@ def write_contact_sheet(result: RenderResult, grid: LoadedGrid) -> str:
     title = (f"{grid.name}: {len(grid.prompts)} prompts x {len(grid.seeds)} seeds, "
              f"{len(labels)} candidates")
     sheet = grid_sheet(title, rows, labels, cells)
-    write_bytes_atomic(result.out / CONTACT_SHEET, png_bytes(sheet))
+    write_output(result.out / CONTACT_SHEET, png_bytes(sheet))
     return CONTACT_SHEET
-
-
-def check_output_folder(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: is a file; give a folder for the images and sheets")
