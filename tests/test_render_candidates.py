@@ -25,3 +25,13 @@ def _labels(folder, names):
 def test_candidate_labels_name_distinct_image_folders(tmp_path, names, labels):
     assert _labels(tmp_path, names) == labels
     assert len({slug(label).casefold() for label in labels}) == len(labels)
+
+
+@pytest.mark.parametrize("name", ["loop", "loop.yaml", "a" * 300, "a" * 300 + ".yaml"])
+def test_a_candidate_path_that_cannot_be_opened_is_one_sentence(tmp_path, name):
+    from mergekit_sd.errors import UserError
+
+    (tmp_path / "loop").symlink_to("loop")
+    (tmp_path / "loop.yaml").symlink_to("loop.yaml")
+    with pytest.raises(UserError, match=r"^candidate .*: (cannot be opened \(.*\)|no such file)$"):
+        collect_candidates([str(tmp_path / name)])

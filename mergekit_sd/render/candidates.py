@@ -16,7 +16,7 @@ from mergekit_sd.errors import BadModelFile, UserError
 from mergekit_sd.io.header import read_header
 from mergekit_sd.recipe.refs import Resolver
 from mergekit_sd.render.layout import CheckpointLayout, checkpoint_layout, layout_of
-from mergekit_sd.render.refs import resolve_file
+from mergekit_sd.render.refs import path_exists, resolve_file
 
 RECIPE_SUFFIXES = (".yaml", ".yml")
 
@@ -82,7 +82,8 @@ def collect_candidates(refs: list[str], resolver: Resolver | None = None,
     found: list[RenderCandidate] = []
     for ref in refs:
         path = Path(ref).expanduser()
-        if path.suffix in RECIPE_SUFFIXES and path.is_file():
+        if path.suffix in RECIPE_SUFFIXES and path_exists(path, "candidate", ref) \
+                and path.is_file():
             found.extend(recipe_candidates(path, resolver, assignments))
             continue
         resolved = resolve_file(ref, resolver, "candidate")
