@@ -94,9 +94,8 @@ def _show_details(console: Console, r: dict) -> None:
     lora = r.get("lora")
     if lora:
         ranks = ", ".join(f"{rank}×{n}" for rank, n in sorted(lora["ranks"].items()))
-        alpha = lora["alpha"] if lora["alpha"] is not None else "none stored (= rank)"
         facts.add_row("LoRA", f"{lora['format']}; {lora['modules']} modules; "
-                              f"rank {lora['rank']} ({ranks}); alpha {alpha}")
+                              f"rank {lora['rank']} ({ranks}); alpha {_alpha_text(lora)}")
         facts.add_row("targets", ", ".join(lora["targets"]))
         facts.add_row("blocks", " ".join(lora["blocks"]) or "-")
         if lora["trigger_words"]:
@@ -118,6 +117,17 @@ def _show_details(console: Console, r: dict) -> None:
     _show_metadata(console, r["metadata"])
 
 
+def _alpha_text(lora: dict) -> str:
+    alpha = lora["alpha"]
+    if alpha is None:
+        text = "none stored (= rank)" if not lora.get("alpha_note") else "unknown"
+    elif isinstance(alpha, list):
+        text = "[" + ", ".join(f"{a:g}" for a in alpha) + "]"
+    else:
+        text = f"{alpha:g}"
+    return text + (f" ({lora['alpha_note']})" if lora.get("alpha_note") else "")
+
+
 def _show_metadata(console: Console, metadata: dict) -> None:
     if not metadata:
         return
@@ -131,6 +141,9 @@ def _show_metadata(console: Console, metadata: dict) -> None:
         if key in metadata:
             text = str(metadata[key])
             table.add_row(key, text if len(text) < 300 else text[:300] + "…")
-    if metadata.get("other_keys"):
+    if metadata.get("other"):  # --verbose: the values too
+        for key, value in metadata["other"].items():
+            table.add_row(key, value if len(value) < 200 else value[:200] + "…")
+    elif metadata.get("other_keys"):
         table.add_row("other keys", ", ".join(metadata["other_keys"]))
     console.print(table)
