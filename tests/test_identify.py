@@ -249,3 +249,14 @@ def test_verbose_and_json_show_every_kohya_key(tmp_path, capsys):
     assert "ss_seed" not in capsys.readouterr().out
     inspect_files([lora], verbose=True)
     assert "AdamW8bit" in capsys.readouterr().out
+
+
+def test_a_flux_fill_checkpoint_is_labelled_fill_once(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(write_checkpoint(tmp_path / "dev.safetensors", "flux-dev"))
+    key = "model.diffusion_model.img_in.weight"
+    tensors[key] = tensors[key].new_zeros(tensors[key].shape[0], 384)
+    save_file(tensors, tmp_path / "fill.safetensors")
+    found = identify(read_header(tmp_path / "fill.safetensors"))
+    assert found.label.startswith("FLUX.1 Fill with ") and "fill" not in found.label
