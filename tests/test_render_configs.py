@@ -101,3 +101,22 @@ def test_a_weight_the_config_is_read_from_missing_is_one_sentence(tmp_path):
             r"^pruned.safetensors: its unet has no down_blocks.0.attentions.0.proj_in.weight; "
             r"it cannot be rendered as SD1.x$")):
         configs.unet_config(layout)
+
+
+@pytest.mark.parametrize(("kind", "files"), [
+    ("clip", {"vocab.json": "{}", "merges.txt": "\n"}),
+    ("t5", {"tokenizer.json": '{"model": {"type": "BPE", "vocab": {}, "merges": {}}}'}),
+])
+def test_a_malformed_tokenizer_in_config_dir_is_one_sentence(tmp_path, kind, files):
+    from mergekit_sd.errors import UserError
+    from mergekit_sd.render.assets import load_tokenizer
+
+    component = "text_encoder" if kind == "clip" else "text_encoder_3"
+    folder = tmp_path / ("tokenizer" if kind == "clip" else "tokenizer_3")
+    folder.mkdir()
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    with pytest.raises(UserError, match=rf"^{folder}: could not be read as a {kind.upper()} "
+                                        rf"tokenizer \(.*\); give the {folder.name}/ folder of "
+                                        "a diffusers-format model$"):
+        load_tokenizer("sd3", component, kind, 32128, config_dir=tmp_path)
