@@ -210,3 +210,25 @@ def test_a_full_disk_while_writing_outputs_is_a_failure_not_a_traceback(tmp_path
     assert isinstance(full, WorkFailed)
     assert str(full) == f"{tmp_path / 'x.png'}: could not be written (No space left on device)"
     assert isinstance(output_error(tmp_path, OSError(errno.EROFS, "Read-only")), UserError)
+
+
+@pytest.mark.parametrize(("lora", "message"), [
+    ("kohya-sdxl", "l.safetensors: is a kohya LoRA for SDXL; the candidates are SD1.x\n"),
+    ("lokr-sd1", "l.safetensors: is a LyCORIS LoKr, which diffusers cannot fuse; give a LoRA "
+                 "or LoCon, or --lora none\n"),
+    ("text", "l.safetensors: declares a "),
+])
+def test_a_lora_that_cannot_be_fused_is_one_sentence_before_building(main, models, tmp_path,
+                                                                      offline, lora, message):
+    from mergekit_sd.testing.loras import write_lora
+
+    path = tmp_path / "l.safetensors"
+    if lora == "text":
+        path.write_text("not a model, just some text in a file\n")
+    else:
+        write_lora(path, lora)
+    done = main("render", models / "sd1-a.safetensors", "--preset", "lcm", "--lora", path,
+                "--grid", "tiny", "--out", tmp_path / "out")
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.startswith(f"error: --lora {tmp_path}/{message}")
+    assert done.stderr.count("\n") == 1 and done.stdout == ""

@@ -25,7 +25,12 @@ from mergekit_sd.render.grids import LoadedGrid
 from mergekit_sd.render.layout import DIFFUSION_COMPONENT
 from mergekit_sd.render.manifest import CandidateEntry, ImageEntry, Manifest, PipelineEntry
 from mergekit_sd.render.outputs import a1111_parameters, png_bytes, sync_folder, write_output
-from mergekit_sd.render.pipelines import RenderPipeline, build_pipeline, check_device
+from mergekit_sd.render.pipelines import (
+    RenderPipeline,
+    build_pipeline,
+    check_device,
+    check_lora,
+)
 from mergekit_sd.render.presets import Preset, Sampling, make_scheduler, resolve_sampling
 from mergekit_sd.render.refs import resolve_file
 
@@ -131,7 +136,8 @@ def render_candidates(candidates: list[RenderCandidate], options: RenderOptions,
                                           options.steps, options.guidance, options.scheduler,
                                           options.lora, options.lora_scale)
                  for family in families}
-    loras = {family: _preset_lora(sampling, resolver) for family, sampling in samplings.items()}
+    loras = {family: _preset_lora(sampling, resolver, family)
+             for family, sampling in samplings.items()}
     run = _Run(options, len(candidates), progress, cancel or CancelToken())
     try:
         for cand in candidates:
@@ -157,11 +163,14 @@ def render_candidates(candidates: list[RenderCandidate], options: RenderOptions,
     return result
 
 
-def _preset_lora(sampling: Sampling, resolver: Resolver | None) -> ResolvedModel | None:
+def _preset_lora(sampling: Sampling, resolver: Resolver | None, family: str
+                 ) -> ResolvedModel | None:
     if sampling.lora_ref is None:
         return None
     advice = "; or give --lora PATH, or --lora none for candidates that have it merged in"
-    return resolve_file(sampling.lora_ref, resolver, "--lora", advice)
+    found = resolve_file(sampling.lora_ref, resolver, "--lora", advice)
+    check_lora(Path(found.path), family)
+    return found
 
 
 class _Run:
