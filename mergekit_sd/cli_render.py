@@ -116,6 +116,8 @@ def _report(result, as_json: bool) -> None:
             else "weights swapped in"
         typer.echo(f"  {cand.label}: {how} {cand.load_s:.2f} s, {cand.images} images "
                    f"{cand.render_s:.2f} s")
+    for note in manifest.notes:
+        typer.echo(f"note: {note}")
     typer.echo(f"wrote {len(manifest.images)} images, {manifest.sheets['contact']}"
                + "".join(f", {manifest.sheets[k]}" for k in ("ab_sheet", "html")
                          if k in manifest.sheets)

@@ -25,9 +25,9 @@ def models(tmp_path_factory):
     return folder
 
 
-def _render(models, names, out):
+def _render(models, names, out, grid=GRID):
     torch.set_num_threads(1)
-    options = RenderOptions(parse_grid(GRID, "grid.yaml"), get_preset("standard"), out)
+    options = RenderOptions(parse_grid(grid, "grid.yaml"), get_preset("standard"), out)
     candidates = collect_candidates([str(models / f"{n}.safetensors") for n in names])
     return render_candidates(candidates, options)
 
@@ -41,3 +41,13 @@ def test_a_unet_only_candidate_keeps_the_base_checkpoints_other_weights_in_any_o
     entry = read_manifest(tmp_path / "after-b")["candidates"][2]
     assert entry["label"] == "unet"
     assert entry["components"] == {"text_encoder": "a", "unet": "unet", "vae": "a"}
+
+
+def test_a_prompt_longer_than_the_text_encoder_reads_is_one_note_not_a_warning(models, tmp_path,
+                                                                               capfd):
+    long = "a photo of a cat " + "very " * 100
+    grid = f"prompts: [{{name: long, text: {long}}}]\nseeds: [5]\nsize: 64\nsteps: 1\n"
+    result = _render(models, ["a"], tmp_path / "out", grid)
+    assert result.manifest.notes == [
+        "prompt long: 310 tokens, cut to the 16 the text encoder reads"]
+    assert "indexing errors" not in capfd.readouterr().err

@@ -76,6 +76,7 @@ class Manifest:
     images: list[ImageEntry] = field(default_factory=list)
     sheets: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # worth a line on the terminal
 
     def write(self, folder: Path) -> Path:
         # allow_nan=False: NaN and Infinity are not JSON (jq and browsers refuse the file)

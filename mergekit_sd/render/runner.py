@@ -20,7 +20,7 @@ from mergekit_sd.progress import CancelToken, ProgressCallback, no_progress
 from mergekit_sd.recipe.refs import ResolvedModel, Resolver
 from mergekit_sd.render.assets import scheduler_config
 from mergekit_sd.render.candidates import RenderCandidate, slug
-from mergekit_sd.render.generate import Job, Settings, auto_batch, render_batch
+from mergekit_sd.render.generate import Job, Settings, auto_batch, cut_prompts, render_batch
 from mergekit_sd.render.grids import LoadedGrid
 from mergekit_sd.render.layout import DIFFUSION_COMPONENT
 from mergekit_sd.render.manifest import CandidateEntry, ImageEntry, Manifest, PipelineEntry
@@ -212,6 +212,8 @@ class _Run:
                                            scheduler_config(rp.family, rp.variant))
         _sync(options.device)
         build_s = time.perf_counter() - started
+        self.manifest.notes.extend(n for n in cut_prompts(rp, options.grid.prompts)
+                                   if n not in self.manifest.notes)
         width, height = options.size or options.grid.size_for(rp.family)
         settings = Settings(width, height, sampling.steps, sampling.guidance)
         batch = options.batch or auto_batch(rp, settings, len(self.jobs))
