@@ -51,3 +51,24 @@ def test_a_prompt_longer_than_the_text_encoder_reads_is_one_note_not_a_warning(m
     assert result.manifest.notes == [
         "prompt long: 310 tokens, cut to the 16 the text encoder reads"]
     assert "indexing errors" not in capfd.readouterr().err
+
+
+def test_a_run_that_ends_early_leaves_no_manifest_or_sheet_of_the_run_before(models, tmp_path):
+    from mergekit_sd.errors import Cancelled
+    from mergekit_sd.progress import CancelToken
+    from mergekit_sd.render import compare, html
+    from mergekit_sd.render.runner import SUMMARY_FILES
+
+    assert {compare.AB_SHEET, html.PAGE_NAME} <= set(SUMMARY_FILES)
+    out = tmp_path / "out"
+    _render(models, ["a", "b"], out)
+    assert (out / "manifest.json").exists() and (out / "contact-sheet.png").exists()
+
+    token = CancelToken()
+    options = RenderOptions(parse_grid(GRID.replace("steps: 2", "steps: 1"), "grid.yaml"),
+                            get_preset("standard"), out)
+    candidates = collect_candidates([str(models / f"{n}.safetensors") for n in ("a", "b")])
+    with pytest.raises(Cancelled):
+        render_candidates(candidates, options, progress=lambda *_: token.cancel(),
+                          cancel=token)
+    assert not (out / "manifest.json").exists() and not (out / "contact-sheet.png").exists()

@@ -23,8 +23,20 @@ from mergekit_sd.render.candidates import RenderCandidate, slug
 from mergekit_sd.render.generate import Job, Settings, auto_batch, cut_prompts, render_batch
 from mergekit_sd.render.grids import LoadedGrid
 from mergekit_sd.render.layout import DIFFUSION_COMPONENT
-from mergekit_sd.render.manifest import CandidateEntry, ImageEntry, Manifest, PipelineEntry
-from mergekit_sd.render.outputs import a1111_parameters, png_bytes, sync_folder, write_output
+from mergekit_sd.render.manifest import (
+    MANIFEST_NAME,
+    CandidateEntry,
+    ImageEntry,
+    Manifest,
+    PipelineEntry,
+)
+from mergekit_sd.render.outputs import (
+    a1111_parameters,
+    output_error,
+    png_bytes,
+    sync_folder,
+    write_output,
+)
 from mergekit_sd.render.pipelines import (
     RenderPipeline,
     build_pipeline,
@@ -36,6 +48,10 @@ from mergekit_sd.render.refs import resolve_file
 
 IMAGES_DIR = "images"
 CONTACT_SHEET = "contact-sheet.png"
+# What a run writes once its images are all done (compare's A/B sheet and --html's page too).
+# A previous run's are removed before the first new image is written, so that a run that ends
+# early never leaves a manifest or sheet describing images it has replaced.
+SUMMARY_FILES = (MANIFEST_NAME, CONTACT_SHEET, "ab-sheet.png", "index.html")
 # Below this many diffusion-model parameters (tiny test models) one CPU thread is fastest:
 # intra-op threads cost more to wake than tensors this small take to compute.
 SMALL_MODEL_PARAMS = 20_000_000
@@ -139,6 +155,7 @@ def render_candidates(candidates: list[RenderCandidate], options: RenderOptions,
     loras = {family: _preset_lora(sampling, resolver, family)
              for family, sampling in samplings.items()}
     run = _Run(options, len(candidates), progress, cancel or CancelToken())
+    _remove_previous_summary(options.out)
     try:
         for cand in candidates:
             if cand.path is not None:
@@ -161,6 +178,14 @@ def render_candidates(candidates: list[RenderCandidate], options: RenderOptions,
     manifest.write(options.out)
     sync_folder(options.out)
     return result
+
+
+def _remove_previous_summary(out: Path) -> None:
+    for name in SUMMARY_FILES:
+        try:
+            (out / name).unlink(missing_ok=True)
+        except OSError as exc:
+            raise output_error(out / name, exc) from None
 
 
 def _preset_lora(sampling: Sampling, resolver: Resolver | None, family: str
