@@ -107,21 +107,33 @@ def _report(result, as_json: bool) -> None:
                                "images": len(manifest.images)}))
         return
     for pipeline in manifest.pipelines:
-        typer.echo(f"{pipeline.family}: pipeline built from {pipeline.built_from} in "
-                   f"{pipeline.build_s:.2f} s ({pipeline.preset}, {pipeline.scheduler}, "
-                   f"{pipeline.steps} steps, guidance {pipeline.guidance:g}, {pipeline.dtype}, "
-                   f"batch {pipeline.batch_size})")
+        _echo(f"{pipeline.family}: pipeline built from {pipeline.built_from} in "
+              f"{pipeline.build_s:.2f} s ({pipeline.preset}, {pipeline.scheduler}, "
+              f"{pipeline.steps} steps, guidance {pipeline.guidance:g}, {pipeline.dtype}, "
+              f"batch {pipeline.batch_size})")
     for cand in manifest.candidates:
         how = "pipeline built" if any(p.built_from == cand.label for p in manifest.pipelines) \
             else "weights swapped in"
-        typer.echo(f"  {cand.label}: {how} {cand.load_s:.2f} s, {cand.images} images "
-                   f"{cand.render_s:.2f} s")
+        _echo(f"  {cand.label}: {how} {cand.load_s:.2f} s, {cand.images} images "
+              f"{cand.render_s:.2f} s")
     for note in manifest.notes:
-        typer.echo(f"note: {note}")
-    typer.echo(f"wrote {len(manifest.images)} images, {manifest.sheets['contact']}"
-               + "".join(f", {manifest.sheets[k]}" for k in ("ab_sheet", "html")
-                         if k in manifest.sheets)
-               + f" and manifest.json to {result.out}")
+        _echo(f"note: {note}")
+    _echo(f"wrote {len(manifest.images)} images, {manifest.sheets['contact']}"
+          + "".join(f", {manifest.sheets[k]}" for k in ("ab_sheet", "html")
+                    if k in manifest.sheets)
+          + f" and manifest.json to {result.out}")
+
+
+def _echo(line: str) -> None:
+    """A summary line wrapped at the terminal's width (80 columns must stay readable), its
+    continuation lines indented under it; words (paths, labels) are never broken."""
+    import shutil
+    import textwrap
+
+    width = shutil.get_terminal_size().columns
+    indent = " " * (len(line) - len(line.lstrip()) + 4)
+    typer.echo(textwrap.fill(line, width=max(width, 40), subsequent_indent=indent,
+                             break_long_words=False, break_on_hyphens=False))
 
 
 def _run(work, html: bool, as_json: bool):

@@ -232,3 +232,16 @@ def test_a_lora_that_cannot_be_fused_is_one_sentence_before_building(main, model
     assert done.returncode == 2, done.stdout + done.stderr
     assert done.stderr.startswith(f"error: --lora {tmp_path}/{message}")
     assert done.stderr.count("\n") == 1 and done.stdout == ""
+
+
+def test_the_summary_fits_80_columns(main, models, tmp_path, offline, monkeypatch):
+    import shutil
+
+    named = tmp_path / "a-candidate-with-a-rather-long-descriptive-name.safetensors"
+    shutil.copyfile(models / "sd1-a.safetensors", named)
+    monkeypatch.setenv("COLUMNS", "80")
+    done = main("render", named, "--grid", "tiny", "--steps", "1", "--out", tmp_path / "o")
+    assert done.returncode == 0, done.stderr
+    summary = done.stdout[done.stdout.index("sd1: pipeline"):]
+    assert max(map(len, summary.splitlines())) <= 80, summary
+    assert "a-candidate-with-a-rather-long-descriptive-name: pipeline built" in summary
