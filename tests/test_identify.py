@@ -260,3 +260,21 @@ def test_a_flux_fill_checkpoint_is_labelled_fill_once(tmp_path):
     save_file(tensors, tmp_path / "fill.safetensors")
     found = identify(read_header(tmp_path / "fill.safetensors"))
     assert found.label.startswith("FLUX.1 Fill with ") and "fill" not in found.label
+
+
+def test_at_80_columns_inspect_cuts_no_slot_prefix_or_short_word(tmp_path, capsys, monkeypatch):
+    from mergekit_sd.inspect_report import inspect_files
+
+    monkeypatch.setenv("COLUMNS", "80")
+    paths = [write_checkpoint(tmp_path / f"{v}.safetensors", v)
+             for v in ("sd3-medium", "sd1", "clip-l", "sd1-unet", "flux-dev")]
+    assert inspect_files(paths[:1]) == 0
+    details = capsys.readouterr().out
+    assert "…" not in details and max(map(len, details.splitlines())) <= 80
+    assert all(f"│ {slot} " in details
+               for slot in ("text_encoder", "text_encoder_2", "text_encoder_3"))
+    assert inspect_files(paths) == 0
+    summary = capsys.readouterr().out
+    assert max(map(len, summary.splitlines())) <= 80
+    for word in ("checkpoint", "text_encoder", "diffusion_model", "SD3-Medium", "FLUX.1-dev"):
+        assert f" {word} " in summary, word
