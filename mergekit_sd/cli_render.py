@@ -3,6 +3,7 @@ grid, and A/B sheets. Registered lazily by cli.py (torch and diffusers load only
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -47,6 +48,10 @@ Pull = Annotated[bool, typer.Option("--pull", help="Download hf:// references th
 
 
 def _size(text: str | None) -> tuple[int, int] | None:
+    """WIDTHxHEIGHT within a grid file's own limits (checked before anything is built: a
+    huge size would only fail allocating the first batch)."""
+    from mergekit_sd.render.grids import MAX_SIDE, SIZE_STEP
+
     if text is None:
         return None
     width, sep, height = text.lower().partition("x")
@@ -54,24 +59,41 @@ def _size(text: str | None) -> tuple[int, int] | None:
         size = (int(width), int(height or width)) if sep or width else None
     except ValueError:
         size = None
-    if size is None or min(size) <= 0 or any(side % 64 for side in size):
-        raise UserError(f"--size {text!r}: write WIDTHxHEIGHT in multiples of 64, e.g. 512x768")
+    if size is None or min(size) <= 0 or max(size) > MAX_SIDE \
+            or any(side % SIZE_STEP for side in size):
+        raise UserError(f"--size {text!r}: write WIDTHxHEIGHT in multiples of {SIZE_STEP} up "
+                        f"to {MAX_SIDE}, e.g. 512x768")
     return size
+
+
+def _check_numbers(guidance: float | None, lora_scale: float | None) -> None:
+    """NaN and infinity would render (and make manifest.json invalid JSON); a grid file's
+    guidance has the same 0 to 30 range."""
+    from mergekit_sd.render.grids import MAX_GUIDANCE
+
+    if guidance is not None and not (math.isfinite(guidance) and 0 <= guidance <= MAX_GUIDANCE):
+        raise UserError(f"--guidance {guidance:g}: give a number from 0 to {MAX_GUIDANCE:g}")
+    if lora_scale is not None and not math.isfinite(lora_scale):
+        raise UserError(f"--lora-scale {lora_scale:g}: give a finite number, e.g. 1 or 0.8")
 
 
 def _options(grid, preset, out, device, dtype, steps, guidance, scheduler, lora, lora_scale,
              size, batch, config_dir):
     from mergekit_sd.render.grids import load_grid
+    from mergekit_sd.render.outputs import check_output_folder
     from mergekit_sd.render.presets import get_preset
-    from mergekit_sd.render.runner import RenderOptions, check_output_folder
+    from mergekit_sd.render.runner import RenderOptions
 
-    check_output_folder(out)
     if steps is not None and steps < 1:
         raise UserError(f"--steps {steps}: give at least 1")
     if batch is not None and batch < 1:
         raise UserError(f"--batch {batch}: give at least 1")
-    return RenderOptions(load_grid(grid), get_preset(preset), out, device, dtype, steps,
-                         guidance, scheduler, lora, lora_scale, _size(size), batch, config_dir)
+    _check_numbers(guidance, lora_scale)
+    options = RenderOptions(load_grid(grid), get_preset(preset), out, device, dtype, steps,
+                            guidance, scheduler, lora, lora_scale, _size(size), batch,
+                            config_dir)
+    check_output_folder(out)  # last: it creates the folder, which bad input should not
+    return options
 
 
 def _report(result, as_json: bool) -> None:
@@ -85,19 +107,33 @@ def _report(result, as_json: bool) -> None:
                                "images": len(manifest.images)}))
         return
     for pipeline in manifest.pipelines:
-        typer.echo(f"{pipeline.family}: pipeline built from {pipeline.built_from} in "
-                   f"{pipeline.build_s:.2f} s ({pipeline.preset}, {pipeline.scheduler}, "
-                   f"{pipeline.steps} steps, guidance {pipeline.guidance:g}, {pipeline.dtype}, "
-                   f"batch {pipeline.batch_size})")
+        _echo(f"{pipeline.family}: pipeline built from {pipeline.built_from} in "
+              f"{pipeline.build_s:.2f} s ({pipeline.preset}, {pipeline.scheduler}, "
+              f"{pipeline.steps} steps, guidance {pipeline.guidance:g}, {pipeline.dtype}, "
+              f"batch {pipeline.batch_size})")
     for cand in manifest.candidates:
         how = "pipeline built" if any(p.built_from == cand.label for p in manifest.pipelines) \
             else "weights swapped in"
-        typer.echo(f"  {cand.label}: {how} {cand.load_s:.2f} s, {cand.images} images "
-                   f"{cand.render_s:.2f} s")
-    typer.echo(f"wrote {len(manifest.images)} images, {manifest.sheets['contact']}"
-               + "".join(f", {manifest.sheets[k]}" for k in ("ab_sheet", "html")
-                         if k in manifest.sheets)
-               + f" and manifest.json to {result.out}")
+        _echo(f"  {cand.label}: {how} {cand.load_s:.2f} s, {cand.images} images "
+              f"{cand.render_s:.2f} s")
+    for note in manifest.notes:
+        _echo(f"note: {note}")
+    _echo(f"wrote {len(manifest.images)} images, {manifest.sheets['contact']}"
+          + "".join(f", {manifest.sheets[k]}" for k in ("ab_sheet", "html")
+                    if k in manifest.sheets)
+          + f" and manifest.json to {result.out}")
+
+
+def _echo(line: str) -> None:
+    """A summary line wrapped at the terminal's width (80 columns must stay readable), its
+    continuation lines indented under it; words (paths, labels) are never broken."""
+    import shutil
+    import textwrap
+
+    width = shutil.get_terminal_size().columns
+    indent = " " * (len(line) - len(line.lstrip()) + 4)
+    typer.echo(textwrap.fill(line, width=max(width, 40), subsequent_indent=indent,
+                             break_long_words=False, break_on_hyphens=False))
 
 
 def _run(work, html: bool, as_json: bool):

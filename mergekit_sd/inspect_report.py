@@ -1,11 +1,13 @@
 """`mergekit-sd inspect`: identify files from their headers and show it as tables or JSON.
 
-Reads only headers, plus a LoRA's few alpha scalars when its metadata does not state them.
+Reads only headers, plus a LoRA's few alpha scalars: those are the alphas that apply (bake uses
+them), whatever the training metadata says.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import Counter
 from pathlib import Path
@@ -22,8 +24,9 @@ KOHYA_SUMMARY = ("ss_output_name", "ss_base_model_version", "ss_sd_model_name",
                  "ss_steps", "ss_resolution", "ss_learning_rate", "ss_training_started_at")
 
 
-def inspect_file(path: Path) -> dict:
-    """Everything inspect reports about one file, as plain data (the --json shape)."""
+def inspect_file(path: Path, all_metadata: bool = False) -> dict:
+    """Everything inspect reports about one file, as plain data (the --json shape);
+    `all_metadata` keeps every metadata value rather than a summary."""
     header = read_header(path)
     ident = identify(header)
     report = {
@@ -36,10 +39,10 @@ def inspect_file(path: Path) -> dict:
         "dtypes": dict(Counter(info.dtype for info in header.tensors.values())),
         "parameters": sum(c.parameters for c in ident.components)
         if ident.components else _parameters(header),
-        "metadata": summarise_metadata(header.metadata),
+        "metadata": summarise_metadata(header.metadata, all_metadata),
     }
     if ident.lora is not None:
-        report["lora"]["alpha"] = _lora_alpha(header, ident)
+        report["lora"]["alpha"], report["lora"]["alpha_note"] = _lora_alpha(header, ident)
         report["lora"]["rank"] = ident.lora.rank
         report["lora"]["trigger_words"] = trigger_words(header.metadata)
         report["parameters"] = _parameters(header)
@@ -54,37 +57,81 @@ def _parameters(header: SafetensorsHeader) -> int:
 
 
 def _lora_alpha(header: SafetensorsHeader, ident: Identification):
+    """(alpha, note): the alpha tensors' distinct values (one number, a list, or None when
+    none are stored and alpha is the rank), and a note on values that are no numbers or on
+    training metadata that says otherwise (kohya's dynamic resize writes "Dynamic")."""
     said = header.metadata.get("ss_network_alpha")
-    if said:
-        return said
     keys = ident.lora.alpha_keys
     if not keys:
-        return None  # no alpha stored: it defaults to the rank
+        return None, (f"ss_network_alpha says {said}, but no alpha is stored" if said else None)
+    values, invalid = _alpha_values(header, keys)
+    notes = [f"{n} alpha tensor(s) {problem}" for problem, n in sorted(invalid.items())]
+    if said and values and _number(said) not in values:
+        notes.append(f"ss_network_alpha says {said}; the tensors' values apply")
+    alpha = sorted(values)
+    return (alpha[0] if len(alpha) == 1 else alpha or None), "; ".join(notes) or None
+
+
+def _alpha_values(header: SafetensorsHeader, keys: list[str]) -> tuple[set[float], Counter]:
+    """The finite alpha values (rounded), and a count of the others by what is wrong."""
+    values: set[float] = set()
+    invalid: Counter = Counter()
     with SafetensorsReader(header.path, header) as reader:
-        values = sorted({round(read_scalar(reader, k), 4) for k in keys})
-    return values[0] if len(values) == 1 else values
+        for key in keys:
+            try:
+                value = read_scalar(reader, key)
+            except ValueError:  # empty, BOOL, FP8 ...: nothing bake could use
+                invalid[f"not a number ({reader.tensors[key].dtype}, "
+                        f"shape {list(reader.tensors[key].shape)})"] += 1
+                continue
+            if math.isfinite(value):
+                values.add(round(value, 4))
+            else:
+                invalid[f"{value} (invalid)"] += 1
+    return values, invalid
 
 
-def summarise_metadata(metadata: dict[str, str]) -> dict:
-    """modelspec.* in full, kohya ss_* summarised, merge recipes parsed; the rest counted."""
+def _number(text: str) -> float | None:
+    try:
+        return round(float(text), 4)
+    except ValueError:
+        return None
+
+
+def summarise_metadata(metadata: dict[str, str], everything: bool = False) -> dict:
+    """modelspec.* in full, kohya ss_* summarised, merge recipes parsed; the rest named.
+    `everything` (--verbose, --json) keeps every ss_* key and the other keys' values too."""
     summary: dict = {}
     modelspec = {k: v for k, v in metadata.items() if k.startswith("modelspec.")}
     if modelspec:
         summary["modelspec"] = modelspec
     kohya = {k: metadata[k] for k in KOHYA_SUMMARY if k in metadata}
+    if everything:
+        kohya.update((k, metadata[k]) for k in sorted(metadata) if k.startswith("ss_"))
     if kohya:
         summary["kohya"] = kohya
     for key in ("sd_merge_recipe", "sd_merge_models", "mergekit_sd.recipe"):
         if key in metadata:
-            try:
-                summary[key] = json.loads(metadata[key])
-            except (ValueError, RecursionError):  # not JSON, or nested past the parser
-                summary[key] = metadata[key]
-    others = [k for k in metadata if not k.startswith(("modelspec.", "ss_"))
-              and k not in summary]
+            summary[key] = _parsed(metadata[key])
+    others = sorted(k for k in metadata if not k.startswith(("modelspec.", "ss_"))
+                    and k not in summary)
     if others:
-        summary["other_keys"] = sorted(others)
+        summary["other_keys"] = others
+        if everything:
+            summary["other"] = {k: metadata[k] for k in others}
     return summary
+
+
+def _parsed(text: str):
+    """A metadata value holding JSON, parsed; kept as written when it is not strict JSON
+    (NaN and Infinity, which json.loads accepts but no strict reader of --json would)."""
+    def refuse(constant: str):
+        raise ValueError(constant)
+
+    try:
+        return json.loads(text, parse_constant=refuse)
+    except (ValueError, RecursionError):  # not JSON, or nested past the parser
+        return text
 
 
 def inspect_files(paths: list[Path], as_json: bool = False, verbose: bool = False) -> int:
@@ -92,13 +139,13 @@ def inspect_files(paths: list[Path], as_json: bool = False, verbose: bool = Fals
     reports, errors = [], []
     for path in paths:
         try:
-            reports.append(inspect_file(path))
+            reports.append(inspect_file(path, all_metadata=verbose or as_json))
         except BadModelFile as exc:
             errors.append({"path": str(path), "error": str(exc)})
         except OSError as exc:
             errors.append({"path": str(path), "error": f"{path}: {os.strerror(exc.errno or 0)}"})
     if as_json:
-        print(json.dumps(reports + errors, indent=2, default=str))
+        print(json.dumps(reports + errors, indent=2, default=str, allow_nan=False))
     else:
         from mergekit_sd.inspect_view import show_reports
 

@@ -64,14 +64,15 @@ def _summary(rows: list[tuple[str, ...]], width: int) -> Table:
 
     borders = 3 * len(HEADERS) + 1
     room = width - borders - sum(needs(i) for i in range(2, len(HEADERS)))
+    if room < MIN_DESCRIPTION:
+        return _stacked_summary(rows)
     whole_names = needs(0) + MIN_DESCRIPTION <= room
     table = Table(title="Model files", title_justify="left")
     table.add_column(HEADERS[0], overflow="fold", no_wrap=whole_names,
                      ratio=None if whole_names else 3)
     table.add_column(HEADERS[1], overflow="fold", ratio=None if whole_names else 3)
-    short_whole = room >= MIN_DESCRIPTION  # "checkpoint", not "checkpoin/t", where it fits
-    for header in HEADERS[2:]:
-        table.add_column(header, overflow="fold", no_wrap=short_whole)
+    for header in HEADERS[2:]:  # "checkpoint", not "checkpoin/t"
+        table.add_column(header, overflow="fold", no_wrap=True)
     dtypes = HEADERS.index("dtypes")
     for row in rows:
         if not whole_names:  # a narrow terminal: one dtype a line
@@ -80,8 +81,28 @@ def _summary(rows: list[tuple[str, ...]], width: int) -> Table:
     return table
 
 
+def _stacked_summary(rows: list[tuple[str, ...]]) -> Table:
+    """The summary for a terminal too narrow for seven columns beside a readable description
+    (80 columns and a mixed set of files): kind over layout and parameters over size, so
+    that no short word breaks and the description keeps its longest word whole."""
+    longest_word = max(len(w) for row in rows for w in row[1].split())
+    table = Table(title="Model files", title_justify="left")
+    table.add_column(HEADERS[0], overflow="fold", ratio=1)
+    table.add_column(HEADERS[1], overflow="fold", ratio=1, min_width=longest_word)
+    for header in ("kind\nlayout", "dtypes", "params\nsize"):
+        table.add_column(header, no_wrap=True)
+    for name, label, kind, layout, dtypes, params, size in rows:
+        table.add_row(name, label, f"{kind}\n{layout}", dtypes.replace(", ", "\n"),
+                      f"{params}\n{size}")
+    return table
+
+
 def _show_details(console: Console, r: dict) -> None:
-    console.rule(r["path"])
+    if len(r["path"]) + 4 <= console.width:
+        console.rule(r["path"])
+    else:  # a rule would cut the path short (…): it gets lines of its own
+        console.rule()
+        console.print(r["path"], overflow="fold")
     facts = Table.grid(padding=(0, 2))
     facts.add_column(style="bold")
     facts.add_column(overflow="fold")
@@ -94,9 +115,8 @@ def _show_details(console: Console, r: dict) -> None:
     lora = r.get("lora")
     if lora:
         ranks = ", ".join(f"{rank}×{n}" for rank, n in sorted(lora["ranks"].items()))
-        alpha = lora["alpha"] if lora["alpha"] is not None else "none stored (= rank)"
         facts.add_row("LoRA", f"{lora['format']}; {lora['modules']} modules; "
-                              f"rank {lora['rank']} ({ranks}); alpha {alpha}")
+                              f"rank {lora['rank']} ({ranks}); alpha {_alpha_text(lora)}")
         facts.add_row("targets", ", ".join(lora["targets"]))
         facts.add_row("blocks", " ".join(lora["blocks"]) or "-")
         if lora["trigger_words"]:
@@ -107,15 +127,48 @@ def _show_details(console: Console, r: dict) -> None:
         facts.add_row("cannot tell", line)
     console.print(facts)
     if r["components"]:
-        table = Table(title="components", title_justify="left")
-        for column in ("component", "model", "prefix", "keys", "params", "size", "dtypes"):
-            table.add_column(column)
-        for c in r["components"]:
-            table.add_row(c["slot"], c["model"], c["prefix"] or "-", str(c["keys"]),
-                          human_count(c["parameters"]), human_size(c["nbytes"]),
-                          _dtype_mix(c["dtypes"]))
-        console.print(table)
+        console.print(_components(r["components"], console.width))
     _show_metadata(console, r["metadata"])
+
+
+COMPONENT_HEADERS = ("component", "model", "prefix", "keys", "params", "size", "dtypes")
+
+
+def _components(components: list[dict], width: int) -> Table:
+    """The components table. Slots and prefixes tell text_encoder_2 from _3, so they are
+    never cut short (…): slots stay whole and prefixes fold; a narrow terminal (80 columns)
+    gets parameters over size to leave the model and prefix room."""
+    rows = [(c["slot"], c["model"], c["prefix"] or "-", str(c["keys"]),
+             human_count(c["parameters"]), human_size(c["nbytes"]), _dtype_mix(c["dtypes"]))
+            for c in components]
+    needs = [max(len(text) for text in (h, *(row[i] for row in rows)))
+             for i, h in enumerate(COMPONENT_HEADERS)]
+    longest_word = min(12, max(len(w) for row in rows for w in row[1].split()))
+    stacked = sum(needs) - needs[1] - needs[2] + 2 * longest_word + 3 * len(needs) + 1 > width
+    headers = list(COMPONENT_HEADERS)
+    if stacked:
+        headers[4:6] = ["params\nsize"]
+        rows = [(*row[:4], f"{row[4]}\n{row[5]}", row[6]) for row in rows]
+    table = Table(title="components", title_justify="left")
+    table.add_column(headers[0], no_wrap=True)
+    table.add_column(headers[1], overflow="fold", ratio=1, min_width=longest_word)
+    table.add_column(headers[2], overflow="fold", ratio=1)
+    for header in headers[3:]:
+        table.add_column(header, no_wrap=True)
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def _alpha_text(lora: dict) -> str:
+    alpha = lora["alpha"]
+    if alpha is None:
+        text = "none stored (= rank)" if not lora.get("alpha_note") else "unknown"
+    elif isinstance(alpha, list):
+        text = "[" + ", ".join(f"{a:g}" for a in alpha) + "]"
+    else:
+        text = f"{alpha:g}"
+    return text + (f" ({lora['alpha_note']})" if lora.get("alpha_note") else "")
 
 
 def _show_metadata(console: Console, metadata: dict) -> None:
@@ -131,6 +184,9 @@ def _show_metadata(console: Console, metadata: dict) -> None:
         if key in metadata:
             text = str(metadata[key])
             table.add_row(key, text if len(text) < 300 else text[:300] + "…")
-    if metadata.get("other_keys"):
+    if metadata.get("other"):  # --verbose: the values too
+        for key, value in metadata["other"].items():
+            table.add_row(key, value if len(value) < 200 else value[:200] + "…")
+    elif metadata.get("other_keys"):
         table.add_row("other keys", ", ".join(metadata["other_keys"]))
     console.print(table)

@@ -180,3 +180,109 @@ def test_inspect_shows_lineage_nested_past_the_json_parser_as_it_is_stored(tmp_p
     result = run_cli("inspect", "--json", path)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)[0]["metadata"]["sd_merge_recipe"] == deep
+
+
+def _with_alphas(path, value, out):
+    """A copy of the LoRA at `path` whose every alpha tensor is `value`."""
+    from safetensors.torch import load_file, save_file
+
+    save_file({k: value.clone() if k.endswith(".alpha") else t
+               for k, t in load_file(path).items()}, out)
+    return out
+
+
+def _strict_json(text: str):
+    def refuse(constant):
+        raise AssertionError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize(("said", "note"), [
+    ("Dynamic", "ss_network_alpha says Dynamic; the tensors' values apply"),
+    ("1", "ss_network_alpha says 1; the tensors' values apply"),
+    ("2", None),
+])
+def test_lora_alpha_is_the_tensors_and_metadata_that_disagrees_is_noted(tmp_path, said, note):
+    from mergekit_sd.inspect_report import inspect_file
+
+    lora = write_lora(tmp_path / "l.safetensors", "kohya-sd1", rank=4, alpha=2.0,
+                      metadata={"ss_network_alpha": said})
+    report = inspect_file(lora)["lora"]
+    assert (report["alpha"], report["alpha_note"]) == (2.0, note)
+
+
+@pytest.mark.parametrize(("value", "note"), [
+    ("nan", "alpha tensor(s) nan (invalid)"),
+    ("empty", "alpha tensor(s) not a number (F32, shape [0])"),
+    ("bool", "alpha tensor(s) not a number (BOOL, shape [])"),
+])
+def test_alphas_that_are_no_numbers_are_reported_once_in_valid_json(tmp_path, capsys, value,
+                                                                    note):
+    import torch
+
+    from mergekit_sd.inspect_report import inspect_files
+
+    tensor = {"nan": torch.tensor(float("nan")), "empty": torch.zeros(0),
+              "bool": torch.tensor(True)}[value]
+    lora = _with_alphas(write_lora(tmp_path / "l.safetensors", "kohya-sd1", metadata={}),
+                        tensor, tmp_path / "odd.safetensors")
+    assert inspect_files([lora], as_json=True) == 0
+    report = _strict_json(capsys.readouterr().out)[0]["lora"]
+    assert report["alpha"] is None and report["alpha_note"].endswith(note)
+    assert inspect_files([lora]) == 0
+    table = capsys.readouterr().out
+    assert table.count("alpha unknown") == 1 and note in " ".join(table.split())
+
+
+def test_a_merge_recipe_with_nan_in_the_metadata_stays_a_string_in_json(tmp_path, capsys):
+    from mergekit_sd.inspect_report import inspect_files
+
+    path = write_checkpoint(tmp_path / "m.safetensors", "sd1",
+                            metadata={"sd_merge_recipe": '{"alpha": NaN, "beta": Infinity}'})
+    assert inspect_files([path], as_json=True) == 0
+    report = _strict_json(capsys.readouterr().out)[0]
+    assert report["metadata"]["sd_merge_recipe"] == '{"alpha": NaN, "beta": Infinity}'
+
+
+def test_verbose_and_json_show_every_kohya_key(tmp_path, capsys):
+    from mergekit_sd.inspect_report import inspect_files
+
+    lora = write_lora(tmp_path / "l.safetensors", "kohya-sd1", metadata={
+        "ss_network_alpha": "4", "ss_seed": "42", "ss_optimizer": "AdamW8bit", "note": "hi"})
+    assert inspect_files([lora], as_json=True) == 0
+    metadata = _strict_json(capsys.readouterr().out)[0]["metadata"]
+    assert metadata["kohya"]["ss_seed"] == "42" and metadata["other"] == {"note": "hi"}
+    inspect_files([lora])
+    assert "ss_seed" not in capsys.readouterr().out
+    inspect_files([lora], verbose=True)
+    assert "AdamW8bit" in capsys.readouterr().out
+
+
+def test_a_flux_fill_checkpoint_is_labelled_fill_once(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(write_checkpoint(tmp_path / "dev.safetensors", "flux-dev"))
+    key = "model.diffusion_model.img_in.weight"
+    tensors[key] = tensors[key].new_zeros(tensors[key].shape[0], 384)
+    save_file(tensors, tmp_path / "fill.safetensors")
+    found = identify(read_header(tmp_path / "fill.safetensors"))
+    assert found.label.startswith("FLUX.1 Fill with ") and "fill" not in found.label
+
+
+def test_at_80_columns_inspect_cuts_no_slot_prefix_or_short_word(tmp_path, capsys, monkeypatch):
+    from mergekit_sd.inspect_report import inspect_files
+
+    monkeypatch.setenv("COLUMNS", "80")
+    paths = [write_checkpoint(tmp_path / f"{v}.safetensors", v)
+             for v in ("sd3-medium", "sd1", "clip-l", "sd1-unet", "flux-dev")]
+    assert inspect_files(paths[:1]) == 0
+    details = capsys.readouterr().out
+    assert "…" not in details and max(map(len, details.splitlines())) <= 80
+    assert all(f"│ {slot} " in details
+               for slot in ("text_encoder", "text_encoder_2", "text_encoder_3"))
+    assert inspect_files(paths) == 0
+    summary = capsys.readouterr().out
+    assert max(map(len, summary.splitlines())) <= 80
+    for word in ("checkpoint", "text_encoder", "diffusion_model", "SD3-Medium", "FLUX.1-dev"):
+        assert f" {word} " in summary, word

@@ -142,6 +142,12 @@ def test_compare_lays_two_candidates_side_by_side_with_a_heat_map(main, models, 
     (["--grid", "nope.yaml"], "error: nope.yaml: does not exist; give a grid YAML file"),
     (["--preset", "lightning-4"], "error: --preset lightning-4 is for SDXL, not SD1.x"),
     (["--size", "100x64"], "error: --size '100x64': write WIDTHxHEIGHT in multiples of 64"),
+    (["--size", "4160x64"], "error: --size '4160x64': write WIDTHxHEIGHT in multiples "
+                               "of 64 up to 4096"),
+    (["--guidance", "nan"], "error: --guidance nan: give a number from 0 to 30\n"),
+    (["--guidance", "-3"], "error: --guidance -3: give a number from 0 to 30\n"),
+    (["--guidance", "inf"], "error: --guidance inf: give a number from 0 to 30\n"),
+    (["--lora-scale", "nan"], "error: --lora-scale nan: give a finite number"),
     (["--device", "cuda:7"], "error: --device cuda:7: no CUDA device is available"),
 ])
 def test_bad_input_is_one_sentence_and_exit_code_2(main, models, tmp_path, offline, args,
@@ -180,3 +186,62 @@ def test_render_and_compare_are_listed_without_importing_torch(cli):
          "print('torch loaded' if 'torch' in sys.modules else 'no torch')"],
         capture_output=True, text=True, cwd=REPO)
     assert "--preset" in probe.stdout and probe.stdout.rstrip().endswith("no torch")
+
+
+@pytest.mark.parametrize("out", ["afile/sub", "a" * 300])
+def test_an_unusable_output_folder_is_one_sentence_before_anything_is_built(main, models,
+                                                                            tmp_path, out):
+    (tmp_path / "afile").write_text("")
+    done = main("render", models / "sd1-a.safetensors", "--grid", "tiny", "--out",
+                tmp_path / out)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.startswith(f"error: --out {tmp_path / out}: ")
+    assert done.stderr.endswith("; give --out a folder that can be created and written\n")
+    assert "pipeline built" not in done.stdout
+
+
+def test_a_full_disk_while_writing_outputs_is_a_failure_not_a_traceback(tmp_path):
+    import errno
+
+    from mergekit_sd.errors import UserError, WorkFailed
+    from mergekit_sd.render.outputs import output_error
+
+    full = output_error(tmp_path / "x.png", OSError(errno.ENOSPC, "No space left on device"))
+    assert isinstance(full, WorkFailed)
+    assert str(full) == f"{tmp_path / 'x.png'}: could not be written (No space left on device)"
+    assert isinstance(output_error(tmp_path, OSError(errno.EROFS, "Read-only")), UserError)
+
+
+@pytest.mark.parametrize(("lora", "message"), [
+    ("kohya-sdxl", "l.safetensors: is a kohya LoRA for SDXL; the candidates are SD1.x\n"),
+    ("lokr-sd1", "l.safetensors: is a LyCORIS LoKr, which diffusers cannot fuse; give a LoRA "
+                 "or LoCon, or --lora none\n"),
+    ("text", "l.safetensors: declares a "),
+])
+def test_a_lora_that_cannot_be_fused_is_one_sentence_before_building(main, models, tmp_path,
+                                                                      offline, lora, message):
+    from mergekit_sd.testing.loras import write_lora
+
+    path = tmp_path / "l.safetensors"
+    if lora == "text":
+        path.write_text("not a model, just some text in a file\n")
+    else:
+        write_lora(path, lora)
+    done = main("render", models / "sd1-a.safetensors", "--preset", "lcm", "--lora", path,
+                "--grid", "tiny", "--out", tmp_path / "out")
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.startswith(f"error: --lora {tmp_path}/{message}")
+    assert done.stderr.count("\n") == 1 and done.stdout == ""
+
+
+def test_the_summary_fits_80_columns(main, models, tmp_path, offline, monkeypatch):
+    import shutil
+
+    named = tmp_path / "a-candidate-with-a-rather-long-descriptive-name.safetensors"
+    shutil.copyfile(models / "sd1-a.safetensors", named)
+    monkeypatch.setenv("COLUMNS", "80")
+    done = main("render", named, "--grid", "tiny", "--steps", "1", "--out", tmp_path / "o")
+    assert done.returncode == 0, done.stderr
+    summary = done.stdout[done.stdout.index("sd1: pipeline"):]
+    assert max(map(len, summary.splitlines())) <= 80, summary
+    assert "a-candidate-with-a-rather-long-descriptive-name: pipeline built" in summary

@@ -88,3 +88,35 @@ def test_flux_and_sd3_transformers_and_t5_get_the_released_settings(full):
     (320, 8, 8), (1280, 20, 20), (20, 8, 5), (16, 1, 1), (30, 8, 6)])
 def test_head_counts_divide_the_width(width, standard, heads):
     assert configs.head_count(width, standard) == heads
+
+
+def test_a_weight_the_config_is_read_from_missing_is_one_sentence(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = write_checkpoint(tmp_path / "sd1.safetensors", "sd1")
+    save_file({k: t for k, t in load_file(path).items() if "input_blocks.1.1.proj_in" not in k},
+              tmp_path / "pruned.safetensors")
+    layout = checkpoint_layout(read_header(tmp_path / "pruned.safetensors"))
+    with pytest.raises(configs.UnfitShapes, match=(
+            r"^pruned.safetensors: its unet has no down_blocks.0.attentions.0.proj_in.weight; "
+            r"it cannot be rendered as SD1.x$")):
+        configs.unet_config(layout)
+
+
+@pytest.mark.parametrize(("kind", "files"), [
+    ("clip", {"vocab.json": "{}", "merges.txt": "\n"}),
+    ("t5", {"tokenizer.json": '{"model": {"type": "BPE", "vocab": {}, "merges": {}}}'}),
+])
+def test_a_malformed_tokenizer_in_config_dir_is_one_sentence(tmp_path, kind, files):
+    from mergekit_sd.errors import UserError
+    from mergekit_sd.render.assets import load_tokenizer
+
+    component = "text_encoder" if kind == "clip" else "text_encoder_3"
+    folder = tmp_path / ("tokenizer" if kind == "clip" else "tokenizer_3")
+    folder.mkdir()
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    with pytest.raises(UserError, match=rf"^{folder}: could not be read as a {kind.upper()} "
+                                        rf"tokenizer \(.*\); give the {folder.name}/ folder of "
+                                        "a diffusers-format model$"):
+        load_tokenizer("sd3", component, kind, 32128, config_dir=tmp_path)

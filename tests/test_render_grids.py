@@ -35,6 +35,11 @@ def test_plain_string_prompts_get_numbered_names():
     assert grid.size is None and grid.seeds == (3,)
 
 
+def test_a_plain_prompt_never_takes_a_name_another_prompt_was_given():
+    grid = parse_grid("prompts: [{name: p02, text: a red apple}, a blue car, p03]\n", "g.yaml")
+    assert [p.name for p in grid.prompts] == ["p02", "p02-2", "p03"]
+
+
 @pytest.mark.parametrize(("text", "expected"), [
     ("prompts:\n  - text: a cat\n    negativ: blurry\n",
      "g.yaml, line 3, prompts.0.negativ: is not a field here"),
@@ -46,6 +51,12 @@ def test_plain_string_prompts_get_numbered_names():
      "prompts: the name 'x' is used twice"),
     ("prompts:\n  - {text: a, name: 'a b'}\n", "g.yaml, line 2, prompts.0.name"),
     ("prompts: [a\n", "g.yaml, line 2: is not valid YAML"),
+    ("prompts: ['']\n", "g.yaml, line 1, prompts.0: is empty; write the prompt's text"),
+    ("prompts: [{text: ''}]\n", "g.yaml, line 1, prompts.0.text: is empty"),
+    ("prompts: [a, yes, 12]\n", "g.yaml, line 1, prompts.1: write a prompt as text (in quotes "
+                               "when it is yes, no or a number) or as a mapping with text:"),
+    ("prompts: []\n", "g.yaml, line 1, prompts: give at least one prompt"),
+    ("prompts: [a]\nguidance: .nan\n", "g.yaml, line 2, guidance: give a number from 0 to 30"),
     ("prompts: [a cat]\nseeds: [1\x07]\n",
      "g.yaml, line 2: is not valid YAML (special characters are not allowed)"),
 ])
@@ -53,6 +64,13 @@ def test_grid_errors_name_the_file_line_and_field(text, expected):
     with pytest.raises(GridError) as caught:
         parse_grid(text, "g.yaml")
     assert expected.replace("Value error, ", "") in str(caught.value)
+
+
+@pytest.mark.parametrize("name", ["loop", "a" * 300])
+def test_a_grid_path_that_cannot_be_opened_is_one_sentence(tmp_path, name):
+    (tmp_path / "loop").symlink_to("loop")
+    with pytest.raises(GridError, match="cannot be read .*; give a grid YAML file"):
+        load_grid(tmp_path / name)
 
 
 def test_a_missing_grid_lists_the_shipped_ones(tmp_path):

@@ -32,7 +32,17 @@ def files(tmp_path_factory):
                                                          variant, seed=seed)
     made["sd1-unet"] = write_checkpoint(folder / "sd1-unet.safetensors", "sd1-unet", seed=3)
     made["lora"] = write_lora(folder / "lora.safetensors", "kohya-sd1", seed=4)
+    made["sd1-pruned"] = _without(made["sd1-2"], "input_blocks.1.1.proj_in",
+                                  folder / "sd1-pruned.safetensors")
     return made
+
+
+def _without(path, part: str, out):
+    """A copy of the checkpoint at `path` without the keys containing `part`."""
+    from safetensors.torch import load_file, save_file
+
+    save_file({k: t for k, t in load_file(path).items() if part not in k}, out)
+    return out
 
 
 def _layout(path):
@@ -97,6 +107,15 @@ def test_every_candidate_starts_from_the_same_noise_whatever_its_batch(files):
     assert alone[0] == together[3]
 
 
+def test_prompts_that_share_a_name_are_each_encoded_from_their_own_text(files):
+    rp = _build(files["sd1-1"])
+    cat, house = (Prompt("p02", p.text, p.negative) for p in PROMPTS)
+    encoded: dict = {}
+    render_batch(rp, [Job(cat, 7), Job(house, 8)], SETTINGS, encoded)
+    embeds = [conditioning["prompt_embeds"] for conditioning in encoded.values()]
+    assert len(embeds) == 2 and not torch.equal(*embeds)
+
+
 def test_a_unet_only_file_swaps_the_unet_and_leaves_the_rest(files):
     rp = _build(files["sd1-1"])
     before = _weights(rp)
@@ -133,6 +152,13 @@ def test_candidates_of_another_architecture_are_refused(files):
     rp = _build(files["sd1-1"])
     with pytest.raises(UserError, match="SDXL but the pipeline is SD1.x"):
         rp.load(_layout(files["sdxl-1"]), path=files["sdxl-1"])
+
+
+def test_a_candidate_lacking_weights_is_refused_not_blended_with_the_last_one(files):
+    rp = _build(files["sd1-1"])
+    with pytest.raises(UserError, match=r"sd1-pruned.safetensors: its unet lacks 2 weight\(s\) the "
+                                        r"pipeline needs .*the file is incomplete"):
+        rp.load(_layout(files["sd1-pruned"]), path=files["sd1-pruned"])
 
 
 def test_a_pipeline_needs_a_full_checkpoint_first(files):

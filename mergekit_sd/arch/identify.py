@@ -229,7 +229,9 @@ def _identify_model(header, dm: DiffusionModel, components, encoders, vae, evide
     layout = dm.layout
     if dm.layout == "bare":
         layout = {"sd": "ldm", "sdxl": "sgm", "flux": "bfl", "sd3": "mmdit"}[architecture.family]
-    label = architecture.label + (f" {dm.variant}" if dm.variant else "")
+    label = architecture.label
+    if dm.variant and dm.variant.lower() not in label.lower().split():
+        label += f" {dm.variant}"  # not where the architecture is the variant (FLUX.1 Fill)
     if kind == "diffusion_model":
         label += " (diffusion model only)"
     elif encoders:

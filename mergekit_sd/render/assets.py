@@ -89,7 +89,12 @@ def load_tokenizer(family: str, component: str, kind: str, vocab_size: int,
         raise MissingAsset(f"{path} has no {missing[0]}; {FAMILY_LABELS[family]} rendering "
                            f"needs a {kind.upper()} tokenizer there (the {folder}/ folder of a "
                            "diffusers-format model)")
-    return _tokenizer_class(kind).from_pretrained(str(path), local_files_only=True)
+    try:
+        return _tokenizer_class(kind).from_pretrained(str(path), local_files_only=True)
+    except Exception as exc:  # the tokenizers library raises bare Exceptions for bad files
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        raise UserError(f"{path}: could not be read as a {kind.upper()} tokenizer ({reason}); "
+                        f"give the {folder}/ folder of a diffusers-format model") from None
 
 
 @cache

@@ -16,7 +16,7 @@ from mergekit_sd.errors import BadModelFile, UserError
 from mergekit_sd.io.header import read_header
 from mergekit_sd.recipe.refs import Resolver
 from mergekit_sd.render.layout import CheckpointLayout, checkpoint_layout, layout_of
-from mergekit_sd.render.refs import resolve_file
+from mergekit_sd.render.refs import path_exists, resolve_file
 
 RECIPE_SUFFIXES = (".yaml", ".yml")
 
@@ -82,7 +82,8 @@ def collect_candidates(refs: list[str], resolver: Resolver | None = None,
     found: list[RenderCandidate] = []
     for ref in refs:
         path = Path(ref).expanduser()
-        if path.suffix in RECIPE_SUFFIXES and path.is_file():
+        if path.suffix in RECIPE_SUFFIXES and path_exists(path, "candidate", ref) \
+                and path.is_file():
             found.extend(recipe_candidates(path, resolver, assignments))
             continue
         resolved = resolve_file(ref, resolver, "candidate")
@@ -92,12 +93,21 @@ def collect_candidates(refs: list[str], resolver: Resolver | None = None,
 
 
 def _unique_labels(candidates: list[RenderCandidate]) -> None:
-    seen: dict[str, int] = {}
+    """Labels name image folders, so they are made unique as folder names: after slugging and
+    case-folding (for case-insensitive file systems), with `-2`, `-3` ... added until the name
+    is free, whatever other candidates happen to be called (`sd1-2` may be a real file)."""
+    taken: set[str] = set()
     for cand in candidates:
-        base = cand.label
-        seen[base] = seen.get(base, 0) + 1
-        if seen[base] > 1:
-            cand.label = f"{base}-{seen[base]}"
+        base, label, number = cand.label, cand.label, 1
+        while _folder_key(label) in taken:
+            number += 1
+            label = f"{base}-{number}"
+        cand.label = label
+        taken.add(_folder_key(label))
+
+
+def _folder_key(label: str) -> str:
+    return slug(label).casefold()
 
 
 def slug(text: str) -> str:

@@ -6,11 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from mergekit_sd.errors import UserError
-from mergekit_sd.io.writer import write_bytes_atomic
 from mergekit_sd.progress import CancelToken, ProgressCallback, no_progress
 from mergekit_sd.recipe.refs import Resolver
 from mergekit_sd.render.candidates import RenderCandidate
-from mergekit_sd.render.outputs import png_bytes, sync_folder
+from mergekit_sd.render.outputs import png_bytes, sync_folder, write_output
 from mergekit_sd.render.runner import RenderOptions, RenderResult, render_candidates
 
 AB_DIR = "ab"
@@ -41,7 +40,7 @@ def compare_candidates(a: RenderCandidate, b: RenderCandidate, options: RenderOp
             title = f"{prompt.name}, seed {seed}: {prompt.text}"
             file = Path(AB_DIR) / f"{prompt.name}-{seed}.png"
             sheet = ab_sheet(title, a.label, b.label, left, right, with_heat)
-            write_bytes_atomic(out / file, png_bytes(sheet))
+            write_output(out / file, png_bytes(sheet))
             entry = {"prompt_name": prompt.name, "seed": seed, "file": file.as_posix()}
             row = len(rows)
             rows.append(f"{prompt.name}\nseed {seed}")
@@ -54,7 +53,7 @@ def compare_candidates(a: RenderCandidate, b: RenderCandidate, options: RenderOp
     sync_folder(out / AB_DIR)
     columns = [f"A: {a.label}", f"B: {b.label}"] + (["|A-B|"] if with_heat else [])
     sheet = grid_sheet(f"{grid.name}: A/B", rows, columns, cells)
-    write_bytes_atomic(out / AB_SHEET, png_bytes(sheet))
+    write_output(out / AB_SHEET, png_bytes(sheet))
     result.manifest.sheets.update(ab=pairs, ab_sheet=AB_SHEET)
     result.manifest.write(out)
     sync_folder(out)

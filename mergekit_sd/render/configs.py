@@ -51,11 +51,17 @@ def norm_groups(widths: list[int]) -> int:
     return math.gcd(_GROUPS, *widths)
 
 
-def _rows(layout: CheckpointLayout, component: str, name: str) -> int:
+def _shape(layout: CheckpointLayout, component: str, name: str) -> tuple[int, ...]:
+    """The shape of a weight the config is read from; a file without it (pruned, damaged)
+    cannot be rendered, which is one sentence rather than a TypeError further on."""
     shape = layout.shape(component, name)
     if shape is None:
         raise UnfitShapes(layout, f"its {component} has no {name}")
-    return shape[0]
+    return shape
+
+
+def _rows(layout: CheckpointLayout, component: str, name: str) -> int:
+    return _shape(layout, component, name)[0]
 
 
 # --- UNet (SD1, SDXL) ----------------------------------------------------------------------------
@@ -79,9 +85,9 @@ def unet_config(layout: CheckpointLayout, pooled_width: int | None = None) -> di
     if first_attention is None:
         raise UnfitShapes(layout, "its UNet has no attention blocks")
     stem = f"down_blocks.{first_attention}.attentions.0."
-    proj_in = layout.shape(c, stem + "proj_in.weight")
+    proj_in = _shape(layout, c, stem + "proj_in.weight")
     config = {
-        "in_channels": layout.shape(c, "conv_in.weight")[1],
+        "in_channels": _shape(layout, c, "conv_in.weight")[1],
         "out_channels": _rows(layout, c, "conv_out.weight"),
         "block_out_channels": widths,
         "layers_per_block": layout.count(c, "down_blocks.0.resnets."),
@@ -90,8 +96,8 @@ def unet_config(layout: CheckpointLayout, pooled_width: int | None = None) -> di
         "up_block_types": ["CrossAttnUpBlock2D" if attends("up_blocks", i)
                            else "UpBlock2D" for i in range(levels)],
         "transformer_layers_per_block": [depth(i) for i in range(levels)],
-        "cross_attention_dim": layout.shape(
-            c, stem + "transformer_blocks.0.attn2.to_k.weight")[1],
+        "cross_attention_dim": _shape(
+            layout, c, stem + "transformer_blocks.0.attn2.to_k.weight")[1],
         "use_linear_projection": len(proj_in) == 2,
         "norm_num_groups": norm_groups(widths),
         "time_embedding_dim": _rows(layout, c, "time_embedding.linear_1.weight"),
@@ -124,9 +130,9 @@ def vae_config(layout: CheckpointLayout) -> dict:
               for i in range(levels)]
     names = set(layout.names(c))
     return {
-        "in_channels": layout.shape(c, "encoder.conv_in.weight")[1],
+        "in_channels": _shape(layout, c, "encoder.conv_in.weight")[1],
         "out_channels": _rows(layout, c, "decoder.conv_out.weight"),
-        "latent_channels": layout.shape(c, "decoder.conv_in.weight")[1],
+        "latent_channels": _shape(layout, c, "decoder.conv_in.weight")[1],
         "block_out_channels": widths,
         "down_block_types": ["DownEncoderBlock2D"] * levels,
         "up_block_types": ["UpDecoderBlock2D"] * levels,
@@ -152,7 +158,7 @@ def clip_config(layout: CheckpointLayout, component: str, special_tokens: dict[s
     """CLIPTextConfig settings; `special_tokens` (bos/eos/pad ids) come from the tokenizer, as
     the pooled output is read at the end-of-text token."""
     c = component
-    vocab, width = layout.shape(c, "text_model.embeddings.token_embedding.weight")
+    vocab, width = _shape(layout, c, "text_model.embeddings.token_embedding.weight")
     config = {
         "vocab_size": vocab,
         "hidden_size": width,
@@ -193,14 +199,14 @@ def flux_config(layout: CheckpointLayout) -> dict:
         raise UnfitShapes(layout, f"its attention heads are {head} wide and FLUX.1's rotary "
                                   "embedding is defined for 128")
     return {
-        "in_channels": layout.shape(c, "x_embedder.weight")[1],
+        "in_channels": _shape(layout, c, "x_embedder.weight")[1],
         "num_layers": layout.count(c, "transformer_blocks."),
         "num_single_layers": layout.count(c, "single_transformer_blocks."),
         "attention_head_dim": head,
         "num_attention_heads": width // head,
-        "joint_attention_dim": layout.shape(c, "context_embedder.weight")[1],
-        "pooled_projection_dim": layout.shape(
-            c, "time_text_embed.text_embedder.linear_1.weight")[1],
+        "joint_attention_dim": _shape(layout, c, "context_embedder.weight")[1],
+        "pooled_projection_dim": _shape(
+            layout, c, "time_text_embed.text_embedder.linear_1.weight")[1],
         "guidance_embeds": bool(layout.names(c, "time_text_embed.guidance_embedder.")),
         "axes_dims_rope": _FLUX_ROPE_AXES[head],
     }
@@ -209,8 +215,8 @@ def flux_config(layout: CheckpointLayout) -> dict:
 def sd3_config(layout: CheckpointLayout) -> dict:
     c = "transformer"
     width = _rows(layout, c, "pos_embed.proj.weight")
-    patch = layout.shape(c, "pos_embed.proj.weight")
-    tokens = layout.shape(c, "pos_embed.pos_embed")[1]
+    patch = _shape(layout, c, "pos_embed.proj.weight")
+    tokens = _shape(layout, c, "pos_embed.pos_embed")[1]
     layers = layout.count(c, "transformer_blocks.")
     if width % _HEAD_WIDTH:
         raise UnfitShapes(layout, f"its width {width} is no whole number of SD3's 64-wide "
@@ -223,10 +229,10 @@ def sd3_config(layout: CheckpointLayout) -> dict:
         "num_layers": layers,
         "attention_head_dim": _HEAD_WIDTH,
         "num_attention_heads": width // _HEAD_WIDTH,
-        "joint_attention_dim": layout.shape(c, "context_embedder.weight")[1],
+        "joint_attention_dim": _shape(layout, c, "context_embedder.weight")[1],
         "caption_projection_dim": width,
-        "pooled_projection_dim": layout.shape(
-            c, "time_text_embed.text_embedder.linear_1.weight")[1],
+        "pooled_projection_dim": _shape(
+            layout, c, "time_text_embed.text_embedder.linear_1.weight")[1],
         "pos_embed_max_size": math.isqrt(tokens),
         "dual_attention_layers": tuple(i for i in range(layers) if layout.names(
             c, f"transformer_blocks.{i}.attn2.")),
@@ -238,8 +244,8 @@ def t5_config(layout: CheckpointLayout, component: str) -> dict:
     """T5 v1.1 encoder settings (gated GELU feed-forward) for FLUX's and SD3's T5-XXL."""
     c = component
     attention = "encoder.block.0.layer.0.SelfAttention."
-    vocab, width = layout.shape(c, "shared.weight")
-    buckets, heads = layout.shape(c, attention + "relative_attention_bias.weight")
+    vocab, width = _shape(layout, c, "shared.weight")
+    buckets, heads = _shape(layout, c, attention + "relative_attention_bias.weight")
     return {
         "vocab_size": vocab,
         "d_model": width,

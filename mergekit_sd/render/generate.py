@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mergekit_sd.render.grids import Prompt
-from mergekit_sd.render.pipelines import RenderPipeline
+from mergekit_sd.render.pipelines import RenderPipeline, quiet_transformers
 from mergekit_sd.render.tiny_fit import fit_width
 
 # A rough allowance of activation memory per image and pixel (fp16/bf16, SDPA attention, the
@@ -113,22 +113,44 @@ _ENCODERS = {"sd1": _encode_sd1, "sdxl": _encode_sdxl, "sd3": _encode_sd3,
 
 
 def encode(rp: RenderPipeline, prompt: Prompt, cfg: bool) -> dict:
-    """The pipeline's conditioning keyword arguments for one prompt (batch of one)."""
-    return _ENCODERS[rp.family](rp, prompt, cfg)
+    """The pipeline's conditioning keyword arguments for one prompt (batch of one). Quiet:
+    the tokenizer warns of "indexing errors" for a long prompt it then truncates safely
+    (`cut_prompts` says so in one line instead)."""
+    with quiet_transformers():
+        return _ENCODERS[rp.family](rp, prompt, cfg)
+
+
+def cut_prompts(rp: RenderPipeline, prompts) -> list[str]:
+    """A note for every prompt (or negative) longer than the first text encoder reads: it is
+    cut, where AUTOMATIC1111 would encode it in chunks."""
+    tokenizer = rp.pipe.tokenizer
+    limit = tokenizer.model_max_length
+    notes = []
+    for prompt in prompts:
+        for what, text in (("prompt", prompt.text), ("negative", prompt.negative)):
+            if not text:
+                continue
+            with quiet_transformers():
+                count = len(tokenizer(text).input_ids)
+            if count > limit:
+                notes.append(f"{what} {prompt.name}: {count} tokens, cut to the "
+                             f"{limit} the text encoder reads")
+    return notes
 
 
 def render_batch(rp: RenderPipeline, jobs: list[Job], settings: Settings,
-                 encoded: dict[str, dict]) -> list:
+                 encoded: dict[Prompt, dict]) -> list:
     """PIL images for `jobs`, in order. `encoded` caches each prompt's conditioning for this
-    candidate (callers clear it when the weights change)."""
+    candidate (callers clear it when the weights change); it is keyed by the whole prompt, not
+    its name, so that prompts sharing a name can never share conditioning."""
     import torch
 
     cfg = _uses_cfg(rp, settings.guidance)
     for job in jobs:
-        if job.prompt.name not in encoded:
-            encoded[job.prompt.name] = encode(rp, job.prompt, cfg)
-    conditioning = {name: torch.cat([encoded[j.prompt.name][name] for j in jobs])
-                    for name in encoded[jobs[0].prompt.name]}
+        if job.prompt not in encoded:
+            encoded[job.prompt] = encode(rp, job.prompt, cfg)
+    conditioning = {name: torch.cat([encoded[j.prompt][name] for j in jobs])
+                    for name in encoded[jobs[0].prompt]}
     latents, generators = zip(*(initial_noise(rp, j.seed, settings) for j in jobs),
                               strict=True)
     extra = {"guidance_scale": settings.guidance}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -18,6 +18,7 @@ from mergekit_sd.yaml_lines import YamlFileError, dotted, line_of, load_mapping
 GRIDS_DIR = Path(__file__).resolve().parents[2] / "recipes" / "grids"
 DEFAULT_GRID = GRIDS_DIR / "default.yaml"
 MAX_SIDE = 4096
+MAX_GUIDANCE = 30
 SIZE_STEP = 64  # every UNet and transformer here accepts multiples of 64 pixels
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
@@ -46,11 +47,11 @@ class Grid(BaseModel):
 
     version: Literal[1] = 1
     name: str | None = None
-    prompts: list[GridPrompt | str] = Field(min_length=1)
+    prompts: list[GridPrompt | Annotated[str, Field(min_length=1)]] = Field(min_length=1)
     seeds: list[int] = Field(default=[1234], min_length=1)
     size: tuple[int, int] | int | None = None  # None: the model's own (512 SD1, 1024 others)
     steps: int = Field(default=25, ge=1, le=200)
-    guidance: float = Field(default=6.0, ge=0, le=30)
+    guidance: float = Field(default=6.0, ge=0, le=MAX_GUIDANCE)
 
     @field_validator("seeds")
     @classmethod
@@ -106,14 +107,67 @@ class LoadedGrid:
         return side, side
 
 
+def _default_name(number: int, taken: set[str]) -> str:
+    """`pNN` for the prompt's position, with a suffix while an explicit name has it: names
+    key image files and the conditioning cache, so two prompts must never share one."""
+    name, suffix = f"p{number:02d}", 1
+    while name in taken:
+        suffix += 1
+        name = f"p{number:02d}-{suffix}"
+    return name
+
+
 def _loaded(grid: Grid, path: Path) -> LoadedGrid:
+    taken = {p.name for p in grid.prompts if isinstance(p, GridPrompt) and p.name}
     prompts = []
     for i, item in enumerate(grid.prompts, 1):
         item = GridPrompt(text=item) if isinstance(item, str) else item
-        prompts.append(Prompt(item.name or f"p{i:02d}", item.text, item.negative or None))
+        name = item.name or _default_name(i, taken)
+        taken.add(name)
+        prompts.append(Prompt(name, item.text, item.negative or None))
     size = (grid.size, grid.size) if isinstance(grid.size, int) else grid.size
     return LoadedGrid(path, grid.name or path.stem, tuple(prompts), tuple(grid.seeds),
                       tuple(size) if size else None, grid.steps, grid.guidance)
+
+
+# What to write instead, for fields whose pydantic message would state a bound NaN breaks
+# ("less than or equal to 30" for .nan) or name no limit at all
+_FIELD_ADVICE = {
+    ("prompts",): "give at least one prompt",
+    ("seeds",): "give at least one seed, e.g. [1234]",
+    ("steps",): "give a whole number of steps from 1 to 200",
+    ("guidance",): f"give a number from 0 to {MAX_GUIDANCE}",
+}
+_PROMPT_ADVICE = ("write a prompt as text (in quotes when it is yes, no or a number) or as a "
+                  "mapping with text:")
+
+
+def _user_loc(loc: tuple) -> tuple:
+    """The error's place as the file spells it: without pydantic's union and type tags."""
+    return tuple(p for p in loc if not (isinstance(p, str) and (
+        p in ("GridPrompt", "str", "int", "constrained-str")
+        or p.startswith(("tuple[", "function-")))))
+
+
+def _message(errors: list[dict], loc: tuple) -> str:
+    """The sentence for the first error at `loc`: pydantic's own for validators of ours, and
+    plain advice instead of its class names and bounds."""
+    error = errors[0]
+    if error["type"] == "extra_forbidden":
+        return "is not a field here (valid: " + ", ".join(
+            GridPrompt.model_fields if "prompts" in loc else Grid.model_fields) + ")"
+    if error["type"] == "missing":
+        return "is required but missing"
+    if error["type"] == "string_too_short":
+        return "is empty; write the prompt's text"
+    if len(loc) == 2 and loc[0] == "prompts":  # an item matching neither text nor a mapping
+        here = [e for e in errors if _user_loc(e["loc"]) == loc]
+        if any(e["type"] == "string_too_short" for e in here):
+            return "is empty; write the prompt's text"
+        return _PROMPT_ADVICE
+    if error["type"] != "value_error" and loc in _FIELD_ADVICE:
+        return _FIELD_ADVICE[loc]
+    return error["msg"].removeprefix("Value error, ")
 
 
 def parse_grid(text: str, path: Path | str = "<grid>") -> LoadedGrid:
@@ -122,29 +176,26 @@ def parse_grid(text: str, path: Path | str = "<grid>") -> LoadedGrid:
     try:
         grid = Grid.model_validate(data)
     except ValidationError as exc:
-        error = exc.errors()[0]
-        loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and (
-            p in ("GridPrompt", "str", "int") or p.startswith(("tuple[", "function-")))))
-        message = error["msg"].removeprefix("Value error, ")
-        if error["type"] == "extra_forbidden":
-            message = "is not a field here (valid: " + ", ".join(
-                GridPrompt.model_fields if "prompts" in loc else Grid.model_fields) + ")"
-        elif error["type"] == "missing":
-            message = "is required but missing"
-        raise GridError(path, line_of(lines, loc), dotted(loc), message) from None
+        errors = exc.errors()
+        loc = _user_loc(errors[0]["loc"])
+        raise GridError(path, line_of(lines, loc), dotted(loc), _message(errors, loc)) from None
     return _loaded(grid, path)
 
 
 def load_grid(path: str | Path | None) -> LoadedGrid:
     """A grid file; a bare name (`default`, `tiny`) means recipes/grids/NAME.yaml."""
     path = DEFAULT_GRID if path is None else Path(path)
-    if not path.exists() and path.suffix == "" and (GRIDS_DIR / f"{path}.yaml").exists():
-        path = GRIDS_DIR / f"{path}.yaml"
+    shipped = GRIDS_DIR / f"{path}.yaml"
     try:
+        if path.suffix == "" and not path.exists() and shipped.exists():
+            path = shipped
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise GridError(path, None, "", "does not exist; give a grid YAML file or one of "
                         + ", ".join(p.stem for p in sorted(GRIDS_DIR.glob("*.yaml")))) from None
     except (IsADirectoryError, UnicodeDecodeError):
         raise GridError(path, None, "", "is not a YAML text file") from None
+    except OSError as exc:  # a symlink loop, a name too long, no permission
+        raise GridError(path, None, "", f"cannot be read ({exc.strerror or exc}); give a "
+                        "grid YAML file") from None
     return parse_grid(text, path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from html import escape
 from urllib.parse import quote
 
-from mergekit_sd.io.writer import write_bytes_atomic
+from mergekit_sd.render.outputs import write_output
 from mergekit_sd.render.runner import RenderResult
 
 PAGE_NAME = "index.html"
@@ -54,7 +54,7 @@ def write_html(result: RenderResult) -> str:
             note = f" (mean |A-B| {mean:g})" if mean is not None else ""
             parts.append(f'<p>{escape(pair["prompt_name"])}, seed {pair["seed"]}{note}</p>'
                          f'<img class="ab" loading="lazy" src="{escape(quote(pair["file"]))}">')
-    write_bytes_atomic(result.out / PAGE_NAME, "\n".join(parts).encode("utf-8"))
+    write_output(result.out / PAGE_NAME, "\n".join(parts).encode("utf-8"))
     manifest.sheets["html"] = PAGE_NAME
     manifest.write(result.out)
     return PAGE_NAME

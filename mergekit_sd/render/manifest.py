@@ -8,7 +8,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from mergekit_sd.io.writer import write_bytes_atomic
+from mergekit_sd.render.outputs import write_output
 
 MANIFEST_NAME = "manifest.json"
 
@@ -46,6 +46,9 @@ class CandidateEntry:
     load_s: float  # building the pipeline (first of an architecture) or swapping weights in
     render_s: float
     images: int
+    # the candidate each pipeline component's weights came from: a UNet-only file renders
+    # with the text encoders and VAE of the checkpoint its pipeline was built from
+    components: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -73,10 +76,12 @@ class Manifest:
     images: list[ImageEntry] = field(default_factory=list)
     sheets: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # worth a line on the terminal
 
     def write(self, folder: Path) -> Path:
-        text = json.dumps(asdict(self), indent=2, ensure_ascii=False) + "\n"
-        return write_bytes_atomic(folder / MANIFEST_NAME, text.encode("utf-8"))
+        # allow_nan=False: NaN and Infinity are not JSON (jq and browsers refuse the file)
+        text = json.dumps(asdict(self), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+        return write_output(folder / MANIFEST_NAME, text.encode("utf-8"))
 
 
 def read_manifest(folder: Path) -> dict:

@@ -7,15 +7,56 @@ parameters text (no timestamps), so the same render gives the same file.
 
 from __future__ import annotations
 
+import errno
 import io
+import tempfile
 from pathlib import Path
 
-from mergekit_sd.io.writer import fsync_directory
+from mergekit_sd.errors import UserError, WorkFailed
+from mergekit_sd.io.writer import fsync_directory, write_bytes_atomic
+
+# A path the user can fix (exit code 2); other write errors, a full disk above all, are the
+# work failing (exit code 1).
+_BAD_PATH = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.ENAMETOOLONG,
+             errno.EEXIST, errno.ELOOP, errno.EISDIR}
+OUT_ADVICE = "give --out a folder that can be created and written"
+
+
+def output_error(path: Path, exc: OSError) -> Exception:
+    """One sentence for an OSError met writing `path`."""
+    reason = exc.strerror or str(exc)
+    if exc.errno in _BAD_PATH:
+        return UserError(f"{path}: cannot be written ({reason}); {OUT_ADVICE}")
+    return WorkFailed(f"{path}: could not be written ({reason})")
+
+
+def write_output(path: Path, data: bytes) -> Path:
+    """`write_bytes_atomic`, with write errors as one sentence instead of a traceback."""
+    try:
+        return write_bytes_atomic(path, data)
+    except OSError as exc:
+        raise output_error(path, exc) from None
+
+
+def check_output_folder(out: Path) -> None:
+    """Create `out` and write a file in it now, so that an unusable folder is one sentence
+    before any pipeline is built rather than a traceback after the first batch."""
+    try:
+        if out.exists() and not out.is_dir():
+            raise UserError(f"--out {out}: is a file; give a folder for the images and sheets")
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out, prefix=".mergekit-sd-probe-"):
+            pass
+    except OSError as exc:
+        raise UserError(f"--out {out}: {exc.strerror or exc}; {OUT_ADVICE}") from None
 
 
 def sync_folder(folder: Path) -> None:
     """Make the renames of a run durable (once per folder, not per file)."""
-    fsync_directory(folder)
+    try:
+        fsync_directory(folder)
+    except OSError as exc:
+        raise output_error(folder, exc) from None
 
 
 def png_bytes(image, parameters: str | None = None) -> bytes:

@@ -104,6 +104,7 @@ class RenderPipeline:
         """Copy a candidate's weights in (from `path`, or from (key, tensor) pairs); the
         preset's LoRA stays fused. Returns the number of checkpoint keys copied."""
         table = self.table_for(layout)
+        check_complete(layout, table)
         # with a LoRA to fuse again, the weights get written: copy them rather than share pages
         copied = load_file(table, path, share=self.lora is None) if path is not None \
             else load_tensors(table, tensors)
@@ -137,7 +138,7 @@ class RenderPipeline:
         try:
             with quiet_transformers():
                 self.pipe.load_lora_weights(str(path), adapter_name="preset")
-        except (ValueError, KeyError, RuntimeError) as exc:
+        except (ValueError, KeyError, RuntimeError, OSError) as exc:
             raise UserError(f"{path}: diffusers could not load it as a LoRA for "
                             f"{FAMILY_LABELS[self.family]} ({str(exc).splitlines()[0][:200]})"
                             ) from None
@@ -145,6 +146,45 @@ class RenderPipeline:
                    if any(isinstance(sub, BaseTunerLayer) for sub in m.modules())]
         self.pipe.fuse_lora(components=adapted, lora_scale=scale)
         self.lora = LoraState(Path(path), scale, label, adapted)
+
+
+def check_complete(layout: CheckpointLayout, table: WeightTable) -> None:
+    """Refuse a file lacking weights that have no neutral value: swapped in, those parameters
+    would keep the previous candidate's values and its images would blend two models."""
+    missing = table.required_missing()
+    if missing:
+        component, names = next(iter(missing.items()))
+        raise UserError(f"{layout.name}: its {component} lacks {len(names)} weight(s) the "
+                        f"pipeline needs (e.g. {names[0]}); the file is incomplete")
+
+
+# LoRA kinds diffusers' load_lora_weights cannot fuse (it reads LoRA and LoCon down/up pairs)
+_UNFUSABLE = ("LyCORIS LoKr", "LyCORIS LoHa", "full diff (LyCORIS)")
+
+
+def check_lora(path: Path, family: str) -> None:
+    """Refuse, before any pipeline is built, a --lora that is no safetensors LoRA, one for
+    another architecture, or a kind diffusers cannot fuse: one sentence from our own reading of
+    the file instead of diffusers' and PEFT's pages of module names."""
+    from mergekit_sd.arch.identify import identify
+    from mergekit_sd.errors import BadModelFile
+    from mergekit_sd.io.header import read_header
+    from mergekit_sd.render.layout import FAMILIES
+
+    try:
+        found = identify(read_header(path))
+    except BadModelFile as exc:
+        raise UserError(f"--lora {exc}") from None
+    if found.lora is None:
+        raise UserError(f"--lora {path}: is {found.label}, not a LoRA")
+    kind = found.lora.format
+    if kind in _UNFUSABLE:
+        raise UserError(f"--lora {path}: is a {kind}, which diffusers cannot fuse; give a "
+                        "LoRA or LoCon, or --lora none")
+    lora_family = FAMILIES.get(found.lora.base or "")
+    if lora_family is not None and lora_family != family:
+        raise UserError(f"--lora {path}: is a {kind} for {FAMILY_LABELS[lora_family]}; the "
+                        f"candidates are {FAMILY_LABELS[family]}")
 
 
 def check_compatible(base: CheckpointLayout, other: CheckpointLayout) -> None:
@@ -171,11 +211,6 @@ def build_pipeline(layout: CheckpointLayout, path: Path | None = None, tensors=N
     pipe = _assemble(layout, modules, tokenizers)
     rp = RenderPipeline(layout.family, layout.found.architecture, pipe, modules, device,
                         torch_dtype, context_width, layout)
-    missing = rp.table_for(layout).required_missing()
-    if missing:
-        component, names = next(iter(missing.items()))
-        raise UserError(f"{layout.name}: its {component} lacks {len(names)} weight(s) the "
-                        f"pipeline needs (e.g. {names[0]}); the file is incomplete")
     rp.load(layout, path=path, tensors=tensors)
     pipe.set_progress_bar_config(disable=True)
     # one image at a time through the VAE: a batch's decode needs no more memory than one
@@ -187,16 +222,26 @@ def build_pipeline(layout: CheckpointLayout, path: Path | None = None, tensors=N
 def quiet_transformers():
     """transformers warns, when diffusers' pipelines import it, about optional backends
     (torchvision) rendering never uses, and draws a progress bar for every LoRA it loads;
-    keep both off the user's terminal."""
+    diffusers and PEFT log every module name a LoRA does not fit, and the tokenizer warns of
+    "indexing errors" for a prompt it then truncates safely. Keep all of it off the user's
+    terminal: what matters is said in our own sentences."""
+    import warnings
+
+    from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging
 
     before, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    diffusers_before = diffusers_logging.get_verbosity()
     logging.set_verbosity_error()
     logging.disable_progress_bar()
+    diffusers_logging.set_verbosity_error()
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
     finally:
         logging.set_verbosity(before)
+        diffusers_logging.set_verbosity(diffusers_before)
         if bars:
             logging.enable_progress_bar()
 

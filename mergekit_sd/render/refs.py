@@ -31,12 +31,24 @@ def hf_cached(ref: str) -> Path | None:
     return Path(found) if isinstance(found, str) else None
 
 
+def path_exists(path: Path, what: str, ref: str) -> bool:
+    """`path.exists()`, with a path the system cannot even look up (a name too long, a
+    symlink loop) as one sentence rather than an OSError."""
+    try:
+        path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as exc:
+        raise UserError(f"{what} {ref}: cannot be opened ({exc.strerror or exc})") from None
+    return True
+
+
 def resolve_file(ref: str, resolver: Resolver | None, what: str, advice: str = ""
                  ) -> ResolvedModel:
     """A file for `ref`, or one sentence saying why there is none. `what` names its role
     ("candidate", "--lora") and `advice` is appended when nothing is found."""
     path = Path(ref).expanduser()
-    if path.exists():
+    if path_exists(path, what, ref):
         if not path.is_file():
             raise UserError(f"{what} {ref}: is a folder, not a model file")
         return ResolvedModel(path)

@@ -15,24 +15,43 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mergekit_sd import __version__
-from mergekit_sd.errors import UserError
 from mergekit_sd.io.hashing import file_sha256
-from mergekit_sd.io.writer import write_bytes_atomic
 from mergekit_sd.progress import CancelToken, ProgressCallback, no_progress
 from mergekit_sd.recipe.refs import ResolvedModel, Resolver
 from mergekit_sd.render.assets import scheduler_config
 from mergekit_sd.render.candidates import RenderCandidate, slug
-from mergekit_sd.render.generate import Job, Settings, auto_batch, render_batch
+from mergekit_sd.render.generate import Job, Settings, auto_batch, cut_prompts, render_batch
 from mergekit_sd.render.grids import LoadedGrid
 from mergekit_sd.render.layout import DIFFUSION_COMPONENT
-from mergekit_sd.render.manifest import CandidateEntry, ImageEntry, Manifest, PipelineEntry
-from mergekit_sd.render.outputs import a1111_parameters, png_bytes, sync_folder
-from mergekit_sd.render.pipelines import RenderPipeline, build_pipeline, check_device
+from mergekit_sd.render.manifest import (
+    MANIFEST_NAME,
+    CandidateEntry,
+    ImageEntry,
+    Manifest,
+    PipelineEntry,
+)
+from mergekit_sd.render.outputs import (
+    a1111_parameters,
+    output_error,
+    png_bytes,
+    sync_folder,
+    write_output,
+)
+from mergekit_sd.render.pipelines import (
+    RenderPipeline,
+    build_pipeline,
+    check_device,
+    check_lora,
+)
 from mergekit_sd.render.presets import Preset, Sampling, make_scheduler, resolve_sampling
 from mergekit_sd.render.refs import resolve_file
 
 IMAGES_DIR = "images"
 CONTACT_SHEET = "contact-sheet.png"
+# What a run writes once its images are all done (compare's A/B sheet and --html's page too).
+# A previous run's are removed before the first new image is written, so that a run that ends
+# early never leaves a manifest or sheet describing images it has replaced.
+SUMMARY_FILES = (MANIFEST_NAME, CONTACT_SHEET, "ab-sheet.png", "index.html")
 # Below this many diffusion-model parameters (tiny test models) one CPU thread is fastest:
 # intra-op threads cost more to wake than tensors this small take to compute.
 SMALL_MODEL_PARAMS = 20_000_000
@@ -133,8 +152,10 @@ def render_candidates(candidates: list[RenderCandidate], options: RenderOptions,
                                           options.steps, options.guidance, options.scheduler,
                                           options.lora, options.lora_scale)
                  for family in families}
-    loras = {family: _preset_lora(sampling, resolver) for family, sampling in samplings.items()}
+    loras = {family: _preset_lora(sampling, resolver, family)
+             for family, sampling in samplings.items()}
     run = _Run(options, len(candidates), progress, cancel or CancelToken())
+    _remove_previous_summary(options.out)
     try:
         for cand in candidates:
             if cand.path is not None:
@@ -159,11 +180,22 @@ def render_candidates(candidates: list[RenderCandidate], options: RenderOptions,
     return result
 
 
-def _preset_lora(sampling: Sampling, resolver: Resolver | None) -> ResolvedModel | None:
+def _remove_previous_summary(out: Path) -> None:
+    for name in SUMMARY_FILES:
+        try:
+            (out / name).unlink(missing_ok=True)
+        except OSError as exc:
+            raise output_error(out / name, exc) from None
+
+
+def _preset_lora(sampling: Sampling, resolver: Resolver | None, family: str
+                 ) -> ResolvedModel | None:
     if sampling.lora_ref is None:
         return None
     advice = "; or give --lora PATH, or --lora none for candidates that have it merged in"
-    return resolve_file(sampling.lora_ref, resolver, "--lora", advice)
+    found = resolve_file(sampling.lora_ref, resolver, "--lora", advice)
+    check_lora(Path(found.path), family)
+    return found
 
 
 class _Run:
@@ -205,6 +237,8 @@ class _Run:
                                            scheduler_config(rp.family, rp.variant))
         _sync(options.device)
         build_s = time.perf_counter() - started
+        self.manifest.notes.extend(n for n in cut_prompts(rp, options.grid.prompts)
+                                   if n not in self.manifest.notes)
         width, height = options.size or options.grid.size_for(rp.family)
         settings = Settings(width, height, sampling.steps, sampling.guidance)
         batch = options.batch or auto_batch(rp, settings, len(self.jobs))
@@ -212,13 +246,13 @@ class _Run:
             rp.family, base.label, round(build_s, 3), str(rp.dtype).removeprefix("torch."),
             sampling.preset, sampling.scheduler, sampling.steps, sampling.guidance, lora, batch))
         with _threads_for(rp):
-            for cand in [base, *(c for c in group if c is not base)]:
+            held = {component: base for component in base.layout.maps}
+            for cand in _render_order(base, group):
                 self.cancel.raise_if_cancelled()
                 load_s = build_s
                 if cand is not base:
                     started = time.perf_counter()
-                    rp.load(cand.layout, path=cand.path,
-                            tensors=None if cand.path else cand.tensors(options.device))
+                    self._swap_in(rp, base, cand, held)
                     _sync(options.device)
                     load_s = time.perf_counter() - started
                 started = time.perf_counter()
@@ -229,12 +263,27 @@ class _Run:
                 self.manifest.candidates.append(CandidateEntry(
                     cand.label, cand.ref, rp.family, str(cand.path) if cand.path else None,
                     self.hashes.get(cand.path), cand.recipe, round(load_s, 3),
-                    round(time.perf_counter() - started, 3), images))
+                    round(time.perf_counter() - started, 3), images,
+                    {component: held[component].label for component in sorted(held)}))
+
+    def _swap_in(self, rp: RenderPipeline, base: RenderCandidate, cand: RenderCandidate,
+                 held: dict[str, RenderCandidate]) -> None:
+        """Copy `cand` in. A candidate lacking components (a UNet alone) renders with the
+        base checkpoint's, never with those of whichever candidate came before it: they are
+        copied back first when another candidate replaced them."""
+        device = self.options.device
+        if any(held[c] is not base for c in held if c not in cand.layout.maps):
+            rp.load(base.layout, path=base.path,
+                    tensors=None if base.path else base.tensors(device))
+            held.update(dict.fromkeys(base.layout.maps, base))
+        rp.load(cand.layout, path=cand.path,
+                tensors=None if cand.path else cand.tensors(device))
+        held.update(dict.fromkeys(cand.layout.maps, cand))
 
     def grid(self, rp: RenderPipeline, cand: RenderCandidate, settings: Settings, batch: int,
              sampling: Sampling, lora: dict | None) -> int:
         """Every (prompt, seed) of the grid for the candidate now in the pipeline."""
-        encoded: dict[str, dict] = {}
+        encoded: dict = {}
         folder = Path(IMAGES_DIR) / slug(cand.label)
         for first in range(0, len(self.jobs), batch):
             self.cancel.raise_if_cancelled()
@@ -253,7 +302,7 @@ class _Run:
                     "Lora hashes": f"{Path(lora['path']).stem}: {lora['sha256'][:12]}"
                     if lora else None,
                     "Preset": sampling.preset, "Version": f"mergekit-sd {__version__}"})
-                write_bytes_atomic(self.options.out / file, png_bytes(image, text))
+                write_output(self.options.out / file, png_bytes(image, text))
                 self.manifest.images.append(ImageEntry(
                     file.as_posix(), cand.label, cand.ref, sha256, cand.recipe,
                     job.prompt.name, job.prompt.text, job.prompt.negative, job.seed,
@@ -264,6 +313,14 @@ class _Run:
                 self.progress("rendering", self.done, self.total)
         sync_folder(self.options.out / folder)
         return len(self.jobs)
+
+
+def _render_order(base: RenderCandidate, group: list[RenderCandidate]) -> list[RenderCandidate]:
+    """The base first, then candidates lacking components (which keep the base's), then the
+    other full ones: partial candidates then never need the base's weights copied back."""
+    others = [c for c in group if c is not base]
+    return [base, *(c for c in others if not c.layout.is_full),
+            *(c for c in others if c.layout.is_full)]
 
 
 def write_contact_sheet(result: RenderResult, grid: LoadedGrid) -> str:
@@ -285,10 +342,5 @@ def write_contact_sheet(result: RenderResult, grid: LoadedGrid) -> str:
     title = (f"{grid.name}: {len(grid.prompts)} prompts x {len(grid.seeds)} seeds, "
              f"{len(labels)} candidates")
     sheet = grid_sheet(title, rows, labels, cells)
-    write_bytes_atomic(result.out / CONTACT_SHEET, png_bytes(sheet))
+    write_output(result.out / CONTACT_SHEET, png_bytes(sheet))
     return CONTACT_SHEET
-
-
-def check_output_folder(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: is a file; give a folder for the images and sheets")

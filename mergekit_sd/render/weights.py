@@ -142,7 +142,8 @@ class WeightTable:
         filled = {id(p) for p in self.params.values()}
         missing = {}
         for component, module in modules.items():
-            names = [n for n, p in module.named_parameters() if id(p) not in filled]
+            names = [n for n, p in module.named_parameters()
+                     if id(p) not in filled and not _is_adapter(n)]
             if names:
                 missing[component] = names
         return missing
@@ -212,6 +213,11 @@ _NEUTRAL = {
     "final_layer_norm.bias": lambda t: t.zero_(),
     "text_projection.weight": lambda t: t.copy_(_eye(t)),
 }
+
+
+def _is_adapter(name: str) -> bool:
+    """A fused LoRA's own parameters (PEFT's lora_A, lora_B ...): no checkpoint has them."""
+    return any(part.startswith("lora_") for part in name.split("."))
 
 
 def _neutral(name: str):
