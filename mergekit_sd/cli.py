@@ -284,7 +284,11 @@ def demo_workspace(
     """
     from mergekit_sd.testing.workspace import make_demo_workspace
 
-    made = make_demo_workspace(root)
+    try:
+        made = make_demo_workspace(root)
+    except OSError as exc:  # a file where a folder goes, no permission, a full disk
+        raise UserError(f"{exc.filename or root}: the demo workspace cannot be written there "
+                        f"({exc.strerror or exc}); give another folder") from None
     typer.echo(f"demo workspace ready at {root} ({len(made)} model files)")
 
 
@@ -319,7 +323,8 @@ INTERRUPTED_CODE = 130  # 128 + SIGINT, as shells report a Ctrl-C
 
 
 def _interrupted() -> NoReturn:
-    sys.stderr.write("interrupted: nothing was written under the output name\n")
+    # what every command keeps to: each output is renamed into place only when complete
+    sys.stderr.write("interrupted: no file was left half-written under its final name\n")
     sys.exit(INTERRUPTED_CODE)
 
 

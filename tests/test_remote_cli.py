@@ -261,7 +261,7 @@ def test_ctrl_c_says_interrupted_and_exits_130(tmp_path, fake, blobs):
         pulling.kill()
     assert pulling.returncode == 130
     assert err.strip().splitlines()[-1:] == [
-        "interrupted: nothing was written under the output name"]
+        "interrupted: no file was left half-written under its final name"]
 
 
 def test_identify_and_updates(tmp_path, fake, blobs):

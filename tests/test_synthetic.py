@@ -460,3 +460,14 @@ def test_demo_workspace_is_created_once_and_repaired_when_damaged(tmp_path):
     make_demo_workspace(tmp_path)
     assert paths[0].read_bytes() == before[paths[0]][1]
     assert not list(tmp_path.rglob("*.partial"))
+
+
+def test_demo_workspace_where_it_cannot_be_written_is_one_sentence(tmp_path):
+    from conftest import run_cli
+
+    (tmp_path / "a-file").write_text("not a folder")
+    result = run_cli("demo-workspace", tmp_path / "a-file" / "ws")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"error: {tmp_path / 'a-file'}") and \
+        "the demo workspace cannot be written there" in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1
