@@ -119,7 +119,7 @@ class Downloader:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise UserError(f"{folder}: cannot create the download folder ({exc.strerror}); "
-                            "choose another with --to") from None
+                            "choose another (`mergekit-sd pull --to FOLDER`)") from None
         planned = _planned_name(request)
         if planned and (there := self._already_there(folder / planned, request)):
             return there
@@ -318,9 +318,10 @@ class Downloader:
                                   verified=request.sha256 is not None, already_there=True)
         if wanted:
             raise UserError(f"{target}: a different file already has this name; move it away "
-                            "or pull into another folder with --to")
+                            "or pull into another folder (`mergekit-sd pull --to FOLDER`)")
         raise UserError(f"{target}: already exists, and without a SHA256 to compare it cannot "
-                        "be told the same; move it away or pull into another folder with --to")
+                        "be told the same; move it away or pull into another folder "
+                        "(`mergekit-sd pull --to FOLDER`)")
 
     @staticmethod
     def _check_space(folder: Path, needed: int) -> None:
@@ -330,7 +331,7 @@ class Downloader:
         if free < needed:
             raise UserError(f"{folder}: the download needs {human_size(needed)} but only "
                             f"{human_size(free)} are free; make room or pull into another "
-                            "disk with --to")
+                            "disk (`mergekit-sd pull --to FOLDER`)")
 
 
 class _AlreadyThere(Exception):

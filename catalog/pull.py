@@ -343,15 +343,16 @@ class Puller:
         if base is None:
             base = self._root_for(kind)
         if base is None:
-            raise UserError("there is no folder to download into; pass --to FOLDER, set "
-                            "downloads.root in the config, or add a root with `mergekit-sd "
-                            "catalog add-root`")
+            # render and plan pull too, and have no --to: say where `pull` takes one
+            raise UserError("there is no folder to download into; set downloads.root in the "
+                            "config, add a root with `mergekit-sd catalog add-root`, or pull "
+                            "with `mergekit-sd pull --to FOLDER`")
         base = Path(os.path.abspath(base.expanduser()))
         try:
             base.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise UserError(f"{base}: cannot create the folder ({exc.strerror}); choose another "
-                            "with --to") from None
+                            "(`mergekit-sd pull --to FOLDER`)") from None
         for folder in detect_layout(base).folders:
             if kind is not None and folder.kind == kind and folder.path != base:
                 return folder.path, base
@@ -440,7 +441,7 @@ def _place(cached: Path, target: Path, hashes: FileHashes) -> tuple[Path, str | 
         if hash_file(target).sha256 == hashes.sha256:
             return target, None
         raise UserError(f"{target}: a different file already has this name; move it away or "
-                        "pull into another folder with --to")
+                        "pull into another folder (`mergekit-sd pull --to FOLDER`)")
     blob = Path(os.path.realpath(cached))
     partial = target.with_name(target.name + ".partial")
     partial.unlink(missing_ok=True)

@@ -54,5 +54,5 @@ class CatalogResolver:
             raise LookupError(str(exc)) from None
         if entry is None:
             raise LookupError(f"{ref!r} has no copy in the catalog yet; run `mergekit-sd pull "
-                              f"{ref}`, or pass --pull to plan/merge")
+                              f"{ref}`, or pass --pull")
         return entry
