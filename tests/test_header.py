@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 import pickle
 import struct
+import zipfile
 
 import orjson
 import pytest
@@ -63,6 +65,11 @@ def bad_files(tmp_path):
         "needs 12 bytes")
     put("trailing-bytes", raw_safetensors(GOOD, b"\0" * 24), "unexpected bytes")
     put("pickle", pickle.dumps({"w": [1.0, 2.0]}, protocol=4), "pickle")
+    put("gguf", b"GGUF" + struct.pack("<I", 3) + bytes(64), "GGUF file")
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("model/readme.txt", "a model's card")
+    put("zip", archive.getvalue(), "zip archive", "unpack it")
     torch_path = tmp_path / "torch-zip.safetensors"
     torch.save({"w": torch.ones(2)}, torch_path)
     files["torch-zip"] = (torch_path, ("pickle",))
@@ -77,7 +84,8 @@ def bad_files(tmp_path):
 @pytest.mark.parametrize("name", [
     "empty", "tiny", "truncated", "header-longer-than-file", "bad-json", "deep-json",
     "unknown-dtype",
-    "overlap", "out-of-range", "shape-bytes-mismatch", "trailing-bytes", "pickle", "torch-zip",
+    "overlap", "out-of-range", "shape-bytes-mismatch", "trailing-bytes", "pickle", "gguf", "zip",
+    "torch-zip",
     "malicious-pickle", "directory"])
 @pytest.mark.parametrize("loads", [json.loads, orjson.loads], ids=["json", "orjson"])
 def test_bad_file_raises_one_sentence(tmp_path, name, loads):

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import struct
+import zipfile
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from mergekit_sd.io.files import os_errors_as_sentences
 # The reference implementation refuses headers over 100 MB; so do we.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 PICKLE_ZIP_MAGIC = b"PK\x03\x04"
+GGUF_MAGIC = b"GGUF"
 _BITS = {name: bits for name, (bits, _) in SAFETENSORS_DTYPES.items()}
 
 
@@ -72,6 +74,16 @@ def _fail(path, problem: str):
     raise BadModelFile(path, problem)
 
 
+def _is_torch_zip(f) -> bool:
+    """Whether the zip archive open in `f` is a torch save (it holds a data.pkl), not some
+    other archive renamed or downloaded under a model's name."""
+    try:
+        with zipfile.ZipFile(f) as archive:
+            return any(name.endswith("data.pkl") for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return True  # a damaged torch save reads like one; convert says more
+
+
 def _looks_like_pickle(prefix: bytes) -> bool:
     # Zip-format torch saves start with PK; legacy pickles with the PROTO opcode 0x80 and 2..5.
     return prefix.startswith(PICKLE_ZIP_MAGIC) or (
@@ -101,7 +113,13 @@ def read_header(path: str | os.PathLike, loads: JsonLoads = json.loads) -> Safet
         # whose header is not JSON; only then is it called a pickle (a valid safetensors
         # header length can start with the same bytes).
         impossible = header_len > file_size - 8 or header_len > MAX_HEADER_BYTES
+        if prefix.startswith(GGUF_MAGIC) and impossible:
+            _fail(path, "is a GGUF file (quantized weights for GGUF loaders), not a "
+                        "safetensors file; mergekit-sd reads safetensors and PyTorch saves")
         if _looks_like_pickle(prefix) and (impossible or f.read(1) != b"{"):
+            if prefix.startswith(PICKLE_ZIP_MAGIC) and not _is_torch_zip(f):
+                _fail(path, "is a zip archive, not a model file; unpack it and give the "
+                            ".safetensors (or .ckpt) inside")
             _fail(
                 path,
                 "is a PyTorch pickle, not a safetensors file; convert it with "
