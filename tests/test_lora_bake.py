@@ -887,3 +887,23 @@ def test_a_recipe_refuses_a_module_of_the_wrong_width_while_planning(tmp_path, b
     code, _, err = cli("plan", recipe)
     assert code == 2 and "steps.0.loras" in err and module in err
     assert "allow_unmatched" in err
+
+
+def test_tensors_of_no_module_kind_are_listed_like_unmatched_modules(tmp_path, bases):
+    lora = write_lora(tmp_path / "norms.safetensors", "kohya-sd1")
+    with safe_open(lora, "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(lora)
+    norm = "lora_unet_input_blocks_1_0_in_layers_0"
+    tensors[f"{norm}.w_norm"] = torch.zeros(32, dtype=torch.float16)
+    tensors["bundle_emb.mychar.string_to_param.*"] = torch.zeros(2, 16, dtype=torch.float16)
+    save_file(tensors, lora, metadata=metadata)
+    plan = plan_bake(bases["sd1"], [LoraUse("norms", lora)], tmp_path / "api.safetensors")
+    assert [(u.lora, sorted(u.modules)) for u in plan.unmatched] == [("norms", [
+        "bundle_emb.mychar.string_to_param.* (a bundled textual-inversion embedding, not a "
+        "weight; load it as an embedding)",
+        f"{norm}.w_norm (a LyCORIS norm-layer change, which mergekit-sd does not apply)"])]
+    refused = run_cli("bake", bases["sd1"], lora, "-o", tmp_path / "out.safetensors")
+    assert refused.returncode == 1 and "w_norm" in refused.stdout + refused.stderr
+    merged = run_cli("lora", "merge", lora, lora, "-o", tmp_path / "merged.safetensors")
+    assert merged.returncode == 1 and "bundle_emb" in merged.stdout + merged.stderr

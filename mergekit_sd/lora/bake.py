@@ -224,9 +224,20 @@ def match_loras(index: TargetIndex, arch: Architecture, uses: list[LoraUse], bas
             raise UserError(f"{use.path}: none of its {len(missing)} modules names a weight of "
                             f"{base_name} ({arch.label}), e.g. {missing[0]!r}; is it a LoRA for "
                             "another architecture?")
+        missing += [f"{key} ({not_baked_why(key)})" for key in lora.ignored]
         if missing:
             unmatched.append(Unmatched(use.ref, missing))
     return files, weights, biases, unmatched
+
+
+def not_baked_why(key: str) -> str:
+    """Why a LoRA tensor that belongs to no module this bake reads changes nothing: it is
+    listed with the unmatched modules rather than dropped unseen."""
+    if key.startswith("bundle_emb"):
+        return "a bundled textual-inversion embedding, not a weight; load it as an embedding"
+    if key.endswith((".w_norm", ".b_norm")):
+        return "a LyCORIS norm-layer change, which mergekit-sd does not apply"
+    return "no LoRA module tensor mergekit-sd reads"
 
 
 def _plain(module: LoraModule) -> bool:

@@ -22,7 +22,7 @@ from mergekit_sd.arch.layouts import load_layout
 from mergekit_sd.errors import BadModelFile, UserError
 from mergekit_sd.io.hashing import file_sha256
 from mergekit_sd.io.header import read_header
-from mergekit_sd.lora.bake import malformed, shape_problem
+from mergekit_sd.lora.bake import malformed, not_baked_why, shape_problem
 from mergekit_sd.lora.compat import is_guess, lora_architecture, lora_fits
 from mergekit_sd.lora.deltas import module_delta
 from mergekit_sd.lora.extract import truncated_svd
@@ -158,7 +158,11 @@ def merge_loras(loras: list[tuple[Path, float]], output: Path, rank: int | None 
     exact_shapes = rank is not None or base is not None
     by_key: dict[str, list[tuple[LoraModule, float, Target]]] = {}
     for path, weight in loras:
-        for module in load_lora(path).modules.values():
+        lora = load_lora(path)
+        if lora.ignored:  # carried by no module: the merged LoRA would lose them unseen
+            report.unmatched.setdefault(path.name, []).extend(
+                f"{key} ({not_baked_why(key)})" for key in lora.ignored)
+        for module in lora.modules.values():
             target = index.find(module.name)
             module, left_out = _mergeable(module, target, exact_shapes)
             if left_out:
