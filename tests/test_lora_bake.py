@@ -405,6 +405,16 @@ def test_block_strengths_pattern_map(tmp_path, bases, locon):
             assert torch.equal(baked[target.key], base[target.key]), target.key
 
 
+
+def test_a_block_map_takes_runs_of_blocks_as_merge_params_do():
+    sd1 = ARCHITECTURES["sd1"]
+    strengths = block_strengths({"IN03-IN01": 0.2, "M00": 0.5, "default": 1.0}, sd1)
+    assert {b for b, v in strengths.items() if v == 0.2} == {"IN01", "IN02", "IN03"}
+    assert strengths["M00"] == 0.5 and strengths["IN04"] == 1.0
+    with pytest.raises(UserError, match="'IN00-IN40' runs through IN12, which SD1"):
+        block_strengths({"IN00-IN40": 0.2}, sd1)
+
+
 @pytest.mark.parametrize("spec", [
     "1,2,3", [1.0] * 25, "bogus", {"XX*": 1}, [True] * 26, ["1"] * 26, 7, "in,out",
 ])

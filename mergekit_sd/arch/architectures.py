@@ -112,6 +112,16 @@ def get_architecture(name: str) -> Architecture:
         raise KeyError(f"unknown architecture {name!r}{hint} (known: {valid})") from None
 
 
+def block_range(name: str) -> list[str] | None:
+    """`IN00-IN05` -> [IN00 ... IN05] (either order), as recipes and LoRA block maps write a
+    run of blocks; None for anything else. Whether the blocks exist is the caller's check."""
+    match = re.fullmatch(r"([A-Z]+)(\d+)\s*-\s*([A-Z]+)(\d+)", name)
+    if not match or match[1] != match[3]:
+        return None
+    lo, hi = sorted((int(match[2]), int(match[4])))
+    return [f"{match[1]}{i:02d}" for i in range(lo, hi + 1)]
+
+
 def block_of_key(arch: Architecture, key: str, diffusion_prefix: str) -> str:
     """Block of a full key, given the prefix the file puts before diffusion-model keys
     ("model.diffusion_model." in single files, "" in transformer/UNet-only files)."""

@@ -21,7 +21,7 @@ import math
 import re
 from collections.abc import Mapping
 
-from mergekit_sd.arch.architectures import Architecture
+from mergekit_sd.arch.architectures import Architecture, block_range
 from mergekit_sd.errors import UserError
 
 _SHORT_FORMS = {
@@ -138,8 +138,18 @@ def _from_patterns(spec: Mapping[str, float], arch: Architecture, where: str) ->
     default = _map_value(spec.get("default", 1.0), where, "default")
     patterns = [(str(p), _map_value(v, where, str(p))) for p, v in spec.items() if p != "default"]
     for pattern, _ in patterns:
-        if not any(fnmatch.fnmatchcase(b, pattern) for b in arch.blocks):
+        absent = [b for b in block_range(pattern) or () if b not in arch.blocks]
+        if absent:
+            raise BadBlockStrengths(f"{where}: {pattern!r} runs through {absent[0]}, which "
+                                    f"{arch.label} lacks (see `mergekit-sd blocks {arch.id}`)")
+        if not any(_names(b, pattern) for b in arch.blocks):
             raise BadBlockStrengths(f"{where}: {pattern!r} matches no block of {arch.label} "
                                     f"(see `mergekit-sd blocks {arch.id}`)")
-    return {b: next((v for p, v in patterns if fnmatch.fnmatchcase(b, p)), default)
-            for b in arch.blocks}
+    return {b: next((v for p, v in patterns if _names(b, p)), default) for b in arch.blocks}
+
+
+def _names(block: str, pattern: str) -> bool:
+    """Whether a block map's key names `block`: a shell pattern (`IN*`) or, as merge params
+    write them, a run of blocks (`IN00-IN05`)."""
+    run = block_range(pattern)
+    return block in run if run else fnmatch.fnmatchcase(block, pattern)

@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from mergekit_sd.arch.architectures import Architecture
+from mergekit_sd.arch.architectures import Architecture, block_range
 from mergekit_sd.arch.components import COMPONENT_GROUPS
 from mergekit_sd.recipe.schema import ParamSpec, Recipe, Scalar
 
@@ -25,10 +25,8 @@ def expand_blocks(name: str, arch: Architecture) -> list[str]:
     """`IN03` -> [IN03]; `IN00-IN05` -> IN00..IN05; raises ValueError for unknown names."""
     if name in arch.blocks:
         return [name]
-    match = re.fullmatch(r"([A-Z]+)(\d+)\s*-\s*([A-Z]+)(\d+)", name)
-    if match and match[1] == match[3]:
-        stem, lo, hi = match[1], int(match[2]), int(match[4])
-        names = [f"{stem}{i:02d}" for i in range(min(lo, hi), max(lo, hi) + 1)]
+    names = block_range(name)
+    if names:
         missing = [n for n in names if n not in arch.blocks]
         if not missing:
             return names
