@@ -88,3 +88,12 @@ def test_aliases_of_aliases_are_read_without_walking_every_repetition():
     lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 12)]
     lines += ["models: {a: a.safetensors, b: *a11}", STEPS.strip(), "output: {path: o.yaml}"]
     assert problem_of("\n".join(lines) + "\n").startswith("r.yaml, line 14, models.b: ")
+
+
+def test_a_block_map_value_that_is_no_number_is_named_by_its_own_field():
+    message = problem_of("version: 1\nmodels: {a: a.safetensors, l: l.safetensors}\n"
+                         "steps: [{name: b, method: bake_lora, inputs: [a], "
+                         "loras: [{model: l, blocks: {'IN*': abc}}]}]\n"
+                         "output: {path: o.safetensors}\n")
+    assert message.startswith("r.yaml, line 3, steps.0.loras.0.blocks.IN*: Input should be a "
+                              "valid number"), message

@@ -82,7 +82,8 @@ def _is_union_tag(part) -> bool:
     # pydantic inserts the union member it tried into the location; users never wrote those
     return isinstance(part, str) and (part in {"str", "float", "int", "bool", "ParamSpec",
                                                "ModelRef", "scalar", "sweep", "spec"}
-                                      or part.startswith(("list[", "union[", "function-")))
+                                      or part.startswith(("list[", "dict[", "union[",
+                                                          "function-", "constrained-")))
 
 
 def _known_fields_hint(loc: tuple) -> str:
