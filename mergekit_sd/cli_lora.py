@@ -31,11 +31,11 @@ def _resolve(ref: str, resolver: _CatalogOnDemand) -> tuple[Path, str | None]:
     from mergekit_sd.recipe.refs import is_path_ref
 
     path = Path(ref).expanduser()
-    if is_path_ref(ref) and path.exists():
+    if path.is_file():  # an existing file wins, even one named like a reference (#1.safetensors)
         return path, None
     if is_path_ref(ref) and ("/" in ref or path.suffix in (".safetensors", ".ckpt", ".pt")):
         raise UserError(f"{ref}: no such file; give an existing path or a catalog reference "
-                        "(catalog:NAME, sha256:HEX)")
+                        "(catalog:NAME, #ID, sha256:HEX, autov3:HEX)")
     try:
         found = resolver(ref)
     except LookupError as exc:

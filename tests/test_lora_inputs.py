@@ -311,3 +311,12 @@ def test_a_bad_strength_after_a_catalog_name_is_blamed_on_the_strength(tmp_path,
         assert_one_sentence(*cli("bake", "--catalog", catalog, bases["sd1"],
                                  f"mychar:{strength}", "-o", tmp_path / "o.safetensors"), 2)
         assert f"'{strength}' after the file name is not STRENGTH" in cli.last_err
+
+
+def test_an_existing_lora_file_named_like_a_catalog_reference_is_that_file(tmp_path, bases,
+                                                                          cli, monkeypatch):
+    write_lora(tmp_path / "#1.safetensors", "kohya-sd1")
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli("bake", "--catalog", tmp_path / "empty.sqlite", bases["sd1"],
+                       "#1.safetensors:0.5", "-o", tmp_path / "o.safetensors")
+    assert code == 0, err
