@@ -254,11 +254,15 @@ class StreamingWriter:
         self.write_bytes(name, raw.numpy())
 
     def rewrite_metadata(self, metadata: Mapping[str, str]) -> None:
-        """Replace the metadata written at creation with metadata of the same encoded length
-        (e.g. placeholders for hashes still being computed, now filled in)."""
+        """Replace the metadata written at creation with metadata no longer than it, padded
+        with the trailing spaces the format allows in a header. Placeholders for hashes still
+        being computed keep the length once filled in, or shorten it where equal hashes
+        merge entries keyed by hash (one file under two names, a parent of an input)."""
         header, _ = build_header(self.specs.values(), metadata)
-        if len(header) != self._data_start:
-            raise ValueError("the new header differs in length from the one written")
+        if len(header) > self._data_start:
+            raise ValueError("the new header is longer than the one written")
+        room = self._data_start - 8
+        header = room.to_bytes(8, "little") + header[8:].ljust(room, b" ")
         self._end_sequence(whole=True)  # the old header may still be on its way
         self._write_at(header, 0)
 

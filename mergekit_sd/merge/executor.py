@@ -34,7 +34,7 @@ from mergekit_sd.merge.plan import (
     MergePlan,
     PlannedInput,
 )
-from mergekit_sd.merge.provenance import lineage_may_collapse, merge_metadata
+from mergekit_sd.merge.provenance import merge_metadata
 from mergekit_sd.progress import CancelToken, ProgressCallback, no_progress
 from mergekit_sd.recipe.params import Candidate
 
@@ -263,14 +263,11 @@ def run_merge(plan: MergePlan, device: str = "cpu", progress: ProgressCallback =
     hasher = _Hasher(plan, progress, cancel)
     specs = [t.out for t in plan.tasks]
     try:
-        # where the real hashes may shorten the header, they are waited for: it must be exact
-        first_hashes = (hasher.result(plan, cancel) if lineage_may_collapse(plan, hasher.legacy)
-                        else hasher.placeholders)
         stats = _collect_stats(plan, inputs, progress, cancel)
         with contextlib.ExitStack() as stack:
             writers = {c.name: stack.enter_context(StreamingWriter(
                 plan.outputs[c.name], specs,
-                merge_metadata(plan, c, first_hashes, hasher.legacy)))
+                merge_metadata(plan, c, hasher.placeholders, hasher.legacy)))
                 for c in plan.candidates}
             _stream(plan, inputs, writers, stats, progress, cancel)
             hashes = hasher.result(plan, cancel)

@@ -124,17 +124,6 @@ def parent_lineage(planned: PlannedInput) -> dict[str, dict]:
     return {sha: entry for sha, entry in models.items() if isinstance(entry, dict)}
 
 
-def lineage_may_collapse(plan: MergePlan, legacy: dict[str, str]) -> bool:
-    """Whether an input's SHA256 may equal another input's or an ancestor's (same size and
-    legacy hash, or an ancestor without a legacy hash): sd_merge_models, keyed by SHA256, then
-    has fewer entries than a header written with distinct placeholders for the hashes."""
-    ancestors = {entry.get("legacy_hash") for name in plan.model_order
-                 for entry in parent_lineage(plan.inputs[name]).values()}
-    own = [(plan.inputs[name].path.stat().st_size, legacy[name]) for name in plan.model_order]
-    return (len(set(own)) < len(own) or None in ancestors
-            or any(legacy[name] in ancestors for name in plan.model_order))
-
-
 def _a1111_models(plan: MergePlan, hashes: dict[str, str], legacy: dict[str, str]) -> dict:
     """sha256 -> {name, legacy_hash, sd_merge_recipe}, ancestors included as AUTOMATIC1111 does."""
     models: dict = {}
