@@ -113,13 +113,13 @@ def _scan_root(store: Store, root_id: int, root: Path, jobs: int, report: ScanRe
     for batch in _batches(zip(to_examine, facts, strict=True), BATCH):
         with store.write() as db:
             for file, file_facts in batch:
-                _upsert(db, root_id, file, file_facts)
+                _upsert(db, root_id, file, file_facts, report.problems)
                 if file_facts.status != "ok":
                     report.bad.append((str(file.path), file_facts.problem or file_facts.status))
     if sidecars_only:
         with store.write() as db:
             for file_id, file in sidecars_only:
-                _refresh_sidecars(db, file_id, file)
+                _refresh_sidecars(db, file_id, file, report.problems)
     moved_from = {old for old, _ in report.moved}
     gone = [row for path, row in existing.items()
             if path not in seen_paths and path not in moved_from and row["status"] != "missing"
@@ -186,7 +186,7 @@ def _adopt_moves(store: Store, root_id: int, new_files: list[FoundFile],
                                "WHERE id = ?", (str(file.path), root_id, file.folder_kind,
                                                 _stem(file.path), time.time(), time.time(),
                                                 row["id"]))
-                    _refresh_sidecars(db, row["id"], file)
+                    _refresh_sidecars(db, row["id"], file, report.problems)
                     moved.add(str(file.path))
                     report.moved.append((row["path"], str(file.path)))
                     break
@@ -277,8 +277,13 @@ _UPSERT = """INSERT INTO files (path, root_id, folder_kind, name, status, proble
     RETURNING id""".replace("{same}", _SAME_FILE)
 
 
-def _upsert(db, root_id: int, file: FoundFile, facts: FileFacts) -> int:
+def _upsert(db, root_id: int, file: FoundFile, facts: FileFacts,
+            problems: list[str] | None = None) -> int:
+    """Record a file's facts and its sidecars'; the id of its entry. The sidecars' problems
+    (a bad JSON file, a pipe under a sidecar's name) go to `problems`, for the scan to show."""
     sidecar = read_sidecars(file.sidecars)
+    if problems is not None:
+        problems.extend(sidecar.problems)
     header = {"base_model": facts.base_model, "trigger_words": facts.trigger_words}
     details = {**facts.details, "header": header, "sidecar": _sidecar_details(sidecar)}
     merged = merged_columns(header, sidecar)
@@ -321,11 +326,15 @@ def refresh_sidecars_of(store: Store, file_id: int, path: Path) -> None:
         _refresh_sidecars(db, file_id, file)
 
 
-def _refresh_sidecars(db, file_id: int, file: FoundFile) -> None:
-    """Re-read a file's sidecars when only they changed (the model file was not touched)."""
+def _refresh_sidecars(db, file_id: int, file: FoundFile,
+                      problems: list[str] | None = None) -> None:
+    """Re-read a file's sidecars when only they changed (the model file was not touched); their
+    problems go to `problems`."""
     row = db.execute("SELECT details FROM files WHERE id = ?", (file_id,)).fetchone()
     details = json.loads(row["details"] or "{}")
     sidecar = read_sidecars(file.sidecars)
+    if problems is not None:
+        problems.extend(sidecar.problems)
     details["sidecar"] = _sidecar_details(sidecar)
     merged = merged_columns(details.get("header", {}), sidecar)
     ids = _source_ids(sidecar)

@@ -28,6 +28,7 @@ from catalog.edits import add_root, remove, set_note, set_rating, set_tags
 from catalog.entries import Filters, find_entry, get_entry, list_entries
 from catalog.hash_cache import hash_pending
 from catalog.hashes import hash_file
+from catalog.identity import parents_from_metadata
 from catalog.layouts import ModelFolder, detect_layout
 from catalog.lineage import Node, lineage
 from catalog.resolver import CatalogResolver
@@ -618,10 +619,18 @@ def test_a_corrupt_sidecar_is_reported_and_ignored(tmp_path, store, tiny):
     assert (report.new, report.bad) == (2, [])
     entry = find_entry(store, "broken")
     assert (entry.status, entry.base_model, entry.source) == ("ok", "SD 1.5", "local")
-    assert sorted(entry.details["sidecar"]["problems"]) == [
+    expected = [
         f"{bad}: not readable as JSON (JSONDecodeError); ignored",
         f"{loras / 'broken.cm-info.json'}: expected a JSON object; ignored",
     ]
+    assert sorted(entry.details["sidecar"]["problems"]) == expected
+    assert sorted(report.problems) == expected  # the scan says so, not only `catalog show`
+    # a sidecar that goes bad later, the model untouched: the rescan that re-reads it says so
+    (loras / "fine.json").write_text("{nope")
+    report = scan(store, jobs=1)
+    assert report.unchanged == 2
+    assert report.problems == [f"{loras / 'fine.json'}: not readable as JSON "
+                               "(JSONDecodeError); ignored"]
 
 
 def test_written_civitai_info_and_preview_are_read_by_the_next_scan(tmp_path, store, tiny):
@@ -916,6 +925,47 @@ def test_lineage_of_a_merge_names_its_inputs_and_the_inputs_name_it(merged):
             assert found.tree.parents == []
             assert found.children == [Node("merge input", "demo-mix", "", mix.id, mix.path)]
         assert lineage(store, find_entry(store, "demo-sd15-photo")).children == []
+
+
+def test_lineage_of_a_bake_names_its_base_and_lora_as_such(tmp_path):
+    files = make_demo_workspace(tmp_path / "webui")
+    models = tmp_path / "webui" / "models"
+    base = models / "Stable-diffusion" / "demo-sd15-base.safetensors"
+    baked = models / "Stable-diffusion" / ("a-bake-whose-name-is-long-enough-to-wrap-" * 2
+                                           + "mychar.safetensors")
+    lora = models / "Lora" / "demo-lora-mychar.safetensors"
+    assert {base, lora} <= set(files)
+    made = run_cli("bake", base, f"{lora}:0.7", "-o", baked)
+    assert made.returncode == 0, made.stderr
+    catalog = tmp_path / "c.sqlite"
+    assert catalog_cli(catalog, "add-root", tmp_path / "webui", "--scan").returncode == 0
+    assert catalog_cli(catalog, "scan", "--hash").returncode == 0
+    doc = json.loads(catalog_cli(catalog, "lineage", baked.stem, "--json").stdout)
+    assert sorted((p["role"], p["name"]) for p in doc["ancestry"]["parents"]) == [
+        ("bake base", "demo-sd15-base"), ("baked LoRA", "demo-lora-mychar")]
+    children = json.loads(catalog_cli(catalog, "lineage", "demo-lora-mychar",
+                                      "--json").stdout)["children"]
+    assert [(c["role"], c["name"]) for c in children] == [("baked LoRA", baked.stem)]
+    # at 80 columns the child's line wraps under its own start, as the parents' lines do
+    shown = run_cli("catalog", "lineage", "demo-sd15-base", "--catalog", catalog,
+                    env={"COLUMNS": "80"}).stdout.splitlines()
+    made_from = shown[shown.index("made from it:") + 1:]
+    assert made_from[0].startswith("└── bake base of:"), shown
+    assert len(made_from) > 1 and all(line.startswith("    ") for line in made_from[1:]), shown
+    assert baked.stem in "".join(line.strip() for line in made_from).replace("└──", ""), shown
+
+
+def test_roles_of_a_recipe_that_merges_then_bakes():
+    shas = {n: f"{i:064x}" for i, n in enumerate(["base", "anime", "style"], 1)}
+    recipe = {"version": 1, "models": {n: {"ref": f"{n}.safetensors", "sha256": sha}
+                                       for n, sha in shas.items()},
+              "steps": [{"name": "mix", "method": "weighted_sum", "inputs": ["base", "anime"]},
+                        {"name": "styled", "method": "bake_lora", "inputs": ["mix"],
+                         "loras": [{"model": "style", "strength": 0.5}]}]}
+    parents = parents_from_metadata({"mergekit_sd.recipe": json.dumps(recipe)})
+    assert sorted((p.role, p.name) for p in parents) == [
+        ("baked LoRA", "style.safetensors"), ("merge input", "anime.safetensors"),
+        ("merge input", "base.safetensors")]
 
 
 def test_lora_trained_on_a_checkpoint_names_it_as_training_base(tmp_path, store, tiny):
