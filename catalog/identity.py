@@ -130,9 +130,11 @@ def parents_from_metadata(metadata: dict[str, str]) -> list[Parent]:
 
     recipe = _json(metadata.get("mergekit_sd.recipe"))
     if isinstance(recipe, dict) and isinstance(recipe.get("models"), dict):
+        roles = _recipe_roles(recipe)
         for name, model in recipe["models"].items():
             if isinstance(model, dict):
-                add("sha256", model.get("sha256"), model.get("ref") or name, "merge input")
+                add("sha256", model.get("sha256"), model.get("ref") or name,
+                    roles.get(name, "merge input"))
         output = recipe.get("output") if isinstance(recipe.get("output"), dict) else {}
         add("sha256", output.get("vae_sha256"), output.get("vae"), "baked VAE")
     merge_models = _json(metadata.get("sd_merge_models"))
@@ -152,6 +154,26 @@ def parents_from_metadata(metadata: dict[str, str]) -> list[Parent]:
     elif metadata.get("ss_sd_model_hash"):
         add("autov1", metadata["ss_sd_model_hash"], base_name, "training base")
     return list(parents.values())
+
+
+def _recipe_roles(recipe: dict) -> dict[str, str]:
+    """What each model of our recipe was to the file: a LoRA baked in ("baked LoRA"), the
+    checkpoint LoRAs were baked into and nothing merged ("bake base"); the rest are merge
+    inputs."""
+    steps = [s for s in recipe.get("steps") or [] if isinstance(s, dict)]
+
+    def names(items) -> set[str]:
+        return {n for n in items if isinstance(n, str)} if isinstance(items, list) else set()
+
+    loras = {lora.get("model") for s in steps if isinstance(s.get("loras"), list)
+             for lora in s["loras"] if isinstance(lora, dict)}
+    baked_into = set().union(*(names(s.get("inputs")) for s in steps
+                               if s.get("method") == "bake_lora"))
+    merged = set().union(*(names(s.get("inputs")) for s in steps
+                           if s.get("method") != "bake_lora"))
+    roles = dict.fromkeys(baked_into - merged, "bake base")
+    roles.update({n: "baked LoRA" for n in loras if isinstance(n, str)})
+    return roles
 
 
 def _json(text: str | None):

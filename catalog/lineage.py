@@ -13,7 +13,8 @@ MAX_DEPTH = 8  # ancestry is rarely deeper; a cycle (impossible by hashes, possi
 
 @dataclass
 class Node:
-    role: str  # merge input, ancestor, training base, baked VAE; "" for the entry itself
+    # merge input, bake base, baked LoRA, ancestor, training base, baked VAE; "" for the entry
+    role: str
     name: str
     ref: str  # the hash the metadata gives (sha256 or AutoV1/AutoV3), or ""
     entry_id: int | None  # the catalog entry that has this hash, if any

@@ -181,6 +181,8 @@ def show_lineage(found: Lineage) -> None:
         root.add("no parents recorded in its metadata")
     out.print(root)
     if found.children:
-        out.print("made from it:")
+        # a tree, like the parents: a long line wraps under its own start
+        made = Tree("made from it:")
         for child in found.children:
-            out.print(f"  {child.role}: #{child.entry_id} {child.name} ({child.path})")
+            made.add(f"{child.role} of: {child.name} (#{child.entry_id} {child.path})")
+        out.print(made)
