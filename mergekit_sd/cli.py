@@ -144,7 +144,6 @@ OFFLINE_HELP = "Never call out: download references must already be in the catal
 
 def _load_plan(recipe: Path, assignments: list[str], out: Path | None, catalog: Path | None,
                pull: bool = False, offline: bool = False):
-    from mergekit_sd.io.writer import check_output_path
     from mergekit_sd.merge.plan import apply_overrides, build_plan
     from mergekit_sd.recipe.loader import load_recipe
 
@@ -152,10 +151,7 @@ def _load_plan(recipe: Path, assignments: list[str], out: Path | None, catalog: 
         raise UserError("--pull downloads and --offline forbids it; choose one")
     loaded = load_recipe(recipe)
     apply_overrides(loaded, assignments)
-    planned = build_plan(loaded, resolver=_CatalogOnDemand(catalog, pull), out=out)
-    for path in planned.outputs.values():  # said now, not after the whole merge
-        check_output_path(path)
-    return planned
+    return build_plan(loaded, resolver=_CatalogOnDemand(catalog, pull), out=out)
 
 
 @app.command()

@@ -378,6 +378,24 @@ def test_an_output_that_would_overwrite_the_vae_or_a_lora_is_refused(tmp_path, m
     assert victim.read_bytes() == before
 
 
+def test_the_plan_itself_refuses_an_output_it_cannot_write(tmp_path, models):
+    """Not only the CLI: a library caller (a recipe run from the TUI) hears it before any
+    work, too."""
+    path = recipe(tmp_path, models, """
+        - name: m
+          method: weighted_sum
+          inputs: [a, b]
+        """)
+    a_file = tmp_path / "taken"
+    a_file.write_bytes(b"keep")
+    (tmp_path / "dir.safetensors").mkdir()
+    for out, words in ((a_file / "x.safetensors", "is a file, not a folder"),
+                       (tmp_path / "dir.safetensors", "is a directory")):
+        with pytest.raises(UserError, match=words):
+            build_plan(parse_recipe(path.read_text(), path), out=out)
+    assert a_file.read_bytes() == b"keep"
+
+
 @pytest.mark.parametrize(("variant", "component"), [("sd1-unet", "unet"),
                                                      ("flux-dev-transformer", "transformer")])
 def test_components_apply_to_every_key_of_a_diffusion_model_saved_alone(tmp_path, variant,

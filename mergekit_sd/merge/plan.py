@@ -15,7 +15,7 @@ from mergekit_sd.arch.identify import Identification, identify
 from mergekit_sd.errors import BadModelFile, UserError
 from mergekit_sd.io.dtypes import FLOAT_DTYPES, USER_DTYPES
 from mergekit_sd.io.header import SafetensorsHeader, read_header
-from mergekit_sd.io.writer import TensorSpec
+from mergekit_sd.io.writer import TensorSpec, check_output_path
 from mergekit_sd.merge.registry import MergeMethod, check_params, get_method
 from mergekit_sd.recipe.loader import LoadedRecipe
 from mergekit_sd.recipe.params import (
@@ -265,6 +265,8 @@ def build_plan(loaded: LoadedRecipe, resolver: Resolver | None = None,
     cands = candidates(recipe)
     steps = _plan_steps(loaded, recipe.needed_steps, arch, cands)
     outputs = _output_paths(loaded, cands, out)
+    for path in outputs.values():  # said now, not after the whole merge
+        check_output_path(path)
     vae = _open_vae(loaded, resolver) if recipe.output.vae else None
     vae_keys = _fitting_vae_keys(loaded, vae, inputs[order[0]]) if vae else {}
     tasks, notes = _plan_keys(loaded, inputs, order, arch, prefix, vae, vae_keys)
