@@ -98,6 +98,11 @@ class GuardedClient:
             last = attempt + 1 == attempts
             try:
                 response = self._follow(method, url, params, json, headers or {}, stream)
+            except (httpx.InvalidURL, httpx.UnsupportedProtocol):
+                # an address that can never work (a redirect to ftp://, a Location that does
+                # not parse): trying again would only wait
+                raise WorkFailed(f"{what}: the address (or one it redirected to) is not a "
+                                 "valid http(s) URL; check the link") from None
             except httpx.TransportError as exc:
                 if last:
                     raise WorkFailed(f"{what}: {self.service} could not be reached "

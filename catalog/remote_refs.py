@@ -9,10 +9,11 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from catalog.entries import Entry, get_entry
 from catalog.hash_cache import hash_key
-from catalog.safe_names import bare_url
+from catalog.safe_names import bare_url, printable_ref
 from catalog.store import Store
 from mergekit_sd.errors import UserError
 
@@ -59,6 +60,9 @@ class UrlRef:
 RemoteRef = CivitaiVersionRef | CivitaiModelRef | HubRef | UrlRef
 REMOTE_SCHEMES = ("civitai://", "hf://", "http://", "https://")
 _HUB = re.compile(r"hf://(?P<org>[^/@\s]+)/(?P<name>[^/@\s]+)(?:@(?P<rev>[^/\s]+))?/(?P<path>.+)")
+# an id stored in the catalog must fit SQLite's INTEGER (Civitai's ids are far below it)
+MAX_ID = 2**63 - 1
+_ID = re.compile(r"[0-9]{1,19}")  # ASCII digits only: str.isdigit() also takes "²"
 # the Hub's own rule for each half of ORG/REPO: letters, digits, _ - . (at most 96), starting
 # and ending with a letter, digit or _, without "--" or ".." (huggingface_hub refuses the rest
 # with an exception of its own, before any request)
@@ -78,18 +82,41 @@ def check_repo_id(repo: str, shown: str, form: str = "hf://ORG/REPO/PATH") -> No
 
 
 def is_remote_ref(ref: str) -> bool:
-    return ref.startswith(REMOTE_SCHEMES)
+    return ref.strip().lower().startswith(REMOTE_SCHEMES)  # schemes ignore case (RFC 3986)
+
+
+def _civitai_id(text: str) -> int | None:
+    if not _ID.fullmatch(text) or int(text) > MAX_ID:
+        return None
+    return int(text)
+
+
+def _checked_url(url: str) -> str:
+    """`url` when it has a host (and a numeric port, if any); UserError otherwise: an address
+    that cannot work is the user's to fix, not a network failure to retry."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        parts = None
+    if parts is None or not parts.hostname or any(c.isspace() for c in url):
+        raise UserError(f"{printable_ref(url)!r}: not a valid URL (it needs a host, and a port "
+                        "that is a number); check the link")
+    return url
 
 
 def parse_remote_ref(ref: str) -> RemoteRef:
     """The reference `ref` names; UserError saying the accepted forms when it is none."""
     ref = ref.strip()
+    scheme, sep, rest = ref.partition("://")
+    if sep:  # schemes are case-insensitive (RFC 3986): HTTP://, Civitai:// are fine
+        ref = f"{scheme.lower()}://{rest}"
     if ref.startswith("civitai://"):
         rest = ref[len("civitai://"):].strip("/")
-        if rest.isdigit():
-            return CivitaiVersionRef(int(rest))
-        if rest.startswith("model/") and rest[6:].isdigit():
-            return CivitaiModelRef(int(rest[6:]))
+        if (version_id := _civitai_id(rest)) is not None:
+            return CivitaiVersionRef(version_id)
+        if rest.startswith("model/") and (model_id := _civitai_id(rest[6:])) is not None:
+            return CivitaiModelRef(model_id)
         raise UserError(f"{ref!r}: write civitai://VERSION_ID or civitai://model/MODEL_ID (the "
                         "numbers in the model page's address: ?modelVersionId=... and "
                         "/models/...)")
@@ -102,8 +129,8 @@ def parse_remote_ref(ref: str) -> RemoteRef:
         check_repo_id(repo, ref)
         return HubRef(repo, match["path"], match["rev"])
     if ref.startswith(("http://", "https://")):
-        return UrlRef(ref)
-    raise UserError(f"{ref!r}: not a download reference; use civitai://VERSION_ID, "
+        return UrlRef(_checked_url(ref))
+    raise UserError(f"{printable_ref(ref)!r}: not a download reference; use civitai://VERSION_ID, "
                     "civitai://model/MODEL_ID, hf://ORG/REPO/PATH or an http(s) URL")
 
 

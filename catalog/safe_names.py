@@ -70,14 +70,21 @@ def name_from_url(url: str) -> str | None:
 
 def bare_url(url) -> str:
     """`url` (a string or httpx.URL) without its query, fragment and user:password@."""
-    parts = urlsplit(str(url))
+    text = str(url)
+    try:
+        parts = urlsplit(text)
+    except ValueError:  # it does not parse (`http://[::1/x`): cut it by hand, never raise
+        scheme, sep, rest = re.split(r"[?#]", text, maxsplit=1)[0].partition("://")
+        authority, slash, path = rest.partition("/")
+        return f"{scheme.lower()}{sep}{authority.rpartition('@')[2]}{slash}{path}"
     host = parts.netloc.rpartition("@")[2]
     return f"{parts.scheme}://{host}{parts.path}"
 
 
 def printable_ref(ref: str) -> str:
     """A download reference as output may show it: a URL bare (its query or user part may be
-    a token), the other references as they are."""
-    if ref.strip().lower().startswith(("http://", "https://")):
+    a token; any scheme but ours, in any case), the other references as they are."""
+    scheme, sep, _ = ref.strip().partition("://")
+    if sep and scheme.lower() not in ("civitai", "hf"):
         return bare_url(ref.strip())
     return ref

@@ -19,6 +19,7 @@ from conftest import REPO
 from fakes.civitai import FakeCivitai, FakeFile
 from fakes.env import big_safetensors, cli_env, settings_for
 from fakes.files import FileHost
+from fakes.loopback import LoopbackServer, Reply
 
 from catalog import download as download_module
 from catalog.download import BadDownload, Downloader, DownloadRequest
@@ -26,7 +27,7 @@ from catalog.pull import Puller, PullOptions
 from catalog.remote_http import GuardedClient, RetryPolicy
 from catalog.safe_names import name_from_disposition, safe_file_name
 from catalog.store import Store
-from mergekit_sd.errors import Cancelled, UserError
+from mergekit_sd.errors import Cancelled, UserError, WorkFailed
 from mergekit_sd.progress import CancelToken
 from mergekit_sd.testing import write_lora
 
@@ -310,3 +311,15 @@ def test_a_second_download_of_the_same_file_waits_its_turn(tmp_path, host, http,
         fcntl.flock(held.fileno(), fcntl.LOCK_EX)
         with pytest.raises(UserError, match="another download of this file is running"):
             Downloader(http).fetch(request_for(host, "m.safetensors", tmp_path, lora_bytes))
+
+
+def test_a_redirect_to_an_address_that_cannot_work_fails_at_once():
+    server = LoopbackServer(lambda seen: Reply(302, {"Location": "ftp://127.0.0.1/x"}))
+    retry = RetryPolicy(4, 0.001, 0.01)
+    try:
+        with GuardedClient(retry=retry, timeout=5.0) as client, pytest.raises(WorkFailed) as err:
+            client.request("GET", f"{server.url}/x", what="the download of x")
+        assert "not a valid http(s) URL" in str(err.value)
+        assert len(server.log) == 1  # not retried
+    finally:
+        server.close()

@@ -319,3 +319,39 @@ def test_recipe_download_references_resolve_or_are_pulled(tmp_path, fake):
     offline = mergekit(tmp_path, fake, "plan", recipe, "--offline")
     assert offline.returncode == 0, offline.stderr
     assert os.path.exists(downloads / "photomix.civitai.info")
+
+
+def test_url_schemes_ignore_case_and_bad_addresses_are_one_sentence(tmp_path, fake, blobs):
+    fake.files.put("direct/extra.safetensors", blobs["lora2"])
+    secret = "SUPERSECRET123"
+    host = fake.files.url.removeprefix("http://")
+    root = tmp_path / "models"
+    for url in (f"HTTP://{host}/files/direct/extra.safetensors?token={secret}",
+                f"Http://user:{secret}@{host}/files/direct/extra.safetensors"):
+        result = mergekit(tmp_path, fake, "pull", url, "--to", root)
+        assert result.returncode == 0, result.stderr
+        # the second is the same file: "already have"; both shown bare, scheme in lower case
+        assert f"{fake.files.url}/files/direct/extra.safetensors" in result.stdout
+        assert secret not in result.stdout + result.stderr
+    before = len(fake.files.server.log)
+    for url in ("http://", f"http://127.0.0.1:abc/x.safetensors?token={secret}",
+                f"https://[::1/x.safetensors?token={secret}",
+                f"ftp://user:{secret}@{host}/x.safetensors"):
+        line = one_error_line(mergekit(tmp_path, fake, "pull", url, "--to", root))
+        assert "not a valid URL" in line or "not a download reference" in line
+        assert secret not in line
+    assert len(fake.files.server.log) == before  # refused before any request
+
+
+def test_civitai_ids_past_sqlite_integers_are_refused_in_pulls_and_recipes(tmp_path, fake):
+    huge = "civitai://99999999999999999999999"
+    for ref in (huge, "civitai://model/99999999999999999999999", "civitai://\u00b2"):
+        assert "write civitai://VERSION_ID" in one_error_line(
+            mergekit(tmp_path, fake, "pull", ref, "--to", tmp_path / "m"))
+    recipe = tmp_path / "big.yaml"
+    recipe.write_text(f"version: 1\nmodels: {{a: '{huge}', b: '{huge}'}}\n"
+                      "steps: [{name: mix, method: weighted_sum, inputs: [a, b]}]\n"
+                      "output: {path: out.safetensors}\n")
+    line = one_error_line(mergekit(tmp_path, fake, "plan", recipe))
+    assert "models.a" in line and "write civitai://VERSION_ID" in line
+    assert fake.civitai.server.log == []
