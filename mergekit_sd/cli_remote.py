@@ -8,7 +8,6 @@ httpx or huggingface_hub.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 from pathlib import Path
@@ -230,8 +229,9 @@ def recipe_fetcher(store):
     from mergekit_sd.cli_progress import rich_progress
 
     def fetch(ref: str) -> None:
-        # the bars go to stderr: stdout carries the plan (JSON with --json)
-        with contextlib.redirect_stdout(sys.stderr), rich_progress() as progress:
+        # stdout carries the plan (JSON with --json): the pull's lines go to stderr, as the
+        # bars do (cli_progress)
+        with rich_progress() as progress:
             outcomes = _pull(store, load_settings(), [ref], PullOptions(), progress)
         for outcome in outcomes:
             if isinstance(outcome, Failed):

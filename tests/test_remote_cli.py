@@ -355,3 +355,41 @@ def test_civitai_ids_past_sqlite_integers_are_refused_in_pulls_and_recipes(tmp_p
     line = one_error_line(mergekit(tmp_path, fake, "plan", recipe))
     assert "models.a" in line and "write civitai://VERSION_ID" in line
     assert fake.civitai.server.log == []
+
+
+def _run_with_terminal_stderr(tmp_path, fake, *args) -> tuple[int, str, str]:
+    """The CLI with stdout a pipe and stderr a terminal, as in `mergekit-sd pull > out.txt`."""
+    import pty
+
+    env = cli_env(tmp_path, fake.civitai.url, fake.hub.url, None)
+    env.update(PYTHONPATH=str(REPO), COLUMNS="120", TERM="xterm",
+               MERGEKIT_SD_CATALOG=str(tmp_path / "c.sqlite"))
+    main, secondary = pty.openpty()
+    with subprocess.Popen([sys.executable, "-m", "mergekit_sd.cli", *map(str, args)], env=env,
+                          stdout=subprocess.PIPE, stderr=secondary) as child:
+        os.close(secondary)
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(main, 65536)
+            except OSError:  # the terminal's other end closed: the child is done
+                break
+            if not chunk:
+                break
+            seen += chunk
+        out = child.stdout.read().decode()
+        child.wait(timeout=60)
+    os.close(main)
+    return child.returncode, out, seen.decode(errors="replace")
+
+
+def test_progress_bars_never_reach_a_redirected_stdout(tmp_path, fake):
+    piped = mergekit(tmp_path, fake, "pull", "civitai://123", "--to", tmp_path / "m")
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stdout.startswith("pulled civitai://123 -> ")
+    assert "\u2501" not in piped.stdout + piped.stderr  # no bar in a pipe, nor in a log
+    code, out, terminal = _run_with_terminal_stderr(tmp_path, fake, "pull", "civitai://300",
+                                                    "--to", tmp_path / "m")
+    assert code == 0, terminal
+    assert out.startswith("pulled civitai://300 -> ") and "\u2501" not in out
+    assert "photomix.safetensors" in terminal and "\u2501" in terminal  # the bar, on stderr
