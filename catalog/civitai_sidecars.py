@@ -3,7 +3,9 @@ saves it) and `X.preview.png`, the first preview image allowed.
 
 Previews rated above PG-13 are saved only when the user allows it (`civitai.nsfw_previews`, or
 `--nsfw-previews`); a version whose images are all rated higher gets no preview. Videos are not
-previews. A preview that cannot be fetched is a note in the report, never a failed download.
+previews. A preview that cannot be fetched is a note in the report, never a failed download. A
+model that already has a preview (a user's own, `X.preview.png`, `X.png` ...) keeps it: no image
+is fetched, and the report says so.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import httpx
 
 from catalog.remote_http import GuardedClient
 from catalog.safe_names import bare_url
-from catalog.sidecars import write_civitai_info, write_preview
+from catalog.sidecars import existing_preview, write_civitai_info, write_preview
 from mergekit_sd.errors import WorkFailed
 
 SAFE_NSFW_LEVELS = (1, 2)  # Civitai's browsing levels PG and PG-13 (bit flags: 4 R, 8 X ...)
@@ -59,6 +61,9 @@ def write_version_sidecars(model: Path, version: dict, http: GuardedClient,
     """Write `.civitai.info` and, when an allowed image exists, `.preview.png` beside
     `model`."""
     written = SidecarsWritten(info=write_civitai_info(model, version))
+    if (own := existing_preview(model)) is not None:
+        written.problems.append(f"{model.name}: kept its preview {own.name}")
+        return written
     url = preview_url(version, allow_nsfw)
     if url is None:
         return written
@@ -70,7 +75,9 @@ def write_version_sidecars(model: Path, version: dict, http: GuardedClient,
     if image is None:
         written.problems.append(f"{model.name}: no preview ({bare_url(url)} is not an image)")
         return written
-    written.preview = write_preview(model, image)
+    written.preview = write_preview(model, image)  # None: one appeared meanwhile, and stays
+    if written.preview is None:
+        written.problems.append(f"{model.name}: kept the preview that appeared beside it")
     return written
 
 

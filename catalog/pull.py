@@ -370,7 +370,10 @@ class Puller:
     def _sidecars(self, model: Path, version: dict, options: PullOptions) -> list[str]:
         allow = (self.settings.nsfw_previews if options.nsfw_previews is None
                  else options.nsfw_previews)
-        return write_version_sidecars(model, version, self.civitai.http, allow).problems
+        try:
+            return write_version_sidecars(model, version, self.civitai.http, allow).problems
+        except OSError as exc:  # the model is verified and in place: catalogued all the same
+            return [f"{model.name}: its sidecars could not be written ({exc.strerror})"]
 
 
 def _check_sha256(sha256: str | None) -> None:

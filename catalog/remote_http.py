@@ -27,9 +27,14 @@ USER_AGENT = "mergekit-sd"
 
 
 def origin(url: str) -> tuple[str, str, int]:
-    parts = urlsplit(url)
+    """(scheme, host, port); an address that does not parse has none (and gets no token)."""
+    try:
+        parts = urlsplit(str(url))
+        port = parts.port
+    except ValueError:
+        return "", "", 0
     default = {"http": 80, "https": 443}.get(parts.scheme, 0)
-    return parts.scheme, (parts.hostname or "").lower(), parts.port or default
+    return parts.scheme, (parts.hostname or "").lower(), port or default
 
 
 def is_retryable(status: int) -> bool:

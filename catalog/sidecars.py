@@ -148,8 +148,19 @@ def write_civitai_info(model: Path, version: dict) -> Path:
     return write_bytes_atomic(_beside(model, CIVITAI_INFO), data)
 
 
-def write_preview(model: Path, image: bytes) -> Path:
-    """Save a preview image as `X.preview.png` (the name every web UI looks for first)."""
+def existing_preview(model: Path) -> Path | None:
+    """The preview image a web UI would show for `model` now (`X.preview.png`, `X.png` ...)."""
+    for suffix in PREVIEWS:
+        if (path := _beside(model, suffix)) != model and path.is_file():
+            return path
+    return None
+
+
+def write_preview(model: Path, image: bytes) -> Path | None:
+    """Save a preview image as `X.preview.png` (the name every web UI looks for first); None,
+    writing nothing, where `model` already has a preview: one a user chose is theirs to keep."""
+    if existing_preview(model) is not None:
+        return None
     return write_bytes_atomic(_beside(model, ".preview.png"), image)
 
 

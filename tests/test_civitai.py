@@ -412,3 +412,51 @@ def test_updates_name_newer_versions_of_owned_models(tmp_path, store, fake, lora
     assert [(v["version_id"], v["version"], v["base_model"]) for v in update.newer] == [
         (124, "v2.0", "Illustrious")]
 
+
+
+def test_identify_and_pull_keep_a_preview_the_user_made(tmp_path, store, fake, loras):
+    fake.civitai.add_model(81, "Other", "LORA")
+    fake.civitai.add_version(81, 810, "v1", "Pony", [FakeFile("other.safetensors", loras[1])],
+                             images=[{"url": f"{fake.files.url}/files/img/sfw.png",
+                                      "nsfwLevel": 1}])
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "mine.safetensors").write_bytes(loras[0])
+    (mine / "mine.preview.png").write_bytes(b"my own picture")
+    add_root(store, mine)
+    scan(store, jobs=1)
+    hash_pending(store)
+    with client_for(fake) as client:
+        report = identify(store, client, nsfw_previews=True)
+    assert [found.preview for found in report.identified] == [None]
+    assert "mine.safetensors: kept its preview mine.preview.png" in report.problems
+    assert (mine / "mine.preview.png").read_bytes() == b"my own picture"
+    assert (mine / "mine.civitai.info").exists()
+
+    (mine / "two.safetensors").write_bytes(loras[1])  # a file the pull finds owned
+    (mine / "two.png").write_bytes(b"a picture a web UI shows too")
+    scan(store, jobs=1)
+    hash_pending(store)
+    [pulled] = pull(store, fake, "civitai://810", to=tmp_path / "elsewhere")
+    assert pulled.status == "already owned" and (mine / "two.civitai.info").exists()
+    assert not (mine / "two.preview.png").exists()
+    assert (mine / "two.png").read_bytes() == b"a picture a web UI shows too"
+    assert fake.files.server.requests("/files/img/") == []  # no image fetched for nothing
+
+
+def test_a_preview_address_that_does_not_parse_is_a_note_and_the_model_is_catalogued(
+        tmp_path, store, fake, loras):
+    fake.civitai.add_model(50, "Odd", "LORA")
+    fake.civitai.add_version(50, 500, "v1", "Pony", [FakeFile("odd.safetensors", loras[2])],
+                             images=[{"url": "http://[::1/bad.png?token=x", "nsfwLevel": 1}])
+    puller = Puller(store, settings_for(fake.url))
+    try:
+        odd, other = puller.pull(["civitai://500", "civitai://123"],
+                                 PullOptions(to=tmp_path / "m"))
+    finally:
+        puller.close()
+    assert odd.entry_id is not None and get_entry(store, odd.entry_id).path == str(odd.path)
+    assert odd.notes == ["odd.safetensors: no preview (the preview http://[::1/bad.png: the "
+                         "address (or one it redirected to) is not a valid http(s) URL; check "
+                         "the link)"]
+    assert other.status == "downloaded"
