@@ -104,9 +104,13 @@ class CivitaiClient:
         if nsfw is not None:
             params.append(("nsfw", "true" if nsfw else "false"))
         doc = self._json("GET", "/api/v1/models", "the model search", params=params)
+        items = doc.get("items", [])
+        # list() of a string would give its characters, and every caller reads items as objects
+        if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+            raise unexpected("the model search")
         metadata = mapping(doc.get("metadata"))
         cursor = metadata.get("nextCursor")
-        return SearchPage(list(doc.get("items") or []), str(cursor) if cursor else None)
+        return SearchPage(items, str(cursor) if cursor else None)
 
     def iter_models(self, max_items: int, page_size: int = 100, **filters) -> Iterator[dict]:
         """Search results across pages (following `nextCursor`), up to `max_items`."""

@@ -17,7 +17,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from catalog.civitai import CivitaiClient, mapping, sequence
+from catalog.civitai import CivitaiClient, mapping, sequence, unexpected
 from catalog.civitai_sidecars import write_version_sidecars
 from catalog.register import record_source
 from catalog.scan import refresh_sidecars_of
@@ -71,6 +71,10 @@ def identify(store: Store, client: CivitaiClient, *, refresh: bool = False,
     progress("identifying", 0, len(pending))
     known = client.version_ids_by_hashes(pending)
     versions = _versions_by_sha256(client.versions_by_hashes(known)) if known else {}
+    # checked before any file gets a sidecar: a half-applied version (its .civitai.info written,
+    # its ids not recorded) would be skipped as "identified before" by every later run
+    if any(not _valid_id(version.get("id")) for version in versions.values()):
+        raise unexpected(f"the look-up of {len(known)} file hashes")
     report.unknown = sum(len(entries) for sha, entries in pending.items() if sha not in known)
     for done, (sha, entries) in enumerate(pending.items(), 1):
         if cancel is not None and cancel.cancelled:
@@ -87,6 +91,10 @@ def identify(store: Store, client: CivitaiClient, *, refresh: bool = False,
 def _has_info(model: Path) -> bool:
     stem = model.name[: -len(model.suffix)] if model.suffix else model.name
     return (model.parent / (stem + CIVITAI_INFO)).is_file()
+
+
+def _valid_id(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _versions_by_sha256(versions: list[dict]) -> dict[str, dict]:

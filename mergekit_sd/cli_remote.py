@@ -82,9 +82,11 @@ def _show_civitai_models(items: list[dict]) -> None:
     for column in ("model", "name", "type", "base", "newest version", "downloads", "pull"):
         table.add_column(column, overflow="fold")
     for model in items:
-        versions = [v for v in model.get("modelVersions") or [] if isinstance(v, dict)]
+        listed = model.get("modelVersions")
+        versions = [v for v in listed if isinstance(v, dict)] if isinstance(listed, list) else []
         newest = versions[0] if versions else {}
-        downloads = (model.get("stats") or {}).get("downloadCount")
+        stats = model.get("stats")
+        downloads = stats.get("downloadCount") if isinstance(stats, dict) else None
         table.add_row(str(model.get("id")), str(model.get("name")), str(model.get("type")),
                       str(newest.get("baseModel") or "-"), str(newest.get("name") or "-"),
                       f"{downloads:,}" if isinstance(downloads, int) else "-",

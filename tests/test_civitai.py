@@ -18,6 +18,7 @@ import pytest
 from fakes.civitai import TOKEN, FakeCivitai, FakeFile
 from fakes.env import settings_for
 from fakes.files import FileHost
+from fakes.loopback import LoopbackServer, json_reply
 
 from catalog.civitai import CivitaiClient, CivitaiRefused, FileChoice
 from catalog.config import load_settings
@@ -460,3 +461,32 @@ def test_a_preview_address_that_does_not_parse_is_a_note_and_the_model_is_catalo
                          "address (or one it redirected to) is not a valid http(s) URL; check "
                          "the link)"]
     assert other.status == "downloaded"
+
+
+def test_identify_refuses_versions_without_an_id_before_writing_anything(tmp_path, store, fake,
+                                                                         loras):
+    def without_ids(seen):  # Civitai, but the full versions by hash have lost their ids
+        reply = fake.civitai.handle(seen)
+        if seen.path == "/api/v1/model-versions/by-hash":
+            versions = json.loads(reply.body)
+            for version in versions:
+                del version["id"]
+            return json_reply(versions)
+        return reply
+
+    proxy = LoopbackServer(without_ids)
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    (folder / "mine.safetensors").write_bytes(loras[0])
+    add_root(store, folder)
+    scan(store, jobs=1)
+    hash_pending(store)
+    try:
+        with CivitaiClient(proxy.url, None, RetryPolicy(4, 0.001, 0.01), 5.0) as client, \
+                pytest.raises(WorkFailed, match="answered the look-up of 1 file hashes with "
+                              "something unexpected"):
+            identify(store, client)
+    finally:
+        proxy.close()
+    assert sorted(p.name for p in folder.iterdir()) == ["mine.safetensors"]
+    assert find_entry(store, "mine").source_ids == {}
