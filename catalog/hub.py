@@ -191,6 +191,10 @@ def _hub_errors(what: str, offline: bool = False) -> Iterator[None]:
     except httpx2.TransportError as exc:
         raise WorkFailed(f"{what}: Hugging Face could not be reached ({exc.__class__.__name__});"
                          " check the connection (and HF_ENDPOINT) and try again") from None
+    except ValueError:  # JSON that does not parse: a captive portal, a wrong HF_ENDPOINT
+        raise WorkFailed(f"{what}: Hugging Face answered with something that is not JSON (a "
+                         "web page?); check HF_ENDPOINT and the connection, then try "
+                         "again") from None
     except OSError as exc:  # huggingface_hub's consistency checks, disk errors
         reason = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0].rstrip(".")
         raise WorkFailed(f"{what}: the download failed ({reason}); run the same command "

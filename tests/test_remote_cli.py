@@ -418,3 +418,20 @@ def test_search_shows_models_whose_inner_fields_are_odd(tmp_path, fake):
         odd.close()
     assert result.returncode == 0, result.stderr
     assert "Odd" in result.stdout
+
+
+def test_a_hub_endpoint_that_answers_web_pages_is_one_sentence(tmp_path, fake):
+    from fakes.loopback import Reply
+
+    portal = LoopbackServer(lambda seen: Reply(200, {"Content-Type": "text/html"},
+                                               b"<!DOCTYPE html><html>Sign in to Wi-Fi</html>"))
+    try:
+        for args in (["search", "hf", "tiny"], ["search", "hf", "org/models", "--files"],
+                     ["pull", "hf://org/models/sd15-tiny.safetensors", "--to", tmp_path / "m"],
+                     ["pull", "hf://org/models/*.safetensors", "--to", tmp_path / "m"]):
+            result = mergekit(tmp_path, SimpleNamespace(civitai=fake.civitai, hub=portal), *args)
+            assert result.returncode == 1, (args, result.stderr)
+            [line] = result.stderr.strip().splitlines()
+            assert line.startswith("failed: ") and "check HF_ENDPOINT" in line, line
+    finally:
+        portal.close()
