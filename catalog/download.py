@@ -27,7 +27,7 @@ from pathlib import Path
 import httpx
 
 from catalog.hashes import FileHashes, hash_file
-from catalog.remote_http import GuardedClient, describe_transport_error
+from catalog.remote_http import GuardedClient, describe_transport_error, origin
 from catalog.safe_names import bare_url, name_from_disposition, name_from_url, safe_file_name
 from catalog.walk import MODEL_SUFFIXES
 from mergekit_sd.errors import BadModelFile, Cancelled, UserError, WorkFailed
@@ -229,8 +229,14 @@ class Downloader:
             _start_over(handle, state)
             return False
         if status not in (200, 206):
-            refusal = request.refusal or _plain_refusal
-            raise refusal(response)
+            api = self.http.api_origin
+            if request.refusal is None:
+                raise _plain_refusal(response)
+            if api is not None and origin(str(response.url)) != api:
+                # the API answered and redirected: the storage host's no is about its signed
+                # link (expired, removed), not about the id or the account
+                raise _storage_refusal(response, state.name or request.label)
+            raise request.refusal(response)
         kind = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
         name = state.name or bare_url(request.url)
         if kind in REFUSED_CONTENT_TYPES:
@@ -412,6 +418,13 @@ def _plain_refusal(response: httpx.Response) -> Exception:
     if reason:
         return UserError(f"{url}: the server {reason} (HTTP {status}); check the link")
     return WorkFailed(f"{url}: the server answered HTTP {status}; try again later")
+
+
+def _storage_refusal(response: httpx.Response, name: str | None) -> Exception:
+    host = origin(str(response.url))[1]
+    return WorkFailed(f"{name or 'the download'}: the storage host {host} refused the download "
+                      f"link (HTTP {response.status_code}); such links expire or move: run the "
+                      "same command again for a fresh one")
 
 
 def _remove(*paths: Path) -> None:

@@ -18,7 +18,7 @@ import pytest
 from fakes.civitai import TOKEN, FakeCivitai, FakeFile
 from fakes.env import settings_for
 from fakes.files import FileHost
-from fakes.loopback import LoopbackServer, json_reply
+from fakes.loopback import LoopbackServer, Reply, json_reply
 
 from catalog.civitai import CivitaiClient, CivitaiRefused, FileChoice
 from catalog.config import load_settings
@@ -490,3 +490,15 @@ def test_identify_refuses_versions_without_an_id_before_writing_anything(tmp_pat
         proxy.close()
     assert sorted(p.name for p in folder.iterdir()) == ["mine.safetensors"]
     assert find_entry(store, "mine").source_ids == {}
+
+
+@pytest.mark.parametrize("status", [403, 404, 410])
+def test_a_storage_host_refusal_is_not_blamed_on_civitai(tmp_path, store, fake, status):
+    fake.files.server.app = lambda seen: Reply(
+        status, {"Content-Type": "application/xml"},
+        b"<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>")
+    [failed] = pull(store, fake, "civitai://123", to=tmp_path / "m")
+    assert isinstance(failed, Failed) and isinstance(failed.error, WorkFailed)
+    assert str(failed.error) == (
+        f"mychar.safetensors: the storage host 127.0.0.1 refused the download link (HTTP "
+        f"{status}); such links expire or move: run the same command again for a fresh one")
