@@ -9,7 +9,6 @@ root's web UI layout that holds their kind (LoRAs in `models/Lora` ...).
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import os
 import re
@@ -46,6 +45,7 @@ from catalog.remote_refs import (
     owned_by_sha256,
     owned_entry,
     parse_remote_ref,
+    path_matches,
 )
 from catalog.safe_names import bare_url, printable_ref, safe_file_name
 from catalog.sidecars import CIVITAI_INFO
@@ -96,11 +96,13 @@ class Failed:
 Outcome = Pulled | Failed
 
 
-@dataclass
+@dataclass(eq=False)
 class _Job:
     """One file to fetch: `fetch` runs on a worker thread, `register` after it on the caller's
-    (the catalog connection stays on one thread)."""
+    (the catalog connection stays on one thread). `key` names the file fetched: two references
+    to one file (`civitai://model/45` and its newest version) make one job."""
     ref: str
+    key: str
     fetch: Callable[[], object]
     register: Callable[[object], Pulled]
 
@@ -141,6 +143,8 @@ class Puller:
         _check_sha256(options.sha256)
         outcomes: list[list[Outcome]] = [[] for _ in refs]
         jobs: list[tuple[int, _Job]] = []
+        first: dict[str, _Job] = {}  # key -> the job that fetches it
+        again: list[tuple[int, _Job]] = []  # a file another reference already fetches
         for index, ref in enumerate(refs):
             try:
                 planned = self._plan(ref, options)
@@ -150,25 +154,33 @@ class Puller:
             for item in planned:
                 if isinstance(item, Pulled):
                     outcomes[index].append(item)
+                elif item.key in first:  # two downloads of one file would race for it
+                    again.append((index, item))
                 else:
+                    first[item.key] = item
                     jobs.append((index, item))
-        self._run(jobs, outcomes, options)
+        done = self._run(jobs, outcomes, options)
+        for index, job in again:
+            outcomes[index].append(_same_as(job.ref, done[first[job.key]]))
         return [outcome for per_ref in outcomes for outcome in per_ref]
 
     def _run(self, jobs: list[tuple[int, _Job]], outcomes: list[list[Outcome]],
-             options: PullOptions) -> None:
+             options: PullOptions) -> dict[_Job, Outcome]:
         parallel = options.parallel or self.settings.parallel
+        done: dict[_Job, Outcome] = {}
         with ThreadPoolExecutor(max(1, parallel)) as pool:
             futures = [(index, job, pool.submit(job.fetch)) for index, job in jobs]
             try:
                 for index, job, future in futures:
                     try:
-                        outcomes[index].append(job.register(future.result()))
+                        done[job] = job.register(future.result())
                     except (UserError, WorkFailed) as exc:
-                        outcomes[index].append(Failed(job.ref, exc))
+                        done[job] = Failed(job.ref, exc)
+                    outcomes[index].append(done[job])
             except BaseException:
                 self.cancel.cancel()  # Ctrl-C: the workers stop at their next chunk
                 raise
+        return done
 
     # --- planning ----------------------------------------------------------------------------
 
@@ -223,21 +235,24 @@ class Puller:
         # name the file chosen: the endpoint's own default could be another of the version's
         choice = FileChoice(file.get("type"), meta.get("format"), meta.get("size"),
                             meta.get("fp"))
+        key = f"civitai:{version_id}:{file.get('id')}"
         request = DownloadRequest(
-            url=self.civitai.download_url(version_id, choice), folder=folder,
-            key=f"civitai:{version_id}:{file.get('id')}", name=file.get("name"), sha256=sha256,
+            url=self.civitai.download_url(version_id, choice), folder=folder, key=key,
+            name=file.get("name"), sha256=sha256,
             size=file_size(file), label=safe_file_name(file.get("name")),
             refusal=lambda response: self.civitai.refusal(
                 response, f"model version {version_id}"))
         downloader = Downloader(self.civitai.http, self.progress, self.cancel)
 
         def register(done: Downloaded) -> Pulled:
-            notes = self._sidecars(done.path, version, options)
+            # "Every download is verified": where Civitai gives nothing to verify against, say so
+            notes = [] if sha256 else ["not verified: Civitai lists no SHA256 for this file"]
+            notes += self._sidecars(done.path, version, options)
             entry_id = register_download(self.store, done.path, done.hashes, root, "civitai",
                                          ids)
             return _pulled(text, entry_id, done, notes)
 
-        return [_Job(text, lambda: downloader.fetch(request), register)]
+        return [_Job(text, key, lambda: downloader.fetch(request), register)]
 
     def _plan_url(self, text: str, ref: UrlRef, options: PullOptions) -> list[Pulled | _Job]:
         sha256 = options.sha256.lower() if options.sha256 else None
@@ -267,13 +282,16 @@ class Puller:
                 notes.append("not a model file: kept, not catalogued")
             return _pulled(text, entry_id, done, notes)
 
-        return [_Job(text, fetch, register)]
+        return [_Job(text, request.key, fetch, register)]
 
     def _plan_hub(self, text: str, ref: HubRef, options: PullOptions) -> list[Pulled | _Job]:
         offline = options.offline or self.hub.offline
+        if offline and ref.is_pattern:
+            raise UserError(f"{text}: a pattern needs the repository's file list, which needs "
+                            "the network; offline (--offline or HF_HUB_OFFLINE), name the file "
+                            f"(hf://{ref.repo}/PATH) or run the pull online")
         if offline:  # huggingface_hub's cache may have it: that needs no network
-            cached = None if ref.is_pattern else self.hub.cached_file(ref.repo, ref.path,
-                                                                      ref.revision)
+            cached = self.hub.cached_file(ref.repo, ref.path, ref.revision)
             if cached is None:
                 raise UserError(f"{text}: not in the catalog nor in the Hugging Face cache, and "
                                 "offline (--offline or HF_HUB_OFFLINE) it cannot be downloaded; "
@@ -281,10 +299,12 @@ class Puller:
             files = [cached]
         elif ref.is_pattern:
             files = [f for f in self.hub.files(ref.repo, ref.revision)
-                     if fnmatch.fnmatchcase(f.path, ref.path)]
+                     if path_matches(ref.path, f.path)]
             if not files:
-                raise UserError(f"{text}: no file of {ref.repo} matches {ref.path!r}; "
-                                f"`mergekit-sd search hf {ref.repo} --files` lists them")
+                raise UserError(f"{text}: no file of {ref.repo} matches {ref.path!r} (`*` stays "
+                                "within one folder, `**/` spans folders); `mergekit-sd search "
+                                f"hf {ref.repo} --files` lists them")
+            _check_distinct_names(text, files)
         else:
             files = [self.hub.file(ref.repo, ref.path, ref.revision)]
         planned: list[Pulled | _Job] = []
@@ -333,7 +353,8 @@ class Puller:
                 pulled.status = "from cache"
             return pulled
 
-        return _Job(text, fetch, register)
+        key = f"hf:{ref.repo}@{ref.revision or ''}:{hub_file.path}"
+        return _Job(text, key, fetch, register)
 
     # --- helpers -------------------------------------------------------------------------------
 
@@ -389,6 +410,29 @@ def _civitai_id(listed: list, what: str) -> int:
     if not isinstance(version_id, int) or isinstance(version_id, bool) or version_id <= 0:
         raise unexpected(what)
     return version_id
+
+
+def _check_distinct_names(text: str, files: list) -> None:
+    """Files of a pattern land in one folder under their own names: two that share a name
+    (`unet/diffusion_pytorch_model.safetensors`, `vae/...`) are refused before any download,
+    rather than one failing half way or overwriting the other."""
+    by_name: dict[str, list[str]] = {}
+    for hub_file in files:
+        by_name.setdefault(safe_file_name(PurePosixPath(hub_file.path).name), []).append(
+            hub_file.path)
+    clashes = [paths for paths in by_name.values() if len(paths) > 1]
+    if clashes:
+        named = "; ".join(" and ".join(paths) for paths in clashes)
+        raise UserError(f"{text}: {named} would land under the same file name; pull them one "
+                        "at a time, each with its own `--to FOLDER`, or narrow the pattern")
+
+
+def _same_as(ref: str, outcome: Outcome) -> Outcome:
+    """The outcome of a reference to a file another reference of the same pull fetched."""
+    if isinstance(outcome, Failed):
+        return Failed(ref, outcome.error)
+    return Pulled(ref, outcome.entry_id, outcome.path, outcome.size, "already owned",
+                  sha256=outcome.sha256)
 
 
 def _stem(path: Path) -> str:

@@ -6,6 +6,7 @@ Kept free of network libraries: the recipe resolver reads these on every `plan`.
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
 from dataclasses import dataclass
@@ -67,6 +68,21 @@ _ID = re.compile(r"[0-9]{1,19}")  # ASCII digits only: str.isdigit() also takes 
 # and ending with a letter, digit or _, without "--" or ".." (huggingface_hub refuses the rest
 # with an exception of its own, before any request)
 _REPO_PART = re.compile(r"\w(?:[\w.-]{0,94}\w)?")
+
+
+def path_matches(pattern: str, path: str) -> bool:
+    """A shell-style glob over a repository path: `*`, `?` and `[...]` stay within one folder
+    (as in a shell, and unlike fnmatch), and a `**` part spans any number of folders."""
+    return _parts_match(pattern.split("/"), path.split("/"))
+
+
+def _parts_match(patterns: list[str], parts: list[str]) -> bool:
+    if not patterns:
+        return not parts
+    if patterns[0] == "**":
+        return any(_parts_match(patterns[1:], parts[i:]) for i in range(len(parts) + 1))
+    return (bool(parts) and fnmatch.fnmatchcase(parts[0], patterns[0])
+            and _parts_match(patterns[1:], parts[1:]))
 
 
 def valid_repo_id(repo: str) -> bool:

@@ -492,6 +492,30 @@ def test_identify_refuses_versions_without_an_id_before_writing_anything(tmp_pat
     assert find_entry(store, "mine").source_ids == {}
 
 
+@pytest.mark.parametrize("refs", [["civitai://123", "civitai://model/45"],
+                                  ["civitai://123", "civitai://123"]])
+def test_one_version_named_twice_in_a_pull_is_fetched_once(tmp_path, store, fake, refs):
+    puller = Puller(store, settings_for(fake.url))
+    try:
+        first, second = puller.pull(refs, PullOptions(to=tmp_path / "m"))
+    finally:
+        puller.close()
+    assert first.status == "downloaded" and first.ref == refs[0]
+    assert (second.ref, second.status, second.entry_id, second.path) == (
+        refs[1], "already owned", first.entry_id, first.path)
+    assert len(fake.files.server.requests("/files/model/")) == 1
+
+
+def test_a_file_civitai_lists_without_a_sha256_is_pulled_with_a_note(tmp_path, store, fake,
+                                                                     loras):
+    fake.civitai.add_model(60, "No Hash", "LORA")
+    fake.civitai.add_version(60, 600, "v1", "Pony",
+                             [FakeFile("nohash.safetensors", loras[3], sha256="x")])
+    [pulled] = pull(store, fake, "civitai://600", to=tmp_path / "m")
+    assert (pulled.status, pulled.verified) == ("downloaded", False)
+    assert pulled.notes == ["not verified: Civitai lists no SHA256 for this file"]
+
+
 @pytest.mark.parametrize("status", [403, 404, 410])
 def test_a_storage_host_refusal_is_not_blamed_on_civitai(tmp_path, store, fake, status):
     fake.files.server.app = lambda seen: Reply(

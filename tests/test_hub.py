@@ -205,3 +205,32 @@ def test_recipe_references_before_and_after_a_pull(tmp_path, fake, store):
     assert resolved.path == tmp_path / "root" / "sd15-tiny.safetensors"
     with pytest.raises(LookupError, match="write hf://ORG/REPO/PATH"):
         resolver("hf://just-a-name")
+
+
+def test_patterns_stay_within_a_folder_and_refuse_files_that_share_a_name(tmp_path, fake,
+                                                                          store, blobs):
+    fake.hub.add_repo("org/diff", {"unet/diffusion_pytorch_model.safetensors": blobs["lora"],
+                                   "vae/diffusion_pytorch_model.safetensors": blobs["lora2"],
+                                   "top.safetensors": blobs["checkpoint"]})
+    [top] = pull(store, "hf://org/diff/*.safetensors", to=tmp_path / "m")
+    assert top.ref == "hf://org/diff/top.safetensors"  # `*` did not reach into unet/, vae/
+    for pattern in ("*/diffusion_pytorch_model.safetensors", "**/*.safetensors"):
+        [refused] = pull(store, f"hf://org/diff/{pattern}", to=tmp_path / "m")
+        assert str(refused.error) == (
+            f"hf://org/diff/{pattern}: unet/diffusion_pytorch_model.safetensors and "
+            "vae/diffusion_pytorch_model.safetensors would land under the same file name; pull "
+            "them one at a time, each with its own `--to FOLDER`, or narrow the pattern")
+    [unet] = pull(store, "hf://org/diff/unet/*.safetensors", to=tmp_path / "unet")
+    assert unet.path == tmp_path / "unet" / "diffusion_pytorch_model.safetensors"
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["top.safetensors"]
+    assert len(fake.files.server.requests("/files/lfs/")) == 2  # top and unet: nothing else
+
+
+def test_an_offline_pattern_says_it_needs_the_listing(tmp_path, fake, store, monkeypatch):
+    HubClient().download("org/models", "loras/style.safetensors")  # in the cache
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    [refused] = pull(store, "hf://org/models/loras/*.safetensors", to=tmp_path / "root")
+    assert str(refused.error).startswith(
+        "hf://org/models/loras/*.safetensors: a pattern needs the repository's file list, which "
+        "needs the network")
+
