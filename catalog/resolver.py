@@ -15,7 +15,7 @@ from pathlib import Path
 
 from catalog.entries import Entry, find_entry
 from catalog.hash_cache import cached_hashes
-from catalog.remote_refs import is_remote_ref, owned_entry, parse_remote_ref
+from catalog.remote_refs import HubRef, is_remote_ref, owned_entry, parse_remote_ref
 from catalog.store import Store
 from mergekit_sd.errors import UserError
 from mergekit_sd.recipe.refs import ResolvedModel
@@ -46,6 +46,10 @@ class CatalogResolver:
     def _download(self, ref: str) -> Entry:
         try:
             parsed = parse_remote_ref(ref)
+            if isinstance(parsed, HubRef) and parsed.is_pattern:  # checked before any download
+                raise UserError(f"{ref!r} is a pattern, and a recipe input must name one file; "
+                                f"write its path (`mergekit-sd search hf {parsed.repo} --files` "
+                                "lists them)")
             entry = owned_entry(self.store, parsed)
             if entry is None and self.fetch is not None:
                 self.fetch(ref)

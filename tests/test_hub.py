@@ -234,3 +234,11 @@ def test_an_offline_pattern_says_it_needs_the_listing(tmp_path, fake, store, mon
         "hf://org/models/loras/*.safetensors: a pattern needs the repository's file list, which "
         "needs the network")
 
+
+def test_a_pattern_in_a_recipe_is_refused_before_any_download(tmp_path, fake, store):
+    def fetch(ref):
+        raise AssertionError(f"{ref} was pulled")
+
+    with pytest.raises(LookupError, match="is a pattern, and a recipe input must name one file"):
+        CatalogResolver(store, fetch)("hf://org/models/loras/*.safetensors")
+    assert fake.hub.server.log == []
