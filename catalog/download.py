@@ -161,6 +161,10 @@ class Downloader:
         state.offset = state.resumed_from = os.fstat(handle.fileno()).st_size
         if resume is not None:
             state.total, state.name = resume.total, state.name or resume.name
+            if request.sha256 and state.offset == resume.total:
+                # killed after the last byte, before the rename: the SHA256 decides, and no
+                # byte needs asking for again
+                return self._finish(request, handle, partial, resume_path, state)
         self._check_space(request.folder, (state.total or request.size or 0) - state.offset)
 
         retries = restarts = 0
@@ -196,6 +200,12 @@ class Downloader:
         response = self.http.request("GET", request.url, what=what, headers=headers,
                                      stream=True)
         try:
+            if (response.status_code == 416 and state.offset and resume is not None
+                    and _content_range(response.headers.get("Content-Range"))[1] == state.offset):
+                # `bytes */TOTAL` with TOTAL the partial's size: it holds the whole file already
+                # (If-Range matched, or the answer would be a 200 with the new file)
+                state.total = state.offset
+                return True
             if not self._accept(request, response, handle, state):
                 return False
             validator = _validator(response)

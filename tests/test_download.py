@@ -323,3 +323,26 @@ def test_a_redirect_to_an_address_that_cannot_work_fails_at_once():
         assert len(server.log) == 1  # not retried
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("with_sha256", [True, False])
+def test_a_partial_file_that_is_already_complete_is_not_fetched_again(tmp_path, host, http,
+                                                                      lora_bytes, with_sha256):
+    """A kill -9 between the last byte and the rename leaves every byte in NAME.partial."""
+    host.put("big.safetensors", lora_bytes)
+    folder = tmp_path / "m"
+    folder.mkdir()
+    request = request_for(host, "big.safetensors", folder, lora_bytes if with_sha256 else None)
+    (folder / "big.safetensors.partial").write_bytes(lora_bytes)
+    download_module._Resume(download_module._digest(request.key),
+                            host.blobs["big.safetensors"].etag, len(lora_bytes),
+                            request.sha256, "big.safetensors").save(
+        folder / "big.safetensors.partial.json")
+    done = Downloader(http).fetch(request)
+    assert (done.path.read_bytes(), done.fetched, done.restarted) == (lora_bytes, 0, False)
+    assert done.resumed_from == len(lora_bytes) and done.verified == with_sha256
+    assert host.sent("big.safetensors") == 0
+    # known SHA256: not even asked; else one Range request, answered 416 `bytes */TOTAL`
+    statuses = [s.status for s in host.server.requests("/files/big.safetensors")]
+    assert statuses == ([] if with_sha256 else [416])
+    assert leftovers(folder) == ["big.safetensors"]  # no .partial, no .partial.json
