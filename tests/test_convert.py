@@ -376,3 +376,26 @@ def test_refused_pickle_writes_nothing(tmp_path):
     assert not (tmp_path / "MARKER").exists()
     assert not target.exists()
     assert not (tmp_path / "out.safetensors.partial").exists()
+
+
+@pytest.mark.parametrize("kind", ["truncated", "empty", "metadata-int", "directory"])
+def test_cli_bad_safetensors_source_is_one_sentence_without_a_traceback(tmp_path, kind):
+    # a reader whose header failed must not complain again when it is collected
+    source = tmp_path / "bad.safetensors"
+    if kind == "truncated":
+        save_file({"w": torch.ones(64)}, source)
+        source.write_bytes(source.read_bytes()[:-100])
+    elif kind == "empty":
+        source.write_bytes(b"")
+    elif kind == "metadata-int":
+        save_file({"w": torch.ones(2)}, source)
+        data = source.read_bytes()
+        size = int.from_bytes(data[:8], "little")
+        doc = json.loads(data[8:8 + size])
+        doc["__metadata__"] = {"n": 1}
+        header = json.dumps(doc).encode()
+        source.write_bytes(len(header).to_bytes(8, "little") + header + data[8 + size:])
+    else:
+        source.mkdir()
+    result = run_cli("convert", str(source), str(tmp_path / "out.safetensors"), cwd=tmp_path)
+    assert_one_line_error(result, str(source))
