@@ -581,3 +581,34 @@ def test_plan_refuses_cosine_on_an_earlier_step(tmp_path, models):
         """, names=("a", "b"))
     with pytest.raises(UserError, match=r"steps\.1\.inputs: cosine_a needs models as inputs"):
         plan_of(path)
+
+
+@pytest.mark.parametrize("where", ["model", "vae"])
+@pytest.mark.parametrize(("damage", "problem"), [
+    ("header-length", "declares a "),
+    ("metadata", "has a __metadata__ entry that is not a map of strings to strings"),
+], ids=["header-length", "metadata"])
+def test_a_bad_input_file_is_named_before_its_problem(tmp_path, models, where, damage, problem):
+    """The file's problem is quoted whole after its name, whatever word the problem starts
+    with (it was once spliced into the sentence's first 'is ')."""
+    bad = tmp_path / "bad.safetensors"
+    if damage == "header-length":
+        bad.write_bytes((10**9).to_bytes(8, "little") + b"{}" * 20)
+    else:
+        data = models["a"].read_bytes()
+        size = int.from_bytes(data[:8], "little")
+        doc = json.loads(data[8:8 + size])
+        doc["__metadata__"] = {"n": 1}
+        header = json.dumps(doc).encode()
+        bad.write_bytes(len(header).to_bytes(8, "little") + header + data[8 + size:])
+    if where == "model":
+        path = recipe(tmp_path, {"a": bad, "b": models["b"]},
+                      "- name: m\n  method: weighted_sum\n  inputs: [a, b]\n", names=("a", "b"))
+        field = "models.a"
+    else:
+        path = recipe(tmp_path, models, "- name: m\n  method: weighted_sum\n  inputs: [a, b]\n",
+                      output=f"vae: {bad}\n", names=("a", "b"))
+        field = "output.vae"
+    with pytest.raises(UserError) as caught:
+        plan_of(path)
+    assert f"{field}: bad.safetensors: {problem}" in str(caught.value)

@@ -161,7 +161,7 @@ def _open_input(loaded: LoadedRecipe, name: str, resolver: Resolver) -> PlannedI
     try:
         header = read_header(path)
     except BadModelFile as exc:
-        raise loaded.error(loc, exc.problem.replace("is ", f"{path.name} is ", 1)) from None
+        raise loaded.error(loc, f"{path.name}: {exc.problem}") from None
     found = identify(header)
     if found.kind == "lora":
         raise loaded.error(loc, f"{path.name} is a LoRA ({found.label}); bake it with a "
@@ -354,7 +354,7 @@ def _open_vae(loaded: LoadedRecipe, resolver: Resolver) -> PlannedInput:
     try:
         header = read_header(path)
     except BadModelFile as exc:
-        raise loaded.error(loc, exc.problem.replace("is ", f"{path.name} is ", 1)) from None
+        raise loaded.error(loc, f"{path.name}: {exc.problem}") from None
     found = identify(header)
     if not any(c.slot == "vae" for c in found.components):
         raise loaded.error(loc, f"{path.name} is {found.label} and holds no VAE")
