@@ -550,6 +550,7 @@ def test_sweep_values_that_print_alike_at_six_digits_name_distinct_files(tmp_pat
     ("!!python/object:os.system x", "is not a plain YAML value"),
     ("{default: 0.2, bogus: 1}", "bogus: is not a field here (valid fields: default"),
     ("", "give a value after '='"),
+    ("{default: 0.2, default: 0.4}", "'default' is given twice"),
 ])
 def test_set_values_that_are_not_parameters_are_one_sentence(tmp_path, models, value, words):
     path = recipe(tmp_path, models, "- name: m\n  method: weighted_sum\n  inputs: [a, b]\n",

@@ -466,9 +466,12 @@ def _override_value(loaded: LoadedRecipe, assignment: str, step: Step, param: st
 
     from mergekit_sd.recipe.loader import describe_validation_error
     from mergekit_sd.recipe.schema import ParamValue
+    from mergekit_sd.yaml_lines import DuplicateKey, UniqueKeyLoader
 
     try:
-        value = yaml.safe_load(raw)
+        value = yaml.load(raw, Loader=UniqueKeyLoader)  # a SafeLoader: no tags that run code
+    except DuplicateKey as exc:
+        raise UserError(f"--set {assignment!r}: {exc.key.value!r} is given twice") from None
     except (yaml.YAMLError, RecursionError):
         raise UserError(f"--set {assignment!r}: {raw!r} is not a plain YAML value; write a number, "
                         "a [list] to sweep or a {mapping}") from None
