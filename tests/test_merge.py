@@ -613,3 +613,23 @@ def test_a_bad_input_file_is_named_before_its_problem(tmp_path, models, where, d
     with pytest.raises(UserError) as caught:
         plan_of(path)
     assert f"{field}: bad.safetensors: {problem}" in str(caught.value)
+
+
+@pytest.mark.parametrize(("value", "words"), [
+    ("m.alpah=0.3", "merge method 'weighted_sum' has no parameter 'alpah'; did you mean 'alpha'"),
+    ("m.alpha=abc", "must be a number, not 'abc' (str)"),
+    ("m.alpha=1e-3", "YAML reads that as text: write a point and a signed exponent"),
+    ("m.alpha={blocks: {IN12: 0.5}}", "blocks.IN12: block 'IN12' does not exist for SD1.x"),
+    ("m.alpha=[0.2, 0.2]", "the sweep values 0.2 and 0.2 give one candidate"),
+])
+def test_a_problem_with_a_set_value_names_the_set_not_a_recipe_line(tmp_path, models, value,
+                                                                      words):
+    """The recipe file has no line with the --set's value: the error points at the --set."""
+    path = recipe(tmp_path, models, "- name: m\n  method: weighted_sum\n  inputs: [a, b]\n"
+                  "  params:\n    alpha: 0.5\n", names=("a", "b"))
+    result = run_cli("plan", path, "--set", value)
+    assert result.returncode == 2, result.stderr
+    message = result.stderr.strip()
+    assert message.startswith(f"error: --set '{value}': "), message
+    assert "\n" not in message and str(path) not in message and "line" not in message, message
+    assert words in message, message

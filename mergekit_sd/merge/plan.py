@@ -457,6 +457,8 @@ def apply_overrides(loaded: LoadedRecipe, assignments: list[str]) -> None:
             raise UserError(f"--set {assignment!r}: there is no step {step_name!r} "
                             f"(steps: {names})")
         step.params[param] = _override_value(loaded, assignment, step, param, raw)
+        # later checks of this value (method, blocks, sweeps) name the --set, not a line
+        loaded.overrides[("steps", loaded.recipe.steps.index(step), "params", param)] = assignment
 
 
 def _override_value(loaded: LoadedRecipe, assignment: str, step: Step, param: str, raw: str):
