@@ -244,13 +244,17 @@ def recipe_extract(
     out: Path = typer.Option(None, "-o", "--out", help="Recipe file to write (default: stdout)."),
     output_path: Path = typer.Option(None, "--output-path",
                                      help="output.path in the recipe (default: MERGED's name)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
 ) -> None:
     """Write the recipe stored in a merged file back out as YAML."""
-    from mergekit_sd.io.writer import check_output_path, write_bytes_atomic
+    from mergekit_sd.io.writer import check_output_path, same_file, write_bytes_atomic
     from mergekit_sd.recipe.extract import extract_recipe
 
     if out is not None:
-        check_output_path(out)
+        if same_file(merged, out):  # --overwrite or not: the model would be lost
+            raise UserError(f"-o {out} is the merged file being read; give the recipe its own "
+                            "name, e.g. -o recipe.yaml")
+        check_output_path(out, overwrite)
     # relative paths in it are written for the folder the recipe lands in
     text = extract_recipe(merged, output_path, out.parent if out is not None else None)
     if out is None:

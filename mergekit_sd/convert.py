@@ -14,7 +14,7 @@ from pathlib import Path
 
 from mergekit_sd.errors import BadModelFile, UserError
 from mergekit_sd.io.dtypes import FLOAT_DTYPES, USER_DTYPES, safetensors_dtype, torch_dtype
-from mergekit_sd.io.writer import StreamingWriter, TensorSpec, check_output_path
+from mergekit_sd.io.writer import StreamingWriter, TensorSpec, check_output_path, same_file
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -61,20 +61,9 @@ def _cast_dtype(dtype: str) -> str | None:
 def _check_target(source: Path, target: Path, overwrite: bool) -> None:
     if target.suffix.lower() != ".safetensors":
         raise UserError(f"{target}: the output file name must end in .safetensors")
-    if _same_file(source, target):
+    if same_file(source, target):
         raise UserError(f"{target}: the output is the source file itself; choose another name")
-    check_output_path(target)
-    if target.exists() and not overwrite:
-        raise UserError(f"{target}: already exists; pass --overwrite to replace it")
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        if a.resolve() == b.resolve():
-            return True
-        return a.exists() and b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return False
+    check_output_path(target, overwrite)
 
 
 def _refuse_misnamed_pickle(source: Path) -> None:
