@@ -143,7 +143,7 @@ OFFLINE_HELP = "Never call out: download references must already be in the catal
 
 
 def _load_plan(recipe: Path, assignments: list[str], out: Path | None, catalog: Path | None,
-               pull: bool = False, offline: bool = False):
+               pull: bool = False, offline: bool = False, existing: str = "note"):
     from mergekit_sd.merge.plan import apply_overrides, build_plan
     from mergekit_sd.recipe.loader import load_recipe
 
@@ -151,7 +151,8 @@ def _load_plan(recipe: Path, assignments: list[str], out: Path | None, catalog: 
         raise UserError("--pull downloads and --offline forbids it; choose one")
     loaded = load_recipe(recipe)
     apply_overrides(loaded, assignments)
-    return build_plan(loaded, resolver=_CatalogOnDemand(catalog, pull), out=out)
+    return build_plan(loaded, resolver=_CatalogOnDemand(catalog, pull), out=out,
+                      existing=existing)
 
 
 @app.command()
@@ -186,12 +187,15 @@ def merge(
     catalog: CatalogOption = None,
     pull: bool = typer.Option(False, "--pull", help=PULL_HELP),
     offline: bool = typer.Option(False, "--offline", help=OFFLINE_HELP),
+    overwrite: bool = typer.Option(False, "--overwrite",
+                                   help="Replace output files that exist (never an input)."),
 ) -> None:
     """Run a recipe: stream every key through its steps into the output file(s)."""
     from mergekit_sd.cli_progress import rich_progress
     from mergekit_sd.merge.executor import run_merge
 
-    merge_plan = _load_plan(recipe, assignments, out, catalog, pull, offline)
+    merge_plan = _load_plan(recipe, assignments, out, catalog, pull, offline,
+                            existing="replace" if overwrite else "refuse")
     if as_json:
         written = run_merge(merge_plan, device=device)
         import json

@@ -51,7 +51,7 @@ def recipe(tmp_path: Path, models: dict[str, Path], steps: str, output: str = ""
 
 
 def merge(path: Path, cancel: CancelToken | None = None) -> dict[str, torch.Tensor]:
-    plan = build_plan(parse_recipe(path.read_text(), path))
+    plan = build_plan(parse_recipe(path.read_text(), path), existing="replace")
     written = run_merge(plan, cancel=cancel)
     return {name: load_file(p) for name, p in written.items()}
 
@@ -345,7 +345,7 @@ def test_large_tensors_streamed_in_pieces_give_identical_bytes(tmp_path, models,
     merge(path)
     in_one_piece = (tmp_path / "out.safetensors").read_bytes()
     monkeypatch.setattr(executor, "CHUNK_ELEMENTS", 1000)
-    plan = build_plan(parse_recipe(path.read_text(), path))
+    plan = build_plan(parse_recipe(path.read_text(), path), existing="replace")
     items = executor.work_items(plan)
     assert any(not item.whole for item in items if item.task.merge)
     assert any(not item.whole for item in items if item.task.sources == ("vae",))
@@ -633,3 +633,40 @@ def test_a_problem_with_a_set_value_names_the_set_not_a_recipe_line(tmp_path, mo
     assert message.startswith(f"error: --set '{value}': "), message
     assert "\n" not in message and str(path) not in message and "line" not in message, message
     assert words in message, message
+
+
+def test_merge_refuses_an_existing_output_unless_overwrite(tmp_path, models):
+    """As convert, bake and lora do: a file at the output path is replaced only on request,
+    and every output of a sweep is checked before any work."""
+    path = recipe(tmp_path, models, "- name: m\n  method: weighted_sum\n  inputs: [a, b]\n"
+                  "  params: {alpha: [0.2, 0.4, 0.6]}\n", names=("a", "b"))
+    precious = tmp_path / "out@alpha=0.6.safetensors"
+    precious.write_bytes(b"keep")
+    result = run_cli("merge", path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == (f"error: {precious}: already exists; pass --overwrite to "
+                                     "replace it")
+    assert precious.read_bytes() == b"keep"
+    assert sorted(p.name for p in tmp_path.glob("out*")) == ["out@alpha=0.6.safetensors"]
+    shown = run_cli("plan", path, "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert (f"{precious}: already exists; merge replaces it only with --overwrite"
+            in json.loads(shown.stdout)["notes"])
+    replaced = run_cli("merge", path, "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr
+    assert load_file(precious)  # a model now
+    again = run_cli("merge", path, "--out", tmp_path / "out.safetensors")
+    assert again.returncode == 2
+    assert "and 2 other outputs already exist; pass --overwrite to replace them" in again.stderr
+
+
+def test_overwrite_never_replaces_an_input_even_through_a_hard_link(tmp_path, models):
+    link = tmp_path / "a-link.safetensors"
+    os.link(models["a"], link)
+    path = recipe(tmp_path, models, "- name: m\n  method: weighted_sum\n  inputs: [a, b]\n",
+                  names=("a", "b"))
+    before = models["a"].read_bytes()
+    result = run_cli("merge", path, "--out", link, "--overwrite")
+    assert result.returncode == 2, result.stderr
+    assert "would overwrite the input a" in result.stderr
+    assert models["a"].read_bytes() == before

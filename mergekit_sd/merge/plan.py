@@ -15,7 +15,7 @@ from mergekit_sd.arch.identify import Identification, identify
 from mergekit_sd.errors import BadModelFile, UserError
 from mergekit_sd.io.dtypes import FLOAT_DTYPES, USER_DTYPES
 from mergekit_sd.io.header import SafetensorsHeader, read_header
-from mergekit_sd.io.writer import TensorSpec, check_output_path
+from mergekit_sd.io.writer import TensorSpec, check_output_path, same_file
 from mergekit_sd.merge.registry import MergeMethod, check_params, get_method
 from mergekit_sd.recipe.loader import LoadedRecipe
 from mergekit_sd.recipe.params import (
@@ -254,7 +254,12 @@ def _output_dtype(loaded: LoadedRecipe, source_dtype: str) -> str:
 
 
 def build_plan(loaded: LoadedRecipe, resolver: Resolver | None = None,
-               out: Path | None = None) -> MergePlan:
+               out: Path | None = None, existing: str = "refuse") -> MergePlan:
+    """The plan of `loaded`, from headers alone. `existing` says what to do with output files
+    that exist: "refuse" them (a merge about to write), "replace" them (--overwrite), or only
+    "note" them (a plan shown, or candidates rendered in memory, writes nothing)."""
+    if existing not in ("refuse", "replace", "note"):
+        raise ValueError(f"existing={existing!r}: use 'refuse', 'replace' or 'note'")
     recipe = loaded.recipe
     resolver = resolver or NoResolver()
     order = _model_order(loaded)
@@ -273,6 +278,11 @@ def build_plan(loaded: LoadedRecipe, resolver: Resolver | None = None,
     loras = _plan_loras(loaded, steps, inputs[order[0]], arch, prefix, resolver)
     read = [*inputs.values(), *loras.values(), *([vae] if vae else [])]
     _refuse_overwriting_inputs(loaded, outputs, read)
+    there = [path for path in outputs.values() if path.exists() or path.is_symlink()]
+    if there and existing == "refuse":  # every output of a sweep checked now, before any work
+        raise UserError(_existing_text(there, "pass --overwrite to replace"))
+    if there and existing == "note":
+        notes.append(_existing_text(there, "merge replaces"))
     baked = {k for sp in steps for k in (*sp.lora_weights, *sp.lora_biases)}
     for task in tasks:
         if task.key in baked:
@@ -281,13 +291,22 @@ def build_plan(loaded: LoadedRecipe, resolver: Resolver | None = None,
                      vae_keys, notes, loras)
 
 
+def _existing_text(there: list[Path], advice: str) -> str:
+    """"X: already exists; ADVICE it (only with --overwrite)", for one output or several."""
+    only = "" if advice.startswith("pass") else " only with --overwrite"
+    if len(there) == 1:
+        return f"{there[0]}: already exists; {advice} it{only}"
+    return (f"{there[0]} and {len(there) - 1} other output{'s' if len(there) > 2 else ''} "
+            f"already exist; {advice} them{only}")
+
+
 def _refuse_overwriting_inputs(loaded: LoadedRecipe, outputs: dict[str, Path],
                                read: list[PlannedInput | PlannedLora]) -> None:
     """Every file the merge reads (models, LoRAs, the VAE) is read while the outputs are
-    written, and an output replacing one would destroy it."""
+    written, and an output replacing one would destroy it, --overwrite or not."""
     for cand, path in outputs.items():
         for planned in read:
-            if path.resolve() == planned.path.resolve():
+            if same_file(planned.path, path):
                 raise loaded.error(("output", "path"), f"the output {path.name} of {cand} "
                                    f"would overwrite the input {planned.name}")
 
