@@ -102,9 +102,18 @@ def convert(
     Pickles are loaded with torch.load(weights_only=True): one that needs code is refused.
     """
     from mergekit_sd.convert import convert_to_safetensors
+    from mergekit_sd.io.saturate import Clamped
 
-    written = convert_to_safetensors(source, target, dtype=dtype, overwrite=overwrite)
+    clamped = Clamped()
+    written = convert_to_safetensors(source, target, dtype=dtype, overwrite=overwrite,
+                                     clamped=clamped)
     typer.echo(f"wrote {written}")
+    _say_clamped(clamped)
+
+
+def _say_clamped(clamped) -> None:
+    for note in clamped.notes():  # on stderr: --json output stays one JSON document
+        typer.echo(f"note: {note}", err=True)
 
 
 recipe_app = typer.Typer(help="Recipe tools.", no_args_is_help=True, rich_markup_mode=None)
@@ -192,20 +201,24 @@ def merge(
 ) -> None:
     """Run a recipe: stream every key through its steps into the output file(s)."""
     from mergekit_sd.cli_progress import rich_progress
+    from mergekit_sd.io.saturate import Clamped
     from mergekit_sd.merge.executor import run_merge
 
     merge_plan = _load_plan(recipe, assignments, out, catalog, pull, offline,
                             existing="replace" if overwrite else "refuse")
+    clamped = Clamped()
     if as_json:
-        written = run_merge(merge_plan, device=device)
+        written = run_merge(merge_plan, device=device, clamped=clamped)
         import json
 
         typer.echo(json.dumps({name: str(path) for name, path in written.items()}))
+        _say_clamped(clamped)
         return
     with rich_progress() as progress:
-        written = run_merge(merge_plan, device=device, progress=progress)
+        written = run_merge(merge_plan, device=device, progress=progress, clamped=clamped)
     for name, path in written.items():
         typer.echo(f"wrote {name} -> {path}")
+    _say_clamped(clamped)
 
 
 @app.command()

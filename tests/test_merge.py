@@ -670,3 +670,28 @@ def test_overwrite_never_replaces_an_input_even_through_a_hard_link(tmp_path, mo
     assert result.returncode == 2, result.stderr
     assert "would overwrite the input a" in result.stderr
     assert models["a"].read_bytes() == before
+
+
+def test_a_merge_to_fp16_clamps_values_beyond_its_range_and_says_where(tmp_path):
+    """fp16 is the default output dtype; bf16 inputs can hold values it cannot."""
+    from safetensors.torch import save_file
+
+    inputs = {}
+    for name, seed, where, big in (("a", 1, 0, 1e5), ("b", 2, 1, -7e4)):
+        path = write_checkpoint(tmp_path / f"{name}.safetensors", "sd1", seed=seed, dtype="BF16")
+        tensors = load_file(path)
+        tensors[UNET_KEY].view(-1)[where] = big
+        save_file(tensors, path)
+        inputs[name] = path
+    path = recipe(tmp_path, inputs, "- name: m\n  method: weighted_sum\n  inputs: [a, b]\n"
+                  "  params: {alpha: 0.25}\n", names=("a", "b"))
+    path.write_text(path.read_text().replace("  dtype: fp32\n", ""))  # the default: fp16
+    result = run_cli("merge", path)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "note: 1 value in 1 tensor lay beyond fp16's range (±65504) and was clamped to it "
+        f"instead of becoming infinite: {UNET_KEY}")
+    merged = load_file(tmp_path / "out.safetensors")
+    assert merged[UNET_KEY].dtype == torch.float16
+    assert torch.isfinite(torch.cat([t.float().view(-1) for t in merged.values()])).all()
+    assert merged[UNET_KEY].view(-1)[0].item() == 65504.0
