@@ -695,3 +695,32 @@ def test_a_merge_to_fp16_clamps_values_beyond_its_range_and_says_where(tmp_path)
     assert merged[UNET_KEY].dtype == torch.float16
     assert torch.isfinite(torch.cat([t.float().view(-1) for t in merged.values()])).all()
     assert merged[UNET_KEY].view(-1)[0].item() == 65504.0
+
+
+def test_a_merge_keeps_the_kind_of_model_its_inputs_agree_on(tmp_path):
+    """Only metadata says a model is v-prediction: a merge of two such models is one too.
+    Facts about the input files themselves (title, author) are not carried."""
+    facts = {"modelspec.prediction_type": "v", "modelspec.resolution": "1024x1024"}
+    inputs = {name: write_checkpoint(tmp_path / f"{name}.safetensors", "sd1", seed=seed,
+                                     metadata={**facts, "modelspec.title": name,
+                                               "modelspec.author": f"author {name}"})
+              for name, seed in (("a", 1), ("b", 2))}
+    inputs["c"] = write_checkpoint(tmp_path / "c.safetensors", "sd1", seed=3,
+                                   metadata={"modelspec.resolution": "512x512"})
+    path = recipe(tmp_path, inputs, "- name: m\n  method: weighted_sum\n  inputs: [a, b]\n",
+                  names=("a", "b"))
+    meta = read_header(next(iter(run_merge(plan_of(path)).values()))).metadata
+    assert meta["modelspec.prediction_type"] == "v"
+    assert meta["modelspec.resolution"] == "1024x1024"
+    assert meta["modelspec.title"] == "m" and "modelspec.author" not in meta
+    inspected = run_cli("inspect", "-v", tmp_path / "out.safetensors")
+    assert "v (modelspec.prediction_type)" in inspected.stdout, inspected.stdout
+    mixed = recipe(tmp_path, inputs, "- name: m\n  method: weighted_sum\n  inputs: [a, c]\n",
+                   names=("a", "c"))
+    plan = build_plan(parse_recipe(mixed.read_text(), mixed), existing="replace")
+    assert ("the inputs disagree on modelspec.prediction_type (a: v, c: not set), so the "
+            "output does not carry it") in plan.notes
+    assert ("the inputs disagree on modelspec.resolution (a: 1024x1024, c: 512x512), so the "
+            "output does not carry it") in plan.notes
+    meta = read_header(next(iter(run_merge(plan).values()))).metadata
+    assert "modelspec.prediction_type" not in meta and "modelspec.resolution" not in meta

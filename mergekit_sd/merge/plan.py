@@ -16,6 +16,7 @@ from mergekit_sd.errors import BadModelFile, UserError
 from mergekit_sd.io.dtypes import FLOAT_DTYPES, USER_DTYPES
 from mergekit_sd.io.header import SafetensorsHeader, read_header
 from mergekit_sd.io.writer import TensorSpec, check_output_path, same_file
+from mergekit_sd.merge.facts import agreed_facts
 from mergekit_sd.merge.registry import MergeMethod, check_params, get_method
 from mergekit_sd.recipe.loader import LoadedRecipe
 from mergekit_sd.recipe.params import (
@@ -96,6 +97,8 @@ class MergePlan:
     vae_keys: dict[str, str] = field(default_factory=dict)  # output key -> key in the VAE file
     notes: list[str] = field(default_factory=list)
     loras: dict[str, PlannedLora] = field(default_factory=dict)  # bake_lora steps' LoRAs
+    # metadata facts (modelspec.prediction_type ...) every input agrees on: the output's too
+    carried: dict[str, str] = field(default_factory=dict)
 
     @property
     def output_bytes(self) -> int:
@@ -275,6 +278,8 @@ def build_plan(loaded: LoadedRecipe, resolver: Resolver | None = None,
     vae = _open_vae(loaded, resolver) if recipe.output.vae else None
     vae_keys = _fitting_vae_keys(loaded, vae, inputs[order[0]]) if vae else {}
     tasks, notes = _plan_keys(loaded, inputs, order, arch, prefix, vae, vae_keys)
+    carried, disagreements = agreed_facts((n, inputs[n].header.metadata) for n in order)
+    notes.extend(disagreements)
     loras = _plan_loras(loaded, steps, inputs[order[0]], arch, prefix, resolver)
     read = [*inputs.values(), *loras.values(), *([vae] if vae else [])]
     _refuse_overwriting_inputs(loaded, outputs, read)
@@ -288,7 +293,7 @@ def build_plan(loaded: LoadedRecipe, resolver: Resolver | None = None,
         if task.key in baked:
             task.merge = True  # even with one source: the step changes it
     return MergePlan(loaded, arch, prefix, inputs, order, steps, cands, outputs, tasks, vae,
-                     vae_keys, notes, loras)
+                     vae_keys, notes, loras, carried)
 
 
 def _existing_text(there: list[Path], advice: str) -> str:
