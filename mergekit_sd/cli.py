@@ -206,6 +206,8 @@ def merge(
 
     merge_plan = _load_plan(recipe, assignments, out, catalog, pull, offline,
                             existing="replace" if overwrite else "refuse")
+    for unused in merge_plan.unused:  # before the work, where a long merge cannot bury it
+        typer.echo(f"warning: {unused}", err=True)
     clamped = Clamped()
     if as_json:
         written = run_merge(merge_plan, device=device, clamped=clamped)

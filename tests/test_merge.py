@@ -724,3 +724,64 @@ def test_a_merge_keeps_the_kind_of_model_its_inputs_agree_on(tmp_path):
             "output does not carry it") in plan.notes
     meta = read_header(next(iter(run_merge(plan).values()))).metadata
     assert "modelspec.prediction_type" not in meta and "modelspec.resolution" not in meta
+
+
+@pytest.mark.parametrize("name", ["text_encoder_2", "text_encoder_3"])
+def test_flux_t5_is_text_encoder_2_as_diffusers_names_it(tmp_path, name):
+    """FLUX's second text encoder, T5, is diffusers' text_encoder_2; text_encoder_3, what
+    recipes called it before (and merged files still store), keeps working."""
+    inputs = {n: write_checkpoint(tmp_path / f"{n}.safetensors", "flux-dev", seed=seed)
+              for n, seed in (("a", 1), ("b", 2))}
+    path = recipe(tmp_path, inputs, "- name: m\n  method: weighted_sum\n  inputs: [a, b]\n"
+                  f"  params: {{alpha: {{default: 0.5, components: {{{name}: 0}}}}}}\n",
+                  names=("a", "b"))
+    out = merge(path)["m"]
+    a, b = whole(inputs, "a"), whole(inputs, "b")
+    t5 = [k for k in out if k.startswith("text_encoders.t5xxl.")]
+    clip = [k for k in out if k.startswith("text_encoders.clip_l.")]
+    assert t5 and clip
+    for key in t5:
+        torch.testing.assert_close(out[key], a[key])
+    for key in clip:
+        torch.testing.assert_close(out[key], 0.5 * a[key] + 0.5 * b[key])
+
+
+@pytest.mark.parametrize(("variant", "name", "valid"), [
+    ("sd1", "text_encoder_2", "text_encoder_1 (CLIP-L), vae"),
+    ("sdxl", "text_encoder_3", "text_encoder_1 (CLIP-L), text_encoder_2 (CLIP-G), vae"),
+    ("flux-dev", "text_encodr", "text_encoder_1 (CLIP-L), text_encoder_2 (T5-XXL), vae"),
+])
+def test_a_component_the_architecture_lacks_is_refused_with_its_valid_names(tmp_path, variant,
+                                                                           name, valid):
+    inputs = {n: write_checkpoint(tmp_path / f"{n}.safetensors", variant, seed=seed)
+              for n, seed in (("a", 1), ("b", 2))}
+    path = recipe(tmp_path, inputs, "- name: m\n  method: weighted_sum\n  inputs: [a, b]\n"
+                  f"  params: {{alpha: {{components: {{{name}: 0}}}}}}\n", names=("a", "b"))
+    with pytest.raises(UserError) as caught:
+        plan_of(path)
+    message = str(caught.value)
+    assert f"line 9, steps.0.params.alpha.components.{name}: " in message, message
+    assert f"has no component {name!r}; use one of diffusion_model, " in message, message
+    assert valid in message, message
+
+
+def test_values_that_select_no_key_are_noted_by_plan_and_warned_by_merge(tmp_path):
+    """A mistyped key pattern, or a component the files lack (a UNet saved alone has no VAE),
+    would drop its value unsaid."""
+    inputs = {n: write_checkpoint(tmp_path / f"{n}.safetensors", "sd1-unet", seed=seed)
+              for n, seed in (("a", 1), ("b", 2))}
+    path = recipe(tmp_path, inputs, "- name: m\n  method: weighted_sum\n  inputs: [a, b]\n"
+                  "  params:\n    alpha:\n      default: 0.5\n"
+                  "      components: {vae: 0, unet: 0.4}\n"
+                  "      keys: {'*atn2*': 0.77, '*attn2*': 0.2}\n", names=("a", "b"))
+    unused = [f"{path}, line 12, steps.0.params.alpha.components.vae: selects no key of the "
+              "inputs, so its value is never used",
+              f"{path}, line 13, steps.0.params.alpha.keys.*atn2*: selects no key of the "
+              "inputs, so its value is never used"]
+    shown = run_cli("plan", path, "--json")
+    assert shown.returncode == 0, shown.stderr
+    notes = json.loads(shown.stdout)["notes"]
+    assert [n for n in notes if "selects no key" in n] == unused
+    merged = run_cli("merge", path)
+    assert merged.returncode == 0, merged.stderr
+    assert merged.stderr.strip().splitlines() == [f"warning: {u}" for u in unused]

@@ -99,6 +99,8 @@ class MergePlan:
     loras: dict[str, PlannedLora] = field(default_factory=dict)  # bake_lora steps' LoRAs
     # metadata facts (modelspec.prediction_type ...) every input agrees on: the output's too
     carried: dict[str, str] = field(default_factory=dict)
+    # per-component, per-block and per-key values that select no key (also in notes)
+    unused: list[str] = field(default_factory=list)
 
     @property
     def output_bytes(self) -> int:
@@ -249,6 +251,32 @@ def _check_values(loaded: LoadedRecipe, loc: tuple, method: MergeMethod,
                 raise loaded.error((*loc, "params", name), str(exc)) from None
 
 
+def _unused_selectors(loaded: LoadedRecipe, steps: list[StepPlan], tasks: list[KeyTask]
+                      ) -> list[str]:
+    """A sentence for each component, block or key pattern of a parameter that selects no key
+    of the inputs (a typo, or a part these files lack): its value would be dropped unsaid."""
+    slots, blocks = {t.slot for t in tasks}, {t.block for t in tasks}
+    said, seen = [], set()
+    for sp in steps:
+        index = loaded.recipe.steps.index(sp.step)
+        for values in sp.params.values():  # per candidate: a sweep has several
+            for name, keyed in values.items():
+                for kind, written, named in keyed.selectors:
+                    loc = ("steps", index, "params", name, kind, written)
+                    if loc in seen:
+                        continue
+                    seen.add(loc)
+                    if kind == "keys":
+                        pattern = next(p for w, p, _ in keyed.by_pattern if w == written)
+                        hit = any(pattern.fullmatch(t.key) for t in tasks)
+                    else:
+                        hit = not (slots if kind == "components" else blocks).isdisjoint(named)
+                    if not hit:
+                        said.append(str(loaded.error(loc, "selects no key of the inputs, so "
+                                                          "its value is never used")))
+    return said
+
+
 def _output_dtype(loaded: LoadedRecipe, source_dtype: str) -> str:
     wanted = loaded.recipe.output.dtype
     if source_dtype not in FLOAT_DTYPES or wanted == "keep":
@@ -280,6 +308,8 @@ def build_plan(loaded: LoadedRecipe, resolver: Resolver | None = None,
     tasks, notes = _plan_keys(loaded, inputs, order, arch, prefix, vae, vae_keys)
     carried, disagreements = agreed_facts((n, inputs[n].header.metadata) for n in order)
     notes.extend(disagreements)
+    unused = _unused_selectors(loaded, steps, tasks)
+    notes.extend(unused)
     loras = _plan_loras(loaded, steps, inputs[order[0]], arch, prefix, resolver)
     read = [*inputs.values(), *loras.values(), *([vae] if vae else [])]
     _refuse_overwriting_inputs(loaded, outputs, read)
@@ -293,7 +323,7 @@ def build_plan(loaded: LoadedRecipe, resolver: Resolver | None = None,
         if task.key in baked:
             task.merge = True  # even with one source: the step changes it
     return MergePlan(loaded, arch, prefix, inputs, order, steps, cands, outputs, tasks, vae,
-                     vae_keys, notes, loras, carried)
+                     vae_keys, notes, loras, carried, unused)
 
 
 def _existing_text(there: list[Path], advice: str) -> str:
