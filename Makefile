@@ -41,7 +41,7 @@ demo: $(STAMP)
 	$(BIN)/mergekit-sd catalog list --catalog $(DEMO_CATALOG)
 	$(BIN)/mergekit-sd inspect $(DEMO)/models/Lora/demo-lora-mychar.safetensors
 	$(BIN)/mergekit-sd plan recipes/demo.yaml
-	$(BIN)/mergekit-sd merge recipes/demo.yaml
+	$(BIN)/mergekit-sd merge recipes/demo.yaml --overwrite
 	$(BIN)/mergekit-sd bake "$(DEMO)/merges/demo-mix@alpha=0.3.safetensors" \
 	  $(DEMO)/models/Lora/demo-lora-mychar.safetensors:0.8 -o $(DEMO)/merges/demo-mix-mychar.safetensors --overwrite
 	$(BIN)/mergekit-sd inspect $(DEMO)/merges/*.safetensors

@@ -102,9 +102,18 @@ def convert(
     Pickles are loaded with torch.load(weights_only=True): one that needs code is refused.
     """
     from mergekit_sd.convert import convert_to_safetensors
+    from mergekit_sd.io.saturate import Clamped
 
-    written = convert_to_safetensors(source, target, dtype=dtype, overwrite=overwrite)
+    clamped = Clamped()
+    written = convert_to_safetensors(source, target, dtype=dtype, overwrite=overwrite,
+                                     clamped=clamped)
     typer.echo(f"wrote {written}")
+    _say_clamped(clamped)
+
+
+def _say_clamped(clamped) -> None:
+    for note in clamped.notes():  # on stderr: --json output stays one JSON document
+        typer.echo(f"note: {note}", err=True)
 
 
 recipe_app = typer.Typer(help="Recipe tools.", no_args_is_help=True, rich_markup_mode=None)
@@ -143,7 +152,7 @@ OFFLINE_HELP = "Never call out: download references must already be in the catal
 
 
 def _load_plan(recipe: Path, assignments: list[str], out: Path | None, catalog: Path | None,
-               pull: bool = False, offline: bool = False):
+               pull: bool = False, offline: bool = False, existing: str = "note"):
     from mergekit_sd.merge.plan import apply_overrides, build_plan
     from mergekit_sd.recipe.loader import load_recipe
 
@@ -151,7 +160,8 @@ def _load_plan(recipe: Path, assignments: list[str], out: Path | None, catalog: 
         raise UserError("--pull downloads and --offline forbids it; choose one")
     loaded = load_recipe(recipe)
     apply_overrides(loaded, assignments)
-    return build_plan(loaded, resolver=_CatalogOnDemand(catalog, pull), out=out)
+    return build_plan(loaded, resolver=_CatalogOnDemand(catalog, pull), out=out,
+                      existing=existing)
 
 
 @app.command()
@@ -186,22 +196,31 @@ def merge(
     catalog: CatalogOption = None,
     pull: bool = typer.Option(False, "--pull", help=PULL_HELP),
     offline: bool = typer.Option(False, "--offline", help=OFFLINE_HELP),
+    overwrite: bool = typer.Option(False, "--overwrite",
+                                   help="Replace output files that exist (never an input)."),
 ) -> None:
     """Run a recipe: stream every key through its steps into the output file(s)."""
     from mergekit_sd.cli_progress import rich_progress
+    from mergekit_sd.io.saturate import Clamped
     from mergekit_sd.merge.executor import run_merge
 
-    merge_plan = _load_plan(recipe, assignments, out, catalog, pull, offline)
+    merge_plan = _load_plan(recipe, assignments, out, catalog, pull, offline,
+                            existing="replace" if overwrite else "refuse")
+    for unused in merge_plan.unused:  # before the work, where a long merge cannot bury it
+        typer.echo(f"warning: {unused}", err=True)
+    clamped = Clamped()
     if as_json:
-        written = run_merge(merge_plan, device=device)
+        written = run_merge(merge_plan, device=device, clamped=clamped)
         import json
 
         typer.echo(json.dumps({name: str(path) for name, path in written.items()}))
+        _say_clamped(clamped)
         return
     with rich_progress() as progress:
-        written = run_merge(merge_plan, device=device, progress=progress)
+        written = run_merge(merge_plan, device=device, progress=progress, clamped=clamped)
     for name, path in written.items():
         typer.echo(f"wrote {name} -> {path}")
+    _say_clamped(clamped)
 
 
 @app.command()
@@ -244,13 +263,17 @@ def recipe_extract(
     out: Path = typer.Option(None, "-o", "--out", help="Recipe file to write (default: stdout)."),
     output_path: Path = typer.Option(None, "--output-path",
                                      help="output.path in the recipe (default: MERGED's name)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
 ) -> None:
     """Write the recipe stored in a merged file back out as YAML."""
-    from mergekit_sd.io.writer import check_output_path, write_bytes_atomic
+    from mergekit_sd.io.writer import check_output_path, same_file, write_bytes_atomic
     from mergekit_sd.recipe.extract import extract_recipe
 
     if out is not None:
-        check_output_path(out)
+        if same_file(merged, out):  # --overwrite or not: the model would be lost
+            raise UserError(f"-o {out} is the merged file being read; give the recipe its own "
+                            "name, e.g. -o recipe.yaml")
+        check_output_path(out, overwrite)
     # relative paths in it are written for the folder the recipe lands in
     text = extract_recipe(merged, output_path, out.parent if out is not None else None)
     if out is None:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from mergekit_sd.errors import BadModelFile, UserError
 from mergekit_sd.io.dtypes import FLOAT_DTYPES, USER_DTYPES, safetensors_dtype, torch_dtype
-from mergekit_sd.io.writer import StreamingWriter, TensorSpec, check_output_path
+from mergekit_sd.io.saturate import Clamped, saturating_cast
+from mergekit_sd.io.writer import StreamingWriter, TensorSpec, check_output_path, same_file
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -29,22 +30,25 @@ def convert_to_safetensors(
     dtype: str = "keep",
     overwrite: bool = False,
     progress: ProgressCallback | None = None,
+    clamped: Clamped | None = None,
 ) -> Path:
     """Write `source` (a pickle checkpoint or a .safetensors file) to `target` as safetensors.
 
     dtype: "keep", or a name from USER_DTYPES ("fp16", "bf16", "fp8_e4m3fn", ...); only
     floating-point tensors are cast, integer and bool tensors keep their dtype.
-    progress(done, total) is called after each tensor is written. Raises UserError (or its
-    BadModelFile subclass) with one sentence for anything the user can fix; on any exception,
-    including KeyboardInterrupt, nothing is left under the target name or NAME.partial.
+    progress(done, total) is called after each tensor is written. Values beyond a narrower
+    float dtype's range are clamped to it (never ±inf), and counted in `clamped`. Raises
+    UserError (or its BadModelFile subclass) with one sentence for anything the user can fix;
+    on any exception, including KeyboardInterrupt, nothing is left under the target name or
+    NAME.partial.
     """
     source, target = Path(source), Path(target)
     cast_to = _cast_dtype(dtype)
     _check_target(source, target, overwrite)
     if source.suffix.lower() == ".safetensors":
         _refuse_misnamed_pickle(source)
-        return _convert_safetensors(source, target, dtype, cast_to, progress)
-    return _convert_pickle(source, target, dtype, cast_to, progress)
+        return _convert_safetensors(source, target, dtype, cast_to, progress, clamped)
+    return _convert_pickle(source, target, dtype, cast_to, progress, clamped)
 
 
 def _cast_dtype(dtype: str) -> str | None:
@@ -61,20 +65,9 @@ def _cast_dtype(dtype: str) -> str | None:
 def _check_target(source: Path, target: Path, overwrite: bool) -> None:
     if target.suffix.lower() != ".safetensors":
         raise UserError(f"{target}: the output file name must end in .safetensors")
-    if _same_file(source, target):
+    if same_file(source, target):
         raise UserError(f"{target}: the output is the source file itself; choose another name")
-    check_output_path(target)
-    if target.exists() and not overwrite:
-        raise UserError(f"{target}: already exists; pass --overwrite to replace it")
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        if a.resolve() == b.resolve():
-            return True
-        return a.exists() and b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return False
+    check_output_path(target, overwrite)
 
 
 def _refuse_misnamed_pickle(source: Path) -> None:
@@ -104,7 +97,7 @@ def _out_dtype(stored: str, cast_to: str | None) -> str:
 
 
 def _convert_safetensors(source: Path, target: Path, dtype: str, cast_to: str | None,
-                         progress: ProgressCallback | None) -> Path:
+                         progress: ProgressCallback | None, clamped: Clamped | None) -> Path:
     from mergekit_sd.io.reader import SafetensorsReader
 
     with SafetensorsReader(source) as reader:
@@ -117,7 +110,8 @@ def _convert_safetensors(source: Path, target: Path, dtype: str, cast_to: str | 
                     writer.write_bytes(info.name, reader.read_bytes(info.name))
                 else:
                     tensor = reader.read_tensor(info.name)
-                    writer.write(info.name, _cast(tensor, torch_dtype(spec.dtype)))
+                    writer.write(info.name, saturating_cast(tensor, torch_dtype(spec.dtype),
+                                                            info.name, clamped))
                     del tensor
                 if progress is not None:
                     progress(done, len(specs))
@@ -125,7 +119,7 @@ def _convert_safetensors(source: Path, target: Path, dtype: str, cast_to: str | 
 
 
 def _convert_pickle(source: Path, target: Path, dtype: str, cast_to: str | None,
-                    progress: ProgressCallback | None) -> Path:
+                    progress: ProgressCallback | None, clamped: Clamped | None) -> Path:
     from mergekit_sd.io.pickled import load_pickle_checkpoint
 
     checkpoint = load_pickle_checkpoint(source)
@@ -146,7 +140,7 @@ def _convert_pickle(source: Path, target: Path, dtype: str, cast_to: str | None,
             # pop: once written, a tensor (and, with its last view, its storage) can be freed.
             tensor = tensors.pop(name)
             if target_torch is not None and tensor.is_floating_point():
-                tensor = _cast(tensor, target_torch)
+                tensor = saturating_cast(tensor, target_torch, name, clamped)
             writer.write(name, tensor)  # contiguous copy: views never share bytes on disk
             del tensor
             if progress is not None:
@@ -167,20 +161,3 @@ def _check_names(source: Path, tensors: dict) -> None:
             shown = name.encode("utf-8", "replace").decode()
             raise BadModelFile(source, f"the tensor name {shown!r} is not valid UTF-8 (a lone "
                                        "surrogate), which safetensors needs") from None
-
-
-def _cast(tensor, dtype):
-    """Cast a float tensor; for float8, saturate to the format's finite range first.
-
-    A plain cast turns out-of-range values into ±inf in float8_e5m2 (and, in some torch
-    versions, NaN in float8_e4m3fn); clamping keeps such (rare) weights finite instead.
-    """
-    import torch
-
-    if tensor.dtype == dtype:
-        return tensor
-    if dtype.itemsize == 1 and dtype.is_floating_point:
-        limit = torch.finfo(dtype).max
-        tensor = tensor.float().clamp(-limit, limit)
-    return tensor.to(dtype)
-

@@ -2,8 +2,9 @@
 as one sentence naming the file, the line and the field.
 
 The text is parsed once, with PyYAML's safe loader, into nodes, whose marks say which line each
-field is on, and the data is built from those nodes (as `yaml.safe_load` does), so that a
-validation error found later in the data can point at the user's line.
+field is on, and the data is built from those nodes (as `yaml.safe_load` does, except that a key
+given twice is refused), so that a validation error found later in the data can point at the
+user's line.
 """
 
 from __future__ import annotations
@@ -13,6 +14,35 @@ from pathlib import Path
 import yaml
 
 from mergekit_sd.errors import UserError
+
+
+class DuplicateKey(yaml.constructor.ConstructorError):
+    """A mapping gives a key twice: `mapping` (the node), the `key` node and the `first` one."""
+
+    def __init__(self, mapping: yaml.MappingNode, key: yaml.Node, first: yaml.Node):
+        super().__init__(None, None, f"{key.value!r} is given twice", key.start_mark)
+        self.mapping, self.key, self.first = mapping, key, first
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses a key given twice in one mapping (YAML requires keys to
+    be unique; PyYAML would keep the last silently, dropping a model or a value the user wrote).
+    A key that a merge key (`<<: *anchor`) brings in may still be overridden, as YAML allows."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    first = seen.setdefault(key, key_node)
+                except TypeError:  # an unhashable key: SafeLoader's own error says so
+                    break
+                if first is not key_node:
+                    raise DuplicateKey(node, key_node, first)
+        return super().construct_mapping(node, deep=deep)
 
 
 class YamlFileError(UserError):
@@ -30,9 +60,13 @@ def load_mapping(text: str, path: Path, error: type[YamlFileError],
     or anything but a mapping ("must be a YAML mapping with `expected`"), raises `error`."""
     loader = None
     try:
-        loader = yaml.SafeLoader(text)  # checks the characters already
+        loader = UniqueKeyLoader(text)  # checks the characters already
         node = loader.get_single_node()
         data = loader.construct_document(node) if node is not None else None
+    except DuplicateKey as exc:
+        loc = (*_path_to(node, exc.mapping), exc.key.value)
+        raise error(path, exc.key.start_mark.line + 1, dotted(loc),
+                    f"is given twice (first on line {exc.first.start_mark.line + 1})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         if mark is not None:
@@ -66,6 +100,23 @@ def line_of(lines: dict[tuple, int], loc: tuple) -> int | None:
             return lines[loc]
         loc = loc[:-1]
     return lines.get(())
+
+
+def _path_to(root, target) -> tuple:
+    """The field path of node `target` inside `root` (walked as `_line_map` walks)."""
+    stack, walked = [(root, ())], set()
+    while stack:
+        node, prefix = stack.pop()
+        if node is target:
+            return prefix
+        if id(node) in walked:
+            continue
+        walked.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            stack.extend((value, (*prefix, key.value)) for key, value in node.value)
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((item, (*prefix, i)) for i, item in enumerate(node.value))
+    return ()
 
 
 def _line_map(node, prefix: tuple = (), lines: dict | None = None,

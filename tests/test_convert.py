@@ -376,3 +376,53 @@ def test_refused_pickle_writes_nothing(tmp_path):
     assert not (tmp_path / "MARKER").exists()
     assert not target.exists()
     assert not (tmp_path / "out.safetensors.partial").exists()
+
+
+@pytest.mark.parametrize("kind", ["truncated", "empty", "metadata-int", "directory"])
+def test_cli_bad_safetensors_source_is_one_sentence_without_a_traceback(tmp_path, kind):
+    # a reader whose header failed must not complain again when it is collected
+    source = tmp_path / "bad.safetensors"
+    if kind == "truncated":
+        save_file({"w": torch.ones(64)}, source)
+        source.write_bytes(source.read_bytes()[:-100])
+    elif kind == "empty":
+        source.write_bytes(b"")
+    elif kind == "metadata-int":
+        save_file({"w": torch.ones(2)}, source)
+        data = source.read_bytes()
+        size = int.from_bytes(data[:8], "little")
+        doc = json.loads(data[8:8 + size])
+        doc["__metadata__"] = {"n": 1}
+        header = json.dumps(doc).encode()
+        source.write_bytes(len(header).to_bytes(8, "little") + header + data[8 + size:])
+    else:
+        source.mkdir()
+    result = run_cli("convert", str(source), str(tmp_path / "out.safetensors"), cwd=tmp_path)
+    assert_one_line_error(result, str(source))
+
+
+@pytest.mark.parametrize("source_kind", ["safetensors", "ckpt"])
+def test_cli_fp16_clamps_values_beyond_its_range_and_says_where(tmp_path, source_kind):
+    """bf16 and fp32 weights may exceed 65504: a plain cast made them ±inf, which blackens
+    every image; they are clamped like fp8's, and a note names the tensors."""
+    weights = {"big": torch.tensor([1e5, -7e4, 1.5, 65504.0]), "fine": torch.ones(3),
+               "ids": torch.arange(3)}
+    if source_kind == "safetensors":
+        source = tmp_path / "wide.safetensors"
+        save_file({k: v.bfloat16() if v.is_floating_point() else v
+                   for k, v in weights.items()}, source)
+    else:
+        source = tmp_path / "wide.ckpt"
+        torch.save({"state_dict": weights}, source)
+    target = tmp_path / "narrow.safetensors"
+    result = run_cli("convert", str(source), str(target), "--dtype", "fp16", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == ("note: 2 values in 1 tensor lay beyond fp16's range "
+                                     "(±65504) and were clamped to it instead of becoming "
+                                     "infinite: big")
+    got = load_file(target)
+    assert got["big"].tolist() == [65504.0, -65504.0, 1.5, 65504.0]
+    assert got["fine"].dtype == torch.float16 and got["ids"].dtype == torch.int64
+    quiet = run_cli("convert", str(source), str(tmp_path / "wide2.safetensors"), "--dtype",
+                    "fp32", cwd=tmp_path)
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr

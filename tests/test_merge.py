@@ -51,7 +51,7 @@ def recipe(tmp_path: Path, models: dict[str, Path], steps: str, output: str = ""
 
 
 def merge(path: Path, cancel: CancelToken | None = None) -> dict[str, torch.Tensor]:
-    plan = build_plan(parse_recipe(path.read_text(), path))
+    plan = build_plan(parse_recipe(path.read_text(), path), existing="replace")
     written = run_merge(plan, cancel=cancel)
     return {name: load_file(p) for name, p in written.items()}
 
@@ -345,7 +345,7 @@ def test_large_tensors_streamed_in_pieces_give_identical_bytes(tmp_path, models,
     merge(path)
     in_one_piece = (tmp_path / "out.safetensors").read_bytes()
     monkeypatch.setattr(executor, "CHUNK_ELEMENTS", 1000)
-    plan = build_plan(parse_recipe(path.read_text(), path))
+    plan = build_plan(parse_recipe(path.read_text(), path), existing="replace")
     items = executor.work_items(plan)
     assert any(not item.whole for item in items if item.task.merge)
     assert any(not item.whole for item in items if item.task.sources == ("vae",))
@@ -550,6 +550,7 @@ def test_sweep_values_that_print_alike_at_six_digits_name_distinct_files(tmp_pat
     ("!!python/object:os.system x", "is not a plain YAML value"),
     ("{default: 0.2, bogus: 1}", "bogus: is not a field here (valid fields: default"),
     ("", "give a value after '='"),
+    ("{default: 0.2, default: 0.4}", "'default' is given twice"),
 ])
 def test_set_values_that_are_not_parameters_are_one_sentence(tmp_path, models, value, words):
     path = recipe(tmp_path, models, "- name: m\n  method: weighted_sum\n  inputs: [a, b]\n",
@@ -581,3 +582,206 @@ def test_plan_refuses_cosine_on_an_earlier_step(tmp_path, models):
         """, names=("a", "b"))
     with pytest.raises(UserError, match=r"steps\.1\.inputs: cosine_a needs models as inputs"):
         plan_of(path)
+
+
+@pytest.mark.parametrize("where", ["model", "vae"])
+@pytest.mark.parametrize(("damage", "problem"), [
+    ("header-length", "declares a "),
+    ("metadata", "has a __metadata__ entry that is not a map of strings to strings"),
+], ids=["header-length", "metadata"])
+def test_a_bad_input_file_is_named_before_its_problem(tmp_path, models, where, damage, problem):
+    """The file's problem is quoted whole after its name, whatever word the problem starts
+    with (it was once spliced into the sentence's first 'is ')."""
+    bad = tmp_path / "bad.safetensors"
+    if damage == "header-length":
+        bad.write_bytes((10**9).to_bytes(8, "little") + b"{}" * 20)
+    else:
+        data = models["a"].read_bytes()
+        size = int.from_bytes(data[:8], "little")
+        doc = json.loads(data[8:8 + size])
+        doc["__metadata__"] = {"n": 1}
+        header = json.dumps(doc).encode()
+        bad.write_bytes(len(header).to_bytes(8, "little") + header + data[8 + size:])
+    if where == "model":
+        path = recipe(tmp_path, {"a": bad, "b": models["b"]},
+                      "- name: m\n  method: weighted_sum\n  inputs: [a, b]\n", names=("a", "b"))
+        field = "models.a"
+    else:
+        path = recipe(tmp_path, models, "- name: m\n  method: weighted_sum\n  inputs: [a, b]\n",
+                      output=f"vae: {bad}\n", names=("a", "b"))
+        field = "output.vae"
+    with pytest.raises(UserError) as caught:
+        plan_of(path)
+    assert f"{field}: bad.safetensors: {problem}" in str(caught.value)
+
+
+@pytest.mark.parametrize(("value", "words"), [
+    ("m.alpah=0.3", "merge method 'weighted_sum' has no parameter 'alpah'; did you mean 'alpha'"),
+    ("m.alpha=abc", "must be a number, not 'abc' (str)"),
+    ("m.alpha=1e-3", "YAML reads that as text: write a point and a signed exponent"),
+    ("m.alpha={blocks: {IN12: 0.5}}", "blocks.IN12: block 'IN12' does not exist for SD1.x"),
+    ("m.alpha=[0.2, 0.2]", "the sweep values 0.2 and 0.2 give one candidate"),
+])
+def test_a_problem_with_a_set_value_names_the_set_not_a_recipe_line(tmp_path, models, value,
+                                                                      words):
+    """The recipe file has no line with the --set's value: the error points at the --set."""
+    path = recipe(tmp_path, models, "- name: m\n  method: weighted_sum\n  inputs: [a, b]\n"
+                  "  params:\n    alpha: 0.5\n", names=("a", "b"))
+    result = run_cli("plan", path, "--set", value)
+    assert result.returncode == 2, result.stderr
+    message = result.stderr.strip()
+    assert message.startswith(f"error: --set '{value}': "), message
+    assert "\n" not in message and str(path) not in message and "line" not in message, message
+    assert words in message, message
+
+
+def test_merge_refuses_an_existing_output_unless_overwrite(tmp_path, models):
+    """As convert, bake and lora do: a file at the output path is replaced only on request,
+    and every output of a sweep is checked before any work."""
+    path = recipe(tmp_path, models, "- name: m\n  method: weighted_sum\n  inputs: [a, b]\n"
+                  "  params: {alpha: [0.2, 0.4, 0.6]}\n", names=("a", "b"))
+    precious = tmp_path / "out@alpha=0.6.safetensors"
+    precious.write_bytes(b"keep")
+    result = run_cli("merge", path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == (f"error: {precious}: already exists; pass --overwrite to "
+                                     "replace it")
+    assert precious.read_bytes() == b"keep"
+    assert sorted(p.name for p in tmp_path.glob("out*")) == ["out@alpha=0.6.safetensors"]
+    shown = run_cli("plan", path, "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert (f"{precious}: already exists; merge replaces it only with --overwrite"
+            in json.loads(shown.stdout)["notes"])
+    replaced = run_cli("merge", path, "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr
+    assert load_file(precious)  # a model now
+    again = run_cli("merge", path, "--out", tmp_path / "out.safetensors")
+    assert again.returncode == 2
+    assert "and 2 other outputs already exist; pass --overwrite to replace them" in again.stderr
+
+
+def test_overwrite_never_replaces_an_input_even_through_a_hard_link(tmp_path, models):
+    link = tmp_path / "a-link.safetensors"
+    os.link(models["a"], link)
+    path = recipe(tmp_path, models, "- name: m\n  method: weighted_sum\n  inputs: [a, b]\n",
+                  names=("a", "b"))
+    before = models["a"].read_bytes()
+    result = run_cli("merge", path, "--out", link, "--overwrite")
+    assert result.returncode == 2, result.stderr
+    assert "would overwrite the input a" in result.stderr
+    assert models["a"].read_bytes() == before
+
+
+def test_a_merge_to_fp16_clamps_values_beyond_its_range_and_says_where(tmp_path):
+    """fp16 is the default output dtype; bf16 inputs can hold values it cannot."""
+    from safetensors.torch import save_file
+
+    inputs = {}
+    for name, seed, where, big in (("a", 1, 0, 1e5), ("b", 2, 1, -7e4)):
+        path = write_checkpoint(tmp_path / f"{name}.safetensors", "sd1", seed=seed, dtype="BF16")
+        tensors = load_file(path)
+        tensors[UNET_KEY].view(-1)[where] = big
+        save_file(tensors, path)
+        inputs[name] = path
+    path = recipe(tmp_path, inputs, "- name: m\n  method: weighted_sum\n  inputs: [a, b]\n"
+                  "  params: {alpha: 0.25}\n", names=("a", "b"))
+    path.write_text(path.read_text().replace("  dtype: fp32\n", ""))  # the default: fp16
+    result = run_cli("merge", path)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "note: 1 value in 1 tensor lay beyond fp16's range (±65504) and was clamped to it "
+        f"instead of becoming infinite: {UNET_KEY}")
+    merged = load_file(tmp_path / "out.safetensors")
+    assert merged[UNET_KEY].dtype == torch.float16
+    assert torch.isfinite(torch.cat([t.float().view(-1) for t in merged.values()])).all()
+    assert merged[UNET_KEY].view(-1)[0].item() == 65504.0
+
+
+def test_a_merge_keeps_the_kind_of_model_its_inputs_agree_on(tmp_path):
+    """Only metadata says a model is v-prediction: a merge of two such models is one too.
+    Facts about the input files themselves (title, author) are not carried."""
+    facts = {"modelspec.prediction_type": "v", "modelspec.resolution": "1024x1024"}
+    inputs = {name: write_checkpoint(tmp_path / f"{name}.safetensors", "sd1", seed=seed,
+                                     metadata={**facts, "modelspec.title": name,
+                                               "modelspec.author": f"author {name}"})
+              for name, seed in (("a", 1), ("b", 2))}
+    inputs["c"] = write_checkpoint(tmp_path / "c.safetensors", "sd1", seed=3,
+                                   metadata={"modelspec.resolution": "512x512"})
+    path = recipe(tmp_path, inputs, "- name: m\n  method: weighted_sum\n  inputs: [a, b]\n",
+                  names=("a", "b"))
+    meta = read_header(next(iter(run_merge(plan_of(path)).values()))).metadata
+    assert meta["modelspec.prediction_type"] == "v"
+    assert meta["modelspec.resolution"] == "1024x1024"
+    assert meta["modelspec.title"] == "m" and "modelspec.author" not in meta
+    inspected = run_cli("inspect", "-v", tmp_path / "out.safetensors")
+    assert "v (modelspec.prediction_type)" in inspected.stdout, inspected.stdout
+    mixed = recipe(tmp_path, inputs, "- name: m\n  method: weighted_sum\n  inputs: [a, c]\n",
+                   names=("a", "c"))
+    plan = build_plan(parse_recipe(mixed.read_text(), mixed), existing="replace")
+    assert ("the inputs disagree on modelspec.prediction_type (a: v, c: not set), so the "
+            "output does not carry it") in plan.notes
+    assert ("the inputs disagree on modelspec.resolution (a: 1024x1024, c: 512x512), so the "
+            "output does not carry it") in plan.notes
+    meta = read_header(next(iter(run_merge(plan).values()))).metadata
+    assert "modelspec.prediction_type" not in meta and "modelspec.resolution" not in meta
+
+
+@pytest.mark.parametrize("name", ["text_encoder_2", "text_encoder_3"])
+def test_flux_t5_is_text_encoder_2_as_diffusers_names_it(tmp_path, name):
+    """FLUX's second text encoder, T5, is diffusers' text_encoder_2; text_encoder_3, what
+    recipes called it before (and merged files still store), keeps working."""
+    inputs = {n: write_checkpoint(tmp_path / f"{n}.safetensors", "flux-dev", seed=seed)
+              for n, seed in (("a", 1), ("b", 2))}
+    path = recipe(tmp_path, inputs, "- name: m\n  method: weighted_sum\n  inputs: [a, b]\n"
+                  f"  params: {{alpha: {{default: 0.5, components: {{{name}: 0}}}}}}\n",
+                  names=("a", "b"))
+    out = merge(path)["m"]
+    a, b = whole(inputs, "a"), whole(inputs, "b")
+    t5 = [k for k in out if k.startswith("text_encoders.t5xxl.")]
+    clip = [k for k in out if k.startswith("text_encoders.clip_l.")]
+    assert t5 and clip
+    for key in t5:
+        torch.testing.assert_close(out[key], a[key])
+    for key in clip:
+        torch.testing.assert_close(out[key], 0.5 * a[key] + 0.5 * b[key])
+
+
+@pytest.mark.parametrize(("variant", "name", "valid"), [
+    ("sd1", "text_encoder_2", "text_encoder_1 (CLIP-L), vae"),
+    ("sdxl", "text_encoder_3", "text_encoder_1 (CLIP-L), text_encoder_2 (CLIP-G), vae"),
+    ("flux-dev", "text_encodr", "text_encoder_1 (CLIP-L), text_encoder_2 (T5-XXL), vae"),
+])
+def test_a_component_the_architecture_lacks_is_refused_with_its_valid_names(tmp_path, variant,
+                                                                           name, valid):
+    inputs = {n: write_checkpoint(tmp_path / f"{n}.safetensors", variant, seed=seed)
+              for n, seed in (("a", 1), ("b", 2))}
+    path = recipe(tmp_path, inputs, "- name: m\n  method: weighted_sum\n  inputs: [a, b]\n"
+                  f"  params: {{alpha: {{components: {{{name}: 0}}}}}}\n", names=("a", "b"))
+    with pytest.raises(UserError) as caught:
+        plan_of(path)
+    message = str(caught.value)
+    assert f"line 9, steps.0.params.alpha.components.{name}: " in message, message
+    assert f"has no component {name!r}; use one of diffusion_model, " in message, message
+    assert valid in message, message
+
+
+def test_values_that_select_no_key_are_noted_by_plan_and_warned_by_merge(tmp_path):
+    """A mistyped key pattern, or a component the files lack (a UNet saved alone has no VAE),
+    would drop its value unsaid."""
+    inputs = {n: write_checkpoint(tmp_path / f"{n}.safetensors", "sd1-unet", seed=seed)
+              for n, seed in (("a", 1), ("b", 2))}
+    path = recipe(tmp_path, inputs, "- name: m\n  method: weighted_sum\n  inputs: [a, b]\n"
+                  "  params:\n    alpha:\n      default: 0.5\n"
+                  "      components: {vae: 0, unet: 0.4}\n"
+                  "      keys: {'*atn2*': 0.77, '*attn2*': 0.2}\n", names=("a", "b"))
+    unused = [f"{path}, line 12, steps.0.params.alpha.components.vae: selects no key of the "
+              "inputs, so its value is never used",
+              f"{path}, line 13, steps.0.params.alpha.keys.*atn2*: selects no key of the "
+              "inputs, so its value is never used"]
+    shown = run_cli("plan", path, "--json")
+    assert shown.returncode == 0, shown.stderr
+    notes = json.loads(shown.stdout)["notes"]
+    assert [n for n in notes if "selects no key" in n] == unused
+    merged = run_cli("merge", path)
+    assert merged.returncode == 0, merged.stderr
+    assert merged.stderr.strip().splitlines() == [f"warning: {u}" for u in unused]

@@ -59,3 +59,32 @@ def test_damaged_recipe_metadata_is_one_sentence(tmp_path, stored):
     assert result.stderr.strip() == (
         f"error: {path}: its mergekit-sd recipe metadata (mergekit_sd.recipe) is damaged, so "
         "no recipe can be extracted from it")
+
+
+def test_extract_refuses_an_existing_file_and_never_replaces_the_merged_file(tmp_path):
+    for name, seed in (("a", 1), ("b", 2)):
+        write_checkpoint(tmp_path / "models" / f"{name}.safetensors", "sd1", seed=seed)
+    (tmp_path / "recipes" / "sub").mkdir(parents=True)
+    (tmp_path / "recipes" / "sub" / "mix.yaml").write_text(
+        RECIPE.replace("  vae: ../../models/vae.safetensors\n", ""))
+    assert run_cli("merge", tmp_path / "recipes" / "sub" / "mix.yaml").returncode == 0
+    merged = tmp_path / "out" / "mix.safetensors"
+    model = merged.read_bytes()
+    other = tmp_path / "models" / "a.safetensors"
+    other_bytes = other.read_bytes()
+    for target in (merged, tmp_path / "out" / ".." / "out" / "mix.safetensors"):
+        for extra in ((), ("--overwrite",)):
+            result = run_cli("recipe", "extract", merged, "-o", target, *extra)
+            assert result.returncode == 2, result.stderr
+            assert result.stderr.strip() == (f"error: -o {target} is the merged file being "
+                                             "read; give the recipe its own name, e.g. -o "
+                                             "recipe.yaml")
+    result = run_cli("recipe", "extract", merged, "-o", other)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == (f"error: {other}: already exists; pass --overwrite to "
+                                     "replace it")
+    assert merged.read_bytes() == model and other.read_bytes() == other_bytes
+    again = tmp_path / "again.yaml"
+    again.write_text("old")
+    assert run_cli("recipe", "extract", merged, "-o", again, "--overwrite").returncode == 0
+    assert "weighted_sum" in again.read_text()

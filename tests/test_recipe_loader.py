@@ -97,3 +97,25 @@ def test_a_block_map_value_that_is_no_number_is_named_by_its_own_field():
                          "output: {path: o.safetensors}\n")
     assert message.startswith("r.yaml, line 3, steps.0.loras.0.blocks.IN*: Input should be a "
                               "valid number"), message
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("version: 1\nmodels:\n  a: a.safetensors\n  b: b.safetensors\nsteps:\n- name: mix\n"
+     "  method: weighted_sum\n  inputs: [a, b]\n  params:\n    alpha: 0.2\n    alpha: 0.8\n"
+     "output: {path: o.safetensors}\n",
+     "r.yaml, line 11, steps.0.params.alpha: is given twice (first on line 10)"),
+    ("version: 1\nmodels:\n  a: a.safetensors\n  a: c.safetensors\n  b: b.safetensors\n"
+     f"{STEPS}output: {{path: o.safetensors}}\n",
+     "r.yaml, line 4, models.a: is given twice (first on line 3)"),
+    ("version: 1\nversion: 1\n", "r.yaml, line 2, version: is given twice (first on line 1)"),
+], ids=["param", "model", "top-level"])
+def test_a_key_given_twice_is_one_sentence_naming_both_lines(text, expected):
+    # PyYAML keeps the last silently: a model or a value the user wrote would be dropped
+    assert problem_of(text) == expected
+
+
+def test_a_merge_key_may_still_be_overridden():
+    loaded = parse_recipe("version: 1\nmodels: {a: a.safetensors, b: b.safetensors}\n"
+                          f"{STEPS}output: {{<<: {{path: o.safetensors, dtype: fp16}}, "
+                          "dtype: fp32}\n")
+    assert loaded.recipe.output.dtype == "fp32"

@@ -35,19 +35,52 @@ PREDICTION_MARKERS = frozenset({"v_pred", "ztsnr", "edm_vpred.sigma_max", "edm_v
 
 TEXT_ENCODER_SLOTS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
-# Recipe-facing groups: a parameter given for "text_encoder" applies to every text encoder slot.
+# Recipe-facing groups every architecture has: "text_encoder" applies to every text encoder.
 COMPONENT_GROUPS: dict[str, tuple[str, ...]] = {
     "diffusion_model": ("diffusion_model",),
     "unet": ("diffusion_model",),
     "transformer": ("diffusion_model",),
     "text_encoder": TEXT_ENCODER_SLOTS,
-    "text_encoder_1": ("text_encoder",),
-    "text_encoder_2": ("text_encoder_2",),
-    "text_encoder_3": ("text_encoder_3",),
     "vae": ("vae",),
     "ema": ("ema",),
     "other": ("other",),
 }
+
+# Each architecture's text encoders as recipes name them, which is how diffusers names them:
+# (recipe name, slot, model). The slots follow the single-file prefixes, so FLUX's T5
+# (`text_encoders.t5xxl.`, as in SD3) sits in slot text_encoder_3, but diffusers, and so our
+# users, call it text_encoder_2; the SDXL refiner's one encoder is diffusers' text_encoder_2.
+_CLIP_L = ("text_encoder_1", "text_encoder", "CLIP-L")
+TEXT_ENCODER_NAMES: dict[str, tuple[tuple[str, str, str], ...]] = {
+    "sd1": (_CLIP_L,),
+    "sd2": (("text_encoder_1", "text_encoder", "OpenCLIP-H"),),
+    "sdxl": (_CLIP_L, ("text_encoder_2", "text_encoder_2", "CLIP-G")),
+    "sdxl-refiner": (("text_encoder_2", "text_encoder", "CLIP-G"),),
+    "sd3": (_CLIP_L, ("text_encoder_2", "text_encoder_2", "CLIP-G"),
+            ("text_encoder_3", "text_encoder_3", "T5-XXL")),
+    "flux": (_CLIP_L, ("text_encoder_2", "text_encoder_3", "T5-XXL")),
+}
+# Names recipes used before, still read (merged files store their recipes, and extracting one
+# must give a recipe that runs): FLUX's T5 was text_encoder_3, the refiner's text_encoder_1.
+_FORMER_NAMES = {"flux": {"text_encoder_3": "text_encoder_3"},
+                 "sdxl-refiner": {"text_encoder_1": "text_encoder"}}
+
+
+def text_encoder_names(arch_id: str, family: str) -> tuple[tuple[str, str, str], ...]:
+    """An architecture's text encoders: (recipe name, slot, model) each."""
+    return TEXT_ENCODER_NAMES.get(arch_id) or TEXT_ENCODER_NAMES.get(family, ())
+
+
+def recipe_components(arch_id: str, family: str) -> tuple[dict[str, tuple[str, ...]], str]:
+    """(component name -> slots, the valid names in words) for recipes of an architecture."""
+    own = text_encoder_names(arch_id, family)
+    groups = dict(COMPONENT_GROUPS)
+    groups.update({name: (slot,) for name, slot, _ in own})
+    former = _FORMER_NAMES.get(arch_id) or _FORMER_NAMES.get(family, {})
+    groups.update({name: (slot,) for name, slot in former.items()})
+    words = ", ".join(["diffusion_model", "unet", "transformer", "text_encoder (all of them)",
+                       *(f"{name} ({model})" for name, _, model in own), "vae", "ema", "other"])
+    return groups, words
 
 
 def slot_of(key: str) -> tuple[str, str]:

@@ -27,6 +27,8 @@ class SafetensorsReader:
     """
 
     def __init__(self, path: str | os.PathLike, header: SafetensorsHeader | None = None):
+        # set first: read_header raises for a bad file, and __del__ then closes what was opened
+        self._fd = -1
         self.path = Path(path)
         self.header = header or read_header(self.path)
         self._fd = os.open(self.path, os.O_RDONLY)

@@ -46,18 +46,30 @@ def partial_path(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
 
 
-def check_output_path(path: Path) -> None:
+def check_output_path(path: Path, overwrite: bool = True) -> None:
     """UserError with one sentence when `path` cannot be written as a file: it is a directory,
-    or a folder it would go into is a file. Called before any work, so a long merge does not
-    end in an error it could have said at the start."""
+    or a folder it would go into is a file, or (unless `overwrite`) it exists. Called before
+    any work, so a long merge does not end in an error it could have said at the start."""
     if path.is_dir():
         raise UserError(f"{path}: is a directory; name the file to write")
+    if not overwrite and (path.exists() or path.is_symlink()):
+        raise UserError(f"{path}: already exists; pass --overwrite to replace it")
     for folder in path.parents:
         if folder.is_dir():
             return
         if folder.exists() or folder.is_symlink():
             raise UserError(f"{path}: its folder {folder} is a file, not a folder; choose "
                             "another output path")
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Whether writing `b` would replace `a`: the same path, or a link to the same file."""
+    try:
+        if a.resolve() == b.resolve():
+            return True
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def make_output_folder(path: Path) -> None:

@@ -26,6 +26,7 @@ from mergekit_sd.errors import UserError
 from mergekit_sd.io.dtypes import SAFETENSORS_DTYPES, torch_dtype
 from mergekit_sd.io.hashing import file_sha256, legacy_model_hash
 from mergekit_sd.io.reader import SafetensorsReader
+from mergekit_sd.io.saturate import Clamped, saturating_cast
 from mergekit_sd.io.writer import StreamingWriter
 from mergekit_sd.merge.plan import (
     CHUNK_ELEMENTS,
@@ -255,8 +256,10 @@ def _check_device(device: str) -> None:
 
 
 def run_merge(plan: MergePlan, device: str = "cpu", progress: ProgressCallback = no_progress,
-              cancel: CancelToken | None = None) -> dict[str, Path]:
-    """Write every candidate of the plan; returns candidate name -> file written."""
+              cancel: CancelToken | None = None, clamped: Clamped | None = None
+              ) -> dict[str, Path]:
+    """Write every candidate of the plan; returns candidate name -> file written. Values
+    beyond the output dtype's range are clamped to it (never ±inf), counted in `clamped`."""
     cancel = cancel or CancelToken()
     _check_device(device)
     inputs = _Inputs(plan, device)
@@ -269,7 +272,7 @@ def run_merge(plan: MergePlan, device: str = "cpu", progress: ProgressCallback =
                 plan.outputs[c.name], specs,
                 merge_metadata(plan, c, hasher.placeholders, hasher.legacy)))
                 for c in plan.candidates}
-            _stream(plan, inputs, writers, stats, progress, cancel)
+            _stream(plan, inputs, writers, stats, progress, cancel, clamped)
             hashes = hasher.result(plan, cancel)
             for cand in plan.candidates:
                 writers[cand.name].rewrite_metadata(
@@ -295,12 +298,12 @@ def _prefetched(items: list[WorkItem], inputs: _Inputs, cancel: CancelToken):
 
 
 def _stream(plan: MergePlan, inputs: _Inputs, writers: dict[str, StreamingWriter], stats: dict,
-            progress: ProgressCallback, cancel: CancelToken) -> None:
+            progress: ProgressCallback, cancel: CancelToken, clamped: Clamped | None) -> None:
     keys_done = 0
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="write") as writer_thread:
         writes: deque[Future] = deque()
         for item, fetched in _prefetched(work_items(plan), inputs, cancel):
-            for job in _results(plan, item, fetched, stats):
+            for job in _results(plan, item, fetched, stats, clamped):
                 writes.append(writer_thread.submit(_write, writers, item, *job))
             while len(writes) > WRITE_BEHIND:
                 writes.popleft().result()
@@ -311,14 +314,14 @@ def _stream(plan: MergePlan, inputs: _Inputs, writers: dict[str, StreamingWriter
             writes.popleft().result()
 
 
-def _results(plan: MergePlan, item: WorkItem, fetched, stats: dict):
+def _results(plan: MergePlan, item: WorkItem, fetched, stats: dict, clamped: Clamped | None):
     """(candidate or None for all, CPU tensor in the output dtype) for one work item."""
     task = item.task
     if not task.merge:
-        yield None, _cast(fetched, task)
+        yield None, _cast(fetched, task, clamped)
         return
     for cand in plan.candidates:
-        yield cand.name, _cast(_evaluate(plan, cand, task, fetched, stats), task)
+        yield cand.name, _cast(_evaluate(plan, cand, task, fetched, stats), task, clamped)
 
 
 def _write(writers: dict[str, StreamingWriter], item: WorkItem, candidate: str | None,
@@ -336,15 +339,19 @@ def _write(writers: dict[str, StreamingWriter], item: WorkItem, candidate: str |
         writer.write_part(item.task.key, item.first * itemsize, raw)
 
 
-def _cast(tensor, task: KeyTask):
+def _cast(tensor, task: KeyTask, clamped: Clamped | None):
+    """The CPU tensor in the output dtype; narrowing clamps instead of making ±inf."""
     dtype = torch_dtype(task.out.dtype)
     if tensor.dtype == dtype and tensor.device.type == "cpu":
         return tensor
-    return tensor.to("cpu").to(dtype) if tensor.is_floating_point() else tensor.to("cpu")
+    tensor = tensor.to("cpu")
+    return saturating_cast(tensor, dtype, task.key, clamped) if tensor.is_floating_point() \
+        else tensor
 
 
 def candidate_tensors(plan: MergePlan, candidate: str, device: str = "cpu",
-                      cancel: CancelToken | None = None) -> Iterator[tuple[str, object]]:
+                      cancel: CancelToken | None = None, clamped: Clamped | None = None
+                      ) -> Iterator[tuple[str, object]]:
     """Yield one candidate's output tensors, key by key in file order, exactly as `run_merge`
     writes them (the same pieces, the same output dtype), without writing a file: rendering
     merges a sweep's candidates straight into a pipeline's memory this way."""
@@ -362,7 +369,7 @@ def candidate_tensors(plan: MergePlan, candidate: str, device: str = "cpu",
         for item, fetched in _prefetched(work_items(plan), inputs, cancel):
             task = item.task
             value = _cast(_evaluate(plan, cand, task, fetched, stats) if task.merge
-                          else fetched, task)
+                          else fetched, task, clamped)
             if item.whole:
                 yield task.key, value
                 continue

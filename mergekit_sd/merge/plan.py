@@ -15,7 +15,8 @@ from mergekit_sd.arch.identify import Identification, identify
 from mergekit_sd.errors import BadModelFile, UserError
 from mergekit_sd.io.dtypes import FLOAT_DTYPES, USER_DTYPES
 from mergekit_sd.io.header import SafetensorsHeader, read_header
-from mergekit_sd.io.writer import TensorSpec, check_output_path
+from mergekit_sd.io.writer import TensorSpec, check_output_path, same_file
+from mergekit_sd.merge.facts import agreed_facts
 from mergekit_sd.merge.registry import MergeMethod, check_params, get_method
 from mergekit_sd.recipe.loader import LoadedRecipe
 from mergekit_sd.recipe.params import (
@@ -96,6 +97,10 @@ class MergePlan:
     vae_keys: dict[str, str] = field(default_factory=dict)  # output key -> key in the VAE file
     notes: list[str] = field(default_factory=list)
     loras: dict[str, PlannedLora] = field(default_factory=dict)  # bake_lora steps' LoRAs
+    # metadata facts (modelspec.prediction_type ...) every input agrees on: the output's too
+    carried: dict[str, str] = field(default_factory=dict)
+    # per-component, per-block and per-key values that select no key (also in notes)
+    unused: list[str] = field(default_factory=list)
 
     @property
     def output_bytes(self) -> int:
@@ -161,7 +166,7 @@ def _open_input(loaded: LoadedRecipe, name: str, resolver: Resolver) -> PlannedI
     try:
         header = read_header(path)
     except BadModelFile as exc:
-        raise loaded.error(loc, exc.problem.replace("is ", f"{path.name} is ", 1)) from None
+        raise loaded.error(loc, f"{path.name}: {exc.problem}") from None
     found = identify(header)
     if found.kind == "lora":
         raise loaded.error(loc, f"{path.name} is a LoRA ({found.label}); bake it with a "
@@ -246,6 +251,32 @@ def _check_values(loaded: LoadedRecipe, loc: tuple, method: MergeMethod,
                 raise loaded.error((*loc, "params", name), str(exc)) from None
 
 
+def _unused_selectors(loaded: LoadedRecipe, steps: list[StepPlan], tasks: list[KeyTask]
+                      ) -> list[str]:
+    """A sentence for each component, block or key pattern of a parameter that selects no key
+    of the inputs (a typo, or a part these files lack): its value would be dropped unsaid."""
+    slots, blocks = {t.slot for t in tasks}, {t.block for t in tasks}
+    said, seen = [], set()
+    for sp in steps:
+        index = loaded.recipe.steps.index(sp.step)
+        for values in sp.params.values():  # per candidate: a sweep has several
+            for name, keyed in values.items():
+                for kind, written, named in keyed.selectors:
+                    loc = ("steps", index, "params", name, kind, written)
+                    if loc in seen:
+                        continue
+                    seen.add(loc)
+                    if kind == "keys":
+                        pattern = next(p for w, p, _ in keyed.by_pattern if w == written)
+                        hit = any(pattern.fullmatch(t.key) for t in tasks)
+                    else:
+                        hit = not (slots if kind == "components" else blocks).isdisjoint(named)
+                    if not hit:
+                        said.append(str(loaded.error(loc, "selects no key of the inputs, so "
+                                                          "its value is never used")))
+    return said
+
+
 def _output_dtype(loaded: LoadedRecipe, source_dtype: str) -> str:
     wanted = loaded.recipe.output.dtype
     if source_dtype not in FLOAT_DTYPES or wanted == "keep":
@@ -254,7 +285,12 @@ def _output_dtype(loaded: LoadedRecipe, source_dtype: str) -> str:
 
 
 def build_plan(loaded: LoadedRecipe, resolver: Resolver | None = None,
-               out: Path | None = None) -> MergePlan:
+               out: Path | None = None, existing: str = "refuse") -> MergePlan:
+    """The plan of `loaded`, from headers alone. `existing` says what to do with output files
+    that exist: "refuse" them (a merge about to write), "replace" them (--overwrite), or only
+    "note" them (a plan shown, or candidates rendered in memory, writes nothing)."""
+    if existing not in ("refuse", "replace", "note"):
+        raise ValueError(f"existing={existing!r}: use 'refuse', 'replace' or 'note'")
     recipe = loaded.recipe
     resolver = resolver or NoResolver()
     order = _model_order(loaded)
@@ -270,24 +306,42 @@ def build_plan(loaded: LoadedRecipe, resolver: Resolver | None = None,
     vae = _open_vae(loaded, resolver) if recipe.output.vae else None
     vae_keys = _fitting_vae_keys(loaded, vae, inputs[order[0]]) if vae else {}
     tasks, notes = _plan_keys(loaded, inputs, order, arch, prefix, vae, vae_keys)
+    carried, disagreements = agreed_facts((n, inputs[n].header.metadata) for n in order)
+    notes.extend(disagreements)
+    unused = _unused_selectors(loaded, steps, tasks)
+    notes.extend(unused)
     loras = _plan_loras(loaded, steps, inputs[order[0]], arch, prefix, resolver)
     read = [*inputs.values(), *loras.values(), *([vae] if vae else [])]
     _refuse_overwriting_inputs(loaded, outputs, read)
+    there = [path for path in outputs.values() if path.exists() or path.is_symlink()]
+    if there and existing == "refuse":  # every output of a sweep checked now, before any work
+        raise UserError(_existing_text(there, "pass --overwrite to replace"))
+    if there and existing == "note":
+        notes.append(_existing_text(there, "merge replaces"))
     baked = {k for sp in steps for k in (*sp.lora_weights, *sp.lora_biases)}
     for task in tasks:
         if task.key in baked:
             task.merge = True  # even with one source: the step changes it
     return MergePlan(loaded, arch, prefix, inputs, order, steps, cands, outputs, tasks, vae,
-                     vae_keys, notes, loras)
+                     vae_keys, notes, loras, carried, unused)
+
+
+def _existing_text(there: list[Path], advice: str) -> str:
+    """"X: already exists; ADVICE it (only with --overwrite)", for one output or several."""
+    only = "" if advice.startswith("pass") else " only with --overwrite"
+    if len(there) == 1:
+        return f"{there[0]}: already exists; {advice} it{only}"
+    return (f"{there[0]} and {len(there) - 1} other output{'s' if len(there) > 2 else ''} "
+            f"already exist; {advice} them{only}")
 
 
 def _refuse_overwriting_inputs(loaded: LoadedRecipe, outputs: dict[str, Path],
                                read: list[PlannedInput | PlannedLora]) -> None:
     """Every file the merge reads (models, LoRAs, the VAE) is read while the outputs are
-    written, and an output replacing one would destroy it."""
+    written, and an output replacing one would destroy it, --overwrite or not."""
     for cand, path in outputs.items():
         for planned in read:
-            if path.resolve() == planned.path.resolve():
+            if same_file(planned.path, path):
                 raise loaded.error(("output", "path"), f"the output {path.name} of {cand} "
                                    f"would overwrite the input {planned.name}")
 
@@ -354,7 +408,7 @@ def _open_vae(loaded: LoadedRecipe, resolver: Resolver) -> PlannedInput:
     try:
         header = read_header(path)
     except BadModelFile as exc:
-        raise loaded.error(loc, exc.problem.replace("is ", f"{path.name} is ", 1)) from None
+        raise loaded.error(loc, f"{path.name}: {exc.problem}") from None
     found = identify(header)
     if not any(c.slot == "vae" for c in found.components):
         raise loaded.error(loc, f"{path.name} is {found.label} and holds no VAE")
@@ -457,6 +511,8 @@ def apply_overrides(loaded: LoadedRecipe, assignments: list[str]) -> None:
             raise UserError(f"--set {assignment!r}: there is no step {step_name!r} "
                             f"(steps: {names})")
         step.params[param] = _override_value(loaded, assignment, step, param, raw)
+        # later checks of this value (method, blocks, sweeps) name the --set, not a line
+        loaded.overrides[("steps", loaded.recipe.steps.index(step), "params", param)] = assignment
 
 
 def _override_value(loaded: LoadedRecipe, assignment: str, step: Step, param: str, raw: str):
@@ -466,9 +522,12 @@ def _override_value(loaded: LoadedRecipe, assignment: str, step: Step, param: st
 
     from mergekit_sd.recipe.loader import describe_validation_error
     from mergekit_sd.recipe.schema import ParamValue
+    from mergekit_sd.yaml_lines import DuplicateKey, UniqueKeyLoader
 
     try:
-        value = yaml.safe_load(raw)
+        value = yaml.load(raw, Loader=UniqueKeyLoader)  # a SafeLoader: no tags that run code
+    except DuplicateKey as exc:
+        raise UserError(f"--set {assignment!r}: {exc.key.value!r} is given twice") from None
     except (yaml.YAMLError, RecursionError):
         raise UserError(f"--set {assignment!r}: {raw!r} is not a plain YAML value; write a number, "
                         "a [list] to sweep or a {mapping}") from None

@@ -1,4 +1,5 @@
-"""What a merged file says about itself: modelspec, AUTOMATIC1111's merge keys, our recipe.
+"""What a merged file says about itself: modelspec (with the facts about the kind of model that
+every input agrees on, `merge.facts`), AUTOMATIC1111's merge keys, our recipe.
 
 The recipe stored under `mergekit_sd.recipe` is canonical (sweeps resolved to the candidate's
 values, inputs pinned by SHA256, relative paths relative to the file's own folder, no output
@@ -142,6 +143,7 @@ def merge_metadata(plan: MergePlan, cand: Candidate, hashes: dict[str, str],
                    legacy: dict[str, str]) -> dict[str, str]:
     recipe = canonical_recipe(plan, cand, hashes)
     return {
+        **plan.carried,  # what kind of model it is, as every input says (prediction type ...)
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": MODELSPEC_ARCHITECTURE.get(plan.arch.id, plan.arch.id),
         "modelspec.title": recipe["output"]["title"],

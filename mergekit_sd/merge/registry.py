@@ -217,7 +217,7 @@ def _parse_number(text: str) -> int | float:
 def _coerce(method: MergeMethod, param: Param, value: Any) -> Any:
     def refuse(wanted: str):
         return BadParam(f"parameter {param.name!r} of merge method {method.name!r} must be "
-                        f"{wanted}, not {value!r} ({type(value).__name__})")
+                        f"{wanted}, not {value!r} ({type(value).__name__}){_as_text(value)}")
 
     if param.kind is bool:
         if not isinstance(value, bool):
@@ -236,6 +236,18 @@ def _coerce(method: MergeMethod, param: Param, value: Any) -> Any:
             raise refuse("an integer")
         return int(value)
     return float(value)
+
+
+def _as_text(value: Any) -> str:
+    """Why a number came as a string: YAML 1.1 reads `1e-3` and `1e400` as text (its floats
+    need a point and a signed exponent), which users of every other syntax do not expect."""
+    if not isinstance(value, str) or not any(c.isdigit() for c in value):  # not "nan"
+        return ""
+    try:
+        float(value)
+    except ValueError:
+        return ""
+    return "; YAML reads that as text: write a point and a signed exponent, e.g. 1.0e-3"
 
 
 def _check_range(method: MergeMethod, param: Param, value: Any) -> None:

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+from mergekit_sd.arch.architectures import Architecture
+from mergekit_sd.arch.components import TEXT_ENCODER_SLOTS, text_encoder_names
 from mergekit_sd.merge.plan import ASSUMED_DISK_BYTES_PER_S, MergePlan
 from mergekit_sd.recipe.params import KeyedValue
 
 
-def _describe(keyed: KeyedValue) -> str:
+def _describe(keyed: KeyedValue, arch: Architecture) -> str:
     parts = [] if keyed.default is None else [f"{keyed.default:g}" if isinstance(
         keyed.default, float) else str(keyed.default)]
     if keyed.by_block:
         parts.append("blocks " + " ".join(f"{b}={v}" for b, v in keyed.by_block.items()))
-    if keyed.by_slot:
-        parts.append("components " + " ".join(f"{s}={v}" for s, v in keyed.by_slot.items()))
+    # slots by the names recipes use for this architecture (FLUX's T5 is text_encoder_2),
+    # leaving out text encoder slots it does not have
+    names = {slot: name for name, slot, _ in text_encoder_names(arch.id, arch.family)}
+    shown = {names.get(s, s): v for s, v in keyed.by_slot.items()
+             if s in names or s not in TEXT_ENCODER_SLOTS}
+    if shown:
+        parts.append("components " + " ".join(f"{s}={v}" for s, v in shown.items()))
     if keyed.by_pattern:
         parts.append("keys " + " ".join(f"{p}={v}" for p, _, v in keyed.by_pattern))
     return "; ".join(parts) or "method default"
@@ -28,7 +35,7 @@ def plan_as_dict(plan: MergePlan) -> dict:
                    for p in plan.inputs.values()],
         "steps": [{"name": sp.step.name, "method": sp.method.name, "formula": sp.method.formula,
                    "inputs": sp.step.inputs,
-                   "params": {c: {p: _describe(v) for p, v in params.items()}
+                   "params": {c: {p: _describe(v, plan.arch) for p, v in params.items()}
                               for c, params in sp.params.items()}}
                   for sp in plan.steps],
         "candidates": {c.name: str(plan.outputs[c.name]) for c in plan.candidates},

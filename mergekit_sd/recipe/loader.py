@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from mergekit_sd.errors import UserError
 from mergekit_sd.recipe.schema import Recipe
 from mergekit_sd.yaml_lines import YamlFileError, dotted, line_of, load_mapping
 
@@ -22,9 +23,16 @@ class LoadedRecipe:
     recipe: Recipe
     path: Path  # the recipe file; relative model paths resolve against its folder
     lines: dict[tuple, int] = field(default_factory=dict)
+    # field path of a parameter a `--set` gave -> that `--set` argument as typed
+    overrides: dict[tuple, str] = field(default_factory=dict)
 
-    def error(self, field_path: tuple, problem: str) -> RecipeError:
-        """A RecipeError for `field_path` (e.g. ("steps", 0, "params", "alpha"))."""
+    def error(self, field_path: tuple, problem: str) -> UserError:
+        """A RecipeError for `field_path` (e.g. ("steps", 0, "params", "alpha")), or, when a
+        `--set` gave that value, an error naming the `--set`: the file has no such line."""
+        for at, assignment in self.overrides.items():
+            if tuple(field_path[:len(at)]) == at:
+                inner = dotted(field_path[len(at):])
+                return UserError(f"--set {assignment!r}: {inner + ': ' if inner else ''}{problem}")
         return RecipeError(self.path, line_of(self.lines, field_path), dotted(field_path),
                            problem)
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mergekit_sd.arch.architectures import Architecture, block_range
-from mergekit_sd.arch.components import COMPONENT_GROUPS
+from mergekit_sd.arch.components import recipe_components
 from mergekit_sd.recipe.schema import ParamSpec, Recipe, Scalar
 
 MakeError = Callable[[tuple, str], Exception]
@@ -54,6 +54,9 @@ class KeyedValue:
     by_block: dict[str, Scalar]
     by_slot: dict[str, Scalar]
     by_pattern: tuple[tuple[str, re.Pattern, Scalar], ...]  # (as written, compiled, value)
+    # (field, name as written, the blocks or slots it names), so that the plan can say which
+    # of them select no key of the inputs: their values would otherwise vanish unsaid
+    selectors: tuple[tuple[str, str, tuple[str, ...]], ...] = ()
 
     @property
     def is_constant(self) -> bool:
@@ -73,21 +76,26 @@ def resolve_param(value: Scalar | ParamSpec, arch: Architecture, loc: tuple,
     """Check a (non-sweep) parameter value against the architecture and make it answer per key."""
     if not isinstance(value, ParamSpec):
         return KeyedValue(value, {}, {}, ())
+    selectors = []
     by_block: dict[str, Scalar] = {}
     for name, v in value.blocks.items():
         try:
-            for block in expand_blocks(name, arch):
-                by_block[block] = v
+            blocks = expand_blocks(name, arch)
         except ValueError as exc:
             raise error((*loc, "blocks", name), str(exc)) from None
+        for block in blocks:
+            by_block[block] = v
+        selectors.append(("blocks", name, tuple(blocks)))
+    groups, valid = recipe_components(arch.id, arch.family)
     by_slot: dict[str, Scalar] = {}
     for name, v in value.components.items():
-        slots = COMPONENT_GROUPS.get(name)
+        slots = groups.get(name)
         if slots is None:
             raise error((*loc, "components", name),
-                        f"unknown component {name!r}; use one of {', '.join(COMPONENT_GROUPS)}")
+                        f"{arch.label} has no component {name!r}; use one of {valid}")
         for slot in slots:
             by_slot[slot] = v
+        selectors.append(("components", name, slots))
     patterns = []
     for pattern, v in value.keys.items():
         try:
@@ -95,8 +103,9 @@ def resolve_param(value: Scalar | ParamSpec, arch: Architecture, loc: tuple,
         except re.error as exc:
             raise error((*loc, "keys", pattern), f"is not a valid regular expression ({exc})"
                         ) from None
+        selectors.append(("keys", pattern, ()))
     default = value.default
-    return KeyedValue(default, by_block, by_slot, tuple(patterns))
+    return KeyedValue(default, by_block, by_slot, tuple(patterns), tuple(selectors))
 
 
 @dataclass(frozen=True)

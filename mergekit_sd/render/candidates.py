@@ -57,7 +57,7 @@ def recipe_candidates(path: Path, resolver: Resolver | None,
 
     loaded = load_recipe(path)
     apply_overrides(loaded, assignments or [])
-    plan = build_plan(loaded, resolver=resolver)
+    plan = build_plan(loaded, resolver=resolver, existing="note")  # merged in memory only
     first = plan.inputs[plan.model_order[0]]
     shapes = {task.key: task.out.shape for task in plan.tasks}
     found = []
