@@ -309,8 +309,8 @@ class Downloader:
             try:
                 read_header(partial)
             except BadModelFile as exc:
-                raise BadDownload(f"{name}: {exc.problem.replace('is ', 'the download is ', 1)}"
-                                  "; nothing was kept") from None
+                raise BadDownload(f"{name}: {_download_problem(exc.problem)}; nothing was "
+                                  "kept") from None
         target = request.folder / name
         if (there := self._already_there(target, request, hashes)):
             _remove(partial, resume_path)
@@ -379,6 +379,14 @@ def _with_model_suffix(name: str, first: bytes) -> str:
         return name
     length = int.from_bytes(first[:8], "little") if len(first) >= 9 else 0
     return f"{name}.safetensors" if first[8:9] == b"{" and length > 1 else name
+
+
+def _download_problem(problem: str) -> str:
+    """A header problem said of the download: the reader words most as what the file is, has
+    or declares; the rest (a tensor's entry) follow a plain statement."""
+    if problem.startswith(("is ", "has ", "declares ")):
+        return f"the download {problem}"
+    return f"the download is not a valid safetensors file: {problem}"
 
 
 def _body_problem(first: bytes, name: str, total: int | None) -> str | None:

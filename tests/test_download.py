@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, raw_safetensors
 from fakes.civitai import FakeCivitai, FakeFile
 from fakes.env import big_safetensors, cli_env, settings_for
 from fakes.files import FileHost
@@ -184,6 +184,22 @@ def test_error_bodies_are_never_kept_as_models(tmp_path, host, http, content_typ
     host.put("m.safetensors", body, content_type)
     with pytest.raises(BadDownload, match="nothing was kept"):
         Downloader(http).fetch(request_for(host, "m.safetensors", tmp_path / "dl"))
+    assert leftovers(tmp_path / "dl") == []
+
+
+@pytest.mark.parametrize("entries, data, said", [
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+      "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12,
+     "the download is not a valid safetensors file: tensor 'b' overlaps the tensor before it"),
+    ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8,
+     "the download is truncated: "),
+])
+def test_a_download_with_a_bad_header_is_said_whole(tmp_path, host, http, entries, data, said):
+    host.put("m.safetensors", raw_safetensors(entries, data))
+    with pytest.raises(BadDownload) as refused:
+        Downloader(http).fetch(request_for(host, "m.safetensors", tmp_path / "dl"))
+    assert str(refused.value).startswith(f"m.safetensors: {said}"), str(refused.value)
+    assert str(refused.value).endswith("; nothing was kept")
     assert leftovers(tmp_path / "dl") == []
 
 
