@@ -18,6 +18,7 @@ from mergekit_sd.errors import UserError
 SORTS = {"name": "name COLLATE NOCASE", "size": "size DESC", "date": "first_seen DESC",
          "rating": "rating DESC, favourite DESC", "kind": "kind, name COLLATE NOCASE",
          "arch": "architecture, name COLLATE NOCASE", "path": "path"}
+_MAX_ID = 2**63 - 1  # SQLite's largest integer
 
 
 @dataclass
@@ -119,7 +120,10 @@ def find_entry(store: Store, ref: str) -> Entry:
 def _matching_ids(store: Store, ref: str) -> list[int]:
     db = store.db
     bare = ref.removeprefix("#")
-    if bare.isdigit() and not ref.startswith(("sha256:", "catalog:")):
+    # ASCII digits only: str.isdigit() is true of '²' and '٣', which int() refuses or reads
+    # as another number; ids beyond SQLite's 64-bit integers cannot exist (a name, then)
+    if (bare.isascii() and bare.isdigit() and int(bare) <= _MAX_ID
+            and not ref.startswith(("sha256:", "catalog:"))):
         row = db.execute("SELECT id FROM files WHERE id = ?", (int(bare),)).fetchone()
         if row:
             return [row[0]]

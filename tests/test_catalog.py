@@ -703,6 +703,25 @@ def test_find_entry_of_something_unknown_is_a_user_error(library):
         find_entry(library.store, "sha256:xyzxyzxyzxyz")
 
 
+def test_refs_of_digits_that_are_no_id_are_unmatched_names_not_crashes(library):
+    # past SQLite's 64-bit integers, and digits int() refuses or reads as another number
+    third = find_entry(library.store, "#3")
+    for ref in ("99999999999999999999999", "#99999999999999999999999", "²", "#²", "#٣"):
+        with pytest.raises(UserError, match="no catalog entry matches"):
+            find_entry(library.store, ref)
+    # a file named with such digits is found by its name
+    put(library.files["vae"], library.root / "models" / "VAE" / "٣.safetensors")
+    scan(library.store, jobs=1)
+    assert find_entry(library.store, "٣").id not in (third.id, None)
+
+
+def test_cli_show_of_an_impossible_id_is_one_line(tmp_path):
+    catalog = tmp_path / "c.sqlite"
+    for ref in ("99999999999999999999999", "#²"):
+        assert f"{ref!r}: no catalog entry matches" in one_line_error(
+            catalog_cli(catalog, "show", ref))
+
+
 def test_sha256_ref_of_a_file_with_an_identical_copy_resolves(tmp_path, store, tiny):
     put(tiny["lora"], tmp_path / "loras" / "mychar.safetensors")
     put(tiny["lora"], tmp_path / "loras" / "backup" / "mychar-copy.safetensors")
