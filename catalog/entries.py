@@ -19,6 +19,9 @@ SORTS = {"name": "name COLLATE NOCASE", "size": "size DESC", "date": "first_seen
          "rating": "rating DESC, favourite DESC", "kind": "kind, name COLLATE NOCASE",
          "arch": "architecture, name COLLATE NOCASE", "path": "path"}
 _MAX_ID = 2**63 - 1  # SQLite's largest integer
+# what identification calls a file, and what a scan says of one
+KINDS = ("checkpoint", "diffusion_model", "lora", "vae", "text_encoder", "embedding", "unknown")
+STATUSES = ("ok", "missing", "truncated", "invalid", "unreadable")
 
 
 @dataclass
@@ -171,13 +174,32 @@ class Filters:
     sort: str = "name"
     limit: int | None = None
 
+    def narrowing(self) -> bool:
+        """Whether any filter leaves entries out (an empty answer is then no sign of an
+        empty catalog)."""
+        return bool(self.kind or self.architecture or self.base_model or self.tags
+                    or self.search or self.status or self.favourite)
+
+
+def _choice(option: str, value: str, choices: tuple[str, ...]) -> str:
+    """`value` as one of `choices`, whatever its case; UserError naming them all if not."""
+    folded = value.strip().lower()
+    if folded not in choices:
+        raise UserError(f"{option} {value!r}: choose one of {', '.join(choices)}")
+    return folded
+
 
 def list_entries(store: Store, filters: Filters) -> list[Entry]:
     if filters.sort not in SORTS:
         raise UserError(f"--sort {filters.sort!r}: choose one of {', '.join(SORTS)}")
+    if filters.limit is not None and filters.limit < 1:
+        raise UserError(f"--limit {filters.limit}: give 1 or more (leave it out to list every "
+                        "entry)")
+    kind = _choice("--kind", filters.kind, KINDS) if filters.kind else None
+    status = _choice("--status", filters.status, STATUSES) if filters.status else None
     where, args = [], []
-    for column, value in (("kind", filters.kind), ("architecture", filters.architecture),
-                          ("status", filters.status)):
+    for column, value in (("kind", kind), ("architecture", filters.architecture),
+                          ("status", status)):
         if value:
             where.append(f"{column} = ?")
             args.append(value)
@@ -199,7 +221,7 @@ def list_entries(store: Store, filters: Filters) -> list[Entry]:
     if where:
         sql += " WHERE " + " AND ".join(where)
     sql += f" ORDER BY {SORTS[filters.sort]}, id"
-    if filters.limit:
+    if filters.limit is not None:
         sql += f" LIMIT {int(filters.limit)}"
     rows = store.db.execute(sql, args).fetchall()
     tags = _tags_of(store.db, [r["id"] for r in rows]) if rows else {}

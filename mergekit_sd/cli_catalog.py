@@ -101,15 +101,16 @@ def scan_roots(
 
 @catalog_app.command("list")
 def list_command(
-    kind: str = typer.Option(None, help="checkpoint, lora, vae, embedding, diffusion_model ..."),
+    kind: str = typer.Option(None, help="checkpoint, diffusion_model, lora, vae, text_encoder, "
+                             "embedding or unknown."),
     arch: str = typer.Option(None, help="Architecture id or alias (sd1, sdxl, flux-dev ...)."),
     base: str = typer.Option(None, help="Base model label (SDXL 1.0, Pony, Illustrious ...)."),
     tag: list[str] = typer.Option([], help="Only entries with this tag (repeatable)."),
     search: str = typer.Option(None, help="Text in the name, path, trigger words or notes."),
-    status: str = typer.Option(None, help="ok, missing, truncated or invalid."),
+    status: str = typer.Option(None, help="ok, missing, truncated, invalid or unreadable."),
     favourites: bool = typer.Option(False, "--favourites", help="Only favourites."),
     sort: str = typer.Option("name", help="name, size, date, rating, kind, arch or path."),
-    limit: int = typer.Option(None, help="At most this many entries."),
+    limit: int = typer.Option(None, help="At most this many entries (1 or more)."),
     as_json: AsJson = False,
     catalog: CatalogOption = None,
 ) -> None:
@@ -119,12 +120,12 @@ def list_command(
 
     architecture = _architecture_id(arch) if arch else None
     with open_store(catalog) as store:
-        entries = list_entries(store, Filters(kind, architecture, base, tag, search, status,
-                                              favourites, sort, limit))
+        filters = Filters(kind, architecture, base, tag, search, status, favourites, sort, limit)
+        entries = list_entries(store, filters)
     if as_json:
         _print_json([e.to_dict() for e in entries])
     else:
-        show_list(entries)
+        show_list(entries, filtered=filters.narrowing())
 
 
 def _architecture_id(name: str) -> str:

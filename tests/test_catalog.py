@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sqlite3
 import struct
@@ -742,7 +743,37 @@ def test_list_filters_by_kind_architecture_and_base_model(library):
     assert names(list_entries(store, Filters(base_model="sd 1.5"))) == [
         "base15", "emb", "mychar"]
     assert names(list_entries(store, Filters(kind="lora", architecture="sd1"))) == ["mychar"]
-    assert names(list_entries(store, Filters(kind="unet"))) == []
+    assert names(list_entries(store, Filters(kind="vae"))) == ["vae"]
+
+
+def test_list_filters_are_checked_and_take_any_case(library):
+    store = library.store
+    assert names(list_entries(store, Filters(kind="LoRA"))) == ["mychar", "xlstyle"]
+    assert names(list_entries(store, Filters(status="OK"))) == sorted(WEBUI_FILES)
+    for filters, sentence in (
+            (Filters(kind="unet"), "--kind 'unet': choose one of checkpoint, diffusion_model, "
+                                   "lora, vae, text_encoder, embedding, unknown"),
+            (Filters(status="bogus"), "--status 'bogus': choose one of ok, missing, truncated, "
+                                      "invalid, unreadable"),
+            (Filters(limit=0), "--limit 0: give 1 or more (leave it out to list every entry)"),
+            (Filters(limit=-3), "--limit -3: give 1 or more")):
+        with pytest.raises(UserError, match=re.escape(sentence)):
+            list_entries(store, filters)
+
+
+def test_cli_list_refuses_unknown_filter_values_and_an_empty_answer_is_not_a_scan_hint(
+        tmp_path, tiny):
+    catalog = tmp_path / "c.sqlite"
+    assert catalog_cli(catalog, "list").stdout.startswith("no entries yet; `mergekit-sd "
+                                                          "catalog scan`")
+    assert one_line_error(catalog_cli(catalog, "list", "--status", "bogus")) == (
+        "error: --status 'bogus': choose one of ok, missing, truncated, invalid, unreadable")
+    assert "--limit 0: give 1 or more" in one_line_error(catalog_cli(catalog, "list",
+                                                                     "--limit", "0"))
+    put(tiny["lora"], tmp_path / "loras" / "a.safetensors")
+    catalog_cli(catalog, "add-root", tmp_path / "loras", "--scan")
+    assert catalog_cli(catalog, "list", "--kind", "vae").stdout == (
+        "no entries match these filters\n")
 
 
 def test_list_filters_by_tags_text_status_and_favourites(library):
