@@ -212,11 +212,14 @@ def list_entries(store: Store, filters: Filters) -> list[Entry]:
         where.append("id IN (SELECT file_id FROM tags WHERE tag = ?)")
         args.append(tag)
     if filters.search:
-        # one case-insensitive substring search over what people remember a model by
-        where.append("(instr(casefold(name), ?) OR instr(casefold(path), ?) OR "
-                     "instr(casefold(trigger_words), ?) OR instr(casefold(notes), ?) OR "
-                     "instr(casefold(coalesce(label, '')), ?))")
-        args.extend([filters.search.casefold()] * 5)
+        # one case-insensitive substring search over what people remember a model by: also
+        # the Civitai model and version names and the web UI's notes that `show` displays
+        # (json_extract gives the text itself; the stored JSON escapes non-ASCII letters)
+        texts = ["name", "path", "trigger_words", "notes", "coalesce(label, '')",
+                 *(f"coalesce(json_extract(details, '$.sidecar.{key}'), '')"
+                   for key in ("model_name", "version_name", "notes"))]
+        where.append("(" + " OR ".join(f"instr(casefold({t}), ?)" for t in texts) + ")")
+        args.extend([filters.search.casefold()] * len(texts))
     sql = f"SELECT {_COLUMNS} FROM files"
     if where:
         sql += " WHERE " + " AND ".join(where)

@@ -106,7 +106,8 @@ def list_command(
     arch: str = typer.Option(None, help="Architecture id or alias (sd1, sdxl, flux-dev ...)."),
     base: str = typer.Option(None, help="Base model label (SDXL 1.0, Pony, Illustrious ...)."),
     tag: list[str] = typer.Option([], help="Only entries with this tag (repeatable)."),
-    search: str = typer.Option(None, help="Text in the name, path, trigger words or notes."),
+    search: str = typer.Option(None, help="Text in the name, path, trigger words, notes (yours "
+                               "or the web UI's) or Civitai model and version name."),
     status: str = typer.Option(None, help="ok, missing, truncated, invalid or unreadable."),
     favourites: bool = typer.Option(False, "--favourites", help="Only favourites."),
     sort: str = typer.Option("name", help="name, size, date, rating, kind, arch or path."),

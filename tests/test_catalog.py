@@ -803,6 +803,23 @@ def test_search_finds_non_ascii_trigger_words(tmp_path, store, tiny):
     assert names(list_entries(store, Filters(search="café"))) == ["neko"]
 
 
+def test_search_finds_sidecar_model_names_and_web_ui_notes(tmp_path, store, tiny):
+    loras = tmp_path / "webui" / "models" / "Lora"
+    put(tiny["lora"], loras / "ponystyle.safetensors")
+    (loras / "ponystyle.civitai.info").write_text(json.dumps(
+        {**CIVITAI, "name": "v2 Ünïcode", "model": {"name": "Pony Style", "type": "LORA"}}))
+    put(tiny["lora"], loras / "a1.safetensors")
+    (loras / "a1.json").write_text(json.dumps({**A1111, "notes": "from a1111"}))
+    put(tiny["lora"], loras / "sm.safetensors")
+    (loras / "sm.cm-info.json").write_text(json.dumps(STABILITY))
+    add_root(store, tmp_path / "webui")
+    scan(store, jobs=1)
+    for text, found in (("pony style", ["ponystyle"]), ("ünïcode", ["ponystyle"]),
+                        ("FROM A1111", ["a1"]), ("SM Char", ["sm"]), ("sm-v2", ["sm"]),
+                        ("version_name", [])):
+        assert names(list_entries(store, Filters(search=text))) == found, text
+
+
 def test_list_sorts_and_limits(library):
     store = library.store
     by_size = sorted(WEBUI_FILES, key=lambda n: (-library.files[n].stat().st_size, n))
