@@ -94,7 +94,12 @@ def scan_roots(
     with open_store(catalog) as store:
         root_ids = root_ids_for(store, paths) if paths else None
         if not store.db.execute("SELECT 1 FROM roots").fetchone():
-            typer.echo("no roots yet; add one with `mergekit-sd catalog add-root PATH`")
+            if as_json:  # a script parsing the answer gets a document, also of nothing done
+                from catalog.scan import ScanReport
+
+                _print_json({"scan": ScanReport().to_dict(), "hash": None})
+            else:
+                typer.echo("no roots yet; add one with `mergekit-sd catalog add-root PATH`")
             return
         _run_scan(store, root_ids, hash_files, jobs, sequential, as_json)
 

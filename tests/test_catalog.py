@@ -1213,6 +1213,10 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path):
     empty = catalog_cli(catalog, "scan")
     assert (empty.returncode, empty.stdout.strip()) == (
         0, "no roots yet; add one with `mergekit-sd catalog add-root PATH`")
+    empty = catalog_cli(catalog, "scan", "--json", "--hash")
+    assert empty.returncode == 0
+    doc = json.loads(empty.stdout)
+    assert (doc["hash"], doc["scan"]["roots"], doc["scan"]["seen"]) == (None, [], 0)
     line = one_line_error(catalog_cli(catalog, "list", "--arch", "bogus"))
     assert line.startswith("error: --arch 'bogus': unknown architecture 'bogus'"), line
     assert '"' not in line
