@@ -243,38 +243,31 @@ def _source_ids(sidecar: SidecarFacts) -> dict:
 
 
 # A file seen before keeps its user data (tags, notes, rating) and, while it is the same file
-# (device, inode, size, mtime), its hashes.
-_SAME_FILE = ("files.device IS excluded.device AND files.inode IS excluded.inode AND "
-              "files.size = excluded.size AND files.mtime_ns = excluded.mtime_ns")
-_UPSERT = """INSERT INTO files (path, root_id, folder_kind, name, status, problem, device,
-        inode, size, mtime_ns, kind, architecture, base_model, label, layout, dtype, parameters,
-        lora_format, lora_rank, trigger_words, details, sidecars, preview, source,
-        source_ids, first_seen, last_seen, updated_at)
-    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,
-            ?, ?)
-    ON CONFLICT(path) DO UPDATE SET
-        -- a file under two roots (one inside the other) stays with the first
-        root_id = coalesce(files.root_id, excluded.root_id),
-        folder_kind = coalesce(files.folder_kind, excluded.folder_kind),
-        -- hashes of the file as it was are not the file's any more
-        sha256 = CASE WHEN {same} THEN files.sha256 END,
-        autov1 = CASE WHEN {same} THEN files.autov1 END,
-        autov3 = CASE WHEN {same} THEN files.autov3 END,
-        crc32 = CASE WHEN {same} THEN files.crc32 END,
-        hash_key = CASE WHEN {same} THEN files.hash_key END,
-        status = excluded.status, problem = excluded.problem, device = excluded.device,
-        inode = excluded.inode, size = excluded.size, mtime_ns = excluded.mtime_ns,
-        kind = excluded.kind, architecture = excluded.architecture,
-        base_model = excluded.base_model, label = excluded.label,
-        layout = excluded.layout, dtype = excluded.dtype,
-        parameters = excluded.parameters, lora_format = excluded.lora_format,
-        lora_rank = excluded.lora_rank, trigger_words = excluded.trigger_words,
-        details = excluded.details, sidecars = excluded.sidecars,
-        preview = excluded.preview,
-        source = CASE WHEN files.source = 'local' THEN excluded.source ELSE files.source END,
-        source_ids = json_patch(files.source_ids, excluded.source_ids),
-        last_seen = excluded.last_seen, updated_at = excluded.updated_at
-    RETURNING id""".replace("{same}", _SAME_FILE)
+# (device, inode, size, mtime), its hashes. An UPDATE, then an INSERT only for a new path: an
+# INSERT ... ON CONFLICT DO UPDATE would use up an AUTOINCREMENT id every time it updates.
+_COLUMNS = ("path", "root_id", "folder_kind", "name", "status", "problem", "device", "inode",
+            "size", "mtime_ns", "kind", "architecture", "base_model", "label", "layout", "dtype",
+            "parameters", "lora_format", "lora_rank", "trigger_words", "details", "sidecars",
+            "preview", "source", "source_ids", "first_seen", "last_seen", "updated_at")
+_SAME_FILE = ("device IS :device AND inode IS :inode AND size = :size AND "
+              "mtime_ns = :mtime_ns")
+_REPLACED = ("status", "problem", "device", "inode", "size", "mtime_ns", "kind", "architecture",
+             "base_model", "label", "layout", "dtype", "parameters", "lora_format", "lora_rank",
+             "trigger_words", "details", "sidecars", "preview", "last_seen", "updated_at")
+_UPDATE = ("UPDATE files SET "
+           # a file under two roots (one inside the other) stays with the first
+           "root_id = coalesce(root_id, :root_id), "
+           "folder_kind = coalesce(folder_kind, :folder_kind), "
+           # (every expression reads the row as it was) hashes of the file as it was are not
+           # the file's any more
+           + "".join(f"{h} = CASE WHEN {_SAME_FILE} THEN {h} END, "
+                     for h in ("sha256", "autov1", "autov3", "crc32", "hash_key"))
+           + "".join(f"{c} = :{c}, " for c in _REPLACED)
+           + "source = CASE WHEN source = 'local' THEN :source ELSE source END, "
+           "source_ids = json_patch(source_ids, :source_ids) "
+           "WHERE path = :path RETURNING id")
+_INSERT = (f"INSERT INTO files ({', '.join(_COLUMNS)}) "
+           f"VALUES ({', '.join(':' + c for c in _COLUMNS)}) RETURNING id")
 
 
 def _upsert(db, root_id: int, file: FoundFile, facts: FileFacts,
@@ -289,14 +282,15 @@ def _upsert(db, root_id: int, file: FoundFile, facts: FileFacts,
     merged = merged_columns(header, sidecar)
     ids = _source_ids(sidecar)
     now = time.time()
-    row = db.execute(_UPSERT,
-        (str(file.path), root_id, file.folder_kind, _stem(file.path), facts.status,
-         facts.problem, file.device, file.inode, file.size, file.mtime_ns, facts.kind,
-         facts.architecture, merged["base_model"], facts.label, facts.layout, facts.dtype,
-         facts.parameters, facts.lora_format, facts.lora_rank, merged["trigger_words"],
-         json.dumps(details), signature(file.sidecars), merged["preview"],
-         "civitai" if ids else "local", json.dumps(ids), now, now, now),
-    ).fetchone()
+    values = dict(zip(_COLUMNS, (
+        str(file.path), root_id, file.folder_kind, _stem(file.path), facts.status,
+        facts.problem, file.device, file.inode, file.size, file.mtime_ns, facts.kind,
+        facts.architecture, merged["base_model"], facts.label, facts.layout, facts.dtype,
+        facts.parameters, facts.lora_format, facts.lora_rank, merged["trigger_words"],
+        json.dumps(details), signature(file.sidecars), merged["preview"],
+        "civitai" if ids else "local", json.dumps(ids), now, now, now), strict=True))
+    row = (db.execute(_UPDATE, values).fetchone()
+           or db.execute(_INSERT, values).fetchone())
     file_id = row[0]
     db.execute("DELETE FROM parents WHERE file_id = ?", (file_id,))
     db.executemany("INSERT OR IGNORE INTO parents (file_id, ref_kind, ref, name, role) "

@@ -1255,6 +1255,55 @@ def test_a_damaged_or_foreign_database_is_one_sentence_and_left_as_it_is(tmp_pat
         assert foreign.read_bytes() == before
 
 
+def test_an_entry_id_is_never_given_to_another_file(tmp_path, store, tiny):
+    files = webui(tmp_path / "webui", tiny)
+    add_root(store, tmp_path / "webui")
+    scan(store, jobs=1)
+    last = max(e.id for e in list_entries(store, Filters()))
+    remove(store, get_entry(store, last), delete_file=True)
+    put(tiny["sdxl"], files["base15"].with_name("other-model.safetensors"))
+    scan(store, jobs=1)
+    assert find_entry(store, "other-model").id == last + 1
+    with pytest.raises(UserError, match=f"#{last}"):
+        find_entry(store, f"#{last}")
+
+
+def test_a_version_1_catalog_is_upgraded_keeping_ids_tags_and_notes(tmp_path, tiny):
+    """A catalog written before ids were kept unique: version 1's schema, entries #1 and #5
+    (#2-#4 deleted), #5 tagged and noted."""
+    from catalog.store import _SCHEMA_V1
+
+    loras = tmp_path / "loras"
+    first = put(tiny["lora"], loras / "first.safetensors")
+    fifth = put(tiny["lora_xl"], loras / "fifth.safetensors")
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(_SCHEMA_V1)
+    db.execute("INSERT INTO roots (id, path, layout, added_at) VALUES (1, ?, 'plain', 0)",
+               (str(loras),))
+    for file_id, file in ((1, first), (5, fifth)):
+        db.execute("INSERT INTO files (id, path, root_id, name, status, size, mtime_ns, "
+                   "first_seen, last_seen, updated_at) VALUES (?, ?, 1, ?, 'ok', 1, 1, 0, 0, 0)",
+                   (file_id, str(file), file.stem))
+    db.execute("UPDATE files SET notes = 'keep me' WHERE id = 5")
+    db.execute("INSERT INTO tags (file_id, tag) VALUES (5, 'style')")
+    db.execute("PRAGMA user_version = 1")
+    db.commit()
+    db.close()
+    with Store.open(path) as store:
+        assert store.db.execute("PRAGMA user_version").fetchone()[0] == 2
+        scan(store, jobs=1)  # device and inode differ from the rows: both read again, in place
+        kept = find_entry(store, "fifth")
+        assert (kept.id, kept.tags, kept.notes, kept.kind) == (5, ["style"], "keep me", "lora")
+        assert find_entry(store, "first").id == 1
+        remove(store, kept, delete_file=True)
+        put(tiny["lora"], loras / "newer.safetensors")
+        scan(store, jobs=1)
+        assert find_entry(store, "newer").id == 6
+    with Store.open(path) as store:  # opened again: nothing more to migrate
+        assert [e.id for e in list_entries(store, Filters())] == [1, 6]
+
+
 def test_help_lists_every_command_and_the_catalog_group_is_built_on_use():
     top = run_cli("--help")
     assert top.returncode == 0
