@@ -24,7 +24,7 @@ from catalog.moves import adopt, present_twin
 from catalog.sidecars import SidecarFacts, read_sidecars, sidecar_paths, signature
 from catalog.store import Store
 from catalog.walk import FoundFile, walk
-from mergekit_sd.errors import Cancelled
+from mergekit_sd.errors import Cancelled, UserError
 from mergekit_sd.progress import CancelToken, ProgressCallback, no_progress
 
 BATCH = 250  # rows per transaction
@@ -80,7 +80,12 @@ def _scan_root(store: Store, root_id: int, root: Path, jobs: int, report: ScanRe
                                "its files are marked missing")
         _mark_missing(store, [r for r in existing.values() if r["status"] != "missing"], report)
         return
-    found = walk(detect_layout(root).folders)
+    try:
+        layout = detect_layout(root, report.problems)
+    except UserError as exc:  # gone or replaced since the check above: one root's problem
+        report.problems.append(f"{exc}; skipped")
+        return
+    found = walk(layout.folders)
     report.problems.extend(found.problems)
     report.partial += found.partial
     report.seen += len(found.files)
@@ -304,7 +309,9 @@ def scan_file(store: Store, root_id: int, path: Path) -> int:
     returns its entry id."""
     st = path.stat()
     root = Path(store.db.execute("SELECT path FROM roots WHERE id = ?", (root_id,)).fetchone()[0])
-    kinds = [(f.path, f.kind) for f in detect_layout(root).folders if path.is_relative_to(f.path)]
+    # a download is recorded even where the root's extra_model_paths.yaml is broken
+    kinds = [(f.path, f.kind) for f in detect_layout(root, problems=[]).folders
+             if path.is_relative_to(f.path)]
     folder_kind = max(kinds, key=lambda item: len(item[0].parts))[1] if kinds else None
     file = FoundFile(path, folder_kind, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
                      sidecar_paths(path))

@@ -216,6 +216,22 @@ def test_bad_extra_model_paths_yaml_is_a_user_error(tmp_path):
         detect_layout(tmp_path)
 
 
+def test_a_broken_extra_model_paths_yaml_is_a_note_and_the_other_roots_are_scanned(
+        tmp_path, store, tiny):
+    comfy = tmp_path / "ComfyUI"
+    put(tiny["lora"], comfy / "models" / "loras" / "comfy-lora.safetensors")
+    (comfy / "extra_model_paths.yaml").write_text("a111:\n    base_path: ../webui\n")
+    add_root(store, comfy)
+    webui(tmp_path / "webui", tiny)
+    add_root(store, tmp_path / "webui")
+    (comfy / "extra_model_paths.yaml").write_text("a111:\n    base_path: [unclosed\n")
+    report = scan(store, jobs=1)
+    assert report.problems == [
+        f"{comfy / 'extra_model_paths.yaml'}: cannot read it as YAML (ParserError); fix the "
+        "file or add the model folders as roots one by one; scanned ComfyUI's own folders only"]
+    assert sorted(names(list_entries(store, Filters()))) == sorted([*WEBUI_FILES, "comfy-lora"])
+
+
 # --- scanning --------------------------------------------------------------------------------
 
 
