@@ -13,6 +13,7 @@ from pathlib import Path
 from catalog.entries import Entry
 from catalog.layouts import RootLayout, detect_layout
 from catalog.store import Store
+from catalog.walk import is_utf8, shown
 from mergekit_sd.errors import UserError
 
 MAX_RATING = 5
@@ -21,6 +22,9 @@ MAX_RATING = 5
 def add_root(store: Store, path: Path) -> tuple[int, RootLayout]:
     """Register a folder to scan; adding it again just reports its layout."""
     root = Path(os.path.abspath(path.expanduser()))
+    if not is_utf8(str(root)):
+        raise UserError(f"{shown(root)}: its name is not valid UTF-8; rename the folder to add "
+                        "it")
     layout = detect_layout(root)
     with store.write() as db:
         db.execute("INSERT INTO roots (path, layout, added_at) VALUES (?, ?, ?) "

@@ -3,7 +3,9 @@
 Symbolic links are followed (people link model folders between UIs), each real folder is
 walked once (a link loop is reported, not followed forever), broken links and unreadable
 folders are reported and skipped, and so are files that are not regular (a FIFO would block the
-first read forever); half-downloaded files and hidden files are skipped.
+first read forever); half-downloaded files and hidden files are skipped. A name that is not
+valid UTF-8 (copied from a Windows disk or a zip made with another encoding) is reported and
+skipped: the catalog, and the JSON and recipes that name paths, hold text.
 """
 
 from __future__ import annotations
@@ -75,12 +77,13 @@ def _walk_folder(folder: ModelFolder, result: WalkResult, visited: set[tuple[int
         names = {e.name for e in entries}
         subfolders = []
         for entry in entries:
+            if not is_utf8(entry.name):
+                if entry.name.lower().endswith(MODEL_SUFFIXES) or _is_dir(entry):
+                    result.problems.append(f"{shown(entry.path)}: its name is not valid UTF-8; "
+                                           "skipped (rename it to scan it)")
+                continue
             lower = entry.name.lower()
-            try:
-                is_dir = entry.is_dir()
-            except OSError:
-                is_dir = False
-            if is_dir:
+            if _is_dir(entry):
                 subfolders.append(Path(entry.path))
                 continue
             if lower.endswith(PARTIAL_SUFFIXES):
@@ -104,3 +107,25 @@ def _walk_folder(folder: ModelFolder, result: WalkResult, visited: set[tuple[int
                                           info.st_size, info.st_mtime_ns,
                                           sidecar_paths(path, names)))
         stack.extend(sorted(subfolders, reverse=True))
+
+
+def is_utf8(name: str) -> bool:
+    """Whether a name from the OS is valid UTF-8 (Python keeps the other bytes as lone
+    surrogates, which SQLite and JSON encoders refuse)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def shown(path: str | os.PathLike) -> str:
+    """A path for a message: bytes that are not UTF-8 written as \\xNN."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False

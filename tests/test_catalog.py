@@ -358,6 +358,38 @@ def test_broken_links_and_link_loops_are_reported_and_the_scan_goes_on(tmp_path,
     assert names(list_entries(store, Filters())) == ["real"]
 
 
+def test_names_that_are_not_utf8_are_reported_and_the_rest_is_scanned(tmp_path, store, tiny):
+    odd = tmp_path / "odd"
+    for i in range(9):
+        put(tiny["emb"], odd / f"good{i}.safetensors")
+    put(tiny["emb"], Path(os.fsdecode(bytes(odd) + b"/bad\xff.safetensors")))
+    put(tiny["emb"], Path(os.fsdecode(bytes(odd) + b"/sub\xe9/inner.safetensors")))
+    add_root(store, odd)
+    report = scan(store, jobs=1)
+    assert sorted(report.problems) == [
+        f"{odd}/bad\\xff.safetensors: its name is not valid UTF-8; skipped (rename it to scan it)",
+        f"{odd}/sub\\xe9: its name is not valid UTF-8; skipped (rename it to scan it)"]
+    assert report.new == 9 and len(list_entries(store, Filters())) == 9
+    assert scan(store, jobs=1).unchanged == 9
+    with pytest.raises(UserError, match=r"sub\\xe9: its name is not valid UTF-8"):
+        add_root(store, Path(os.fsdecode(bytes(odd) + b"/sub\xe9")))
+
+
+def test_a_sidecar_with_half_a_surrogate_pair_costs_no_file_its_row(tmp_path, store, tiny):
+    loras = tmp_path / "loras"
+    put(tiny["lora"], loras / "a.safetensors")
+    put(tiny["lora_xl"], loras / "b.safetensors")
+    # valid JSON that Python reads as text no UTF-8 encoder takes
+    (loras / "a.civitai.info").write_text('{"trainedWords": ["x\\udcff"], '
+                                          '"model": {"name": "N\\ud800"}}')
+    add_root(store, loras)
+    report = scan(store, jobs=1)
+    assert (report.new, report.problems) == (2, [])
+    entry = find_entry(store, "a")
+    assert (entry.trigger_words, entry.details["sidecar"]["model_name"]) == (["x\ufffd"],
+                                                                            "N\ufffd")
+
+
 def test_fifos_named_like_models_or_sidecars_are_skipped_not_waited_on(tmp_path, tiny):
     loras = tmp_path / "webui" / "models" / "Lora"
     put(tiny["lora"], loras / "real.safetensors")
