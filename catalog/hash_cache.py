@@ -18,6 +18,7 @@ from pathlib import Path
 
 from catalog.hashes import FileHashes, hash_file
 from catalog.moves import adopt, missing_twin
+from catalog.root_folders import held_by
 from catalog.store import Store
 from mergekit_sd.errors import Cancelled
 from mergekit_sd.progress import CancelToken, ProgressCallback, no_progress
@@ -62,12 +63,15 @@ def hash_pending(store: Store, root_ids: list[int] | None = None, jobs: int = 2,
     """Hash every present file (of the given roots) whose cached hashes are stale or absent."""
     started = time.perf_counter()
     report = HashReport()
-    rows = store.db.execute("SELECT id, path, size, hash_key, root_id FROM files "
-                            "WHERE status NOT IN ('missing', 'unreadable')").fetchall()
+    sql, args = ("SELECT id, path, size, hash_key FROM files "
+                 "WHERE status NOT IN ('missing', 'unreadable')"), []
+    if root_ids is not None:
+        # the files under the roots' folders, also those a root around them recorded first
+        condition, args = held_by(store, root_ids)
+        sql += f" AND {condition}"
+    rows = store.db.execute(sql, args).fetchall()
     todo = []
     for row in rows:
-        if root_ids is not None and row["root_id"] not in root_ids:
-            continue
         try:
             key = hash_key(os.stat(row["path"]))
         except OSError as exc:

@@ -15,12 +15,13 @@ import os
 import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from catalog.identity import CIVITAI_BASE_MODELS, FileFacts, examine
 from catalog.layouts import detect_layout
 from catalog.moves import adopt, present_twin
+from catalog.root_folders import folders_of
 from catalog.sidecars import SidecarFacts, read_sidecars, sidecar_paths, signature
 from catalog.store import Store
 from catalog.walk import FoundFile, walk
@@ -44,9 +45,12 @@ class ScanReport:
     partial: int = 0
     problems: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    # every file this scan found: a root inside another root finds the same files again, and
+    # they are counted and read once
+    found: set[str] = field(default_factory=set, repr=False)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "found"}
 
 
 def default_jobs() -> int:
@@ -74,7 +78,11 @@ def _scan_root(store: Store, root_id: int, root: Path, jobs: int, report: ScanRe
     # every entry, not only this root's: a root inside another root shares files with it
     known = {row["path"]: row for row in store.db.execute(
         "SELECT id, path, root_id, device, inode, size, mtime_ns, status, sidecars FROM files")}
-    existing = {path: row for path, row in known.items() if row["root_id"] == root_id}
+    # the entries this root holds: recorded by it, or under its folders (recorded first by a
+    # root around it)
+    prefixes = tuple(folder.rstrip(os.sep) + os.sep for folder in folders_of(root))
+    existing = {path: row for path, row in known.items()
+                if row["root_id"] == root_id or path.startswith(prefixes)}
     if not root.is_dir():
         report.problems.append(f"{root}: the root folder is not there (an unplugged drive?); "
                                "its files are marked missing")
@@ -88,7 +96,6 @@ def _scan_root(store: Store, root_id: int, root: Path, jobs: int, report: ScanRe
     found = walk(layout.folders)
     report.problems.extend(found.problems)
     report.partial += found.partial
-    report.seen += len(found.files)
 
     to_examine: list[FoundFile] = []
     sidecars_only: list[tuple[int, FoundFile]] = []
@@ -96,6 +103,10 @@ def _scan_root(store: Store, root_id: int, root: Path, jobs: int, report: ScanRe
     for file in found.files:
         key = str(file.path)
         seen_paths.add(key)
+        if key in report.found:  # an earlier root of this scan holds it too: done there
+            continue
+        report.found.add(key)
+        report.seen += 1
         row = known.get(key)
         if row is None:
             to_examine.append(file)
@@ -127,8 +138,8 @@ def _scan_root(store: Store, root_id: int, root: Path, jobs: int, report: ScanRe
                 _refresh_sidecars(db, file_id, file, report.problems)
     moved_from = {old for old, _ in report.moved}
     gone = [row for path, row in existing.items()
-            if path not in seen_paths and path not in moved_from and row["status"] != "missing"
-            and not os.path.exists(path)]
+            if path not in seen_paths and path not in report.found and path not in moved_from
+            and row["status"] != "missing" and not os.path.exists(path)]
     _mark_missing(store, gone, report)
 
 

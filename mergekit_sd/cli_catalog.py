@@ -51,12 +51,14 @@ def add_root(
 
 @catalog_app.command("roots")
 def roots(catalog: CatalogOption = None) -> None:
-    """List the registered roots."""
+    """List the registered roots, each with the files it holds (a root inside another root
+    holds some of its files too)."""
+    from catalog.root_folders import file_counts
+
     with open_store(catalog) as store:
-        rows = store.db.execute("SELECT r.id, r.path, r.layout, count(f.id) AS files FROM roots r "
-                                "LEFT JOIN files f ON f.root_id = r.id GROUP BY r.id ORDER BY r.id")
-        for row in rows:
-            typer.echo(f"#{row['id']} {row['path']} ({row['layout']}, {row['files']} files)")
+        counts = file_counts(store)
+        for row in store.db.execute("SELECT id, path, layout FROM roots ORDER BY id"):
+            typer.echo(f"#{row['id']} {row['path']} ({row['layout']}, {counts[row['id']]} files)")
 
 
 def _run_scan(store, root_ids, hash_files: bool, jobs: int | None, sequential: bool,

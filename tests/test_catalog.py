@@ -544,6 +544,30 @@ def test_nested_roots_rescan_reads_nothing(tmp_path, store, tiny, monkeypatch):
     assert (report.new, report.changed) == (0, 0)
 
 
+def test_a_root_inside_another_counts_its_files_once_and_hashes_them_when_named(tmp_path,
+                                                                                 tiny):
+    catalog = tmp_path / "c.sqlite"
+    webui(tmp_path / "webui", tiny)
+    put(tiny["lora_xl"], tmp_path / "webui" / "models" / "Lora" / "second.safetensors")
+    inner = tmp_path / "webui" / "models" / "Lora"
+    with Store.open(catalog) as store:
+        add_root(store, tmp_path / "webui")
+        inner_id, _ = add_root(store, inner)
+        report = scan(store, jobs=1)
+        assert (report.seen, report.new, report.unchanged) == (7, 7, 0)
+        report = scan(store, root_ids=[inner_id], jobs=1)
+        assert (report.seen, report.new, report.unchanged) == (2, 0, 2)
+        hashed = hash_pending(store, root_ids=[inner_id])
+        assert hashed.hashed == 2
+        assert {e.name for e in list_entries(store, Filters()) if e.sha256} == {"mychar",
+                                                                                "second"}
+        # the inner root's file vanishes: a scan of the inner root alone marks it missing
+        (inner / "second.safetensors").unlink()
+        assert scan(store, root_ids=[inner_id], jobs=1).missing == 1
+    assert catalog_cli(catalog, "roots").stdout.splitlines() == [
+        f"#1 {tmp_path / 'webui'} (a1111, 7 files)", f"#2 {inner} (plain, 2 files)"]
+
+
 # --- the process pool ------------------------------------------------------------------------
 
 COMPARED = ("path, folder_kind, name, status, problem, device, inode, size, mtime_ns, kind, "
