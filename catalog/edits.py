@@ -20,30 +20,56 @@ MAX_RATING = 5
 
 
 def add_root(store: Store, path: Path) -> tuple[int, RootLayout]:
-    """Register a folder to scan; adding it again just reports its layout."""
-    root = Path(os.path.abspath(path.expanduser()))
+    """Register a folder to scan, by its real path (a folder added through a link and directly
+    is one root); adding it again just reports its layout."""
+    root = Path(os.path.realpath(path.expanduser()))
     if not is_utf8(str(root)):
         raise UserError(f"{shown(root)}: its name is not valid UTF-8; rename the folder to add "
                         "it")
     layout = detect_layout(root)
     with store.write() as db:
-        db.execute("INSERT INTO roots (path, layout, added_at) VALUES (?, ?, ?) "
-                   "ON CONFLICT(path) DO UPDATE SET layout = excluded.layout",
+        # a root added through a link before roots were stored by their real path
+        same = _root_at(db, root)
+        if same is not None:
+            db.execute("UPDATE roots SET path = ?, layout = ? WHERE id = ?",
+                       (str(root), layout.name, same))
+            return same, layout
+        db.execute("INSERT INTO roots (path, layout, added_at) VALUES (?, ?, ?)",
                    (str(root), layout.name, time.time()))
         root_id = db.execute("SELECT id FROM roots WHERE path = ?", (str(root),)).fetchone()[0]
     return root_id, layout
 
 
+def _root_at(db, real: Path) -> int | None:
+    """The root whose folder is `real` (a real path), however its path was stored."""
+    for row in db.execute("SELECT id, path FROM roots ORDER BY id"):
+        if row["path"] == str(real) or os.path.realpath(row["path"]) == str(real):
+            return row["id"]
+    return None
+
+
+def enclosing_root(store: Store, root_id: int) -> tuple[int, str] | None:
+    """Another root that the folder of root `root_id` lies inside (its files are found by
+    that root's scans too), as (id, path)."""
+    path = store.db.execute("SELECT path FROM roots WHERE id = ?", (root_id,)).fetchone()[0]
+    for row in store.db.execute("SELECT id, path FROM roots WHERE id != ? ORDER BY id",
+                                (root_id,)):
+        if Path(path).is_relative_to(os.path.realpath(row["path"])):
+            return row["id"], row["path"]
+    return None
+
+
 def root_ids_for(store: Store, paths: list[Path]) -> list[int]:
-    """The ids of registered roots, named by path; UserError for one that is not a root."""
+    """The ids of registered roots, named by path (through a link too); UserError for one that
+    is not a root."""
     ids = []
     for path in paths:
-        root = str(Path(os.path.abspath(path.expanduser())))
-        row = store.db.execute("SELECT id FROM roots WHERE path = ?", (root,)).fetchone()
-        if row is None:
+        root = Path(os.path.abspath(path.expanduser()))
+        found = _root_at(store.db, Path(os.path.realpath(root)))
+        if found is None:
             raise UserError(f"{root}: not a catalog root; add it first with "
                             "`mergekit-sd catalog add-root`")
-        ids.append(row[0])
+        ids.append(found)
     return ids
 
 

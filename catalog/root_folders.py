@@ -17,13 +17,14 @@ from mergekit_sd.errors import UserError
 
 
 def folders_of(root: str | os.PathLike) -> list[str]:
-    """The model folders of a root; the root itself when it is not there (an unplugged drive:
-    its entries are still under it)."""
+    """The real paths of a root's model folders; the root itself when it is not there (an
+    unplugged drive: its entries are still under it)."""
     try:
-        folders = [str(folder.path) for folder in detect_layout(Path(root), problems=[]).folders]
+        folders = [folder.path for folder in detect_layout(Path(root), problems=[]).folders]
     except UserError:
-        folders = [str(root)]
-    return list(dict.fromkeys(folders))
+        folders = [Path(root)]
+    # files are recorded by their real paths (a linked models/Lora, a root added by a link)
+    return list(dict.fromkeys(os.path.realpath(folder) for folder in folders))
 
 
 def under(folders: list[str], column: str = "path") -> tuple[str, list[str]]:

@@ -185,8 +185,9 @@ def examine_files(paths: list[str], jobs: int, progress: ProgressCallback = no_p
 def _adopt_moves(store: Store, root_id: int, new_files: list[FoundFile],
                  report: ScanReport) -> set[str]:
     """New paths that are files the catalog knows under a path that no longer exists (same
-    device, inode, size and mtime: a rename or a move within the disk): the row follows the
-    file, keeping its tags, notes and hashes."""
+    device, inode, size and mtime: a rename or a move within the disk), or under a path that
+    leads to it through a link (recorded before files were recorded by their real paths): the
+    row follows the file, keeping its tags, notes and hashes."""
     moved: set[str] = set()
     if not new_files:
         return moved
@@ -195,7 +196,8 @@ def _adopt_moves(store: Store, root_id: int, new_files: list[FoundFile],
             for row in db.execute(
                     "SELECT id, path FROM files WHERE device = ? AND inode = ? AND size = ? "
                     "AND mtime_ns = ?", (file.device, file.inode, file.size, file.mtime_ns)):
-                if row["path"] != str(file.path) and not os.path.exists(row["path"]):
+                linked = os.path.realpath(row["path"]) == str(file.path)
+                if row["path"] != str(file.path) and (linked or not os.path.exists(row["path"])):
                     db.execute("UPDATE files SET path = ?, root_id = ?, folder_kind = ?, "
                                "name = ?, status = CASE status WHEN 'missing' THEN 'ok' ELSE "
                                "status END, sidecars = '', last_seen = ?, updated_at = ? "
@@ -204,7 +206,10 @@ def _adopt_moves(store: Store, root_id: int, new_files: list[FoundFile],
                                                 row["id"]))
                     _refresh_sidecars(db, row["id"], file, report.problems)
                     moved.add(str(file.path))
-                    report.moved.append((row["path"], str(file.path)))
+                    if linked:  # the same file under its real name is no move
+                        report.unchanged += 1
+                    else:
+                        report.moved.append((row["path"], str(file.path)))
                     break
     return moved
 
@@ -318,11 +323,12 @@ def _upsert(db, root_id: int, file: FoundFile, facts: FileFacts,
 def scan_file(store: Store, root_id: int, path: Path) -> int:
     """Record one file of a root now (a download just finished), as a scan of the root would;
     returns its entry id."""
+    path = Path(os.path.realpath(path))  # as a scan records it
     st = path.stat()
     root = Path(store.db.execute("SELECT path FROM roots WHERE id = ?", (root_id,)).fetchone()[0])
     # a download is recorded even where the root's extra_model_paths.yaml is broken
-    kinds = [(f.path, f.kind) for f in detect_layout(root, problems=[]).folders
-             if path.is_relative_to(f.path)]
+    kinds = [(real, f.kind) for f in detect_layout(root, problems=[]).folders
+             if path.is_relative_to(real := Path(os.path.realpath(f.path)))]
     folder_kind = max(kinds, key=lambda item: len(item[0].parts))[1] if kinds else None
     file = FoundFile(path, folder_kind, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
                      sidecar_paths(path))

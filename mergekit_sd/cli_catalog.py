@@ -7,6 +7,7 @@ so `mergekit-sd --help` does not pay for it.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -38,12 +39,20 @@ def add_root(
 ) -> None:
     """Register a folder whose models the catalog keeps track of (files stay where they are)."""
     from catalog.edits import add_root as register
+    from catalog.edits import enclosing_root
 
     with open_store(catalog) as store:
+        before = {row[0] for row in store.db.execute("SELECT id FROM roots")}
         root_id, layout = register(store, path)
-        typer.echo(f"root #{root_id}: {path} ({layout.name} layout)")
+        real = store.db.execute("SELECT path FROM roots WHERE id = ?", (root_id,)).fetchone()[0]
+        shown = f"{path}" + ("" if os.path.abspath(path.expanduser()) == real else f" -> {real}")
+        typer.echo(f"root #{root_id}: {shown} ({layout.name} layout)"
+                   + (", already a root" if root_id in before else ""))
         for folder in layout.folders:
             typer.echo(f"  {folder.kind or 'any models':>15}  {folder.path}")
+        if (outer := enclosing_root(store, root_id)) is not None:
+            typer.echo(f"note: inside root #{outer[0]} {outer[1]}; its files are catalogued once "
+                       "(scans of either root find them)")
         if scan_now:
             _run_scan(store, [root_id], hash_files=False, jobs=None, sequential=False,
                       as_json=False)

@@ -568,6 +568,78 @@ def test_a_root_inside_another_counts_its_files_once_and_hashes_them_when_named(
         f"#1 {tmp_path / 'webui'} (a1111, 7 files)", f"#2 {inner} (plain, 2 files)"]
 
 
+def test_a_folder_reached_through_a_link_is_one_root_and_its_files_one_entry_each(tmp_path,
+                                                                                  tiny):
+    catalog = tmp_path / "c.sqlite"
+    files = webui(tmp_path / "webui", tiny)
+    link = tmp_path / "webui-link"
+    link.symlink_to(tmp_path / "webui")
+    added = catalog_cli(catalog, "add-root", link, "--scan")
+    assert added.stdout.startswith(f"root #1: {link} -> {tmp_path / 'webui'} (a1111 layout)\n")
+    again = catalog_cli(catalog, "add-root", tmp_path / "webui")
+    assert again.stdout.startswith(f"root #1: {tmp_path / 'webui'} (a1111 layout), already a "
+                                   "root\n"), again.stdout
+    inner = catalog_cli(catalog, "add-root", link / "models" / "Lora")
+    assert (f"note: inside root #1 {tmp_path / 'webui'}; its files are catalogued once"
+            in inner.stdout), inner.stdout
+    catalog_cli(catalog, "scan", link, "--hash")
+    with Store.open(catalog) as store:
+        assert len(list_entries(store, Filters())) == len(WEBUI_FILES)
+        assert find_duplicates(store) == []
+        entry = find_entry(store, str(files["vae"]))
+        assert entry.path == str(files["vae"])
+        assert find_entry(store, str(link / "models" / "VAE" / "vae.safetensors")).id == entry.id
+    shown = catalog_cli(catalog, "show", link / "models" / "VAE" / "vae.safetensors", "--json")
+    assert json.loads(shown.stdout)["id"] == entry.id
+
+
+def test_folders_linked_into_a_web_ui_are_catalogued_once(tmp_path, store, tiny):
+    """Stability Matrix: a package's models/Lora and models/Stable-diffusion are links to the
+    shared Data/Models folders, and both are roots."""
+    data = tmp_path / "Data" / "Models"
+    put(tiny["lora"], data / "Lora" / "mychar.safetensors")
+    put(tiny["sd1"], data / "StableDiffusion" / "base.safetensors")
+    package = tmp_path / "Data" / "Packages" / "Forge"
+    (package / "models").mkdir(parents=True)
+    (package / "models" / "Lora").symlink_to(data / "Lora")
+    (package / "models" / "Stable-diffusion").symlink_to(data / "StableDiffusion")
+    # a file linked on its own, and a second link to a linked file
+    (package / "models" / "Lora" / "alias.safetensors").symlink_to(data / "Lora" /
+                                                                   "mychar.safetensors")
+    add_root(store, data)
+    add_root(store, package)
+    report = scan(store, jobs=1)
+    assert (report.seen, report.new) == (2, 2)
+    listed = {e.path: e.folder_kind for e in list_entries(store, Filters())}
+    assert listed == {str(data / "Lora" / "mychar.safetensors"): None,
+                      str(data / "StableDiffusion" / "base.safetensors"): None}
+    assert scan(store, jobs=1).unchanged == 2
+
+
+def test_entries_recorded_under_a_link_move_to_the_real_path_with_their_data(tmp_path, store,
+                                                                             tiny):
+    """A catalog from before files were recorded by their real paths."""
+    webui(tmp_path / "webui", tiny)
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "webui")
+    add_root(store, tmp_path / "webui")
+    scan(store, jobs=1)
+    with store.write() as db:
+        db.execute("UPDATE files SET path = replace(path, ?, ?)",
+                   (str(tmp_path / "webui"), str(link)))
+        db.execute("UPDATE roots SET path = ?", (str(link),))
+    entry = find_entry(store, "mychar")
+    assert entry.path.startswith(str(link))
+    set_tags(store, entry, ["keep"], [])
+    report = scan(store, jobs=1)
+    assert (report.new, report.moved, report.unchanged) == (0, [], len(WEBUI_FILES))
+    moved = get_entry(store, entry.id)
+    assert (moved.path, moved.tags) == (str(tmp_path / "webui" / "models" / "Lora" /
+                                             "mychar.safetensors"), ["keep"])
+    assert len(list_entries(store, Filters())) == len(WEBUI_FILES)
+    assert add_root(store, tmp_path / "webui")[0] == 1
+
+
 # --- the process pool ------------------------------------------------------------------------
 
 COMPARED = ("path, folder_kind, name, status, problem, device, inode, size, mtime_ns, kind, "
