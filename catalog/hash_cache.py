@@ -3,8 +3,9 @@
 Hashing a library reads every byte, so it is never repeated for a file that has not changed,
 runs across several files at once (or one at a time for a spinning disk, where parallel reads
 seek), and each file's hashes land in their own transaction: an interrupted run keeps the files
-it finished. A new file whose SHA256 equals a missing entry's is that entry moved (to another
-disk, where the inode changes): it takes over the entry's tags, notes, rating and source.
+it finished. A new file whose SHA256 equals a missing entry's, first seen after that entry's
+file was last seen, is that entry moved (to another disk, where the inode changes): it takes
+over the entry's tags, notes, rating and source.
 """
 
 from __future__ import annotations
@@ -127,8 +128,9 @@ def hash_pending(store: Store, root_ids: list[int] | None = None, jobs: int = 2,
 
 
 def _adopt_missing_twin(store: Store, file_id: int, sha256: str) -> str | None:
-    """If a missing entry has this SHA256, the file moved: its entry's user data comes along
-    and the missing entry goes. Returns the old path."""
+    """If a missing entry has this SHA256 and this file appeared after it was last seen (and
+    not while its drive is unplugged: see catalog/moves.py), the file moved: the entries' user
+    data is joined here and the missing entry goes. Returns the old path."""
     with store.write() as db:
         twin = missing_twin(db, file_id, sha256)
         if twin is None:

@@ -143,7 +143,8 @@ def show_scan(report: ScanReport, hashed: HashReport | None = None) -> None:
         out.print(f"hashed {hashed.hashed} file(s), {human_size(hashed.bytes)} "
                   f"({hashed.seconds:.2f} s); {hashed.cached} already hashed")
         for old, new in hashed.moved:
-            out.print(f"moved (same SHA256): {old} -> {new}")
+            out.print(f"moved (same SHA256; its tags, notes and rating joined the new entry): "
+                      f"{old} -> {new}")
         for problem in hashed.problems:
             out.print(f"note: {problem}")
 

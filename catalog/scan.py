@@ -48,9 +48,11 @@ class ScanReport:
     # every file this scan found: a root inside another root finds the same files again, and
     # they are counted and read once
     found: set[str] = field(default_factory=set, repr=False)
+    walked: list[int] = field(default_factory=list, repr=False)  # roots whose folders were there
 
     def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "found"}
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in ("found", "walked")}
 
 
 def default_jobs() -> int:
@@ -68,6 +70,13 @@ def scan(store: Store, root_ids: list[int] | None = None, jobs: int | None = Non
         if root_ids is None or root["id"] in root_ids:
             _scan_root(store, root["id"], Path(root["path"]), jobs or default_jobs(), report,
                        progress, cancel)
+    if report.walked:
+        # the roots' files were seen present up to now: a copy first seen after this is new
+        # (the end of the whole scan, not of each root, so that copies under two roots found by
+        # one scan were there together)
+        with store.write() as db:
+            db.executemany("UPDATE roots SET scanned_at = ? WHERE id = ?",
+                           [(time.time(), root_id) for root_id in report.walked])
     report.seconds = time.perf_counter() - started
     return report
 
@@ -77,7 +86,12 @@ def _scan_root(store: Store, root_id: int, root: Path, jobs: int, report: ScanRe
     report.roots.append(str(root))
     # every entry, not only this root's: a root inside another root shares files with it
     known = {row["path"]: row for row in store.db.execute(
-        "SELECT id, path, root_id, device, inode, size, mtime_ns, status, sidecars FROM files")}
+        "SELECT id, path, root_id, device, inode, size, mtime_ns, status, sidecars, last_seen "
+        "FROM files")}
+    # when this root's files were last seen present: its previous scan (None: never, or by a
+    # catalog too old to say)
+    previous = store.db.execute("SELECT scanned_at FROM roots WHERE id = ?",
+                                (root_id,)).fetchone()[0]
     # the entries this root holds: recorded by it, or under its folders (recorded first by a
     # root around it)
     prefixes = tuple(folder.rstrip(os.sep) + os.sep for folder in folders_of(root))
@@ -86,7 +100,9 @@ def _scan_root(store: Store, root_id: int, root: Path, jobs: int, report: ScanRe
     if not root.is_dir():
         report.problems.append(f"{root}: the root folder is not there (an unplugged drive?); "
                                "its files are marked missing")
-        _mark_missing(store, [r for r in existing.values() if r["status"] != "missing"], report)
+        # files on a drive that is not there are missing, never moved to a copy elsewhere
+        _mark_missing(store, [r for r in existing.values() if r["status"] != "missing"], report,
+                      previous, may_have_moved=False)
         return
     try:
         layout = detect_layout(root, report.problems)
@@ -140,7 +156,8 @@ def _scan_root(store: Store, root_id: int, root: Path, jobs: int, report: ScanRe
     gone = [row for path, row in existing.items()
             if path not in seen_paths and path not in report.found and path not in moved_from
             and row["status"] != "missing" and not os.path.exists(path)]
-    _mark_missing(store, gone, report)
+    _mark_missing(store, gone, report, previous, may_have_moved=True)
+    report.walked.append(root_id)
 
 
 def _batches(items: Iterator, size: int) -> Iterator[list]:
@@ -214,23 +231,28 @@ def _adopt_moves(store: Store, root_id: int, new_files: list[FoundFile],
     return moved
 
 
-def _mark_missing(store: Store, rows, report: ScanReport) -> None:
-    """Vanished files become missing entries, unless a present file with the same SHA256 is
-    known (scanned and hashed under another root first): then the entry's user data moves to
-    it and the stale entry goes."""
+def _mark_missing(store: Store, rows, report: ScanReport, previous: float | None,
+                  may_have_moved: bool) -> None:
+    """Vanished files become missing entries, keeping their data. One whose identical copy
+    (hashed under another root scanned first) appeared after the file was last seen present
+    is that file moved: its entry's user data joins the copy's and the stale entry goes (see
+    catalog/moves.py). `previous`: when the root's scan last saw its files."""
     if not rows:
         return
     with store.write() as db:
         for row in rows:
+            # seen present at the root's last scan, or later when a download recorded it
+            seen = None if previous is None else max(previous, row["last_seen"])
             sha256 = db.execute("SELECT sha256 FROM files WHERE id = ?",
                                 (row["id"],)).fetchone()[0]
-            twin = present_twin(db, row["id"], sha256) if sha256 else None
+            twin = (present_twin(db, row["id"], sha256, seen)
+                    if may_have_moved and sha256 and seen is not None else None)
             if twin is not None:
                 adopt(db, row["id"], twin["id"])
                 report.moved.append((row["path"], twin["path"]))
                 continue
-            db.execute("UPDATE files SET status = 'missing', updated_at = ? WHERE id = ?",
-                       (time.time(), row["id"]))
+            db.execute("UPDATE files SET status = 'missing', missing_since = ?, updated_at = ? "
+                       "WHERE id = ?", (seen, time.time(), row["id"]))
             report.missing += 1
 
 

@@ -20,7 +20,7 @@ from mergekit_sd.errors import UserError
 ENV_VAR = "MERGEKIT_SD_CATALOG"
 FILE_NAME = "catalog.sqlite"
 BUSY_TIMEOUT_S = 60.0
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _TABLES = {"roots", "files", "tags", "parents"}
 # SQLite's codes for a file whose pages are garbage (they show only when a page is read)
 _DAMAGE_CODES = ("SQLITE_CORRUPT", "SQLITE_NOTADB")
@@ -91,7 +91,14 @@ _SCHEMA_V2 = (
     + "\nINSERT INTO files_v2 SELECT * FROM files;\nDROP TABLE files;\n"
     "ALTER TABLE files_v2 RENAME TO files;\n" + _FILES_INDEXES
 )
-_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2}
+# Version 3. When a root's scan last saw its files present, and since when an entry is missing
+# (its root's scan before the one that found the file gone): a copy of a vanished file is the
+# file moved only when it appeared after that (catalog/moves.py).
+_SCHEMA_V3 = """
+ALTER TABLE roots ADD COLUMN scanned_at REAL;
+ALTER TABLE files ADD COLUMN missing_since REAL;
+"""
+_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3}
 
 
 def catalog_path(explicit: str | os.PathLike | None = None) -> Path:

@@ -35,7 +35,7 @@ from catalog.lineage import Node, lineage
 from catalog.resolver import CatalogResolver
 from catalog.scan import PARALLEL_MIN, scan
 from catalog.sidecars import write_civitai_info, write_preview
-from catalog.store import ENV_VAR, Store
+from catalog.store import ENV_VAR, SCHEMA_VERSION, Store
 from mergekit_sd.errors import UserError
 from mergekit_sd.testing import make_demo_workspace, write_checkpoint, write_embedding, write_lora
 
@@ -499,17 +499,72 @@ def test_file_moved_to_another_disk_takes_over_its_entry_once_hashed(tmp_path, s
     files["mychar"].unlink()
     report = scan(store, jobs=1)
     assert (report.new, report.missing, report.moved) == (1, 1, [])
+    # annotated before it was hashed: both entries' data is kept
+    set_tags(store, find_entry(store, str(copy)), ["new"], [])
+    set_note(store, find_entry(store, str(copy)), "copied")
     hashed = hash_pending(store)
     assert hashed.moved == [(str(files["mychar"]), str(copy))]
     assert hashed.hashed == 1
     new = find_entry(store, "mychar")
     assert (new.path, new.status, new.tags, new.notes, new.rating, new.favourite) == (
-        str(copy), "ok", ["style"], "from civitai", 5, True)
+        str(copy), "ok", ["new", "style"], "from civitai\ncopied", 5, True)
     assert new.id != old.id and new.sha256 == old.sha256
     assert store.db.execute("SELECT count(*) FROM files WHERE path = ?",
                             (str(files["mychar"]),)).fetchone()[0] == 0
     assert store.db.execute("SELECT count(*) FROM tags WHERE file_id = ?",
                             (old.id,)).fetchone()[0] == 0
+
+
+def test_an_unplugged_backup_drive_keeps_its_entries_and_data(tmp_path, store, tiny):
+    internal = put(tiny["sd1"], tmp_path / "internal" / "model.safetensors")
+    backup = put(tiny["sd1"], tmp_path / "external" / "model-backup.safetensors")
+    add_root(store, tmp_path / "internal")
+    add_root(store, tmp_path / "external")
+    scan(store, jobs=1)
+    hash_pending(store)
+    model, copy = find_entry(store, "model"), find_entry(store, "model-backup")
+    set_note(store, model, "internal: use at cfg 5")
+    set_note(store, copy, "backup: archive copy")
+    set_tags(store, copy, ["archive"], [])
+    os.rename(tmp_path / "external", tmp_path / "unplugged")
+    report = scan(store, jobs=1)
+    assert (report.moved, report.missing) == ([], 1)
+    assert names(list_entries(store, Filters(status="missing"))) == ["model-backup"]
+    # a copy of the model hashed meanwhile is not the unplugged file moved
+    put(internal, tmp_path / "internal" / "model-copy.safetensors")
+    scan(store, jobs=1)
+    assert hash_pending(store).moved == []
+    os.rename(tmp_path / "unplugged", tmp_path / "external")
+    scan(store, jobs=1)
+    back, model = find_entry(store, str(backup)), find_entry(store, "model")
+    assert (back.id, back.status, back.tags, back.notes) == (
+        copy.id, "ok", ["archive"], "backup: archive copy")
+    assert (model.tags, model.notes) == ([], "internal: use at cfg 5")
+
+
+def test_deleting_one_of_two_copies_keeps_its_entry_until_it_is_restored(tmp_path, store, tiny):
+    first = put(tiny["sd1"], tmp_path / "sw" / "c.safetensors")
+    second = put(tiny["sd1"], tmp_path / "sw" / "c2.safetensors")
+    add_root(store, tmp_path / "sw")
+    scan(store, jobs=1)
+    hash_pending(store)
+    c = find_entry(store, "c")
+    set_tags(store, c, ["keeper"], [])
+    set_note(store, c, "the one I use")
+    set_note(store, find_entry(store, "c2"), "scratch copy")
+    trash = tmp_path / "trash"
+    trash.mkdir()
+    os.rename(first, trash / first.name)  # another disk's trash would be a copy: the same here
+    report = scan(store, jobs=1)
+    assert (report.moved, report.missing) == ([], 1)
+    assert hash_pending(store).moved == []
+    assert (find_entry(store, "c2").notes, find_entry(store, "c2").tags) == ("scratch copy", [])
+    os.rename(trash / first.name, first)
+    scan(store, jobs=1)
+    back = find_entry(store, str(first))
+    assert (back.id, back.status, back.tags, back.notes) == (c.id, "ok", ["keeper"],
+                                                             "the one I use")
+    assert find_entry(store, str(second)).notes == "scratch copy"
 
 
 def test_move_found_when_the_new_disk_is_scanned_first(tmp_path, store, tiny):
@@ -1435,7 +1490,7 @@ def test_a_version_1_catalog_is_upgraded_keeping_ids_tags_and_notes(tmp_path, ti
     db.commit()
     db.close()
     with Store.open(path) as store:
-        assert store.db.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         scan(store, jobs=1)  # device and inode differ from the rows: both read again, in place
         kept = find_entry(store, "fifth")
         assert (kept.id, kept.tags, kept.notes, kept.kind) == (5, ["style"], "keep me", "lora")
