@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from catalog.entries import Entry
 from catalog.layouts import RootLayout, detect_layout
+from catalog.root_folders import held_by, root_folders
 from catalog.store import Store
 from catalog.walk import is_utf8, shown
 from mergekit_sd.errors import UserError
@@ -120,3 +122,41 @@ def remove(store: Store, entry: Entry, delete_file: bool) -> bool:
     with store.write() as db:
         db.execute("DELETE FROM files WHERE id = ?", (entry.id,))
     return deleted
+
+
+@dataclass
+class RootRemoval:
+    path: str
+    forgotten: int  # entries no other root holds
+    annotated: int  # of those, entries with tags, notes, a rating or a favourite mark
+    kept: int  # entries another root holds too (a root inside it, or around it)
+
+
+def remove_root(store: Store, root_id: int, dry_run: bool = False) -> RootRemoval:
+    """Stop scanning a root and forget the entries of files no other root holds (a root is
+    never scanned again, so they could only go stale); entries another root holds pass to it.
+    No file is touched. `dry_run`: only say what it would do."""
+    others = [r for r in root_folders(store) if r != root_id]
+    with store.write() as db:
+        path = db.execute("SELECT path FROM roots WHERE id = ?", (root_id,)).fetchone()[0]
+        condition, args = held_by(store, [root_id])
+        rows = db.execute(f"SELECT id, path, root_id, notes != '' OR rating > 0 OR favourite "
+                          "OR EXISTS (SELECT 1 FROM tags WHERE file_id = files.id) AS annotated "
+                          f"FROM files WHERE {condition}", args).fetchall()
+        keep: dict[int, int] = {}  # entry -> the root it passes to
+        for other in others:
+            inside, inside_args = held_by(store, [other])
+            for row in db.execute(f"SELECT id FROM files WHERE {inside} AND id IN "
+                                  f"(SELECT id FROM files WHERE {condition})",
+                                  [*inside_args, *args]):
+                keep.setdefault(row[0], other)
+        forget = [row for row in rows if row["id"] not in keep]
+        report = RootRemoval(path, len(forget), sum(bool(r["annotated"]) for r in forget),
+                             len(keep))
+        if dry_run:
+            return report
+        db.executemany("UPDATE files SET root_id = ? WHERE id = ? AND root_id IS ?",
+                       [(other, file_id, root_id) for file_id, other in keep.items()])
+        db.executemany("DELETE FROM files WHERE id = ?", [(row["id"],) for row in forget])
+        db.execute("DELETE FROM roots WHERE id = ?", (root_id,))
+    return report

@@ -58,6 +58,35 @@ def add_root(
                       as_json=False)
 
 
+@catalog_app.command("remove-root")
+def remove_root_command(
+    path: Path = typer.Argument(..., help="A registered root (as `roots` lists it)."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask before forgetting entries "
+                             "with tags, notes or ratings."),
+    catalog: CatalogOption = None,
+) -> None:
+    """Stop keeping track of a root: its entries are forgotten, except those another root
+    holds too; no file is touched."""
+    from catalog.edits import remove_root, root_ids_for
+
+    with open_store(catalog) as store:
+        root_id = root_ids_for(store, [path])[0]
+        plan = remove_root(store, root_id, dry_run=True)
+        if plan.annotated and not yes:
+            question = (f"{plan.annotated} of its {plan.forgotten} entries have tags, notes or "
+                        "ratings; forget them?")
+            if not sys.stdin.isatty():
+                raise UserError(f"{plan.path}: {question[:-1]} (pass --yes: there is no "
+                                "terminal to ask on)")
+            if not typer.confirm(question, default=False):
+                typer.echo("kept the root and its entries")
+                raise typer.Exit(1)
+        done = remove_root(store, root_id)
+    typer.echo(f"removed root #{root_id} {done.path}: forgot {done.forgotten} entries"
+               + (f", {done.kept} kept (another root holds them)" if done.kept else "")
+               + "; no file was touched")
+
+
 @catalog_app.command("roots")
 def roots(catalog: CatalogOption = None) -> None:
     """List the registered roots, each with the files it holds (a root inside another root
@@ -271,7 +300,8 @@ def rm(
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask before deleting the file."),
     catalog: CatalogOption = None,
 ) -> None:
-    """Forget an entry; with --delete-file, delete its file too (asks first)."""
+    """Forget an entry; with --delete-file, delete its file too (asks first). A file left on
+    disk under a root comes back as a new entry on the next scan."""
     from catalog.edits import remove
     from catalog.entries import find_entry
 
@@ -286,6 +316,10 @@ def rm(
             raise typer.Exit(1)
         deleted = remove(store, entry, delete_file)
     typer.echo(f"removed #{entry.id} {entry.name}" + (" and deleted its file" if deleted else ""))
+    if not deleted and os.path.exists(entry.path):
+        typer.echo("note: its file is still there, so the next scan adds it again as a new entry "
+                   "(with a new id); --delete-file deletes it, `catalog remove-root` stops "
+                   "scanning its root")
 
 
 @catalog_app.command("identify")

@@ -25,7 +25,7 @@ from conftest import REPO, run_cli
 
 from catalog import scan as scan_module
 from catalog.dupes import find_duplicates
-from catalog.edits import add_root, remove, set_note, set_rating, set_tags
+from catalog.edits import add_root, remove, remove_root, set_note, set_rating, set_tags
 from catalog.entries import Filters, find_entry, get_entry, list_entries
 from catalog.hash_cache import hash_pending
 from catalog.hashes import hash_file
@@ -1068,6 +1068,61 @@ def test_remove_forgets_the_entry_and_deletes_the_file_only_when_asked(library):
     assert scan(store, jobs=1).new == 1
 
 
+def test_cli_rm_says_a_file_left_on_disk_comes_back_on_the_next_scan(tmp_path, tiny):
+    catalog = tmp_path / "c.sqlite"
+    files = webui(tmp_path / "webui", tiny)
+    catalog_cli(catalog, "add-root", tmp_path / "webui", "--scan")
+    kept = catalog_cli(catalog, "rm", "emb").stdout.splitlines()
+    assert kept[1] == ("note: its file is still there, so the next scan adds it again as a new "
+                       "entry (with a new id); --delete-file deletes it, `catalog remove-root` "
+                       "stops scanning its root")
+    assert files["emb"].exists()
+    deleted = run_without_terminal("catalog", "rm", "vae", "--delete-file", "--yes",
+                                   "--catalog", catalog).stdout.splitlines()
+    assert len(deleted) == 1 and deleted[0].endswith("vae and deleted its file")
+
+
+def test_remove_root_forgets_the_entries_no_other_root_holds(tmp_path, store, tiny):
+    webui(tmp_path / "webui", tiny)
+    put(tiny["lora"], tmp_path / "loose" / "loose.safetensors")
+    outer, _ = add_root(store, tmp_path / "webui")
+    inner, _ = add_root(store, tmp_path / "webui" / "models" / "Lora")
+    loose, _ = add_root(store, tmp_path / "loose")
+    scan(store, jobs=1)
+    set_tags(store, find_entry(store, "basexl"), ["best"], [])
+    # the inner root's file is the outer root's too: nothing forgotten
+    removed = remove_root(store, inner)
+    assert (removed.forgotten, removed.kept, removed.annotated) == (0, 1, 0)
+    assert len(list_entries(store, Filters())) == len(WEBUI_FILES) + 1
+    plan = remove_root(store, outer, dry_run=True)
+    assert (plan.forgotten, plan.annotated) == (len(WEBUI_FILES), 1)
+    assert len(list_entries(store, Filters())) == len(WEBUI_FILES) + 1
+    removed = remove_root(store, outer)
+    assert names(list_entries(store, Filters())) == ["loose"]
+    assert [r[0] for r in store.db.execute("SELECT id FROM roots")] == [loose]
+    assert (tmp_path / "webui" / "models" / "Stable-diffusion" / "basexl.safetensors").exists()
+    assert scan(store, jobs=1).seen == 1  # the removed roots are not walked
+
+
+def test_cli_remove_root_asks_before_forgetting_annotated_entries(tmp_path, tiny):
+    catalog = tmp_path / "c.sqlite"
+    webui(tmp_path / "webui", tiny)
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "webui")
+    catalog_cli(catalog, "add-root", tmp_path / "webui", "--scan")
+    catalog_cli(catalog, "tag", "base15", "mine")
+    refused = run_without_terminal("catalog", "remove-root", link, "--catalog", catalog)
+    assert one_line_error(refused) == (
+        f"error: {tmp_path / 'webui'}: 1 of its {len(WEBUI_FILES)} entries have tags, notes or "
+        "ratings; forget them (pass --yes: there is no terminal to ask on)")
+    assert "not a catalog root" in one_line_error(
+        catalog_cli(catalog, "remove-root", tmp_path / "webui" / "models"))
+    done = run_without_terminal("catalog", "remove-root", link, "--yes", "--catalog", catalog)
+    assert done.stdout == (f"removed root #1 {tmp_path / 'webui'}: forgot {len(WEBUI_FILES)} "
+                           "entries; no file was touched\n")
+    assert catalog_cli(catalog, "roots").stdout == ""
+
+
 # --- duplicates ------------------------------------------------------------------------------
 
 
@@ -1511,6 +1566,6 @@ def test_help_lists_every_command_and_the_catalog_group_is_built_on_use():
     sub = run_cli("catalog", "--help")
     assert sub.returncode == 0
     assert "The model library" in sub.stdout
-    for command in ("add-root", "roots", "scan", "list", "show", "tag", "note", "rate",
-                    "dupes", "lineage", "rm"):
+    for command in ("add-root", "remove-root", "roots", "scan", "list", "show", "tag", "note",
+                    "rate", "dupes", "lineage", "rm"):
         assert f"  {command} " in sub.stdout, sub.stdout
