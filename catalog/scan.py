@@ -25,6 +25,7 @@ from catalog.root_folders import folders_of
 from catalog.sidecars import SidecarFacts, read_sidecars, sidecar_paths, signature
 from catalog.store import Store
 from catalog.walk import FoundFile, walk
+from catalog.workers import exit_with
 from mergekit_sd.errors import Cancelled, UserError
 from mergekit_sd.progress import CancelToken, ProgressCallback, no_progress
 
@@ -185,8 +186,10 @@ def examine_files(paths: list[str], jobs: int, progress: ProgressCallback = no_p
         # forkserver: workers start from a clean process that imported the identification code
         # once, and never inherit a parent's threads (the TUI has some) mid-lock
         context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["catalog.identity"])
-        pool = ProcessPoolExecutor(min(jobs, total), mp_context=context)
+        context.set_forkserver_preload(["catalog.identity", "catalog.workers"])
+        # a killed scan runs no clean-up: the workers leave by themselves (catalog/workers.py)
+        pool = ProcessPoolExecutor(min(jobs, total), mp_context=context,
+                                   initializer=exit_with, initargs=(os.getpid(),))
         results = pool.map(examine, paths, chunksize=max(1, min(32, total // (jobs * 8))))
     try:
         for done, facts in enumerate(results, 1):

@@ -7,15 +7,19 @@ throwaway path so nothing can reach the user's real catalog."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import select
 import shutil
+import signal
 import sqlite3
 import struct
 import subprocess
 import sys
 import textwrap
+import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -736,6 +740,61 @@ def test_many_new_files_scan_in_worker_processes_with_the_same_result(tmp_path, 
     assert results[0] == results[1]
     statuses = [row[3] for row in results[1]]
     assert statuses == ["ok"] * (count - 1) + ["truncated"]
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid`, from /proc (the fork server's workers are grandchildren)."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
+def test_a_killed_scan_leaves_no_worker_process_and_no_open_pipe(tmp_path, tiny):
+    paths = [str(put(tiny["emb"], tmp_path / "embs" / f"e{i}.safetensors"))
+             for i in range(PARALLEL_MIN + 2)]
+    # a scan killed between two results: its pool's workers are started and idle
+    script = textwrap.dedent(f"""\
+        import time
+        from catalog.scan import examine_files
+        results = examine_files({paths!r}, 2)
+        next(results)
+        print("identifying", flush=True)
+        time.sleep(300)
+        """)
+    scanning = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                                env={**os.environ, "PYTHONPATH": str(REPO)})
+    workers = []
+    try:
+        assert scanning.stdout.readline() == b"identifying\n"
+        workers = _descendants(scanning.pid)
+        assert len(workers) >= 3  # resource tracker, fork server, workers
+        scanning.kill()
+        scanning.wait()
+        # the killed command's stdout ends: nothing holds it open any more
+        ready, _, _ = select.select([scanning.stdout], [], [], 20)
+        assert ready and scanning.stdout.read() == b""
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in workers):
+            time.sleep(0.1)
+        assert [p for p in workers if Path(f"/proc/{p}").exists()] == []
+    finally:
+        scanning.kill()
+        for pid in workers:  # what a failing run would leave behind
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        scanning.stdout.close()
 
 
 # --- sidecars --------------------------------------------------------------------------------
