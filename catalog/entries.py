@@ -21,7 +21,7 @@ SORTS = {"name": "name COLLATE NOCASE", "size": "size DESC", "date": "first_seen
 _MAX_ID = 2**63 - 1  # SQLite's largest integer
 # what identification calls a file, and what a scan says of one
 KINDS = ("checkpoint", "diffusion_model", "lora", "vae", "text_encoder", "embedding", "unknown")
-STATUSES = ("ok", "missing", "truncated", "invalid", "unreadable")
+STATUSES = ("ok", "missing", "truncated", "invalid", "unreadable", "unchecked")
 
 
 @dataclass
@@ -198,8 +198,13 @@ def list_entries(store: Store, filters: Filters) -> list[Entry]:
     kind = _choice("--kind", filters.kind, KINDS) if filters.kind else None
     status = _choice("--status", filters.status, STATUSES) if filters.status else None
     where, args = [], []
-    for column, value in (("kind", kind), ("architecture", filters.architecture),
-                          ("status", status)):
+    if kind:
+        # a sound file its contents could not name (a legacy pickle a scan does not load, a
+        # .pt embedding of a format identification does not know) is what its folder holds
+        where.append("(kind = ? OR (coalesce(kind, 'unknown') = 'unknown' AND status IN "
+                     "('ok', 'unchecked') AND folder_kind = ?))")
+        args.extend([kind, kind])
+    for column, value in (("architecture", filters.architecture), ("status", status)):
         if value:
             where.append(f"{column} = ?")
             args.append(value)

@@ -87,8 +87,8 @@ def _scan_root(store: Store, root_id: int, root: Path, jobs: int, report: ScanRe
     report.roots.append(str(root))
     # every entry, not only this root's: a root inside another root shares files with it
     known = {row["path"]: row for row in store.db.execute(
-        "SELECT id, path, root_id, device, inode, size, mtime_ns, status, sidecars, last_seen "
-        "FROM files")}
+        "SELECT id, path, root_id, device, inode, size, mtime_ns, status, sidecars, last_seen, "
+        "kind FROM files")}
     # when this root's files were last seen present: its previous scan (None: never, or by a
     # catalog too old to say)
     previous = store.db.execute("SELECT scanned_at FROM roots WHERE id = ?",
@@ -127,9 +127,10 @@ def _scan_root(store: Store, root_id: int, root: Path, jobs: int, report: ScanRe
         row = known.get(key)
         if row is None:
             to_examine.append(file)
-        elif row["status"] == "missing" or (row["device"], row["inode"], row["size"],
-                                            row["mtime_ns"]) != (file.device, file.inode,
-                                                                 file.size, file.mtime_ns):
+        # "pickle": what scans recorded of .ckpt/.pt/.pth/.bin files before they read them
+        elif row["status"] == "missing" or row["kind"] == "pickle" or (
+                row["device"], row["inode"], row["size"], row["mtime_ns"]) != (
+                file.device, file.inode, file.size, file.mtime_ns):
             report.changed += 1
             to_examine.append(file)
         else:

@@ -153,7 +153,8 @@ def list_command(
     tag: list[str] = typer.Option([], help="Only entries with this tag (repeatable)."),
     search: str = typer.Option(None, help="Text in the name, path, trigger words, notes (yours "
                                "or the web UI's) or Civitai model and version name."),
-    status: str = typer.Option(None, help="ok, missing, truncated, invalid or unreadable."),
+    status: str = typer.Option(None, help="ok, missing, truncated, invalid, unreadable or "
+                               "unchecked (a legacy pickle a scan does not load)."),
     favourites: bool = typer.Option(False, "--favourites", help="Only favourites."),
     sort: str = typer.Option("name", help="name, size, date, rating, kind, arch or path."),
     limit: int = typer.Option(None, help="At most this many entries (1 or more)."),

@@ -343,6 +343,71 @@ def test_text_file_saved_as_safetensors_is_invalid_not_truncated(tmp_path, store
     assert find_entry(store, "page").status == "invalid"
 
 
+def test_pickles_are_identified_from_their_contents_without_running_them(tmp_path, store, tiny):
+    import torch
+    from safetensors.torch import load_file
+
+    webui_dir = tmp_path / "webui"
+    checkpoints = webui_dir / "models" / "Stable-diffusion"
+    checkpoints.mkdir(parents=True)
+    torch.save(load_file(tiny["sd1"]), checkpoints / "old-model.ckpt")
+    torch.save({"state_dict": load_file(tiny["sd1"])}, checkpoints / "lightning.ckpt")
+    data = (checkpoints / "old-model.ckpt").read_bytes()
+    (checkpoints / "cut.ckpt").write_bytes(data[: len(data) // 2])
+    (checkpoints / "tiny.ckpt").write_bytes(b"abcdef")
+    shutil.copy(tiny["sdxl"], checkpoints / "renamed.ckpt")  # a safetensors file, misnamed
+    shutil.copy(tiny["sd1"], checkpoints / "base.safetensors")
+    marker = tmp_path / "ran"
+
+    class Evil:  # loaded unrestricted, it would run a command
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    torch.save({"model.diffusion_model.x": torch.zeros(1), "hook": Evil()},
+               checkpoints / "evil.ckpt")
+    embeddings = webui_dir / "embeddings"
+    embeddings.mkdir()
+    torch.save({"string_to_param": {"*": torch.zeros(2, 768)}}, embeddings / "easyneg.pt",
+               _use_new_zipfile_serialization=False)  # a legacy pickle: not loaded
+    site = webui_dir / "models" / "Lora" / "venv"
+    site.mkdir(parents=True)
+    (site / "distutils-precedence.pth").write_text("import _distutils_hack\n")
+    add_root(store, webui_dir)
+    scan(store, jobs=1)
+    got = {e.name: (e.status, e.kind, e.architecture) for e in list_entries(store, Filters())}
+    assert got == {
+        "old-model": ("ok", "checkpoint", "sd1"), "lightning": ("ok", "checkpoint", "sd1"),
+        "renamed": ("ok", "checkpoint", "sdxl"), "cut": ("truncated", None, None),
+        "tiny": ("invalid", None, None), "evil": ("invalid", None, None),
+        "easyneg": ("unchecked", None, None), "distutils-precedence": ("invalid", None, None),
+        "base": ("ok", "checkpoint", "sd1")}
+    assert not marker.exists()
+    assert "would run code" in find_entry(store, "evil").problem
+    assert find_entry(store, "distutils-precedence").problem == (
+        "is not a PyTorch checkpoint (neither a zip archive nor a pickle)")
+    assert find_entry(store, "easyneg").problem.startswith("a pickle in PyTorch's legacy format")
+    assert find_entry(store, "old-model").parameters == find_entry(store, "base").parameters
+    assert names(list_entries(store, Filters(kind="embedding"))) == ["easyneg"]
+    assert names(list_entries(store, Filters(kind="checkpoint"))) == [
+        "base", "lightning", "old-model", "renamed"]
+
+
+def test_pickles_a_scan_called_ok_unread_are_read_again(tmp_path, store, tiny):
+    import torch
+    from safetensors.torch import load_file
+
+    ckpt = tmp_path / "models" / "old.ckpt"
+    ckpt.parent.mkdir()
+    torch.save(load_file(tiny["sd1"]), ckpt)
+    add_root(store, tmp_path / "models")
+    scan(store, jobs=1)
+    with store.write() as db:  # as scans recorded it before they read pickles
+        db.execute("UPDATE files SET kind = 'pickle', architecture = NULL")
+    assert scan(store, jobs=1).changed == 1
+    assert (find_entry(store, "old").kind, find_entry(store, "old").architecture) == (
+        "checkpoint", "sd1")
+
+
 def test_broken_links_and_link_loops_are_reported_and_the_scan_goes_on(tmp_path, store, tiny):
     loras = tmp_path / "webui" / "models" / "Lora"
     put(tiny["lora"], loras / "real.safetensors")
@@ -1012,7 +1077,7 @@ def test_list_filters_are_checked_and_take_any_case(library):
             (Filters(kind="unet"), "--kind 'unet': choose one of checkpoint, diffusion_model, "
                                    "lora, vae, text_encoder, embedding, unknown"),
             (Filters(status="bogus"), "--status 'bogus': choose one of ok, missing, truncated, "
-                                      "invalid, unreadable"),
+                                      "invalid, unreadable, unchecked"),
             (Filters(limit=0), "--limit 0: give 1 or more (leave it out to list every entry)"),
             (Filters(limit=-3), "--limit -3: give 1 or more")):
         with pytest.raises(UserError, match=re.escape(sentence)):
@@ -1025,7 +1090,8 @@ def test_cli_list_refuses_unknown_filter_values_and_an_empty_answer_is_not_a_sca
     assert catalog_cli(catalog, "list").stdout.startswith("no entries yet; `mergekit-sd "
                                                           "catalog scan`")
     assert one_line_error(catalog_cli(catalog, "list", "--status", "bogus")) == (
-        "error: --status 'bogus': choose one of ok, missing, truncated, invalid, unreadable")
+        "error: --status 'bogus': choose one of ok, missing, truncated, invalid, unreadable, "
+        "unchecked")
     assert "--limit 0: give 1 or more" in one_line_error(catalog_cli(catalog, "list",
                                                                      "--limit", "0"))
     put(tiny["lora"], tmp_path / "loras" / "a.safetensors")
