@@ -8,38 +8,70 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from catalog.entries import Entry
 from catalog.layouts import RootLayout, detect_layout
+from catalog.root_folders import held_by, root_folders
 from catalog.store import Store
+from catalog.walk import is_utf8, shown
 from mergekit_sd.errors import UserError
 
 MAX_RATING = 5
 
 
 def add_root(store: Store, path: Path) -> tuple[int, RootLayout]:
-    """Register a folder to scan; adding it again just reports its layout."""
-    root = Path(os.path.abspath(path.expanduser()))
+    """Register a folder to scan, by its real path (a folder added through a link and directly
+    is one root); adding it again just reports its layout."""
+    root = Path(os.path.realpath(path.expanduser()))
+    if not is_utf8(str(root)):
+        raise UserError(f"{shown(root)}: its name is not valid UTF-8; rename the folder to add "
+                        "it")
     layout = detect_layout(root)
     with store.write() as db:
-        db.execute("INSERT INTO roots (path, layout, added_at) VALUES (?, ?, ?) "
-                   "ON CONFLICT(path) DO UPDATE SET layout = excluded.layout",
+        # a root added through a link before roots were stored by their real path
+        same = _root_at(db, root)
+        if same is not None:
+            db.execute("UPDATE roots SET path = ?, layout = ? WHERE id = ?",
+                       (str(root), layout.name, same))
+            return same, layout
+        db.execute("INSERT INTO roots (path, layout, added_at) VALUES (?, ?, ?)",
                    (str(root), layout.name, time.time()))
         root_id = db.execute("SELECT id FROM roots WHERE path = ?", (str(root),)).fetchone()[0]
     return root_id, layout
 
 
+def _root_at(db, real: Path) -> int | None:
+    """The root whose folder is `real` (a real path), however its path was stored."""
+    for row in db.execute("SELECT id, path FROM roots ORDER BY id"):
+        if row["path"] == str(real) or os.path.realpath(row["path"]) == str(real):
+            return row["id"]
+    return None
+
+
+def enclosing_root(store: Store, root_id: int) -> tuple[int, str] | None:
+    """Another root that the folder of root `root_id` lies inside (its files are found by
+    that root's scans too), as (id, path)."""
+    path = store.db.execute("SELECT path FROM roots WHERE id = ?", (root_id,)).fetchone()[0]
+    for row in store.db.execute("SELECT id, path FROM roots WHERE id != ? ORDER BY id",
+                                (root_id,)):
+        if Path(path).is_relative_to(os.path.realpath(row["path"])):
+            return row["id"], row["path"]
+    return None
+
+
 def root_ids_for(store: Store, paths: list[Path]) -> list[int]:
-    """The ids of registered roots, named by path; UserError for one that is not a root."""
+    """The ids of registered roots, named by path (through a link too); UserError for one that
+    is not a root."""
     ids = []
     for path in paths:
-        root = str(Path(os.path.abspath(path.expanduser())))
-        row = store.db.execute("SELECT id FROM roots WHERE path = ?", (root,)).fetchone()
-        if row is None:
+        root = Path(os.path.abspath(path.expanduser()))
+        found = _root_at(store.db, Path(os.path.realpath(root)))
+        if found is None:
             raise UserError(f"{root}: not a catalog root; add it first with "
                             "`mergekit-sd catalog add-root`")
-        ids.append(row[0])
+        ids.append(found)
     return ids
 
 
@@ -90,3 +122,41 @@ def remove(store: Store, entry: Entry, delete_file: bool) -> bool:
     with store.write() as db:
         db.execute("DELETE FROM files WHERE id = ?", (entry.id,))
     return deleted
+
+
+@dataclass
+class RootRemoval:
+    path: str
+    forgotten: int  # entries no other root holds
+    annotated: int  # of those, entries with tags, notes, a rating or a favourite mark
+    kept: int  # entries another root holds too (a root inside it, or around it)
+
+
+def remove_root(store: Store, root_id: int, dry_run: bool = False) -> RootRemoval:
+    """Stop scanning a root and forget the entries of files no other root holds (a root is
+    never scanned again, so they could only go stale); entries another root holds pass to it.
+    No file is touched. `dry_run`: only say what it would do."""
+    others = [r for r in root_folders(store) if r != root_id]
+    with store.write() as db:
+        path = db.execute("SELECT path FROM roots WHERE id = ?", (root_id,)).fetchone()[0]
+        condition, args = held_by(store, [root_id])
+        rows = db.execute(f"SELECT id, path, root_id, notes != '' OR rating > 0 OR favourite "
+                          "OR EXISTS (SELECT 1 FROM tags WHERE file_id = files.id) AS annotated "
+                          f"FROM files WHERE {condition}", args).fetchall()
+        keep: dict[int, int] = {}  # entry -> the root it passes to
+        for other in others:
+            inside, inside_args = held_by(store, [other])
+            for row in db.execute(f"SELECT id FROM files WHERE {inside} AND id IN "
+                                  f"(SELECT id FROM files WHERE {condition})",
+                                  [*inside_args, *args]):
+                keep.setdefault(row[0], other)
+        forget = [row for row in rows if row["id"] not in keep]
+        report = RootRemoval(path, len(forget), sum(bool(r["annotated"]) for r in forget),
+                             len(keep))
+        if dry_run:
+            return report
+        db.executemany("UPDATE files SET root_id = ? WHERE id = ? AND root_id IS ?",
+                       [(other, file_id, root_id) for file_id, other in keep.items()])
+        db.executemany("DELETE FROM files WHERE id = ?", [(row["id"],) for row in forget])
+        db.execute("DELETE FROM roots WHERE id = ?", (root_id,))
+    return report

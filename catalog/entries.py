@@ -18,6 +18,10 @@ from mergekit_sd.errors import UserError
 SORTS = {"name": "name COLLATE NOCASE", "size": "size DESC", "date": "first_seen DESC",
          "rating": "rating DESC, favourite DESC", "kind": "kind, name COLLATE NOCASE",
          "arch": "architecture, name COLLATE NOCASE", "path": "path"}
+_MAX_ID = 2**63 - 1  # SQLite's largest integer
+# what identification calls a file, and what a scan says of one
+KINDS = ("checkpoint", "diffusion_model", "lora", "vae", "text_encoder", "embedding", "unknown")
+STATUSES = ("ok", "missing", "truncated", "invalid", "unreadable", "unchecked")
 
 
 @dataclass
@@ -119,7 +123,10 @@ def find_entry(store: Store, ref: str) -> Entry:
 def _matching_ids(store: Store, ref: str) -> list[int]:
     db = store.db
     bare = ref.removeprefix("#")
-    if bare.isdigit() and not ref.startswith(("sha256:", "catalog:")):
+    # ASCII digits only: str.isdigit() is true of '²' and '٣', which int() refuses or reads
+    # as another number; ids beyond SQLite's 64-bit integers cannot exist (a name, then)
+    if (bare.isascii() and bare.isdigit() and int(bare) <= _MAX_ID
+            and not ref.startswith(("sha256:", "catalog:"))):
         row = db.execute("SELECT id FROM files WHERE id = ?", (int(bare),)).fetchone()
         if row:
             return [row[0]]
@@ -167,13 +174,37 @@ class Filters:
     sort: str = "name"
     limit: int | None = None
 
+    def narrowing(self) -> bool:
+        """Whether any filter leaves entries out (an empty answer is then no sign of an
+        empty catalog)."""
+        return bool(self.kind or self.architecture or self.base_model or self.tags
+                    or self.search or self.status or self.favourite)
+
+
+def _choice(option: str, value: str, choices: tuple[str, ...]) -> str:
+    """`value` as one of `choices`, whatever its case; UserError naming them all if not."""
+    folded = value.strip().lower()
+    if folded not in choices:
+        raise UserError(f"{option} {value!r}: choose one of {', '.join(choices)}")
+    return folded
+
 
 def list_entries(store: Store, filters: Filters) -> list[Entry]:
     if filters.sort not in SORTS:
         raise UserError(f"--sort {filters.sort!r}: choose one of {', '.join(SORTS)}")
+    if filters.limit is not None and filters.limit < 1:
+        raise UserError(f"--limit {filters.limit}: give 1 or more (leave it out to list every "
+                        "entry)")
+    kind = _choice("--kind", filters.kind, KINDS) if filters.kind else None
+    status = _choice("--status", filters.status, STATUSES) if filters.status else None
     where, args = [], []
-    for column, value in (("kind", filters.kind), ("architecture", filters.architecture),
-                          ("status", filters.status)):
+    if kind:
+        # a sound file its contents could not name (a legacy pickle a scan does not load, a
+        # .pt embedding of a format identification does not know) is what its folder holds
+        where.append("(kind = ? OR (coalesce(kind, 'unknown') = 'unknown' AND status IN "
+                     "('ok', 'unchecked') AND folder_kind = ?))")
+        args.extend([kind, kind])
+    for column, value in (("architecture", filters.architecture), ("status", status)):
         if value:
             where.append(f"{column} = ?")
             args.append(value)
@@ -186,16 +217,19 @@ def list_entries(store: Store, filters: Filters) -> list[Entry]:
         where.append("id IN (SELECT file_id FROM tags WHERE tag = ?)")
         args.append(tag)
     if filters.search:
-        # one case-insensitive substring search over what people remember a model by
-        where.append("(instr(casefold(name), ?) OR instr(casefold(path), ?) OR "
-                     "instr(casefold(trigger_words), ?) OR instr(casefold(notes), ?) OR "
-                     "instr(casefold(coalesce(label, '')), ?))")
-        args.extend([filters.search.casefold()] * 5)
+        # one case-insensitive substring search over what people remember a model by: also
+        # the Civitai model and version names and the web UI's notes that `show` displays
+        # (json_extract gives the text itself; the stored JSON escapes non-ASCII letters)
+        texts = ["name", "path", "trigger_words", "notes", "coalesce(label, '')",
+                 *(f"coalesce(json_extract(details, '$.sidecar.{key}'), '')"
+                   for key in ("model_name", "version_name", "notes"))]
+        where.append("(" + " OR ".join(f"instr(casefold({t}), ?)" for t in texts) + ")")
+        args.extend([filters.search.casefold()] * len(texts))
     sql = f"SELECT {_COLUMNS} FROM files"
     if where:
         sql += " WHERE " + " AND ".join(where)
     sql += f" ORDER BY {SORTS[filters.sort]}, id"
-    if filters.limit:
+    if filters.limit is not None:
         sql += f" LIMIT {int(filters.limit)}"
     rows = store.db.execute(sql, args).fetchall()
     tags = _tags_of(store.db, [r["id"] for r in rows]) if rows else {}

@@ -3,8 +3,9 @@
 Hashing a library reads every byte, so it is never repeated for a file that has not changed,
 runs across several files at once (or one at a time for a spinning disk, where parallel reads
 seek), and each file's hashes land in their own transaction: an interrupted run keeps the files
-it finished. A new file whose SHA256 equals a missing entry's is that entry moved (to another
-disk, where the inode changes): it takes over the entry's tags, notes, rating and source.
+it finished. A new file whose SHA256 equals a missing entry's, first seen after that entry's
+file was last seen, is that entry moved (to another disk, where the inode changes): it takes
+over the entry's tags, notes, rating and source.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from catalog.hashes import FileHashes, hash_file
 from catalog.moves import adopt, missing_twin
+from catalog.root_folders import held_by
 from catalog.store import Store
 from mergekit_sd.errors import Cancelled
 from mergekit_sd.progress import CancelToken, ProgressCallback, no_progress
@@ -62,12 +64,15 @@ def hash_pending(store: Store, root_ids: list[int] | None = None, jobs: int = 2,
     """Hash every present file (of the given roots) whose cached hashes are stale or absent."""
     started = time.perf_counter()
     report = HashReport()
-    rows = store.db.execute("SELECT id, path, size, hash_key, root_id FROM files "
-                            "WHERE status NOT IN ('missing', 'unreadable')").fetchall()
+    sql, args = ("SELECT id, path, size, hash_key FROM files "
+                 "WHERE status NOT IN ('missing', 'unreadable')"), []
+    if root_ids is not None:
+        # the files under the roots' folders, also those a root around them recorded first
+        condition, args = held_by(store, root_ids)
+        sql += f" AND {condition}"
+    rows = store.db.execute(sql, args).fetchall()
     todo = []
     for row in rows:
-        if root_ids is not None and row["root_id"] not in root_ids:
-            continue
         try:
             key = hash_key(os.stat(row["path"]))
         except OSError as exc:
@@ -123,8 +128,9 @@ def hash_pending(store: Store, root_ids: list[int] | None = None, jobs: int = 2,
 
 
 def _adopt_missing_twin(store: Store, file_id: int, sha256: str) -> str | None:
-    """If a missing entry has this SHA256, the file moved: its entry's user data comes along
-    and the missing entry goes. Returns the old path."""
+    """If a missing entry has this SHA256 and this file appeared after it was last seen (and
+    not while its drive is unplugged: see catalog/moves.py), the file moved: the entries' user
+    data is joined here and the missing entry goes. Returns the old path."""
     with store.write() as db:
         twin = missing_twin(db, file_id, sha256)
         if twin is None:

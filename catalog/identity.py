@@ -7,7 +7,9 @@ picklable record, not the header itself.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
+from math import prod
 from pathlib import Path
 
 import orjson
@@ -15,10 +17,14 @@ import orjson
 from mergekit_sd.arch.identify import Identification, identify, sdxl_family
 from mergekit_sd.arch.lora import trigger_words
 from mergekit_sd.errors import BadModelFile
-from mergekit_sd.io.dtypes import SAFETENSORS_DTYPES
-from mergekit_sd.io.header import SafetensorsHeader, read_header
+from mergekit_sd.io.dtypes import SAFETENSORS_DTYPES, nbytes_of
+from mergekit_sd.io.header import SafetensorsHeader, TensorInfo, read_header
+from mergekit_sd.io.pickled import pickle_tensor_shapes, sniff_format
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+LEGACY_PICKLE = ("a pickle in PyTorch's legacy format (saved before torch 1.6): a scan does not "
+                 "load it, which would read every byte; `mergekit-sd convert` checks and "
+                 "identifies it")
 # our architecture ids -> the base-model labels Civitai (and so most users) call them by
 CIVITAI_BASE_MODELS = {
     "sd1": "SD 1.5", "sd2": "SD 2.1", "sdxl": "SDXL 1.0", "sdxl-refiner": "SDXL 1.0",
@@ -39,7 +45,7 @@ class Parent:
 
 @dataclass
 class FileFacts:
-    status: str  # ok, truncated, invalid, unreadable
+    status: str  # ok, truncated, invalid, unreadable, unchecked (a legacy pickle)
     problem: str | None = None
     kind: str | None = None
     architecture: str | None = None
@@ -59,9 +65,8 @@ def examine(path: str) -> FileFacts:
     """Identify one file from its header; a bad file gives a status and its sentence, never an
     exception (a scan goes on past it)."""
     p = Path(path)
-    if p.suffix.lower() in PICKLE_SUFFIXES:
-        return FileFacts("ok", kind="pickle", label="PyTorch pickle (convert it with "
-                         "`mergekit-sd convert` to identify it)")
+    if p.suffix.lower() in PICKLE_SUFFIXES and (facts := _examine_pickle(p)) is not None:
+        return facts
     try:
         header = read_header(p, loads=orjson.loads)  # twice as fast as json on big headers
     except BadModelFile as exc:
@@ -72,6 +77,41 @@ def examine(path: str) -> FileFacts:
     except OSError as exc:  # read_header turns these into sentences; belt and braces
         return FileFacts("unreadable", problem=str(exc))
     return facts_from_header(header)
+
+
+def _examine_pickle(path: Path) -> FileFacts | None:
+    """A .ckpt/.pt/.pth/.bin file's facts from its contents, never running code from it (the
+    safe loader, tensors memory-mapped: see pickled.pickle_tensor_shapes); None for a
+    safetensors file under a pickle's name, which is read as one."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            kind = sniff_format(f.read(9), size)
+    except OSError as exc:
+        return FileFacts("unreadable", problem=f"cannot read it ({exc.strerror})")
+    if kind == "safetensors":
+        return None
+    if kind == "unknown":  # a .pth path file of a Python venv, an error page, an empty file
+        return FileFacts("invalid", problem="is not a PyTorch checkpoint (neither a zip archive "
+                         "nor a pickle)" if size else "is empty")
+    try:
+        shapes = pickle_tensor_shapes(path)
+    except BadModelFile as exc:
+        status = "truncated" if "truncated" in exc.problem else "invalid"
+        return FileFacts(status, problem=exc.problem)
+    except (OSError, MemoryError) as exc:
+        return FileFacts("unreadable", problem=f"cannot read it ({exc})")
+    if shapes is None:
+        return FileFacts("unchecked", problem=LEGACY_PICKLE)
+    tensors, offset = {}, 0
+    for name, (dtype, shape) in shapes.items():
+        # byte ranges as if laid out in a safetensors file: what the counts are made from
+        end = offset + (nbytes_of(dtype, prod(shape)) or 0)
+        tensors[name] = TensorInfo(name, dtype, shape, offset, end)
+        offset = end
+    facts = facts_from_header(SafetensorsHeader(path, size, 0, tensors))
+    facts.details["format"] = "PyTorch pickle (zip)"
+    return facts
 
 
 def facts_from_header(header: SafetensorsHeader) -> FileFacts:

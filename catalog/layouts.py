@@ -44,8 +44,11 @@ class RootLayout:
     folders: tuple[ModelFolder, ...]
 
 
-def detect_layout(root: Path) -> RootLayout:
-    """The model folders under `root` (a web UI's folder, ComfyUI's folder, or any folder)."""
+def detect_layout(root: Path, problems: list[str] | None = None) -> RootLayout:
+    """The model folders under `root` (a web UI's folder, ComfyUI's folder, or any folder).
+    With `problems`, an unreadable extra_model_paths.yaml is a sentence there and ComfyUI's own
+    folders are the layout (a scan of all roots must not stop at one file's typo); without,
+    it is a UserError (adding the root is when to fix it)."""
     if not root.is_dir():
         raise UserError(f"{root}: not a folder; give the folder that holds your models")
     if (root / "models" / "Stable-diffusion").is_dir() or (root / "models" / "Lora").is_dir():
@@ -53,7 +56,14 @@ def detect_layout(root: Path) -> RootLayout:
     comfy = _existing(root, COMFYUI_FOLDERS)
     extra = root / "extra_model_paths.yaml"
     if comfy or extra.is_file():
-        folders = comfy + (read_extra_model_paths(extra) if extra.is_file() else ())
+        folders = comfy
+        if extra.is_file():
+            try:
+                folders += read_extra_model_paths(extra)
+            except UserError as exc:
+                if problems is None:
+                    raise
+                problems.append(f"{exc}; scanned ComfyUI's own folders only")
         return RootLayout("comfyui", tuple(dict.fromkeys(folders)))
     return RootLayout("plain", (ModelFolder(root, FOLDER_NAMES.get(root.name.lower())),))
 

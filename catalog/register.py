@@ -24,7 +24,7 @@ def root_containing(store: Store, path: Path) -> int | None:
     """The id of the deepest registered root that holds `path`."""
     best: tuple[int, int] | None = None
     for row in store.db.execute("SELECT id, path FROM roots"):
-        root = Path(row["path"])
+        root = Path(os.path.realpath(row["path"]))
         if path.is_relative_to(root) and (best is None or len(root.parts) > best[1]):
             best = (row["id"], len(root.parts))
     return best[0] if best else None
@@ -34,7 +34,7 @@ def register_download(store: Store, path: Path, hashes: FileHashes, root: Path, 
                       source_ids: dict) -> int:
     """Catalog `path` (adding `root` as a root when no root holds it yet); returns the entry
     id."""
-    path = Path(os.path.abspath(path))
+    path = Path(os.path.realpath(path))  # as a scan records it
     root_id = root_containing(store, path)
     if root_id is None:
         root_id, _ = add_root(store, root)

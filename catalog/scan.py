@@ -15,16 +15,18 @@ import os
 import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from catalog.identity import CIVITAI_BASE_MODELS, FileFacts, examine
 from catalog.layouts import detect_layout
 from catalog.moves import adopt, present_twin
+from catalog.root_folders import folders_of
 from catalog.sidecars import SidecarFacts, read_sidecars, sidecar_paths, signature
 from catalog.store import Store
 from catalog.walk import FoundFile, walk
-from mergekit_sd.errors import Cancelled
+from catalog.workers import exit_with
+from mergekit_sd.errors import Cancelled, UserError
 from mergekit_sd.progress import CancelToken, ProgressCallback, no_progress
 
 BATCH = 250  # rows per transaction
@@ -44,9 +46,14 @@ class ScanReport:
     partial: int = 0
     problems: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    # every file this scan found: a root inside another root finds the same files again, and
+    # they are counted and read once
+    found: set[str] = field(default_factory=set, repr=False)
+    walked: list[int] = field(default_factory=list, repr=False)  # roots whose folders were there
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in ("found", "walked")}
 
 
 def default_jobs() -> int:
@@ -64,6 +71,13 @@ def scan(store: Store, root_ids: list[int] | None = None, jobs: int | None = Non
         if root_ids is None or root["id"] in root_ids:
             _scan_root(store, root["id"], Path(root["path"]), jobs or default_jobs(), report,
                        progress, cancel)
+    if report.walked:
+        # the roots' files were seen present up to now: a copy first seen after this is new
+        # (the end of the whole scan, not of each root, so that copies under two roots found by
+        # one scan were there together)
+        with store.write() as db:
+            db.executemany("UPDATE roots SET scanned_at = ? WHERE id = ?",
+                           [(time.time(), root_id) for root_id in report.walked])
     report.seconds = time.perf_counter() - started
     return report
 
@@ -73,17 +87,32 @@ def _scan_root(store: Store, root_id: int, root: Path, jobs: int, report: ScanRe
     report.roots.append(str(root))
     # every entry, not only this root's: a root inside another root shares files with it
     known = {row["path"]: row for row in store.db.execute(
-        "SELECT id, path, root_id, device, inode, size, mtime_ns, status, sidecars FROM files")}
-    existing = {path: row for path, row in known.items() if row["root_id"] == root_id}
+        "SELECT id, path, root_id, device, inode, size, mtime_ns, status, sidecars, last_seen, "
+        "kind FROM files")}
+    # when this root's files were last seen present: its previous scan (None: never, or by a
+    # catalog too old to say)
+    previous = store.db.execute("SELECT scanned_at FROM roots WHERE id = ?",
+                                (root_id,)).fetchone()[0]
+    # the entries this root holds: recorded by it, or under its folders (recorded first by a
+    # root around it)
+    prefixes = tuple(folder.rstrip(os.sep) + os.sep for folder in folders_of(root))
+    existing = {path: row for path, row in known.items()
+                if row["root_id"] == root_id or path.startswith(prefixes)}
     if not root.is_dir():
         report.problems.append(f"{root}: the root folder is not there (an unplugged drive?); "
                                "its files are marked missing")
-        _mark_missing(store, [r for r in existing.values() if r["status"] != "missing"], report)
+        # files on a drive that is not there are missing, never moved to a copy elsewhere
+        _mark_missing(store, [r for r in existing.values() if r["status"] != "missing"], report,
+                      previous, may_have_moved=False)
         return
-    found = walk(detect_layout(root).folders)
+    try:
+        layout = detect_layout(root, report.problems)
+    except UserError as exc:  # gone or replaced since the check above: one root's problem
+        report.problems.append(f"{exc}; skipped")
+        return
+    found = walk(layout.folders)
     report.problems.extend(found.problems)
     report.partial += found.partial
-    report.seen += len(found.files)
 
     to_examine: list[FoundFile] = []
     sidecars_only: list[tuple[int, FoundFile]] = []
@@ -91,12 +120,17 @@ def _scan_root(store: Store, root_id: int, root: Path, jobs: int, report: ScanRe
     for file in found.files:
         key = str(file.path)
         seen_paths.add(key)
+        if key in report.found:  # an earlier root of this scan holds it too: done there
+            continue
+        report.found.add(key)
+        report.seen += 1
         row = known.get(key)
         if row is None:
             to_examine.append(file)
-        elif row["status"] == "missing" or (row["device"], row["inode"], row["size"],
-                                            row["mtime_ns"]) != (file.device, file.inode,
-                                                                 file.size, file.mtime_ns):
+        # "pickle": what scans recorded of .ckpt/.pt/.pth/.bin files before they read them
+        elif row["status"] == "missing" or row["kind"] == "pickle" or (
+                row["device"], row["inode"], row["size"], row["mtime_ns"]) != (
+                file.device, file.inode, file.size, file.mtime_ns):
             report.changed += 1
             to_examine.append(file)
         else:
@@ -122,9 +156,10 @@ def _scan_root(store: Store, root_id: int, root: Path, jobs: int, report: ScanRe
                 _refresh_sidecars(db, file_id, file, report.problems)
     moved_from = {old for old, _ in report.moved}
     gone = [row for path, row in existing.items()
-            if path not in seen_paths and path not in moved_from and row["status"] != "missing"
-            and not os.path.exists(path)]
-    _mark_missing(store, gone, report)
+            if path not in seen_paths and path not in report.found and path not in moved_from
+            and row["status"] != "missing" and not os.path.exists(path)]
+    _mark_missing(store, gone, report, previous, may_have_moved=True)
+    report.walked.append(root_id)
 
 
 def _batches(items: Iterator, size: int) -> Iterator[list]:
@@ -152,8 +187,10 @@ def examine_files(paths: list[str], jobs: int, progress: ProgressCallback = no_p
         # forkserver: workers start from a clean process that imported the identification code
         # once, and never inherit a parent's threads (the TUI has some) mid-lock
         context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["catalog.identity"])
-        pool = ProcessPoolExecutor(min(jobs, total), mp_context=context)
+        context.set_forkserver_preload(["catalog.identity", "catalog.workers"])
+        # a killed scan runs no clean-up: the workers leave by themselves (catalog/workers.py)
+        pool = ProcessPoolExecutor(min(jobs, total), mp_context=context,
+                                   initializer=exit_with, initargs=(os.getpid(),))
         results = pool.map(examine, paths, chunksize=max(1, min(32, total // (jobs * 8))))
     try:
         for done, facts in enumerate(results, 1):
@@ -169,8 +206,9 @@ def examine_files(paths: list[str], jobs: int, progress: ProgressCallback = no_p
 def _adopt_moves(store: Store, root_id: int, new_files: list[FoundFile],
                  report: ScanReport) -> set[str]:
     """New paths that are files the catalog knows under a path that no longer exists (same
-    device, inode, size and mtime: a rename or a move within the disk): the row follows the
-    file, keeping its tags, notes and hashes."""
+    device, inode, size and mtime: a rename or a move within the disk), or under a path that
+    leads to it through a link (recorded before files were recorded by their real paths): the
+    row follows the file, keeping its tags, notes and hashes."""
     moved: set[str] = set()
     if not new_files:
         return moved
@@ -179,7 +217,8 @@ def _adopt_moves(store: Store, root_id: int, new_files: list[FoundFile],
             for row in db.execute(
                     "SELECT id, path FROM files WHERE device = ? AND inode = ? AND size = ? "
                     "AND mtime_ns = ?", (file.device, file.inode, file.size, file.mtime_ns)):
-                if row["path"] != str(file.path) and not os.path.exists(row["path"]):
+                linked = os.path.realpath(row["path"]) == str(file.path)
+                if row["path"] != str(file.path) and (linked or not os.path.exists(row["path"])):
                     db.execute("UPDATE files SET path = ?, root_id = ?, folder_kind = ?, "
                                "name = ?, status = CASE status WHEN 'missing' THEN 'ok' ELSE "
                                "status END, sidecars = '', last_seen = ?, updated_at = ? "
@@ -188,28 +227,36 @@ def _adopt_moves(store: Store, root_id: int, new_files: list[FoundFile],
                                                 row["id"]))
                     _refresh_sidecars(db, row["id"], file, report.problems)
                     moved.add(str(file.path))
-                    report.moved.append((row["path"], str(file.path)))
+                    if linked:  # the same file under its real name is no move
+                        report.unchanged += 1
+                    else:
+                        report.moved.append((row["path"], str(file.path)))
                     break
     return moved
 
 
-def _mark_missing(store: Store, rows, report: ScanReport) -> None:
-    """Vanished files become missing entries, unless a present file with the same SHA256 is
-    known (scanned and hashed under another root first): then the entry's user data moves to
-    it and the stale entry goes."""
+def _mark_missing(store: Store, rows, report: ScanReport, previous: float | None,
+                  may_have_moved: bool) -> None:
+    """Vanished files become missing entries, keeping their data. One whose identical copy
+    (hashed under another root scanned first) appeared after the file was last seen present
+    is that file moved: its entry's user data joins the copy's and the stale entry goes (see
+    catalog/moves.py). `previous`: when the root's scan last saw its files."""
     if not rows:
         return
     with store.write() as db:
         for row in rows:
+            # seen present at the root's last scan, or later when a download recorded it
+            seen = None if previous is None else max(previous, row["last_seen"])
             sha256 = db.execute("SELECT sha256 FROM files WHERE id = ?",
                                 (row["id"],)).fetchone()[0]
-            twin = present_twin(db, row["id"], sha256) if sha256 else None
+            twin = (present_twin(db, row["id"], sha256, seen)
+                    if may_have_moved and sha256 and seen is not None else None)
             if twin is not None:
                 adopt(db, row["id"], twin["id"])
                 report.moved.append((row["path"], twin["path"]))
                 continue
-            db.execute("UPDATE files SET status = 'missing', updated_at = ? WHERE id = ?",
-                       (time.time(), row["id"]))
+            db.execute("UPDATE files SET status = 'missing', missing_since = ?, updated_at = ? "
+                       "WHERE id = ?", (seen, time.time(), row["id"]))
             report.missing += 1
 
 
@@ -243,38 +290,31 @@ def _source_ids(sidecar: SidecarFacts) -> dict:
 
 
 # A file seen before keeps its user data (tags, notes, rating) and, while it is the same file
-# (device, inode, size, mtime), its hashes.
-_SAME_FILE = ("files.device IS excluded.device AND files.inode IS excluded.inode AND "
-              "files.size = excluded.size AND files.mtime_ns = excluded.mtime_ns")
-_UPSERT = """INSERT INTO files (path, root_id, folder_kind, name, status, problem, device,
-        inode, size, mtime_ns, kind, architecture, base_model, label, layout, dtype, parameters,
-        lora_format, lora_rank, trigger_words, details, sidecars, preview, source,
-        source_ids, first_seen, last_seen, updated_at)
-    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,
-            ?, ?)
-    ON CONFLICT(path) DO UPDATE SET
-        -- a file under two roots (one inside the other) stays with the first
-        root_id = coalesce(files.root_id, excluded.root_id),
-        folder_kind = coalesce(files.folder_kind, excluded.folder_kind),
-        -- hashes of the file as it was are not the file's any more
-        sha256 = CASE WHEN {same} THEN files.sha256 END,
-        autov1 = CASE WHEN {same} THEN files.autov1 END,
-        autov3 = CASE WHEN {same} THEN files.autov3 END,
-        crc32 = CASE WHEN {same} THEN files.crc32 END,
-        hash_key = CASE WHEN {same} THEN files.hash_key END,
-        status = excluded.status, problem = excluded.problem, device = excluded.device,
-        inode = excluded.inode, size = excluded.size, mtime_ns = excluded.mtime_ns,
-        kind = excluded.kind, architecture = excluded.architecture,
-        base_model = excluded.base_model, label = excluded.label,
-        layout = excluded.layout, dtype = excluded.dtype,
-        parameters = excluded.parameters, lora_format = excluded.lora_format,
-        lora_rank = excluded.lora_rank, trigger_words = excluded.trigger_words,
-        details = excluded.details, sidecars = excluded.sidecars,
-        preview = excluded.preview,
-        source = CASE WHEN files.source = 'local' THEN excluded.source ELSE files.source END,
-        source_ids = json_patch(files.source_ids, excluded.source_ids),
-        last_seen = excluded.last_seen, updated_at = excluded.updated_at
-    RETURNING id""".replace("{same}", _SAME_FILE)
+# (device, inode, size, mtime), its hashes. An UPDATE, then an INSERT only for a new path: an
+# INSERT ... ON CONFLICT DO UPDATE would use up an AUTOINCREMENT id every time it updates.
+_COLUMNS = ("path", "root_id", "folder_kind", "name", "status", "problem", "device", "inode",
+            "size", "mtime_ns", "kind", "architecture", "base_model", "label", "layout", "dtype",
+            "parameters", "lora_format", "lora_rank", "trigger_words", "details", "sidecars",
+            "preview", "source", "source_ids", "first_seen", "last_seen", "updated_at")
+_SAME_FILE = ("device IS :device AND inode IS :inode AND size = :size AND "
+              "mtime_ns = :mtime_ns")
+_REPLACED = ("status", "problem", "device", "inode", "size", "mtime_ns", "kind", "architecture",
+             "base_model", "label", "layout", "dtype", "parameters", "lora_format", "lora_rank",
+             "trigger_words", "details", "sidecars", "preview", "last_seen", "updated_at")
+_UPDATE = ("UPDATE files SET "
+           # a file under two roots (one inside the other) stays with the first
+           "root_id = coalesce(root_id, :root_id), "
+           "folder_kind = coalesce(folder_kind, :folder_kind), "
+           # (every expression reads the row as it was) hashes of the file as it was are not
+           # the file's any more
+           + "".join(f"{h} = CASE WHEN {_SAME_FILE} THEN {h} END, "
+                     for h in ("sha256", "autov1", "autov3", "crc32", "hash_key"))
+           + "".join(f"{c} = :{c}, " for c in _REPLACED)
+           + "source = CASE WHEN source = 'local' THEN :source ELSE source END, "
+           "source_ids = json_patch(source_ids, :source_ids) "
+           "WHERE path = :path RETURNING id")
+_INSERT = (f"INSERT INTO files ({', '.join(_COLUMNS)}) "
+           f"VALUES ({', '.join(':' + c for c in _COLUMNS)}) RETURNING id")
 
 
 def _upsert(db, root_id: int, file: FoundFile, facts: FileFacts,
@@ -289,14 +329,15 @@ def _upsert(db, root_id: int, file: FoundFile, facts: FileFacts,
     merged = merged_columns(header, sidecar)
     ids = _source_ids(sidecar)
     now = time.time()
-    row = db.execute(_UPSERT,
-        (str(file.path), root_id, file.folder_kind, _stem(file.path), facts.status,
-         facts.problem, file.device, file.inode, file.size, file.mtime_ns, facts.kind,
-         facts.architecture, merged["base_model"], facts.label, facts.layout, facts.dtype,
-         facts.parameters, facts.lora_format, facts.lora_rank, merged["trigger_words"],
-         json.dumps(details), signature(file.sidecars), merged["preview"],
-         "civitai" if ids else "local", json.dumps(ids), now, now, now),
-    ).fetchone()
+    values = dict(zip(_COLUMNS, (
+        str(file.path), root_id, file.folder_kind, _stem(file.path), facts.status,
+        facts.problem, file.device, file.inode, file.size, file.mtime_ns, facts.kind,
+        facts.architecture, merged["base_model"], facts.label, facts.layout, facts.dtype,
+        facts.parameters, facts.lora_format, facts.lora_rank, merged["trigger_words"],
+        json.dumps(details), signature(file.sidecars), merged["preview"],
+        "civitai" if ids else "local", json.dumps(ids), now, now, now), strict=True))
+    row = (db.execute(_UPDATE, values).fetchone()
+           or db.execute(_INSERT, values).fetchone())
     file_id = row[0]
     db.execute("DELETE FROM parents WHERE file_id = ?", (file_id,))
     db.executemany("INSERT OR IGNORE INTO parents (file_id, ref_kind, ref, name, role) "
@@ -308,9 +349,12 @@ def _upsert(db, root_id: int, file: FoundFile, facts: FileFacts,
 def scan_file(store: Store, root_id: int, path: Path) -> int:
     """Record one file of a root now (a download just finished), as a scan of the root would;
     returns its entry id."""
+    path = Path(os.path.realpath(path))  # as a scan records it
     st = path.stat()
     root = Path(store.db.execute("SELECT path FROM roots WHERE id = ?", (root_id,)).fetchone()[0])
-    kinds = [(f.path, f.kind) for f in detect_layout(root).folders if path.is_relative_to(f.path)]
+    # a download is recorded even where the root's extra_model_paths.yaml is broken
+    kinds = [(real, f.kind) for f in detect_layout(root, problems=[]).folders
+             if path.is_relative_to(real := Path(os.path.realpath(f.path)))]
     folder_kind = max(kinds, key=lambda item: len(item[0].parts))[1] if kinds else None
     file = FoundFile(path, folder_kind, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
                      sidecar_paths(path))

@@ -10,6 +10,7 @@ A sidecar that cannot be read is reported and otherwise ignored; it never stops 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,7 @@ PREVIEWS = (".preview.png", ".preview.jpg", ".preview.jpeg", ".preview.webp",
             ".png", ".jpg", ".jpeg", ".webp")
 SIDECAR_SUFFIXES = (CIVITAI_INFO, STABILITY_MATRIX, A1111_JSON) + PREVIEWS
 # AUTOMATIC1111's "sd version" choices -> our architecture ids
+_SURROGATES = re.compile("[\ud800-\udfff]")
 A1111_SD_VERSIONS = {"SD1": "sd1", "SD2": "sd2", "SDXL": "sdxl", "SD3": "sd3-medium"}
 
 
@@ -89,12 +91,18 @@ def _load_json(path: Path, facts: SidecarFacts) -> dict | None:
     return doc
 
 
+def _clean(text: str) -> str:
+    """JSON may escape half a surrogate pair (`"\\udcff"`): no text SQLite can store, so it
+    becomes U+FFFD, the rest of the sidecar and the file's row unharmed."""
+    return _SURROGATES.sub("\ufffd", text)
+
+
 def _words(value) -> list[str]:
     if isinstance(value, str):
         value = value.split(",")
     if not isinstance(value, list):
         return []
-    return [w.strip() for w in value if isinstance(w, str) and w.strip()]
+    return [_clean(w.strip()) for w in value if isinstance(w, str) and w.strip()]
 
 
 def _int(value) -> int | None:
@@ -102,7 +110,7 @@ def _int(value) -> int | None:
 
 
 def _text(value) -> str | None:
-    return value.strip() or None if isinstance(value, str) else None
+    return _clean(value.strip()) or None if isinstance(value, str) else None
 
 
 def read_sidecars(paths: dict[str, Path]) -> SidecarFacts:

@@ -9,6 +9,7 @@ locked" however long the busy timeout), and waits up to `BUSY_TIMEOUT_S` for it.
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,7 +20,7 @@ from mergekit_sd.errors import UserError
 ENV_VAR = "MERGEKIT_SD_CATALOG"
 FILE_NAME = "catalog.sqlite"
 BUSY_TIMEOUT_S = 60.0
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 3
 _TABLES = {"roots", "files", "tags", "parents"}
 # SQLite's codes for a file whose pages are garbage (they show only when a page is read)
 _DAMAGE_CODES = ("SQLITE_CORRUPT", "SQLITE_NOTADB")
@@ -77,7 +78,27 @@ CREATE TABLE parents (
 ) WITHOUT ROWID;
 CREATE INDEX parents_ref ON parents(ref);
 """
-_MIGRATIONS = {1: _SCHEMA_V1}
+# Version 2. Entry ids are never used again once deleted (AUTOINCREMENT): `#12` in a recipe must
+# not name another model after #12 was removed. SQLite cannot add AUTOINCREMENT to a table, so
+# `files` is copied into one made with it, ids and all (the tags and parents refer to them),
+# and its indexes made again. Deriving the table from version 1 keeps one text of its columns.
+_FILES_V1 = re.search(r"CREATE TABLE files \(.*?\n\);", _SCHEMA_V1, re.S).group(0)
+_FILES_INDEXES = "".join(line + "\n" for line in _SCHEMA_V1.splitlines()
+                         if line.startswith("CREATE INDEX files_"))
+_SCHEMA_V2 = (
+    _FILES_V1.replace("CREATE TABLE files (", "CREATE TABLE files_v2 (")
+             .replace("id INTEGER PRIMARY KEY,", "id INTEGER PRIMARY KEY AUTOINCREMENT,", 1)
+    + "\nINSERT INTO files_v2 SELECT * FROM files;\nDROP TABLE files;\n"
+    "ALTER TABLE files_v2 RENAME TO files;\n" + _FILES_INDEXES
+)
+# Version 3. When a root's scan last saw its files present, and since when an entry is missing
+# (its root's scan before the one that found the file gone): a copy of a vanished file is the
+# file moved only when it appeared after that (catalog/moves.py).
+_SCHEMA_V3 = """
+ALTER TABLE roots ADD COLUMN scanned_at REAL;
+ALTER TABLE files ADD COLUMN missing_since REAL;
+"""
+_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3}
 
 
 def catalog_path(explicit: str | os.PathLike | None = None) -> Path:
@@ -164,14 +185,22 @@ class Store:
         if version > SCHEMA_VERSION:
             raise UserError(f"{self.path}: the catalog was written by a newer mergekit-sd "
                             f"(schema {version}); upgrade mergekit-sd to use it")
-        with self.write() as db:
-            # read again under the write lock: another process may have migrated meanwhile
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            for target in range(version + 1, SCHEMA_VERSION + 1):
-                for statement in _MIGRATIONS[target].split(";"):
-                    if statement.strip():
-                        db.execute(statement)
-                db.execute(f"PRAGMA user_version = {target}")
+        # a table copied and dropped (version 2) would take the tags and parents with it
+        # through ON DELETE CASCADE; the pragma is ignored inside a transaction, so set it here
+        self.db.execute("PRAGMA foreign_keys = OFF")
+        try:
+            with self.write() as db:
+                # read again under the write lock: another process may have migrated meanwhile
+                version = db.execute("PRAGMA user_version").fetchone()[0]
+                for target in range(version + 1, SCHEMA_VERSION + 1):
+                    for statement in _MIGRATIONS[target].split(";"):
+                        if statement.strip():
+                            db.execute(statement)
+                    db.execute(f"PRAGMA user_version = {target}")
+                if db.execute("PRAGMA foreign_key_check").fetchone() is not None:
+                    raise sqlite3.DatabaseError("an entry's tags or parents lost their entry")
+        finally:
+            self.db.execute("PRAGMA foreign_keys = ON")
 
     def _refuse_foreign(self) -> None:
         """Another program's SQLite file: ours has all our tables, or (a new file) no table at

@@ -7,6 +7,7 @@ so `mergekit-sd --help` does not pay for it.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -38,25 +39,64 @@ def add_root(
 ) -> None:
     """Register a folder whose models the catalog keeps track of (files stay where they are)."""
     from catalog.edits import add_root as register
+    from catalog.edits import enclosing_root
 
     with open_store(catalog) as store:
+        before = {row[0] for row in store.db.execute("SELECT id FROM roots")}
         root_id, layout = register(store, path)
-        typer.echo(f"root #{root_id}: {path} ({layout.name} layout)")
+        real = store.db.execute("SELECT path FROM roots WHERE id = ?", (root_id,)).fetchone()[0]
+        shown = f"{path}" + ("" if os.path.abspath(path.expanduser()) == real else f" -> {real}")
+        typer.echo(f"root #{root_id}: {shown} ({layout.name} layout)"
+                   + (", already a root" if root_id in before else ""))
         for folder in layout.folders:
             typer.echo(f"  {folder.kind or 'any models':>15}  {folder.path}")
+        if (outer := enclosing_root(store, root_id)) is not None:
+            typer.echo(f"note: inside root #{outer[0]} {outer[1]}; its files are catalogued once "
+                       "(scans of either root find them)")
         if scan_now:
             _run_scan(store, [root_id], hash_files=False, jobs=None, sequential=False,
                       as_json=False)
 
 
+@catalog_app.command("remove-root")
+def remove_root_command(
+    path: Path = typer.Argument(..., help="A registered root (as `roots` lists it)."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask before forgetting entries "
+                             "with tags, notes or ratings."),
+    catalog: CatalogOption = None,
+) -> None:
+    """Stop keeping track of a root: its entries are forgotten, except those another root
+    holds too; no file is touched."""
+    from catalog.edits import remove_root, root_ids_for
+
+    with open_store(catalog) as store:
+        root_id = root_ids_for(store, [path])[0]
+        plan = remove_root(store, root_id, dry_run=True)
+        if plan.annotated and not yes:
+            question = (f"{plan.annotated} of its {plan.forgotten} entries have tags, notes or "
+                        "ratings; forget them?")
+            if not sys.stdin.isatty():
+                raise UserError(f"{plan.path}: {question[:-1]} (pass --yes: there is no "
+                                "terminal to ask on)")
+            if not typer.confirm(question, default=False):
+                typer.echo("kept the root and its entries")
+                raise typer.Exit(1)
+        done = remove_root(store, root_id)
+    typer.echo(f"removed root #{root_id} {done.path}: forgot {done.forgotten} entries"
+               + (f", {done.kept} kept (another root holds them)" if done.kept else "")
+               + "; no file was touched")
+
+
 @catalog_app.command("roots")
 def roots(catalog: CatalogOption = None) -> None:
-    """List the registered roots."""
+    """List the registered roots, each with the files it holds (a root inside another root
+    holds some of its files too)."""
+    from catalog.root_folders import file_counts
+
     with open_store(catalog) as store:
-        rows = store.db.execute("SELECT r.id, r.path, r.layout, count(f.id) AS files FROM roots r "
-                                "LEFT JOIN files f ON f.root_id = r.id GROUP BY r.id ORDER BY r.id")
-        for row in rows:
-            typer.echo(f"#{row['id']} {row['path']} ({row['layout']}, {row['files']} files)")
+        counts = file_counts(store)
+        for row in store.db.execute("SELECT id, path, layout FROM roots ORDER BY id"):
+            typer.echo(f"#{row['id']} {row['path']} ({row['layout']}, {counts[row['id']]} files)")
 
 
 def _run_scan(store, root_ids, hash_files: bool, jobs: int | None, sequential: bool,
@@ -94,22 +134,30 @@ def scan_roots(
     with open_store(catalog) as store:
         root_ids = root_ids_for(store, paths) if paths else None
         if not store.db.execute("SELECT 1 FROM roots").fetchone():
-            typer.echo("no roots yet; add one with `mergekit-sd catalog add-root PATH`")
+            if as_json:  # a script parsing the answer gets a document, also of nothing done
+                from catalog.scan import ScanReport
+
+                _print_json({"scan": ScanReport().to_dict(), "hash": None})
+            else:
+                typer.echo("no roots yet; add one with `mergekit-sd catalog add-root PATH`")
             return
         _run_scan(store, root_ids, hash_files, jobs, sequential, as_json)
 
 
 @catalog_app.command("list")
 def list_command(
-    kind: str = typer.Option(None, help="checkpoint, lora, vae, embedding, diffusion_model ..."),
+    kind: str = typer.Option(None, help="checkpoint, diffusion_model, lora, vae, text_encoder, "
+                             "embedding or unknown."),
     arch: str = typer.Option(None, help="Architecture id or alias (sd1, sdxl, flux-dev ...)."),
     base: str = typer.Option(None, help="Base model label (SDXL 1.0, Pony, Illustrious ...)."),
     tag: list[str] = typer.Option([], help="Only entries with this tag (repeatable)."),
-    search: str = typer.Option(None, help="Text in the name, path, trigger words or notes."),
-    status: str = typer.Option(None, help="ok, missing, truncated or invalid."),
+    search: str = typer.Option(None, help="Text in the name, path, trigger words, notes (yours "
+                               "or the web UI's) or Civitai model and version name."),
+    status: str = typer.Option(None, help="ok, missing, truncated, invalid, unreadable or "
+                               "unchecked (a legacy pickle a scan does not load)."),
     favourites: bool = typer.Option(False, "--favourites", help="Only favourites."),
     sort: str = typer.Option("name", help="name, size, date, rating, kind, arch or path."),
-    limit: int = typer.Option(None, help="At most this many entries."),
+    limit: int = typer.Option(None, help="At most this many entries (1 or more)."),
     as_json: AsJson = False,
     catalog: CatalogOption = None,
 ) -> None:
@@ -119,12 +167,12 @@ def list_command(
 
     architecture = _architecture_id(arch) if arch else None
     with open_store(catalog) as store:
-        entries = list_entries(store, Filters(kind, architecture, base, tag, search, status,
-                                              favourites, sort, limit))
+        filters = Filters(kind, architecture, base, tag, search, status, favourites, sort, limit)
+        entries = list_entries(store, filters)
     if as_json:
         _print_json([e.to_dict() for e in entries])
     else:
-        show_list(entries)
+        show_list(entries, filtered=filters.narrowing())
 
 
 def _architecture_id(name: str) -> str:
@@ -253,7 +301,8 @@ def rm(
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask before deleting the file."),
     catalog: CatalogOption = None,
 ) -> None:
-    """Forget an entry; with --delete-file, delete its file too (asks first)."""
+    """Forget an entry; with --delete-file, delete its file too (asks first). A file left on
+    disk under a root comes back as a new entry on the next scan."""
     from catalog.edits import remove
     from catalog.entries import find_entry
 
@@ -268,6 +317,10 @@ def rm(
             raise typer.Exit(1)
         deleted = remove(store, entry, delete_file)
     typer.echo(f"removed #{entry.id} {entry.name}" + (" and deleted its file" if deleted else ""))
+    if not deleted and os.path.exists(entry.path):
+        typer.echo("note: its file is still there, so the next scan adds it again as a new entry "
+                   "(with a new id); --delete-file deletes it, `catalog remove-root` stops "
+                   "scanning its root")
 
 
 @catalog_app.command("identify")

@@ -7,14 +7,19 @@ throwaway path so nothing can reach the user's real catalog."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import select
 import shutil
+import signal
 import sqlite3
 import struct
 import subprocess
 import sys
 import textwrap
+import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,7 +29,7 @@ from conftest import REPO, run_cli
 
 from catalog import scan as scan_module
 from catalog.dupes import find_duplicates
-from catalog.edits import add_root, remove, set_note, set_rating, set_tags
+from catalog.edits import add_root, remove, remove_root, set_note, set_rating, set_tags
 from catalog.entries import Filters, find_entry, get_entry, list_entries
 from catalog.hash_cache import hash_pending
 from catalog.hashes import hash_file
@@ -34,7 +39,7 @@ from catalog.lineage import Node, lineage
 from catalog.resolver import CatalogResolver
 from catalog.scan import PARALLEL_MIN, scan
 from catalog.sidecars import write_civitai_info, write_preview
-from catalog.store import ENV_VAR, Store
+from catalog.store import ENV_VAR, SCHEMA_VERSION, Store
 from mergekit_sd.errors import UserError
 from mergekit_sd.testing import make_demo_workspace, write_checkpoint, write_embedding, write_lora
 
@@ -215,6 +220,22 @@ def test_bad_extra_model_paths_yaml_is_a_user_error(tmp_path):
         detect_layout(tmp_path)
 
 
+def test_a_broken_extra_model_paths_yaml_is_a_note_and_the_other_roots_are_scanned(
+        tmp_path, store, tiny):
+    comfy = tmp_path / "ComfyUI"
+    put(tiny["lora"], comfy / "models" / "loras" / "comfy-lora.safetensors")
+    (comfy / "extra_model_paths.yaml").write_text("a111:\n    base_path: ../webui\n")
+    add_root(store, comfy)
+    webui(tmp_path / "webui", tiny)
+    add_root(store, tmp_path / "webui")
+    (comfy / "extra_model_paths.yaml").write_text("a111:\n    base_path: [unclosed\n")
+    report = scan(store, jobs=1)
+    assert report.problems == [
+        f"{comfy / 'extra_model_paths.yaml'}: cannot read it as YAML (ParserError); fix the "
+        "file or add the model folders as roots one by one; scanned ComfyUI's own folders only"]
+    assert sorted(names(list_entries(store, Filters()))) == sorted([*WEBUI_FILES, "comfy-lora"])
+
+
 # --- scanning --------------------------------------------------------------------------------
 
 
@@ -322,6 +343,71 @@ def test_text_file_saved_as_safetensors_is_invalid_not_truncated(tmp_path, store
     assert find_entry(store, "page").status == "invalid"
 
 
+def test_pickles_are_identified_from_their_contents_without_running_them(tmp_path, store, tiny):
+    import torch
+    from safetensors.torch import load_file
+
+    webui_dir = tmp_path / "webui"
+    checkpoints = webui_dir / "models" / "Stable-diffusion"
+    checkpoints.mkdir(parents=True)
+    torch.save(load_file(tiny["sd1"]), checkpoints / "old-model.ckpt")
+    torch.save({"state_dict": load_file(tiny["sd1"])}, checkpoints / "lightning.ckpt")
+    data = (checkpoints / "old-model.ckpt").read_bytes()
+    (checkpoints / "cut.ckpt").write_bytes(data[: len(data) // 2])
+    (checkpoints / "tiny.ckpt").write_bytes(b"abcdef")
+    shutil.copy(tiny["sdxl"], checkpoints / "renamed.ckpt")  # a safetensors file, misnamed
+    shutil.copy(tiny["sd1"], checkpoints / "base.safetensors")
+    marker = tmp_path / "ran"
+
+    class Evil:  # loaded unrestricted, it would run a command
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    torch.save({"model.diffusion_model.x": torch.zeros(1), "hook": Evil()},
+               checkpoints / "evil.ckpt")
+    embeddings = webui_dir / "embeddings"
+    embeddings.mkdir()
+    torch.save({"string_to_param": {"*": torch.zeros(2, 768)}}, embeddings / "easyneg.pt",
+               _use_new_zipfile_serialization=False)  # a legacy pickle: not loaded
+    site = webui_dir / "models" / "Lora" / "venv"
+    site.mkdir(parents=True)
+    (site / "distutils-precedence.pth").write_text("import _distutils_hack\n")
+    add_root(store, webui_dir)
+    scan(store, jobs=1)
+    got = {e.name: (e.status, e.kind, e.architecture) for e in list_entries(store, Filters())}
+    assert got == {
+        "old-model": ("ok", "checkpoint", "sd1"), "lightning": ("ok", "checkpoint", "sd1"),
+        "renamed": ("ok", "checkpoint", "sdxl"), "cut": ("truncated", None, None),
+        "tiny": ("invalid", None, None), "evil": ("invalid", None, None),
+        "easyneg": ("unchecked", None, None), "distutils-precedence": ("invalid", None, None),
+        "base": ("ok", "checkpoint", "sd1")}
+    assert not marker.exists()
+    assert "would run code" in find_entry(store, "evil").problem
+    assert find_entry(store, "distutils-precedence").problem == (
+        "is not a PyTorch checkpoint (neither a zip archive nor a pickle)")
+    assert find_entry(store, "easyneg").problem.startswith("a pickle in PyTorch's legacy format")
+    assert find_entry(store, "old-model").parameters == find_entry(store, "base").parameters
+    assert names(list_entries(store, Filters(kind="embedding"))) == ["easyneg"]
+    assert names(list_entries(store, Filters(kind="checkpoint"))) == [
+        "base", "lightning", "old-model", "renamed"]
+
+
+def test_pickles_a_scan_called_ok_unread_are_read_again(tmp_path, store, tiny):
+    import torch
+    from safetensors.torch import load_file
+
+    ckpt = tmp_path / "models" / "old.ckpt"
+    ckpt.parent.mkdir()
+    torch.save(load_file(tiny["sd1"]), ckpt)
+    add_root(store, tmp_path / "models")
+    scan(store, jobs=1)
+    with store.write() as db:  # as scans recorded it before they read pickles
+        db.execute("UPDATE files SET kind = 'pickle', architecture = NULL")
+    assert scan(store, jobs=1).changed == 1
+    assert (find_entry(store, "old").kind, find_entry(store, "old").architecture) == (
+        "checkpoint", "sd1")
+
+
 def test_broken_links_and_link_loops_are_reported_and_the_scan_goes_on(tmp_path, store, tiny):
     loras = tmp_path / "webui" / "models" / "Lora"
     put(tiny["lora"], loras / "real.safetensors")
@@ -339,6 +425,38 @@ def test_broken_links_and_link_loops_are_reported_and_the_scan_goes_on(tmp_path,
         "walked once",
     ])
     assert names(list_entries(store, Filters())) == ["real"]
+
+
+def test_names_that_are_not_utf8_are_reported_and_the_rest_is_scanned(tmp_path, store, tiny):
+    odd = tmp_path / "odd"
+    for i in range(9):
+        put(tiny["emb"], odd / f"good{i}.safetensors")
+    put(tiny["emb"], Path(os.fsdecode(bytes(odd) + b"/bad\xff.safetensors")))
+    put(tiny["emb"], Path(os.fsdecode(bytes(odd) + b"/sub\xe9/inner.safetensors")))
+    add_root(store, odd)
+    report = scan(store, jobs=1)
+    assert sorted(report.problems) == [
+        f"{odd}/bad\\xff.safetensors: its name is not valid UTF-8; skipped (rename it to scan it)",
+        f"{odd}/sub\\xe9: its name is not valid UTF-8; skipped (rename it to scan it)"]
+    assert report.new == 9 and len(list_entries(store, Filters())) == 9
+    assert scan(store, jobs=1).unchanged == 9
+    with pytest.raises(UserError, match=r"sub\\xe9: its name is not valid UTF-8"):
+        add_root(store, Path(os.fsdecode(bytes(odd) + b"/sub\xe9")))
+
+
+def test_a_sidecar_with_half_a_surrogate_pair_costs_no_file_its_row(tmp_path, store, tiny):
+    loras = tmp_path / "loras"
+    put(tiny["lora"], loras / "a.safetensors")
+    put(tiny["lora_xl"], loras / "b.safetensors")
+    # valid JSON that Python reads as text no UTF-8 encoder takes
+    (loras / "a.civitai.info").write_text('{"trainedWords": ["x\\udcff"], '
+                                          '"model": {"name": "N\\ud800"}}')
+    add_root(store, loras)
+    report = scan(store, jobs=1)
+    assert (report.new, report.problems) == (2, [])
+    entry = find_entry(store, "a")
+    assert (entry.trigger_words, entry.details["sidecar"]["model_name"]) == (["x\ufffd"],
+                                                                            "N\ufffd")
 
 
 def test_fifos_named_like_models_or_sidecars_are_skipped_not_waited_on(tmp_path, tiny):
@@ -450,17 +568,72 @@ def test_file_moved_to_another_disk_takes_over_its_entry_once_hashed(tmp_path, s
     files["mychar"].unlink()
     report = scan(store, jobs=1)
     assert (report.new, report.missing, report.moved) == (1, 1, [])
+    # annotated before it was hashed: both entries' data is kept
+    set_tags(store, find_entry(store, str(copy)), ["new"], [])
+    set_note(store, find_entry(store, str(copy)), "copied")
     hashed = hash_pending(store)
     assert hashed.moved == [(str(files["mychar"]), str(copy))]
     assert hashed.hashed == 1
     new = find_entry(store, "mychar")
     assert (new.path, new.status, new.tags, new.notes, new.rating, new.favourite) == (
-        str(copy), "ok", ["style"], "from civitai", 5, True)
+        str(copy), "ok", ["new", "style"], "from civitai\ncopied", 5, True)
     assert new.id != old.id and new.sha256 == old.sha256
     assert store.db.execute("SELECT count(*) FROM files WHERE path = ?",
                             (str(files["mychar"]),)).fetchone()[0] == 0
     assert store.db.execute("SELECT count(*) FROM tags WHERE file_id = ?",
                             (old.id,)).fetchone()[0] == 0
+
+
+def test_an_unplugged_backup_drive_keeps_its_entries_and_data(tmp_path, store, tiny):
+    internal = put(tiny["sd1"], tmp_path / "internal" / "model.safetensors")
+    backup = put(tiny["sd1"], tmp_path / "external" / "model-backup.safetensors")
+    add_root(store, tmp_path / "internal")
+    add_root(store, tmp_path / "external")
+    scan(store, jobs=1)
+    hash_pending(store)
+    model, copy = find_entry(store, "model"), find_entry(store, "model-backup")
+    set_note(store, model, "internal: use at cfg 5")
+    set_note(store, copy, "backup: archive copy")
+    set_tags(store, copy, ["archive"], [])
+    os.rename(tmp_path / "external", tmp_path / "unplugged")
+    report = scan(store, jobs=1)
+    assert (report.moved, report.missing) == ([], 1)
+    assert names(list_entries(store, Filters(status="missing"))) == ["model-backup"]
+    # a copy of the model hashed meanwhile is not the unplugged file moved
+    put(internal, tmp_path / "internal" / "model-copy.safetensors")
+    scan(store, jobs=1)
+    assert hash_pending(store).moved == []
+    os.rename(tmp_path / "unplugged", tmp_path / "external")
+    scan(store, jobs=1)
+    back, model = find_entry(store, str(backup)), find_entry(store, "model")
+    assert (back.id, back.status, back.tags, back.notes) == (
+        copy.id, "ok", ["archive"], "backup: archive copy")
+    assert (model.tags, model.notes) == ([], "internal: use at cfg 5")
+
+
+def test_deleting_one_of_two_copies_keeps_its_entry_until_it_is_restored(tmp_path, store, tiny):
+    first = put(tiny["sd1"], tmp_path / "sw" / "c.safetensors")
+    second = put(tiny["sd1"], tmp_path / "sw" / "c2.safetensors")
+    add_root(store, tmp_path / "sw")
+    scan(store, jobs=1)
+    hash_pending(store)
+    c = find_entry(store, "c")
+    set_tags(store, c, ["keeper"], [])
+    set_note(store, c, "the one I use")
+    set_note(store, find_entry(store, "c2"), "scratch copy")
+    trash = tmp_path / "trash"
+    trash.mkdir()
+    os.rename(first, trash / first.name)  # another disk's trash would be a copy: the same here
+    report = scan(store, jobs=1)
+    assert (report.moved, report.missing) == ([], 1)
+    assert hash_pending(store).moved == []
+    assert (find_entry(store, "c2").notes, find_entry(store, "c2").tags) == ("scratch copy", [])
+    os.rename(trash / first.name, first)
+    scan(store, jobs=1)
+    back = find_entry(store, str(first))
+    assert (back.id, back.status, back.tags, back.notes) == (c.id, "ok", ["keeper"],
+                                                             "the one I use")
+    assert find_entry(store, str(second)).notes == "scratch copy"
 
 
 def test_move_found_when_the_new_disk_is_scanned_first(tmp_path, store, tiny):
@@ -493,6 +666,102 @@ def test_nested_roots_rescan_reads_nothing(tmp_path, store, tiny, monkeypatch):
     no_reading(monkeypatch)
     report = scan(store, jobs=1)
     assert (report.new, report.changed) == (0, 0)
+
+
+def test_a_root_inside_another_counts_its_files_once_and_hashes_them_when_named(tmp_path,
+                                                                                 tiny):
+    catalog = tmp_path / "c.sqlite"
+    webui(tmp_path / "webui", tiny)
+    put(tiny["lora_xl"], tmp_path / "webui" / "models" / "Lora" / "second.safetensors")
+    inner = tmp_path / "webui" / "models" / "Lora"
+    with Store.open(catalog) as store:
+        add_root(store, tmp_path / "webui")
+        inner_id, _ = add_root(store, inner)
+        report = scan(store, jobs=1)
+        assert (report.seen, report.new, report.unchanged) == (7, 7, 0)
+        report = scan(store, root_ids=[inner_id], jobs=1)
+        assert (report.seen, report.new, report.unchanged) == (2, 0, 2)
+        hashed = hash_pending(store, root_ids=[inner_id])
+        assert hashed.hashed == 2
+        assert {e.name for e in list_entries(store, Filters()) if e.sha256} == {"mychar",
+                                                                                "second"}
+        # the inner root's file vanishes: a scan of the inner root alone marks it missing
+        (inner / "second.safetensors").unlink()
+        assert scan(store, root_ids=[inner_id], jobs=1).missing == 1
+    assert catalog_cli(catalog, "roots").stdout.splitlines() == [
+        f"#1 {tmp_path / 'webui'} (a1111, 7 files)", f"#2 {inner} (plain, 2 files)"]
+
+
+def test_a_folder_reached_through_a_link_is_one_root_and_its_files_one_entry_each(tmp_path,
+                                                                                  tiny):
+    catalog = tmp_path / "c.sqlite"
+    files = webui(tmp_path / "webui", tiny)
+    link = tmp_path / "webui-link"
+    link.symlink_to(tmp_path / "webui")
+    added = catalog_cli(catalog, "add-root", link, "--scan")
+    assert added.stdout.startswith(f"root #1: {link} -> {tmp_path / 'webui'} (a1111 layout)\n")
+    again = catalog_cli(catalog, "add-root", tmp_path / "webui")
+    assert again.stdout.startswith(f"root #1: {tmp_path / 'webui'} (a1111 layout), already a "
+                                   "root\n"), again.stdout
+    inner = catalog_cli(catalog, "add-root", link / "models" / "Lora")
+    assert (f"note: inside root #1 {tmp_path / 'webui'}; its files are catalogued once"
+            in inner.stdout), inner.stdout
+    catalog_cli(catalog, "scan", link, "--hash")
+    with Store.open(catalog) as store:
+        assert len(list_entries(store, Filters())) == len(WEBUI_FILES)
+        assert find_duplicates(store) == []
+        entry = find_entry(store, str(files["vae"]))
+        assert entry.path == str(files["vae"])
+        assert find_entry(store, str(link / "models" / "VAE" / "vae.safetensors")).id == entry.id
+    shown = catalog_cli(catalog, "show", link / "models" / "VAE" / "vae.safetensors", "--json")
+    assert json.loads(shown.stdout)["id"] == entry.id
+
+
+def test_folders_linked_into_a_web_ui_are_catalogued_once(tmp_path, store, tiny):
+    """Stability Matrix: a package's models/Lora and models/Stable-diffusion are links to the
+    shared Data/Models folders, and both are roots."""
+    data = tmp_path / "Data" / "Models"
+    put(tiny["lora"], data / "Lora" / "mychar.safetensors")
+    put(tiny["sd1"], data / "StableDiffusion" / "base.safetensors")
+    package = tmp_path / "Data" / "Packages" / "Forge"
+    (package / "models").mkdir(parents=True)
+    (package / "models" / "Lora").symlink_to(data / "Lora")
+    (package / "models" / "Stable-diffusion").symlink_to(data / "StableDiffusion")
+    # a file linked on its own, and a second link to a linked file
+    (package / "models" / "Lora" / "alias.safetensors").symlink_to(data / "Lora" /
+                                                                   "mychar.safetensors")
+    add_root(store, data)
+    add_root(store, package)
+    report = scan(store, jobs=1)
+    assert (report.seen, report.new) == (2, 2)
+    listed = {e.path: e.folder_kind for e in list_entries(store, Filters())}
+    assert listed == {str(data / "Lora" / "mychar.safetensors"): None,
+                      str(data / "StableDiffusion" / "base.safetensors"): None}
+    assert scan(store, jobs=1).unchanged == 2
+
+
+def test_entries_recorded_under_a_link_move_to_the_real_path_with_their_data(tmp_path, store,
+                                                                             tiny):
+    """A catalog from before files were recorded by their real paths."""
+    webui(tmp_path / "webui", tiny)
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "webui")
+    add_root(store, tmp_path / "webui")
+    scan(store, jobs=1)
+    with store.write() as db:
+        db.execute("UPDATE files SET path = replace(path, ?, ?)",
+                   (str(tmp_path / "webui"), str(link)))
+        db.execute("UPDATE roots SET path = ?", (str(link),))
+    entry = find_entry(store, "mychar")
+    assert entry.path.startswith(str(link))
+    set_tags(store, entry, ["keep"], [])
+    report = scan(store, jobs=1)
+    assert (report.new, report.moved, report.unchanged) == (0, [], len(WEBUI_FILES))
+    moved = get_entry(store, entry.id)
+    assert (moved.path, moved.tags) == (str(tmp_path / "webui" / "models" / "Lora" /
+                                             "mychar.safetensors"), ["keep"])
+    assert len(list_entries(store, Filters())) == len(WEBUI_FILES)
+    assert add_root(store, tmp_path / "webui")[0] == 1
 
 
 # --- the process pool ------------------------------------------------------------------------
@@ -536,6 +805,61 @@ def test_many_new_files_scan_in_worker_processes_with_the_same_result(tmp_path, 
     assert results[0] == results[1]
     statuses = [row[3] for row in results[1]]
     assert statuses == ["ok"] * (count - 1) + ["truncated"]
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid`, from /proc (the fork server's workers are grandchildren)."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
+def test_a_killed_scan_leaves_no_worker_process_and_no_open_pipe(tmp_path, tiny):
+    paths = [str(put(tiny["emb"], tmp_path / "embs" / f"e{i}.safetensors"))
+             for i in range(PARALLEL_MIN + 2)]
+    # a scan killed between two results: its pool's workers are started and idle
+    script = textwrap.dedent(f"""\
+        import time
+        from catalog.scan import examine_files
+        results = examine_files({paths!r}, 2)
+        next(results)
+        print("identifying", flush=True)
+        time.sleep(300)
+        """)
+    scanning = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                                env={**os.environ, "PYTHONPATH": str(REPO)})
+    workers = []
+    try:
+        assert scanning.stdout.readline() == b"identifying\n"
+        workers = _descendants(scanning.pid)
+        assert len(workers) >= 3  # resource tracker, fork server, workers
+        scanning.kill()
+        scanning.wait()
+        # the killed command's stdout ends: nothing holds it open any more
+        ready, _, _ = select.select([scanning.stdout], [], [], 20)
+        assert ready and scanning.stdout.read() == b""
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in workers):
+            time.sleep(0.1)
+        assert [p for p in workers if Path(f"/proc/{p}").exists()] == []
+    finally:
+        scanning.kill()
+        for pid in workers:  # what a failing run would leave behind
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        scanning.stdout.close()
 
 
 # --- sidecars --------------------------------------------------------------------------------
@@ -703,6 +1027,25 @@ def test_find_entry_of_something_unknown_is_a_user_error(library):
         find_entry(library.store, "sha256:xyzxyzxyzxyz")
 
 
+def test_refs_of_digits_that_are_no_id_are_unmatched_names_not_crashes(library):
+    # past SQLite's 64-bit integers, and digits int() refuses or reads as another number
+    third = find_entry(library.store, "#3")
+    for ref in ("99999999999999999999999", "#99999999999999999999999", "²", "#²", "#٣"):
+        with pytest.raises(UserError, match="no catalog entry matches"):
+            find_entry(library.store, ref)
+    # a file named with such digits is found by its name
+    put(library.files["vae"], library.root / "models" / "VAE" / "٣.safetensors")
+    scan(library.store, jobs=1)
+    assert find_entry(library.store, "٣").id not in (third.id, None)
+
+
+def test_cli_show_of_an_impossible_id_is_one_line(tmp_path):
+    catalog = tmp_path / "c.sqlite"
+    for ref in ("99999999999999999999999", "#²"):
+        assert f"{ref!r}: no catalog entry matches" in one_line_error(
+            catalog_cli(catalog, "show", ref))
+
+
 def test_sha256_ref_of_a_file_with_an_identical_copy_resolves(tmp_path, store, tiny):
     put(tiny["lora"], tmp_path / "loras" / "mychar.safetensors")
     put(tiny["lora"], tmp_path / "loras" / "backup" / "mychar-copy.safetensors")
@@ -723,7 +1066,38 @@ def test_list_filters_by_kind_architecture_and_base_model(library):
     assert names(list_entries(store, Filters(base_model="sd 1.5"))) == [
         "base15", "emb", "mychar"]
     assert names(list_entries(store, Filters(kind="lora", architecture="sd1"))) == ["mychar"]
-    assert names(list_entries(store, Filters(kind="unet"))) == []
+    assert names(list_entries(store, Filters(kind="vae"))) == ["vae"]
+
+
+def test_list_filters_are_checked_and_take_any_case(library):
+    store = library.store
+    assert names(list_entries(store, Filters(kind="LoRA"))) == ["mychar", "xlstyle"]
+    assert names(list_entries(store, Filters(status="OK"))) == sorted(WEBUI_FILES)
+    for filters, sentence in (
+            (Filters(kind="unet"), "--kind 'unet': choose one of checkpoint, diffusion_model, "
+                                   "lora, vae, text_encoder, embedding, unknown"),
+            (Filters(status="bogus"), "--status 'bogus': choose one of ok, missing, truncated, "
+                                      "invalid, unreadable, unchecked"),
+            (Filters(limit=0), "--limit 0: give 1 or more (leave it out to list every entry)"),
+            (Filters(limit=-3), "--limit -3: give 1 or more")):
+        with pytest.raises(UserError, match=re.escape(sentence)):
+            list_entries(store, filters)
+
+
+def test_cli_list_refuses_unknown_filter_values_and_an_empty_answer_is_not_a_scan_hint(
+        tmp_path, tiny):
+    catalog = tmp_path / "c.sqlite"
+    assert catalog_cli(catalog, "list").stdout.startswith("no entries yet; `mergekit-sd "
+                                                          "catalog scan`")
+    assert one_line_error(catalog_cli(catalog, "list", "--status", "bogus")) == (
+        "error: --status 'bogus': choose one of ok, missing, truncated, invalid, unreadable, "
+        "unchecked")
+    assert "--limit 0: give 1 or more" in one_line_error(catalog_cli(catalog, "list",
+                                                                     "--limit", "0"))
+    put(tiny["lora"], tmp_path / "loras" / "a.safetensors")
+    catalog_cli(catalog, "add-root", tmp_path / "loras", "--scan")
+    assert catalog_cli(catalog, "list", "--kind", "vae").stdout == (
+        "no entries match these filters\n")
 
 
 def test_list_filters_by_tags_text_status_and_favourites(library):
@@ -751,6 +1125,23 @@ def test_search_finds_non_ascii_trigger_words(tmp_path, store, tiny):
     assert find_entry(store, "neko").trigger_words == ["猫耳", "café"]
     assert names(list_entries(store, Filters(search="猫耳"))) == ["neko"]
     assert names(list_entries(store, Filters(search="café"))) == ["neko"]
+
+
+def test_search_finds_sidecar_model_names_and_web_ui_notes(tmp_path, store, tiny):
+    loras = tmp_path / "webui" / "models" / "Lora"
+    put(tiny["lora"], loras / "ponystyle.safetensors")
+    (loras / "ponystyle.civitai.info").write_text(json.dumps(
+        {**CIVITAI, "name": "v2 Ünïcode", "model": {"name": "Pony Style", "type": "LORA"}}))
+    put(tiny["lora"], loras / "a1.safetensors")
+    (loras / "a1.json").write_text(json.dumps({**A1111, "notes": "from a1111"}))
+    put(tiny["lora"], loras / "sm.safetensors")
+    (loras / "sm.cm-info.json").write_text(json.dumps(STABILITY))
+    add_root(store, tmp_path / "webui")
+    scan(store, jobs=1)
+    for text, found in (("pony style", ["ponystyle"]), ("ünïcode", ["ponystyle"]),
+                        ("FROM A1111", ["a1"]), ("SM Char", ["sm"]), ("sm-v2", ["sm"]),
+                        ("version_name", [])):
+        assert names(list_entries(store, Filters(search=text))) == found, text
 
 
 def test_list_sorts_and_limits(library):
@@ -800,6 +1191,61 @@ def test_remove_forgets_the_entry_and_deletes_the_file_only_when_asked(library):
     assert names(list_entries(store, Filters())) == ["base15", "basexl", "mychar", "xlstyle"]
     # the kept file comes back as a new entry on the next scan
     assert scan(store, jobs=1).new == 1
+
+
+def test_cli_rm_says_a_file_left_on_disk_comes_back_on_the_next_scan(tmp_path, tiny):
+    catalog = tmp_path / "c.sqlite"
+    files = webui(tmp_path / "webui", tiny)
+    catalog_cli(catalog, "add-root", tmp_path / "webui", "--scan")
+    kept = catalog_cli(catalog, "rm", "emb").stdout.splitlines()
+    assert kept[1] == ("note: its file is still there, so the next scan adds it again as a new "
+                       "entry (with a new id); --delete-file deletes it, `catalog remove-root` "
+                       "stops scanning its root")
+    assert files["emb"].exists()
+    deleted = run_without_terminal("catalog", "rm", "vae", "--delete-file", "--yes",
+                                   "--catalog", catalog).stdout.splitlines()
+    assert len(deleted) == 1 and deleted[0].endswith("vae and deleted its file")
+
+
+def test_remove_root_forgets_the_entries_no_other_root_holds(tmp_path, store, tiny):
+    webui(tmp_path / "webui", tiny)
+    put(tiny["lora"], tmp_path / "loose" / "loose.safetensors")
+    outer, _ = add_root(store, tmp_path / "webui")
+    inner, _ = add_root(store, tmp_path / "webui" / "models" / "Lora")
+    loose, _ = add_root(store, tmp_path / "loose")
+    scan(store, jobs=1)
+    set_tags(store, find_entry(store, "basexl"), ["best"], [])
+    # the inner root's file is the outer root's too: nothing forgotten
+    removed = remove_root(store, inner)
+    assert (removed.forgotten, removed.kept, removed.annotated) == (0, 1, 0)
+    assert len(list_entries(store, Filters())) == len(WEBUI_FILES) + 1
+    plan = remove_root(store, outer, dry_run=True)
+    assert (plan.forgotten, plan.annotated) == (len(WEBUI_FILES), 1)
+    assert len(list_entries(store, Filters())) == len(WEBUI_FILES) + 1
+    removed = remove_root(store, outer)
+    assert names(list_entries(store, Filters())) == ["loose"]
+    assert [r[0] for r in store.db.execute("SELECT id FROM roots")] == [loose]
+    assert (tmp_path / "webui" / "models" / "Stable-diffusion" / "basexl.safetensors").exists()
+    assert scan(store, jobs=1).seen == 1  # the removed roots are not walked
+
+
+def test_cli_remove_root_asks_before_forgetting_annotated_entries(tmp_path, tiny):
+    catalog = tmp_path / "c.sqlite"
+    webui(tmp_path / "webui", tiny)
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "webui")
+    catalog_cli(catalog, "add-root", tmp_path / "webui", "--scan")
+    catalog_cli(catalog, "tag", "base15", "mine")
+    refused = run_without_terminal("catalog", "remove-root", link, "--catalog", catalog)
+    assert one_line_error(refused) == (
+        f"error: {tmp_path / 'webui'}: 1 of its {len(WEBUI_FILES)} entries have tags, notes or "
+        "ratings; forget them (pass --yes: there is no terminal to ask on)")
+    assert "not a catalog root" in one_line_error(
+        catalog_cli(catalog, "remove-root", tmp_path / "webui" / "models"))
+    done = run_without_terminal("catalog", "remove-root", link, "--yes", "--catalog", catalog)
+    assert done.stdout == (f"removed root #1 {tmp_path / 'webui'}: forgot {len(WEBUI_FILES)} "
+                           "entries; no file was touched\n")
+    assert catalog_cli(catalog, "roots").stdout == ""
 
 
 # --- duplicates ------------------------------------------------------------------------------
@@ -1146,6 +1592,10 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path):
     empty = catalog_cli(catalog, "scan")
     assert (empty.returncode, empty.stdout.strip()) == (
         0, "no roots yet; add one with `mergekit-sd catalog add-root PATH`")
+    empty = catalog_cli(catalog, "scan", "--json", "--hash")
+    assert empty.returncode == 0
+    doc = json.loads(empty.stdout)
+    assert (doc["hash"], doc["scan"]["roots"], doc["scan"]["seen"]) == (None, [], 0)
     line = one_line_error(catalog_cli(catalog, "list", "--arch", "bogus"))
     assert line.startswith("error: --arch 'bogus': unknown architecture 'bogus'"), line
     assert '"' not in line
@@ -1184,6 +1634,55 @@ def test_a_damaged_or_foreign_database_is_one_sentence_and_left_as_it_is(tmp_pat
         assert foreign.read_bytes() == before
 
 
+def test_an_entry_id_is_never_given_to_another_file(tmp_path, store, tiny):
+    files = webui(tmp_path / "webui", tiny)
+    add_root(store, tmp_path / "webui")
+    scan(store, jobs=1)
+    last = max(e.id for e in list_entries(store, Filters()))
+    remove(store, get_entry(store, last), delete_file=True)
+    put(tiny["sdxl"], files["base15"].with_name("other-model.safetensors"))
+    scan(store, jobs=1)
+    assert find_entry(store, "other-model").id == last + 1
+    with pytest.raises(UserError, match=f"#{last}"):
+        find_entry(store, f"#{last}")
+
+
+def test_a_version_1_catalog_is_upgraded_keeping_ids_tags_and_notes(tmp_path, tiny):
+    """A catalog written before ids were kept unique: version 1's schema, entries #1 and #5
+    (#2-#4 deleted), #5 tagged and noted."""
+    from catalog.store import _SCHEMA_V1
+
+    loras = tmp_path / "loras"
+    first = put(tiny["lora"], loras / "first.safetensors")
+    fifth = put(tiny["lora_xl"], loras / "fifth.safetensors")
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(_SCHEMA_V1)
+    db.execute("INSERT INTO roots (id, path, layout, added_at) VALUES (1, ?, 'plain', 0)",
+               (str(loras),))
+    for file_id, file in ((1, first), (5, fifth)):
+        db.execute("INSERT INTO files (id, path, root_id, name, status, size, mtime_ns, "
+                   "first_seen, last_seen, updated_at) VALUES (?, ?, 1, ?, 'ok', 1, 1, 0, 0, 0)",
+                   (file_id, str(file), file.stem))
+    db.execute("UPDATE files SET notes = 'keep me' WHERE id = 5")
+    db.execute("INSERT INTO tags (file_id, tag) VALUES (5, 'style')")
+    db.execute("PRAGMA user_version = 1")
+    db.commit()
+    db.close()
+    with Store.open(path) as store:
+        assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        scan(store, jobs=1)  # device and inode differ from the rows: both read again, in place
+        kept = find_entry(store, "fifth")
+        assert (kept.id, kept.tags, kept.notes, kept.kind) == (5, ["style"], "keep me", "lora")
+        assert find_entry(store, "first").id == 1
+        remove(store, kept, delete_file=True)
+        put(tiny["lora"], loras / "newer.safetensors")
+        scan(store, jobs=1)
+        assert find_entry(store, "newer").id == 6
+    with Store.open(path) as store:  # opened again: nothing more to migrate
+        assert [e.id for e in list_entries(store, Filters())] == [1, 6]
+
+
 def test_help_lists_every_command_and_the_catalog_group_is_built_on_use():
     top = run_cli("--help")
     assert top.returncode == 0
@@ -1192,6 +1691,6 @@ def test_help_lists_every_command_and_the_catalog_group_is_built_on_use():
     sub = run_cli("catalog", "--help")
     assert sub.returncode == 0
     assert "The model library" in sub.stdout
-    for command in ("add-root", "roots", "scan", "list", "show", "tag", "note", "rate",
-                    "dupes", "lineage", "rm"):
+    for command in ("add-root", "remove-root", "roots", "scan", "list", "show", "tag", "note",
+                    "rate", "dupes", "lineage", "rm"):
         assert f"  {command} " in sub.stdout, sub.stdout

@@ -108,6 +108,24 @@ def load_pickle_checkpoint(path: str | os.PathLike) -> PickleCheckpoint:
     return PickleCheckpoint(tensors, skipped, container, kind)
 
 
+def pickle_tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[str, tuple[int, ...]]] | None:
+    """name -> (safetensors dtype, shape) of a checkpoint's tensors, for identifying it without
+    reading its weights: a zip checkpoint (torch >= 1.6) is loaded through the safe loader with
+    its tensors memory-mapped, so only its small pickle is read. None for a legacy pickle, which
+    the loader can only read whole (every byte of a 4 GB .ckpt). BadModelFile as
+    load_pickle_checkpoint, also for a dtype safetensors cannot hold."""
+    path = Path(path)
+    if _sniff(path) == "legacy":
+        return None
+    tensors = load_pickle_checkpoint(path).tensors
+    from mergekit_sd.io.dtypes import safetensors_dtype
+
+    try:
+        return {name: (safetensors_dtype(t.dtype), tuple(t.shape)) for name, t in tensors.items()}
+    except ValueError as exc:
+        _fail(path, f"holds a tensor safetensors cannot store ({exc})")
+
+
 def _fail(path: Path, problem: str):
     raise BadModelFile(path, problem)
 
