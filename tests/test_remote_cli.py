@@ -395,27 +395,27 @@ def test_progress_bars_never_reach_a_redirected_stdout(tmp_path, fake):
     assert "photomix.safetensors" in terminal and "\u2501" in terminal  # the bar, on stderr
 
 
-@pytest.mark.parametrize("answer", [{"items": [1, 2]}, {"items": "abc"}])
-def test_a_search_answer_whose_items_are_not_models_is_one_sentence(tmp_path, fake, answer):
+def search_answered(tmp_path, fake, answer: dict):
+    """`search civitai x` against a Civitai that answers `answer` to everything."""
     odd = LoopbackServer(lambda seen: json_reply(answer))
     try:
-        result = mergekit(tmp_path, SimpleNamespace(civitai=odd, hub=fake.hub), "search",
-                          "civitai", "x")
+        return mergekit(tmp_path, SimpleNamespace(civitai=odd, hub=fake.hub), "search",
+                        "civitai", "x")
     finally:
         odd.close()
+
+
+@pytest.mark.parametrize("answer", [{"items": [1, 2]}, {"items": "abc"}])
+def test_a_search_answer_whose_items_are_not_models_is_one_sentence(tmp_path, fake, answer):
+    result = search_answered(tmp_path, fake, answer)
     assert result.returncode == 1, result.stderr
     assert result.stderr.strip().splitlines() == [
         "failed: Civitai answered the model search with something unexpected; try again later"]
 
 
 def test_search_shows_models_whose_inner_fields_are_odd(tmp_path, fake):
-    odd = LoopbackServer(lambda seen: json_reply({"items": [
-        {"id": 7, "name": "Odd", "stats": "x", "modelVersions": "y"}]}))
-    try:
-        result = mergekit(tmp_path, SimpleNamespace(civitai=odd, hub=fake.hub), "search",
-                          "civitai", "x")
-    finally:
-        odd.close()
+    result = search_answered(tmp_path, fake, {"items": [
+        {"id": 7, "name": "Odd", "stats": "x", "modelVersions": "y"}]})
     assert result.returncode == 0, result.stderr
     assert "Odd" in result.stdout
 
