@@ -467,6 +467,7 @@ def case_sd1(root: Path, args, cache: Cache, results: dict) -> None:
         if name in outs:
             outs[name].unlink(missing_ok=True)
     hashes = {"a": sha256_of(a), "b": sha256_of(b)}
+    outs["ours"].unlink(missing_ok=True)  # a merge does not replace a file unless told to
     cache.prepare([a, b])
     profile = python_child("profile", "--recipe", str(recipe), "--top", "12").json_line()
     outs["ours"].unlink(missing_ok=True)
