@@ -41,6 +41,7 @@ from mergekit_sd.lora.bake import (
 )
 from mergekit_sd.lora.bake_crew import AHEAD, BakeCrew, Task, cores
 from mergekit_sd.progress import CancelToken, ProgressCallback, no_progress
+from mergekit_sd.torch_threads import torch_threads
 
 _FLOATS = ("F64", "F32", "F16", "BF16")
 ROW_BLOCK_ELEMENTS = 1 << 20  # a task's share of a large weight (smaller blocks cost more calls)
@@ -167,18 +168,10 @@ def _short_switch_interval():
                 sys.setswitchinterval(_switch_own)
 
 
-@contextmanager
 def _one_torch_thread():
     """torch computing on the calling thread alone: the crew's workers are the parallelism,
     one per core, and torch's own threads beside them would fight them for every core."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+    return torch_threads(1)
 
 
 class BakeStream:

@@ -45,6 +45,7 @@ from mergekit_sd.render.pipelines import (
 )
 from mergekit_sd.render.presets import Preset, Sampling, make_scheduler, resolve_sampling
 from mergekit_sd.render.refs import resolve_file
+from mergekit_sd.torch_threads import torch_threads
 
 IMAGES_DIR = "images"
 CONTACT_SHEET = "contact-sheet.png"
@@ -115,18 +116,14 @@ class _Hashes:
 
 @contextlib.contextmanager
 def _threads_for(rp: RenderPipeline):
-    import torch
-
+    """One torch thread for a tiny model on the CPU, where the threads' hand-overs cost more
+    than they share; torch's own count otherwise."""
     params = sum(p.numel() for p in rp.modules[DIFFUSION_COMPONENT[rp.family]].parameters())
     if rp.device != "cpu" or params >= SMALL_MODEL_PARAMS:
         yield
         return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _sync(device: str) -> None:
