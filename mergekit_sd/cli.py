@@ -26,6 +26,9 @@ CATALOG_HELP = "Catalog database (default: $MERGEKIT_SD_CATALOG or the user data
 # the options most commands share, for their signatures
 CatalogOption = Annotated[Path | None, typer.Option("--catalog", help=CATALOG_HELP)]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+NsfwPreviews = Annotated[bool | None, typer.Option(
+    "--nsfw-previews/--sfw-previews",
+    help="Save previews rated above PG-13 (default: the config's civitai.nsfw_previews).")]
 # Command groups built only when invoked or listed: building the catalog's eleven commands
 # costs every other command a few ms of start-up (measured), and `inspect` must start fast.
 LAZY_GROUPS = {
@@ -237,9 +240,7 @@ def pull(
     fp: str = typer.Option(None, "--fp", help="Civitai precision: fp16, fp32, bf16 ..."),
     sha256: str = typer.Option(None, "--sha256", help="For a plain URL: verify against this."),
     parallel: int = typer.Option(None, "--parallel", "-j", help="Files downloaded at once."),
-    nsfw_previews: bool = typer.Option(None, "--nsfw-previews/--sfw-previews",
-                                       help="Save previews rated above PG-13 (default: the "
-                                       "config's civitai.nsfw_previews)."),
+    nsfw_previews: NsfwPreviews = None,
     offline: bool = typer.Option(False, "--offline", help="Never call out: only what the "
                                  "catalog (or the Hugging Face cache) already has."),
     as_json: AsJson = False,

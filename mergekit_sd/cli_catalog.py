@@ -13,7 +13,11 @@ from pathlib import Path
 
 import typer
 
-from mergekit_sd.cli import AsJson, CatalogOption  # loaded lazily by cli.py, already loaded
+from mergekit_sd.cli import (  # loaded lazily by cli.py, already loaded
+    AsJson,
+    CatalogOption,
+    NsfwPreviews,
+)
 from mergekit_sd.errors import UserError
 
 # its help text is LAZY_GROUPS' in cli.py
@@ -326,9 +330,7 @@ def rm(
 @catalog_app.command("identify")
 def identify_command(
     refresh: bool = typer.Option(False, "--refresh", help="Look up files identified before too."),
-    nsfw_previews: bool = typer.Option(None, "--nsfw-previews/--sfw-previews",
-                                       help="Save previews rated above PG-13 (default: the "
-                                       "config's civitai.nsfw_previews)."),
+    nsfw_previews: NsfwPreviews = None,
     offline: bool = typer.Option(False, "--offline", help="Never call out (then there is "
                                  "nothing to do: identification asks Civitai)."),
     as_json: AsJson = False,
