@@ -95,6 +95,7 @@ class ChildResult:
     peak_rss: int  # bytes: ru_maxrss of this child alone, from wait4
     stdout: str
     stderr: str
+    cpu_s: float = 0.0  # user + system CPU time of this child alone (its threads on all cores)
 
     def json_line(self) -> dict:
         """The last stdout line that parses as a JSON object (what our child scripts print)."""
@@ -134,7 +135,8 @@ def run_child(argv: Sequence[str], cwd: Path = REPO, timeout: float | None = Non
         err.seek(0)
         return ChildResult(list(argv), proc.returncode, wall, usage.ru_maxrss * 1024,
                            out.read().decode(errors="replace"),
-                           err.read().decode(errors="replace"))
+                           err.read().decode(errors="replace"),
+                           usage.ru_utime + usage.ru_stime)
 
 
 def peak_rss_self() -> int:
@@ -171,6 +173,11 @@ def free_bytes(path: Path) -> int:
 def disk_blocks(path: Path) -> int:
     """Bytes actually allocated on disk (a sparse file's hole costs nothing)."""
     return os.stat(path).st_blocks * 512
+
+
+def cores() -> int:
+    """The cores this process (and so each child) may run on."""
+    return len(os.sched_getaffinity(0))
 
 
 def machine() -> dict:

@@ -25,7 +25,9 @@ The floor: nothing the LoRA changes can be written before the bake's process has
 imported torch, so no such bake ends before that time (timed in a child that only starts, imports
 the CLI and torch, and exits) plus the writing of the bytes the LoRA changes at the copy's rate
 (their share of the file times the copy's time). It is printed as a ratio to the copy: where it
-is above 1.3, target a cannot be met on that machine, however cheap the arithmetic.
+is above 1.3, target a cannot be met on that machine, however cheap the arithmetic. Also printed:
+the CPU time (user + system) of the bake and the copy, and the bake's CPU time spread over every
+core, a time no run of the same work can beat on the machine.
 All read a warm page cache (the base is read once before every run), start with earlier
 outputs deleted and everything flushed to disk, run interleaved in a rotating order, and times
 are medians.
@@ -251,6 +253,15 @@ def main() -> None:
               f"({wall[TORCH_READY]:.2f} s) plus the writing of the {share:.0%} of the file the "
               f"LoRA changes at the copy's own rate ({share * wall['streaming copy']:.2f} s): "
               f"{floor:.2f} s, {ratios['floor']:.2f}x the copy, with the arithmetic free")
+        cpu = {n: m.median([r.cpu_s for r in runs[n]]) for n in ("streaming copy", AGAIN)}
+        ratios["cpu"] = cpu[AGAIN] / cpu["streaming copy"]
+        busy = cpu[AGAIN] / (m.cores() * wall[AGAIN])
+        print(f"for information: CPU time (user + system, all threads): {AGAIN} {cpu[AGAIN]:.2f} "
+              f"s, streaming copy {cpu['streaming copy']:.2f} s ({ratios['cpu']:.1f}x); the bake "
+              f"kept {busy:.0%} of the {m.cores()} cores busy over its run, so on this machine it "
+              f"cannot end before {cpu[AGAIN] / m.cores():.2f} s "
+              f"({cpu[AGAIN] / m.cores() / wall['streaming copy']:.2f}x the copy) without doing "
+              "less work")
         peak_bakes = max(peak[n] for n in bakes)
         verdicts.append(m.verdict("b. peak RSS <= 1 GB (every bake)", peak_bakes <= TARGET_PEAK,
                                   m.human_bytes(peak_bakes)))
@@ -258,8 +269,8 @@ def main() -> None:
             "machine": m.machine(), "rounds": args.rounds, "page_cache": "warm",
             "base_bytes": base.stat().st_size, "lora_bytes": lora.stat().st_size,
             "wall_s": {n: [r.wall_s for r in rs] for n, rs in runs.items()},
-            "median_s": wall, "touched_share": share, "inside_child_median_s": inside,
-            "peak_rss": peak,
+            "median_s": wall, "touched_share": share, "cpu_median_s": cpu,
+            "inside_child_median_s": inside, "peak_rss": peak,
             "vs_copy": ratios, "verdicts": verdicts})
     finally:
         shutil.rmtree(work, ignore_errors=True)
