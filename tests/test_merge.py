@@ -785,3 +785,105 @@ def test_values_that_select_no_key_are_noted_by_plan_and_warned_by_merge(tmp_pat
     merged = run_cli("merge", path)
     assert merged.returncode == 0, merged.stderr
     assert merged.stderr.strip().splitlines() == [f"warning: {u}" for u in unused]
+
+
+# --- block values as supermerger writes them: a comma string, a list, a preset ---------------
+
+SD1_BLOCKS = ["BASE", *(f"IN{i:02d}" for i in range(12)), "M00",
+              *(f"OUT{i:02d}" for i in range(12))]
+SD1_SHORT = ["BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00",
+             *(f"OUT{i:02d}" for i in range(3, 12))]
+VALUES_26 = [round(0.04 * i, 2) for i in range(26)]
+VALUES_17 = [round(1 - 0.05 * i, 2) for i in range(17)]
+
+
+@pytest.mark.parametrize(("blocks", "default", "as_map"), [
+    (f"'{','.join(map(str, VALUES_26))}'", None, dict(zip(SD1_BLOCKS, VALUES_26, strict=True))),
+    (str(VALUES_26), None, dict(zip(SD1_BLOCKS, VALUES_26, strict=True))),
+    # LoRA Block Weight's 17: the blocks it leaves out take the default
+    (f"'{','.join(map(str, VALUES_17))}'", 0.3, dict(zip(SD1_SHORT, VALUES_17, strict=True))),
+    ("out", None, {b: float(b == "BASE" or b.startswith("OUT")) for b in SD1_BLOCKS}),
+], ids=["comma-string", "list", "short-17", "preset"])
+def test_block_values_in_supermerger_forms_merge_as_the_block_map_does(tmp_path, models, blocks,
+                                                                       default, as_map):
+    def merged(spec: str) -> dict:
+        extra = "" if default is None else f"default: {default}, "
+        return merge(recipe(tmp_path, models, "- name: m\n  method: weighted_sum\n"
+                            f"  inputs: [a, b]\n  params: {{alpha: {{{extra}blocks: {spec}}}}}\n",
+                            names=("a", "b")))["m"]
+
+    listed = merged(blocks)
+    mapped = merged("{" + ", ".join(f"{b}: {v}" for b, v in as_map.items()) + "}")
+    assert listed.keys() == mapped.keys()
+    for key in listed:
+        assert torch.equal(listed[key], mapped[key]), key
+    a, b = whole(models, "a"), whole(models, "b")
+    alpha = ((listed[UNET_KEY] - a[UNET_KEY]) / (b[UNET_KEY] - a[UNET_KEY])).median().item()
+    assert alpha == pytest.approx(as_map["IN01"], abs=1e-4)
+
+
+@pytest.mark.parametrize(("blocks", "words"), [
+    ("'0,1,1'", "steps.0.params.alpha.blocks: 3 block values given; SD1.x takes 26 or 17 "
+                "(see `mergekit-sd blocks sd1`)"),
+    (str([0.5] * 20), "steps.0.params.alpha.blocks: 20 block values given; SD1.x takes 26 or 17"),
+    ("'0,1,nan'", "steps.0.params.alpha.blocks: 'nan' in '0,1,nan' is not a finite number"),
+    ("[0, 1, .inf]", "steps.0.params.alpha.blocks.2: Input should be a finite number"),
+    ("double", "steps.0.params.alpha.blocks: 'double': no block of SD1.x is in this preset"),
+    ("0.5", "steps.0.params.alpha.blocks: give blocks as {BLOCK or RANGE: value} (e.g. "
+            "{IN00-IN05: 0.2, M00: 1}), as one value per block in order, a list or a "
+            "comma-separated string as supermerger writes them (26 or 17 values for SD1"),
+    ("outt", "steps.0.params.alpha.blocks: 'outt' is none of the forms blocks takes; give "
+             "blocks as {BLOCK or RANGE: value}"),
+    ("IN00-IN05", "steps.0.params.alpha.blocks: 'IN00-IN05' names blocks but gives them no "
+                  "value; write {IN00-IN05: VALUE}"),
+], ids=["short", "sdxl-length", "nan-text", "inf-list", "flux-preset", "number", "typo",
+        "range-alone"])
+def test_block_values_that_fit_no_form_say_which_forms_fit(tmp_path, models, blocks, words):
+    path = recipe(tmp_path, models, "- name: m\n  method: weighted_sum\n  inputs: [a, b]\n"
+                  f"  params: {{alpha: {{blocks: {blocks}}}}}\n", names=("a", "b"))
+    with pytest.raises(UserError) as caught:
+        build_plan(parse_recipe(path.read_text(), path), existing="replace")
+    message = str(caught.value)
+    assert message.startswith(f"{path}, line 9, "), message
+    assert words in message and "\n" not in message, message
+    assert "valid dictionary" not in message, message
+
+
+def test_a_block_string_given_by_set_is_checked_as_the_recipe_s_own(tmp_path, models):
+    path = recipe(tmp_path, models, "- name: m\n  method: weighted_sum\n  inputs: [a, b]\n",
+                  names=("a", "b"))
+    assignment = "m.alpha={blocks: '0,1'}"
+    result = run_cli("plan", path, "--set", assignment)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == (f"error: --set {assignment!r}: blocks: 2 block values "
+                                     "given; SD1.x takes 26 or 17 (see `mergekit-sd blocks "
+                                     "sd1`)")
+
+
+def test_block_lists_strings_and_presets_survive_extract_and_rerun_byte_for_byte(tmp_path,
+                                                                              models):
+    path = recipe(tmp_path, models, f"""
+        - name: m
+          method: sum_twice
+          inputs: [a, b, c]
+          params:
+            alpha: {{blocks: '{','.join(map(str, VALUES_26))}'}}
+            beta: {{default: 0.2, blocks: {VALUES_17}}}
+        - name: final
+          method: weighted_sum
+          inputs: [m, a]
+          params: {{alpha: {{blocks: mid-out}}}}
+        """)
+    result = run_cli("merge", path)
+    assert result.returncode == 0, result.stderr
+    merged = tmp_path / "out.safetensors"
+    stored = json.loads(read_header(merged).metadata["mergekit_sd.recipe"])
+    assert stored["steps"][0]["params"]["alpha"] == {"blocks": ",".join(map(str, VALUES_26))}
+    assert stored["steps"][0]["params"]["beta"]["blocks"] == VALUES_17
+    assert stored["steps"][1]["params"]["alpha"] == {"blocks": "mid-out"}
+    extracted = run_cli("recipe", "extract", merged, "-o", tmp_path / "again.yaml",
+                        "--output-path", tmp_path / "again.safetensors")
+    assert extracted.returncode == 0, extracted.stderr
+    rerun = run_cli("merge", tmp_path / "again.yaml")
+    assert rerun.returncode == 0, rerun.stderr
+    assert (tmp_path / "again.safetensors").read_bytes() == merged.read_bytes()

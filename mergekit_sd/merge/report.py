@@ -8,11 +8,14 @@ from mergekit_sd.merge.plan import ASSUMED_DISK_BYTES_PER_S, MergePlan
 from mergekit_sd.recipe.params import KeyedValue
 
 
+def _short(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def _describe(keyed: KeyedValue, arch: Architecture) -> str:
-    parts = [] if keyed.default is None else [f"{keyed.default:g}" if isinstance(
-        keyed.default, float) else str(keyed.default)]
+    parts = [] if keyed.default is None else [_short(keyed.default)]
     if keyed.by_block:
-        parts.append("blocks " + " ".join(f"{b}={v}" for b, v in keyed.by_block.items()))
+        parts.append("blocks " + " ".join(f"{b}={_short(v)}" for b, v in keyed.by_block.items()))
     # slots by the names recipes use for this architecture (FLUX's T5 is text_encoder_2),
     # leaving out text encoder slots it does not have
     names = {slot: name for name, slot, _ in text_encoder_names(arch.id, arch.family)}
