@@ -887,3 +887,71 @@ def test_block_lists_strings_and_presets_survive_extract_and_rerun_byte_for_byte
     rerun = run_cli("merge", tmp_path / "again.yaml")
     assert rerun.returncode == 0, rerun.stderr
     assert (tmp_path / "again.safetensors").read_bytes() == merged.read_bytes()
+
+
+# --- merge says what plan notes ----------------------------------------------------------------
+
+def test_merge_says_what_plan_notes_on_stderr_and_in_its_json(tmp_path):
+    """An epsilon model merged with a v-prediction one, and a block only one input has: plan
+    notes both, and a user who runs only merge must learn of them too."""
+    from safetensors.torch import save_file
+
+    a = write_checkpoint(tmp_path / "eps.safetensors", "sd1", seed=1,
+                         metadata={"modelspec.prediction_type": "epsilon"})
+    b = write_checkpoint(tmp_path / "v.safetensors", "sd1", seed=2,
+                         metadata={"modelspec.prediction_type": "v"})
+    tensors = load_file(b)
+    save_file({k: v for k, v in tensors.items() if "output_blocks.11." not in k}, b,
+              metadata={"modelspec.prediction_type": "v"})
+    path = recipe(tmp_path, {"a": a, "b": b}, "- name: m\n  method: weighted_sum\n"
+                  "  inputs: [a, b]\n  params: {alpha: 0.5}\n", names=("a", "b"))
+    planned = run_cli("plan", path, "--json")
+    assert planned.returncode == 0, planned.stderr
+    notes = json.loads(planned.stdout)["notes"]
+    assert any(n.startswith("the inputs disagree on modelspec.prediction_type (a: epsilon, "
+                            "b: v)") and "rarely samples well" in n for n in notes), notes
+    assert any(n.startswith("38 keys are in only some inputs") for n in notes), notes
+    merged = run_cli("merge", path, "--json")
+    assert merged.returncode == 0, merged.stderr
+    assert json.loads(merged.stdout) == {"written": {"m": str(tmp_path / "out.safetensors")},
+                                         "notes": notes}  # stdout stays one JSON document
+    assert merged.stderr.strip().splitlines() == [f"note: {n}" for n in notes]
+    again = run_cli("merge", path, "--overwrite")
+    assert again.returncode == 0, again.stderr
+    assert again.stderr.strip().splitlines()[-len(notes):] == [f"note: {n}" for n in notes]
+
+
+def test_an_inpainting_model_behind_a_normal_one_is_refused_as_a1111_and_supermerger_do(
+        tmp_path):
+    """The output takes the first input's shapes: behind a normal A, B's extra conv_in
+    channels would be dropped and the result could not inpaint."""
+    inputs = {"a": write_checkpoint(tmp_path / "plain.safetensors", "sd1", seed=1),
+              "b": write_checkpoint(tmp_path / "inpaint.safetensors", "sd1-inpainting", seed=2)}
+    path = recipe(tmp_path, inputs, "- name: m\n  method: weighted_sum\n  inputs: [a, b]\n",
+                  names=("a", "b"))
+    result = run_cli("merge", path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == (
+        f"error: {path}, line 4, models.b: inpaint.safetensors is an inpainting model but "
+        "plain.safetensors (a), whose shapes the output takes, is a normal model: its extra "
+        "input channels would be dropped; list b first (as A), as AUTOMATIC1111 and "
+        "supermerger require")
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_a_shape_clash_that_drops_part_of_a_later_input_says_so(tmp_path):
+    """Extended token embeddings in B: the output keeps A's rows, and B's extra ones are gone."""
+    from safetensors.torch import save_file
+
+    key = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
+    a = write_checkpoint(tmp_path / "a.safetensors", "sd1", seed=1)
+    b = write_checkpoint(tmp_path / "b.safetensors", "sd1", seed=2)
+    tensors = load_file(b)
+    tensors[key] = torch.cat([tensors[key], torch.ones(3, tensors[key].shape[1])])
+    save_file(tensors, b)
+    path = recipe(tmp_path, {"a": a, "b": b}, "- name: m\n  method: weighted_sum\n"
+                  "  inputs: [a, b]\n", names=("a", "b"))
+    plan = build_plan(parse_recipe(path.read_text(), path))
+    clash = next(n for n in plan.notes if n.startswith(key))
+    assert clash.endswith("merged on the overlapping slice in the shape of a, which the output "
+                          "takes; what b holds beyond it is dropped"), clash

@@ -51,6 +51,14 @@ def plan_as_dict(plan: MergePlan) -> dict:
     }
 
 
+def note_lines(plan: MergePlan) -> list[str]:
+    """The plan's notes as `plan` prints them and `merge` says them on stderr before its work:
+    mismatches between the inputs, keys dropped or baked, values that select no key (these as
+    warnings)."""
+    unused = set(plan.unused)
+    return [f"{'warning' if note in unused else 'note'}: {note}" for note in plan.notes]
+
+
 def _block_coverage(plan: MergePlan) -> dict[str, int]:
     counts = dict.fromkeys(plan.arch.blocks, 0)
     for task in plan.tasks:
@@ -89,8 +97,8 @@ def show_plan(plan: MergePlan) -> None:
     keys = data["keys"]
     console.print(f"keys: {keys['total']} ({keys['merged']} merged, {keys['copied']} copied); "
                   f"merged keys per block: {blocks}")
-    for note in plan.notes:
-        console.print(f"note: {note}")
+    for line in note_lines(plan):
+        console.print(line)
     for cand, path in data["candidates"].items():
         console.print(f"output {cand} -> {path} ({human_size(plan.output_bytes)})")
     console.print(f"estimated peak memory {human_size(data['estimated_peak_bytes'])}; "
