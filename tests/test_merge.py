@@ -849,6 +849,15 @@ def test_block_values_that_fit_no_form_say_which_forms_fit(tmp_path, models, blo
     assert "valid dictionary" not in message, message
 
 
+def test_a_block_string_pasted_as_the_parameter_itself_says_where_it_goes(tmp_path, models):
+    path = recipe(tmp_path, models, "- name: m\n  method: weighted_sum\n  inputs: [a, b]\n"
+                  f"  params: {{alpha: '{','.join(map(str, VALUES_26))}'}}\n", names=("a", "b"))
+    with pytest.raises(UserError) as caught:
+        build_plan(parse_recipe(path.read_text(), path), existing="replace")
+    assert str(caught.value).endswith("(str); per-block values go under blocks, as in alpha: "
+                                      '{blocks: "0,1,..."} or {default: 0.5, blocks: out}')
+
+
 def test_a_block_string_given_by_set_is_checked_as_the_recipe_s_own(tmp_path, models):
     path = recipe(tmp_path, models, "- name: m\n  method: weighted_sum\n  inputs: [a, b]\n",
                   names=("a", "b"))

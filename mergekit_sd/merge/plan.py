@@ -272,7 +272,18 @@ def _check_values(loaded: LoadedRecipe, loc: tuple, method: MergeMethod,
             try:
                 check_params(method, {name: option})
             except UserError as exc:
-                raise loaded.error((*loc, "params", name), str(exc)) from None
+                hint = ""
+                if option is keyed.default and _looks_like_block_list(option):
+                    hint = (f"; per-block values go under blocks, as in {name}: "
+                            "{blocks: \"0,1,...\"} or {default: 0.5, blocks: out}")
+                raise loaded.error((*loc, "params", name), f"{exc}{hint}") from None
+
+
+def _looks_like_block_list(value) -> bool:
+    """Text a supermerger user may paste as a parameter: one value per block, or a preset."""
+    from mergekit_sd.arch.block_lists import PRESETS
+
+    return isinstance(value, str) and ("," in value or value.strip().lower() in PRESETS)
 
 
 def _unused_selectors(loaded: LoadedRecipe, steps: list[StepPlan], tasks: list[KeyTask]
