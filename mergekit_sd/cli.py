@@ -206,17 +206,21 @@ def merge(
     from mergekit_sd.cli_progress import rich_progress
     from mergekit_sd.io.saturate import Clamped
     from mergekit_sd.merge.executor import run_merge
+    from mergekit_sd.merge.report import note_lines
 
     merge_plan = _load_plan(recipe, assignments, out, catalog, pull, offline,
                             existing="replace" if overwrite else "refuse")
-    for unused in merge_plan.unused:  # before the work, where a long merge cannot bury it
-        typer.echo(f"warning: {unused}", err=True)
+    # what `plan` notes (inputs that disagree, keys only some have, shape clashes ...), on
+    # stderr and before the work, where a long merge cannot bury it and Ctrl-C still helps
+    for line in note_lines(merge_plan):
+        typer.echo(line, err=True)
     clamped = Clamped()
     if as_json:
         written = run_merge(merge_plan, device=device, clamped=clamped)
         import json
 
-        typer.echo(json.dumps({name: str(path) for name, path in written.items()}))
+        typer.echo(json.dumps({"written": {name: str(path) for name, path in written.items()},
+                               "notes": [*merge_plan.notes, *clamped.notes()]}))
         _say_clamped(clamped)
         return
     with rich_progress() as progress:

@@ -46,7 +46,7 @@ def _resolve(ref: str, resolver: _CatalogOnDemand) -> tuple[Path, str | None]:
 def _split_strengths(arg: str, most: int) -> tuple[str, list[float]]:
     """LORA[:NUMBER...] -> (ref, up to `most` trailing numbers); a ref may hold colons.
     Numbers are finite and written plainly: nan, inf and 1_0 are no strengths."""
-    from mergekit_sd.lora.strengths import plain_number
+    from mergekit_sd.arch.block_lists import plain_number
 
     parts = arg.split(":")
     numbers: list[float] = []
@@ -64,7 +64,7 @@ def _split_strengths(arg: str, most: int) -> tuple[str, list[float]]:
 def _unplain_number(text: str) -> bool:
     """Whether one of the colon-separated parts is a number to Python but no strength to us
     (nan, inf, 1_0)."""
-    from mergekit_sd.lora.strengths import plain_number
+    from mergekit_sd.arch.block_lists import plain_number
 
     for part in text.split(":"):
         try:

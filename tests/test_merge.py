@@ -785,3 +785,182 @@ def test_values_that_select_no_key_are_noted_by_plan_and_warned_by_merge(tmp_pat
     merged = run_cli("merge", path)
     assert merged.returncode == 0, merged.stderr
     assert merged.stderr.strip().splitlines() == [f"warning: {u}" for u in unused]
+
+
+# --- block values as supermerger writes them: a comma string, a list, a preset ---------------
+
+SD1_BLOCKS = ["BASE", *(f"IN{i:02d}" for i in range(12)), "M00",
+              *(f"OUT{i:02d}" for i in range(12))]
+SD1_SHORT = ["BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00",
+             *(f"OUT{i:02d}" for i in range(3, 12))]
+VALUES_26 = [round(0.04 * i, 2) for i in range(26)]
+VALUES_17 = [round(1 - 0.05 * i, 2) for i in range(17)]
+
+
+@pytest.mark.parametrize(("blocks", "default", "as_map"), [
+    (f"'{','.join(map(str, VALUES_26))}'", None, dict(zip(SD1_BLOCKS, VALUES_26, strict=True))),
+    (str(VALUES_26), None, dict(zip(SD1_BLOCKS, VALUES_26, strict=True))),
+    # LoRA Block Weight's 17: the blocks it leaves out take the default
+    (f"'{','.join(map(str, VALUES_17))}'", 0.3, dict(zip(SD1_SHORT, VALUES_17, strict=True))),
+    ("out", None, {b: float(b == "BASE" or b.startswith("OUT")) for b in SD1_BLOCKS}),
+], ids=["comma-string", "list", "short-17", "preset"])
+def test_block_values_in_supermerger_forms_merge_as_the_block_map_does(tmp_path, models, blocks,
+                                                                       default, as_map):
+    def merged(spec: str) -> dict:
+        extra = "" if default is None else f"default: {default}, "
+        return merge(recipe(tmp_path, models, "- name: m\n  method: weighted_sum\n"
+                            f"  inputs: [a, b]\n  params: {{alpha: {{{extra}blocks: {spec}}}}}\n",
+                            names=("a", "b")))["m"]
+
+    listed = merged(blocks)
+    mapped = merged("{" + ", ".join(f"{b}: {v}" for b, v in as_map.items()) + "}")
+    assert listed.keys() == mapped.keys()
+    for key in listed:
+        assert torch.equal(listed[key], mapped[key]), key
+    a, b = whole(models, "a"), whole(models, "b")
+    alpha = ((listed[UNET_KEY] - a[UNET_KEY]) / (b[UNET_KEY] - a[UNET_KEY])).median().item()
+    assert alpha == pytest.approx(as_map["IN01"], abs=1e-4)
+
+
+@pytest.mark.parametrize(("blocks", "words"), [
+    ("'0,1,1'", "steps.0.params.alpha.blocks: 3 block values given; SD1.x takes 26 or 17 "
+                "(see `mergekit-sd blocks sd1`)"),
+    (str([0.5] * 20), "steps.0.params.alpha.blocks: 20 block values given; SD1.x takes 26 or 17"),
+    ("'0,1,nan'", "steps.0.params.alpha.blocks: 'nan' in '0,1,nan' is not a finite number"),
+    ("[0, 1, .inf]", "steps.0.params.alpha.blocks.2: Input should be a finite number"),
+    ("double", "steps.0.params.alpha.blocks: 'double': no block of SD1.x is in this preset"),
+    ("0.5", "steps.0.params.alpha.blocks: give blocks as {BLOCK or RANGE: value} (e.g. "
+            "{IN00-IN05: 0.2, M00: 1}), as one value per block in order, a list or a "
+            "comma-separated string as supermerger writes them (26 or 17 values for SD1"),
+    ("outt", "steps.0.params.alpha.blocks: 'outt' is none of the forms blocks takes; give "
+             "blocks as {BLOCK or RANGE: value}"),
+    ("IN00-IN05", "steps.0.params.alpha.blocks: 'IN00-IN05' names blocks but gives them no "
+                  "value; write {IN00-IN05: VALUE}"),
+], ids=["short", "sdxl-length", "nan-text", "inf-list", "flux-preset", "number", "typo",
+        "range-alone"])
+def test_block_values_that_fit_no_form_say_which_forms_fit(tmp_path, models, blocks, words):
+    path = recipe(tmp_path, models, "- name: m\n  method: weighted_sum\n  inputs: [a, b]\n"
+                  f"  params: {{alpha: {{blocks: {blocks}}}}}\n", names=("a", "b"))
+    with pytest.raises(UserError) as caught:
+        build_plan(parse_recipe(path.read_text(), path), existing="replace")
+    message = str(caught.value)
+    assert message.startswith(f"{path}, line 9, "), message
+    assert words in message and "\n" not in message, message
+    assert "valid dictionary" not in message, message
+
+
+def test_a_block_string_pasted_as_the_parameter_itself_says_where_it_goes(tmp_path, models):
+    path = recipe(tmp_path, models, "- name: m\n  method: weighted_sum\n  inputs: [a, b]\n"
+                  f"  params: {{alpha: '{','.join(map(str, VALUES_26))}'}}\n", names=("a", "b"))
+    with pytest.raises(UserError) as caught:
+        build_plan(parse_recipe(path.read_text(), path), existing="replace")
+    assert str(caught.value).endswith("(str); per-block values go under blocks, as in alpha: "
+                                      '{blocks: "0,1,..."} or {default: 0.5, blocks: out}')
+
+
+def test_a_block_string_given_by_set_is_checked_as_the_recipe_s_own(tmp_path, models):
+    path = recipe(tmp_path, models, "- name: m\n  method: weighted_sum\n  inputs: [a, b]\n",
+                  names=("a", "b"))
+    assignment = "m.alpha={blocks: '0,1'}"
+    result = run_cli("plan", path, "--set", assignment)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == (f"error: --set {assignment!r}: blocks: 2 block values "
+                                     "given; SD1.x takes 26 or 17 (see `mergekit-sd blocks "
+                                     "sd1`)")
+
+
+def test_block_lists_strings_and_presets_survive_extract_and_rerun_byte_for_byte(tmp_path,
+                                                                              models):
+    path = recipe(tmp_path, models, f"""
+        - name: m
+          method: sum_twice
+          inputs: [a, b, c]
+          params:
+            alpha: {{blocks: '{','.join(map(str, VALUES_26))}'}}
+            beta: {{default: 0.2, blocks: {VALUES_17}}}
+        - name: final
+          method: weighted_sum
+          inputs: [m, a]
+          params: {{alpha: {{blocks: mid-out}}}}
+        """)
+    result = run_cli("merge", path)
+    assert result.returncode == 0, result.stderr
+    merged = tmp_path / "out.safetensors"
+    stored = json.loads(read_header(merged).metadata["mergekit_sd.recipe"])
+    assert stored["steps"][0]["params"]["alpha"] == {"blocks": ",".join(map(str, VALUES_26))}
+    assert stored["steps"][0]["params"]["beta"]["blocks"] == VALUES_17
+    assert stored["steps"][1]["params"]["alpha"] == {"blocks": "mid-out"}
+    extracted = run_cli("recipe", "extract", merged, "-o", tmp_path / "again.yaml",
+                        "--output-path", tmp_path / "again.safetensors")
+    assert extracted.returncode == 0, extracted.stderr
+    rerun = run_cli("merge", tmp_path / "again.yaml")
+    assert rerun.returncode == 0, rerun.stderr
+    assert (tmp_path / "again.safetensors").read_bytes() == merged.read_bytes()
+
+
+# --- merge says what plan notes ----------------------------------------------------------------
+
+def test_merge_says_what_plan_notes_on_stderr_and_in_its_json(tmp_path):
+    """An epsilon model merged with a v-prediction one, and a block only one input has: plan
+    notes both, and a user who runs only merge must learn of them too."""
+    from safetensors.torch import save_file
+
+    a = write_checkpoint(tmp_path / "eps.safetensors", "sd1", seed=1,
+                         metadata={"modelspec.prediction_type": "epsilon"})
+    b = write_checkpoint(tmp_path / "v.safetensors", "sd1", seed=2,
+                         metadata={"modelspec.prediction_type": "v"})
+    tensors = load_file(b)
+    save_file({k: v for k, v in tensors.items() if "output_blocks.11." not in k}, b,
+              metadata={"modelspec.prediction_type": "v"})
+    path = recipe(tmp_path, {"a": a, "b": b}, "- name: m\n  method: weighted_sum\n"
+                  "  inputs: [a, b]\n  params: {alpha: 0.5}\n", names=("a", "b"))
+    planned = run_cli("plan", path, "--json")
+    assert planned.returncode == 0, planned.stderr
+    notes = json.loads(planned.stdout)["notes"]
+    assert any(n.startswith("the inputs disagree on modelspec.prediction_type (a: epsilon, "
+                            "b: v)") and "rarely samples well" in n for n in notes), notes
+    assert any(n.startswith("38 keys are in only some inputs") for n in notes), notes
+    merged = run_cli("merge", path, "--json")
+    assert merged.returncode == 0, merged.stderr
+    assert json.loads(merged.stdout) == {"written": {"m": str(tmp_path / "out.safetensors")},
+                                         "notes": notes}  # stdout stays one JSON document
+    assert merged.stderr.strip().splitlines() == [f"note: {n}" for n in notes]
+    again = run_cli("merge", path, "--overwrite")
+    assert again.returncode == 0, again.stderr
+    assert again.stderr.strip().splitlines()[-len(notes):] == [f"note: {n}" for n in notes]
+
+
+def test_an_inpainting_model_behind_a_normal_one_is_refused_as_a1111_and_supermerger_do(
+        tmp_path):
+    """The output takes the first input's shapes: behind a normal A, B's extra conv_in
+    channels would be dropped and the result could not inpaint."""
+    inputs = {"a": write_checkpoint(tmp_path / "plain.safetensors", "sd1", seed=1),
+              "b": write_checkpoint(tmp_path / "inpaint.safetensors", "sd1-inpainting", seed=2)}
+    path = recipe(tmp_path, inputs, "- name: m\n  method: weighted_sum\n  inputs: [a, b]\n",
+                  names=("a", "b"))
+    result = run_cli("merge", path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == (
+        f"error: {path}, line 4, models.b: inpaint.safetensors is an inpainting model but "
+        "plain.safetensors (a), whose shapes the output takes, is a normal model: its extra "
+        "input channels would be dropped; list b first (as A), as AUTOMATIC1111 and "
+        "supermerger require")
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_a_shape_clash_that_drops_part_of_a_later_input_says_so(tmp_path):
+    """Extended token embeddings in B: the output keeps A's rows, and B's extra ones are gone."""
+    from safetensors.torch import save_file
+
+    key = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
+    a = write_checkpoint(tmp_path / "a.safetensors", "sd1", seed=1)
+    b = write_checkpoint(tmp_path / "b.safetensors", "sd1", seed=2)
+    tensors = load_file(b)
+    tensors[key] = torch.cat([tensors[key], torch.ones(3, tensors[key].shape[1])])
+    save_file(tensors, b)
+    path = recipe(tmp_path, {"a": a, "b": b}, "- name: m\n  method: weighted_sum\n"
+                  "  inputs: [a, b]\n", names=("a", "b"))
+    plan = build_plan(parse_recipe(path.read_text(), path))
+    clash = next(n for n in plan.notes if n.startswith(key))
+    assert clash.endswith("merged on the overlapping slice in the shape of a, which the output "
+                          "takes; what b holds beyond it is dropped"), clash

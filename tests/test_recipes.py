@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from conftest import REPO, run_cli
 from mergekit_sd.recipe.loader import load_recipe
 from mergekit_sd.testing import write_checkpoint
 from mergekit_sd.testing.loras import write_lora
+from mergekit_sd.testing.workspace import make_demo_workspace
 
 RECIPES = sorted(p for p in (REPO / "recipes").glob("*.yaml") if p.name != "demo.yaml")
 
@@ -47,3 +49,16 @@ def test_example_recipe_runs(tmp_path, source):
     assert written and all((tmp_path / w).exists() or Path(w).exists() for w in written)
     inspected = run_cli("inspect", *(tmp_path / w for w in written))
     assert inspected.returncode == 0, inspected.stderr
+
+
+def test_the_recipe_commands_the_readme_shows_run_after_make_demo(tmp_path):
+    """The README's `plan`/`merge recipes/X.yaml` lines must work in the workspace `make demo`
+    leaves (the other examples' models are not shipped)."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    shown = sorted(set(re.findall(r"mergekit-sd (?:plan|merge) (recipes/[\w.-]+\.yaml)", readme)))
+    assert shown, "the README shows no recipe command"
+    shutil.copytree(REPO / "recipes", tmp_path / "recipes")
+    make_demo_workspace(tmp_path / "demo-workspace")
+    for recipe in shown:
+        result = run_cli("plan", recipe, cwd=tmp_path)
+        assert result.returncode == 0, f"README's `mergekit-sd plan {recipe}`: {result.stderr}"

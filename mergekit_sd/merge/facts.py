@@ -33,5 +33,9 @@ def agreed_facts(inputs: Iterable[tuple[str, dict[str, str]]]
             carried[key] = next(iter(values.values()))
             continue
         said = ", ".join(f"{name}: {'not set' if v is None else v}" for name, v in values.items())
-        notes.append(f"the inputs disagree on {key} ({said}), so the output does not carry it")
+        note = f"the inputs disagree on {key} ({said}), so the output does not carry it"
+        if key == "modelspec.prediction_type" and len(set(values.values()) - {None}) > 1:
+            note += ("; a merge of models that predict different things (epsilon, v) rarely "
+                     "samples well as either")
+        notes.append(note)
     return carried, notes

@@ -195,6 +195,30 @@ def _check_compatible(loaded: LoadedRecipe, inputs: dict[str, PlannedInput]) -> 
     return first.found.architecture, first_prefix
 
 
+_VARIANT_TEXT = {"inpainting": "an inpainting model", "instruct-pix2pix": "an instruct-pix2pix "
+                 "model", "fill": "a FLUX.1 Fill model", "depth/canny": "a Depth/Canny model"}
+
+
+def _check_variants(loaded: LoadedRecipe, inputs: dict[str, PlannedInput], order: list[str]
+                    ) -> None:
+    """A model whose first layer takes extra inputs (inpainting's 9-channel conv_in, Fill's
+    mask latents) merges only as the first input, as AUTOMATIC1111 and supermerger require:
+    the output takes the first input's shapes, so behind a normal model the extra channels
+    would be dropped and the result could no longer inpaint."""
+    first = inputs[order[0]]
+    for name in order[1:]:
+        variant = inputs[name].found.variant
+        if variant is None or variant == first.found.variant:
+            continue
+        what = _VARIANT_TEXT.get(variant, f"a {variant} model")
+        theirs = _VARIANT_TEXT.get(first.found.variant, "a normal model")
+        raise loaded.error(("models", name),
+                           f"{inputs[name].path.name} is {what} but {first.path.name} "
+                           f"({first.name}), whose shapes the output takes, is {theirs}: its "
+                           f"extra input channels would be dropped; list {name} first (as A), as "
+                           "AUTOMATIC1111 and supermerger require")
+
+
 def _diffusion_prefix(planned: PlannedInput) -> str:
     return next(c.prefix for c in planned.found.components if c.slot == "diffusion_model")
 
@@ -248,7 +272,18 @@ def _check_values(loaded: LoadedRecipe, loc: tuple, method: MergeMethod,
             try:
                 check_params(method, {name: option})
             except UserError as exc:
-                raise loaded.error((*loc, "params", name), str(exc)) from None
+                hint = ""
+                if option is keyed.default and _looks_like_block_list(option):
+                    hint = (f"; per-block values go under blocks, as in {name}: "
+                            "{blocks: \"0,1,...\"} or {default: 0.5, blocks: out}")
+                raise loaded.error((*loc, "params", name), f"{exc}{hint}") from None
+
+
+def _looks_like_block_list(value) -> bool:
+    """Text a supermerger user may paste as a parameter: one value per block, or a preset."""
+    from mergekit_sd.arch.block_lists import PRESETS
+
+    return isinstance(value, str) and ("," in value or value.strip().lower() in PRESETS)
 
 
 def _unused_selectors(loaded: LoadedRecipe, steps: list[StepPlan], tasks: list[KeyTask]
@@ -296,6 +331,7 @@ def build_plan(loaded: LoadedRecipe, resolver: Resolver | None = None,
     order = _model_order(loaded)
     inputs = {name: _open_input(loaded, name, resolver) for name in order}
     arch_id, prefix = _check_compatible(loaded, inputs)
+    _check_variants(loaded, inputs, order)
     arch = ARCHITECTURES[arch_id]
     check_sweeps(recipe, loaded.error)
     cands = candidates(recipe)
@@ -475,8 +511,7 @@ def _plan_keys(loaded: LoadedRecipe, inputs: dict[str, PlannedInput], order: lis
             same_rank = len({len(s) for s in shapes}) == 1
             merge = merge and same_rank
             clashes.append(f"{key}: shapes {sorted(shapes)}; " + (
-                "merged on the overlapping slice, the rest taken from "
-                f"{sources[0]} (as AUTOMATIC1111 does)" if same_rank
+                _overlap_text(key, inputs, sources) if same_rank
                 else f"taken from {sources[0]}"))
         block = arch.block_of(key[len(prefix):]) if key.startswith(prefix) else "BASE"
         out = TensorSpec(key, _output_dtype(loaded, info.dtype), info.shape)
@@ -496,6 +531,20 @@ def _plan_keys(loaded: LoadedRecipe, inputs: dict[str, PlannedInput], order: lis
     if vae_keys:
         notes.append(f"{len(vae_keys)} VAE keys baked from {vae.path.name}")
     return tasks, notes
+
+
+def _overlap_text(key: str, inputs: dict[str, PlannedInput], sources: tuple[str, ...]) -> str:
+    """How a key whose same-rank shapes differ is merged: on the overlap, in the shape of the
+    first input that has it; saying what is dropped when another input holds more."""
+    first = inputs[sources[0]].header.tensors[key].shape
+    larger = [n for n in sources[1:] if any(
+        d > f for d, f in zip(inputs[n].header.tensors[key].shape, first, strict=True))]
+    if not larger:
+        return (f"merged on the overlapping slice, the rest taken from {sources[0]} (as "
+                "AUTOMATIC1111 does)")
+    return (f"merged on the overlapping slice in the shape of {sources[0]}, which the output "
+            f"takes; what {', '.join(larger)} {'holds' if len(larger) == 1 else 'hold'} beyond "
+            "it is dropped")
 
 
 def apply_overrides(loaded: LoadedRecipe, assignments: list[str]) -> None:

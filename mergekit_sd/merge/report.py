@@ -8,11 +8,14 @@ from mergekit_sd.merge.plan import ASSUMED_DISK_BYTES_PER_S, MergePlan
 from mergekit_sd.recipe.params import KeyedValue
 
 
+def _short(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def _describe(keyed: KeyedValue, arch: Architecture) -> str:
-    parts = [] if keyed.default is None else [f"{keyed.default:g}" if isinstance(
-        keyed.default, float) else str(keyed.default)]
+    parts = [] if keyed.default is None else [_short(keyed.default)]
     if keyed.by_block:
-        parts.append("blocks " + " ".join(f"{b}={v}" for b, v in keyed.by_block.items()))
+        parts.append("blocks " + " ".join(f"{b}={_short(v)}" for b, v in keyed.by_block.items()))
     # slots by the names recipes use for this architecture (FLUX's T5 is text_encoder_2),
     # leaving out text encoder slots it does not have
     names = {slot: name for name, slot, _ in text_encoder_names(arch.id, arch.family)}
@@ -46,6 +49,14 @@ def plan_as_dict(plan: MergePlan) -> dict:
         "estimated_peak_bytes": plan.estimated_peak_bytes(),
         "estimated_seconds": round(plan.estimated_seconds(), 1),
     }
+
+
+def note_lines(plan: MergePlan) -> list[str]:
+    """The plan's notes as `plan` prints them and `merge` says them on stderr before its work:
+    mismatches between the inputs, keys dropped or baked, values that select no key (these as
+    warnings)."""
+    unused = set(plan.unused)
+    return [f"{'warning' if note in unused else 'note'}: {note}" for note in plan.notes]
 
 
 def _block_coverage(plan: MergePlan) -> dict[str, int]:
@@ -86,8 +97,8 @@ def show_plan(plan: MergePlan) -> None:
     keys = data["keys"]
     console.print(f"keys: {keys['total']} ({keys['merged']} merged, {keys['copied']} copied); "
                   f"merged keys per block: {blocks}")
-    for note in plan.notes:
-        console.print(f"note: {note}")
+    for line in note_lines(plan):
+        console.print(line)
     for cand, path in data["candidates"].items():
         console.print(f"output {cand} -> {path} ({human_size(plan.output_bytes)})")
     console.print(f"estimated peak memory {human_size(data['estimated_peak_bytes'])}; "

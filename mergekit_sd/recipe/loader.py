@@ -89,7 +89,8 @@ def _user_loc(error: dict) -> tuple:
 def _is_union_tag(part) -> bool:
     # pydantic inserts the union member it tried into the location; users never wrote those
     return isinstance(part, str) and (part in {"str", "float", "int", "bool", "ParamSpec",
-                                               "ModelRef", "scalar", "sweep", "spec"}
+                                               "ModelRef", "scalar", "sweep", "spec",
+                                               "block-map", "block-list", "block-text"}
                                       or part.startswith(("list[", "dict[", "union[",
                                                           "function-", "constrained-")))
 

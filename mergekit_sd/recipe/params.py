@@ -4,6 +4,9 @@ Precedence for one key, most specific first: `keys` (the first pattern, in file 
 matches the full key name) > `components` > `blocks` > `default` > the method's own default.
 Key patterns are globs (`*attn2*`), or regular expressions when written `re:PATTERN`.
 Block names are the architecture's (`mergekit-sd blocks ARCH`); `IN00-IN05` is a range.
+`blocks` may also give one value per block in order (a list, or supermerger's comma-separated
+string) or a preset (`arch.block_lists`, shared with `bake_lora`): blocks a short form leaves
+out take the `default`.
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mergekit_sd.arch.architectures import Architecture, block_range
+from mergekit_sd.arch.block_lists import BadBlockList, NotABlockList, listed_blocks
 from mergekit_sd.arch.components import recipe_components
-from mergekit_sd.recipe.schema import ParamSpec, Recipe, Scalar
+from mergekit_sd.recipe.schema import BLOCK_FORMS, ParamSpec, Recipe, Scalar
 
 MakeError = Callable[[tuple, str], Exception]
 
@@ -78,7 +82,21 @@ def resolve_param(value: Scalar | ParamSpec, arch: Architecture, loc: tuple,
         return KeyedValue(value, {}, {}, ())
     selectors = []
     by_block: dict[str, Scalar] = {}
-    for name, v in value.blocks.items():
+    if not isinstance(value.blocks, dict):  # one value per block, or a preset
+        try:
+            by_block.update(listed_blocks(value.blocks, arch))
+        except NotABlockList:
+            try:
+                expand_blocks(value.blocks.strip(), arch)
+            except ValueError:
+                why = f"{value.blocks!r} is none of the forms blocks takes; {BLOCK_FORMS}"
+            else:
+                why = (f"{value.blocks!r} names blocks but gives them no value; write "
+                       f"{{{value.blocks.strip()}: VALUE}}")
+            raise error((*loc, "blocks"), why) from None
+        except BadBlockList as exc:
+            raise error((*loc, "blocks"), str(exc)) from None
+    for name, v in (value.blocks.items() if isinstance(value.blocks, dict) else ()):
         try:
             blocks = expand_blocks(name, arch)
         except ValueError as exc:

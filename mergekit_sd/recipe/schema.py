@@ -71,12 +71,41 @@ class ModelRef(Strict):
         return value
 
 
+# The forms `blocks` takes, said whenever a value is none of them.
+BLOCK_FORMS = ("give blocks as {BLOCK or RANGE: value} (e.g. {IN00-IN05: 0.2, M00: 1}), as one "
+               "value per block in order, a list or a comma-separated string as supermerger "
+               "writes them (26 or 17 values for SD1, 20 or 12 for SDXL; see `mergekit-sd "
+               "blocks ARCH`), or as a preset (all, none, in, mid, out, in-mid, mid-out, double, "
+               "single)")
+
+
+def _blocks_form(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return "block-map"
+    if isinstance(value, list):
+        return "block-list"
+    return "block-text" if isinstance(value, str) else None
+
+
+# A number in a block list: finite, and no bool or text that pydantic would turn into one.
+BlockListValue = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+# {BLOCK or RANGE: value}; one value per block (a list, or supermerger's comma string); a preset.
+# The list and string forms are checked against the architecture by `recipe.params`.
+BlockValues = Annotated[
+    Annotated[dict[str, Scalar], Tag("block-map")]
+    | Annotated[list[BlockListValue], Tag("block-list")]
+    | Annotated[str, Tag("block-text")],
+    Discriminator(_blocks_form, custom_error_type="block_values",
+                  custom_error_message=BLOCK_FORMS),
+]
+
+
 class ParamSpec(Strict):
     """A parameter that varies across the model. Precedence, most specific first:
     keys (first matching pattern in file order) > components > blocks > default."""
 
     default: Scalar | list[Scalar] | None = None
-    blocks: dict[str, Scalar] = Field(default_factory=dict)
+    blocks: BlockValues = Field(default_factory=dict)
     components: dict[str, Scalar] = Field(default_factory=dict)
     keys: dict[str, Scalar] = Field(default_factory=dict)
 
