@@ -95,7 +95,8 @@ def collect_candidates(refs: list[str], resolver: Resolver | None = None,
 def _unique_labels(candidates: list[RenderCandidate]) -> None:
     """Labels name image folders, so they are made unique as folder names: after slugging and
     case-folding (for case-insensitive file systems), with `-2`, `-3` ... added until the name
-    is free, whatever other candidates happen to be called (`sd1-2` may be a real file)."""
+    is free, whatever other candidates happen to be called (`sd1-2` may be a real file). The
+    number survives however long the label is: `slug` keeps a long name's end."""
     taken: set[str] = set()
     for cand in candidates:
         base, label, number = cand.label, cand.label, 1
@@ -110,7 +111,16 @@ def _folder_key(label: str) -> str:
     return slug(label).casefold()
 
 
+# A folder name this long or shorter is kept whole; a longer one keeps its start and its end.
+MAX_SLUG = 120
+_SLUG_TAIL = 40
+
+
 def slug(text: str) -> str:
-    """A file-name-safe version of a label (`mix@alpha=0.3` stays readable)."""
+    """A file-name-safe version of a label (`mix@alpha=0.3` stays readable). A long one is cut
+    in the middle, not at the end: names of merges and sweeps differ in their ends (`-v2`,
+    `alpha0.75`), and `_unique_labels` relies on a `-2` it adds surviving the cut."""
     cleaned = re.sub(r"[^A-Za-z0-9@=._+-]+", "_", text).strip("._")
-    return cleaned[:120] or "candidate"
+    if len(cleaned) > MAX_SLUG:
+        cleaned = cleaned[:MAX_SLUG - _SLUG_TAIL - 1] + "~" + cleaned[-_SLUG_TAIL:]
+    return cleaned or "candidate"
