@@ -149,6 +149,8 @@ def test_compare_lays_two_candidates_side_by_side_with_a_heat_map(main, models, 
     (["--guidance", "inf"], "error: --guidance inf: give a number from 0 to 30\n"),
     (["--lora-scale", "nan"], "error: --lora-scale nan: give a finite number"),
     (["--device", "cuda:7"], "error: --device cuda:7: no CUDA device is available"),
+    (["--set", "mix.alpha=0.4"], "error: --set 'mix.alpha=0.4': --set changes a recipe's "
+                                 "parameters, and none of the candidates is a recipe\n"),
 ])
 def test_bad_input_is_one_sentence_and_exit_code_2(main, models, tmp_path, offline, args,
                                                    message):

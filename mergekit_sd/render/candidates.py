@@ -88,6 +88,9 @@ def collect_candidates(refs: list[str], resolver: Resolver | None = None,
             continue
         resolved = resolve_file(ref, resolver, "candidate")
         found.append(_file_candidate(ref, resolved.path, resolved.sha256))
+    if assignments and all(c.recipe is None for c in found):  # else it would change nothing
+        raise UserError(f"--set {assignments[0]!r}: --set changes a recipe's parameters, and "
+                        "none of the candidates is a recipe")
     _unique_labels(found)
     return found
 
