@@ -7,6 +7,7 @@ values the file `mergekit-sd merge` would write, and no file is written.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from mergekit_sd.errors import BadModelFile, UserError
 from mergekit_sd.io.header import read_header
+from mergekit_sd.recipe.params import candidate_name
 from mergekit_sd.recipe.refs import Resolver
 from mergekit_sd.render.layout import CheckpointLayout, checkpoint_layout, layout_of
 from mergekit_sd.render.refs import path_exists, resolve_file
@@ -60,16 +62,45 @@ def recipe_candidates(path: Path, resolver: Resolver | None,
     plan = build_plan(loaded, resolver=resolver, existing="note")  # merged in memory only
     first = plan.inputs[plan.model_order[0]]
     shapes = {task.key: task.out.shape for task in plan.tasks}
+    final = loaded.recipe.final_step.name
+    fixed = _set_values(loaded)
     found = []
     for cand in plan.candidates:
         layout = layout_of(f"{path.name}: {cand.name}", first.found, shapes)
-        recipe = {"path": str(path), "candidate": cand.name,
-                  "values": {f"{step}.{param}": value for step, param, value in cand.choice},
+        # what differs from the file: --set values, then the sweep's; the label says them as
+        # a sweep's name does, and the manifest keeps them with the --set arguments, so that
+        # the recipe file and the manifest together give this candidate's weights again
+        values = (*((step, param, label) for step, param, label, _ in fixed), *cand.choice)
+        recipe = {"path": os.path.abspath(path), "candidate": cand.name,
+                  "values": {**{f"{step}.{param}": value for step, param, _, value in fixed},
+                             **{f"{step}.{param}": value for step, param, value in cand.choice}},
+                  "set": list(assignments or []),
                   "inputs": {name: str(p.path) for name, p in plan.inputs.items()}}
-        found.append(RenderCandidate(cand.name, str(path), layout, recipe=recipe, plan=plan,
-                                     merged_name=cand.name,
+        found.append(RenderCandidate(candidate_name(final, values), str(path), layout,
+                                     recipe=recipe, plan=plan, merged_name=cand.name,
                                      inputs={n: p.path for n, p in plan.inputs.items()}))
     return found
+
+
+def _set_values(loaded) -> list[tuple[str, str, object, object]]:
+    """(step, param, as a label shows it, as JSON) of each `--set` that is not a sweep (a
+    sweep's values name its candidates already). A mapping shows as typed."""
+    from pydantic import BaseModel
+
+    from mergekit_sd.recipe.schema import ParamSpec
+
+    fixed = []
+    for (_, index, _, param), assignment in loaded.overrides.items():
+        step = loaded.recipe.steps[index]
+        value = step.params[param]
+        if isinstance(value.default if isinstance(value, ParamSpec) else value, list):
+            continue
+        if isinstance(value, BaseModel):
+            fixed.append((step.name, param, "".join(assignment.partition("=")[2].split()),
+                          value.model_dump(mode="json", exclude_defaults=True)))
+        else:
+            fixed.append((step.name, param, value, value))
+    return fixed
 
 
 def collect_candidates(refs: list[str], resolver: Resolver | None = None,
