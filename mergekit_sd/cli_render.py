@@ -109,19 +109,23 @@ def _report(result, as_json: bool) -> None:
     for pipeline in manifest.pipelines:
         _echo(f"{pipeline.family}: pipeline built from {pipeline.built_from} in "
               f"{pipeline.build_s:.2f} s ({pipeline.preset}, {pipeline.scheduler}, "
-              f"{pipeline.steps} steps, guidance {pipeline.guidance:g}, {pipeline.dtype}, "
-              f"batch {pipeline.batch_size})")
+              f"{_count(pipeline.steps, 'step')}, guidance {pipeline.guidance:g}, "
+              f"{pipeline.dtype}, batch {pipeline.batch_size})")
     for cand in manifest.candidates:
         how = "pipeline built" if any(p.built_from == cand.label for p in manifest.pipelines) \
             else "weights swapped in"
-        _echo(f"  {cand.label}: {how} {cand.load_s:.2f} s, {cand.images} images "
+        _echo(f"  {cand.label}: {how} {cand.load_s:.2f} s, {_count(cand.images, 'image')} "
               f"{cand.render_s:.2f} s")
     for note in manifest.notes:
         _echo(f"note: {note}")
-    _echo(f"wrote {len(manifest.images)} images, {manifest.sheets['contact']}"
+    _echo(f"wrote {_count(len(manifest.images), 'image')}, {manifest.sheets['contact']}"
           + "".join(f", {manifest.sheets[k]}" for k in ("ab_sheet", "html")
                     if k in manifest.sheets)
           + f" and manifest.json to {result.out}")
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 def _echo(line: str) -> None:

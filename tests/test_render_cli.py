@@ -247,3 +247,14 @@ def test_the_summary_fits_80_columns(main, models, tmp_path, offline, monkeypatc
     summary = done.stdout[done.stdout.index("sd1: pipeline"):]
     assert max(map(len, summary.splitlines())) <= 80, summary
     assert "a-candidate-with-a-rather-long-descriptive-name: pipeline built" in summary
+
+
+def test_one_step_and_one_image_are_said_in_the_singular(main, models, tmp_path, offline):
+    grid = tmp_path / "one.yaml"
+    grid.write_text("prompts: [{name: cat, text: a cat}]\nseeds: [1]\nsize: 64\n")
+    done = main("render", models / "sd1-a.safetensors", "--grid", grid, "--steps", "1",
+                "--out", tmp_path / "o")
+    assert done.returncode == 0, done.stderr
+    assert "(standard, euler_a, 1 step, guidance" in done.stdout
+    assert "sd1-a: pipeline built" in done.stdout and ", 1 image " in done.stdout
+    assert "wrote 1 image, contact-sheet.png" in done.stdout
