@@ -43,6 +43,10 @@ Batch = Annotated[int | None, typer.Option("--batch", help="Images per batch (de
 ConfigDir = Annotated[Path | None, typer.Option("--config-dir", help=CONFIG_DIR_HELP)]
 Assignments = Annotated[list[str], typer.Option("--set", help="STEP.PARAM=VALUE for recipes.")]
 Html = Annotated[bool, typer.Option("--html", help="Also write index.html.")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Render into an --out that is not "
+                                                             "empty: a previous render's files "
+                                                             "(those its manifest lists) are "
+                                                             "replaced, nothing else.")]
 Pull = Annotated[bool, typer.Option("--pull", help="Download hf:// references the catalog does "
                                                    "not have yet.")]
 
@@ -78,9 +82,9 @@ def _check_numbers(guidance: float | None, lora_scale: float | None) -> None:
 
 
 def _options(grid, preset, out, device, dtype, steps, guidance, scheduler, lora, lora_scale,
-             size, batch, config_dir):
+             size, batch, config_dir, html, overwrite):
+    from mergekit_sd.render.folder import check_usable
     from mergekit_sd.render.grids import load_grid
-    from mergekit_sd.render.outputs import check_output_folder
     from mergekit_sd.render.presets import get_preset
     from mergekit_sd.render.runner import RenderOptions
 
@@ -91,8 +95,10 @@ def _options(grid, preset, out, device, dtype, steps, guidance, scheduler, lora,
     _check_numbers(guidance, lora_scale)
     options = RenderOptions(load_grid(grid), get_preset(preset), out, device, dtype, steps,
                             guidance, scheduler, lora, lora_scale, _size(size), batch,
-                            config_dir)
-    check_output_folder(out)  # last: it creates the folder, which bad input should not
+                            config_dir, html=html, overwrite=overwrite)
+    # said before candidates are read or anything built; creates nothing (the run creates
+    # --out once every input is checked, render/folder.py)
+    check_usable(out)
     return options
 
 
@@ -174,6 +180,7 @@ def render(
     config_dir: ConfigDir = None,
     assignments: Assignments = [],  # noqa: B006 (only read)
     html: Html = False,
+    overwrite: Overwrite = False,
     as_json: AsJson = False,
     catalog: CatalogOption = None,
     pull: Pull = False,
@@ -181,13 +188,14 @@ def render(
     """Render every candidate on a prompt grid with one pipeline per architecture.
 
     Writes images/CANDIDATE/PROMPT-SEED.png (with AUTOMATIC1111 parameters), contact-sheet.png
-    (rows: prompt and seed; columns: candidates) and manifest.json.
+    (rows: prompt and seed; columns: candidates) and manifest.json into --out, which must be
+    new or empty unless --overwrite (that replaces only a previous render's files).
     """
     from mergekit_sd.render.candidates import collect_candidates
     from mergekit_sd.render.runner import render_candidates
 
     options = _options(grid, preset, out, device, dtype, steps, guidance, scheduler, lora,
-                       lora_scale, size, batch, config_dir)
+                       lora_scale, size, batch, config_dir, html, overwrite)
     resolver = _CatalogOnDemand(catalog, pull)
     found = collect_candidates(candidates, resolver, assignments)
     _run(lambda progress: render_candidates(found, options, resolver, progress or _quiet),
@@ -215,6 +223,7 @@ def compare(
     assignments: Assignments = [],  # noqa: B006 (only read)
     no_heat: bool = typer.Option(False, "--no-heat", help="Leave out the difference heat map."),
     html: Html = False,
+    overwrite: Overwrite = False,
     as_json: AsJson = False,
     catalog: CatalogOption = None,
     pull: Pull = False,
@@ -222,13 +231,14 @@ def compare(
     """Render two candidates on the same grid and noise, and lay them out side by side.
 
     Writes ab/PROMPT-SEED.png (A, B and their difference heat map), ab-sheet.png, the images,
-    contact-sheet.png and manifest.json (with the mean difference of every pair).
+    contact-sheet.png and manifest.json (with the mean difference of every pair) into --out,
+    which must be new or empty unless --overwrite (that replaces only a previous render's files).
     """
     from mergekit_sd.render.candidates import collect_candidates
     from mergekit_sd.render.compare import compare_candidates
 
     options = _options(grid, preset, out, device, dtype, steps, guidance, scheduler, lora,
-                       lora_scale, size, batch, config_dir)
+                       lora_scale, size, batch, config_dir, html, overwrite)
     resolver = _CatalogOnDemand(catalog, pull)
     found = collect_candidates([a, b], resolver, assignments)
     if len(found) != 2:
