@@ -34,6 +34,8 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest
 
+# render and compare write into fixed folders: --overwrite replaces the previous demo's renders
+# (only files a render wrote), so `make demo` runs again and again
 demo: $(STAMP)
 	$(BIN)/mergekit-sd demo-workspace $(DEMO)
 	$(BIN)/mergekit-sd catalog add-root $(DEMO) --catalog $(DEMO_CATALOG)
@@ -49,9 +51,9 @@ demo: $(STAMP)
 	$(BIN)/mergekit-sd catalog scan --hash --catalog $(DEMO_CATALOG)
 	$(BIN)/mergekit-sd catalog lineage "demo-mix@alpha=0.3" --catalog $(DEMO_CATALOG)
 	$(BIN)/mergekit-sd render demo-sd15-base recipes/demo.yaml demo-sdxl-base --grid tiny \
-	  --out $(DEMO)/renders --html --catalog $(DEMO_CATALOG)
+	  --out $(DEMO)/renders --html --overwrite --catalog $(DEMO_CATALOG)
 	$(BIN)/mergekit-sd compare "demo-mix@alpha=0.3" "demo-mix@alpha=0.5" --grid tiny \
-	  --out $(DEMO)/compare --html --catalog $(DEMO_CATALOG)
+	  --out $(DEMO)/compare --html --overwrite --catalog $(DEMO_CATALOG)
 
 bench: $(STAMP)
 	$(BIN)/python bench/inspect.py

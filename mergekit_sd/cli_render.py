@@ -43,6 +43,10 @@ Batch = Annotated[int | None, typer.Option("--batch", help="Images per batch (de
 ConfigDir = Annotated[Path | None, typer.Option("--config-dir", help=CONFIG_DIR_HELP)]
 Assignments = Annotated[list[str], typer.Option("--set", help="STEP.PARAM=VALUE for recipes.")]
 Html = Annotated[bool, typer.Option("--html", help="Also write index.html.")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Render into an --out that is not "
+                                                             "empty: a previous render's files "
+                                                             "(those its manifest lists) are "
+                                                             "replaced, nothing else.")]
 Pull = Annotated[bool, typer.Option("--pull", help="Download hf:// references the catalog does "
                                                    "not have yet.")]
 
@@ -78,9 +82,9 @@ def _check_numbers(guidance: float | None, lora_scale: float | None) -> None:
 
 
 def _options(grid, preset, out, device, dtype, steps, guidance, scheduler, lora, lora_scale,
-             size, batch, config_dir):
+             size, batch, config_dir, html, overwrite):
+    from mergekit_sd.render.folder import check_usable
     from mergekit_sd.render.grids import load_grid
-    from mergekit_sd.render.outputs import check_output_folder
     from mergekit_sd.render.presets import get_preset
     from mergekit_sd.render.runner import RenderOptions
 
@@ -91,8 +95,10 @@ def _options(grid, preset, out, device, dtype, steps, guidance, scheduler, lora,
     _check_numbers(guidance, lora_scale)
     options = RenderOptions(load_grid(grid), get_preset(preset), out, device, dtype, steps,
                             guidance, scheduler, lora, lora_scale, _size(size), batch,
-                            config_dir)
-    check_output_folder(out)  # last: it creates the folder, which bad input should not
+                            config_dir, html=html, overwrite=overwrite)
+    # said before candidates are read or anything built; creates nothing (the run creates
+    # --out once every input is checked, render/folder.py)
+    check_usable(out)
     return options
 
 
@@ -109,19 +115,23 @@ def _report(result, as_json: bool) -> None:
     for pipeline in manifest.pipelines:
         _echo(f"{pipeline.family}: pipeline built from {pipeline.built_from} in "
               f"{pipeline.build_s:.2f} s ({pipeline.preset}, {pipeline.scheduler}, "
-              f"{pipeline.steps} steps, guidance {pipeline.guidance:g}, {pipeline.dtype}, "
-              f"batch {pipeline.batch_size})")
+              f"{_count(pipeline.steps, 'step')}, guidance {pipeline.guidance:g}, "
+              f"{pipeline.dtype}, batch {pipeline.batch_size})")
     for cand in manifest.candidates:
         how = "pipeline built" if any(p.built_from == cand.label for p in manifest.pipelines) \
             else "weights swapped in"
-        _echo(f"  {cand.label}: {how} {cand.load_s:.2f} s, {cand.images} images "
+        _echo(f"  {cand.label}: {how} {cand.load_s:.2f} s, {_count(cand.images, 'image')} "
               f"{cand.render_s:.2f} s")
     for note in manifest.notes:
         _echo(f"note: {note}")
-    _echo(f"wrote {len(manifest.images)} images, {manifest.sheets['contact']}"
+    _echo(f"wrote {_count(len(manifest.images), 'image')}, {manifest.sheets['contact']}"
           + "".join(f", {manifest.sheets[k]}" for k in ("ab_sheet", "html")
                     if k in manifest.sheets)
           + f" and manifest.json to {result.out}")
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 def _echo(line: str) -> None:
@@ -170,6 +180,7 @@ def render(
     config_dir: ConfigDir = None,
     assignments: Assignments = [],  # noqa: B006 (only read)
     html: Html = False,
+    overwrite: Overwrite = False,
     as_json: AsJson = False,
     catalog: CatalogOption = None,
     pull: Pull = False,
@@ -177,13 +188,14 @@ def render(
     """Render every candidate on a prompt grid with one pipeline per architecture.
 
     Writes images/CANDIDATE/PROMPT-SEED.png (with AUTOMATIC1111 parameters), contact-sheet.png
-    (rows: prompt and seed; columns: candidates) and manifest.json.
+    (rows: prompt and seed; columns: candidates) and manifest.json into --out, which must be
+    new or empty unless --overwrite (that replaces only a previous render's files).
     """
     from mergekit_sd.render.candidates import collect_candidates
     from mergekit_sd.render.runner import render_candidates
 
     options = _options(grid, preset, out, device, dtype, steps, guidance, scheduler, lora,
-                       lora_scale, size, batch, config_dir)
+                       lora_scale, size, batch, config_dir, html, overwrite)
     resolver = _CatalogOnDemand(catalog, pull)
     found = collect_candidates(candidates, resolver, assignments)
     _run(lambda progress: render_candidates(found, options, resolver, progress or _quiet),
@@ -211,6 +223,7 @@ def compare(
     assignments: Assignments = [],  # noqa: B006 (only read)
     no_heat: bool = typer.Option(False, "--no-heat", help="Leave out the difference heat map."),
     html: Html = False,
+    overwrite: Overwrite = False,
     as_json: AsJson = False,
     catalog: CatalogOption = None,
     pull: Pull = False,
@@ -218,13 +231,14 @@ def compare(
     """Render two candidates on the same grid and noise, and lay them out side by side.
 
     Writes ab/PROMPT-SEED.png (A, B and their difference heat map), ab-sheet.png, the images,
-    contact-sheet.png and manifest.json (with the mean difference of every pair).
+    contact-sheet.png and manifest.json (with the mean difference of every pair) into --out,
+    which must be new or empty unless --overwrite (that replaces only a previous render's files).
     """
     from mergekit_sd.render.candidates import collect_candidates
     from mergekit_sd.render.compare import compare_candidates
 
     options = _options(grid, preset, out, device, dtype, steps, guidance, scheduler, lora,
-                       lora_scale, size, batch, config_dir)
+                       lora_scale, size, batch, config_dir, html, overwrite)
     resolver = _CatalogOnDemand(catalog, pull)
     found = collect_candidates([a, b], resolver, assignments)
     if len(found) != 2:

@@ -149,6 +149,8 @@ def test_compare_lays_two_candidates_side_by_side_with_a_heat_map(main, models, 
     (["--guidance", "inf"], "error: --guidance inf: give a number from 0 to 30\n"),
     (["--lora-scale", "nan"], "error: --lora-scale nan: give a finite number"),
     (["--device", "cuda:7"], "error: --device cuda:7: no CUDA device is available"),
+    (["--set", "mix.alpha=0.4"], "error: --set 'mix.alpha=0.4': --set changes a recipe's "
+                                 "parameters, and none of the candidates is a recipe\n"),
 ])
 def test_bad_input_is_one_sentence_and_exit_code_2(main, models, tmp_path, offline, args,
                                                    message):
@@ -169,6 +171,7 @@ def test_a_missing_tokenizer_offline_says_which_and_how_to_get_it(main, tmp_path
         "which is not in the Hugging Face cache; download it once with `hf download "
         "black-forest-labs/FLUX.1-schnell --include 'tokenizer_2/*'` (online), or pass "
         "--config-dir with a diffusers-format folder that has tokenizer_2/\n")
+    assert not (tmp_path / "out").exists()  # refused while building: no folder left
 
 
 def test_render_and_compare_are_listed_without_importing_torch(cli):
@@ -245,3 +248,80 @@ def test_the_summary_fits_80_columns(main, models, tmp_path, offline, monkeypatc
     summary = done.stdout[done.stdout.index("sd1: pipeline"):]
     assert max(map(len, summary.splitlines())) <= 80, summary
     assert "a-candidate-with-a-rather-long-descriptive-name: pipeline built" in summary
+
+
+def test_one_step_and_one_image_are_said_in_the_singular(main, models, tmp_path, offline):
+    grid = tmp_path / "one.yaml"
+    grid.write_text("prompts: [{name: cat, text: a cat}]\nseeds: [1]\nsize: 64\n")
+    done = main("render", models / "sd1-a.safetensors", "--grid", grid, "--steps", "1",
+                "--out", tmp_path / "o")
+    assert done.returncode == 0, done.stderr
+    assert "(standard, euler_a, 1 step, guidance" in done.stdout
+    assert "sd1-a: pipeline built" in done.stdout and ", 1 image " in done.stdout
+    assert "wrote 1 image, contact-sheet.png" in done.stdout
+
+
+def _tree(folder) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() if p.is_file() else b"/"
+            for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize("args", [[], ["--overwrite"], ["--html", "--overwrite"]])
+def test_a_gallery_mergekit_sd_did_not_write_is_left_untouched(main, models, tmp_path,
+                                                                offline, args):
+    gallery = tmp_path / "gallery"
+    gallery.mkdir()
+    (gallery / "index.html").write_text("<h1>my hand-written gallery</h1>")
+    (gallery / "manifest.json").write_text('{"my": "own manifest"}')
+    before = _tree(gallery)
+    done = main("render", models / "sd1-a.safetensors", "--grid", "tiny", "--out", gallery,
+                *args)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr == (f"error: --out {gallery}: manifest.json was not written by "
+                           "mergekit-sd, and this run would replace it; move it away or give "
+                           "another --out\n")
+    assert _tree(gallery) == before
+
+
+def test_rendering_again_into_a_folder_needs_overwrite_and_leaves_no_stale_files(
+        main, models, tmp_path, offline):
+    out = tmp_path / "ab"
+    first = main("compare", models / "sd1-a.safetensors", models / "sd1-b.safetensors",
+                 "--grid", "tiny", "--steps", "1", "--out", out, "--html")
+    assert first.returncode == 0, first.stderr
+    (out / "my-notes.txt").write_text("mine")
+    before = _tree(out)
+
+    again = main("compare", models / "sd1-b.safetensors", models / "sd1-a.safetensors",
+                 "--grid", "tiny", "--steps", "1", "--out", out)
+    assert again.returncode == 2 and _tree(out) == before
+    assert again.stderr == (f"error: --out {out}: holds a previous render; pass --overwrite "
+                            "to replace it (only the files its manifest.json lists), or give "
+                            "another --out\n")
+
+    grid = tmp_path / "other.yaml"
+    grid.write_text("prompts: [{name: cat, text: a cat}]\nseeds: [7]\nsize: 64\nsteps: 1\n")
+    third = main("compare", models / "sd1-b.safetensors", models / "sd1-a.safetensors",
+                 "--grid", grid, "--out", out, "--overwrite")
+    assert third.returncode == 0, third.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] is True
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
+        "ab-sheet.png", "ab/cat-7.png", "contact-sheet.png", "images/sd1-a/cat-7.png",
+        "images/sd1-b/cat-7.png", "manifest.json", "my-notes.txt"]
+    assert sorted(manifest["outputs"]) == sorted(
+        p.relative_to(out).as_posix() for p in out.rglob("*.*") if p.name != "my-notes.txt")
+
+
+@pytest.mark.parametrize(("candidate", "args"), [
+    ("nope.safetensors", []),
+    ("sd1-a.safetensors", ["--preset", "turbo"]),
+    ("sd1-a.safetensors", ["--set", "mix.alpha=0.4"]),
+    ("sd1-a.safetensors", ["--preset", "lcm"]),  # its LoRA is not here offline
+])
+def test_a_refused_run_leaves_no_output_folder(main, models, tmp_path, offline, candidate,
+                                               args):
+    done = main("render", models / candidate, "--grid", "tiny", "--out", tmp_path / "new/a/b",
+                *args)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert not (tmp_path / "new").exists()

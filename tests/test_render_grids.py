@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from mergekit_sd.render.grids import GRIDS_DIR, GridError, load_grid, parse_grid
@@ -75,5 +77,36 @@ def test_a_grid_path_that_cannot_be_opened_is_one_sentence(tmp_path, name):
 
 def test_a_missing_grid_lists_the_shipped_ones(tmp_path):
     with pytest.raises(GridError, match="does not exist; give a grid YAML file or one of "
-                                        "default, tiny"):
+                                        "default, tiny$"):
         load_grid(tmp_path / "nope.yaml")
+
+
+def test_without_shipped_grids_the_advice_lists_no_empty_names(tmp_path, monkeypatch):
+    from mergekit_sd.render import grids
+
+    monkeypatch.setattr(grids, "GRIDS_DIR", tmp_path / "none-here")
+    with pytest.raises(GridError) as caught:
+        load_grid("tiny")
+    assert str(caught.value) == "tiny: does not exist; give a grid YAML file"
+
+
+def test_the_shipped_grids_are_package_data_a_wheel_installs():
+    """An installed wheel holds the package and its package data, not the repository's other
+    folders: the grids must lie in the package, matched by pyproject's package-data."""
+    import fnmatch
+    import tomllib
+
+    from conftest import REPO
+
+    import mergekit_sd
+
+    package = Path(mergekit_sd.__file__).resolve().parent
+    render = package / "render"
+    assert GRIDS_DIR.is_relative_to(render)
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())
+    patterns = config["tool"]["setuptools"]["package-data"]["mergekit_sd.render"]
+    shipped = sorted(GRIDS_DIR.glob("*.yaml"))
+    assert [p.stem for p in shipped] == ["default", "tiny"]
+    for grid in shipped:
+        relative = grid.relative_to(render).as_posix()
+        assert any(fnmatch.fnmatch(relative, pattern) for pattern in patterns), relative

@@ -72,3 +72,46 @@ def test_the_tiny_tokenizer_loads_offline_and_fits_tiny_text_encoders():
     assert max(ids) < 772
     short = tokenizer("a red house").input_ids
     assert tokenizer.decode(short, skip_special_tokens=True) == "a red house"
+
+
+def _column_title(sheet, x: int, width: int):
+    """The pixels of the column title that starts at `x`."""
+    from mergekit_sd.render.sheets import FONT_SIZE, PAD
+
+    top = PAD + FONT_SIZE + 4 + PAD
+    return sheet.crop((x, top, x + width, top + FONT_SIZE + 4)).tobytes()
+
+
+NAMES = [f"myMerge_realisticVision_v51_x_dreamshaper8_alpha{a}" for a in ("0.25", "0.50", "0.75")]
+
+
+def test_contact_sheet_columns_whose_labels_differ_at_the_end_read_differently():
+    from mergekit_sd.render.sheets import CELL, LABEL_WIDTH, PAD, grid_sheet
+
+    cells = {(0, c): Image.new("RGB", (64, 64)) for c in range(3)}
+    sheet = grid_sheet("title", ["face\nseed 1"], NAMES, cells)
+    titles = {_column_title(sheet, LABEL_WIDTH + c * (CELL + PAD), CELL) for c in range(3)}
+    assert len(titles) == 3
+
+
+def test_ab_sheet_labels_keep_the_end_that_tells_the_candidates_apart():
+    from mergekit_sd.render.sheets import MIN_AB_CELL, PAD, ab_sheet
+
+    image = Image.new("RGB", (64, 64))
+    first = ab_sheet("face, seed 1", NAMES[0], NAMES[2], image, image)
+    second = ab_sheet("face, seed 1", NAMES[1], NAMES[2], image, image)
+    assert _column_title(first, PAD, MIN_AB_CELL) != _column_title(second, PAD, MIN_AB_CELL)
+
+
+def test_a_long_label_is_cut_in_the_middle_to_fit():
+    from PIL import ImageDraw
+
+    from mergekit_sd.render.sheets import _fit_text, _font
+
+    draw = ImageDraw.Draw(Image.new("RGB", (8, 8)))
+    text = "A: " + NAMES[2]
+    short = _fit_text(draw, text, 192, middle=True)
+    assert "…" in short and short.startswith("A: myM") and short.endswith("alpha0.75")
+    assert draw.textlength(short, font=_font()) <= 192
+    assert _fit_text(draw, text, 1000, middle=True) == text
+    assert _fit_text(draw, text, 192).endswith("…")  # titles, prose: cut at the end

@@ -55,6 +55,8 @@ def test_lora_none_runs_a_distilled_candidate_without_the_presets_lora():
 @pytest.mark.parametrize(("preset", "family", "overrides", "message"), [
     ("lightning-4", "sd1", {}, "--preset lightning-4 is for SDXL, not SD1.x"),
     ("lcm", "sd1", {"steps": 12}, "--steps 12: --preset lcm takes 2 to 8 steps"),
+    ("hyper-2", "sdxl", {"steps": 4}, "--steps 4: --preset hyper-2 takes exactly 2 steps$"),
+    ("hyper-1", "sd1", {"steps": 4}, "--steps 4: --preset hyper-1 takes exactly 1 step$"),
     ("standard", "flux", {"scheduler": "euler"}, "FLUX.1 needs a flow-matching scheduler"),
     ("standard", "sdxl", {"scheduler": "eular"}, "did you mean 'euler'?"),
 ])
@@ -78,3 +80,26 @@ def test_every_preset_scheduler_builds_offline_for_every_family_it_serves(family
             shift = {"mu": 1.15} if scheduler.config.get("use_dynamic_shifting") else {}
             scheduler.set_timesteps(s.steps, **shift)
             assert len(scheduler.timesteps) >= s.steps
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl", "sd3", "flux"])
+def test_schedulers_build_from_reference_configs_without_diffusers_warnings(family):
+    """No "config attributes ... were passed to TCDScheduler ... verify your
+    scheduler_config.json": the user has no such file, the key is our reference config's."""
+    import logging
+
+    said: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: said.append(record.getMessage())
+    logger = logging.getLogger("diffusers")  # diffusers' loggers hand their records up to it
+    logger.addHandler(handler)
+    try:
+        flow = family in ("sd3", "flux")
+        for name in SCHEDULERS:
+            if name.startswith("flow_") == flow:
+                make_scheduler(name, scheduler_config(family))
+    finally:
+        logger.removeHandler(handler)
+    assert not [line for line in said if "scheduler_config.json" in line]
+    pndm = make_scheduler("pndm", scheduler_config("sd1"))
+    assert pndm.config.skip_prk_steps and pndm.config.steps_offset == 1  # what it takes, kept

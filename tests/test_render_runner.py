@@ -25,9 +25,10 @@ def models(tmp_path_factory):
     return folder
 
 
-def _render(models, names, out, grid=GRID):
+def _render(models, names, out, grid=GRID, overwrite=False):
     torch.set_num_threads(1)
-    options = RenderOptions(parse_grid(grid, "grid.yaml"), get_preset("standard"), out)
+    options = RenderOptions(parse_grid(grid, "grid.yaml"), get_preset("standard"), out,
+                            overwrite=overwrite)
     candidates = collect_candidates([str(models / f"{n}.safetensors") for n in names])
     return render_candidates(candidates, options)
 
@@ -53,22 +54,32 @@ def test_a_prompt_longer_than_the_text_encoder_reads_is_one_note_not_a_warning(m
     assert "indexing errors" not in capfd.readouterr().err
 
 
-def test_a_run_that_ends_early_leaves_no_manifest_or_sheet_of_the_run_before(models, tmp_path):
+def test_a_run_that_ends_early_claims_its_files_and_the_next_run_removes_them(models,
+                                                                               tmp_path):
+    """The run before's manifest and sheets never describe a mix of old and new images, and
+    the manifest a stopped run leaves lists its files, so --overwrite clears them all."""
     from mergekit_sd.errors import Cancelled
     from mergekit_sd.progress import CancelToken
-    from mergekit_sd.render import compare, html
-    from mergekit_sd.render.runner import SUMMARY_FILES
 
-    assert {compare.AB_SHEET, html.PAGE_NAME} <= set(SUMMARY_FILES)
     out = tmp_path / "out"
     _render(models, ["a", "b"], out)
-    assert (out / "manifest.json").exists() and (out / "contact-sheet.png").exists()
+    assert read_manifest(out)["complete"] is True
+    assert (out / "contact-sheet.png").exists()
 
     token = CancelToken()
     options = RenderOptions(parse_grid(GRID.replace("steps: 2", "steps: 1"), "grid.yaml"),
-                            get_preset("standard"), out)
-    candidates = collect_candidates([str(models / f"{n}.safetensors") for n in ("a", "b")])
+                            get_preset("standard"), out, overwrite=True)
+    candidates = collect_candidates([str(models / f"{n}.safetensors") for n in ("a", "unet")])
     with pytest.raises(Cancelled):
         render_candidates(candidates, options, progress=lambda *_: token.cancel(),
                           cancel=token)
-    assert not (out / "manifest.json").exists() and not (out / "contact-sheet.png").exists()
+    stopped = read_manifest(out)
+    assert stopped["complete"] is False and stopped["images"] == []
+    assert stopped["outputs"] == ["images/a/cat-5.png", "images/unet/cat-5.png",
+                                  "contact-sheet.png", "manifest.json"]
+    assert not (out / "contact-sheet.png").exists() and not (out / "images" / "b").exists()
+    assert (out / "images" / "a" / "cat-5.png").exists()  # the one image it wrote
+
+    _render(models, ["b"], out, overwrite=True)
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [
+        "contact-sheet.png", "images", "images/b", "images/b/cat-5.png", "manifest.json"]

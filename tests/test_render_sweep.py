@@ -101,3 +101,37 @@ def test_a_sweep_renders_from_memory_as_its_files_would(recipe, tmp_path):
     hashes = entry["recipe"]["input_sha256"]
     assert set(hashes) == {"base", "other"} and all(len(h) == 64 for h in hashes.values())
     assert [c["load_s"] > 0 for c in manifest["candidates"]] == [True, True]
+
+
+@pytest.mark.parametrize(("assignment", "labels", "values"), [
+    ("mix.alpha=0.4", ["mix@alpha=0.4"], [{"mix.alpha": 0.4}]),
+    ("mix.alpha=[0.2, 0.6]", ["mix@alpha=0.2", "mix@alpha=0.6"],
+     [{"mix.alpha": 0.2}, {"mix.alpha": 0.6}]),
+    ("mix.alpha={default: 0.4, blocks: {IN00: 1}}", ["mix@alpha={default:0.4,blocks:{IN00:1}}"],
+     [{"mix.alpha": {"default": 0.4, "blocks": {"IN00": 1}}}]),
+])
+def test_set_values_name_the_candidate_and_its_recipe_record(recipe, monkeypatch, assignment,
+                                                              labels, values):
+    monkeypatch.chdir(recipe.parent)  # given relative, recorded absolute
+    found = collect_candidates(["recipe.yaml"], assignments=[assignment])
+    assert [c.label for c in found] == labels
+    assert [c.recipe["values"] for c in found] == values
+    assert all(c.recipe["set"] == [assignment] for c in found)
+    assert all(c.recipe["path"] == str(recipe) for c in found)
+
+
+def test_a_set_value_renders_as_the_sweep_candidate_of_that_value_and_says_so(recipe,
+                                                                              tmp_path):
+    from PIL import Image
+
+    chosen = collect_candidates([str(recipe)], assignments=["mix.alpha=0.3"])
+    result = render_candidates(chosen, _options(tmp_path / "set"))
+    swept = render_candidates(collect_candidates([str(recipe)]), _options(tmp_path / "sweep"))
+    assert (_pixels(result.image_file("mix@alpha=0.3", "cat", 5))
+            == _pixels(swept.image_file("mix@alpha=0.3", "cat", 5)))
+    entry = read_manifest(tmp_path / "set")["images"][0]
+    assert entry["candidate"] == "mix@alpha=0.3" and entry["file"].startswith("images/mix@")
+    assert entry["recipe"]["values"] == {"mix.alpha": 0.3}
+    assert entry["recipe"]["set"] == ["mix.alpha=0.3"]
+    with Image.open(result.image_file("mix@alpha=0.3", "cat", 5)) as png:
+        assert "Model: mix@alpha=0.3," in png.text["parameters"]

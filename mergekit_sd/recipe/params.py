@@ -194,11 +194,19 @@ def candidates(recipe: Recipe) -> list[Candidate]:
     if not axes:
         return [Candidate(final, ())]
     result = []
-    one_step = len({a.step for a in axes}) == 1
     for combo in itertools.product(*(a.values for a in axes)):
-        parts = [(f"{a.param}" if one_step else f"{a.step}.{a.param}") + f"={_fmt(v)}"
-                 for a, v in zip(axes, combo, strict=True)]
-        name = f"{axes[0].step if one_step else final}@{','.join(parts)}"
-        result.append(Candidate(name, tuple((a.step, a.param, v)
-                                            for a, v in zip(axes, combo, strict=True))))
+        choice = tuple((a.step, a.param, v) for a, v in zip(axes, combo, strict=True))
+        result.append(Candidate(candidate_name(final, choice), choice))
     return result
+
+
+def candidate_name(final: str, values: tuple[tuple[str, str, object], ...]) -> str:
+    """`mix@alpha=0.3` for values of one step, `final@a.alpha=0.3,b.beta=2` for several
+    steps', the final step's name alone for none. Values other than scalars (a --set mapping)
+    are given as their text."""
+    if not values:
+        return final
+    one_step = len({step for step, _, _ in values}) == 1
+    parts = [(param if one_step else f"{step}.{param}") + f"={_fmt(value)}"
+             for step, param, value in values]
+    return f"{values[0][0] if one_step else final}@{','.join(parts)}"

@@ -14,4 +14,5 @@
   runner      a whole render: images, manifest, contact sheet
   compare     two candidates side by side, difference heat maps
   outputs, sheets, manifest, html   what is written
+  folder      the output folder: only a render's own files replaced, created once inputs pass
 """

@@ -3,17 +3,13 @@ optional difference heat map, plus one sheet of all pairs."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from mergekit_sd.errors import UserError
 from mergekit_sd.progress import CancelToken, ProgressCallback, no_progress
 from mergekit_sd.recipe.refs import Resolver
 from mergekit_sd.render.candidates import RenderCandidate
-from mergekit_sd.render.outputs import png_bytes, sync_folder, write_output
+from mergekit_sd.render.folder import AB_DIR, AB_SHEET, ab_file
+from mergekit_sd.render.outputs import png_bytes
 from mergekit_sd.render.runner import RenderOptions, RenderResult, render_candidates
-
-AB_DIR = "ab"
-AB_SHEET = "ab-sheet.png"
 
 
 def compare_candidates(a: RenderCandidate, b: RenderCandidate, options: RenderOptions,
@@ -29,7 +25,7 @@ def compare_candidates(a: RenderCandidate, b: RenderCandidate, options: RenderOp
                         "A/B sheets compare the same prompt and noise on the same pipeline")
     options.command = "compare"
     result = render_candidates([a, b], options, resolver, progress, cancel)
-    grid, out = options.grid, options.out
+    grid, folder = options.grid, result.folder
     pairs, rows, cells = [], [], {}
     for prompt in grid.prompts:
         for seed in grid.seeds:
@@ -38,10 +34,10 @@ def compare_candidates(a: RenderCandidate, b: RenderCandidate, options: RenderOp
             with Image.open(result.image_file(b.label, prompt.name, seed)) as image:
                 right = image.convert("RGB")
             title = f"{prompt.name}, seed {seed}: {prompt.text}"
-            file = Path(AB_DIR) / f"{prompt.name}-{seed}.png"
+            file = ab_file(prompt.name, seed)
             sheet = ab_sheet(title, a.label, b.label, left, right, with_heat)
-            write_output(out / file, png_bytes(sheet))
-            entry = {"prompt_name": prompt.name, "seed": seed, "file": file.as_posix()}
+            folder.write(file, png_bytes(sheet))
+            entry = {"prompt_name": prompt.name, "seed": seed, "file": file}
             row = len(rows)
             rows.append(f"{prompt.name}\nseed {seed}")
             cells[(row, 0)], cells[(row, 1)] = _thumb(left, CELL), _thumb(right, CELL)
@@ -50,13 +46,13 @@ def compare_candidates(a: RenderCandidate, b: RenderCandidate, options: RenderOp
                 entry["mean_abs_difference"] = round(mean, 3)
                 cells[(row, 2)] = _thumb(heat, CELL)
             pairs.append(entry)
-    sync_folder(out / AB_DIR)
+    folder.sync(AB_DIR)
     columns = [f"A: {a.label}", f"B: {b.label}"] + (["|A-B|"] if with_heat else [])
     sheet = grid_sheet(f"{grid.name}: A/B", rows, columns, cells)
-    write_output(out / AB_SHEET, png_bytes(sheet))
+    folder.write(AB_SHEET, png_bytes(sheet))
     result.manifest.sheets.update(ab=pairs, ab_sheet=AB_SHEET)
-    result.manifest.write(out)
-    sync_folder(out)
+    folder.write_manifest(result.manifest)
+    folder.sync()
     return result
 
 

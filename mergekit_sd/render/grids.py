@@ -1,7 +1,8 @@
 """Prompt grids: YAML files of prompts (with optional negatives), seeds, size, steps and guidance.
 
 Read with `yaml.safe_load`, validated by pydantic models that mirror the file; errors name the
-file, the line and the field, as recipe errors do. `recipes/grids/` holds the shipped ones.
+file, the line and the field, as recipe errors do. The shipped ones (`default`, `tiny`) are
+package data in `prompt_grids/`, so that an installed wheel has them too.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mergekit_sd.yaml_lines import YamlFileError, dotted, line_of, load_mapping
 
-GRIDS_DIR = Path(__file__).resolve().parents[2] / "recipes" / "grids"
+GRIDS_DIR = Path(__file__).resolve().parent / "prompt_grids"  # package data: see pyproject
 DEFAULT_GRID = GRIDS_DIR / "default.yaml"
 MAX_SIDE = 4096
 MAX_GUIDANCE = 30
@@ -183,7 +184,7 @@ def parse_grid(text: str, path: Path | str = "<grid>") -> LoadedGrid:
 
 
 def load_grid(path: str | Path | None) -> LoadedGrid:
-    """A grid file; a bare name (`default`, `tiny`) means recipes/grids/NAME.yaml."""
+    """A grid file; a bare name (`default`, `tiny`) means a shipped one, GRIDS_DIR/NAME.yaml."""
     path = DEFAULT_GRID if path is None else Path(path)
     shipped = GRIDS_DIR / f"{path}.yaml"
     try:
@@ -191,11 +192,17 @@ def load_grid(path: str | Path | None) -> LoadedGrid:
             path = shipped
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise GridError(path, None, "", "does not exist; give a grid YAML file or one of "
-                        + ", ".join(p.stem for p in sorted(GRIDS_DIR.glob("*.yaml")))) from None
+        raise GridError(path, None, "", "does not exist; " + _grid_advice()) from None
     except (IsADirectoryError, UnicodeDecodeError):
         raise GridError(path, None, "", "is not a YAML text file") from None
     except OSError as exc:  # a symlink loop, a name too long, no permission
         raise GridError(path, None, "", f"cannot be read ({exc.strerror or exc}); give a "
                         "grid YAML file") from None
     return parse_grid(text, path)
+
+
+def _grid_advice() -> str:
+    """What to give instead: the shipped grids by name, when there are any (an install that
+    lost its package data must not answer "one of " and nothing)."""
+    names = sorted(p.stem for p in GRIDS_DIR.glob("*.yaml"))
+    return "give a grid YAML file" + (f" or one of {', '.join(names)}" if names else "")

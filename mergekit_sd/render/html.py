@@ -5,10 +5,9 @@ from __future__ import annotations
 from html import escape
 from urllib.parse import quote
 
-from mergekit_sd.render.outputs import write_output
+from mergekit_sd.render.folder import PAGE_NAME
 from mergekit_sd.render.runner import RenderResult
 
-PAGE_NAME = "index.html"
 _STYLE = """
 body { background: #181818; color: #e6e6e6; font: 14px system-ui, sans-serif; margin: 1em; }
 table { border-collapse: collapse; }
@@ -54,7 +53,8 @@ def write_html(result: RenderResult) -> str:
             note = f" (mean |A-B| {mean:g})" if mean is not None else ""
             parts.append(f'<p>{escape(pair["prompt_name"])}, seed {pair["seed"]}{note}</p>'
                          f'<img class="ab" loading="lazy" src="{escape(quote(pair["file"]))}">')
-    write_output(result.out / PAGE_NAME, "\n".join(parts).encode("utf-8"))
+    result.folder.write(PAGE_NAME, "\n".join(parts).encode("utf-8"))
     manifest.sheets["html"] = PAGE_NAME
-    manifest.write(result.out)
+    result.folder.write_manifest(manifest)
+    result.folder.sync()
     return PAGE_NAME

@@ -8,8 +8,6 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from mergekit_sd.render.outputs import write_output
-
 MANIFEST_NAME = "manifest.json"
 
 
@@ -71,17 +69,23 @@ class Manifest:
     command: str
     grid: dict
     device: str
+    # false from the start of a run until its last file is written: a run stopped half-way
+    # leaves a manifest saying so (see folder.py)
+    complete: bool = False
     pipelines: list[PipelineEntry] = field(default_factory=list)
     candidates: list[CandidateEntry] = field(default_factory=list)
     images: list[ImageEntry] = field(default_factory=list)
     sheets: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # worth a line on the terminal
+    # every file of the run, relative to the folder, listed before the first is written: the
+    # files a later run with --overwrite may remove (and no others)
+    outputs: list[str] = field(default_factory=list)
 
-    def write(self, folder: Path) -> Path:
+    def to_bytes(self) -> bytes:
         # allow_nan=False: NaN and Infinity are not JSON (jq and browsers refuse the file)
         text = json.dumps(asdict(self), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
-        return write_output(folder / MANIFEST_NAME, text.encode("utf-8"))
+        return text.encode("utf-8")
 
 
 def read_manifest(folder: Path) -> dict:

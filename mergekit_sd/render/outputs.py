@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import io
-import tempfile
 from pathlib import Path
 
 from mergekit_sd.errors import UserError, WorkFailed
@@ -36,19 +35,6 @@ def write_output(path: Path, data: bytes) -> Path:
         return write_bytes_atomic(path, data)
     except OSError as exc:
         raise output_error(path, exc) from None
-
-
-def check_output_folder(out: Path) -> None:
-    """Create `out` and write a file in it now, so that an unusable folder is one sentence
-    before any pipeline is built rather than a traceback after the first batch."""
-    try:
-        if out.exists() and not out.is_dir():
-            raise UserError(f"--out {out}: is a file; give a folder for the images and sheets")
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out, prefix=".mergekit-sd-probe-"):
-            pass
-    except OSError as exc:
-        raise UserError(f"--out {out}: {exc.strerror or exc}; {OUT_ADVICE}") from None
 
 
 def sync_folder(folder: Path) -> None:

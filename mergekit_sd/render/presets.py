@@ -134,7 +134,8 @@ def resolve_sampling(preset: Preset, family: str, grid_steps: int, grid_guidance
     chosen = steps or preset.steps or grid_steps
     low, high = preset.step_range
     if not low <= chosen <= high:
-        raise UserError(f"--steps {chosen}: --preset {preset.name} takes {low} to {high} steps")
+        takes = f"exactly {_steps(low)}" if low == high else f"{low} to {high} steps"
+        raise UserError(f"--steps {chosen}: --preset {preset.name} takes {takes}")
     name = (scheduler or preset.scheduler_by_family.get(family) or preset.scheduler
             or DEFAULT_SCHEDULER[family])
     check_scheduler(name, family)
@@ -145,6 +146,10 @@ def resolve_sampling(preset: Preset, family: str, grid_steps: int, grid_guidance
     lora_ref = None if lora == "none" else lora or preset.loras.get(family)
     return Sampling(preset.name, name, chosen, float(guidance), lora_ref,
                     preset.lora_scale if lora_scale is None else lora_scale)
+
+
+def _steps(count: int) -> str:
+    return f"{count} step{'' if count == 1 else 's'}"
 
 
 def check_scheduler(name: str, family: str) -> None:
@@ -161,8 +166,18 @@ def check_scheduler(name: str, family: str) -> None:
 
 
 def make_scheduler(name: str, reference_config: dict):
-    """A diffusers scheduler `name` built from the family's reference scheduler settings."""
+    """A diffusers scheduler `name` built from the family's reference scheduler settings.
+
+    Only the settings the scheduler takes are passed: the reference configs are those of
+    other schedulers (SD1.5's is PNDM's, with `skip_prk_steps`), and diffusers warns about a
+    key it does not expect, naming a scheduler_config.json the user never wrote."""
+    import inspect
+
     import diffusers
 
     class_name, overrides, _ = SCHEDULERS[name]
-    return getattr(diffusers, class_name).from_config({**reference_config, **overrides})
+    scheduler = getattr(diffusers, class_name)
+    takes = inspect.signature(scheduler.__init__).parameters
+    config = {key: value for key, value in {**reference_config, **overrides}.items()
+              if key in takes or key.startswith("_")}  # _class_name ...: diffusers' own
+    return scheduler.from_config(config)

@@ -1,5 +1,6 @@
 """Render a prompt grid for every candidate: one pipeline per architecture, candidate weights
-swapped in place, PNGs with their parameters, a manifest and a contact sheet.
+swapped in place, PNGs with their parameters, a manifest and a contact sheet, written into an
+output folder that only ever loses or has replaced files a render wrote (folder.py).
 
 Candidates are grouped by architecture. Each group's pipeline is built from its first full
 checkpoint (and the preset's LoRA fused once); every other candidate of the group is copied into
@@ -19,7 +20,15 @@ from mergekit_sd.io.hashing import file_sha256
 from mergekit_sd.progress import CancelToken, ProgressCallback, no_progress
 from mergekit_sd.recipe.refs import ResolvedModel, Resolver
 from mergekit_sd.render.assets import scheduler_config
-from mergekit_sd.render.candidates import RenderCandidate, slug
+from mergekit_sd.render.candidates import RenderCandidate
+from mergekit_sd.render.folder import (
+    AB_SHEET,
+    CONTACT_SHEET,
+    PAGE_NAME,
+    OutputFolder,
+    ab_file,
+    image_file,
+)
 from mergekit_sd.render.generate import Job, Settings, auto_batch, cut_prompts, render_batch
 from mergekit_sd.render.grids import LoadedGrid
 from mergekit_sd.render.layout import DIFFUSION_COMPONENT
@@ -30,13 +39,7 @@ from mergekit_sd.render.manifest import (
     Manifest,
     PipelineEntry,
 )
-from mergekit_sd.render.outputs import (
-    a1111_parameters,
-    output_error,
-    png_bytes,
-    sync_folder,
-    write_output,
-)
+from mergekit_sd.render.outputs import a1111_parameters, png_bytes
 from mergekit_sd.render.pipelines import (
     RenderPipeline,
     build_pipeline,
@@ -47,12 +50,6 @@ from mergekit_sd.render.presets import Preset, Sampling, make_scheduler, resolve
 from mergekit_sd.render.refs import resolve_file
 from mergekit_sd.torch_threads import torch_threads
 
-IMAGES_DIR = "images"
-CONTACT_SHEET = "contact-sheet.png"
-# What a run writes once its images are all done (compare's A/B sheet and --html's page too).
-# A previous run's are removed before the first new image is written, so that a run that ends
-# early never leaves a manifest or sheet describing images it has replaced.
-SUMMARY_FILES = (MANIFEST_NAME, CONTACT_SHEET, "ab-sheet.png", "index.html")
 # Below this many diffusion-model parameters (tiny test models) one CPU thread is fastest:
 # intra-op threads cost more to wake than tensors this small take to compute.
 SMALL_MODEL_PARAMS = 20_000_000
@@ -74,6 +71,8 @@ class RenderOptions:
     batch: int | None = None  # None: as many as the device holds
     config_dir: Path | None = None
     command: str = "render"
+    html: bool = False  # index.html will be written too (write_html, after the run)
+    overwrite: bool = False  # a folder holding files may be rendered into (folder.py)
 
 
 @dataclass
@@ -81,6 +80,7 @@ class RenderResult:
     out: Path
     manifest: Manifest
     candidates: list[RenderCandidate]
+    folder: OutputFolder
 
     def image_file(self, candidate: str, prompt: str, seed: int) -> Path:
         for entry in self.manifest.images:
@@ -151,8 +151,11 @@ def render_candidates(candidates: list[RenderCandidate], options: RenderOptions,
                  for family in families}
     loras = {family: _preset_lora(sampling, resolver, family)
              for family, sampling in samplings.items()}
-    run = _Run(options, len(candidates), progress, cancel or CancelToken())
-    _remove_previous_summary(options.out)
+    # refused now, nothing touched, when --out holds files and no --overwrite, or a file
+    # the run would replace that a render did not write
+    folder = OutputFolder.check(options.out, planned_outputs(candidates, options),
+                                options.overwrite)
+    run = _Run(options, folder, len(candidates), progress, cancel or CancelToken())
     try:
         for cand in candidates:
             if cand.path is not None:
@@ -169,20 +172,21 @@ def render_candidates(candidates: list[RenderCandidate], options: RenderOptions,
     manifest.candidates.sort(key=lambda e: order.index(e.label))
     manifest.images.sort(key=lambda e: (order.index(e.candidate), prompts.index(e.prompt_name),
                                         grid.seeds.index(e.seed)))
-    result = RenderResult(options.out, manifest, list(candidates))
+    result = RenderResult(options.out, manifest, list(candidates), folder)
     manifest.sheets["contact"] = write_contact_sheet(result, grid)
     manifest.timings["total_s"] = round(time.perf_counter() - start, 3)
-    manifest.write(options.out)
-    sync_folder(options.out)
+    folder.write_manifest(manifest)
+    folder.sync()
     return result
 
 
-def _remove_previous_summary(out: Path) -> None:
-    for name in SUMMARY_FILES:
-        try:
-            (out / name).unlink(missing_ok=True)
-        except OSError as exc:
-            raise output_error(out / name, exc) from None
+def planned_outputs(candidates: list[RenderCandidate], options: RenderOptions) -> list[str]:
+    """Every file the run writes, relative to --out: what it claims in its first manifest."""
+    jobs = [(p.name, s) for p in options.grid.prompts for s in options.grid.seeds]
+    names = [image_file(c.label, prompt, seed) for c in candidates for prompt, seed in jobs]
+    if options.command == "compare":
+        names += [ab_file(prompt, seed) for prompt, seed in jobs] + [AB_SHEET]
+    return [*names, CONTACT_SHEET, *([PAGE_NAME] if options.html else []), MANIFEST_NAME]
 
 
 def _preset_lora(sampling: Sampling, resolver: Resolver | None, family: str
@@ -198,10 +202,11 @@ def _preset_lora(sampling: Sampling, resolver: Resolver | None, family: str
 class _Run:
     """One render: the options, the file hashes, the manifest being filled, progress."""
 
-    def __init__(self, options: RenderOptions, candidates: int, progress: ProgressCallback,
-                 cancel: CancelToken):
+    def __init__(self, options: RenderOptions, folder: OutputFolder, candidates: int,
+                 progress: ProgressCallback, cancel: CancelToken):
         grid = options.grid
         self.options = options
+        self.folder = folder
         self.hashes = _Hashes()
         self.manifest = Manifest(f"mergekit-sd {__version__}", options.command, {
             "name": grid.name, "path": str(grid.path), "seeds": list(grid.seeds),
@@ -234,6 +239,9 @@ class _Run:
                                            scheduler_config(rp.family, rp.variant))
         _sync(options.device)
         build_s = time.perf_counter() - started
+        # --out is created (and a previous run's files removed) only now: a tokenizer missing
+        # offline, the last refusal, is found building the first pipeline
+        self.folder.open(self.manifest)
         self.manifest.notes.extend(n for n in cut_prompts(rp, options.grid.prompts)
                                    if n not in self.manifest.notes)
         width, height = options.size or options.grid.size_for(rp.family)
@@ -281,7 +289,6 @@ class _Run:
              sampling: Sampling, lora: dict | None) -> int:
         """Every (prompt, seed) of the grid for the candidate now in the pipeline."""
         encoded: dict = {}
-        folder = Path(IMAGES_DIR) / slug(cand.label)
         for first in range(0, len(self.jobs), batch):
             self.cancel.raise_if_cancelled()
             chunk = self.jobs[first:first + batch]
@@ -290,7 +297,7 @@ class _Run:
             seconds = (time.perf_counter() - started) / len(chunk)
             sha256 = self.hashes.get(cand.path)
             for job, image in zip(chunk, images, strict=True):
-                file = folder / f"{job.prompt.name}-{job.seed}.png"
+                file = image_file(cand.label, job.prompt.name, job.seed)
                 text = a1111_parameters(job.prompt.text, job.prompt.negative, {
                     "Steps": settings.steps, "Sampler": sampling.sampler_label,
                     "CFG scale": settings.guidance, "Seed": job.seed,
@@ -299,16 +306,16 @@ class _Run:
                     "Lora hashes": f"{Path(lora['path']).stem}: {lora['sha256'][:12]}"
                     if lora else None,
                     "Preset": sampling.preset, "Version": f"mergekit-sd {__version__}"})
-                write_output(self.options.out / file, png_bytes(image, text))
+                self.folder.write(file, png_bytes(image, text))
                 self.manifest.images.append(ImageEntry(
-                    file.as_posix(), cand.label, cand.ref, sha256, cand.recipe,
+                    file, cand.label, cand.ref, sha256, cand.recipe,
                     job.prompt.name, job.prompt.text, job.prompt.negative, job.seed,
                     sampling.preset, sampling.scheduler, settings.steps, settings.guidance,
                     settings.width, settings.height, self.options.device,
                     lora["ref"] if lora else None, round(seconds, 4)))
                 self.done += 1
                 self.progress("rendering", self.done, self.total)
-        sync_folder(self.options.out / folder)
+        self.folder.sync(str(Path(file).parent))
         return len(self.jobs)
 
 
@@ -339,5 +346,5 @@ def write_contact_sheet(result: RenderResult, grid: LoadedGrid) -> str:
     title = (f"{grid.name}: {len(grid.prompts)} prompts x {len(grid.seeds)} seeds, "
              f"{len(labels)} candidates")
     sheet = grid_sheet(title, rows, labels, cells)
-    write_output(result.out / CONTACT_SHEET, png_bytes(sheet))
+    result.folder.write(CONTACT_SHEET, png_bytes(sheet))
     return CONTACT_SHEET

@@ -30,13 +30,18 @@ def _line_height() -> int:
     return FONT_SIZE + 4
 
 
-def _fit_text(draw, text: str, width: int) -> str:
-    """`text`, shortened with an ellipsis to fit `width` pixels."""
+def _fit_text(draw, text: str, width: int, middle: bool = False) -> str:
+    """`text`, shortened with an ellipsis to fit `width` pixels: at the end, or with `middle`
+    in the middle. Labels take the middle one: candidates' names (`…_alpha0.25`, `…-v2`) and
+    prompt names differ in their ends, which an ellipsis at the end would hide."""
     if draw.textlength(text, font=_font()) <= width:
         return text
-    while text and draw.textlength(text + "…", font=_font()) > width:
-        text = text[:-1]
-    return text + "…"
+    for kept in range(len(text) - 1, -1, -1):
+        tail = (kept + 1) // 2 if middle else 0  # the end gets the odd character
+        short = text[:kept - tail] + "…" + (text[len(text) - tail:] if tail else "")
+        if draw.textlength(short, font=_font()) <= width:
+            return short
+    return "…"
 
 
 def _scaled(image, side: int):
@@ -66,11 +71,13 @@ def grid_sheet(title: str, rows: list[str], columns: list[str],
     draw.text((PAD, PAD), _fit_text(draw, title, width - 2 * PAD), font=_font(), fill=TEXT)
     for c, name in enumerate(columns):
         x = label_width + c * (cell + PAD)
-        draw.text((x, PAD + line + PAD), _fit_text(draw, name, cell), font=_font(), fill=TEXT)
+        draw.text((x, PAD + line + PAD), _fit_text(draw, name, cell, middle=True),
+                  font=_font(), fill=TEXT)
     for r, name in enumerate(rows):
         y = header + r * (cell + PAD)
         for i, part in enumerate(name.split("\n")):
-            draw.text((PAD, y + i * line), _fit_text(draw, part, label_width - 2 * PAD),
+            draw.text((PAD, y + i * line),
+                      _fit_text(draw, part, label_width - 2 * PAD, middle=True),
                       font=_font(), fill=TEXT)
         for c in range(len(columns)):
             image = cells.get((r, c))
