@@ -82,16 +82,23 @@ def merge_date(plan: MergePlan) -> str:
     return plan.loaded.recipe.output.date or dt.datetime.now(dt.UTC).date().isoformat()
 
 
+A1111_SLOTS = ("primary", "secondary", "tertiary")  # its A, B and C
+
+
 def _a1111_recipe(plan: MergePlan, cand: Candidate, hashes: dict[str, str]) -> dict:
+    """AUTOMATIC1111's sd_merge_recipe for the final step. Its A/B/C slots are that step's
+    inputs in order; an input that is an earlier step is no file, so its slot has no hash
+    and `<slot>_model_step` names the step (AUTOMATIC1111 ignores keys it does not know)."""
     final = plan.steps[-1]
-    models = [i for i in final.step.inputs if i in plan.inputs]
+    slots = dict(zip(A1111_SLOTS, final.step.inputs, strict=False))
     params = final.params[cand.name]
     alpha = params.get("alpha")
     return {
         "type": "mergekit-sd",
-        "primary_model_hash": hashes.get(models[0]) if models else None,
-        "secondary_model_hash": hashes.get(models[1]) if len(models) > 1 else None,
-        "tertiary_model_hash": hashes.get(models[2]) if len(models) > 2 else None,
+        **{f"{slot}_model_hash": hashes.get(slots[slot]) if slots.get(slot) in plan.inputs
+           else None for slot in A1111_SLOTS},
+        **{f"{slot}_model_step": name for slot, name in slots.items()
+           if name not in plan.inputs},
         "interp_method": A1111_METHOD_NAMES.get(final.method.name, final.method.name),
         "multiplier": alpha.default if alpha is not None and alpha.is_constant else None,
         "save_as_half": plan.loaded.recipe.output.dtype == "fp16",

@@ -1,0 +1,69 @@
+"""What a merged file says about itself describes that file: AUTOMATIC1111's slots follow the
+final step's inputs, its inpainting flag the output's own conv_in, and a stochastic step
+records the seed it ran with."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from mergekit_sd.io.header import read_header
+from mergekit_sd.merge.executor import run_merge
+from mergekit_sd.merge.plan import build_plan
+from mergekit_sd.recipe.loader import parse_recipe
+from mergekit_sd.testing import write_checkpoint
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    made = {name: write_checkpoint(root / f"{name}.safetensors", "sd1", seed=seed)
+            for name, seed in (("base", 1), ("anime", 2), ("photo", 3))}
+    made["inpaint"] = write_checkpoint(root / "inpaint.safetensors", "sd1-inpainting", seed=4)
+    return made
+
+
+def merged_metadata(tmp_path: Path, models: dict[str, Path], steps: str) -> dict[str, str]:
+    lines = "\n".join(f"  {name}: {path}" for name, path in models.items())
+    path = tmp_path / "recipe.yaml"
+    path.write_text(f"version: 1\nmodels:\n{lines}\nsteps:\n"
+                    f"{textwrap.indent(textwrap.dedent(steps), '  ')}"
+                    f"output: {{path: {tmp_path / 'out.safetensors'}, dtype: fp32}}\n")
+    written = run_merge(build_plan(parse_recipe(path.read_text(), path)))
+    (out,) = written.values()
+    return read_header(out).metadata
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a1111_slots_follow_the_final_steps_inputs_and_an_intermediate_has_no_hash(
+        tmp_path, models):
+    meta = merged_metadata(tmp_path, models, """
+        - {name: mix, method: weighted_sum, inputs: [base, anime], params: {alpha: 0.4}}
+        - {name: final, method: add_difference, inputs: [mix, photo, base], params: {alpha: 0.3}}
+        """)
+    a1111 = json.loads(meta["sd_merge_recipe"])
+    # A is the intermediate `mix`: no file, so no hash, and named as the step; B and C stay
+    assert a1111["primary_model_hash"] is None
+    assert a1111["primary_model_step"] == "mix"
+    assert a1111["secondary_model_hash"] == sha256(models["photo"])
+    assert a1111["tertiary_model_hash"] == sha256(models["base"])
+    assert "secondary_model_step" not in a1111 and "tertiary_model_step" not in a1111
+    assert (a1111["interp_method"], a1111["multiplier"]) == ("Add difference", 0.3)
+
+
+def test_a1111_slots_of_a_one_step_merge_are_its_models(tmp_path, models):
+    meta = merged_metadata(tmp_path, models, """
+        - {name: m, method: weighted_sum, inputs: [photo, anime], params: {alpha: 0.4}}
+        """)
+    a1111 = json.loads(meta["sd_merge_recipe"])
+    assert a1111["primary_model_hash"] == sha256(models["photo"])
+    assert a1111["secondary_model_hash"] == sha256(models["anime"])
+    assert a1111["tertiary_model_hash"] is None
+    assert not [key for key in a1111 if key.endswith("_model_step")]
