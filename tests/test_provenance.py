@@ -67,3 +67,60 @@ def test_a1111_slots_of_a_one_step_merge_are_its_models(tmp_path, models):
     assert a1111["secondary_model_hash"] == sha256(models["anime"])
     assert a1111["tertiary_model_hash"] is None
     assert not [key for key in a1111 if key.endswith("_model_step")]
+
+
+CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
+
+
+def with_conv_in_channels(source: Path, path: Path, channels: int) -> Path:
+    """A copy of the SD1 model `source` whose conv_in takes `channels` inputs."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(source)
+    conv_in = tensors[CONV_IN]
+    tensors[CONV_IN] = torch.cat([conv_in, conv_in[:, :1].repeat(1, channels - 4, 1, 1)], 1)
+    save_file(tensors, path)
+    return path
+
+
+@pytest.mark.parametrize(("first", "second", "inpainting"), [
+    ("anime", "inpaint", False), ("inpaint", "anime", True), ("anime", "photo", False)])
+def test_is_inpainting_describes_the_output_not_the_inputs(tmp_path, models, first, second,
+                                                           inpainting):
+    meta = merged_metadata(tmp_path, models, f"""
+        - {{name: m, method: weighted_sum, inputs: [{first}, {second}], params: {{alpha: 0.5}}}}
+        """)
+    conv_in = read_header(tmp_path / "out.safetensors").tensors[CONV_IN].shape
+    assert conv_in[1] == (9 if inpainting else 4)
+    a1111 = json.loads(meta["sd_merge_recipe"])
+    assert a1111["is_inpainting"] is inpainting
+    assert a1111["is_instruct_pix2pix"] is False
+
+
+def test_is_instruct_pix2pix_describes_the_output(tmp_path, models):
+    pix2pix = with_conv_in_channels(models["photo"], tmp_path / "pix2pix.safetensors", 8)
+    meta = merged_metadata(tmp_path, {"p": pix2pix, "anime": models["anime"]}, """
+        - {name: m, method: weighted_sum, inputs: [p, anime], params: {alpha: 0.5}}
+        """)
+    a1111 = json.loads(meta["sd_merge_recipe"])
+    assert (a1111["is_instruct_pix2pix"], a1111["is_inpainting"]) == (True, False)
+
+
+def test_plan_says_a_later_inputs_inpainting_channels_are_dropped(tmp_path, models):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(f"version: 1\nmodels: {{a: {models['anime']}, b: {models['inpaint']}}}\n"
+                    "steps: [{name: m, method: weighted_sum, inputs: [a, b]}]\n"
+                    f"output: {{path: {tmp_path / 'out.safetensors'}}}\n")
+    notes = [n for n in build_plan(parse_recipe(path.read_text(), path)).notes
+             if n.startswith(CONV_IN)]
+    assert notes == [
+        f"{CONV_IN}: shapes [(16, 4, 3, 3), (16, 9, 3, 3)]; merged on the overlapping slice; "
+        "what b has beyond a's shape is dropped: the inpainting channels, so the output is no "
+        "inpainting model (AUTOMATIC1111 refuses this order; put the inpainting model first)"]
+    path.write_text(path.read_text().replace("inputs: [a, b]", "inputs: [b, a]"))
+    notes = [n for n in build_plan(parse_recipe(path.read_text(), path)).notes
+             if n.startswith(CONV_IN)]
+    assert notes == [
+        f"{CONV_IN}: shapes [(16, 4, 3, 3), (16, 9, 3, 3)]; merged on the overlapping slice, "
+        "the rest taken from b (as AUTOMATIC1111 does)"]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from mergekit_sd.arch.architectures import ARCHITECTURES, Architecture
 from mergekit_sd.arch.components import SCHEDULE_KEYS, slot_in_file, slot_of
+from mergekit_sd.arch.diffusion import SD_CONV_IN_KEYS, sd_conv_in_variant
 from mergekit_sd.arch.identify import Identification, identify
 from mergekit_sd.errors import BadModelFile, UserError
 from mergekit_sd.io.dtypes import FLOAT_DTYPES, USER_DTYPES
@@ -475,8 +476,7 @@ def _plan_keys(loaded: LoadedRecipe, inputs: dict[str, PlannedInput], order: lis
             same_rank = len({len(s) for s in shapes}) == 1
             merge = merge and same_rank
             clashes.append(f"{key}: shapes {sorted(shapes)}; " + (
-                "merged on the overlapping slice, the rest taken from "
-                f"{sources[0]} (as AUTOMATIC1111 does)" if same_rank
+                _overlap_text(key, prefix, inputs, sources) if same_rank
                 else f"taken from {sources[0]}"))
         block = arch.block_of(key[len(prefix):]) if key.startswith(prefix) else "BASE"
         out = TensorSpec(key, _output_dtype(loaded, info.dtype), info.shape)
@@ -496,6 +496,31 @@ def _plan_keys(loaded: LoadedRecipe, inputs: dict[str, PlannedInput], order: lis
     if vae_keys:
         notes.append(f"{len(vae_keys)} VAE keys baked from {vae.path.name}")
     return tasks, notes
+
+
+def _overlap_text(key: str, prefix: str, inputs: dict[str, PlannedInput],
+                  sources: tuple[str, ...]) -> str:
+    """How a key whose inputs differ in shape (same rank) is merged: on the overlap, in the
+    first input's shape. What a later input has beyond that shape is lost; for a conv_in with
+    inpainting channels that means the output is no inpainting model, an order AUTOMATIC1111
+    refuses."""
+    first = sources[0]
+    shape = inputs[first].header.tensors[key].shape
+    others = {n: inputs[n].header.tensors[key].shape for n in sources[1:]}
+    text = "merged on the overlapping slice"
+    if any(f > o for other in others.values() for f, o in zip(shape, other, strict=True)):
+        text += f", the rest taken from {first}"
+    beyond = [n for n, other in others.items()
+              if any(o > f for f, o in zip(shape, other, strict=True))]
+    if not beyond:
+        return text + " (as AUTOMATIC1111 does)"
+    text += (f"; what {' and '.join(beyond)} {'has' if len(beyond) == 1 else 'have'} beyond "
+             f"{first}'s shape is dropped")
+    lost = sorted({sd_conv_in_variant(others[n]) for n in beyond} - {None})
+    if key.startswith(prefix) and key[len(prefix):] in SD_CONV_IN_KEYS and lost:
+        text += (f": the {lost[0]} channels, so the output is no {lost[0]} model "
+                 f"(AUTOMATIC1111 refuses this order; put the {lost[0]} model first)")
+    return text
 
 
 def apply_overrides(loaded: LoadedRecipe, assignments: list[str]) -> None:

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 from mergekit_sd import __version__
+from mergekit_sd.arch.diffusion import SD_CONV_IN_KEYS, sd_conv_in_variant
 from mergekit_sd.merge.plan import MergePlan, PlannedInput
 from mergekit_sd.recipe.params import Candidate
 from mergekit_sd.recipe.refs import is_path_ref
@@ -106,9 +107,17 @@ def _a1111_recipe(plan: MergePlan, cand: Candidate, hashes: dict[str, str]) -> d
         "config_source": 0,
         "bake_in_vae": plan.vae.path.name if plan.vae else "None",
         "discard_weights": "",
-        "is_inpainting": any(p.found.variant == "inpainting" for p in plan.inputs.values()),
-        "is_instruct_pix2pix": False,
+        "is_inpainting": _output_variant(plan) == "inpainting",
+        "is_instruct_pix2pix": _output_variant(plan) == "instruct-pix2pix",
     }
+
+
+def _output_variant(plan: MergePlan) -> str | None:
+    """What the output's own conv_in makes it (inpainting, instruct-pix2pix), whatever its
+    inputs were: a plain first input gives a plain model, the others' extra channels dropped."""
+    conv_in = {plan.diffusion_prefix + key for key in SD_CONV_IN_KEYS}
+    shape = next((t.out.shape for t in plan.tasks if t.key in conv_in), ())
+    return sd_conv_in_variant(shape)
 
 
 def _parent_json(planned: PlannedInput, key: str):
