@@ -3,6 +3,8 @@ bytes; a file whose stored recipe is damaged gets one sentence."""
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 from conftest import run_cli
 
@@ -88,3 +90,43 @@ def test_extract_refuses_an_existing_file_and_never_replaces_the_merged_file(tmp
     again.write_text("old")
     assert run_cli("recipe", "extract", merged, "-o", again, "--overwrite").returncode == 0
     assert "weighted_sum" in again.read_text()
+
+
+def test_the_extracted_recipe_pins_the_baked_vae_and_refuses_another_file(tmp_path):
+    for name, variant, seed in (("a", "sd1", 1), ("b", "sd1", 2), ("vae", "vae-sd", 9)):
+        write_checkpoint(tmp_path / "models" / f"{name}.safetensors", variant, seed=seed)
+    (tmp_path / "recipes" / "sub").mkdir(parents=True)
+    (tmp_path / "recipes" / "sub" / "mix.yaml").write_text(RECIPE)
+    assert run_cli("merge", tmp_path / "recipes" / "sub" / "mix.yaml").returncode == 0
+    merged = tmp_path / "out" / "mix.safetensors"
+    model = merged.read_bytes()
+    assert run_cli("recipe", "extract", merged, "-o", "again.yaml",
+                   cwd=tmp_path).returncode == 0
+    vae = tmp_path / "models" / "vae.safetensors"
+    vae_sha = hashlib.sha256(vae.read_bytes()).hexdigest()
+    text = (tmp_path / "again.yaml").read_text()
+    assert f"  vae_sha256: {vae_sha}\n" in text
+    write_checkpoint(vae, "vae-sd", seed=10)  # the same name, another VAE
+    rerun = run_cli("merge", tmp_path / "again.yaml", "--overwrite")
+    line = 1 + text.splitlines().index(f"  vae_sha256: {vae_sha}")
+    assert rerun.returncode == 2, rerun.stderr
+    new_sha = hashlib.sha256(vae.read_bytes()).hexdigest()
+    assert rerun.stderr.strip() == (
+        f"error: {tmp_path / 'again.yaml'}, line {line}, output.vae_sha256: vae.safetensors "
+        f"has SHA256 {new_sha[:12]}…, not the {vae_sha[:12]}… the recipe expects")
+    assert merged.read_bytes() == model
+
+
+@pytest.mark.parametrize(("output", "words"), [
+    ("{path: o.safetensors, vae_sha256: " + "ab" * 32 + "}",
+     "output.vae_sha256: pins the file of output.vae, which is not given"),
+    ("{path: o.safetensors, vae: v.safetensors, vae_sha256: abc}",
+     "output.vae_sha256: give all 64 hex digits of the file's SHA256, not 'abc'")])
+def test_a_vae_pin_without_a_vae_or_with_a_partial_hash_is_refused(tmp_path, output, words):
+    path = tmp_path / "r.yaml"
+    path.write_text("version: 1\nmodels: {a: a.safetensors}\n"
+                    "steps: [{name: m, method: copy, inputs: [a]}]\n"
+                    f"output: {output}\n")
+    result = run_cli("plan", path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().endswith(words), result.stderr

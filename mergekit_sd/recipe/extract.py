@@ -27,7 +27,7 @@ def extract_recipe(merged: Path, output_path: Path | None = None,
             else ""
         raise UserError(f"{merged}: carries no mergekit-sd recipe{lineage}; only files written "
                         "by `mergekit-sd merge` can be re-run")
-    doc, vae_sha = _stored_recipe(merged, raw)
+    doc = _stored_recipe(merged, raw)
     folder = Path.cwd() if recipe_folder is None else recipe_folder
     for name, model in doc["models"].items():
         if isinstance(model, dict):
@@ -38,17 +38,16 @@ def extract_recipe(merged: Path, output_path: Path | None = None,
         doc["output"]["vae"] = _rebased(doc["output"]["vae"], merged.parent, folder)
     doc["output"]["path"] = (str(output_path) if output_path is not None
                              else _relative(merged, folder))
-    comment = (f"# Recipe extracted from {merged.name}; inputs are pinned by SHA256.\n"
-               + (f"# The baked VAE had SHA256 {vae_sha}.\n" if vae_sha else ""))
+    comment = f"# Recipe extracted from {merged.name}; inputs are pinned by SHA256.\n"
     return comment + yaml.safe_dump(doc, sort_keys=False, allow_unicode=True)
 
 
-def _stored_recipe(merged: Path, raw: str) -> tuple[dict, str | None]:
-    """The stored recipe in the file's own order, and the baked VAE's SHA256; one sentence
-    when the value is not a recipe (edited or damaged metadata)."""
+def _stored_recipe(merged: Path, raw: str) -> dict:
+    """The stored recipe in the file's own order (the baked VAE pinned by output.vae_sha256,
+    as the inputs are by their sha256); one sentence when the value is not a recipe (edited or
+    damaged metadata)."""
     try:
         stored = json.loads(raw)
-        vae_sha = stored["output"].pop("vae_sha256", None)
         # the stored JSON is key-sorted for determinism; a person reads the file's own order
         doc = {"version": stored["version"], "models": stored["models"],
                "steps": stored["steps"], "output": {**stored["output"], "path": merged.name}}
@@ -56,7 +55,7 @@ def _stored_recipe(merged: Path, raw: str) -> tuple[dict, str | None]:
     except (ValueError, RecursionError, TypeError, KeyError, AttributeError):
         raise UserError(f"{merged}: its mergekit-sd recipe metadata (mergekit_sd.recipe) is "
                         "damaged, so no recipe can be extracted from it") from None
-    return doc, vae_sha
+    return doc
 
 
 def _rebased(ref: str, old_folder: Path, new_folder: Path) -> str:
