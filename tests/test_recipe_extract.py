@@ -4,9 +4,12 @@ bytes; a file whose stored recipe is damaged gets one sentence."""
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import pytest
+import torch
 from conftest import run_cli
+from safetensors.torch import load_file
 
 from mergekit_sd.testing import write_checkpoint
 
@@ -130,3 +133,65 @@ def test_a_vae_pin_without_a_vae_or_with_a_partial_hash_is_refused(tmp_path, out
     result = run_cli("plan", path)
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().endswith(words), result.stderr
+
+
+def merged_then_moved(tmp_path: Path) -> tuple[Path, Path]:
+    """(merged file, its models folder): merged into out/, then moved where web UIs keep
+    models, as users do with a finished merge."""
+    for name, seed in (("a", 1), ("b", 2)):
+        write_checkpoint(tmp_path / "models" / f"{name}.safetensors", "sd1", seed=seed)
+    (tmp_path / "mix.yaml").write_text(
+        "version: 1\nmodels: {a: models/a.safetensors, b: models/b.safetensors}\n"
+        "steps: [{name: mix, method: weighted_sum, inputs: [a, b], params: {alpha: 0.35}}]\n"
+        "output: {path: out/mix.safetensors}\n")
+    assert run_cli("merge", tmp_path / "mix.yaml").returncode == 0
+    moved = tmp_path / "webui" / "models" / "Stable-diffusion" / "mix.safetensors"
+    moved.parent.mkdir(parents=True)
+    (tmp_path / "out" / "mix.safetensors").rename(moved)
+    return moved, tmp_path / "models"
+
+
+def test_a_moved_merged_file_gives_a_recipe_that_finds_its_inputs_by_sha256(tmp_path):
+    moved, models = merged_then_moved(tmp_path)
+    extracted = run_cli("recipe", "extract", moved, "-o", "again.yaml", cwd=tmp_path)
+    assert extracted.returncode == 0, extracted.stderr
+    assert extracted.stderr.strip() == (
+        "note: inputs a and b of mix.safetensors are not at the path it recorded (was it moved "
+        "since the merge?), so the recipe names them by SHA256, which `merge` finds through the "
+        "catalog (`mergekit-sd catalog scan --hash` a folder that holds them)")
+    text = (tmp_path / "again.yaml").read_text()
+    for name in ("a", "b"):
+        sha = hashlib.sha256((models / f"{name}.safetensors").read_bytes()).hexdigest()
+        # the recorded path stays readable, as a comment
+        assert (f"  {name}:\n    ref: sha256:{sha}  # mix.safetensors recorded "
+                f"../models/{name}.safetensors, relative to its folder: no such file beside it "
+                f"now\n    sha256: {sha}\n") in text
+    catalog = tmp_path / "catalog.sqlite"
+    assert run_cli("catalog", "add-root", models, "--scan", "--catalog", catalog).returncode == 0
+    assert run_cli("catalog", "scan", "--hash", "--catalog", catalog).returncode == 0
+    rerun = run_cli("merge", tmp_path / "again.yaml", "--out", tmp_path / "again.safetensors",
+                    "--catalog", catalog)
+    assert rerun.returncode == 0, rerun.stderr
+    assert load_file(tmp_path / "again.safetensors").keys() == load_file(moved).keys()
+    for key, tensor in load_file(moved).items():
+        assert torch.equal(load_file(tmp_path / "again.safetensors")[key], tensor), key
+
+
+def test_an_input_replaced_at_its_recorded_path_is_named_by_sha256(tmp_path):
+    for name, seed in (("a", 1), ("b", 2)):
+        write_checkpoint(tmp_path / "models" / f"{name}.safetensors", "sd1", seed=seed)
+    (tmp_path / "mix.yaml").write_text(
+        "version: 1\nmodels: {a: models/a.safetensors, b: models/b.safetensors}\n"
+        "steps: [{name: mix, method: weighted_sum, inputs: [a, b], params: {alpha: 0.35}}]\n"
+        "output: {path: out/mix.safetensors}\n")
+    assert run_cli("merge", tmp_path / "mix.yaml").returncode == 0
+    b = tmp_path / "models" / "b.safetensors"
+    sha = hashlib.sha256(b.read_bytes()).hexdigest()
+    write_checkpoint(b, "sd1", seed=3)  # a newer version under the same name
+    extracted = run_cli("recipe", "extract", tmp_path / "out" / "mix.safetensors", cwd=tmp_path)
+    assert extracted.returncode == 0, extracted.stderr
+    assert "  a:\n    ref: models/a.safetensors\n" in extracted.stdout
+    assert (f"  b:\n    ref: sha256:{sha}  # mix.safetensors recorded ../models/b.safetensors, "
+            "relative to its folder: the file there now has another SHA256\n") in extracted.stdout
+    assert extracted.stderr.startswith("note: input b of mix.safetensors is not at the path it "
+                                       "recorded")

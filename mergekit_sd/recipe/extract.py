@@ -4,22 +4,34 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from mergekit_sd.errors import UserError
+from mergekit_sd.io.hashing import file_sha256
 from mergekit_sd.io.header import read_header
-from mergekit_sd.recipe.refs import is_path_ref
+from mergekit_sd.recipe.refs import is_path_ref, resolve_path
 from mergekit_sd.recipe.schema import Recipe
 
 
+@dataclass
+class Extracted:
+    text: str  # the recipe, YAML with comments
+    notes: list[str] = field(default_factory=list)  # one line each, for the user
+
+
 def extract_recipe(merged: Path, output_path: Path | None = None,
-                   recipe_folder: Path | None = None) -> str:
+                   recipe_folder: Path | None = None,
+                   sha256_of: Callable[[Path], str] = file_sha256) -> Extracted:
     """The recipe stored in `merged`, for a file in `recipe_folder` (default: the current
     folder): relative paths, recorded relative to the merged file's folder, are rebased onto
-    it. output.path is `output_path` as given, or the merged file itself, so that re-running
-    the recipe gives the same bytes."""
+    it. An input that is no longer there (the merged file, or the input, was moved) is named
+    by its SHA256 instead, which the catalog resolves, with the recorded path in a comment.
+    output.path is `output_path` as given, or the merged file itself, so that re-running the
+    recipe gives the same bytes."""
     header = read_header(merged)
     raw = header.metadata.get("mergekit_sd.recipe")
     if raw is None:
@@ -29,17 +41,90 @@ def extract_recipe(merged: Path, output_path: Path | None = None,
                         "by `mergekit-sd merge` can be re-run")
     doc = _stored_recipe(merged, raw)
     folder = Path.cwd() if recipe_folder is None else recipe_folder
+    refs = _Refs(merged, folder, sha256_of)
     for name, model in doc["models"].items():
         if isinstance(model, dict):
-            model["ref"] = _rebased(model["ref"], merged.parent, folder)
+            model["ref"] = refs.found(name, model["ref"], model.get("sha256"))
         else:
-            doc["models"][name] = _rebased(model, merged.parent, folder)
+            doc["models"][name] = refs.found(name, model, None)
     if doc["output"].get("vae"):
-        doc["output"]["vae"] = _rebased(doc["output"]["vae"], merged.parent, folder)
+        doc["output"]["vae"] = refs.found("output.vae", doc["output"]["vae"],
+                                          doc["output"].get("vae_sha256"))
     doc["output"]["path"] = (str(output_path) if output_path is not None
                              else _relative(merged, folder))
     comment = f"# Recipe extracted from {merged.name}; inputs are pinned by SHA256.\n"
-    return comment + yaml.safe_dump(doc, sort_keys=False, allow_unicode=True)
+    text = refs.commented(yaml.safe_dump(doc, sort_keys=False, allow_unicode=True))
+    return Extracted(comment + text, refs.notes())
+
+
+class _Refs:
+    """Where a merged file's recorded inputs are now, as references for the recipe's folder."""
+
+    def __init__(self, merged: Path, folder: Path, sha256_of: Callable[[Path], str]):
+        self.merged, self.folder, self.sha256_of = merged, folder, sha256_of
+        self.by_hash: list[str] = []  # inputs named by SHA256: not at their recorded path
+        self.lost: list[str] = []  # not there, and no SHA256 to find them by
+        self.stand_ins: dict[str, str] = {}  # written in the YAML -> the text that replaces it
+
+    def found(self, name: str, ref: str, sha256: str | None) -> str:
+        """`ref` for the recipe's folder: the recorded path when the file there is the one
+        merged, else `sha256:HASH` (with the recorded path in a comment)."""
+        if not is_path_ref(ref):
+            return ref
+        rebased = _rebased(ref, self.merged.parent, self.folder)
+        why = self._mismatch(resolve_path(ref, self.merged.parent), sha256)
+        if why is None:
+            return rebased
+        if sha256 is None:
+            self.lost.append(name)
+            return rebased
+        self.by_hash.append(name)
+        stand_in = f"mergekit-sd-stand-in-{len(self.stand_ins)}-{sha256[:16]}"
+        comment = f"{self.merged.name} recorded {ref}, relative to its folder: {why}"
+        self.stand_ins[stand_in] = f"sha256:{sha256.lower()}  # {' '.join(comment.split())}"
+        return stand_in
+
+    def _mismatch(self, path: Path, sha256: str | None) -> str | None:
+        """Why `path` is not the input recorded with `sha256`; None when it is."""
+        if not path.is_file():
+            return "no such file beside it now"
+        if sha256 is None:
+            return None
+        try:
+            same = self.sha256_of(path) == sha256.lower()
+        except OSError:
+            return "that file cannot be read now"
+        return None if same else "the file there now has another SHA256"
+
+    def commented(self, text: str) -> str:
+        for stand_in, value in self.stand_ins.items():
+            text = text.replace(stand_in, value, 1)
+        return text
+
+    def notes(self) -> list[str]:
+        notes = []
+        if self.by_hash:
+            notes.append(f"{_inputs(self.by_hash, self.merged)} not at the path it recorded "
+                         "(was it moved since the merge?), so the recipe names "
+                         f"{_them(self.by_hash)} by SHA256, which `merge` finds through the "
+                         "catalog (`mergekit-sd catalog scan --hash` a folder that holds "
+                         f"{_them(self.by_hash)})")
+        if self.lost:
+            notes.append(f"{_inputs(self.lost, self.merged)} not at the path it recorded, and "
+                         f"it recorded no SHA256 to find {_them(self.lost)} by; fix the path in "
+                         "the recipe")
+        return notes
+
+
+def _inputs(names: list[str], merged: Path) -> str:
+    """"input a of M is" / "inputs a and b of M are"."""
+    if len(names) == 1:
+        return f"input {names[0]} of {merged.name} is"
+    return f"inputs {', '.join(names[:-1])} and {names[-1]} of {merged.name} are"
+
+
+def _them(names: list[str]) -> str:
+    return "it" if len(names) == 1 else "them"
 
 
 def _stored_recipe(merged: Path, raw: str) -> dict:
