@@ -195,3 +195,78 @@ def test_an_input_replaced_at_its_recorded_path_is_named_by_sha256(tmp_path):
             "relative to its folder: the file there now has another SHA256\n") in extracted.stdout
     assert extracted.stderr.startswith("note: input b of mix.safetensors is not at the path it "
                                        "recorded")
+
+
+def merged_in_out(tmp_path: Path) -> Path:
+    for name, seed in (("a", 1), ("b", 2)):
+        write_checkpoint(tmp_path / "models" / f"{name}.safetensors", "sd1", seed=seed)
+    (tmp_path / "mix.yaml").write_text(
+        "version: 1\nmodels: {a: models/a.safetensors, b: models/b.safetensors}\n"
+        "steps: [{name: mix, method: weighted_sum, inputs: [a, b], params: {alpha: 0.35}}]\n"
+        "output: {path: out/mix.safetensors}\n")
+    assert run_cli("merge", tmp_path / "mix.yaml").returncode == 0
+    return tmp_path / "out" / "mix.safetensors"
+
+
+def test_the_recipe_of_a_converted_merge_remakes_the_merge_never_the_conversion(tmp_path):
+    merged = merged_in_out(tmp_path)
+    converted = tmp_path / "conv" / "mix-bf16.safetensors"
+    assert run_cli("convert", merged, converted, "--dtype", "bf16").returncode == 0
+    kept = converted.read_bytes()
+    extracted = run_cli("recipe", "extract", converted, "-o", "again.yaml", cwd=tmp_path)
+    assert extracted.returncode == 0, extracted.stderr
+    said = ("mix-bf16.safetensors is a bf16 conversion of mix.safetensors: the recipe remakes "
+            "mix.safetensors as merged (fp16), not mix-bf16.safetensors")
+    assert extracted.stderr.strip() == f"note: {said}; it writes conv/mix.safetensors"
+    text = (tmp_path / "again.yaml").read_text()
+    assert text.startswith(f"# {said}\n")
+    assert "  path: conv/mix.safetensors\n" in text
+    rerun = run_cli("merge", tmp_path / "again.yaml", "--overwrite")
+    assert rerun.returncode == 0, rerun.stderr
+    assert converted.read_bytes() == kept
+    # beside it, the merge itself again: its inputs are found from conv/ as from out/
+    assert (tmp_path / "conv" / "mix.safetensors").read_bytes() == merged.read_bytes()
+
+
+def test_a_conversion_named_like_its_merge_needs_another_output_path(tmp_path):
+    merged = merged_in_out(tmp_path)
+    converted = tmp_path / "conv" / "mix.safetensors"
+    assert run_cli("convert", merged, converted, "--dtype", "bf16").returncode == 0
+    for extra in ((), ("--output-path", converted)):
+        refused = run_cli("recipe", "extract", converted, *extra)
+        assert refused.returncode == 2, refused.stderr
+        assert refused.stderr.strip() == (
+            f"error: {converted}: is a bf16 conversion of another mix.safetensors: the recipe "
+            "remakes that file as merged (fp16), not this one, and its output here would "
+            "replace this file with other bytes; give the recipe another output with "
+            "--output-path")
+    again = run_cli("recipe", "extract", converted, "--output-path", "remade.safetensors")
+    assert again.returncode == 0, again.stderr
+    assert "  path: remade.safetensors\n" in again.stdout
+
+
+def test_a_conversion_of_a_conversion_still_names_the_merge(tmp_path):
+    merged = merged_in_out(tmp_path)
+    first, second = tmp_path / "bf16.safetensors", tmp_path / "conv" / "fp32.safetensors"
+    assert run_cli("convert", merged, first, "--dtype", "bf16").returncode == 0
+    assert run_cli("convert", first, second, "--dtype", "fp32").returncode == 0
+    extracted = run_cli("recipe", "extract", second)
+    assert extracted.returncode == 0, extracted.stderr
+    assert extracted.stdout.startswith(
+        "# fp32.safetensors is an fp32 conversion of mix.safetensors: the recipe remakes "
+        "mix.safetensors as merged (fp16), not fp32.safetensors\n")
+
+
+def test_a_lora_baked_into_a_converted_merge_has_a_recipe_for_itself(tmp_path):
+    from mergekit_sd.testing import write_lora
+
+    merged = merged_in_out(tmp_path)
+    converted = tmp_path / "bf16.safetensors"
+    assert run_cli("convert", merged, converted, "--dtype", "bf16").returncode == 0
+    lora = write_lora(tmp_path / "lora.safetensors", "kohya-sd1")
+    baked = tmp_path / "baked.safetensors"
+    assert run_cli("bake", converted, lora, "-o", baked).returncode == 0
+    extracted = run_cli("recipe", "extract", baked, cwd=tmp_path)
+    assert extracted.returncode == 0, extracted.stderr
+    assert "conversion" not in extracted.stdout + extracted.stderr
+    assert "bake_lora" in extracted.stdout and "  path: baked.safetensors\n" in extracted.stdout

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import yaml
 
+from mergekit_sd.convert import META_DTYPE, recipe_output_name
 from mergekit_sd.errors import UserError
 from mergekit_sd.io.hashing import file_sha256
 from mergekit_sd.io.header import read_header
+from mergekit_sd.io.writer import same_file
 from mergekit_sd.recipe.refs import is_path_ref, resolve_path
 from mergekit_sd.recipe.schema import Recipe
 
@@ -41,7 +43,8 @@ def extract_recipe(merged: Path, output_path: Path | None = None,
                         "by `mergekit-sd merge` can be re-run")
     doc = _stored_recipe(merged, raw)
     folder = Path.cwd() if recipe_folder is None else recipe_folder
-    refs = _Refs(merged, folder, sha256_of)
+    conversion = _Conversion.of(merged, header.metadata, doc)
+    refs = _Refs(merged, folder, sha256_of, conversion is not None)
     for name, model in doc["models"].items():
         if isinstance(model, dict):
             model["ref"] = refs.found(name, model["ref"], model.get("sha256"))
@@ -50,18 +53,67 @@ def extract_recipe(merged: Path, output_path: Path | None = None,
     if doc["output"].get("vae"):
         doc["output"]["vae"] = refs.found("output.vae", doc["output"]["vae"],
                                           doc["output"].get("vae_sha256"))
+    made = merged if conversion is None else conversion.original
     doc["output"]["path"] = (str(output_path) if output_path is not None
-                             else _relative(merged, folder))
+                             else _relative(made, folder))
     comment = f"# Recipe extracted from {merged.name}; inputs are pinned by SHA256.\n"
+    notes = refs.notes()
+    if conversion is not None:
+        written = resolve_path(doc["output"]["path"], folder)
+        conversion.refuse_replacing(written)
+        comment = f"# {conversion.sentence()}\n{comment}"
+        notes.insert(0, f"{conversion.sentence()}; it writes {written}")
     text = refs.commented(yaml.safe_dump(doc, sort_keys=False, allow_unicode=True))
-    return Extracted(comment + text, refs.notes())
+    return Extracted(comment + text, notes)
+
+
+@dataclass
+class _Conversion:
+    """`merged` is a conversion (convert --dtype) of the file its recipe makes: the recipe
+    remakes that file, which has other bytes, never the conversion."""
+
+    merged: Path
+    original: Path  # the file the recipe makes, beside the conversion
+    converted_to: str | None  # the conversion's dtype
+    recipe_dtype: str
+
+    @classmethod
+    def of(cls, merged: Path, metadata: dict[str, str], doc: dict) -> _Conversion | None:
+        made = recipe_output_name(metadata)
+        if made is None:
+            return None
+        return cls(merged, merged.parent / Path(made).name, metadata.get(META_DTYPE),
+                   doc["output"].get("dtype", "fp16"))
+
+    def sentence(self, subject: bool = True) -> str:
+        """"M is a bf16 conversion of O: the recipe remakes O as merged (fp16), not M"."""
+        dtype = self.converted_to if self.converted_to not in (None, "keep") else None
+        what = f"{'an' if dtype and dtype[0] in 'f' else 'a'} {dtype} conversion" if dtype \
+            else "a conversion"
+        name, original = self.merged.name, self.original.name
+        if original == name:
+            text = (f"is {what} of another {original}: the recipe remakes that file as "
+                    f"merged ({self.recipe_dtype}), not this one")
+        else:
+            text = (f"is {what} of {original}: the recipe remakes {original} as merged "
+                    f"({self.recipe_dtype}), not {name}")
+        return f"{name} {text}" if subject else text
+
+    def refuse_replacing(self, written: Path) -> None:
+        if same_file(written, self.merged):
+            raise UserError(f"{self.merged}: {self.sentence(subject=False)}, and its output "
+                            "here would replace this file with other bytes; give the recipe "
+                            "another output with --output-path")
 
 
 class _Refs:
     """Where a merged file's recorded inputs are now, as references for the recipe's folder."""
 
-    def __init__(self, merged: Path, folder: Path, sha256_of: Callable[[Path], str]):
+    def __init__(self, merged: Path, folder: Path, sha256_of: Callable[[Path], str],
+                 converted: bool):
         self.merged, self.folder, self.sha256_of = merged, folder, sha256_of
+        self.why = ("was it converted or moved into another folder?" if converted
+                    else "was it moved since the merge?")
         self.by_hash: list[str] = []  # inputs named by SHA256: not at their recorded path
         self.lost: list[str] = []  # not there, and no SHA256 to find them by
         self.stand_ins: dict[str, str] = {}  # written in the YAML -> the text that replaces it
@@ -105,7 +157,7 @@ class _Refs:
         notes = []
         if self.by_hash:
             notes.append(f"{_inputs(self.by_hash, self.merged)} not at the path it recorded "
-                         "(was it moved since the merge?), so the recipe names "
+                         f"({self.why}), so the recipe names "
                          f"{_them(self.by_hash)} by SHA256, which `merge` finds through the "
                          "catalog (`mergekit-sd catalog scan --hash` a folder that holds "
                          f"{_them(self.by_hash)})")
