@@ -124,3 +124,64 @@ def test_plan_says_a_later_inputs_inpainting_channels_are_dropped(tmp_path, mode
     assert notes == [
         f"{CONV_IN}: shapes [(16, 4, 3, 3), (16, 9, 3, 3)]; merged on the overlapping slice, "
         "the rest taken from b (as AUTOMATIC1111 does)"]
+
+
+@pytest.mark.parametrize(("params", "recorded"), [
+    ("{dare: true}", {"dare": True, "seed": 0, "dare_rate": 0.9}),
+    ("{dare: true, seed: 7}", {"dare": True, "seed": 7, "dare_rate": 0.9}),
+    ("{dare: true, dare_rate: 0.5}", {"dare": True, "seed": 0, "dare_rate": 0.5}),
+    # TIES without DARE draws nothing: no seed to record
+    ("{density: 0.5}", {"density": 0.5}),
+    ("{dare: false}", {"dare": False})])
+def test_a_stochastic_step_records_the_seed_and_rate_it_drew_with(tmp_path, models, params,
+                                                                 recorded):
+    steps = f"- {{name: t, method: ties, inputs: [base, anime, photo], params: {params}}}\n"
+    meta = merged_metadata(tmp_path, models, steps)
+    (step,) = json.loads(meta["mergekit_sd.recipe"])["steps"]
+    assert step["params"] == recorded
+
+
+def test_plan_shows_the_seed_a_stochastic_step_will_draw_with(tmp_path, models):
+    from mergekit_sd.merge.report import plan_as_dict
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(f"version: 1\nmodels: {{base: {models['base']}, a: {models['anime']}}}\n"
+                    "steps: [{name: t, method: ties, inputs: [base, a], params: {dare: true}}]\n"
+                    f"output: {{path: {tmp_path / 'out.safetensors'}}}\n")
+    (step,) = plan_as_dict(build_plan(parse_recipe(path.read_text(), path)))["steps"]
+    assert step["params"] == {"t": {"dare": "True", "seed": "0 (default)",
+                                    "dare_rate": "0.9 (default)"}}
+
+
+def test_the_extracted_recipe_of_a_dare_merge_names_its_seed_and_gives_the_same_bytes(
+        tmp_path, models):
+    from conftest import run_cli
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"version: 1\nmodels: {{base: {models['base']}, a: {models['anime']}, "
+        f"b: {models['photo']}}}\n"
+        "steps: [{name: t, method: ties, inputs: [base, a, b], params: {dare: true}}]\n"
+        f"output: {{path: {tmp_path / 'out.safetensors'}}}\n")
+    assert run_cli("merge", recipe).returncode == 0
+    extracted = run_cli("recipe", "extract", tmp_path / "out.safetensors", "-o",
+                        tmp_path / "again.yaml", "--output-path", "again.safetensors")
+    assert extracted.returncode == 0, extracted.stderr
+    assert "    dare: true\n    dare_rate: 0.9\n    seed: 0\n" in (tmp_path /
+                                                                 "again.yaml").read_text()
+    assert run_cli("merge", tmp_path / "again.yaml").returncode == 0
+    assert ((tmp_path / "again.safetensors").read_bytes()
+            == (tmp_path / "out.safetensors").read_bytes())
+
+
+def test_a_stochastic_method_must_name_its_seed_among_its_draws():
+    from mergekit_sd.merge.registry import merge_method
+
+    def drop(a, *, seed: int = 0, rate: float = 0.5, generator=None):
+        """a"""
+        return a
+
+    with pytest.raises(ValueError, match="must name its parameters, seed too"):
+        merge_method("drop-test", inputs=("a",), stochastic=True, draws=("rate",))(drop)
+    with pytest.raises(ValueError, match="is no bool parameter"):
+        merge_method("drop-test", inputs=("a",), stochastic=True, drawn_when="rate")(drop)

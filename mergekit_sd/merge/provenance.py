@@ -17,6 +17,7 @@ from pathlib import Path
 from mergekit_sd import __version__
 from mergekit_sd.arch.diffusion import SD_CONV_IN_KEYS, sd_conv_in_variant
 from mergekit_sd.merge.plan import MergePlan, PlannedInput
+from mergekit_sd.merge.registry import unrecorded_draws
 from mergekit_sd.recipe.params import Candidate
 from mergekit_sd.recipe.refs import is_path_ref
 from mergekit_sd.recipe.schema import ParamSpec
@@ -69,9 +70,12 @@ def canonical_recipe(plan: MergePlan, cand: Candidate, hashes: dict[str, str]) -
 
 
 def _step_json(sp, cand: Candidate) -> dict:
+    params = {p: _param_json(cand.value_of(sp.step.name, p, v))
+              for p, v in sp.step.params.items()}
+    # the seed (and the like) a stochastic step drew with, even when left at the default
+    params.update(unrecorded_draws(sp.method, sp.params[cand.name]))
     doc = {"name": sp.step.name, "method": sp.method.name, "inputs": sp.step.inputs,
-           "params": {p: _param_json(cand.value_of(sp.step.name, p, v))
-                      for p, v in sp.step.params.items()}}
+           "params": params}
     if sp.step.loras:
         doc["loras"] = [lora.model_dump(exclude_none=True) for lora in sp.step.loras]
         if sp.step.allow_unmatched:
