@@ -270,3 +270,22 @@ def test_a_lora_baked_into_a_converted_merge_has_a_recipe_for_itself(tmp_path):
     assert extracted.returncode == 0, extracted.stderr
     assert "conversion" not in extracted.stdout + extracted.stderr
     assert "bake_lora" in extracted.stdout and "  path: baked.safetensors\n" in extracted.stdout
+
+
+def test_a_moved_merged_file_names_its_baked_vae_by_sha256_too(tmp_path):
+    for name, variant, seed in (("a", "sd1", 1), ("b", "sd1", 2), ("vae", "vae-sd", 9)):
+        write_checkpoint(tmp_path / "models" / f"{name}.safetensors", variant, seed=seed)
+    (tmp_path / "recipes" / "sub").mkdir(parents=True)
+    (tmp_path / "recipes" / "sub" / "mix.yaml").write_text(RECIPE)
+    assert run_cli("merge", tmp_path / "recipes" / "sub" / "mix.yaml").returncode == 0
+    moved = tmp_path / "deeper" / "still" / "mix.safetensors"
+    moved.parent.mkdir(parents=True)
+    (tmp_path / "out" / "mix.safetensors").rename(moved)
+    extracted = run_cli("recipe", "extract", moved, cwd=tmp_path)
+    assert extracted.returncode == 0, extracted.stderr
+    sha = hashlib.sha256((tmp_path / "models" / "vae.safetensors").read_bytes()).hexdigest()
+    assert (f"  vae: sha256:{sha}  # mix.safetensors recorded ../models/vae.safetensors, "
+            f"relative to its folder: no such file beside it now\n  vae_sha256: {sha}\n"
+            ) in extracted.stdout
+    assert extracted.stderr.startswith("note: inputs a, b and output.vae of mix.safetensors "
+                                       "are not at the path it recorded")
