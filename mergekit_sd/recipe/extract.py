@@ -33,7 +33,8 @@ def extract_recipe(merged: Path, output_path: Path | None = None,
     it. An input that is no longer there (the merged file, or the input, was moved) is named
     by its SHA256 instead, which the catalog resolves, with the recorded path in a comment.
     output.path is `output_path` as given, or the merged file itself, so that re-running the
-    recipe gives the same bytes."""
+    recipe gives the same bytes; for a conversion of a merged file, the merged file's own name
+    beside it (never the conversion: the recipe cannot make its bytes)."""
     header = read_header(merged)
     raw = header.metadata.get("mergekit_sd.recipe")
     if raw is None:
@@ -44,6 +45,16 @@ def extract_recipe(merged: Path, output_path: Path | None = None,
     doc = _stored_recipe(merged, raw)
     folder = Path.cwd() if recipe_folder is None else recipe_folder
     conversion = _Conversion.of(merged, header.metadata, doc)
+    made = merged if conversion is None else conversion.original
+    doc["output"]["path"] = (str(output_path) if output_path is not None
+                             else _relative(made, folder))
+    comment = f"# Recipe extracted from {merged.name}; inputs are pinned by SHA256.\n"
+    notes = []
+    if conversion is not None:  # said before any input is hashed
+        written = resolve_path(doc["output"]["path"], folder)
+        conversion.refuse_replacing(written)
+        comment = f"# {conversion.sentence()}\n{comment}"
+        notes.append(f"{conversion.sentence()}; it writes {written}")
     refs = _Refs(merged, folder, sha256_of, conversion is not None)
     for name, model in doc["models"].items():
         if isinstance(model, dict):
@@ -53,18 +64,8 @@ def extract_recipe(merged: Path, output_path: Path | None = None,
     if doc["output"].get("vae"):
         doc["output"]["vae"] = refs.found("output.vae", doc["output"]["vae"],
                                           doc["output"].get("vae_sha256"))
-    made = merged if conversion is None else conversion.original
-    doc["output"]["path"] = (str(output_path) if output_path is not None
-                             else _relative(made, folder))
-    comment = f"# Recipe extracted from {merged.name}; inputs are pinned by SHA256.\n"
-    notes = refs.notes()
-    if conversion is not None:
-        written = resolve_path(doc["output"]["path"], folder)
-        conversion.refuse_replacing(written)
-        comment = f"# {conversion.sentence()}\n{comment}"
-        notes.insert(0, f"{conversion.sentence()}; it writes {written}")
     text = refs.commented(yaml.safe_dump(doc, sort_keys=False, allow_unicode=True))
-    return Extracted(comment + text, notes)
+    return Extracted(comment + text, notes + refs.notes())
 
 
 @dataclass
