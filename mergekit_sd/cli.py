@@ -280,12 +280,14 @@ def recipe_extract(
                             "name, e.g. -o recipe.yaml")
         check_output_path(out, overwrite)
     # relative paths in it are written for the folder the recipe lands in
-    text = extract_recipe(merged, output_path, out.parent if out is not None else None)
+    extracted = extract_recipe(merged, output_path, out.parent if out is not None else None)
     if out is None:
-        typer.echo(text, nl=False)
+        typer.echo(extracted.text, nl=False)
     else:
-        write_bytes_atomic(out, text.encode())  # its folder is made; never a half recipe
+        write_bytes_atomic(out, extracted.text.encode())  # its folder is made; never half
         typer.echo(f"wrote {out}")
+    for note in extracted.notes:  # on stderr: stdout may be the recipe itself
+        typer.echo(f"note: {note}", err=True)
 
 
 @app.command()

@@ -22,6 +22,12 @@ ProgressCallback = Callable[[int, int], None]
 DTYPE_CHOICES = ("keep", *USER_DTYPES)
 META_CONVERTED_FROM = "mergekit_sd.converted_from"
 META_DTYPE = "mergekit_sd.dtype"
+# A merged file's recipe is carried as is: it says how the merge was made, and it cannot say
+# how to make the conversion (cast twice, values round differently). This key names the file
+# the recipe makes, so `recipe extract` writes a recipe for that file, never for the conversion.
+META_RECIPE_OUTPUT = "mergekit_sd.recipe_output"
+META_RECIPE = "mergekit_sd.recipe"
+META_BAKED_LORAS = "mergekit_sd.baked_loras"  # a bake's own recipe, written after any conversion
 
 
 def convert_to_safetensors(
@@ -87,9 +93,26 @@ def _refuse_misnamed_pickle(source: Path) -> None:
 def _metadata(base: dict[str, str], source: Path, dtype: str) -> dict[str, str]:
     metadata = dict(base)
     metadata.setdefault("format", "pt")  # transformers refuses safetensors metadata without it
+    if META_RECIPE in base:  # a merge's own output, or a conversion of one already
+        metadata[META_RECIPE_OUTPUT] = recipe_output_name(base) or source.name
     metadata[META_CONVERTED_FROM] = source.name  # the name only: never leak directories
     metadata[META_DTYPE] = str(dtype).strip().lower()
     return metadata
+
+
+def recipe_output_name(metadata: dict[str, str]) -> str | None:
+    """The name of the file the carried mergekit-sd recipe makes, when the file with this
+    `metadata` is a conversion of that file rather than the file itself; None when the recipe
+    describes the file itself (or there is none)."""
+    if META_RECIPE not in metadata:
+        return None
+    if META_RECIPE_OUTPUT in metadata:
+        return metadata[META_RECIPE_OUTPUT]
+    # converted before that key was written: converted_from names the merge's output, unless
+    # the recipe is a bake's, which keeps the converted_from of the base it was baked into
+    if META_CONVERTED_FROM in metadata and META_BAKED_LORAS not in metadata:
+        return metadata[META_CONVERTED_FROM]
+    return None
 
 
 def _out_dtype(stored: str, cast_to: str | None) -> str:

@@ -204,6 +204,26 @@ def test_safetensors_recast_keeps_metadata_and_integer_tensors(tmp_path):
     assert seen == [(i, total) for i in range(1, total + 1)]
 
 
+def test_a_merged_files_recipe_is_carried_marked_as_the_recipe_of_the_source(tmp_path):
+    recipe = json.dumps({"version": 1, "output": {"dtype": "fp16"}})
+    source = tmp_path / "mix.safetensors"
+    save_file({"w": torch.ones(2)}, source, metadata={"mergekit_sd.recipe": recipe})
+    first, second = tmp_path / "mix-bf16.safetensors", tmp_path / "mix-fp32.safetensors"
+    convert_to_safetensors(source, first, dtype="bf16")
+    convert_to_safetensors(first, second, dtype="fp32")
+    for path in (first, second):
+        with safe_open(path, "pt") as f:
+            metadata = f.metadata()
+        assert metadata["mergekit_sd.recipe"] == recipe  # how the merge was made, as it was
+        assert metadata["mergekit_sd.recipe_output"] == "mix.safetensors"  # ... made that file
+    with safe_open(tmp_path / "mix-bf16.safetensors", "pt") as f:
+        assert f.metadata()["mergekit_sd.converted_from"] == "mix.safetensors"
+    plain = write_safetensors(tmp_path)
+    convert_to_safetensors(plain, tmp_path / "plain-bf16.safetensors", dtype="bf16")
+    with safe_open(tmp_path / "plain-bf16.safetensors", "pt") as f:
+        assert "mergekit_sd.recipe_output" not in f.metadata()
+
+
 def test_safetensors_keep_copies_bytes_exactly(tmp_path):
     source = write_safetensors(tmp_path)
     target = tmp_path / "copy.safetensors"

@@ -3,8 +3,13 @@ bytes; a file whose stored recipe is damaged gets one sentence."""
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import pytest
+import torch
 from conftest import run_cli
+from safetensors.torch import load_file
 
 from mergekit_sd.testing import write_checkpoint
 
@@ -88,3 +93,199 @@ def test_extract_refuses_an_existing_file_and_never_replaces_the_merged_file(tmp
     again.write_text("old")
     assert run_cli("recipe", "extract", merged, "-o", again, "--overwrite").returncode == 0
     assert "weighted_sum" in again.read_text()
+
+
+def test_the_extracted_recipe_pins_the_baked_vae_and_refuses_another_file(tmp_path):
+    for name, variant, seed in (("a", "sd1", 1), ("b", "sd1", 2), ("vae", "vae-sd", 9)):
+        write_checkpoint(tmp_path / "models" / f"{name}.safetensors", variant, seed=seed)
+    (tmp_path / "recipes" / "sub").mkdir(parents=True)
+    (tmp_path / "recipes" / "sub" / "mix.yaml").write_text(RECIPE)
+    assert run_cli("merge", tmp_path / "recipes" / "sub" / "mix.yaml").returncode == 0
+    merged = tmp_path / "out" / "mix.safetensors"
+    model = merged.read_bytes()
+    assert run_cli("recipe", "extract", merged, "-o", "again.yaml",
+                   cwd=tmp_path).returncode == 0
+    vae = tmp_path / "models" / "vae.safetensors"
+    vae_sha = hashlib.sha256(vae.read_bytes()).hexdigest()
+    text = (tmp_path / "again.yaml").read_text()
+    assert f"  vae_sha256: {vae_sha}\n" in text
+    write_checkpoint(vae, "vae-sd", seed=10)  # the same name, another VAE
+    rerun = run_cli("merge", tmp_path / "again.yaml", "--overwrite")
+    line = 1 + text.splitlines().index(f"  vae_sha256: {vae_sha}")
+    assert rerun.returncode == 2, rerun.stderr
+    new_sha = hashlib.sha256(vae.read_bytes()).hexdigest()
+    assert rerun.stderr.strip().splitlines()[-1] == (  # after merge's notes on the plan
+        f"error: {tmp_path / 'again.yaml'}, line {line}, output.vae_sha256: vae.safetensors "
+        f"has SHA256 {new_sha[:12]}…, not the {vae_sha[:12]}… the recipe expects")
+    assert merged.read_bytes() == model
+
+
+@pytest.mark.parametrize(("output", "words"), [
+    ("{path: o.safetensors, vae_sha256: " + "ab" * 32 + "}",
+     "output.vae_sha256: pins the file of output.vae, which is not given"),
+    ("{path: o.safetensors, vae: v.safetensors, vae_sha256: abc}",
+     "output.vae_sha256: give all 64 hex digits of the file's SHA256, not 'abc'")])
+def test_a_vae_pin_without_a_vae_or_with_a_partial_hash_is_refused(tmp_path, output, words):
+    path = tmp_path / "r.yaml"
+    path.write_text("version: 1\nmodels: {a: a.safetensors}\n"
+                    "steps: [{name: m, method: copy, inputs: [a]}]\n"
+                    f"output: {output}\n")
+    result = run_cli("plan", path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().endswith(words), result.stderr
+
+
+def merged_then_moved(tmp_path: Path) -> tuple[Path, Path]:
+    """(merged file, its models folder): merged into out/, then moved where web UIs keep
+    models, as users do with a finished merge."""
+    for name, seed in (("a", 1), ("b", 2)):
+        write_checkpoint(tmp_path / "models" / f"{name}.safetensors", "sd1", seed=seed)
+    (tmp_path / "mix.yaml").write_text(
+        "version: 1\nmodels: {a: models/a.safetensors, b: models/b.safetensors}\n"
+        "steps: [{name: mix, method: weighted_sum, inputs: [a, b], params: {alpha: 0.35}}]\n"
+        "output: {path: out/mix.safetensors}\n")
+    assert run_cli("merge", tmp_path / "mix.yaml").returncode == 0
+    moved = tmp_path / "webui" / "models" / "Stable-diffusion" / "mix.safetensors"
+    moved.parent.mkdir(parents=True)
+    (tmp_path / "out" / "mix.safetensors").rename(moved)
+    return moved, tmp_path / "models"
+
+
+def test_a_moved_merged_file_gives_a_recipe_that_finds_its_inputs_by_sha256(tmp_path):
+    moved, models = merged_then_moved(tmp_path)
+    extracted = run_cli("recipe", "extract", moved, "-o", "again.yaml", cwd=tmp_path)
+    assert extracted.returncode == 0, extracted.stderr
+    assert extracted.stderr.strip() == (
+        "note: inputs a and b of mix.safetensors are not at the path it recorded (was it moved "
+        "since the merge?), so the recipe names them by SHA256, which `merge` finds through the "
+        "catalog (`mergekit-sd catalog scan --hash` a folder that holds them)")
+    text = (tmp_path / "again.yaml").read_text()
+    for name in ("a", "b"):
+        sha = hashlib.sha256((models / f"{name}.safetensors").read_bytes()).hexdigest()
+        # the recorded path stays readable, as a comment
+        assert (f"  {name}:\n    ref: sha256:{sha}  # mix.safetensors recorded "
+                f"../models/{name}.safetensors, relative to its folder: no such file beside it "
+                f"now\n    sha256: {sha}\n") in text
+    catalog = tmp_path / "catalog.sqlite"
+    assert run_cli("catalog", "add-root", models, "--scan", "--catalog", catalog).returncode == 0
+    assert run_cli("catalog", "scan", "--hash", "--catalog", catalog).returncode == 0
+    rerun = run_cli("merge", tmp_path / "again.yaml", "--out", tmp_path / "again.safetensors",
+                    "--catalog", catalog)
+    assert rerun.returncode == 0, rerun.stderr
+    assert load_file(tmp_path / "again.safetensors").keys() == load_file(moved).keys()
+    for key, tensor in load_file(moved).items():
+        assert torch.equal(load_file(tmp_path / "again.safetensors")[key], tensor), key
+
+
+def test_an_input_replaced_at_its_recorded_path_is_named_by_sha256(tmp_path):
+    for name, seed in (("a", 1), ("b", 2)):
+        write_checkpoint(tmp_path / "models" / f"{name}.safetensors", "sd1", seed=seed)
+    (tmp_path / "mix.yaml").write_text(
+        "version: 1\nmodels: {a: models/a.safetensors, b: models/b.safetensors}\n"
+        "steps: [{name: mix, method: weighted_sum, inputs: [a, b], params: {alpha: 0.35}}]\n"
+        "output: {path: out/mix.safetensors}\n")
+    assert run_cli("merge", tmp_path / "mix.yaml").returncode == 0
+    b = tmp_path / "models" / "b.safetensors"
+    sha = hashlib.sha256(b.read_bytes()).hexdigest()
+    write_checkpoint(b, "sd1", seed=3)  # a newer version under the same name
+    extracted = run_cli("recipe", "extract", tmp_path / "out" / "mix.safetensors", cwd=tmp_path)
+    assert extracted.returncode == 0, extracted.stderr
+    assert "  a:\n    ref: models/a.safetensors\n" in extracted.stdout
+    assert (f"  b:\n    ref: sha256:{sha}  # mix.safetensors recorded ../models/b.safetensors, "
+            "relative to its folder: the file there now has another SHA256\n") in extracted.stdout
+    assert extracted.stderr.startswith("note: input b of mix.safetensors is not at the path it "
+                                       "recorded")
+
+
+def merged_in_out(tmp_path: Path) -> Path:
+    for name, seed in (("a", 1), ("b", 2)):
+        write_checkpoint(tmp_path / "models" / f"{name}.safetensors", "sd1", seed=seed)
+    (tmp_path / "mix.yaml").write_text(
+        "version: 1\nmodels: {a: models/a.safetensors, b: models/b.safetensors}\n"
+        "steps: [{name: mix, method: weighted_sum, inputs: [a, b], params: {alpha: 0.35}}]\n"
+        "output: {path: out/mix.safetensors}\n")
+    assert run_cli("merge", tmp_path / "mix.yaml").returncode == 0
+    return tmp_path / "out" / "mix.safetensors"
+
+
+def test_the_recipe_of_a_converted_merge_remakes_the_merge_never_the_conversion(tmp_path):
+    merged = merged_in_out(tmp_path)
+    converted = tmp_path / "conv" / "mix-bf16.safetensors"
+    assert run_cli("convert", merged, converted, "--dtype", "bf16").returncode == 0
+    kept = converted.read_bytes()
+    extracted = run_cli("recipe", "extract", converted, "-o", "again.yaml", cwd=tmp_path)
+    assert extracted.returncode == 0, extracted.stderr
+    said = ("mix-bf16.safetensors is a bf16 conversion of mix.safetensors: the recipe remakes "
+            "mix.safetensors as merged (fp16), not mix-bf16.safetensors")
+    assert extracted.stderr.strip() == f"note: {said}; it writes conv/mix.safetensors"
+    text = (tmp_path / "again.yaml").read_text()
+    assert text.startswith(f"# {said}\n")
+    assert "  path: conv/mix.safetensors\n" in text
+    rerun = run_cli("merge", tmp_path / "again.yaml", "--overwrite")
+    assert rerun.returncode == 0, rerun.stderr
+    assert converted.read_bytes() == kept
+    # beside it, the merge itself again: its inputs are found from conv/ as from out/
+    assert (tmp_path / "conv" / "mix.safetensors").read_bytes() == merged.read_bytes()
+
+
+def test_a_conversion_named_like_its_merge_needs_another_output_path(tmp_path):
+    merged = merged_in_out(tmp_path)
+    converted = tmp_path / "conv" / "mix.safetensors"
+    assert run_cli("convert", merged, converted, "--dtype", "bf16").returncode == 0
+    for extra in ((), ("--output-path", converted)):
+        refused = run_cli("recipe", "extract", converted, *extra)
+        assert refused.returncode == 2, refused.stderr
+        assert refused.stderr.strip() == (
+            f"error: {converted}: is a bf16 conversion of another mix.safetensors: the recipe "
+            "remakes that file as merged (fp16), not this one, and its output here would "
+            "replace this file with other bytes; give the recipe another output with "
+            "--output-path")
+    again = run_cli("recipe", "extract", converted, "--output-path", "remade.safetensors")
+    assert again.returncode == 0, again.stderr
+    assert "  path: remade.safetensors\n" in again.stdout
+
+
+def test_a_conversion_of_a_conversion_still_names_the_merge(tmp_path):
+    merged = merged_in_out(tmp_path)
+    first, second = tmp_path / "bf16.safetensors", tmp_path / "conv" / "fp32.safetensors"
+    assert run_cli("convert", merged, first, "--dtype", "bf16").returncode == 0
+    assert run_cli("convert", first, second, "--dtype", "fp32").returncode == 0
+    extracted = run_cli("recipe", "extract", second)
+    assert extracted.returncode == 0, extracted.stderr
+    assert extracted.stdout.startswith(
+        "# fp32.safetensors is an fp32 conversion of mix.safetensors: the recipe remakes "
+        "mix.safetensors as merged (fp16), not fp32.safetensors\n")
+
+
+def test_a_lora_baked_into_a_converted_merge_has_a_recipe_for_itself(tmp_path):
+    from mergekit_sd.testing import write_lora
+
+    merged = merged_in_out(tmp_path)
+    converted = tmp_path / "bf16.safetensors"
+    assert run_cli("convert", merged, converted, "--dtype", "bf16").returncode == 0
+    lora = write_lora(tmp_path / "lora.safetensors", "kohya-sd1")
+    baked = tmp_path / "baked.safetensors"
+    assert run_cli("bake", converted, lora, "-o", baked).returncode == 0
+    extracted = run_cli("recipe", "extract", baked, cwd=tmp_path)
+    assert extracted.returncode == 0, extracted.stderr
+    assert "conversion" not in extracted.stdout + extracted.stderr
+    assert "bake_lora" in extracted.stdout and "  path: baked.safetensors\n" in extracted.stdout
+
+
+def test_a_moved_merged_file_names_its_baked_vae_by_sha256_too(tmp_path):
+    for name, variant, seed in (("a", "sd1", 1), ("b", "sd1", 2), ("vae", "vae-sd", 9)):
+        write_checkpoint(tmp_path / "models" / f"{name}.safetensors", variant, seed=seed)
+    (tmp_path / "recipes" / "sub").mkdir(parents=True)
+    (tmp_path / "recipes" / "sub" / "mix.yaml").write_text(RECIPE)
+    assert run_cli("merge", tmp_path / "recipes" / "sub" / "mix.yaml").returncode == 0
+    moved = tmp_path / "deeper" / "still" / "mix.safetensors"
+    moved.parent.mkdir(parents=True)
+    (tmp_path / "out" / "mix.safetensors").rename(moved)
+    extracted = run_cli("recipe", "extract", moved, cwd=tmp_path)
+    assert extracted.returncode == 0, extracted.stderr
+    sha = hashlib.sha256((tmp_path / "models" / "vae.safetensors").read_bytes()).hexdigest()
+    assert (f"  vae: sha256:{sha}  # mix.safetensors recorded ../models/vae.safetensors, "
+            f"relative to its folder: no such file beside it now\n  vae_sha256: {sha}\n"
+            ) in extracted.stdout
+    assert extracted.stderr.startswith("note: inputs a, b and output.vae of mix.safetensors "
+                                       "are not at the path it recorded")

@@ -28,6 +28,16 @@ class DiffusionModel:
 
 
 _SD_CONV_IN_VARIANTS = {9: "inpainting", 8: "instruct-pix2pix"}
+# an SD UNet's conv_in in ldm/sgm and in diffusers naming: its input channels say the variant
+SD_CONV_IN_KEYS = ("input_blocks.0.0.weight", "conv_in.weight")
+
+
+def sd_conv_in_variant(shape: tuple[int, ...]) -> str | None:
+    """"inpainting" or "instruct-pix2pix" from the shape of an SD UNet's conv_in weight (9 or
+    8 input channels), None for a plain model's 4."""
+    return _SD_CONV_IN_VARIANTS.get(shape[1]) if len(shape) > 1 else None
+
+
 # cross-attention context width -> architecture, for UNets without SDXL's label embedding
 _CONTEXT_WIDTH = {768: "sd1", 1024: "sd2"}
 # SDXL label embedding input width: base adds pooled CLIP-G + 6 size/crop embeddings, refiner 5

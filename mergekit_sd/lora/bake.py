@@ -20,6 +20,7 @@ from pathlib import Path
 from mergekit_sd import __version__
 from mergekit_sd.arch.architectures import ARCHITECTURES, Architecture
 from mergekit_sd.arch.identify import Identification, identify
+from mergekit_sd.convert import META_BAKED_LORAS, META_RECIPE_OUTPUT
 from mergekit_sd.errors import BadModelFile, UserError
 from mergekit_sd.io.hash_cache import known_sha256 as remembered_sha256
 from mergekit_sd.io.hashing import BackgroundSha256, file_sha256
@@ -335,10 +336,11 @@ def bake_metadata(plan: BakePlan, base_sha256: str) -> dict[str, str]:
         "output": {"step": "bake", "dtype": plan.dtype, "title": plan.output.stem},
     }
     metadata = dict(plan.header.metadata)
+    metadata.pop(META_RECIPE_OUTPUT, None)  # the recipe below makes this very file
     metadata.update({
         "modelspec.title": plan.output.stem,
         "mergekit_sd.recipe": json.dumps(recipe, sort_keys=True),
-        "mergekit_sd.baked_loras": json.dumps(
+        META_BAKED_LORAS: json.dumps(
             [{"name": u.path.name, "sha256": s, **e}
              for u, s, e in zip(plan.uses, shas[1:], loras, strict=True)]),
         "mergekit_sd.version": __version__,

@@ -230,9 +230,10 @@ class _Hasher:
         cancel.raise_if_cancelled()
         for name, planned in self.files.items():
             if planned.expected_sha256 and planned.expected_sha256.lower() != hashes[name]:
+                loc = ("output", "vae_sha256") if planned is plan.vae else ("models", name)
                 raise plan.loaded.error(
-                    ("models", name), f"{planned.path.name} has SHA256 {hashes[name][:12]}…, "
-                                      f"not the {planned.expected_sha256[:12]}… the recipe expects")
+                    loc, f"{planned.path.name} has SHA256 {hashes[name][:12]}…, "
+                         f"not the {planned.expected_sha256[:12]}… the recipe expects")
         return hashes
 
     def close(self) -> None:

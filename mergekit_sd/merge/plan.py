@@ -434,13 +434,15 @@ def _output_paths(loaded: LoadedRecipe, cands: list[Candidate], out: Path | None
 def _open_vae(loaded: LoadedRecipe, resolver: Resolver) -> PlannedInput:
     ref = loaded.recipe.output.vae
     loc = ("output", "vae")
+    known = None
     if is_path_ref(ref):
         path = resolve_path(ref, loaded.path.parent)
     else:
         try:
-            path = resolver(ref).path
+            resolved = resolver(ref)
         except LookupError as exc:
             raise loaded.error(loc, str(exc.args[0])) from None
+        path, known = resolved.path, resolved.sha256
     try:
         header = read_header(path)
     except BadModelFile as exc:
@@ -448,7 +450,7 @@ def _open_vae(loaded: LoadedRecipe, resolver: Resolver) -> PlannedInput:
     found = identify(header)
     if not any(c.slot == "vae" for c in found.components):
         raise loaded.error(loc, f"{path.name} is {found.label} and holds no VAE")
-    return PlannedInput("vae", ref, path, header, found, None, None)
+    return PlannedInput("vae", ref, path, header, found, loaded.recipe.output.vae_sha256, known)
 
 
 def vae_source_keys(vae: PlannedInput, target_prefix: str) -> dict[str, str]:

@@ -15,7 +15,9 @@ import os
 from pathlib import Path
 
 from mergekit_sd import __version__
+from mergekit_sd.arch.diffusion import SD_CONV_IN_KEYS, sd_conv_in_variant
 from mergekit_sd.merge.plan import MergePlan, PlannedInput
+from mergekit_sd.merge.registry import unrecorded_draws
 from mergekit_sd.recipe.params import Candidate
 from mergekit_sd.recipe.refs import is_path_ref
 from mergekit_sd.recipe.schema import ParamSpec
@@ -68,9 +70,12 @@ def canonical_recipe(plan: MergePlan, cand: Candidate, hashes: dict[str, str]) -
 
 
 def _step_json(sp, cand: Candidate) -> dict:
+    params = {p: _param_json(cand.value_of(sp.step.name, p, v))
+              for p, v in sp.step.params.items()}
+    # the seed (and the like) a stochastic step drew with, even when left at the default
+    params.update(unrecorded_draws(sp.method, sp.params[cand.name]))
     doc = {"name": sp.step.name, "method": sp.method.name, "inputs": sp.step.inputs,
-           "params": {p: _param_json(cand.value_of(sp.step.name, p, v))
-                      for p, v in sp.step.params.items()}}
+           "params": params}
     if sp.step.loras:
         doc["loras"] = [lora.model_dump(exclude_none=True) for lora in sp.step.loras]
         if sp.step.allow_unmatched:
@@ -82,16 +87,23 @@ def merge_date(plan: MergePlan) -> str:
     return plan.loaded.recipe.output.date or dt.datetime.now(dt.UTC).date().isoformat()
 
 
+A1111_SLOTS = ("primary", "secondary", "tertiary")  # its A, B and C
+
+
 def _a1111_recipe(plan: MergePlan, cand: Candidate, hashes: dict[str, str]) -> dict:
+    """AUTOMATIC1111's sd_merge_recipe for the final step. Its A/B/C slots are that step's
+    inputs in order; an input that is an earlier step is no file, so its slot has no hash
+    and `<slot>_model_step` names the step (AUTOMATIC1111 ignores keys it does not know)."""
     final = plan.steps[-1]
-    models = [i for i in final.step.inputs if i in plan.inputs]
+    slots = dict(zip(A1111_SLOTS, final.step.inputs, strict=False))
     params = final.params[cand.name]
     alpha = params.get("alpha")
     return {
         "type": "mergekit-sd",
-        "primary_model_hash": hashes.get(models[0]) if models else None,
-        "secondary_model_hash": hashes.get(models[1]) if len(models) > 1 else None,
-        "tertiary_model_hash": hashes.get(models[2]) if len(models) > 2 else None,
+        **{f"{slot}_model_hash": hashes.get(slots[slot]) if slots.get(slot) in plan.inputs
+           else None for slot in A1111_SLOTS},
+        **{f"{slot}_model_step": name for slot, name in slots.items()
+           if name not in plan.inputs},
         "interp_method": A1111_METHOD_NAMES.get(final.method.name, final.method.name),
         "multiplier": alpha.default if alpha is not None and alpha.is_constant else None,
         "save_as_half": plan.loaded.recipe.output.dtype == "fp16",
@@ -99,9 +111,17 @@ def _a1111_recipe(plan: MergePlan, cand: Candidate, hashes: dict[str, str]) -> d
         "config_source": 0,
         "bake_in_vae": plan.vae.path.name if plan.vae else "None",
         "discard_weights": "",
-        "is_inpainting": any(p.found.variant == "inpainting" for p in plan.inputs.values()),
-        "is_instruct_pix2pix": False,
+        "is_inpainting": _output_variant(plan) == "inpainting",
+        "is_instruct_pix2pix": _output_variant(plan) == "instruct-pix2pix",
     }
+
+
+def _output_variant(plan: MergePlan) -> str | None:
+    """What the output's own conv_in makes it (inpainting, instruct-pix2pix), whatever its
+    inputs were: a plain first input gives a plain model, the others' extra channels dropped."""
+    conv_in = {plan.diffusion_prefix + key for key in SD_CONV_IN_KEYS}
+    shape = next((t.out.shape for t in plan.tasks if t.key in conv_in), ())
+    return sd_conv_in_variant(shape)
 
 
 def _parent_json(planned: PlannedInput, key: str):

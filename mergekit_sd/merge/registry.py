@@ -82,6 +82,11 @@ class MergeMethod:
     # True when each output element depends only on the same element of the inputs: the
     # executor may then stream large tensors through the method in pieces
     elementwise: bool = False
+    # stochastic: the parameters that shape its random draws (the seed first), recorded with
+    # the values used even when left at their defaults, so that a recipe keeps its draws
+    # when a default changes; `drawn_when` names a bool parameter that switches draws on
+    draws: tuple[str, ...] = ()
+    drawn_when: str | None = None
 
 
 METHODS: dict[str, MergeMethod] = {}
@@ -90,12 +95,16 @@ METHODS: dict[str, MergeMethod] = {}
 def merge_method(name: str, *, inputs: tuple[str, ...], variadic: bool = False,
                  stochastic: bool = False, needs_stats: str | None = None,
                  space: str = "weight", bounds: dict[str, str] | None = None,
-                 docs: dict[str, str] | None = None, elementwise: bool = False
+                 docs: dict[str, str] | None = None, elementwise: bool = False,
+                 draws: tuple[str, ...] = ("seed",), drawn_when: str | None = None
                  ) -> Callable[[Callable], Callable]:
     """Register the decorated function as merge method `name`.
 
     `bounds` gives parameter ranges in interval notation ({"density": "(0, 1]"}); `docs` a
-    short description per parameter. The function is returned unchanged.
+    short description per parameter. A stochastic method's `draws` are the parameters that
+    shape its random draws (recorded with their values even when left at the defaults), and
+    `drawn_when` a bool parameter without which it draws nothing. The function is returned
+    unchanged.
     """
 
     def register(func: Callable) -> Callable:
@@ -104,6 +113,14 @@ def merge_method(name: str, *, inputs: tuple[str, ...], variadic: bool = False,
                              f"(by {METHODS[name].func.__module__})")
         method = _describe(func, name, tuple(inputs), variadic, stochastic,
                            needs_stats, space, bounds or {}, docs or {})
+        if stochastic:
+            where = f"merge method {name!r}"
+            if "seed" not in draws or not set(draws) <= set(method.params):
+                raise ValueError(f"{where}: draws={draws} must name its parameters, seed too")
+            switch = method.params.get(drawn_when) if drawn_when is not None else None
+            if drawn_when is not None and (switch is None or switch.kind is not bool):
+                raise ValueError(f"{where}: drawn_when={drawn_when!r} is no bool parameter")
+            method = dataclasses.replace(method, draws=tuple(draws), drawn_when=drawn_when)
         METHODS[name] = dataclasses.replace(method, elementwise=elementwise)
         return func
 
@@ -142,6 +159,20 @@ def check_params(method: MergeMethod, given: dict[str, Any]) -> dict[str, Any]:
         _check_range(method, param, value)
         result[key] = value
     return result
+
+
+def unrecorded_draws(method: MergeMethod, given: dict[str, Any]) -> dict[str, Any]:
+    """The defaults of the parameters shaping `method`'s random draws that `given` (name ->
+    value as given, or per-key value) leaves out, when it draws at all: what a recipe must
+    record besides `given` for the draws to stay the same when a default changes."""
+    if not method.draws:
+        return {}
+    if method.drawn_when is not None:
+        switch = given.get(method.drawn_when, method.params[method.drawn_when].default)
+        constant = getattr(switch, "is_constant", False)  # a per-key value: its default
+        if switch is False or (constant and switch.default is False):
+            return {}
+    return {name: method.params[name].default for name in method.draws if name not in given}
 
 
 # --- building a MergeMethod from a function -------------------------------------------------

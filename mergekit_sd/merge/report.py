@@ -5,6 +5,7 @@ from __future__ import annotations
 from mergekit_sd.arch.architectures import Architecture
 from mergekit_sd.arch.components import TEXT_ENCODER_SLOTS, text_encoder_names
 from mergekit_sd.merge.plan import ASSUMED_DISK_BYTES_PER_S, MergePlan
+from mergekit_sd.merge.registry import unrecorded_draws
 from mergekit_sd.recipe.params import KeyedValue
 
 
@@ -38,7 +39,10 @@ def plan_as_dict(plan: MergePlan) -> dict:
                    for p in plan.inputs.values()],
         "steps": [{"name": sp.step.name, "method": sp.method.name, "formula": sp.method.formula,
                    "inputs": sp.step.inputs,
-                   "params": {c: {p: _describe(v, plan.arch) for p, v in params.items()}
+                   "params": {c: {**{p: _describe(v, plan.arch) for p, v in params.items()},
+                                  # what a stochastic step draws with, though left unsaid
+                                  **{p: f"{v} (default)" for p, v
+                                     in unrecorded_draws(sp.method, params).items()}}
                               for c, params in sp.params.items()}}
                   for sp in plan.steps],
         "candidates": {c.name: str(plan.outputs[c.name]) for c in plan.candidates},

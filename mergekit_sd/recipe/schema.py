@@ -29,7 +29,6 @@ from pydantic import (
     Discriminator,
     Field,
     Tag,
-    field_validator,
     model_validator,
 )
 
@@ -56,19 +55,21 @@ def _not_a_url(ref: str) -> str:
 Reference = Annotated[str, AfterValidator(_not_a_url)]
 
 
+def _whole_sha256(value: str) -> str:
+    # a prefix would pass the plan and be refused only after the whole merge
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", value):
+        raise ValueError(f"give all 64 hex digits of the file's SHA256, not {value!r}")
+    return value
+
+
+Sha256 = Annotated[str, AfterValidator(_whole_sha256)]
+
+
 class ModelRef(Strict):
     """A model input in its long form; the short form is the reference string alone."""
 
     ref: Reference
-    sha256: str | None = Field(None, description="expected SHA256; checked before merging")
-
-    @field_validator("sha256")
-    @classmethod
-    def _whole_sha256(cls, value: str | None) -> str | None:
-        # a prefix would pass the plan and be refused only after the whole merge
-        if value is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", value):
-            raise ValueError(f"give all 64 hex digits of the file's SHA256, not {value!r}")
-        return value
+    sha256: Sha256 | None = Field(None, description="expected SHA256; checked before merging")
 
 
 # The forms `blocks` takes, said whenever a value is none of them.
@@ -154,6 +155,8 @@ class Output(Strict):
     dtype: Literal["fp32", "fp16", "bf16", "fp8_e4m3fn", "keep"] = "fp16"
     vae: Reference | None = Field(None, description="a VAE file whose weights replace the "
                                                    "merged VAE")
+    vae_sha256: Sha256 | None = Field(None, description="expected SHA256 of the vae file; "
+                                                        "checked before merging")
     drop_ema: bool = True
     inference_only: bool = False
     title: str | None = None
@@ -193,6 +196,8 @@ class Recipe(Strict):
             known.add(step.name)
         if self.output.step is not None and self.output.step not in {s.name for s in self.steps}:
             raise ValueError(f"output.step: {self.output.step!r} is not a step of this recipe")
+        if self.output.vae_sha256 is not None and self.output.vae is None:
+            raise ValueError("output.vae_sha256: pins the file of output.vae, which is not given")
         return self
 
     @property

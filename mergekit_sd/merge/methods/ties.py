@@ -26,6 +26,7 @@ from mergekit_sd.merge.registry import merge_method
 
 @merge_method(
     "ties", inputs=("base",), variadic=True, stochastic=True,
+    draws=("seed", "dare_rate"), drawn_when="dare",
     bounds={"density": "(0, 1]", "dare_rate": "[0, 1)", "seed": "[0, inf)"},
     docs={"alpha": "how much of the merged delta to add to the base (not clamped)",
           "density": "fraction of each delta's entries kept, largest magnitudes first",
