@@ -7,7 +7,6 @@ used.
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
@@ -164,9 +163,11 @@ def bake(
     from mergekit_sd.cli_startup import import_torch
     from mergekit_sd.lora.bake import LoraUse, load_loras, prepare_bake
     from mergekit_sd.lora.bake_run import BakeStream
+    from mergekit_sd.lora.strengths import strength_problem
 
-    if te_strength is not None and not math.isfinite(te_strength):
-        raise UserError(f"--te-strength {te_strength}: give a finite number, e.g. 0.5")
+    problem = None if te_strength is None else strength_problem(te_strength)
+    if problem:
+        raise UserError(f"--te-strength {problem}; give a number such as 0.5")
     if len(blocks) > 1 and len(blocks) != len(loras):
         raise UserError(f"--blocks given {len(blocks)} times for {len(loras)} LoRAs; give it "
                         "once (for all) or once per LoRA")

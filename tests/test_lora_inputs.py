@@ -77,12 +77,43 @@ def test_a_strength_that_is_no_finite_number_is_one_sentence(tmp_path, bases, cl
     assert not out.exists()
 
 
+@pytest.mark.parametrize("args", [
+    (":1e300",), (":1:-1e39",), ("", "--te-strength", "1e39"),
+    ("", "--blocks", "1e39" + ",1" * 16), (":3e38", "--blocks", "2" + ",1" * 16),
+], ids=lambda a: " ".join(a).strip())
+def test_a_strength_beyond_float32_is_one_sentence(tmp_path, bases, cli, sd1_lora, args):
+    """1e300 is a finite Python float but no float32, in which LoRAs are applied: it was a
+    traceback from torch (addmm's alpha), now one sentence, as is a block strength times a
+    strength that leaves float32's range."""
+    out = tmp_path / "out.safetensors"
+    assert_one_sentence(*cli("bake", bases["sd1"], f"{sd1_lora}{args[0]}", *args[1:], "-o", out),
+                        2)
+    assert "float32" in cli.last_err and not out.exists()
+
+
+@pytest.mark.parametrize("field", ["strength: 1e300", "te_strength: 1e39",
+                                   "blocks: {IN*: 1e39}"])
+def test_a_recipe_strength_beyond_float32_is_refused_while_planning(tmp_path, bases, cli,
+                                                                    sd1_lora, field):
+    recipe = tmp_path / "bake.yaml"
+    recipe.write_text(
+        f"version: 1\nmodels:\n  base: {bases['sd1']}\n  l: {sd1_lora}\nsteps:\n"
+        "  - name: baked\n    method: bake_lora\n    inputs: [base]\n    loras:\n"
+        f"      - {{model: l, {field}}}\noutput:\n  path: {tmp_path / 'out.safetensors'}\n")
+    for command in ("plan", "merge"):
+        assert_one_sentence(*cli(command, recipe), 2)
+        assert "steps.0.loras" in cli.last_err and "float32" in cli.last_err
+    assert not (tmp_path / "out.safetensors").exists()
+
+
 def test_a_lora_merge_weight_that_is_no_finite_number_is_one_sentence(tmp_path, cli, sd1_lora):
     out = tmp_path / "out.safetensors"
     assert_one_sentence(*cli("lora", "merge", f"{sd1_lora}:nan", sd1_lora, "-o", out), 2)
     assert "finite" in cli.last_err and not out.exists()
     with pytest.raises(UserError, match="finite"):  # the API, as recipes and scripts call it
         merge_loras([(sd1_lora, float("inf")), (sd1_lora, 1.0)], out)
+    assert_one_sentence(*cli("lora", "merge", f"{sd1_lora}:1e300", sd1_lora, "-o", out), 2)
+    assert "float32" in cli.last_err and not out.exists()
 
 
 @pytest.mark.parametrize("strengths", [(float("nan"), None), (1.0, float("inf"))])

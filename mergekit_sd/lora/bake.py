@@ -28,7 +28,7 @@ from mergekit_sd.io.header import SafetensorsHeader, read_header
 from mergekit_sd.lora.compat import lora_architecture, lora_fits
 from mergekit_sd.lora.deltas import DeltaShapeError, apply_dora, module_delta
 from mergekit_sd.lora.modules import LoraFile, LoraModule, group_modules, load_lora
-from mergekit_sd.lora.strengths import BlockSpec, block_strengths
+from mergekit_sd.lora.strengths import BlockSpec, beyond_float32, block_strengths, strength_problem
 from mergekit_sd.lora.targets import DIFFUSION, Target, TargetIndex, Unmatched
 
 OUTPUT_DTYPES = {"keep": None, "fp32": "F32", "fp16": "F16", "bf16": "BF16"}
@@ -116,11 +116,11 @@ def _check_base(path: Path, found: Identification) -> Architecture:
 
 def _check_strengths(use: LoraUse) -> None:
     """NaN or infinity would fill the checkpoint with NaN (and the metadata with invalid
-    JSON)."""
+    JSON); a number beyond float32's range (1e300) cannot be handed to the arithmetic."""
     for what, value in (("strength", use.strength), ("te_strength", use.te_strength)):
-        if value is not None and not math.isfinite(value):
-            raise UserError(f"{use.ref}: {what} {value} is not a finite number; give one such "
-                            "as 0.8")
+        problem = None if value is None else strength_problem(value)
+        if problem:
+            raise UserError(f"{use.ref}: {what} {problem}; give a number such as 0.8")
 
 
 def _check_lora(use: LoraUse, found: Identification, arch: Architecture) -> None:
@@ -215,7 +215,13 @@ def match_loras(index: TargetIndex, arch: Architecture, uses: list[LoraUse], bas
             if problem:  # a LoRA for another model of this architecture (another width)
                 missing.append(f"{module.name} ({problem})")
                 continue
+            if module.alpha is not None and not math.isfinite(module.alpha):
+                raise damaged(use.path, module.key_of("alpha"))
             strength = (use.strength if target.slot == DIFFUSION else te) * blocks[target.block]
+            if beyond_float32(strength * _plain_scale(module)):
+                raise UserError(f"{use.ref}: its strength on {module.name} "
+                                f"({strength:g} × alpha/rank {_plain_scale(module):g}) is beyond "
+                                "float32's range, in which LoRAs are applied; lower the strength")
             app = Application(module, target, strength, i)
             if module.tensors.keys() - {"diff_b"}:
                 weights.setdefault(target.key, []).append(app)
@@ -229,6 +235,13 @@ def match_loras(index: TargetIndex, arch: Architecture, uses: list[LoraUse], bas
         if missing:
             unmatched.append(Unmatched(use.ref, missing))
     return files, weights, biases, unmatched
+
+
+def damaged(path: Path, key: str) -> UserError:
+    """The error for a LoRA tensor holding NaN or infinity: whatever it touched would be NaN
+    (a black image), so the LoRA is refused, naming the tensor."""
+    return UserError(f"{path}: its tensor {key} holds NaN or infinite values, so the file is "
+                     "damaged; nothing written (download or train it again)")
 
 
 def not_baked_why(key: str) -> str:
@@ -280,14 +293,23 @@ def apply_plain_rows(tensor, apps: list[Application], first: int, end: int) -> N
             _add_plain(tensor[lo:hi], app, lo - start)
 
 
+def _plain_scale(module: LoraModule) -> float:
+    """alpha / rank of a plain LoRA module (1 for the other kinds, whose scale `module_delta`
+    applies to the delta itself)."""
+    down = module.tensors.get("down")
+    if not _plain(module) or not module.alpha or down is None or down.ndim < 1 \
+            or not down.shape[0]:
+        return 1.0
+    return module.alpha / down.shape[0]
+
+
 def _add_plain(view, app: Application, up_row: int) -> None:
     """The common case, fused: view += s·scale·up@down (from `up`'s row `up_row` on) without
     a delta temporary."""
     t = app.module.tensors
-    scale = app.module.alpha / t["down"].shape[0] if app.module.alpha else 1.0
     view.reshape(view.shape[0], -1).addmm_(
         t["up"].flatten(1)[up_row:up_row + view.shape[0]].to(view.dtype),
-        t["down"].to(view.dtype).flatten(1), alpha=app.strength * scale)
+        t["down"].to(view.dtype).flatten(1), alpha=app.strength * _plain_scale(app.module))
 
 
 def apply_loras(tensor, apps: list[Application], bias: bool):

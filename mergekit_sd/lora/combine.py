@@ -12,7 +12,6 @@ full shapes come from a base checkpoint when given, else from the architecture's
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from mergekit_sd.lora.deltas import module_delta
 from mergekit_sd.lora.extract import truncated_svd
 from mergekit_sd.lora.kohya_file import LORA_DTYPES, factors_for, write_kohya_lora
 from mergekit_sd.lora.modules import LoraModule, load_lora
+from mergekit_sd.lora.strengths import strength_problem
 from mergekit_sd.lora.targets import Target, TargetIndex
 
 _REFERENCE_LAYOUTS = {"sd": "sd1-ldm", "sdxl": "sdxl-sgm", "flux": "flux1-dev-bfl",
@@ -141,9 +141,9 @@ def merge_loras(loras: list[tuple[Path, float]], output: Path, rank: int | None 
     if not 0 < clamp_quantile <= 1:  # also false for nan
         raise UserError(f"--clamp-quantile {clamp_quantile}: give a number in (0, 1]")
     for path, weight in loras:
-        if not math.isfinite(weight):
-            raise UserError(f"{path}: weight {weight} is not a finite number; give one such as "
-                            "0.5")
+        problem = strength_problem(weight)
+        if problem:
+            raise UserError(f"{path}: weight {problem}; give a number such as 0.5")
     if dtype not in LORA_DTYPES:
         raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(LORA_DTYPES)}")
     found = [_lora_ident(p) for p, _ in loras]

@@ -44,6 +44,14 @@ class LoraModule:
     alpha: float | None = None
     keys: tuple[str, ...] = ()  # the file's tensor names it was read from
 
+    def key_of(self, role: str) -> str:
+        """The file's name of the tensor with `role` (alpha included)."""
+        for key in self.keys:
+            split = split_key(key)
+            if split and _ROLES.get(split[1]) == role:
+                return key
+        return f"{self.name} ({role})"
+
     @property
     def rank(self) -> int | None:
         t = self.tensors

@@ -19,6 +19,7 @@ Lists and presets are parsed by `arch.block_lists`, which merge parameters' `blo
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Mapping
 
 from mergekit_sd.arch.architectures import Architecture, block_range
@@ -30,6 +31,25 @@ BlockSpec = None | str | list[float] | Mapping[str, float]
 
 class BadBlockStrengths(UserError):
     pass
+
+
+# LoRA arithmetic runs in float32: a strength beyond its range (1e300 is a finite Python float)
+# cannot even be handed to it
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def beyond_float32(value: float) -> bool:
+    """Whether `value` is no finite float32 number (NaN, ±inf, or larger than ±3.4e38)."""
+    return not math.isfinite(value) or abs(value) > FLOAT32_MAX
+
+
+def strength_problem(value: float) -> str | None:
+    """Why `value` is no strength (None when it is one): not finite, or beyond float32."""
+    if not math.isfinite(value):
+        return f"{value} is not a finite number"
+    if abs(value) > FLOAT32_MAX:
+        return f"{value:g} is beyond float32's range (±3.4e38), in which LoRAs are applied"
+    return None
 
 
 def block_strengths(spec: BlockSpec, arch: Architecture, where: str = "blocks"
@@ -49,6 +69,10 @@ def block_strengths(spec: BlockSpec, arch: Architecture, where: str = "blocks"
     else:
         raise BadBlockStrengths(f"{where}: give a preset name, a list of numbers or a map of "
                                 "block names to numbers")
+    huge = next((v for v in strengths.values() if beyond_float32(v)), None)
+    if huge is not None:
+        raise BadBlockStrengths(f"{where}: {strength_problem(huge)}; give block strengths such "
+                                "as 0.5")
     strengths["TE"] = strengths.get("BASE", 1.0)
     return strengths
 
