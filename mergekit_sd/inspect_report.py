@@ -62,6 +62,8 @@ def _lora_alpha(header: SafetensorsHeader, ident: Identification):
     training metadata that says otherwise (kohya's dynamic resize writes "Dynamic")."""
     said = header.metadata.get("ss_network_alpha")
     keys = ident.lora.alpha_keys
+    if not keys and not ident.lora.ranks:  # full diffs: whole weight changes, no rank to scale
+        return None, None
     if not keys:
         return None, (f"ss_network_alpha says {said}, but no alpha is stored" if said else None)
     values, invalid = _alpha_values(header, keys)

@@ -114,9 +114,8 @@ def _show_details(console: Console, r: dict) -> None:
     facts.add_row("header", f"{r['header_bytes']} bytes read")
     lora = r.get("lora")
     if lora:
-        ranks = ", ".join(f"{rank}×{n}" for rank, n in sorted(lora["ranks"].items()))
-        facts.add_row("LoRA", f"{lora['format']}; {lora['modules']} modules; "
-                              f"rank {lora['rank']} ({ranks}); alpha {_alpha_text(lora)}")
+        facts.add_row("LoRA", f"{lora['format']}; {lora['modules']} "
+                              f"module{'s' if lora['modules'] != 1 else ''}; {_rank_text(lora)}")
         facts.add_row("targets", ", ".join(lora["targets"]))
         facts.add_row("blocks", " ".join(lora["blocks"]) or "-")
         if lora["trigger_words"]:
@@ -158,6 +157,13 @@ def _components(components: list[dict], width: int) -> Table:
     for row in rows:
         table.add_row(*row)
     return table
+
+
+def _rank_text(lora: dict) -> str:
+    if lora["rank"] is None:  # a full diff: no module has a rank (nor an alpha)
+        return "full-rank weight differences (no rank or alpha)"
+    ranks = ", ".join(f"{rank}×{n}" for rank, n in sorted(lora["ranks"].items()))
+    return f"rank {lora['rank']} ({ranks}); alpha {_alpha_text(lora)}"
 
 
 def _alpha_text(lora: dict) -> str:

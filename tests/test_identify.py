@@ -97,6 +97,19 @@ def test_lora_formats_and_bases(tmp_path, fmt, size):
     assert found.lora.base == base, found.evidence + found.caveats
     assert found.lora.modules > 0
     assert found.lora.rank or fmt == "full-diff-sd1", "low-rank formats report their rank"
+    # every module of these files has one rank (LoKr's Tucker convs store w2_a as [rank, out])
+    assert set(found.lora.ranks) <= {found.lora.rank}, found.lora.ranks
+
+
+def test_inspect_says_a_full_diff_has_no_rank_or_alpha(tmp_path):
+    """A full diff stores whole weight changes: no rank, no alpha, and no warning that its
+    metadata names an alpha it has no place for."""
+    path = write_lora(tmp_path / "full.safetensors", "full-diff-sd1")
+    result = run_cli("inspect", path)
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    assert "full-rank weight differences (no rank or alpha)" in text, text
+    assert "None" not in text and "ss_network_alpha" not in text.split("metadata")[0]
 
 
 def test_lora_blocks_and_targets(tmp_path):

@@ -162,10 +162,11 @@ def _rank(parts: dict[str, tuple[int, ...]]) -> int | None:
     for suffix in _DOWN_SUFFIXES:
         if suffix in parts and parts[suffix]:
             return parts[suffix][0]
-    if ".lokr_w2_a" in parts:
-        return parts[".lokr_w2_a"][1]
-    if ".lokr_w1_a" in parts:
-        return parts[".lokr_w1_a"][1]
+    # LoKr: w?_b is [rank, in] in both of LyCORIS' layouts, where w?_a is [out, rank], or
+    # [rank, out] beside a Tucker core t2 [rank, rank, kh, kw]
+    for suffix in (".lokr_t2", ".lokr_w2_b", ".lokr_w1_b"):
+        if parts.get(suffix):
+            return parts[suffix][0]
     return None
 
 
