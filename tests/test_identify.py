@@ -57,6 +57,7 @@ LORAS = {
     "xlabs-flux": ("XLabs", "flux-dev"),
     "diffusers-flux": ("diffusers/PEFT", "flux-dev"),
     "kohya-sd3": ("kohya LoRA", "sd3-medium"),
+    "lycoris-sdxl": ("LoKr", "sdxl"),
 }
 
 

@@ -233,7 +233,7 @@ _FORMULA_FORMATS = {
     "loha-sd1": (10, "F32"), "lokr-sd1": (8, "F32"), "full-diff-sd1": (1, "F32"),
     "dora-sdxl": (5, "F32"), "peft-sd1": (5, "F32"), "diffusers-old-sd1": (5, "F16"),
     "kohya-flux": (5, "F32"), "aitoolkit-flux": (5, "F32"), "xlabs-flux": (5, "F32"),
-    "diffusers-flux": (5, "F32"), "kohya-sd3": (5, "F32"),
+    "diffusers-flux": (5, "F32"), "kohya-sd3": (5, "F32"), "lycoris-sdxl": (8, "F32"),
 }
 
 

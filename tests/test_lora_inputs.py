@@ -351,3 +351,25 @@ def test_an_existing_lora_file_named_like_a_catalog_reference_is_that_file(tmp_p
     code, _, err = cli("bake", "--catalog", tmp_path / "empty.sqlite", bases["sd1"],
                        "#1.safetensors:0.5", "-o", tmp_path / "o.safetensors")
     assert code == 0, err
+
+
+# --- LyCORIS' own module names --------------------------------------------------------------------
+
+
+def test_lycoris_prefixed_names_bake_like_kohya_names(tmp_path, bases, cli):
+    """LyCORIS outside sd-scripts (SimpleTuner) names a UNet module lycoris_ + its diffusers
+    path, which kohya names lora_unet_ + the same path: the bakes are equal."""
+    kohya = write_lora(tmp_path / "kohya.safetensors", "kohya-sd1", alpha=3.0)
+    tensors = load_file(kohya)
+    renamed = tmp_path / "lycoris.safetensors"
+    save_file({k.replace("lora_unet_", "lycoris_"): v for k, v in tensors.items()}, renamed)
+    outs = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    for lora, out in zip((kohya, renamed), outs, strict=True):
+        code, _, err = cli("bake", bases["sd1"], f"{lora}:0.7", "-o", out)
+        assert code == 0, err
+    a, b = load_file(outs[0]), load_file(outs[1])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a[UNET + "input_blocks.1.1.proj_in.weight"],
+                           load_file(bases["sd1"])[UNET + "input_blocks.1.1.proj_in.weight"])
+    code, stdout, _ = cli("inspect", renamed)
+    assert code == 0 and "LyCORIS LoRA" in stdout

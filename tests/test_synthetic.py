@@ -355,6 +355,9 @@ EXAMPLE_KEYS = {
                        "transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight"],
     "kohya-sd3": ["lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight",
                   "lora_unet_joint_blocks_23_context_block_adaLN_modulation_1.alpha"],
+    "lycoris-sdxl": ["lycoris_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.lokr_w1",
+                     "lycoris_mid_block_attentions_0_transformer_blocks_9_ff_net_2.lokr_w1_a",
+                     "lycoris_up_blocks_0_attentions_2_transformer_blocks_9_attn2_to_k.alpha"],
 }
 
 

@@ -155,7 +155,10 @@ def _format(modules: dict[str, dict], families: Counter, text: str) -> tuple[str
                parts[".lora_down.weight"][2:] != (1, 1) for parts in modules.values())
     conv = conv or re.search(r"resnets|in_layers|out_layers|conv", text) is not None
     kind = "LoCon (Tucker)" if families["tucker"] else "LoCon" if conv else "LoRA"
-    return f"kohya {kind}" + (" with DoRA" if dora else ""), dora
+    # LyCORIS outside sd-scripts (SimpleTuner) names modules lycoris_<diffusers path>
+    lycoris = text.startswith("lycoris_") or "\nlycoris_" in text
+    trainer = "LyCORIS" if lycoris else "kohya"
+    return f"{trainer} {kind}" + (" with DoRA" if dora else ""), dora
 
 
 def _rank(parts: dict[str, tuple[int, ...]]) -> int | None:
@@ -254,7 +257,7 @@ _SD_BLOCK_PATTERNS = (
 # block strengths): the input conv and the time / label embeddings are IN00, the output conv
 # and its norm the last OUT block.
 _SD_EDGE_IN = re.compile(r"conv_in|time_embed|label_emb|add_embedding")
-_SD_EDGE_OUT = re.compile(r"(?:^|lora_unet_|unet\.|diffusion_model\.)"
+_SD_EDGE_OUT = re.compile(r"(?:^|lora_unet_|lycoris_|unet\.|diffusion_model\.)"
                           r"(?:conv_out|conv_norm_out|out[._][02])(?:[._]|$)")
 _DIT_BLOCK_PATTERNS = (
     ((r"single_(?:transformer_)?blocks[._](\d+)"), lambda m: f"S{int(m[1]):02d}"),

@@ -1,8 +1,10 @@
 """Which checkpoint weight (and which rows of it) each LoRA module changes.
 
 LoRA files name modules in one of three vocabularies: diffusers module paths (PEFT, kohya's SD
-UNet and CLIP names with dots turned into underscores, diffusers FLUX), the checkpoint's own
-layout (kohya FLUX and SD3, ai-toolkit, LyCORIS' ldm names), or XLabs' attention processors.
+UNet and CLIP names with dots turned into underscores, diffusers FLUX, and LyCORIS' own
+`lycoris_` names of a diffusers UNet or transformer, as SimpleTuner writes them), the
+checkpoint's own layout (kohya FLUX and SD3, ai-toolkit, LyCORIS' ldm names), or XLabs'
+attention processors.
 The first is looked up through the key maps derived from diffusers' converters
 (`arch.keymap`), which also say which rows of a fused qkv / linear1 weight a separate q, k or v
 lands on; the second directly; the third through XLabs' four processor names.
@@ -24,7 +26,7 @@ DIFFUSION = "diffusion_model"
 
 # the LoRA name prefixes of each checkpoint slot, longest first where one begins another
 _PREFIXES: tuple[tuple[str, str], ...] = (
-    ("lora_unet_", DIFFUSION), ("lora_transformer_", DIFFUSION),
+    ("lora_unet_", DIFFUSION), ("lora_transformer_", DIFFUSION), ("lycoris_", DIFFUSION),
     ("model_diffusion_model_", DIFFUSION), ("diffusion_model_", DIFFUSION),
     ("unet_", DIFFUSION), ("transformer_", DIFFUSION),
     ("lora_te1_", "text_encoder"), ("lora_te2_", "text_encoder_2"),

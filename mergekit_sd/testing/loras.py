@@ -29,7 +29,7 @@ from mergekit_sd.testing.checkpoints import (
 LORA_FORMATS = (
     "kohya-sd1", "kohya-sd2", "kohya-sdxl", "locon-sd1", "tucker-sd1", "loha-sd1", "lokr-sd1",
     "full-diff-sd1", "dora-sdxl", "peft-sd1", "peft-sdxl", "diffusers-old-sd1",
-    "kohya-flux", "aitoolkit-flux", "xlabs-flux", "diffusers-flux", "kohya-sd3",
+    "kohya-flux", "aitoolkit-flux", "xlabs-flux", "diffusers-flux", "kohya-sd3", "lycoris-sdxl",
 )
 
 _UNET = "model.diffusion_model."
@@ -163,11 +163,17 @@ def _text_encoders(base: str, leaves: tuple[str, ...]) -> list[tuple[str, str, l
 
 def _sd_modules(base: str, style: str, resnet_convs: bool = False) -> list[_Module]:
     """SD1/SD2/SDXL modules in `style` naming: "kohya" (lora_unet_/lora_te_, every Linear of
-    the transformers and the text encoders) or "diffusers" (unet./text_encoder., attention
-    projections only, the diffusers training scripts' default)."""
+    the transformers and the text encoders), "diffusers" (unet./text_encoder., attention
+    projections only, the diffusers training scripts' default) or "lycoris" (LyCORIS outside
+    sd-scripts, as SimpleTuner trains: lycoris_ + the diffusers UNet's module path with dots
+    turned into underscores, on its Attention and FeedForward modules; no text encoder)."""
     kohya = style == "kohya"
     arch = "sdxl" if base == "sdxl" else "sd"
     convs = _sd1_resnet_convs() if resnet_convs else iter(())
+    if style == "lycoris":
+        return [_Module("lycoris_" + _under(diffusers), f"{_UNET}{ldm}.weight")
+                for diffusers, ldm in _unet_linear(arch, True)
+                if not diffusers.endswith(("proj_in", "proj_out"))]
     modules = []
     for diffusers, ldm in (*_unet_linear(arch, kohya), *convs):
         if kohya:
@@ -303,6 +309,8 @@ _FORMATS: dict[str, _Format] = {
     "xlabs-flux": _Format("flux-dev", "xlabs", _xlabs_flux),
     "diffusers-flux": _Format("flux-dev", "peft", _diffusers_flux),
     "kohya-sd3": _Format("sd3-medium", "lora", _kohya_sd3, "networks.lora_sd3"),
+    # SimpleTuner's LyCORIS default: LoKr
+    "lycoris-sdxl": _Format("sdxl", "lokr", lambda: _sd_modules("sdxl", "lycoris")),
 }
 
 LORA_BASES: dict[str, str] = {fmt: f.base for fmt, f in _FORMATS.items()}
