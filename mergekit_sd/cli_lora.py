@@ -209,8 +209,9 @@ def lora_merge(
         None, "--base", help="A checkpoint of the LoRAs' architecture, for its weights' shapes "
         "(default: the architecture's real layout)."),
     dtype: str = typer.Option("fp16", "--dtype", help="fp16, bf16 or fp32."),
-    clamp_quantile: float = typer.Option(1.0, "--clamp-quantile",
-                                         help="With --rank: clamp factors at this quantile."),
+    clamp_quantile: float | None = typer.Option(
+        None, "--clamp-quantile", help="With --rank only (refused without it): clamp the "
+        "factors at this quantile of their magnitudes (default 1: no clamp)."),
     allow_unmatched: bool = typer.Option(False, "--allow-unmatched",
                                          help="Merge even when some modules match no weight."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
@@ -220,6 +221,9 @@ def lora_merge(
     from mergekit_sd.lora.combine import merge_loras
     from mergekit_sd.lora.targets import Unmatched
 
+    if clamp_quantile is not None and rank is None:  # concatenation has no factors to clamp
+        raise UserError(f"--clamp-quantile {clamp_quantile:g} applies only to merges by SVD; "
+                        "add --rank R, or leave it out to concatenate the ranks exactly")
     _check_output(output, overwrite)
     resolver = _CatalogOnDemand(catalog)
     pairs = []
@@ -227,7 +231,8 @@ def lora_merge(
         _ref, path, _sha, numbers = _lora_arg(arg, resolver, "WEIGHT", most=1)
         pairs.append((path, numbers[0] if numbers else 1.0))
     base_path = _resolve(base, resolver)[0] if base else None
-    report = merge_loras(pairs, output, rank, base_path, dtype, clamp_quantile, allow_unmatched)
+    report = merge_loras(pairs, output, rank, base_path, dtype,
+                         1.0 if clamp_quantile is None else clamp_quantile, allow_unmatched)
     if report.unmatched:
         show_unmatched([Unmatched(n, m) for n, m in report.unmatched.items()])
         if not allow_unmatched:

@@ -237,6 +237,21 @@ def test_lora_merge_checks_its_rank_and_clamp_quantile(tmp_path, bases, cli, two
     assert option[-2] in cli.last_err and not out.exists()
 
 
+def test_lora_merge_refuses_a_clamp_quantile_without_a_rank(tmp_path, bases, cli,
+                                                            two_sd1_loras):
+    """Concatenation has no factors to clamp: the option did nothing, without a word."""
+    out = tmp_path / "m.safetensors"
+    for quantile in ("0.5", "1"):
+        assert_one_sentence(*cli("lora", "merge", *two_sd1_loras, "--clamp-quantile", quantile,
+                                 "-o", out), 2)
+        assert "--rank" in cli.last_err and not out.exists()
+    with pytest.raises(UserError, match="--rank"):
+        merge_loras([(p, 1.0) for p in two_sd1_loras], out, clamp_quantile=0.5)
+    code, _, err = cli("lora", "merge", *two_sd1_loras, "--rank", "2", "--clamp-quantile", "0.5",
+                       "--base", bases["sd1"], "-o", out)
+    assert code == 0 and out.exists(), err
+
+
 def test_lora_merge_lists_modules_that_do_not_fit_the_layout(tmp_path, cli, two_sd1_loras):
     """Tiny LoRAs against the full-size SD1 layout (no --base): SVD, which builds every
     delta in its weight's shape, lists each module with its shapes."""

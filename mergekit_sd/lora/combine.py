@@ -140,6 +140,9 @@ def merge_loras(loras: list[tuple[Path, float]], output: Path, rank: int | None 
         raise UserError(f"--rank {rank}: give at least 1")
     if not 0 < clamp_quantile <= 1:  # also false for nan
         raise UserError(f"--clamp-quantile {clamp_quantile}: give a number in (0, 1]")
+    if rank is None and clamp_quantile != 1:
+        raise UserError(f"--clamp-quantile {clamp_quantile:g} applies only to merges by SVD; "
+                        "add --rank R, or leave it out to concatenate the ranks exactly")
     for path, weight in loras:
         problem = strength_problem(weight)
         if problem:
