@@ -108,14 +108,18 @@ def _lora_arg(arg: str, resolver: _CatalogOnDemand, form: str, most: int
     return ref, path, sha, numbers
 
 
-def _check_output(output: Path, overwrite: bool) -> None:
-    """-o names a .safetensors file that can be written: checked before any work (a directory
-    would otherwise fail at the rename, after the whole bake)."""
+def _check_output(output: Path, overwrite: bool, inputs: list[Path]) -> None:
+    """-o names a .safetensors file that can be written, and none of the `inputs` (which it
+    would replace): checked before any work (a directory would otherwise fail at the rename,
+    after the whole bake)."""
+    from mergekit_sd.io.writer import refuse_replacing_inputs
+
     if output.suffix.lower() != ".safetensors":
         raise UserError(f"-o {output} must end in .safetensors (the file is written in that "
                         "format)")
     if output.is_dir():
         raise UserError(f"-o {output} is a directory; give a file name")
+    refuse_replacing_inputs(output, inputs)
     if output.exists() and not overwrite:
         raise UserError(f"{output} exists; pass --overwrite to replace it or choose another -o")
     parent = output.parent
@@ -171,7 +175,6 @@ def bake(
     if len(blocks) > 1 and len(blocks) != len(loras):
         raise UserError(f"--blocks given {len(blocks)} times for {len(loras)} LoRAs; give it "
                         "once (for all) or once per LoRA")
-    _check_output(output, overwrite)
     resolver = _CatalogOnDemand(catalog)
     base_path, base_sha = _resolve(base, resolver)
     uses = []
@@ -181,6 +184,7 @@ def bake(
         te = numbers[1] if len(numbers) > 1 else te_strength
         spec = blocks[i] if len(blocks) > 1 else (blocks[0] if blocks else None)
         uses.append(LoraUse(ref, path, strength, te, spec, sha))
+    _check_output(output, overwrite, [base_path, *(use.path for use in uses)])
     plan = prepare_bake(base_path, uses, output, dtype, known_sha256=base_sha)
     # the output begins (tensors no LoRA names) while the LoRAs load and torch is imported
     with BakeStream(plan) as stream:
@@ -224,13 +228,13 @@ def lora_merge(
     if clamp_quantile is not None and rank is None:  # concatenation has no factors to clamp
         raise UserError(f"--clamp-quantile {clamp_quantile:g} applies only to merges by SVD; "
                         "add --rank R, or leave it out to concatenate the ranks exactly")
-    _check_output(output, overwrite)
     resolver = _CatalogOnDemand(catalog)
     pairs = []
     for arg in loras:
         _ref, path, _sha, numbers = _lora_arg(arg, resolver, "WEIGHT", most=1)
         pairs.append((path, numbers[0] if numbers else 1.0))
     base_path = _resolve(base, resolver)[0] if base else None
+    _check_output(output, overwrite, [p for p, _ in pairs] + ([base_path] if base_path else []))
     report = merge_loras(pairs, output, rank, base_path, dtype,
                          1.0 if clamp_quantile is None else clamp_quantile, allow_unmatched)
     if report.unmatched:
@@ -265,9 +269,9 @@ def lora_extract(
     from mergekit_sd.cli_progress import rich_progress
     from mergekit_sd.lora.extract import extract_lora
 
-    _check_output(output, overwrite)
     resolver = _CatalogOnDemand(catalog)
     tuned_path, base_path = _resolve(tuned, resolver)[0], _resolve(base, resolver)[0]
+    _check_output(output, overwrite, [tuned_path, base_path])
     with rich_progress() as progress:
         report = extract_lora(tuned_path, base_path, output, rank, conv_rank, clamp_quantile,
                               text_encoders, dtype, progress)

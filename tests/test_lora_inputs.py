@@ -4,6 +4,7 @@ found mishandled; the bake's results are checked against `test_lora_bake`'s own 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -328,6 +329,33 @@ def test_bad_outputs_are_one_sentence_before_any_work(tmp_path, bases, cli, two_
             assert_one_sentence(*cli(*args, "-o", output, "--overwrite"), 2)
             assert says in cli.last_err, (args, cli.last_err)
     assert not (tmp_path / "y.ckpt").exists() and list(tmp_path.rglob("*.partial")) == []
+
+
+def test_an_output_that_is_an_input_is_refused_even_with_overwrite(tmp_path, cli,
+                                                                   two_sd1_loras):
+    """-o naming an input (by its path, another spelling, a symlink or a hard link) would
+    replace it: refused, --overwrite or not, and the input is left as it was."""
+    base = write_checkpoint(tmp_path / "base.safetensors", "sd1", dtype="F32")
+    tuned = write_checkpoint(tmp_path / "tuned.safetensors", "sd1", dtype="F32", seed=5)
+    a, b = two_sd1_loras
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link.safetensors").symlink_to(base)
+    os.link(a, tmp_path / "hard.safetensors")
+    before = {p: p.read_bytes() for p in (base, tuned, a, b)}
+    cases = [
+        (("bake", base, a), a), (("bake", base, a), tmp_path / "sub" / ".." / "base.safetensors"),
+        (("bake", base, a), tmp_path / "hard.safetensors"),
+        (("lora", "merge", a, b), a), (("lora", "merge", a, b, "--base", base),
+                                       tmp_path / "link.safetensors"),
+        (("lora", "extract", tuned, base, "--rank", "2"), tuned),
+        (("lora", "extract", tuned, base, "--rank", "2"), tmp_path / "link.safetensors"),
+    ]
+    for args, output in cases:
+        assert_one_sentence(*cli(*args, "-o", output, "--overwrite"), 2)
+        assert "the same file" in cli.last_err and "choose another -o" in cli.last_err
+    assert {p: p.read_bytes() for p in before} == before
+    with pytest.raises(UserError, match="the same file"):  # the API, as recipes and scripts call it
+        plan_bake(base, [LoraUse("a", a)], tmp_path / "hard.safetensors")
 
 
 # --- LoRA arguments -------------------------------------------------------------------------------

@@ -72,6 +72,16 @@ def same_file(a: Path, b: Path) -> bool:
         return False
 
 
+def refuse_replacing_inputs(output: Path, inputs) -> None:
+    """UserError when writing `output` would replace one of `inputs` (the same path spelt
+    otherwise, a link or a hard link to it): an input is read while the output is written,
+    and replacing it would lose it, --overwrite or not."""
+    for path in inputs:
+        if same_file(Path(path), Path(output)):
+            raise UserError(f"-o {output} is the input {path} (the same file); writing it "
+                            "would replace that input, --overwrite or not; choose another -o")
+
+
 def make_output_folder(path: Path) -> None:
     """Create the folder `path` goes into, or say in one sentence why it cannot be."""
     check_output_path(path)

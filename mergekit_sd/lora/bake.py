@@ -25,6 +25,7 @@ from mergekit_sd.errors import BadModelFile, UserError
 from mergekit_sd.io.hash_cache import known_sha256 as remembered_sha256
 from mergekit_sd.io.hashing import BackgroundSha256, file_sha256
 from mergekit_sd.io.header import SafetensorsHeader, read_header
+from mergekit_sd.io.writer import refuse_replacing_inputs
 from mergekit_sd.lora.compat import lora_architecture, lora_fits
 from mergekit_sd.lora.deltas import DeltaShapeError, apply_dora, module_delta
 from mergekit_sd.lora.modules import LoraFile, LoraModule, group_modules, load_lora
@@ -154,6 +155,7 @@ def prepare_bake(base: str | Path, uses: list[LoraUse], output: str | Path,
         raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(OUTPUT_DTYPES)}")
     for use in uses:
         _check_strengths(use)
+    refuse_replacing_inputs(Path(output), [base, *(use.path for use in uses)])
     header = read_header(base)
     arch = _check_base(base, identify(header))
     lora_headers = [read_header(use.path) for use in uses]

@@ -21,6 +21,7 @@ from mergekit_sd.arch.layouts import load_layout
 from mergekit_sd.errors import BadModelFile, UserError
 from mergekit_sd.io.hashing import file_sha256
 from mergekit_sd.io.header import read_header
+from mergekit_sd.io.writer import refuse_replacing_inputs
 from mergekit_sd.lora.bake import malformed, not_baked_why, shape_problem
 from mergekit_sd.lora.compat import is_guess, lora_architecture, lora_fits
 from mergekit_sd.lora.deltas import module_delta
@@ -149,6 +150,7 @@ def merge_loras(loras: list[tuple[Path, float]], output: Path, rank: int | None 
             raise UserError(f"{path}: weight {problem}; give a number such as 0.5")
     if dtype not in LORA_DTYPES:
         raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(LORA_DTYPES)}")
+    refuse_replacing_inputs(Path(output), [p for p, _ in loras] + ([base] if base else []))
     found = [_lora_ident(p) for p, _ in loras]
     arch = _common_architecture(loras, found)
     base_header = read_header(base) if base is not None else None

@@ -21,6 +21,7 @@ from mergekit_sd.errors import BadModelFile, UserError
 from mergekit_sd.io.hashing import file_sha256
 from mergekit_sd.io.header import read_header
 from mergekit_sd.io.reader import SafetensorsReader
+from mergekit_sd.io.writer import refuse_replacing_inputs
 from mergekit_sd.lora.compat import same_network
 from mergekit_sd.lora.kohya_file import LORA_DTYPES, factors_for, write_kohya_lora
 from mergekit_sd.lora.targets import DIFFUSION, TargetIndex
@@ -67,6 +68,7 @@ def extract_lora(tuned: Path, base: Path, output: Path, rank: int, conv_rank: in
     if dtype not in LORA_DTYPES:
         raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(LORA_DTYPES)}")
     cancel = cancel or CancelToken()
+    refuse_replacing_inputs(Path(output), [tuned, base])
     headers = {p: read_header(p) for p in (tuned, base)}
     found = {p: identify(h) for p, h in headers.items()}
     for path, ident in found.items():
