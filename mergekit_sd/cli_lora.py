@@ -132,14 +132,24 @@ def _check_output(output: Path, overwrite: bool, inputs: list[Path]) -> None:
 
 
 def show_unmatched(unmatched, echo=typer.echo) -> None:
+    """Per LoRA: the modules that name no weight of the base, then those that are malformed or
+    unusable there, each with its reason (the first few of each, and how many more)."""
+    from mergekit_sd.lora.targets import plural
+
     for miss in unmatched:
-        names = miss.modules[:_SHOW_UNMATCHED]
-        more = len(miss.modules) - len(names)
-        echo(f"{miss.lora}: {len(miss.modules)} modules name no weight of the base:", err=True)
-        for name in names:
-            echo(f"  {name[:200]}", err=True)
-        if more:
-            echo(f"  … and {more} more", err=True)
+        for entries, says in (
+                (miss.modules, "{} no weight of the base:"),
+                (miss.malformed, "{} malformed or unusable (why in brackets):")):
+            if not entries:
+                continue
+            one = len(entries) == 1
+            verb = (("names" if one else "name") if entries is miss.modules
+                    else ("is" if one else "are"))
+            echo(f"{miss.lora}: {plural(len(entries), 'module')} {says.format(verb)}", err=True)
+            for name in entries[:_SHOW_UNMATCHED]:
+                echo(f"  {name[:200]}", err=True)
+            if len(entries) > _SHOW_UNMATCHED:
+                echo(f"  … and {len(entries) - _SHOW_UNMATCHED} more", err=True)
 
 
 @bake_app.command("bake")
@@ -168,6 +178,7 @@ def bake(
     from mergekit_sd.lora.bake import LoraUse, load_loras, prepare_bake
     from mergekit_sd.lora.bake_run import BakeStream
     from mergekit_sd.lora.strengths import strength_problem
+    from mergekit_sd.lora.targets import plural, unmatched_summary
 
     problem = None if te_strength is None else strength_problem(te_strength)
     if problem:
@@ -193,9 +204,9 @@ def bake(
         if plan.unmatched:
             show_unmatched(plan.unmatched)
             if not allow_unmatched:
-                raise WorkFailed(f"{plan.unmatched_count} LoRA modules name no weight of "
-                                 f"{base_path.name}; nothing written (pass --allow-unmatched "
-                                 "to bake the rest)")
+                count, what = unmatched_summary(plan.unmatched, base_path.name)
+                raise WorkFailed(f"{plural(count, 'LoRA module')} cannot be baked ({what}); "
+                                 "nothing written (pass --allow-unmatched to bake the rest)")
         with rich_progress() as progress:
             written = stream.finish(progress)
     typer.echo(f"baked {len(uses)} LoRA{'s' if len(uses) != 1 else ''} into {base_path.name}: "
@@ -223,7 +234,7 @@ def lora_merge(
 ) -> None:
     """Merge LoRAs into one kohya-format LoRA (matched by the weight each module changes)."""
     from mergekit_sd.lora.combine import merge_loras
-    from mergekit_sd.lora.targets import Unmatched
+    from mergekit_sd.lora.targets import plural, unmatched_summary
 
     if clamp_quantile is not None and rank is None:  # concatenation has no factors to clamp
         raise UserError(f"--clamp-quantile {clamp_quantile:g} applies only to merges by SVD; "
@@ -238,11 +249,11 @@ def lora_merge(
     report = merge_loras(pairs, output, rank, base_path, dtype,
                          1.0 if clamp_quantile is None else clamp_quantile, allow_unmatched)
     if report.unmatched:
-        show_unmatched([Unmatched(n, m) for n, m in report.unmatched.items()])
+        show_unmatched(report.unmatched)
         if not allow_unmatched:
-            count = sum(len(m) for m in report.unmatched.values())
-            raise WorkFailed(f"{count} modules (or their bias changes) cannot go into the "
-                             "merged LoRA; nothing written (pass --allow-unmatched to merge the "
+            count, what = unmatched_summary(report.unmatched, "the base")
+            raise WorkFailed(f"{plural(count, 'LoRA module')} cannot go into the merged LoRA "
+                             f"({what}); nothing written (pass --allow-unmatched to merge the "
                              "rest)")
     typer.echo(f"merged {len(pairs)} LoRAs: {report.modules} modules, rank up to {report.rank} "
                f"→ {output}")

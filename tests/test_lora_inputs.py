@@ -282,19 +282,59 @@ def rank_zero(tensors, module):
     tensors[f"{module}.lora_up.weight"] = up[:, :0].clone()
 
 
-@pytest.mark.parametrize("change", [drop_up, rank_zero])
+def ranks_differ(tensors, module):
+    up = tensors[f"{module}.lora_up.weight"]
+    tensors[f"{module}.lora_up.weight"] = up[:, :-1].clone()
+
+
+@pytest.mark.parametrize(("change", "why"), [
+    (drop_up, "malformed: it has no up tensor"), (rank_zero, "malformed: its rank is 0"),
+    (ranks_differ, "malformed: up (16, 3, 1, 1) has rank 3 and down (4, 16, 1, 1) rank 4")])
 def test_a_malformed_module_is_listed_by_bake_and_merge(tmp_path, bases, cli, two_sd1_loras,
-                                                        change):
+                                                        change, why):
+    """Listed as malformed, with the reason, not as naming no weight of the base (it does
+    name one), and counted in the singular."""
     bad, module = with_module_changed(write_lora(tmp_path / "bad.safetensors", "kohya-sd1"),
                                       change)
     out = tmp_path / "out.safetensors"
-    for args in (("bake", bases["sd1"], bad), ("lora", "merge", bad, two_sd1_loras[0],
-                                               "--base", bases["sd1"]),
-                 ("lora", "merge", bad, two_sd1_loras[0], "--base", bases["sd1"], "--rank", "4")):
+    for args, failed in (
+            (("bake", bases["sd1"], bad), "1 LoRA module cannot be baked (1 malformed or "
+                                          "unusable)"),
+            (("lora", "merge", bad, two_sd1_loras[0], "--base", bases["sd1"]),
+             "1 LoRA module cannot go into the merged LoRA (1 malformed or unusable)"),
+            (("lora", "merge", bad, two_sd1_loras[0], "--base", bases["sd1"], "--rank", "4"),
+             "1 LoRA module cannot go into the merged LoRA (1 malformed or unusable)")):
         code, stdout, err = cli(*args, "-o", out)
         assert code == 1 and "Traceback" not in stdout + err, err
-        assert f"{module} (" in err
+        assert "bad.safetensors: 1 module is malformed or unusable" in err, err
+        assert f"{module} ({why}" in err and failed in err, err
+        assert "no weight" not in err and "1 modules" not in err
     assert not out.exists()
+
+
+def test_a_file_with_no_tensors_is_said_to_hold_none(tmp_path, bases, cli):
+    empty = tmp_path / "empty.safetensors"
+    save_file({}, empty)
+    assert_one_sentence(*cli("bake", bases["sd1"], empty, "-o", tmp_path / "o.safetensors"), 2)
+    assert "empty.safetensors: holds no tensors, so it is not a LoRA" in cli.last_err
+
+
+def test_a_dora_scale_of_another_size_is_listed_not_a_traceback(tmp_path, bases, cli):
+    """DoRA magnitudes are one per output (or input) channel; one of another size was a
+    traceback from the bake's arithmetic, with or without --allow-unmatched."""
+    lora = write_lora(tmp_path / "dora.safetensors", "dora-sdxl", alpha=3.0)
+    tensors = load_file(lora)
+    key = sorted(k for k in tensors if k.endswith(".dora_scale"))[0]
+    tensors[key] = tensors[key][:7].clone()
+    save_file(tensors, lora)
+    module = key.removesuffix(".dora_scale")
+    out = tmp_path / "out.safetensors"
+    code, stdout, err = cli("bake", bases["sdxl"], lora, "-o", out)
+    assert code == 1 and "Traceback" not in stdout + err and not out.exists(), err
+    assert f"{module} (malformed: dora_scale (7, 1)" in err
+    code, stdout, err = cli("bake", bases["sdxl"], lora, "-o", out, "--allow-unmatched")
+    assert code == 0 and out.exists(), err
+    assert f"{module} (malformed: dora_scale (7, 1)" in err
 
 
 def test_lora_merge_lists_the_bias_changes_of_full_diff_modules(tmp_path, bases, cli,

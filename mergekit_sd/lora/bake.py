@@ -26,7 +26,7 @@ from mergekit_sd.io.hash_cache import known_sha256 as remembered_sha256
 from mergekit_sd.io.hashing import BackgroundSha256, file_sha256
 from mergekit_sd.io.header import SafetensorsHeader, read_header
 from mergekit_sd.io.writer import refuse_replacing_inputs
-from mergekit_sd.lora.compat import lora_architecture, lora_fits
+from mergekit_sd.lora.compat import lora_architecture, lora_fits, not_what_is_wanted
 from mergekit_sd.lora.deltas import DeltaShapeError, apply_dora, module_delta
 from mergekit_sd.lora.modules import LoraFile, LoraModule, group_modules, load_lora
 from mergekit_sd.lora.strengths import BlockSpec, beyond_float32, block_strengths, strength_problem
@@ -92,7 +92,7 @@ class BakePlan:
 
     @property
     def unmatched_count(self) -> int:
-        return sum(len(u.modules) for u in self.unmatched)
+        return sum(u.count for u in self.unmatched)
 
     def changed_keys(self) -> int:
         """The tensors the bake changes: those some module reaches at a strength other than 0
@@ -124,9 +124,10 @@ def _check_strengths(use: LoraUse) -> None:
             raise UserError(f"{use.ref}: {what} {problem}; give a number such as 0.8")
 
 
-def _check_lora(use: LoraUse, found: Identification, arch: Architecture) -> None:
+def _check_lora(use: LoraUse, found: Identification, arch: Architecture,
+                header: SafetensorsHeader) -> None:
     if found.kind != "lora":
-        raise BadModelFile(use.path, f"is {found.label}, not a LoRA")
+        raise BadModelFile(use.path, not_what_is_wanted(found, header, "a LoRA"))
     if not lora_fits(found, arch):
         raise UserError(f"{use.path}: this LoRA is for {lora_architecture(found).label} and the "
                         f"base is {arch.label}; pick a LoRA made for {arch.label}")
@@ -160,7 +161,7 @@ def prepare_bake(base: str | Path, uses: list[LoraUse], output: str | Path,
     arch = _check_base(base, identify(header))
     lora_headers = [read_header(use.path) for use in uses]
     for use, lora_header in zip(uses, lora_headers, strict=True):  # before the key maps
-        _check_lora(use, identify(lora_header), arch)
+        _check_lora(use, identify(lora_header), arch, lora_header)
     plan = BakePlan(base, header, arch, uses, [], Path(output), dtype, known_sha256=known_sha256,
                     lora_headers=lora_headers)
     if not known_sha256 and not remembered_sha256(base):
@@ -202,20 +203,20 @@ def match_loras(index: TargetIndex, arch: Architecture, uses: list[LoraUse], bas
             header = headers[i]
         else:
             header = read_header(use.path)
-            _check_lora(use, identify(header), arch)
+            _check_lora(use, identify(header), arch, header)
         lora = load_lora(use.path, header)
         files.append(lora)
         blocks = block_strengths(use.blocks, arch, f"{use.ref}: blocks")
         te = use.strength if use.te_strength is None else use.te_strength
-        missing = []
+        missing, bad = [], []
         for module in lora.modules.values():
             target = index.find(module.name)
             if target is None:
                 missing.append(module.name)
                 continue
             problem = shape_problem(module, target.shape)
-            if problem:  # a LoRA for another model of this architecture (another width)
-                missing.append(f"{module.name} ({problem})")
+            if problem:  # malformed, or for another model of this architecture (another width)
+                bad.append(f"{module.name} ({problem})")
                 continue
             if module.alpha is not None and not math.isfinite(module.alpha):
                 raise damaged(use.path, module.key_of("alpha"))
@@ -233,9 +234,9 @@ def match_loras(index: TargetIndex, arch: Architecture, uses: list[LoraUse], bas
             raise UserError(f"{use.path}: none of its {len(missing)} modules names a weight of "
                             f"{base_name} ({arch.label}), e.g. {missing[0]!r}; is it a LoRA for "
                             "another architecture?")
-        missing += [f"{key} ({not_baked_why(key)})" for key in lora.ignored]
-        if missing:
-            unmatched.append(Unmatched(use.ref, missing))
+        bad += [f"{key} ({not_baked_why(key)})" for key in lora.ignored]
+        if missing or bad:
+            unmatched.append(Unmatched(use.ref, missing, bad))
     return files, weights, biases, unmatched
 
 
@@ -392,10 +393,30 @@ def malformed(module: LoraModule) -> str | None:
         return None
     missing = sorted({"up", "down"} - t.keys())
     if missing:
-        return f"it has no {' and no '.join(missing)} tensor"
-    if t["up"].ndim < 2 or t["down"].ndim < 2 or t["down"].shape[0] == 0:
-        return f"up {tuple(t['up'].shape)} and down {tuple(t['down'].shape)} are no factors"
+        return f"malformed: it has no {' and no '.join(missing)} tensor"
+    up, down = tuple(t["up"].shape), tuple(t["down"].shape)
+    if len(up) < 2 or len(down) < 2:
+        return f"malformed: up {up} and down {down} are no factors"
+    if down[0] == 0:
+        return f"malformed: its rank is 0 (up {up}, down {down})"
+    if "mid" not in t and math.prod(up[1:]) != down[0]:
+        return f"malformed: up {up} has rank {math.prod(up[1:])} and down {down} rank {down[0]}"
     return None
+
+
+def _dora_problem(module: LoraModule, shape: tuple[int, ...]) -> str | None:
+    """Why a DoRA magnitude (`dora_scale`) fits neither form `apply_dora` reads, one value per
+    output channel or (LyCORIS' wd_on_output=False) per input channel, or None."""
+    magnitude = module.tensors.get("dora")
+    if magnitude is None:
+        return None
+    out, inp = shape[0], shape[1] if len(shape) > 1 else None
+    if magnitude.shape and magnitude.shape[0] == out and magnitude.numel() == out:
+        return None
+    if inp is not None and magnitude.numel() == inp:
+        return None
+    return (f"malformed: dora_scale {tuple(magnitude.shape)} holds one magnitude neither per "
+            f"output channel ({out}) nor per input channel ({inp}) of {shape}")
 
 
 def shape_problem(module: LoraModule, shape: tuple[int, ...]) -> str | None:
@@ -407,13 +428,12 @@ def shape_problem(module: LoraModule, shape: tuple[int, ...]) -> str | None:
         if problem:
             return problem
         width = math.prod(shape[1:]) if len(shape) > 1 else 1
-        if t["up"].shape[0] == shape[0] and t["down"][0].numel() == width \
-                and t["up"][0].numel() == t["down"].shape[0]:
-            return None
-        return (f"up {tuple(t['up'].shape)} and down {tuple(t['down'].shape)} do not fit "
-                f"{shape}")
+        if t["up"].shape[0] != shape[0] or t["down"][0].numel() != width:
+            return (f"up {tuple(t['up'].shape)} and down {tuple(t['down'].shape)} do not fit "
+                    f"{shape}")
+        return _dora_problem(module, shape)
     try:
         module_delta(module, shape)
     except DeltaShapeError as exc:
         return str(exc)
-    return None
+    return _dora_problem(module, shape)

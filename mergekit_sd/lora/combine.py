@@ -23,13 +23,13 @@ from mergekit_sd.io.hashing import file_sha256
 from mergekit_sd.io.header import read_header
 from mergekit_sd.io.writer import refuse_replacing_inputs
 from mergekit_sd.lora.bake import malformed, not_baked_why, shape_problem
-from mergekit_sd.lora.compat import is_guess, lora_architecture, lora_fits
+from mergekit_sd.lora.compat import is_guess, lora_architecture, lora_fits, not_what_is_wanted
 from mergekit_sd.lora.deltas import module_delta
 from mergekit_sd.lora.extract import truncated_svd
 from mergekit_sd.lora.kohya_file import LORA_DTYPES, factors_for, write_kohya_lora
 from mergekit_sd.lora.modules import LoraModule, load_lora
 from mergekit_sd.lora.strengths import strength_problem
-from mergekit_sd.lora.targets import Target, TargetIndex
+from mergekit_sd.lora.targets import Target, TargetIndex, Unmatched
 
 _REFERENCE_LAYOUTS = {"sd": "sd1-ldm", "sdxl": "sdxl-sgm", "flux": "flux1-dev-bfl",
                       "sd3": "sd3-medium-comfyui"}
@@ -40,13 +40,22 @@ class MergeReport:
     output: Path
     modules: int = 0
     rank: int = 0
-    unmatched: dict[str, list[str]] = field(default_factory=dict)
+    unmatched: list[Unmatched] = field(default_factory=list)  # per LoRA, those with any
+
+    def miss(self, lora: str) -> Unmatched:
+        """The listing of the LoRA named `lora` (made on first need)."""
+        found = next((u for u in self.unmatched if u.lora == lora), None)
+        if found is None:
+            found = Unmatched(lora, [])
+            self.unmatched.append(found)
+        return found
 
 
 def _lora_ident(path: Path) -> Identification:
-    found = identify(read_header(path))
+    header = read_header(path)
+    found = identify(header)
     if found.kind != "lora":
-        raise BadModelFile(path, f"is {found.label}, not a LoRA")
+        raise BadModelFile(path, not_what_is_wanted(found, header, "a LoRA"))
     if lora_architecture(found) is None:
         raise UserError(f"{path}: the LoRA's base model cannot be told from its keys; merge "
                         "LoRAs whose base `mergekit-sd inspect` can name")
@@ -103,14 +112,12 @@ def _weight_part(module: LoraModule) -> LoraModule | None:
     return replace(module, tensors=rest) if rest else None
 
 
-def _mergeable(module: LoraModule, target: Target | None, exact_shapes: bool
+def _mergeable(module: LoraModule, target: Target, exact_shapes: bool
                ) -> tuple[LoraModule | None, list[str]]:
     """(what of `module` goes into the merged LoRA, or None; what does not, as the listing
-    names it): a module with no weight of its name, tensors that do not fit that weight or a
-    malformed module is left out whole; a full diff's bias change (kohya's format has no
-    place for it) alone. Shapes are compared only where `exact_shapes`."""
-    if target is None:
-        return None, [module.name]
+    names it, with the reason): tensors that do not fit the weight or a malformed module are
+    left out whole; a full diff's bias change (kohya's format has no place for it) alone.
+    Shapes are compared only where `exact_shapes`."""
     left_out = []
     if "diff_b" in module.tensors:
         left_out.append(f"{module.name}.diff_b (a bias change: kohya's LoRA format carries none)")
@@ -161,30 +168,33 @@ def merge_loras(loras: list[tuple[Path, float]], output: Path, rank: int | None 
     # SVD builds each delta in its weight's shape, and a base is the truth of the shapes;
     # concatenating factors needs neither (the shipped layout may be another model size's)
     exact_shapes = rank is not None or base is not None
-    by_key: dict[str, list[tuple[LoraModule, float, Target]]] = {}
+    by_key: dict[str, list[tuple[LoraModule, float, Target, str]]] = {}
     for path, weight in loras:
         lora = load_lora(path)
-        if lora.ignored:  # carried by no module: the merged LoRA would lose them unseen
-            report.unmatched.setdefault(path.name, []).extend(
-                f"{key} ({not_baked_why(key)})" for key in lora.ignored)
+        miss = report.miss(path.name)
+        # tensors carried by no module: the merged LoRA would lose them unseen
+        miss.malformed += [f"{key} ({not_baked_why(key)})" for key in lora.ignored]
         for module in lora.modules.values():
             target = index.find(module.name)
+            if target is None:
+                miss.modules.append(module.name)
+                continue
             module, left_out = _mergeable(module, target, exact_shapes)
-            if left_out:
-                report.unmatched.setdefault(path.name, []).extend(left_out)
+            miss.malformed += left_out
             if module is None:
                 continue
             if "dora" in module.tensors:
                 raise UserError(f"{path.name}: DoRA modules need the base weights to merge; bake "
                                 "it into a checkpoint with `mergekit-sd bake` instead")
-            by_key.setdefault(target.key, []).append((module, weight, target))
+            by_key.setdefault(target.key, []).append((module, weight, target, path.name))
+    groups = [(key, entries, len({target.rows for _, _, target, _ in entries}) > 1)
+              for key, entries in _groups(by_key, index)]
+    report.unmatched = [u for u in report.unmatched if u.count]
     if report.unmatched and not allow_unmatched:
         return report
     modules = {}
-    for key, entries in _groups(by_key, index):
-        rows = {t.rows for _, _, t in entries}
-        whole = len(rows) > 1
-        name = index.kohya.get((key, None) if whole else (key, rows.pop()))
+    for key, entries, whole in groups:
+        name = index.kohya.get((key, None) if whole else (key, entries[0][2].rows))
         if name is None:
             raise UserError(f"{key}: its modules cover different rows and kohya's format has no "
                             "name for the whole weight; merge these LoRAs with --base")
@@ -194,7 +204,7 @@ def merge_loras(loras: list[tuple[Path, float]], output: Path, rank: int | None 
             modules[name] = factors_for(*_concatenate(entries, shape, whole, key), kernel)
         else:
             delta = torch.zeros(shape)
-            for module, weight, target in entries:
+            for module, weight, target, _ in entries:
                 view = delta[target.rows[0]:target.rows[1]] if whole and target.rows else delta
                 view += weight * module_delta(module, tuple(view.shape))
             modules[name] = factors_for(*truncated_svd(delta, rank, clamp_quantile), kernel)
@@ -228,7 +238,7 @@ def _concatenate(entries, shape, whole: bool, key: str):
     import torch
 
     ups, downs = [], []
-    for module, weight, target in entries:
+    for module, weight, target, _ in entries:
         if module.algo != "lora" or "mid" in module.tensors:
             kind = "Tucker" if "mid" in module.tensors else module.algo
             raise UserError(f"{module.name}: {kind} modules have no up/down pair to concatenate; "

@@ -43,3 +43,14 @@ def same_network(a: Architecture, b: Architecture) -> bool:
     if a.family != b.family:
         return False
     return a.family not in _STRICT_FAMILIES or a.id == b.id
+
+
+def not_what_is_wanted(found: Identification, header, wanted: str) -> str:
+    """"is a kohya LoRA for SD1.x, not WANTED", "holds no tensors, so it is not WANTED": why a
+    file is refused in the wrong place."""
+    if not header.tensors:
+        return f"holds no tensors, so it is not {wanted}"
+    label = found.label
+    if label[:1].islower():  # "unrecognised tensor collection", "kohya LoRA for ..."
+        label = f"{'an' if label[0] in 'aeiou' else 'a'} {label}"
+    return f"is {label}, not {wanted}"

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mergekit_sd.arch.architectures import Architecture
 from mergekit_sd.arch.components import slot_of
@@ -54,10 +54,35 @@ class Target:
 
 @dataclass
 class Unmatched:
-    """A LoRA's modules that change no weight of the base (reported, never skipped silently)."""
+    """A LoRA's modules that change no weight of the base (reported, never skipped silently):
+    those that name no weight of it, and those that name one but are malformed or unusable
+    there (another width, no lora_up, rank 0, a dora_scale of another size, a kind of change
+    nothing applies), each with the reason."""
 
     lora: str
-    modules: list[str]  # module names, with the reason where it is not "no such weight"
+    modules: list[str]  # module names that name no weight of the base
+    malformed: list[str] = field(default_factory=list)  # "NAME (why)"
+
+    @property
+    def count(self) -> int:
+        return len(self.modules) + len(self.malformed)
+
+
+def plural(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def unmatched_summary(unmatched: list[Unmatched], base: str) -> tuple[int, str]:
+    """(how many modules of all the LoRAs land nowhere, what they are: "2 name no weight of
+    BASE, 1 malformed or unusable")."""
+    no_weight = sum(len(u.modules) for u in unmatched)
+    bad = sum(len(u.malformed) for u in unmatched)
+    parts = []
+    if no_weight:
+        parts.append(f"{no_weight} name{'s' if no_weight == 1 else ''} no weight of {base}")
+    if bad:
+        parts.append(f"{bad} malformed or unusable")
+    return no_weight + bad, ", ".join(parts)
 
 
 def _under(name: str) -> str:

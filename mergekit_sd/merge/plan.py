@@ -411,11 +411,13 @@ def _plan_loras(loaded: LoadedRecipe, steps: list[StepPlan], first: PlannedInput
         except UserError as exc:
             raise loaded.error(at, str(exc)) from None
         if unmatched and not sp.step.allow_unmatched:
-            first_miss = unmatched[0]
-            count = sum(len(u.modules) for u in unmatched)
-            raise loaded.error(at, f"{count} LoRA modules name no weight of {first.path.name}, "
-                                   f"e.g. {first_miss.modules[0]!r} of {first_miss.lora}; set "
-                                   "allow_unmatched: true on the step to bake the rest")
+            from mergekit_sd.lora.targets import plural, unmatched_summary
+
+            count, what = unmatched_summary(unmatched, first.path.name)
+            miss = unmatched[0]
+            raise loaded.error(at, f"{plural(count, 'LoRA module')} cannot be baked ({what}), "
+                                   f"e.g. {(miss.modules + miss.malformed)[0]!r} of {miss.lora}; "
+                                   "set allow_unmatched: true on the step to bake the rest")
     return planned
 
 
