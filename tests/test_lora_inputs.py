@@ -337,6 +337,40 @@ def test_a_dora_scale_of_another_size_is_listed_not_a_traceback(tmp_path, bases,
     assert f"{module} (malformed: dora_scale (7, 1)" in err
 
 
+def test_lora_merge_lists_the_parts_of_fused_weights_that_do_not_fit_the_layout(tmp_path, cli):
+    """kohya's whole FLUX qkv with diffusers' separate q, k and v: the parts are padded to the
+    whole weight's rows, which the shipped layout gives; tiny LoRAs do not fit it, and were a
+    traceback. They are listed, as with --rank."""
+    a = write_lora(tmp_path / "k.safetensors", "kohya-flux")
+    b = write_lora(tmp_path / "d.safetensors", "diffusers-flux")
+    out = tmp_path / "m.safetensors"
+    code, stdout, err = cli("lora", "merge", a, b, "-o", out)
+    assert code == 1 and "Traceback" not in stdout + err and not out.exists(), err
+    assert "transformer.transformer_blocks.0.attn.to_q (up (48, 4) and down (4, 48) do not fit " \
+           "(3072, 3072) in the shipped layout; pass --base)" in err, err
+    assert "cannot go into the merged LoRA" in err
+
+
+def test_lora_merge_of_a_fused_weights_part_alone_goes_on_the_whole_weight(tmp_path, bases):
+    """A diffusers FLUX LoRA with q but no k or v: kohya's format names no rows of BFL's qkv,
+    so the merged module is one of the whole weight (it was refused as covering different
+    rows)."""
+    a = write_lora(tmp_path / "k.safetensors", "kohya-flux", seed=1, dtype="F32")
+    b = write_lora(tmp_path / "d.safetensors", "diffusers-flux", seed=2, dtype="F32")
+    tensors = load_file(b)
+    save_file({k: v for k, v in tensors.items()
+               if not any(p in k for p in ("to_k", "to_v", "add_k", "add_v", "proj_mlp"))}, b)
+    merged = tmp_path / "merged.safetensors"
+    for loras in ([(b, 0.5), (b, 0.5)], [(a, 0.7), (b, 0.5)]):
+        merge_loras(loras, merged, base=bases["flux-dev"], dtype="fp32")
+        uses = [LoraUse(f"l{i}", p, w) for i, (p, w) in enumerate(loras)]
+        separately = lora_bake.bake(bases["flux-dev"], uses, tmp_path / "s.safetensors")
+        together = lora_bake.bake(bases["flux-dev"], [LoraUse("m", merged)],
+                                  tmp_path / "t.safetensors")
+        lora_bake.assert_same_bake(separately, together, load_file(bases["flux-dev"]))
+        merged.unlink()
+
+
 def test_lora_merge_lists_the_bias_changes_of_full_diff_modules(tmp_path, bases, cli,
                                                                 two_sd1_loras):
     full = write_lora(tmp_path / "full.safetensors", "full-diff-sd1")

@@ -187,8 +187,13 @@ def merge_loras(loras: list[tuple[Path, float]], output: Path, rank: int | None 
                 raise UserError(f"{path.name}: DoRA modules need the base weights to merge; bake "
                                 "it into a checkpoint with `mergekit-sd bake` instead")
             by_key.setdefault(target.key, []).append((module, weight, target, path.name))
-    groups = [(key, entries, len({target.rows for _, _, target, _ in entries}) > 1)
-              for key, entries in _groups(by_key, index)]
+    groups = []
+    for key, entries in _groups(by_key, index):
+        whole = _whole(key, entries, index)
+        if whole and not exact_shapes:  # the rows of the parts are placed by the layout's
+            entries = _fitting(entries, report)
+        if entries:
+            groups.append((key, entries, _whole(key, entries, index)))
     report.unmatched = [u for u in report.unmatched if u.count]
     if report.unmatched and not allow_unmatched:
         return report
@@ -214,6 +219,29 @@ def merge_loras(loras: list[tuple[Path, float]], output: Path, rank: int | None 
     report.modules = len(modules)
     report.rank = max((down.shape[0] for _, down in modules.values()), default=0)
     return report
+
+
+def _whole(key: str, entries: list, index: TargetIndex) -> bool:
+    """Whether the merged module of these modules is one of the whole weight: they cover
+    different rows of it, or rows that kohya's format has no name for (a FLUX q alone)."""
+    rows = {target.rows for _, _, target, _ in entries}
+    return len(rows) > 1 or (None not in rows and (key, next(iter(rows))) not in index.kohya)
+
+
+def _fitting(entries: list, report: MergeReport) -> list:
+    """The modules of a whole-weight group whose shapes fit the weight (or their rows of it) in
+    the reference layout, where the parts are padded to the whole weight's rows; the others
+    are listed (a LoRA of another model size: pass --base)."""
+    kept = []
+    for entry in entries:
+        module, _, target, lora = entry
+        problem = shape_problem(module, target.shape)
+        if problem:
+            report.miss(lora).malformed.append(f"{module.name} ({problem} in the shipped "
+                                               "layout; pass --base)")
+        else:
+            kept.append(entry)
+    return kept
 
 
 def _groups(by_key: dict, index: TargetIndex):
