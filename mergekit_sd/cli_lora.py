@@ -291,6 +291,10 @@ def lora_extract(
     if report.skipped_convs:
         typer.echo(f"{report.skipped_convs} 3x3 convs differ but were left out: pass "
                    "--conv-rank to extract them")
+    if report.text_encoders_left_out:
+        n = report.text_encoders_left_out
+        typer.echo(f"{n} text-encoder weight{'s differ' if n != 1 else ' differs'} and "
+                   f"{'were' if n != 1 else 'was'} left out (--no-text-encoders)")
     if report.unlike:
         typer.echo(f"{len(report.unlike)} tensors are in one model only or differ in shape, "
                    f"which a LoRA cannot carry, e.g. {'; '.join(report.unlike[:3])}")

@@ -383,6 +383,22 @@ def test_lora_merge_lists_the_bias_changes_of_full_diff_modules(tmp_path, bases,
     assert code == 0 and ".diff_b (a bias change" in err and out.exists()
 
 
+def test_extract_says_apart_which_text_encoder_weights_it_left_out(tmp_path, cli):
+    """--no-text-encoders: the text-encoder weights that differ are left out on request, not
+    "other tensors a LoRA cannot carry"."""
+    base = write_checkpoint(tmp_path / "base.safetensors", "sd1", dtype="F32")
+    tuned = write_checkpoint(tmp_path / "tuned.safetensors", "sd1", dtype="F32", seed=5)
+    every = extract_lora(tuned, base, tmp_path / "every.safetensors", rank=2)
+    unet = extract_lora(tuned, base, tmp_path / "unet.safetensors", rank=2, text_encoders=False)
+    assert unet.text_encoders_left_out == every.modules - unet.modules == 72
+    assert unet.other_differences == every.other_differences
+    code, stdout, err = cli("lora", "extract", tuned, base, "--rank", "2", "--no-text-encoders",
+                            "-o", tmp_path / "cli.safetensors")
+    assert code == 0, err
+    assert "72 text-encoder weights differ and were left out (--no-text-encoders)" in stdout
+    assert f"{len(every.other_differences)} other tensors differ" in stdout
+
+
 # --- the output -----------------------------------------------------------------------------------
 
 

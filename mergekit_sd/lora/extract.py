@@ -40,6 +40,7 @@ class ExtractReport:
     other_differences: list[str] = field(default_factory=list)  # differ, no LoRA can carry
     # in one model only, or of another shape in each (an inpainting conv_in): "KEY (why)"
     unlike: list[str] = field(default_factory=list)
+    text_encoders_left_out: int = 0  # text-encoder weights that differ (--no-text-encoders)
 
 
 def truncated_svd(delta, rank: int, clamp_quantile: float):
@@ -61,6 +62,8 @@ def extract_lora(tuned: Path, base: Path, output: Path, rank: int, conv_rank: in
                  clamp_quantile: float = 0.99, text_encoders: bool = True, dtype: str = "fp16",
                  progress: ProgressCallback = no_progress, cancel: CancelToken | None = None
                  ) -> ExtractReport:
+    import torch
+
     if rank < 1 or (conv_rank is not None and conv_rank < 0):
         raise UserError("--rank must be at least 1 and --conv-rank at least 0")
     if not 0 < clamp_quantile <= 1:
@@ -85,17 +88,20 @@ def extract_lora(tuned: Path, base: Path, output: Path, rank: int, conv_rank: in
     prefix = "model.diffusion_model." if any(k.startswith("model.diffusion_model.")
                                              for k in shapes) else ""
     index = TargetIndex(shapes, arch, prefix)
-    wanted = [(key, rows, name) for (key, rows), name in index.kohya.items()
-              if key in tensors_t and tensors_t[key].shape == shapes[key]
-              and len(shapes[key]) in (2, 4) and not any(n in key for n in _NOT_LAYERS)
-              and (text_encoders or index.find(name).slot == DIFFUSION)]
+    carried = [(key, rows, name) for (key, rows), name in index.kohya.items()
+               if key in tensors_t and tensors_t[key].shape == shapes[key]
+               and len(shapes[key]) in (2, 4) and not any(n in key for n in _NOT_LAYERS)]
+    wanted = [c for c in carried if text_encoders or index.find(c[2]).slot == DIFFUSION]
     report = ExtractReport(output)
     modules = {}
-    covered = set()
+    covered = {key for key, _, _ in carried}  # the rest: tensors no LoRA carries
     with SafetensorsReader(tuned) as rt, SafetensorsReader(base) as rb:
+        if not text_encoders:  # left out on request: said apart from what no LoRA can carry
+            left_out = {key for key, _, _ in carried} - {key for key, _, _ in wanted}
+            report.text_encoders_left_out = sum(
+                not torch.equal(rt.read_tensor(key), rb.read_tensor(key)) for key in left_out)
         for done, (key, rows, name) in enumerate(wanted, 1):
             cancel.raise_if_cancelled()
-            covered.add(key)
             kernel = tuple(shapes[key][2:])
             spatial = bool(kernel) and kernel != (1, 1)
             module_rank = (conv_rank or 0) if spatial else rank
