@@ -288,6 +288,8 @@ def lora_extract(
                               text_encoders, dtype, progress)
     typer.echo(f"extracted {report.modules} modules ({report.unchanged} weights unchanged) "
                f"→ {output}")
+    if report.parts_left_out:
+        typer.echo(report.parts_left_out)
     if report.skipped_convs:
         typer.echo(f"{report.skipped_convs} 3x3 convs differ but were left out: pass "
                    "--conv-rank to extract them")

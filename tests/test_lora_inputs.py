@@ -57,6 +57,37 @@ def test_a_lora_is_extracted_from_two_unet_only_files(tmp_path, unet_only):
     assert all(k.startswith("lora_unet_") for k in load_file(tmp_path / "x.safetensors"))
 
 
+def unet_alone(path: Path, out: Path) -> Path:
+    """The UNet of the checkpoint at `path` saved alone, as ComfyUI's "save UNet" does."""
+    tensors = load_file(path)
+    save_file({k[len(UNET):]: v for k, v in tensors.items() if k.startswith(UNET)}, out)
+    return out
+
+
+def test_extract_matches_a_unet_alone_with_a_whole_checkpoint(tmp_path, bases, cli):
+    """A UNet saved alone against a whole checkpoint (either way round): the UNets are
+    compared (the keys differ by model.diffusion_model.), not said to be "equal"."""
+    lora = write_lora(tmp_path / "l.safetensors", "kohya-sd1", dtype="F32")
+    tuned = tmp_path / "tuned.safetensors"
+    run_bake(plan_bake(bases["sd1"], [LoraUse("l", lora, 0.8)], tuned))
+    tuned_unet = unet_alone(tuned, tmp_path / "tuned_unet.safetensors")
+    base_unet = unet_alone(bases["sd1"], tmp_path / "base_unet.safetensors")
+    expected = extract_lora(tuned_unet, base_unet, tmp_path / "both.safetensors", rank=4,
+                            clamp_quantile=1)
+    assert expected.modules == 192 and expected.parts_left_out is None
+    reference = load_file(tmp_path / "both.safetensors")
+    for i, (t, b) in enumerate(((tuned_unet, bases["sd1"]), (tuned, base_unet))):
+        out = tmp_path / f"x{i}.safetensors"
+        code, stdout, err = cli("lora", "extract", t, b, "--rank", "4", "--clamp-quantile", "1",
+                                "-o", out)
+        assert code == 0, err
+        assert "extracted 192 modules" in stdout
+        assert "holds the UNet alone: only the UNets were compared" in stdout
+        got = load_file(out)
+        assert got.keys() == reference.keys()
+        assert all(torch.equal(got[k], reference[k]) for k in got)
+
+
 # --- strengths are finite numbers ----------------------------------------------------------------
 
 

@@ -41,6 +41,7 @@ class ExtractReport:
     # in one model only, or of another shape in each (an inpainting conv_in): "KEY (why)"
     unlike: list[str] = field(default_factory=list)
     text_encoders_left_out: int = 0  # text-encoder weights that differ (--no-text-encoders)
+    parts_left_out: str | None = None  # one file holds the diffusion model alone: what it means
 
 
 def truncated_svd(delta, rank: int, clamp_quantile: float):
@@ -83,19 +84,18 @@ def extract_lora(tuned: Path, base: Path, output: Path, rank: int, conv_rank: in
         raise UserError(f"{tuned.name} is {found[tuned].label} and {base.name} is "
                         f"{found[base].label}: a LoRA is extracted from two models of one "
                         "architecture")
-    tensors_t, tensors_b = headers[tuned].tensors, headers[base].tensors
+    report = ExtractReport(output)
+    names, tensors_t, tensors_b = _aligned(tuned, base, headers, found, arch, report)
     shapes = {k: i.shape for k, i in tensors_b.items()}
-    prefix = "model.diffusion_model." if any(k.startswith("model.diffusion_model.")
-                                             for k in shapes) else ""
-    index = TargetIndex(shapes, arch, prefix)
+    index = TargetIndex(shapes, arch, _DIFFUSION_PREFIX if _prefixed(shapes) else "")
     carried = [(key, rows, name) for (key, rows), name in index.kohya.items()
                if key in tensors_t and tensors_t[key].shape == shapes[key]
                and len(shapes[key]) in (2, 4) and not any(n in key for n in _NOT_LAYERS)]
     wanted = [c for c in carried if text_encoders or index.find(c[2]).slot == DIFFUSION]
-    report = ExtractReport(output)
     modules = {}
     covered = {key for key, _, _ in carried}  # the rest: tensors no LoRA carries
-    with SafetensorsReader(tuned) as rt, SafetensorsReader(base) as rb:
+    with SafetensorsReader(tuned) as tuned_reader, SafetensorsReader(base) as rb:
+        rt = _Renamed(tuned_reader, names)
         if not text_encoders:  # left out on request: said apart from what no LoRA can carry
             left_out = {key for key, _, _ in carried} - {key for key, _, _ in wanted}
             report.text_encoders_left_out = sum(
@@ -129,6 +129,57 @@ def extract_lora(tuned: Path, base: Path, output: Path, rank: int, conv_rank: in
         "rank": rank, "conv_rank": conv_rank, "clamp_quantile": clamp_quantile}}
     write_kohya_lora(output, modules, arch, dtype, provenance)
     return report
+
+
+_DIFFUSION_PREFIX = "model.diffusion_model."
+
+
+def _prefixed(keys) -> bool:
+    return any(k.startswith(_DIFFUSION_PREFIX) for k in keys)
+
+
+class _Renamed:
+    """A reader of TUNED that reads each tensor by its name in BASE."""
+
+    def __init__(self, reader: SafetensorsReader, names: dict[str, str]):
+        self.reader, self.names = reader, names
+
+    def read_tensor(self, key: str):
+        return self.reader.read_tensor(self.names[key])
+
+
+def _aligned(tuned: Path, base: Path, headers: dict, found: dict, arch, report: ExtractReport):
+    """(BASE name -> TUNED name, TUNED's tensors by BASE's names, BASE's tensors compared):
+    a diffusion model saved alone (ComfyUI's "save UNet", a bare FLUX transformer) names its
+    weights without the `model.diffusion_model.` of a whole checkpoint, so its keys are matched
+    to the checkpoint's, whose other parts (text encoders, VAE) are left out, as
+    `report.parts_left_out` says. Two files that share no name are refused in one sentence."""
+    tensors_t, tensors_b = headers[tuned].tensors, headers[base].tensors
+    names = {k: k for k in tensors_t}
+    prefixed_t, prefixed_b = _prefixed(tensors_t), _prefixed(tensors_b)
+    alone = None
+    if prefixed_b and not prefixed_t and found[tuned].kind == "diffusion_model":
+        names = {_DIFFUSION_PREFIX + k: k for k in tensors_t}
+        alone, whole = tuned, base
+        left = [k for k in tensors_b if not k.startswith(_DIFFUSION_PREFIX)]
+        tensors_b = {k: i for k, i in tensors_b.items() if k.startswith(_DIFFUSION_PREFIX)}
+    elif prefixed_t and not prefixed_b and found[base].kind == "diffusion_model":
+        names = {k[len(_DIFFUSION_PREFIX):]: k for k in tensors_t
+                 if k.startswith(_DIFFUSION_PREFIX)}
+        alone, whole = base, tuned
+        left = [k for k in tensors_t if not k.startswith(_DIFFUSION_PREFIX)]
+    if alone is not None:
+        part = "transformer" if arch.family in ("flux", "sd3") else "UNet"
+        report.parts_left_out = (f"{alone.name} holds the {part} alone: only the {part}s were "
+                                 f"compared, and the {len(left)} other tensors of {whole.name} "
+                                 "(text encoders, VAE) left out")
+    aligned = {b: tensors_t[t] for b, t in names.items()}
+    if not aligned.keys() & tensors_b.keys():
+        layouts = [found[p].layout for p in (tuned, base)]
+        which = f" ({layouts[0]} and {layouts[1]} key layouts)" if all(layouts) else ""
+        raise UserError(f"{tuned.name} and {base.name} share no tensor name{which}, so nothing "
+                        "can be compared; extract from two files of one key layout")
+    return names, aligned, tensors_b
 
 
 def _other_differences(rt, rb, covered: set[str], tensors_t, tensors_b) -> list[str]:
