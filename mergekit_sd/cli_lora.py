@@ -152,6 +152,11 @@ def show_unmatched(unmatched, echo=typer.echo) -> None:
                 echo(f"  … and {len(entries) - _SHOW_UNMATCHED} more", err=True)
 
 
+def _say_clamped(clamped) -> None:
+    for note in clamped.notes():  # on stderr, as merge and convert say them
+        typer.echo(f"note: {note}", err=True)
+
+
 @bake_app.command("bake")
 def bake(
     base: str = typer.Argument(..., help="Checkpoint to bake into (path or catalog ref)."),
@@ -211,6 +216,7 @@ def bake(
             written = stream.finish(progress)
     typer.echo(f"baked {len(uses)} LoRA{'s' if len(uses) != 1 else ''} into {base_path.name}: "
                f"{plan.changed_keys()} tensors changed → {written}")
+    _say_clamped(plan.clamped)
 
 
 @lora_app.command("merge")

@@ -9,6 +9,7 @@ nearest the target can store, and counted, so that the user hears which tensors 
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 from mergekit_sd.io.dtypes import safetensors_dtype, torch_dtype
@@ -26,10 +27,13 @@ class Clamped:
 
     values: dict[str, int] = field(default_factory=dict)
     tensors: dict[str, dict[str, None]] = field(default_factory=dict)
+    # a bake's workers add from several threads
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, dtype: str, name: str, count: int) -> None:
-        self.values[dtype] = self.values.get(dtype, 0) + count
-        self.tensors.setdefault(dtype, {})[name] = None
+        with self._lock:
+            self.values[dtype] = self.values.get(dtype, 0) + count
+            self.tensors.setdefault(dtype, {})[name] = None
 
     def notes(self) -> list[str]:
         """One sentence per target dtype that needed clamping."""

@@ -22,9 +22,11 @@ from mergekit_sd.arch.architectures import ARCHITECTURES, Architecture
 from mergekit_sd.arch.identify import Identification, identify
 from mergekit_sd.convert import META_BAKED_LORAS, META_RECIPE_OUTPUT
 from mergekit_sd.errors import BadModelFile, UserError
+from mergekit_sd.io.dtypes import safetensors_dtype
 from mergekit_sd.io.hash_cache import known_sha256 as remembered_sha256
 from mergekit_sd.io.hashing import BackgroundSha256, file_sha256
 from mergekit_sd.io.header import SafetensorsHeader, read_header
+from mergekit_sd.io.saturate import Clamped
 from mergekit_sd.io.writer import refuse_replacing_inputs
 from mergekit_sd.lora.compat import lora_architecture, lora_fits, not_what_is_wanted
 from mergekit_sd.lora.deltas import DeltaShapeError, apply_dora, module_delta
@@ -55,6 +57,7 @@ class Application:
     target: Target
     strength: float  # the LoRA's strength for this target's slot and block
     lora: int  # index into the plan's loras
+    path: Path | None = None  # the LoRA's file, named when one of its tensors is damaged
 
 
 @dataclass
@@ -69,6 +72,8 @@ class BakePlan:
     weights: dict[str, list[Application]] = field(default_factory=dict)  # checkpoint key ->
     biases: dict[str, list[Application]] = field(default_factory=dict)
     unmatched: list[Unmatched] = field(default_factory=list)
+    # values beyond the output dtype's range, clamped to it (the CLI prints its notes)
+    clamped: Clamped = field(default_factory=Clamped)
     known_sha256: str | None = None
     lora_sha256s: list[str] = field(default_factory=list)
     base_hash: BackgroundSha256 | None = None  # hashing the base meanwhile, when not known
@@ -225,7 +230,7 @@ def match_loras(index: TargetIndex, arch: Architecture, uses: list[LoraUse], bas
                 raise UserError(f"{use.ref}: its strength on {module.name} "
                                 f"({strength:g} × alpha/rank {_plain_scale(module):g}) is beyond "
                                 "float32's range, in which LoRAs are applied; lower the strength")
-            app = Application(module, target, strength, i)
+            app = Application(module, target, strength, i, use.path)
             if module.tensors.keys() - {"diff_b"}:
                 weights.setdefault(target.key, []).append(app)
             if "diff_b" in module.tensors and target.bias:
@@ -338,6 +343,85 @@ def apply_loras(tensor, apps: list[Application], bias: bool):
         else:
             view += app.strength * delta
     return tensor
+
+
+def finite_or_clamped(result, apps: list[Application], key: str,
+                      clamped: Clamped | None = None) -> None:
+    """Check a weight just baked (in place): one read (`_finite`), in the common case. NaN or
+    infinity in it would blacken every image, and never goes out silently: a LoRA tensor
+    holding them is refused, naming it; values beyond the range of a weight baked in fp16 or
+    bf16 itself (the matrix kernel accumulates in fp32 and rounds once) are clamped to it,
+    as a narrowing cast of the fp32 result would clamp them (`saturating_cast`), and counted
+    in `clamped`; anything else, a result beyond float32's own range above all, is refused."""
+    import torch
+
+    if not result.numel() or not any(app.strength for app in apps):  # left as it was
+        return
+    if _finite(result):
+        return
+    for app in apps:
+        damaged_key = damaged_tensor(app.module) if app.strength else None
+        if damaged_key:
+            raise damaged(app.path or Path(f"LoRA #{app.lora + 1}"), damaged_key)
+    if bool(torch.isnan(result).any()):
+        raise UserError(f"{key}: the baked weight holds NaN although the LoRAs' tensors are "
+                        "finite: the base's own values there are NaN or infinite; nothing "
+                        "written")
+    if result.dtype in (torch.float16, torch.bfloat16):
+        limit = torch.finfo(result.dtype).max
+        count = int(torch.isinf(result).sum())
+        result.clamp_(-limit, limit)
+        if clamped is not None:
+            clamped.add(safetensors_dtype(result.dtype), key, count)
+        return
+    raise UserError(f"{key}: the baked weight goes beyond float32's range (±3.4e38), where "
+                    "the LoRAs are applied: lower their strengths (or the base's own values "
+                    "there are infinite); nothing written")
+
+
+def _finite(tensor) -> bool:
+    """Whether every value of `tensor` is finite. NaN or ±inf in it makes its sum NaN or ±inf,
+    and the sum reads it once, faster than `aminmax` (which also allocates nothing): about
+    half the time, on a weight just baked; a finite weight whose sum overflows is told apart by
+    `aminmax`."""
+    import torch
+
+    if math.isfinite(tensor.sum().item()):
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
+def narrow_into(tensor, work, key: str, clamped: Clamped | None = None) -> None:
+    """Copy the fp32 `work` into `tensor` of a narrower float dtype, clamping what lies beyond
+    its range (counted in `clamped`) instead of making it infinite; without allocating, in
+    the common case (`work` is a scratch buffer, clamped in place when it must be)."""
+    import torch
+
+    tensor.copy_(work)
+    if tensor.dtype == work.dtype or not tensor.numel() or \
+            torch.finfo(tensor.dtype).max >= torch.finfo(work.dtype).max:
+        return
+    if _finite(tensor):
+        return
+    limit = torch.finfo(tensor.dtype).max
+    count = int((work.abs() > limit).sum())
+    tensor.copy_(work.clamp_(-limit, limit))
+    if clamped is not None:
+        clamped.add(safetensors_dtype(tensor.dtype), key, count)
+
+
+def damaged_tensor(module: LoraModule) -> str | None:
+    """The name of a tensor of `module` holding NaN or infinity, if one does (a bake looks
+    only once a baked weight came out non-finite)."""
+    import torch
+
+    if module.alpha is not None and not math.isfinite(module.alpha):
+        return module.key_of("alpha")
+    for role, tensor in module.tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return module.key_of(role)
+    return None
 
 
 def bake_metadata(plan: BakePlan, base_sha256: str) -> dict[str, str]:

@@ -28,6 +28,7 @@ from mergekit_sd.io.hash_cache import known_sha256
 from mergekit_sd.io.header import TensorInfo
 from mergekit_sd.io.interrupts import interrupts_held
 from mergekit_sd.io.reader import SafetensorsReader
+from mergekit_sd.io.saturate import saturating_cast
 from mergekit_sd.io.writer import StreamingWriter, TensorSpec
 from mergekit_sd.lora.bake import (
     OUTPUT_DTYPES,
@@ -37,6 +38,8 @@ from mergekit_sd.lora.bake import (
     apply_plain_rows,
     bake_metadata,
     exact_in,
+    finite_or_clamped,
+    narrow_into,
     row_separable,
 )
 from mergekit_sd.lora.bake_crew import AHEAD, BakeCrew, Task, cores
@@ -104,8 +107,14 @@ class _Baker:
                 or not row_separable(apps):
             return [lambda: self(key, info, raw)]
         tensor = self.torch.frombuffer(raw, dtype=torch_dtype(info.dtype)).reshape(info.shape)
-        return [lambda first=first: apply_plain_rows(tensor, apps, first, min(first + step, rows))
+        return [lambda first=first: self._rows(key, tensor, apps, first, min(first + step, rows))
                 for first in range(0, rows, step)]
+
+    def _rows(self, key: str, tensor, apps: list, first: int, end: int) -> None:
+        """Bake rows [first, end) of a weight in place and check them while they are in the
+        cache."""
+        apply_plain_rows(tensor, apps, first, end)
+        finite_or_clamped(tensor[first:end], apps, key, self.plan.clamped)
 
     def __call__(self, key: str, info: TensorInfo, raw: memoryview):
         torch, spec = self.torch, self.specs[key]
@@ -113,18 +122,23 @@ class _Baker:
         if not raw.nbytes or (not apps and spec.dtype == info.dtype):
             return raw
         tensor = torch.frombuffer(raw, dtype=torch_dtype(info.dtype)).reshape(info.shape)
+        clamped = self.plan.clamped
         if apps:
             bias = not self.plan.weights.get(key)
             if self._in_place(key):
                 apply_loras(tensor, apps, bias=bias)
+                finite_or_clamped(tensor, apps, key, clamped)
                 return raw
             work = self.scratch(tensor)
             apply_loras(work, apps, bias=bias)
+            finite_or_clamped(work, apps, key, clamped)
             if spec.dtype == info.dtype:
-                tensor.copy_(work)  # rounded once, back into the buffer
+                narrow_into(tensor, work, key, clamped)  # rounded once, back into the buffer
                 return raw
             tensor = work
-        return tensor.to(torch_dtype(spec.dtype), copy=True)
+        # a narrowing cast clamps what lies beyond the output dtype's range (never ±inf)
+        cast = saturating_cast(tensor, torch_dtype(spec.dtype), key, clamped)
+        return cast.clone() if cast is tensor else cast
 
 
 def _write_chunk(writer: StreamingWriter, results: list[tuple[Piece, object]], release,

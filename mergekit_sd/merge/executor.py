@@ -162,12 +162,14 @@ def _evaluate(plan: MergePlan, cand: Candidate, task: KeyTask, tensors: dict, st
 
 
 def _bake(sp, key: str, tensor):
-    from mergekit_sd.lora.bake import apply_loras
+    from mergekit_sd.lora.bake import apply_loras, finite_or_clamped
 
     weights, biases = sp.lora_weights.get(key), sp.lora_biases.get(key)
     if not weights and not biases:
         return tensor
-    return apply_loras(tensor.clone(), weights or biases, bias=not weights)
+    baked = apply_loras(tensor.clone(), weights or biases, bias=not weights)
+    finite_or_clamped(baked, weights or biases, key)  # NaN or ±inf: refused, naming the cause
+    return baked
 
 
 def _collect_stats(plan: MergePlan, inputs: _Inputs, progress: ProgressCallback,

@@ -1,0 +1,166 @@
+"""NaN and infinity never leave a bake silently.
+
+A LoRA tensor holding NaN or infinity would spread them over every weight it touches (a model
+that renders black images): the LoRA is refused, naming the tensor. A bake whose result lies
+beyond the output dtype's range (fp16 above 65504) is clamped to it, as every narrowing cast of
+the project does (`io.saturate`), with a note naming the tensors; a result beyond float32's own
+range, where the arithmetic runs, is refused. Each case is checked on every route a weight can
+take through the bake: in place in fp32, in place in fp16 (factors of the weight's dtype), in
+blocks of rows on several workers, and through an fp32 work copy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import test_lora_bake as lora_bake
+import torch
+from safetensors.torch import load_file, save_file
+from test_lora_bake import UNET, assert_one_sentence, expected_bake, scaled_lora
+
+from mergekit_sd.lora import bake_run
+from mergekit_sd.lora.bake import LoraUse, plan_bake
+from mergekit_sd.lora.bake_run import run_bake
+from mergekit_sd.testing import write_checkpoint, write_lora
+
+bases, cli, one_torch_thread = lora_bake.bases, lora_bake.cli, lora_bake.one_torch_thread
+
+FC1 = "lora_te_text_model_encoder_layers_0_mlp_fc1"
+FC1_KEY = "cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight"
+PROJ_IN_KEY = UNET + "input_blocks.1.1.proj_in.weight"
+
+
+@pytest.fixture(params=["whole", "rows"])
+def row_blocks(request, monkeypatch):
+    """The bake as it runs on tiny weights (one task per weight), and as on large ones: in
+    blocks of rows, one task each (the blocks shrunk to a few rows)."""
+    if request.param == "rows":
+        monkeypatch.setattr(bake_run, "ROW_BLOCK_ELEMENTS", 64)
+    return request.param
+
+
+def with_nan(path: Path, key: str, value: float = float("nan")) -> Path:
+    tensors = load_file(path)
+    tensors[key] = tensors[key].clone()
+    tensors[key].view(-1)[3] = value
+    save_file(tensors, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def f16_base(tmp_path_factory) -> Path:
+    return write_checkpoint(tmp_path_factory.mktemp("f16") / "sd1_f16.safetensors", "sd1",
+                            dtype="F16")
+
+
+@pytest.mark.parametrize(("base_dtype", "lora_dtype"), [("F32", "F16"), ("F16", "F16"),
+                                                       ("F16", "F32")],
+                         ids=["fp32-in-place", "fp16-in-place", "fp32-work-copy"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_a_lora_tensor_holding_nan_or_inf_is_refused_naming_it(tmp_path, bases, f16_base, cli,
+                                                                row_blocks, base_dtype,
+                                                                lora_dtype, value):
+    base = bases["sd1"] if base_dtype == "F32" else f16_base
+    lora = with_nan(write_lora(tmp_path / "l.safetensors", "kohya-sd1", dtype=lora_dtype),
+                    f"{FC1}.lora_up.weight", value)
+    out = tmp_path / "out.safetensors"
+    assert_one_sentence(*cli("bake", base, lora, "-o", out), 2)
+    assert f"l.safetensors: its tensor {FC1}.lora_up.weight holds NaN or infinite values" \
+        in cli.last_err
+    assert not out.exists() and list(tmp_path.glob("*.partial")) == []
+
+
+def test_a_lora_alpha_holding_nan_is_refused_naming_it(tmp_path, bases, cli):
+    lora = write_lora(tmp_path / "l.safetensors", "kohya-sd1")
+    tensors = load_file(lora)
+    tensors[f"{FC1}.alpha"] = torch.tensor(float("nan"))
+    save_file(tensors, lora)
+    assert_one_sentence(*cli("bake", bases["sd1"], lora, "-o", tmp_path / "o.safetensors"), 2)
+    assert f"its tensor {FC1}.alpha holds NaN" in cli.last_err
+
+
+def test_a_recipe_bake_refuses_a_lora_holding_nan(tmp_path, bases, cli):
+    lora = with_nan(write_lora(tmp_path / "l.safetensors", "kohya-sd1"), f"{FC1}.lora_down.weight")
+    recipe = tmp_path / "bake.yaml"
+    out = tmp_path / "out.safetensors"
+    recipe.write_text(
+        f"version: 1\nmodels:\n  base: {bases['sd1']}\n  l: {lora}\nsteps:\n"
+        "  - name: baked\n    method: bake_lora\n    inputs: [base]\n    loras:\n"
+        f"      - model: l\noutput:\n  path: {out}\n")
+    assert_one_sentence(*cli("merge", recipe), 2)
+    assert f"its tensor {FC1}.lora_down.weight holds NaN" in cli.last_err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("lora_dtype", ["F16", "F32"], ids=["fp16-in-place", "fp32-work-copy"])
+def test_a_bake_beyond_fp16_is_clamped_to_its_range_with_a_note(tmp_path, f16_base, cli,
+                                                                  row_blocks, lora_dtype):
+    """Strength 1e9 on an fp16 checkpoint: every changed weight went infinite. The result is
+    the fp32 bake clamped to ±65504, the nearest fp16 holds, as merge and convert clamp."""
+    lora = write_lora(tmp_path / "l.safetensors", "kohya-sd1", dtype=lora_dtype)
+    out = tmp_path / "out.safetensors"
+    code, _, err = cli("bake", f16_base, f"{lora}:1e9", "-o", out)
+    assert code == 0, err
+    assert "lay beyond fp16's range (±65504) and were clamped to it" in err
+    baked, base = load_file(out), load_file(f16_base)
+    assert all(bool(torch.isfinite(v).all()) for v in baked.values())
+    expected = expected_bake(base, lora, "kohya-sd1", 1e9)
+    for key in (FC1_KEY, PROJ_IN_KEY):
+        clamped = expected[key].clamp(-65504, 65504)
+        assert bool((clamped.abs() == 65504).any()), "the test must reach the limit"
+        assert torch.allclose(baked[key].float(), clamped, rtol=1e-3, atol=0), key
+
+
+def test_a_bake_cast_to_fp16_is_clamped_to_its_range_with_a_note(tmp_path, bases, cli):
+    lora = write_lora(tmp_path / "l.safetensors", "kohya-sd1")
+    out = tmp_path / "out.safetensors"
+    code, _, err = cli("bake", bases["sd1"], f"{lora}:1e9", "--dtype", "fp16", "-o", out)
+    assert code == 0, err
+    assert "were clamped to it instead of becoming infinite" in err and FC1_KEY in err
+    baked = load_file(out)
+    assert baked[FC1_KEY].dtype == torch.float16
+    assert all(bool(torch.isfinite(v).all()) for v in baked.values())
+    assert float(baked[FC1_KEY].abs().max()) == 65504
+
+
+def test_a_bake_beyond_float32_is_refused(tmp_path, bases, cli, row_blocks):
+    lora = scaled_lora(write_lora(tmp_path / "l.safetensors", "kohya-sd1", dtype="F32"), 1e3)
+    out = tmp_path / "out.safetensors"
+    assert_one_sentence(*cli("bake", bases["sd1"], f"{lora}:3e38", "-o", out), 2)
+    assert "beyond float32's range" in cli.last_err and not out.exists()
+
+
+def test_a_base_weight_holding_nan_where_a_lora_lands_is_refused(tmp_path, bases, cli):
+    """NaN already in the base: the bake says so rather than write it on, and names the
+    weight; one in a weight no LoRA touches is copied byte for byte, as everything it does
+    not touch."""
+    base = tmp_path / "base.safetensors"
+    tensors = load_file(bases["sd1"])
+    tensors[FC1_KEY] = tensors[FC1_KEY].clone()
+    tensors[FC1_KEY][0, 0] = float("nan")
+    save_file(tensors, base)
+    lora = write_lora(tmp_path / "l.safetensors", "kohya-sd1")
+    assert_one_sentence(*cli("bake", base, lora, "-o", tmp_path / "o.safetensors"), 2)
+    assert f"{FC1_KEY}: the baked weight holds NaN" in cli.last_err
+    plan = plan_bake(base, [LoraUse("l", lora, 0.0)], tmp_path / "zero.safetensors")
+    assert torch.isnan(load_file(run_bake(plan))[FC1_KEY][0, 0])  # strength 0: not touched
+
+
+def test_a_finite_weight_whose_sum_overflows_is_finite(tmp_path, cli):
+    """The check reads a baked weight's sum; a finite fp16 weight whose sum overflows fp16 is
+    told apart (by aminmax) and baked as usual, not refused or clamped."""
+    from mergekit_sd.lora.bake import _finite
+
+    big = torch.full((64, 64), 60000.0, dtype=torch.float16)
+    assert torch.isinf(big.sum()) and _finite(big)
+    big[3, 4] = float("inf")
+    assert not _finite(big)
+    base = write_checkpoint(tmp_path / "base.safetensors", "sd1", dtype="F16")
+    tensors = load_file(base)
+    tensors[FC1_KEY] = torch.full_like(tensors[FC1_KEY], 30000.0)
+    save_file(tensors, base)
+    lora = write_lora(tmp_path / "l.safetensors", "kohya-sd1")
+    out = tmp_path / "out.safetensors"
+    code, _, err = cli("bake", base, f"{lora}:0.5", "-o", out)
+    assert code == 0 and "note" not in err, err
+    assert torch.isfinite(load_file(out)[FC1_KEY]).all()
