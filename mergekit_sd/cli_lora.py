@@ -263,6 +263,7 @@ def lora_merge(
                              "rest)")
     typer.echo(f"merged {len(pairs)} LoRAs: {report.modules} modules, rank up to {report.rank} "
                f"→ {output}")
+    _say_clamped(report.clamped)
 
 
 @lora_app.command("extract")
@@ -296,6 +297,7 @@ def lora_extract(
                f"→ {output}")
     if report.parts_left_out:
         typer.echo(report.parts_left_out)
+    _say_clamped(report.clamped)
     if report.skipped_convs:
         typer.echo(f"{report.skipped_convs} 3x3 convs differ but were left out: pass "
                    "--conv-rank to extract them")

@@ -1,4 +1,4 @@
-"""NaN and infinity never leave a bake silently.
+"""NaN and infinity never leave a bake, a LoRA merge or an extraction silently.
 
 A LoRA tensor holding NaN or infinity would spread them over every weight it touches (a model
 that renders black images): the LoRA is refused, naming the tensor. A bake whose result lies
@@ -18,9 +18,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_lora_bake import UNET, assert_one_sentence, expected_bake, scaled_lora
 
+from mergekit_sd.errors import UserError
 from mergekit_sd.lora import bake_run
 from mergekit_sd.lora.bake import LoraUse, plan_bake
 from mergekit_sd.lora.bake_run import run_bake
+from mergekit_sd.lora.combine import merge_loras
+from mergekit_sd.lora.extract import extract_lora
 from mergekit_sd.testing import write_checkpoint, write_lora
 
 bases, cli, one_torch_thread = lora_bake.bases, lora_bake.cli, lora_bake.one_torch_thread
@@ -144,6 +147,56 @@ def test_a_base_weight_holding_nan_where_a_lora_lands_is_refused(tmp_path, bases
     assert f"{FC1_KEY}: the baked weight holds NaN" in cli.last_err
     plan = plan_bake(base, [LoraUse("l", lora, 0.0)], tmp_path / "zero.safetensors")
     assert torch.isnan(load_file(run_bake(plan))[FC1_KEY][0, 0])  # strength 0: not touched
+
+
+# --- lora merge and lora extract -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rank", [None, 4])
+def test_lora_merge_refuses_a_lora_holding_nan_naming_the_tensor(tmp_path, bases, cli, rank):
+    """It was a traceback from the SVD with --rank, and copied the NaN without."""
+    bad = with_nan(write_lora(tmp_path / "bad.safetensors", "kohya-sd1"), f"{FC1}.lora_up.weight")
+    good = write_lora(tmp_path / "good.safetensors", "kohya-sd1", seed=2)
+    out = tmp_path / "m.safetensors"
+    args = ("--rank", str(rank)) if rank else ()
+    assert_one_sentence(*cli("lora", "merge", bad, good, "--base", bases["sd1"], *args,
+                             "-o", out), 2)
+    assert f"bad.safetensors: its tensor {FC1}.lora_up.weight holds NaN" in cli.last_err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("which", ["tuned", "base"])
+def test_lora_extract_refuses_a_weight_holding_nan_naming_it(tmp_path, cli, which):
+    paths = {"tuned": write_checkpoint(tmp_path / "tuned.safetensors", "sd1", dtype="F16",
+                                       seed=5),
+             "base": write_checkpoint(tmp_path / "base.safetensors", "sd1", dtype="F16")}
+    tensors = load_file(paths[which])
+    tensors[PROJ_IN_KEY] = tensors[PROJ_IN_KEY].clone()
+    tensors[PROJ_IN_KEY][1, 2] = float("inf")
+    save_file(tensors, paths[which])
+    out = tmp_path / "x.safetensors"
+    assert_one_sentence(*cli("lora", "extract", paths["tuned"], paths["base"], "--rank", "2",
+                             "-o", out), 2)
+    assert f"{which}.safetensors: {PROJ_IN_KEY} holds NaN or infinite values" in cli.last_err
+    assert not out.exists()
+
+
+def test_lora_merge_and_extract_clamp_factors_beyond_fp16_with_a_note(tmp_path, bases, cli):
+    """A merged or extracted LoRA is written in fp16 by default: factors beyond its range are
+    clamped, with a note, never written as infinities."""
+    a = write_lora(tmp_path / "a.safetensors", "kohya-sd1", dtype="F32")
+    merged = tmp_path / "m.safetensors"
+    code, _, err = cli("lora", "merge", f"{a}:1e9", a, "-o", merged)
+    assert code == 0, err
+    assert "beyond fp16's range" in err
+    assert all(bool(torch.isfinite(v).all()) for v in load_file(merged).values())
+    with pytest.raises(UserError, match="holds NaN"):
+        extract_lora(with_nan(write_checkpoint(tmp_path / "t.safetensors", "sd1", dtype="F32"),
+                              PROJ_IN_KEY), bases["sd1"], tmp_path / "x.safetensors", rank=2)
+    with pytest.raises(UserError, match="holds NaN"):
+        merge_loras([(with_nan(write_lora(tmp_path / "n.safetensors", "kohya-sd1"),
+                               f"{FC1}.lora_down.weight"), 1.0), (a, 1.0)],
+                    tmp_path / "n_m.safetensors")
 
 
 def test_a_finite_weight_whose_sum_overflows_is_finite(tmp_path, cli):

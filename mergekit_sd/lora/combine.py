@@ -21,8 +21,9 @@ from mergekit_sd.arch.layouts import load_layout
 from mergekit_sd.errors import BadModelFile, UserError
 from mergekit_sd.io.hashing import file_sha256
 from mergekit_sd.io.header import read_header
+from mergekit_sd.io.saturate import Clamped
 from mergekit_sd.io.writer import refuse_replacing_inputs
-from mergekit_sd.lora.bake import malformed, not_baked_why, shape_problem
+from mergekit_sd.lora.bake import damaged, damaged_tensor, malformed, not_baked_why, shape_problem
 from mergekit_sd.lora.compat import is_guess, lora_architecture, lora_fits, not_what_is_wanted
 from mergekit_sd.lora.deltas import module_delta
 from mergekit_sd.lora.extract import truncated_svd
@@ -41,6 +42,7 @@ class MergeReport:
     modules: int = 0
     rank: int = 0
     unmatched: list[Unmatched] = field(default_factory=list)  # per LoRA, those with any
+    clamped: Clamped = field(default_factory=Clamped)  # factors beyond the output dtype
 
     def miss(self, lora: str) -> Unmatched:
         """The listing of the LoRA named `lora` (made on first need)."""
@@ -171,6 +173,10 @@ def merge_loras(loras: list[tuple[Path, float]], output: Path, rank: int | None 
     by_key: dict[str, list[tuple[LoraModule, float, Target, str]]] = {}
     for path, weight in loras:
         lora = load_lora(path)
+        for module in lora.modules.values():  # NaN would spread over every weight it meets
+            bad = damaged_tensor(module)
+            if bad:
+                raise damaged(path, bad)
         miss = report.miss(path.name)
         # tensors carried by no module: the merged LoRA would lose them unseen
         miss.malformed += [f"{key} ({not_baked_why(key)})" for key in lora.ignored]
@@ -215,7 +221,7 @@ def merge_loras(loras: list[tuple[Path, float]], output: Path, rank: int | None 
             modules[name] = factors_for(*truncated_svd(delta, rank, clamp_quantile), kernel)
     provenance = {"mergekit_sd.merged_loras": [
         {"name": p.name, "sha256": file_sha256(p), "weight": w} for p, w in loras]}
-    write_kohya_lora(output, modules, arch, dtype, provenance)
+    write_kohya_lora(output, modules, arch, dtype, provenance, report.clamped)
     report.modules = len(modules)
     report.rank = max((down.shape[0] for _, down in modules.values()), default=0)
     return report

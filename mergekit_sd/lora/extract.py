@@ -21,6 +21,7 @@ from mergekit_sd.errors import BadModelFile, UserError
 from mergekit_sd.io.hashing import file_sha256
 from mergekit_sd.io.header import read_header
 from mergekit_sd.io.reader import SafetensorsReader
+from mergekit_sd.io.saturate import Clamped
 from mergekit_sd.io.writer import refuse_replacing_inputs
 from mergekit_sd.lora.compat import same_network
 from mergekit_sd.lora.kohya_file import LORA_DTYPES, factors_for, write_kohya_lora
@@ -42,6 +43,7 @@ class ExtractReport:
     unlike: list[str] = field(default_factory=list)
     text_encoders_left_out: int = 0  # text-encoder weights that differ (--no-text-encoders)
     parts_left_out: str | None = None  # one file holds the diffusion model alone: what it means
+    clamped: Clamped = field(default_factory=Clamped)  # factors beyond the output dtype
 
 
 def truncated_svd(delta, rank: int, clamp_quantile: float):
@@ -106,6 +108,7 @@ def extract_lora(tuned: Path, base: Path, output: Path, rank: int, conv_rank: in
             spatial = bool(kernel) and kernel != (1, 1)
             module_rank = (conv_rank or 0) if spatial else rank
             delta = rt.read_tensor(key).float() - rb.read_tensor(key).float()
+            _check_finite(delta, key, rt, rb, tuned, base)
             if rows is not None:
                 delta = delta[rows[0]:rows[1]]
             progress("extracting", done, len(wanted))
@@ -127,8 +130,24 @@ def extract_lora(tuned: Path, base: Path, output: Path, rank: int, conv_rank: in
         "tuned": {"name": tuned.name, "sha256": file_sha256(tuned)},
         "base": {"name": base.name, "sha256": file_sha256(base)},
         "rank": rank, "conv_rank": conv_rank, "clamp_quantile": clamp_quantile}}
-    write_kohya_lora(output, modules, arch, dtype, provenance)
+    write_kohya_lora(output, modules, arch, dtype, provenance, report.clamped)
     return report
+
+
+def _check_finite(delta, key: str, rt, rb, tuned: Path, base: Path) -> None:
+    """A weight holding NaN or infinity has no singular values (the SVD fails): refused,
+    naming the file and the weight (one `aminmax` read of the difference when all is well)."""
+    import torch
+
+    low, high = torch.aminmax(delta)
+    if bool(torch.isfinite(low) & torch.isfinite(high)):
+        return
+    for path, reader, name in ((tuned, rt, rt.names[key]), (base, rb, key)):
+        if not bool(torch.isfinite(reader.read_tensor(name)).all()):
+            raise UserError(f"{path.name}: {name} holds NaN or infinite values, so no LoRA can "
+                            "be extracted from it; nothing written")
+    raise UserError(f"{key}: the difference of the two models goes beyond float32's range; "
+                    "nothing written")
 
 
 _DIFFUSION_PREFIX = "model.diffusion_model."

@@ -12,6 +12,7 @@ from pathlib import Path
 from mergekit_sd import __version__
 from mergekit_sd.arch.architectures import Architecture
 from mergekit_sd.io.dtypes import safetensors_dtype
+from mergekit_sd.io.saturate import Clamped, saturating_cast
 from mergekit_sd.io.writer import StreamingWriter, TensorSpec
 from mergekit_sd.merge.provenance import MODELSPEC_ARCHITECTURE
 
@@ -29,8 +30,10 @@ def factors_for(up, down, kernel: tuple[int, ...]):
 
 
 def write_kohya_lora(path: Path, modules: dict[str, tuple], arch: Architecture, dtype: str,
-                     provenance: dict[str, str]) -> Path:
-    """`modules`: kohya name -> (lora_up, lora_down) fp32 tensors; written atomically."""
+                     provenance: dict[str, str], clamped: Clamped | None = None) -> Path:
+    """`modules`: kohya name -> (lora_up, lora_down) fp32 tensors; written atomically. Factor
+    values beyond the range of `dtype` are clamped to it (counted in `clamped`), never
+    written as infinities."""
     import torch
 
     torch_dtype = getattr(torch, LORA_DTYPES[dtype])
@@ -41,8 +44,9 @@ def write_kohya_lora(path: Path, modules: dict[str, tuple], arch: Architecture, 
         rank = down.shape[0]
         ranks.append(rank)
         tensors[f"{name}.alpha"] = torch.tensor(float(rank), dtype=torch.float32)
-        tensors[f"{name}.lora_down.weight"] = down.to(torch_dtype).contiguous()
-        tensors[f"{name}.lora_up.weight"] = up.to(torch_dtype).contiguous()
+        for role, factor in (("lora_down", down), ("lora_up", up)):
+            key = f"{name}.{role}.weight"
+            tensors[key] = saturating_cast(factor, torch_dtype, key, clamped).contiguous()
     dim = max(ranks, default=0)
     metadata = {
         "ss_network_module": "networks.lora",
