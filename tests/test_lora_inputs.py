@@ -4,6 +4,7 @@ found mishandled; the bake's results are checked against `test_lora_bake`'s own 
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -537,3 +538,54 @@ def test_lycoris_prefixed_names_bake_like_kohya_names(tmp_path, bases, cli):
                            load_file(bases["sd1"])[UNET + "input_blocks.1.1.proj_in.weight"])
     code, stdout, _ = cli("inspect", renamed)
     assert code == 0 and "LyCORIS LoRA" in stdout
+
+
+# --- plan shows what a bake_lora step will bake --------------------------------------------------
+
+
+def test_plan_lists_the_loras_of_a_bake_lora_step_among_its_inputs(tmp_path, bases, cli,
+                                                                    monkeypatch):
+    """plan said nothing of the LoRAs a bake_lora step bakes ("parameters: defaults"), nor
+    counted them among the inputs and the bytes read."""
+    from mergekit_sd.merge.plan import build_plan
+    from mergekit_sd.recipe.loader import load_recipe
+
+    character = write_lora(tmp_path / "character.safetensors", "kohya-sd1")
+    style = write_lora(tmp_path / "style.safetensors", "loha-sd1")
+    recipe = tmp_path / "bake.yaml"
+    recipe.write_text(
+        f"version: 1\nmodels:\n  base: {bases['sd1']}\n  character: {character}\n"
+        f"  style: {style}\nsteps:\n  - name: baked\n    method: bake_lora\n"
+        "    inputs: [base]\n    loras:\n"
+        "      - {model: character, strength: 0.8, te_strength: 0.5}\n"
+        "      - {model: style, strength: 0.6, blocks: {IN*: 0.5, default: 0}}\n"
+        f"output:\n  path: {tmp_path / 'out.safetensors'}\n")
+    code, stdout, err = cli("plan", recipe, "--json")
+    assert code == 0, err
+    doc = json.loads(stdout)
+    inputs = {i["name"]: i for i in doc["inputs"]}
+    assert set(inputs) == {"base", "character", "style"}
+    assert inputs["style"]["label"] == "LyCORIS LoHa for SD1.x"
+    assert inputs["character"]["file_size"] == character.stat().st_size
+    [step] = doc["steps"]
+    assert step["loras"] == [
+        {"model": "character", "strength": 0.8, "te_strength": 0.5, "blocks": None},
+        {"model": "style", "strength": 0.6, "te_strength": None,
+         "blocks": {"IN*": 0.5, "default": 0.0}}]
+    monkeypatch.setenv("COLUMNS", "300")  # table cells on one line
+    code, stdout, err = cli("plan", recipe)
+    assert code == 0, err
+    text = " ".join(stdout.replace("│", " ").split())
+    assert "kohya LoRA for SD1.x" in text and "LyCORIS LoHa for SD1.x" in text
+    assert "character: strength 0.8, te_strength 0.5; style: strength 0.6, blocks IN*=0.5 " \
+           "default=0" in text, text
+    plan = build_plan(load_recipe(recipe), existing="note")  # the LoRAs are read too
+    assert plan.read_bytes == bases["sd1"].stat().st_size - read_header_size(bases["sd1"]) + \
+        character.stat().st_size + style.stat().st_size
+
+
+def read_header_size(path: Path) -> int:
+    from mergekit_sd.io.header import read_header
+
+    header = read_header(path)
+    return header.file_size - header.data_bytes

@@ -80,6 +80,8 @@ class PlannedLora:
     path: Path
     expected_sha256: str | None
     known_sha256: str | None
+    label: str = ""  # what it is ("kohya LoRA for SD1.x"), for `plan`
+    file_size: int = 0
 
 
 @dataclass
@@ -108,7 +110,8 @@ class MergePlan:
 
     @property
     def read_bytes(self) -> int:
-        return sum(p.header.data_bytes for p in self.inputs.values())
+        return sum(p.header.data_bytes for p in self.inputs.values()) + \
+            sum(lora.file_size for lora in self.loras.values())  # read whole, and hashed
 
     def estimated_peak_bytes(self) -> int:
         """Working set above torch's own size: fp32 copies of one piece (or of the largest
@@ -410,6 +413,11 @@ def _plan_loras(loaded: LoadedRecipe, steps: list[StepPlan], first: PlannedInput
                 index, arch, uses, first.path.name)
         except UserError as exc:
             raise loaded.error(at, str(exc)) from None
+        for use in uses:  # what `plan` shows of each (the headers are read and checked)
+            lora = planned[use.ref]
+            if not lora.label:
+                header = read_header(lora.path)
+                lora.label, lora.file_size = identify(header).label, header.file_size
         if unmatched and not sp.step.allow_unmatched:
             from mergekit_sd.lora.targets import plural, unmatched_summary
 

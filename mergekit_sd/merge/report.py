@@ -31,7 +31,7 @@ def _describe(keyed: KeyedValue, arch: Architecture) -> str:
 
 def plan_as_dict(plan: MergePlan) -> dict:
     merged = sum(t.merge for t in plan.tasks)
-    return {
+    data = {
         "recipe": str(plan.loaded.path),
         "architecture": plan.arch.id,
         "inputs": [{"name": p.name, "ref": p.ref, "path": str(p.path), "label": p.found.label,
@@ -53,6 +53,35 @@ def plan_as_dict(plan: MergePlan) -> dict:
         "estimated_peak_bytes": plan.estimated_peak_bytes(),
         "estimated_seconds": round(plan.estimated_seconds(), 1),
     }
+    _add_loras(plan, data)
+    return data
+
+
+def _add_loras(plan: MergePlan, data: dict) -> None:
+    """The LoRAs of bake_lora steps: among the inputs (what they are, their size), and with
+    each step, how strongly each is baked."""
+    data["inputs"] += [{"name": lora.name, "ref": lora.ref, "path": str(lora.path),
+                        "label": lora.label, "architecture": plan.arch.id,
+                        "file_size": lora.file_size, "lora": True}
+                       for lora in plan.loras.values()]
+    for step, sp in zip(data["steps"], plan.steps, strict=True):
+        if sp.step.loras:
+            step["loras"] = [spec.model_dump() for spec in sp.step.loras]
+
+
+def _loras_text(step: dict) -> str:
+    """"character: strength 0.8, te_strength 0.5; style: strength 0.6, blocks IN*=0.5 ..."."""
+    return "; ".join(f"{lora['model']}: " + ", ".join(
+        f"{field} {_value_text(lora[field])}" for field in ("strength", "te_strength", "blocks")
+        if lora[field] is not None) for lora in step.get("loras", ()))
+
+
+def _value_text(value) -> str:
+    if isinstance(value, dict):
+        return " ".join(f"{k}={_value_text(v)}" for k, v in value.items())
+    if isinstance(value, list):
+        return ",".join(_value_text(v) for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def note_lines(plan: MergePlan) -> list[str]:
@@ -84,6 +113,8 @@ def show_plan(plan: MergePlan) -> None:
         inputs.add_column(column, overflow="fold")
     for p in plan.inputs.values():
         inputs.add_row(p.name, str(p.path), p.found.label, human_size(p.header.file_size))
+    for lora in plan.loras.values():
+        inputs.add_row(lora.name, str(lora.path), lora.label, human_size(lora.file_size))
     if plan.vae is not None:
         inputs.add_row("(vae)", str(plan.vae.path), plan.vae.found.label,
                        human_size(plan.vae.header.file_size))
@@ -93,7 +124,8 @@ def show_plan(plan: MergePlan) -> None:
         steps.add_column(column, overflow="fold")
     for step in data["steps"]:
         for cand, params in step["params"].items():
-            text = ", ".join(f"{p}: {v}" for p, v in params.items()) or "defaults"
+            text = ", ".join(f"{p}: {v}" for p, v in params.items()) or _loras_text(step) \
+                or "defaults"
             steps.add_row(step["name"], f"{step['method']}\n{step['formula']}",
                           ", ".join(step["inputs"]), cand, text)
     console.print(steps)
