@@ -499,8 +499,9 @@ def _dora_problem(module: LoraModule, shape: tuple[int, ...]) -> str | None:
         return None
     if inp is not None and magnitude.numel() == inp:
         return None
-    return (f"malformed: dora_scale {tuple(magnitude.shape)} holds one magnitude neither per "
-            f"output channel ({out}) nor per input channel ({inp}) of {shape}")
+    return (f"malformed: dora_scale {tuple(magnitude.shape)} holds {magnitude.numel()} "
+            f"magnitudes, where {shape} takes one per output channel ({out}) or per input "
+            f"channel ({inp})")
 
 
 def shape_problem(module: LoraModule, shape: tuple[int, ...]) -> str | None:
