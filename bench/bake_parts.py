@@ -1,5 +1,5 @@
-"""What four of the bake's mechanisms are worth: `mergekit-sd bake` as shipped against the same
-command with one of them undone, each in a child process, interleaved, in the same run.
+"""What five of the bake's mechanisms cost or are worth: `mergekit-sd bake` as shipped against
+the same command with one of them undone, each in a child process, interleaved, in the same run.
 
   one worker             the crew of workers (`lora.bake_crew`) cut to one: the arithmetic on
                          a single core, as before the crew
@@ -10,6 +10,9 @@ command with one of them undone, each in a child process, interleaved, in the sa
                          torch is loaded (`cli_exit`)
   LoRA pages kept        `BakePlan.done_with` a no-op: the mapped LoRA's pages stay in the
                          process until it ends
+  no finite check        the check of every baked weight for NaN and values beyond its dtype
+                         (`lora.bake.finite_or_clamped`: one read of the weight, its sum) left
+                         out: what that safety costs
 
 The case is bench/bake.py's "base known": a full-size SDXL fp16 checkpoint and a kohya rank-64
 LoRA, key maps and SHA256s remembered, warm page cache, earlier outputs deleted and the disk
@@ -17,7 +20,8 @@ flushed before every run. Prints median wall time and peak RSS per variant and e
 ratio to the shipped bake; writes bench/results/bake_parts.json.
 
 Run from the repository root: .venv/bin/python bench/bake_parts.py  (about 6 minutes on 2 cores
-with the default 5 rounds; needs about 15 GB free in --workdir, default /tmp).
+with the default 5 rounds; needs about 15 GB free in --workdir, default /tmp). --variants NAME...
+times only those beside the shipped bake.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from bake import _settle, _warm, generate_models  # noqa: E402
 THIS = str(Path(__file__).resolve())
 SHIPPED = "as shipped"
 VARIANTS = (SHIPPED, "one worker", "4 KiB shared buffers", "interpreter teardown",
-            "LoRA pages kept")
+            "LoRA pages kept", "no finite check")
 
 
 def child_bake(variant: str, *argv: str) -> None:
@@ -60,6 +64,10 @@ def child_bake(variant: str, *argv: str) -> None:
         from mergekit_sd.lora.bake import BakePlan
 
         BakePlan.done_with = lambda self, key: None
+    elif variant == "no finite check":
+        from mergekit_sd.lora import bake_run
+
+        bake_run.finite_or_clamped = lambda *args, **kwargs: None
     from mergekit_sd import cli
 
     sys.argv = ["mergekit-sd", "bake", *argv]
@@ -70,7 +78,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()))
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS[1:], default=VARIANTS[1:])
     args = parser.parse_args()
+    variants = (SHIPPED, *args.variants)
     m.compile_bytecode()
     work = Path(tempfile.mkdtemp(prefix="bench-bake-parts-", dir=args.workdir))
     try:
@@ -80,10 +90,10 @@ def main() -> None:
         _settle(work)
         if m.run_child([sys.executable, THIS, "--child", SHIPPED, *bake]).returncode:
             raise SystemExit("the bake that fills the cache failed")  # key maps, SHA256s
-        runs: dict[str, list] = {name: [] for name in VARIANTS}
+        runs: dict[str, list] = {name: [] for name in variants}
         for round_ in range(args.rounds):
-            shift = round_ % len(VARIANTS)
-            for name in VARIANTS[shift:] + VARIANTS[:shift]:
+            shift = round_ % len(variants)
+            for name in variants[shift:] + variants[:shift]:
                 _settle(work)
                 _warm(base)
                 result = m.run_child([sys.executable, THIS, "--child", name, *bake])
@@ -95,12 +105,12 @@ def main() -> None:
         m.print_table(["", "wall (median)", "/ as shipped", "peak RSS", "/ as shipped"],
                       [[n, f"{wall[n]:.2f} s", f"{wall[n] / wall[SHIPPED]:.2f}x",
                         m.human_bytes(peak[n]), f"{peak[n] / peak[SHIPPED]:.2f}x"]
-                       for n in VARIANTS])
+                       for n in variants])
         m.write_results("bake_parts", {
             "machine": m.machine(), "rounds": args.rounds, "page_cache": "warm",
             "wall_s": {n: [r.wall_s for r in rs] for n, rs in runs.items()},
             "median_s": wall, "peak_rss": peak,
-            "vs_shipped": {n: wall[n] / wall[SHIPPED] for n in VARIANTS}})
+            "vs_shipped": {n: wall[n] / wall[SHIPPED] for n in variants}})
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
