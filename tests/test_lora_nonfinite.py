@@ -20,7 +20,7 @@ from test_lora_bake import UNET, assert_one_sentence, expected_bake, scaled_lora
 
 from mergekit_sd.errors import UserError
 from mergekit_sd.lora import bake_run
-from mergekit_sd.lora.bake import LoraUse, plan_bake
+from mergekit_sd.lora.bake import LoraUse, apply_loras, delta_bound, plan_bake
 from mergekit_sd.lora.bake_run import run_bake
 from mergekit_sd.lora.combine import merge_loras
 from mergekit_sd.lora.extract import extract_lora
@@ -133,20 +133,82 @@ def test_a_bake_beyond_float32_is_refused(tmp_path, bases, cli, row_blocks):
     assert "beyond float32's range" in cli.last_err and not out.exists()
 
 
-def test_a_base_weight_holding_nan_where_a_lora_lands_is_refused(tmp_path, bases, cli):
-    """NaN already in the base: the bake says so rather than write it on, and names the
-    weight; one in a weight no LoRA touches is copied byte for byte, as everything it does
-    not touch."""
+def base_with(tmp_path, bases, key: str, value: float, everywhere: bool = False) -> Path:
     base = tmp_path / "base.safetensors"
     tensors = load_file(bases["sd1"])
-    tensors[FC1_KEY] = tensors[FC1_KEY].clone()
-    tensors[FC1_KEY][0, 0] = float("nan")
-    save_file(tensors, base)
+    tensors[key] = tensors[key].clone()
+    if everywhere:
+        tensors[key].fill_(value)
+    else:
+        tensors[key][0, 0] = value
+    save_file({k: v.half() if k == key else v for k, v in tensors.items()}
+              if everywhere else tensors, base)
+    return base
+
+
+def test_a_base_weight_holding_nan_where_a_lora_lands_is_refused_when_it_is_read(
+        tmp_path, bases, cli, row_blocks):
+    """NaN already in the base: where the LoRAs' deltas are large enough that the baked weight
+    is read (`delta_bound` at `SAFE_DELTA` or more), the bake says so and names the weight;
+    where they are small, the weight is not read and its NaN stays, as in every weight no LoRA
+    touches (a strength-0 LoRA leaves it byte for byte)."""
+    base = base_with(tmp_path, bases, FC1_KEY, float("nan"))
     lora = write_lora(tmp_path / "l.safetensors", "kohya-sd1")
-    assert_one_sentence(*cli("bake", base, lora, "-o", tmp_path / "o.safetensors"), 2)
+    assert_one_sentence(*cli("bake", base, f"{lora}:1e6", "-o", tmp_path / "o.safetensors"), 2)
     assert f"{FC1_KEY}: the baked weight holds NaN" in cli.last_err
+    code, _, err = cli("bake", base, f"{lora}:0.01", "-o", tmp_path / "small.safetensors")
+    assert code == 0, err
+    assert torch.isnan(load_file(tmp_path / "small.safetensors")[FC1_KEY][0, 0])
     plan = plan_bake(base, [LoraUse("l", lora, 0.0)], tmp_path / "zero.safetensors")
     assert torch.isnan(load_file(run_bake(plan))[FC1_KEY][0, 0])  # strength 0: not touched
+
+
+def test_a_delta_below_the_safe_bound_keeps_a_weight_at_fp16s_limit_finite(
+        tmp_path, bases, cli, row_blocks):
+    """The weight is not read when `delta_bound` is below `SAFE_DELTA`: that is safe even for
+    a weight whose every value is fp16's largest, 65504 (a LoRA scaled so that its bound is
+    just below the limit); above it the weight is read, and clamped."""
+    from mergekit_sd.lora.bake import SAFE_DELTA
+
+    base = base_with(tmp_path, bases, FC1_KEY, 65504.0, everywhere=True)
+    lora = write_lora(tmp_path / "l.safetensors", "kohya-sd1", dtype="F16")
+    plan = plan_bake(base, [LoraUse("l", lora, 1.0)], tmp_path / "unused.safetensors")
+    plan.stop()
+    bound = delta_bound(plan.weights[FC1_KEY])
+    assert bound > 0
+    below, above = 0.99 * SAFE_DELTA / bound, 1e4 * SAFE_DELTA / bound
+    for strength, clamped in ((below, False), (above, True)):
+        out = tmp_path / f"{clamped}.safetensors"
+        code, _, err = cli("bake", base, f"{lora}:{strength!r}", "-o", out)
+        assert code == 0, err
+        assert ("clamped" in err) is clamped, err
+        assert bool(torch.isfinite(load_file(out)[FC1_KEY]).all())
+
+
+@pytest.mark.parametrize("fmt", ["kohya-sd1", "locon-sd1", "peft-sd1", "kohya-sdxl",
+                                 "diffusers-flux"])
+def test_delta_bound_bounds_every_element_of_the_deltas(tmp_path, fmt):
+    """Every plain module's delta (linear, 1x1 and 3x3 convs, rows of fused weights), at its
+    strength and alpha/rank, stays within the bound; other kinds of module have none."""
+    arch = {"flux": "flux-dev"}.get(fmt.rsplit("-", 1)[1], fmt.rsplit("-", 1)[1])
+    base = write_checkpoint(tmp_path / "b.safetensors", arch)
+    lora = write_lora(tmp_path / "l.safetensors", fmt, dtype="F32")
+    plan = plan_bake(base, [LoraUse("l", lora, -2.5)], tmp_path / "o.safetensors")
+    plan.stop()
+    checked = 0
+    for key, apps in plan.weights.items():
+        shape = plan.header.tensors[key].shape
+        delta = apply_loras(torch.zeros(shape), apps, bias=False)
+        bound = delta_bound(apps)
+        assert float(delta.abs().max()) <= bound * (1 + 1e-5), key
+        checked += 1
+    assert checked > 10
+    loha = write_lora(tmp_path / "h.safetensors", "loha-sd1")
+    plan = plan_bake(base if arch == "sd1" else write_checkpoint(tmp_path / "s.safetensors",
+                                                                   "sd1"),
+                     [LoraUse("h", loha, 1.0)], tmp_path / "h_o.safetensors")
+    plan.stop()
+    assert all(delta_bound(apps) == float("inf") for apps in plan.weights.values())
 
 
 # --- lora merge and lora extract -----------------------------------------------------------------

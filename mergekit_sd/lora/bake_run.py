@@ -37,6 +37,7 @@ from mergekit_sd.lora.bake import (
     apply_loras,
     apply_plain_rows,
     bake_metadata,
+    delta_bound,
     exact_in,
     finite_or_clamped,
     narrow_into,
@@ -107,14 +108,16 @@ class _Baker:
                 or not row_separable(apps):
             return [lambda: self(key, info, raw)]
         tensor = self.torch.frombuffer(raw, dtype=torch_dtype(info.dtype)).reshape(info.shape)
-        return [lambda first=first: self._rows(key, tensor, apps, first, min(first + step, rows))
+        bound = delta_bound(apps)
+        return [lambda first=first: self._rows(key, tensor, apps, first, min(first + step, rows),
+                                               bound)
                 for first in range(0, rows, step)]
 
-    def _rows(self, key: str, tensor, apps: list, first: int, end: int) -> None:
+    def _rows(self, key: str, tensor, apps: list, first: int, end: int, bound: float) -> None:
         """Bake rows [first, end) of a weight in place and check them while they are in the
         cache."""
         apply_plain_rows(tensor, apps, first, end)
-        finite_or_clamped(tensor[first:end], apps, key, self.plan.clamped)
+        finite_or_clamped(tensor[first:end], apps, key, self.plan.clamped, bound)
 
     def __call__(self, key: str, info: TensorInfo, raw: memoryview):
         torch, spec = self.torch, self.specs[key]
@@ -125,13 +128,14 @@ class _Baker:
         clamped = self.plan.clamped
         if apps:
             bias = not self.plan.weights.get(key)
+            bound = math.inf if bias else delta_bound(apps)
             if self._in_place(key):
                 apply_loras(tensor, apps, bias=bias)
-                finite_or_clamped(tensor, apps, key, clamped)
+                finite_or_clamped(tensor, apps, key, clamped, bound)
                 return raw
             work = self.scratch(tensor)
             apply_loras(work, apps, bias=bias)
-            finite_or_clamped(work, apps, key, clamped)
+            finite_or_clamped(work, apps, key, clamped, bound)
             if spec.dtype == info.dtype:
                 narrow_into(tensor, work, key, clamped)  # rounded once, back into the buffer
                 return raw
