@@ -135,9 +135,8 @@ def test_a_vae_pin_without_a_vae_or_with_a_partial_hash_is_refused(tmp_path, out
     assert result.stderr.strip().endswith(words), result.stderr
 
 
-def merged_then_moved(tmp_path: Path) -> tuple[Path, Path]:
-    """(merged file, its models folder): merged into out/, then moved where web UIs keep
-    models, as users do with a finished merge."""
+def merged_in_out(tmp_path: Path) -> Path:
+    """out/mix.safetensors, merged by `mix.yaml` from models/a and models/b."""
     for name, seed in (("a", 1), ("b", 2)):
         write_checkpoint(tmp_path / "models" / f"{name}.safetensors", "sd1", seed=seed)
     (tmp_path / "mix.yaml").write_text(
@@ -145,9 +144,16 @@ def merged_then_moved(tmp_path: Path) -> tuple[Path, Path]:
         "steps: [{name: mix, method: weighted_sum, inputs: [a, b], params: {alpha: 0.35}}]\n"
         "output: {path: out/mix.safetensors}\n")
     assert run_cli("merge", tmp_path / "mix.yaml").returncode == 0
+    return tmp_path / "out" / "mix.safetensors"
+
+
+def merged_then_moved(tmp_path: Path) -> tuple[Path, Path]:
+    """(merged file, its models folder): merged into out/, then moved where web UIs keep
+    models, as users do with a finished merge."""
+    merged = merged_in_out(tmp_path)
     moved = tmp_path / "webui" / "models" / "Stable-diffusion" / "mix.safetensors"
     moved.parent.mkdir(parents=True)
-    (tmp_path / "out" / "mix.safetensors").rename(moved)
+    merged.rename(moved)
     return moved, tmp_path / "models"
 
 
@@ -178,13 +184,7 @@ def test_a_moved_merged_file_gives_a_recipe_that_finds_its_inputs_by_sha256(tmp_
 
 
 def test_an_input_replaced_at_its_recorded_path_is_named_by_sha256(tmp_path):
-    for name, seed in (("a", 1), ("b", 2)):
-        write_checkpoint(tmp_path / "models" / f"{name}.safetensors", "sd1", seed=seed)
-    (tmp_path / "mix.yaml").write_text(
-        "version: 1\nmodels: {a: models/a.safetensors, b: models/b.safetensors}\n"
-        "steps: [{name: mix, method: weighted_sum, inputs: [a, b], params: {alpha: 0.35}}]\n"
-        "output: {path: out/mix.safetensors}\n")
-    assert run_cli("merge", tmp_path / "mix.yaml").returncode == 0
+    merged_in_out(tmp_path)
     b = tmp_path / "models" / "b.safetensors"
     sha = hashlib.sha256(b.read_bytes()).hexdigest()
     write_checkpoint(b, "sd1", seed=3)  # a newer version under the same name
@@ -195,17 +195,6 @@ def test_an_input_replaced_at_its_recorded_path_is_named_by_sha256(tmp_path):
             "relative to its folder: the file there now has another SHA256\n") in extracted.stdout
     assert extracted.stderr.startswith("note: input b of mix.safetensors is not at the path it "
                                        "recorded")
-
-
-def merged_in_out(tmp_path: Path) -> Path:
-    for name, seed in (("a", 1), ("b", 2)):
-        write_checkpoint(tmp_path / "models" / f"{name}.safetensors", "sd1", seed=seed)
-    (tmp_path / "mix.yaml").write_text(
-        "version: 1\nmodels: {a: models/a.safetensors, b: models/b.safetensors}\n"
-        "steps: [{name: mix, method: weighted_sum, inputs: [a, b], params: {alpha: 0.35}}]\n"
-        "output: {path: out/mix.safetensors}\n")
-    assert run_cli("merge", tmp_path / "mix.yaml").returncode == 0
-    return tmp_path / "out" / "mix.safetensors"
 
 
 def test_the_recipe_of_a_converted_merge_remakes_the_merge_never_the_conversion(tmp_path):
