@@ -15,7 +15,7 @@ from pathlib import Path
 import typer
 
 from mergekit_sd.cli import AsJson  # loaded lazily by cli.py, already loaded
-from mergekit_sd.errors import UserError
+from mergekit_sd.errors import UserError, WorkFailed
 
 # its help text is LAZY_GROUPS' in cli.py
 search_app = typer.Typer(no_args_is_help=True, add_completion=False,
@@ -165,31 +165,52 @@ def run_pull(refs: list[str], to: Path | None, file_type: str | None, file_forma
     from catalog.civitai import FileChoice
     from catalog.config import load_settings
     from catalog.pull import Failed, PullOptions
+    from catalog.safe_names import printable_ref
     from catalog.store import Store
     from mergekit_sd.cli_progress import rich_progress
     from mergekit_sd.progress import no_progress
 
     options = PullOptions(to, FileChoice(file_type, file_format, size, fp), sha256, offline,
                           nsfw_previews, parallel)
-    with Store.open(catalog) as store:
-        if as_json:
-            outcomes = _pull(store, load_settings(), refs, options, no_progress)
-        else:
-            with rich_progress() as progress:
-                outcomes = _pull(store, load_settings(), refs, options, progress)
-    failures = [o for o in outcomes if isinstance(o, Failed)]
-    if as_json:
-        _print_json([{"ref": o.ref, "error": str(o.error)} if isinstance(o, Failed)
-                     else o.to_dict() for o in outcomes])
-    else:
-        for outcome in outcomes:
-            if isinstance(outcome, Failed):
-                word = "error" if isinstance(outcome.error, UserError) else "failed"
-                sys.stderr.write(f"{word}: {outcome.error}\n")
+    outcomes = None
+    try:
+        with Store.open(catalog) as store:
+            if as_json:
+                outcomes = _pull(store, load_settings(), refs, options, no_progress)
             else:
-                typer.echo(describe_pulled(outcome))
+                with rich_progress() as progress:
+                    outcomes = _pull(store, load_settings(), refs, options, progress)
+    except (UserError, WorkFailed) as exc:
+        if not as_json or outcomes is not None:
+            raise
+        # refused before any reference was tried (--sha256, the config, the catalog): a script
+        # reading stdout still gets its one document, every reference failed with the reason
+        sys.stderr.write(f"{_failure_word(exc)}: {exc}\n")
+        _print_json([_failed_json(Failed(printable_ref(ref), exc)) for ref in refs])
+        raise typer.Exit(exc.exit_code) from None
+    failures = [o for o in outcomes if isinstance(o, Failed)]
+    for outcome in outcomes:
+        if isinstance(outcome, Failed):  # on stderr with --json too, as `inspect --json` does
+            sys.stderr.write(f"{_failure_word(outcome.error)}: {outcome.error}\n")
+        elif not as_json:
+            typer.echo(describe_pulled(outcome))
+    if as_json:
+        _print_json([_failed_json(o) if isinstance(o, Failed) else o.to_dict()
+                     for o in outcomes])
     if failures:
         raise typer.Exit(2 if any(isinstance(f.error, UserError) for f in failures) else 1)
+
+
+def _failure_word(error: Exception) -> str:
+    """What the line on stderr starts with, as for every command (cli.main)."""
+    return "error" if isinstance(error, UserError) else "failed"
+
+
+def _failed_json(failed) -> dict:
+    """A reference that was not pulled: "refused" is bad input to fix (exit code 2), "failed"
+    the service, the network or the disk (exit code 1)."""
+    return {"ref": failed.ref, "error": str(failed.error),
+            "kind": "refused" if isinstance(failed.error, UserError) else "failed"}
 
 
 def _pull(store, settings, refs, options, progress):

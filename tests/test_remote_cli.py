@@ -136,6 +136,53 @@ def test_refusals_are_one_line_and_leave_no_model(tmp_path, fake):
     assert "pulled civitai://123" in both.stdout
 
 
+def json_outcomes(result: subprocess.CompletedProcess, code: int) -> list[dict]:
+    """stdout of a `pull --json` that failed: one JSON document, whatever went wrong."""
+    assert result.returncode == code, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    return json.loads(result.stdout)
+
+
+def test_a_pull_with_json_says_what_failed_on_stdout(tmp_path, fake):
+    root = tmp_path / "models"
+    # refused before any reference is tried: every reference carries the one sentence
+    url = f"{fake.files.url}/files/direct/x.safetensors"
+    refused = mergekit(tmp_path, fake, "pull", url, "civitai://123", "--sha256", "abc", "--to",
+                       root, "--json")
+    sentence = "--sha256 'abc': give all 64 hex digits of the file's SHA256"
+    assert json_outcomes(refused, 2) == [
+        {"ref": url, "error": sentence, "kind": "refused"},
+        {"ref": "civitai://123", "error": sentence, "kind": "refused"}]
+    assert refused.stderr.strip().splitlines() == [f"error: {sentence}"]
+    bad_config = tmp_path / "bad.toml"
+    bad_config.write_text("[civitai\n")
+    [outcome] = json_outcomes(mergekit(tmp_path, fake, "pull", "civitai://123", "--json",
+                                       MERGEKIT_SD_CONFIG=str(bad_config)), 2)
+    assert outcome["kind"] == "refused" and "bad.toml: not valid TOML" in outcome["error"]
+    [outcome] = json_outcomes(mergekit(tmp_path, fake, "pull", "civitai://123", "--json",
+                                       "--catalog", tmp_path), 2)
+    assert "cannot open the catalog" in outcome["error"]
+    assert not root.exists()
+
+    # per reference: a bad one and one Civitai does not know beside one pulled (exit code 2),
+    # then a service that keeps failing (exit code 1); stderr says the same in lines
+    mixed = mergekit(tmp_path, fake, "pull", "civitai://abc", "civitai://999", "civitai://123",
+                     "--to", root, "--json")
+    bad, unknown, pulled = json_outcomes(mixed, 2)
+    assert (bad["ref"], bad["kind"]) == ("civitai://abc", "refused")
+    assert "civitai://VERSION_ID" in bad["error"]
+    assert unknown == {"ref": "civitai://999", "kind": "refused", "error": "Civitai does not "
+                       "know model version 999 (404); check the id or hash"}
+    assert pulled["status"] == "downloaded"
+    assert mixed.stderr.strip().splitlines() == [f"error: {bad['error']}",
+                                                 f"error: {unknown['error']}"]
+    fake.civitai.fail("/api/v1/model-versions/300", 503, 503, 503, 503)
+    busy = mergekit(tmp_path, fake, "pull", "civitai://300", "--to", root, "--json")
+    [outcome] = json_outcomes(busy, 1)
+    assert outcome["kind"] == "failed" and outcome["ref"] == "civitai://300"
+    assert busy.stderr.strip().splitlines() == [f"failed: {outcome['error']}"]
+
+
 def test_busy_civitai_is_retried(tmp_path, fake):
     fake.civitai.fail("/api/v1/model-versions/300", 429, 503)
     result = mergekit(tmp_path, fake, "pull", "civitai://300", "--to", tmp_path / "m")
