@@ -28,14 +28,14 @@ from catalog.civitai import (
     sequence,
     unexpected,
 )
-from catalog.civitai_sidecars import write_version_sidecars
+from catalog.civitai_sidecars import SidecarsWritten, write_version_sidecars
 from catalog.config import RemoteSettings
 from catalog.download import BadDownload, Downloaded, Downloader, DownloadRequest
 from catalog.entries import Entry
 from catalog.hashes import FileHashes, hash_file
 from catalog.identity import examine
 from catalog.layouts import detect_layout
-from catalog.register import record_source, register_download
+from catalog.register import record_source, register_download, remember_preview
 from catalog.remote_http import GuardedClient, RetryPolicy
 from catalog.remote_refs import (
     CivitaiModelRef,
@@ -227,7 +227,7 @@ class Puller:
         if sha256 and (owned := owned_by_sha256(self.store, sha256)) is not None:
             record_source(self.store, owned.id, "civitai", ids)
             if not Path(owned.path).with_name(_stem(Path(owned.path)) + CIVITAI_INFO).exists():
-                self._sidecars(Path(owned.path), version, options)
+                self._sidecars(Path(owned.path), version, options, owned.id)
             return [_already(text, owned)]
         kind = CIVITAI_KINDS.get(mapping(version.get("model")).get("type"))
         folder, root = self._destination(options.to, kind)
@@ -247,9 +247,12 @@ class Puller:
         def register(done: Downloaded) -> Pulled:
             # "Every download is verified": where Civitai gives nothing to verify against, say so
             notes = [] if sha256 else ["not verified: Civitai lists no SHA256 for this file"]
-            notes += self._sidecars(done.path, version, options)
+            written = self._write_sidecars(done.path, version, options)
+            notes += written.problems
             entry_id = register_download(self.store, done.path, done.hashes, root, "civitai",
                                          ids)
+            if written.record is not None:  # after the scan of the file, which resets details
+                remember_preview(self.store, entry_id, written.record)
             return _pulled(text, entry_id, done, notes)
 
         return [_Job(text, key, lambda: downloader.fetch(request), register)]
@@ -388,13 +391,24 @@ class Puller:
                 return root
         return roots[0] if roots else None
 
-    def _sidecars(self, model: Path, version: dict, options: PullOptions) -> list[str]:
+    def _sidecars(self, model: Path, version: dict, options: PullOptions,
+                  entry_id: int) -> None:
+        """The sidecars of a file the catalog already has."""
+        written = self._write_sidecars(model, version, options)
+        if written.record is not None:
+            remember_preview(self.store, entry_id, written.record)
+
+    def _write_sidecars(self, model: Path, version: dict,
+                        options: PullOptions) -> SidecarsWritten:
+        """`.civitai.info` and a preview; a preview already there is kept (only `catalog
+        identify --refresh` replaces one)."""
         allow = (self.settings.nsfw_previews if options.nsfw_previews is None
                  else options.nsfw_previews)
         try:
-            return write_version_sidecars(model, version, self.civitai.http, allow).problems
+            return write_version_sidecars(model, version, self.civitai.http, allow)
         except OSError as exc:  # the model is verified and in place: catalogued all the same
-            return [f"{model.name}: its sidecars could not be written ({exc.strerror})"]
+            return SidecarsWritten(problems=[
+                f"{model.name}: its sidecars could not be written ({exc.strerror})"])
 
 
 def _check_sha256(sha256: str | None) -> None:

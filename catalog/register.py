@@ -54,3 +54,31 @@ def record_source(store: Store, file_id: int, source: str, source_ids: dict) -> 
         db.execute("UPDATE files SET source = CASE WHEN source = 'local' THEN ? ELSE source END, "
                    "source_ids = json_patch(source_ids, ?), updated_at = ? WHERE id = ?",
                    (source, json.dumps(source_ids), time.time(), file_id))
+
+
+# where an entry's details keep the record of the preview saved beside its file
+# (catalog/civitai_sidecars.py): a scan of a changed file rewrites the details and forgets it,
+# and the preview is then kept as if it were the user's
+_PREVIEW_RECORD = "$.civitai_preview"
+
+
+def saved_preview(store: Store, file_id: int) -> dict | None:
+    """The record of the preview saved beside the entry's file, if one was."""
+    row = store.db.execute("SELECT json_extract(details, ?) FROM files WHERE id = ?",
+                           (_PREVIEW_RECORD, file_id)).fetchone()
+    try:
+        record = json.loads(row[0]) if row and isinstance(row[0], str) else None
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def remember_preview(store: Store, file_id: int, record: dict | None) -> None:
+    """Keep the record of the preview saved beside the entry's file; None forgets it."""
+    with store.write() as db:
+        if record is None:
+            db.execute("UPDATE files SET details = json_remove(details, ?) WHERE id = ?",
+                       (_PREVIEW_RECORD, file_id))
+        else:
+            db.execute("UPDATE files SET details = json_set(details, ?, json(?)) WHERE id = ?",
+                       (_PREVIEW_RECORD, json.dumps(record), file_id))

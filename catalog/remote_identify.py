@@ -4,7 +4,8 @@ Identification looks every hashed file up by SHA256 in bulk: one request tells w
 10,000 hashes Civitai knows, then one request per 100 known ones fetches their versions. Each
 file found gets `.civitai.info` and a preview beside it, and its entry the names, base model,
 trigger words and source ids they carry (through the same sidecar reading as a scan). A file
-identified before (it has `.civitai.info`) is not looked up again unless asked.
+identified before (it has `.civitai.info`) is not looked up again unless asked (`refresh`); then
+a preview saved by this tool follows the new information (catalog/civitai_sidecars.py).
 
 Updates group the files that came from Civitai by model and fetch those models in bulk (100 a
 request); a model whose newest version is newer than every owned one is an update.
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from catalog.civitai import CivitaiClient, mapping, sequence, unexpected
 from catalog.civitai_sidecars import write_version_sidecars
-from catalog.register import record_source
+from catalog.register import record_source, remember_preview, saved_preview
 from catalog.scan import refresh_sidecars_of
 from catalog.sidecars import CIVITAI_INFO
 from catalog.store import Store
@@ -83,7 +84,7 @@ def identify(store: Store, client: CivitaiClient, *, refresh: bool = False,
         version = versions.get(sha)
         if version is not None:
             for row in entries:
-                _apply(store, client, row, version, nsfw_previews, report)
+                _apply(store, client, row, version, nsfw_previews, refresh, report)
         progress("identifying", done, len(pending))
     return report
 
@@ -110,19 +111,24 @@ def _versions_by_sha256(versions: list[dict]) -> dict[str, dict]:
 
 
 def _apply(store: Store, client: CivitaiClient, row, version: dict, nsfw_previews: bool,
-           report: IdentifyReport) -> None:
+           refresh: bool, report: IdentifyReport) -> None:
     path = Path(row["path"])
     if not path.exists():
         report.problems.append(f"{path}: gone since it was hashed; run `mergekit-sd catalog "
                                "scan`")
         return
+    earlier = saved_preview(store, row["id"])
     try:
-        written = write_version_sidecars(path, version, client.http, nsfw_previews)
+        # --refresh: a preview saved with the earlier information follows the new one
+        written = write_version_sidecars(path, version, client.http, nsfw_previews,
+                                         earlier=earlier, replace=refresh)
     except OSError as exc:
         report.problems.append(f"{path}: cannot write its sidecars ({exc.strerror}); skipped")
         return
     report.problems.extend(written.problems)
     refresh_sidecars_of(store, row["id"], path)
+    if written.record != earlier:
+        remember_preview(store, row["id"], written.record)
     record_source(store, row["id"], "civitai", {"civitai": {
         "model_id": version.get("modelId"), "version_id": version.get("id")}})
     model = mapping(version.get("model"))

@@ -164,11 +164,23 @@ def existing_preview(model: Path) -> Path | None:
     return None
 
 
+def our_preview_name(model: Path) -> str:
+    """The name previews are saved under: `X.preview.png`, the one every web UI looks for
+    first."""
+    return _beside(model, ".preview.png").name
+
+
 def write_preview(model: Path, image: bytes) -> Path | None:
-    """Save a preview image as `X.preview.png` (the name every web UI looks for first); None,
-    writing nothing, where `model` already has a preview: one a user chose is theirs to keep."""
+    """Save a preview image as `X.preview.png`; None, writing nothing, where `model` already has
+    a preview: one a user chose is theirs to keep."""
     if existing_preview(model) is not None:
         return None
+    return replace_preview(model, image)
+
+
+def replace_preview(model: Path, image: bytes) -> Path:
+    """Save a preview image as `X.preview.png` whatever is there (the caller knows it is not
+    the user's): a temporary name, then a rename over it."""
     return write_bytes_atomic(_beside(model, ".preview.png"), image)
 
 

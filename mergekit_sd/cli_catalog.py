@@ -329,7 +329,9 @@ def rm(
 
 @catalog_app.command("identify")
 def identify_command(
-    refresh: bool = typer.Option(False, "--refresh", help="Look up files identified before too."),
+    refresh: bool = typer.Option(False, "--refresh", help="Look up files identified before "
+                                 "too, and replace the previews saved for them where Civitai "
+                                 "now shows another image (never one of your own)."),
     nsfw_previews: NsfwPreviews = None,
     offline: bool = typer.Option(False, "--offline", help="Never call out (then there is "
                                  "nothing to do: identification asks Civitai)."),

@@ -445,6 +445,76 @@ def test_identify_and_pull_keep_a_preview_the_user_made(tmp_path, store, fake, l
     assert fake.files.server.requests("/files/img/") == []  # no image fetched for nothing
 
 
+def test_identify_refresh_replaces_the_preview_it_saved_and_only_that(tmp_path, store, fake,
+                                                                      loras):
+    """Civitai's preview for a file changes: --refresh follows it for the preview a pull or an
+    identification saved, within the NSFW setting; a preview of the user's stays."""
+    [pulled] = pull(store, fake, "civitai://123", to=tmp_path / "pulled")
+    ours = pulled.path.with_name("mychar.preview.png")
+    assert ours.read_bytes() == PNG
+    fake.civitai.add_model(81, "Other", "LORA")
+    fake.civitai.add_version(81, 810, "v1", "Pony", [FakeFile("other.safetensors", loras[1])],
+                             images=[{"url": f"{fake.files.url}/files/img/sfw.png",
+                                      "nsfwLevel": 1}])
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "other.safetensors").write_bytes(loras[1])
+    (mine / "other.preview.png").write_bytes(b"my own picture")
+    add_root(store, mine)
+    scan(store, jobs=1)
+    hash_pending(store)
+
+    def refresh(**options):
+        with client_for(fake) as client:
+            return identify(store, client, refresh=True, **options)
+
+    refresh()
+    assert ours.read_bytes() == PNG  # the same image as before: nothing fetched again
+    assert fake.files.server.requests("/files/img/", "GET")[1:] == []
+    fake.files.put("img/new.png", PNG + b"new", "image/png")
+    for version in (123, 810):
+        fake.civitai.versions[version].images = [
+            {"url": f"{fake.files.url}/files/img/new.png", "nsfwLevel": 1}]
+    with client_for(fake) as client:
+        assert identify(store, client).skipped == 2  # without --refresh nothing changes
+    assert ours.read_bytes() == PNG
+
+    report = refresh()
+    assert ours.read_bytes() == PNG + b"new"
+    assert "mychar.safetensors: replaced its preview mychar.preview.png (Civitai shows another " \
+           "image for it now)" in report.problems
+    assert (mine / "other.preview.png").read_bytes() == b"my own picture"
+    assert "other.safetensors: kept its preview other.preview.png" in report.problems
+    assert sorted(p.name for p in ours.parent.iterdir()) == [
+        "mychar.civitai.info", "mychar.preview.png", "mychar.safetensors"]  # no temporary left
+    assert get_entry(store, pulled.entry_id).preview == str(ours)
+
+    # only an X-rated image now: gone with the default setting, saved with --nsfw-previews
+    fake.civitai.versions[123].images = [{"url": f"{fake.files.url}/files/img/x.png",
+                                          "nsfwLevel": 8}]
+    report = refresh()
+    assert not ours.exists() and get_entry(store, pulled.entry_id).preview is None
+    assert any("removed the preview saved with its earlier information" in p
+               for p in report.problems)
+    refresh(nsfw_previews=True)
+    assert ours.read_bytes() == PNG + b"x"
+    # the one identify saved follows too: to the first image allowed by the setting
+    fake.civitai.versions[123].images.append({"url": f"{fake.files.url}/files/img/sfw.png",
+                                              "nsfwLevel": 1})
+    refresh()
+    assert ours.read_bytes() == PNG
+
+    # a preview the user changed is theirs from then on
+    ours.write_bytes(b"edited by hand")
+    fake.civitai.versions[123].images = [{"url": f"{fake.files.url}/files/img/new.png",
+                                          "nsfwLevel": 1}]
+    assert "mychar.safetensors: kept its preview mychar.preview.png" in refresh().problems
+    ours.write_bytes(PNG)  # even once its bytes are those saved again: forgotten
+    fake.civitai.versions[123].images[0]["url"] = f"{fake.files.url}/files/img/x.png"
+    refresh()
+    assert ours.read_bytes() == PNG
+
+
 def test_a_preview_address_that_does_not_parse_is_a_note_and_the_model_is_catalogued(
         tmp_path, store, fake, loras):
     fake.civitai.add_model(50, "Odd", "LORA")
