@@ -329,6 +329,31 @@ def test_a_bake_of_relative_paths_gives_a_recipe_that_runs_from_anywhere(tmp_pat
     same_tensors(output, elsewhere / "again.safetensors")
 
 
+def test_the_recipe_of_a_bake_keeps_the_ema_weights_the_bake_kept(tmp_path):
+    """A bake writes every tensor of the base, EMA too; its recipe says so (output.drop_ema:
+    false), or re-running it would drop them, as a merge does by default."""
+    from safetensors.torch import save_file
+
+    from mergekit_sd.testing import write_lora
+
+    tensors = load_file(write_checkpoint(tmp_path / "plain.safetensors", "sd1", seed=1))
+    tensors.update({"model_ema.decay": torch.tensor(0.9999),
+                    "model_ema.num_updates": torch.tensor(1000)})
+    base = tmp_path / "base.safetensors"
+    save_file(tensors, base, metadata={"format": "pt"})
+    lora = write_lora(tmp_path / "style.safetensors", "kohya-sd1")
+    baked = tmp_path / "baked.safetensors"
+    assert run_cli("bake", base, lora, "-o", baked).returncode == 0
+    assert "model_ema.decay" in load_file(baked)
+    extracted = run_cli("recipe", "extract", baked, "-o", "again.yaml", "--output-path",
+                        "again.safetensors", cwd=tmp_path)
+    assert extracted.returncode == 0, extracted.stderr
+    assert "  drop_ema: false\n" in (tmp_path / "again.yaml").read_text()
+    rerun = run_cli("merge", tmp_path / "again.yaml")
+    assert rerun.returncode == 0, rerun.stderr
+    same_tensors(baked, tmp_path / "again.safetensors")
+
+
 def test_a_bake_lora_step_records_its_loras_relative_to_the_output_and_reruns_bytewise(
         tmp_path):
     from mergekit_sd.io.header import read_header

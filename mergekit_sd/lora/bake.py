@@ -483,7 +483,9 @@ def bake_metadata(plan: BakePlan, base_sha256: str) -> dict[str, str]:
         "version": 1,
         "models": {n: {"ref": r, "sha256": s} for n, r, s in zip(names, refs, shas, strict=True)},
         "steps": [{"name": "bake", "method": "bake_lora", "inputs": [names[0]], "loras": loras}],
-        "output": {"step": "bake", "dtype": plan.dtype, "title": plan.output.stem},
+        # a bake writes every tensor of the base, EMA too, where a recipe drops EMA by default
+        "output": {"step": "bake", "dtype": plan.dtype, "title": plan.output.stem,
+                   "drop_ema": False},
     }
     metadata = dict(plan.header.metadata)
     metadata.pop(META_RECIPE_OUTPUT, None)  # the recipe below makes this very file
