@@ -4,10 +4,12 @@ bytes; a file whose stored recipe is damaged gets one sentence."""
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import run_cli
 from safetensors.torch import load_file
 
@@ -278,3 +280,107 @@ def test_a_moved_merged_file_names_its_baked_vae_by_sha256_too(tmp_path):
             ) in extracted.stdout
     assert extracted.stderr.startswith("note: inputs a, b and output.vae of mix.safetensors "
                                        "are not at the path it recorded")
+
+
+# --- bakes: `bake` and a recipe's bake_lora step record their inputs as merges do -------------
+
+
+def same_tensors(one: Path, two: Path) -> None:
+    """`two` holds the tensors of `one` and no others, each with the same dtype and values."""
+    a, b = load_file(one), load_file(two)
+    assert a.keys() == b.keys()
+    for key, tensor in a.items():
+        assert b[key].dtype == tensor.dtype and torch.equal(b[key], tensor), key
+
+
+def test_a_bake_of_relative_paths_gives_a_recipe_that_runs_from_anywhere(tmp_path):
+    """`bake` ran in src/, named its inputs relative to it and wrote into out/: the folder it
+    ran in is recorded nowhere, so the file records them relative to its own folder, and the
+    recipe extracted in elsewhere/ names the very base and LoRA and bakes the same tensors.
+    (Not the same bytes: the bake keeps the base's metadata and its own tensor order, where
+    `merge` writes a merge's.)"""
+    from mergekit_sd.io.header import read_header
+    from mergekit_sd.testing import write_lora
+
+    src, elsewhere = tmp_path / "src", tmp_path / "elsewhere"
+    base = write_checkpoint(src / "models" / "base.safetensors", "sd1", seed=1)
+    lora = write_lora(src / "loras" / "style.safetensors", "kohya-sd1")
+    (tmp_path / "out").mkdir()
+    elsewhere.mkdir()
+    baked = run_cli("bake", "models/base.safetensors", "loras/style.safetensors:0.7",
+                    "-o", "../out/baked.safetensors", cwd=src)
+    assert baked.returncode == 0, baked.stderr
+    output = tmp_path / "out" / "baked.safetensors"
+    metadata = read_header(output).metadata
+    models = json.loads(metadata["mergekit_sd.recipe"])["models"]
+    assert {name: model["ref"] for name, model in models.items()} == {
+        "base": "../src/models/base.safetensors", "style": "../src/loras/style.safetensors"}
+    assert str(tmp_path) not in json.dumps(metadata)  # no folder of the user's, in any key
+    extracted = run_cli("recipe", "extract", "../out/baked.safetensors", "-o", "again.yaml",
+                        "--output-path", "again.safetensors", cwd=elsewhere)
+    assert extracted.returncode == 0, extracted.stderr
+    assert extracted.stderr == ""  # every input found at its recorded path
+    doc = yaml.safe_load((elsewhere / "again.yaml").read_text())
+    for name, found in (("base", base), ("style", lora)):
+        ref = doc["models"][name]["ref"]
+        assert not Path(ref).is_absolute() and (elsewhere / ref).resolve() == found.resolve()
+    rerun = run_cli("merge", elsewhere / "again.yaml", cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr
+    same_tensors(output, elsewhere / "again.safetensors")
+
+
+def test_the_recipe_of_a_bake_keeps_the_ema_weights_the_bake_kept(tmp_path):
+    """A bake writes every tensor of the base, EMA too; its recipe says so (output.drop_ema:
+    false), or re-running it would drop them, as a merge does by default."""
+    from safetensors.torch import save_file
+
+    from mergekit_sd.testing import write_lora
+
+    tensors = load_file(write_checkpoint(tmp_path / "plain.safetensors", "sd1", seed=1))
+    tensors.update({"model_ema.decay": torch.tensor(0.9999),
+                    "model_ema.num_updates": torch.tensor(1000)})
+    base = tmp_path / "base.safetensors"
+    save_file(tensors, base, metadata={"format": "pt"})
+    lora = write_lora(tmp_path / "style.safetensors", "kohya-sd1")
+    baked = tmp_path / "baked.safetensors"
+    assert run_cli("bake", base, lora, "-o", baked).returncode == 0
+    assert "model_ema.decay" in load_file(baked)
+    extracted = run_cli("recipe", "extract", baked, "-o", "again.yaml", "--output-path",
+                        "again.safetensors", cwd=tmp_path)
+    assert extracted.returncode == 0, extracted.stderr
+    assert "  drop_ema: false\n" in (tmp_path / "again.yaml").read_text()
+    rerun = run_cli("merge", tmp_path / "again.yaml")
+    assert rerun.returncode == 0, rerun.stderr
+    same_tensors(baked, tmp_path / "again.safetensors")
+
+
+def test_a_bake_lora_step_records_its_loras_relative_to_the_output_and_reruns_bytewise(
+        tmp_path):
+    from mergekit_sd.io.header import read_header
+    from mergekit_sd.testing import write_lora
+
+    write_checkpoint(tmp_path / "models" / "base.safetensors", "sd1", seed=1)
+    write_lora(tmp_path / "loras" / "style.safetensors", "loha-sd1")
+    (tmp_path / "recipes" / "sub").mkdir(parents=True)
+    (tmp_path / "recipes" / "sub" / "bake.yaml").write_text(
+        "version: 1\nmodels:\n  base: ../../models/base.safetensors\n"
+        "  style: {ref: ../../loras/style.safetensors}\n"
+        "steps:\n  - name: baked\n    method: bake_lora\n    inputs: [base]\n"
+        "    loras: [{model: style, strength: 0.6, te_strength: 0.3}]\n"
+        "output: {path: ../../out/baked.safetensors, date: '2026-11-21'}\n")
+    merged = run_cli("merge", tmp_path / "recipes" / "sub" / "bake.yaml")
+    assert merged.returncode == 0, merged.stderr
+    output = tmp_path / "out" / "baked.safetensors"
+    metadata = read_header(output).metadata
+    models = json.loads(metadata["mergekit_sd.recipe"])["models"]
+    assert {name: model["ref"] for name, model in models.items()} == {
+        "base": "../models/base.safetensors", "style": "../loras/style.safetensors"}
+    assert str(tmp_path) not in json.dumps(metadata)
+    (tmp_path / "elsewhere").mkdir()
+    extracted = run_cli("recipe", "extract", output, "-o", "again.yaml", "--output-path",
+                        "../out/again.safetensors", cwd=tmp_path / "elsewhere")
+    assert extracted.returncode == 0, extracted.stderr
+    assert extracted.stderr == ""
+    rerun = run_cli("merge", tmp_path / "elsewhere" / "again.yaml")
+    assert rerun.returncode == 0, rerun.stderr
+    assert (tmp_path / "out" / "again.safetensors").read_bytes() == output.read_bytes()

@@ -53,3 +53,21 @@ def test_a_bare_name_in_a_recipe_is_a_path(library):
     result = plan_with(root, "model-b")
     assert result.returncode == 2
     assert "models.b: model file" in result.stderr and "does not exist" in result.stderr
+
+
+def test_a_bake_records_a_catalog_base_as_named_never_its_folder(library, tmp_path):
+    """The base named `catalog:model-b`, as a LoRA so named is recorded: the reference and its
+    SHA256, not the path the catalog found it at."""
+    from mergekit_sd.io.header import read_header
+    from mergekit_sd.testing import write_lora
+
+    root, b = library
+    lora = write_lora(tmp_path / "style.safetensors", "kohya-sd1")
+    output = tmp_path / "baked.safetensors"
+    baked = run_cli("bake", "catalog:model-b", lora, "-o", output, "--catalog",
+                    root / "c.sqlite")
+    assert baked.returncode == 0, baked.stderr
+    metadata = read_header(output).metadata
+    recipe = json.loads(metadata["mergekit_sd.recipe"])
+    assert recipe["models"]["base"] == {"ref": "catalog:model-b", "sha256": b.sha256}
+    assert str(root) not in json.dumps(metadata)

@@ -33,6 +33,7 @@ from mergekit_sd.lora.deltas import DeltaShapeError, apply_dora, module_delta
 from mergekit_sd.lora.modules import LoraFile, LoraModule, group_modules, load_lora
 from mergekit_sd.lora.strengths import BlockSpec, beyond_float32, block_strengths, strength_problem
 from mergekit_sd.lora.targets import DIFFUSION, Target, TargetIndex, Unmatched
+from mergekit_sd.recipe.refs import recorded_ref
 
 OUTPUT_DTYPES = {"keep": None, "fp32": "F32", "fp16": "F16", "bf16": "BF16"}
 UNKNOWN_SHA256 = "~" * 64  # in the metadata written first, until the hash is known
@@ -80,6 +81,7 @@ class BakePlan:
     index: TargetIndex | None = None
     touched: set[str] = field(default_factory=set)  # keys some LoRA module names
     lora_headers: list[SafetensorsHeader] = field(default_factory=list)  # read while planning
+    base_ref: str = ""  # the base as the user named it (a path or a catalog reference)
 
     def stop(self) -> None:
         """Stop the work it runs in the background (the base's hash): the bake is not going
@@ -139,10 +141,10 @@ def _check_lora(use: LoraUse, found: Identification, arch: Architecture,
 
 
 def plan_bake(base: str | Path, uses: list[LoraUse], output: str | Path, dtype: str = "keep",
-              known_sha256: str | None = None) -> BakePlan:
+              known_sha256: str | None = None, base_ref: str | None = None) -> BakePlan:
     """Check the inputs and aim every LoRA module at its weight (`prepare_bake`, then
     `load_loras`)."""
-    plan = prepare_bake(base, uses, output, dtype, known_sha256)
+    plan = prepare_bake(base, uses, output, dtype, known_sha256, base_ref)
     try:
         load_loras(plan)
     except BaseException:
@@ -152,10 +154,12 @@ def plan_bake(base: str | Path, uses: list[LoraUse], output: str | Path, dtype: 
 
 
 def prepare_bake(base: str | Path, uses: list[LoraUse], output: str | Path,
-                 dtype: str = "keep", known_sha256: str | None = None) -> BakePlan:
+                 dtype: str = "keep", known_sha256: str | None = None,
+                 base_ref: str | None = None) -> BakePlan:
     """The plan as far as the files' headers tell it: the base and the LoRAs checked, and the
     weights the LoRAs' modules name (`touched`). Unless the base's SHA256 is known (given, or
-    remembered), it starts being hashed now, on another core (`base_hash`)."""
+    remembered), it starts being hashed now, on another core (`base_hash`). `base_ref` is the
+    base as the user named it (default: the path `base`), for the provenance."""
     base = Path(base)
     if dtype not in OUTPUT_DTYPES:
         raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(OUTPUT_DTYPES)}")
@@ -168,7 +172,7 @@ def prepare_bake(base: str | Path, uses: list[LoraUse], output: str | Path,
     for use, lora_header in zip(uses, lora_headers, strict=True):  # before the key maps
         _check_lora(use, identify(lora_header), arch, lora_header)
     plan = BakePlan(base, header, arch, uses, [], Path(output), dtype, known_sha256=known_sha256,
-                    lora_headers=lora_headers)
+                    lora_headers=lora_headers, base_ref=str(base) if base_ref is None else base_ref)
     if not known_sha256 and not remembered_sha256(base):
         plan.base_hash = BackgroundSha256(base)
     try:
@@ -459,7 +463,9 @@ def damaged_tensor(module: LoraModule) -> str | None:
 
 def bake_metadata(plan: BakePlan, base_sha256: str) -> dict[str, str]:
     """The base's own metadata, plus what was baked in: our recipe form (so `catalog lineage`
-    shows the base and every LoRA as parents) and a plain list."""
+    shows the base and every LoRA as parents, and `recipe extract` gives a recipe that bakes
+    the same weights: inputs recorded as merges record them, `recorded_ref`) and a plain list
+    (the LoRAs' file names, never their folders)."""
     names = _model_names(plan)
     loras = []
     for use, name in zip(plan.uses, names[1:], strict=True):
@@ -470,12 +476,16 @@ def bake_metadata(plan: BakePlan, base_sha256: str) -> dict[str, str]:
             entry["blocks"] = use.blocks
         loras.append(entry)
     shas = [base_sha256, *(plan.lora_sha256s or [UNKNOWN_SHA256] * len(plan.uses))]
-    refs = [str(plan.base), *(u.ref for u in plan.uses)]
+    folder = plan.output.parent
+    refs = [recorded_ref(plan.base_ref, plan.base, folder),
+            *(recorded_ref(u.ref, u.path, folder) for u in plan.uses)]
     recipe = {
         "version": 1,
         "models": {n: {"ref": r, "sha256": s} for n, r, s in zip(names, refs, shas, strict=True)},
         "steps": [{"name": "bake", "method": "bake_lora", "inputs": [names[0]], "loras": loras}],
-        "output": {"step": "bake", "dtype": plan.dtype, "title": plan.output.stem},
+        # a bake writes every tensor of the base, EMA too, where a recipe drops EMA by default
+        "output": {"step": "bake", "dtype": plan.dtype, "title": plan.output.stem,
+                   "drop_ema": False},
     }
     metadata = dict(plan.header.metadata)
     metadata.pop(META_RECIPE_OUTPUT, None)  # the recipe below makes this very file

@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
-from pathlib import Path
 
 from mergekit_sd import __version__
 from mergekit_sd.arch.diffusion import SD_CONV_IN_KEYS, sd_conv_in_variant
 from mergekit_sd.merge.plan import MergePlan, PlannedInput
 from mergekit_sd.merge.registry import unrecorded_draws
 from mergekit_sd.recipe.params import Candidate
-from mergekit_sd.recipe.refs import is_path_ref
+from mergekit_sd.recipe.refs import recorded_ref
 from mergekit_sd.recipe.schema import ParamSpec
 
 MODELSPEC_ARCHITECTURE = {
@@ -39,22 +37,13 @@ def _param_json(value):
     return value
 
 
-def stored_ref(ref: str, path: Path, output_folder: Path) -> str:
-    """A reference as the merged file records it: a relative path is made relative to the
-    file's own folder, which `recipe extract` can find again (the recipe's folder is not
-    recorded, and recording it would make the bytes depend on where the recipe sits)."""
-    if not is_path_ref(ref) or Path(ref).expanduser().is_absolute():
-        return ref
-    return Path(os.path.relpath(path, output_folder)).as_posix()
-
-
 def canonical_recipe(plan: MergePlan, cand: Candidate, hashes: dict[str, str]) -> dict:
     recipe = plan.loaded.recipe
     output = recipe.output
     folder = plan.outputs[cand.name].parent
     doc = {
         "version": 1,
-        "models": {name: {"ref": stored_ref(planned.ref, planned.path, folder),
+        "models": {name: {"ref": recorded_ref(planned.ref, planned.path, folder),
                           "sha256": hashes[name]}
                    for name, planned in (*((n, plan.inputs[n]) for n in plan.model_order),
                                          *plan.loras.items())},
@@ -64,7 +53,7 @@ def canonical_recipe(plan: MergePlan, cand: Candidate, hashes: dict[str, str]) -
                    "title": output.title or cand.name, "date": merge_date(plan)},
     }
     if plan.vae is not None:
-        doc["output"]["vae"] = stored_ref(plan.vae.ref, plan.vae.path, folder)
+        doc["output"]["vae"] = recorded_ref(plan.vae.ref, plan.vae.path, folder)
         doc["output"]["vae_sha256"] = hashes["vae"]
     return doc
 

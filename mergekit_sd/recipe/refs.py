@@ -39,6 +39,17 @@ def is_path_ref(ref: str) -> bool:
     return not ref.startswith(SCHEMES)
 
 
+def recorded_ref(ref: str, path: Path, output_folder: Path) -> str:
+    """`ref` (resolved to `path`) as a file made from it records it, for `recipe extract` to
+    find again: a relative path is made relative to the output file's own folder; absolute
+    paths and references that are no path (`sha256:`, `catalog:` ...) stay as given. Merges and
+    bakes record their inputs alike. The folder the command ran in, or the recipe's, is
+    recorded nowhere (and recording it would make the bytes depend on where that was)."""
+    if not is_path_ref(ref) or Path(ref).expanduser().is_absolute():
+        return ref
+    return Path(os.path.relpath(path, output_folder)).as_posix()
+
+
 def resolve_path(ref: str, base_dir: Path) -> Path:
     """A path reference, relative to the recipe's folder when not absolute; `~` expanded."""
     path = Path(ref).expanduser()
