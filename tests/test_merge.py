@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from mergekit_sd.errors import Cancelled, UserError
 from mergekit_sd.io.header import read_header
 from mergekit_sd.merge.executor import run_merge
-from mergekit_sd.merge.plan import build_plan
+from mergekit_sd.merge.plan import VAE_SOURCE, build_plan
 from mergekit_sd.merge.registry import get_method
 from mergekit_sd.progress import CancelToken
 from mergekit_sd.recipe.loader import parse_recipe
@@ -348,7 +348,7 @@ def test_large_tensors_streamed_in_pieces_give_identical_bytes(tmp_path, models,
     plan = build_plan(parse_recipe(path.read_text(), path), existing="replace")
     items = executor.work_items(plan)
     assert any(not item.whole for item in items if item.task.merge)
-    assert any(not item.whole for item in items if item.task.sources == ("vae",))
+    assert any(not item.whole for item in items if item.task.sources == (VAE_SOURCE,))
     merge(path)
     assert (tmp_path / "out.safetensors").read_bytes() == in_one_piece
 
@@ -372,7 +372,7 @@ def test_an_output_that_would_overwrite_the_vae_or_a_lora_is_refused(tmp_path, m
     victim = {"vae": vae, "lora": lora}[target]
     path.write_text(path.read_text().replace(str(tmp_path / "out.safetensors"), str(victim)))
     before = victim.read_bytes()
-    with pytest.raises(UserError, match="would overwrite the input " + {"vae": "vae",
+    with pytest.raises(UserError, match="would overwrite the input " + {"vae": "output.vae",
                                                                         "lora": "l"}[target]):
         plan_of(path)
     assert victim.read_bytes() == before

@@ -39,6 +39,9 @@ PREFETCH = 2  # work items read ahead of the one being computed
 # A piece of a large tensor: 4 MB in fp32. Bigger pieces buy no speed here, and glibc keeps
 # freed pieces of every thread's arena resident, so they cost memory.
 CHUNK_ELEMENTS = 1 << 20
+# The baked VAE (output.vae) among the files a merge reads: the source of its keys, its reader,
+# its SHA256. Not text, so that a model named "vae" (any name is text) never takes its place.
+VAE_SOURCE = ("output", "vae")
 
 
 @dataclass
@@ -58,8 +61,8 @@ class KeyTask:
     slot: str
     block: str
     out: TensorSpec
-    sources: tuple[str, ...]  # models (in merge order) that have the key
-    merge: bool  # False: copied as is from `sources[0]` (or the baked VAE)
+    sources: tuple  # models (in merge order) that have the key, or (VAE_SOURCE,)
+    merge: bool  # False: copied as is from `sources[0]`
 
 
 @dataclass
@@ -460,7 +463,8 @@ def _open_vae(loaded: LoadedRecipe, resolver: Resolver) -> PlannedInput:
     found = identify(header)
     if not any(c.slot == "vae" for c in found.components):
         raise loaded.error(loc, f"{path.name} is {found.label} and holds no VAE")
-    return PlannedInput("vae", ref, path, header, found, loaded.recipe.output.vae_sha256, known)
+    return PlannedInput("output.vae", ref, path, header, found, loaded.recipe.output.vae_sha256,
+                        known)
 
 
 def vae_source_keys(vae: PlannedInput, target_prefix: str) -> dict[str, str]:
@@ -531,7 +535,7 @@ def _plan_keys(loaded: LoadedRecipe, inputs: dict[str, PlannedInput], order: lis
     for key, source_key in vae_keys.items():
         info = vae.header.tensors[source_key]
         tasks.append(KeyTask(key, "vae", "BASE", TensorSpec(key, _output_dtype(
-            loaded, info.dtype), info.shape), ("vae",), False))
+            loaded, info.dtype), info.shape), (VAE_SOURCE,), False))
     notes = []
     if only_some:
         notes.append(f"{len(only_some)} keys are in only some inputs and are taken from the "
