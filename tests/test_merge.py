@@ -827,7 +827,10 @@ def test_block_values_in_supermerger_forms_merge_as_the_block_map_does(tmp_path,
                 "(see `mergekit-sd blocks sd1`)"),
     (str([0.5] * 20), "steps.0.params.alpha.blocks: 20 block values given; SD1.x takes 26 or 17"),
     ("'0,1,nan'", "steps.0.params.alpha.blocks: 'nan' in '0,1,nan' is not a finite number"),
-    ("[0, 1, .inf]", "steps.0.params.alpha.blocks.2: Input should be a finite number"),
+    ("[0, 1, .inf]", "steps.0.params.alpha.blocks.2: inf is not a finite number; give each "
+                     "block a number, such as 0.5"),
+    ("[0, 1, x]", "steps.0.params.alpha.blocks.2: 'x' is not a finite number; give each "
+                  "block a number, such as 0.5"),
     ("double", "steps.0.params.alpha.blocks: 'double': no block of SD1.x is in this preset"),
     ("0.5", "steps.0.params.alpha.blocks: give blocks as {BLOCK or RANGE: value} (e.g. "
             "{IN00-IN05: 0.2, M00: 1}), as one value per block in order, a list or a "
@@ -836,8 +839,8 @@ def test_block_values_in_supermerger_forms_merge_as_the_block_map_does(tmp_path,
              "blocks as {BLOCK or RANGE: value}"),
     ("IN00-IN05", "steps.0.params.alpha.blocks: 'IN00-IN05' names blocks but gives them no "
                   "value; write {IN00-IN05: VALUE}"),
-], ids=["short", "sdxl-length", "nan-text", "inf-list", "flux-preset", "number", "typo",
-        "range-alone"])
+], ids=["short", "sdxl-length", "nan-text", "inf-list", "text-in-list", "flux-preset", "number",
+        "typo", "range-alone"])
 def test_block_values_that_fit_no_form_say_which_forms_fit(tmp_path, models, blocks, words):
     path = recipe(tmp_path, models, "- name: m\n  method: weighted_sum\n  inputs: [a, b]\n"
                   f"  params: {{alpha: {{blocks: {blocks}}}}}\n", names=("a", "b"))
@@ -847,6 +850,15 @@ def test_block_values_that_fit_no_form_say_which_forms_fit(tmp_path, models, blo
     assert message.startswith(f"{path}, line 9, "), message
     assert words in message and "\n" not in message, message
     assert "valid dictionary" not in message, message
+
+
+def test_a_block_list_takes_numbers_yaml_reads_as_text(tmp_path, models):
+    # YAML reads 1e-3 (no dot) as text; a block list takes it as the comma string form does
+    path = recipe(tmp_path, models, "- name: m\n  method: weighted_sum\n  inputs: [a, b]\n"
+                  f"  params: {{alpha: {{blocks: [{', '.join(['1e-3'] * 26)}]}}}}\n",
+                  names=("a", "b"))
+    plan = build_plan(parse_recipe(path.read_text(), path), existing="replace")
+    assert set(plan.steps[0].params["m"]["alpha"].by_block.values()) == {0.001}
 
 
 def test_a_block_string_pasted_as_the_parameter_itself_says_where_it_goes(tmp_path, models):

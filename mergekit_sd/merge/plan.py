@@ -403,6 +403,10 @@ def _plan_loras(loaded: LoadedRecipe, steps: list[StepPlan], first: PlannedInput
     index = TargetIndex(shapes, arch, prefix)
     for sp in baking:
         at = ("steps", loaded.recipe.steps.index(sp.step), "loras")
+        for i, spec in enumerate(sp.step.loras):  # said at its own field, before any file
+            problem = _lora_blocks_problem(spec.blocks, arch)
+            if problem:
+                raise loaded.error((*at, i, "blocks"), problem)
         uses = []
         for spec in sp.step.loras:
             if spec.model not in planned:
@@ -430,6 +434,27 @@ def _plan_loras(loaded: LoadedRecipe, steps: list[StepPlan], first: PlannedInput
                                    f"e.g. {(miss.modules + miss.malformed)[0]!r} of {miss.lora}; "
                                    "set allow_unmatched: true on the step to bake the rest")
     return planned
+
+
+def _lora_blocks_problem(blocks, arch: Architecture) -> str | None:
+    """Why a bake_lora LoRA's `blocks` fits no form for `arch`, said as a merge parameter's
+    `blocks` is; None when it fits."""
+    from mergekit_sd.arch.block_lists import BadBlockList, NotABlockList, listed_blocks
+    from mergekit_sd.lora.strengths import BadBlockStrengths, block_strengths
+    from mergekit_sd.recipe.schema import LORA_BLOCK_FORMS
+
+    if isinstance(blocks, str) and blocks:  # "" is no per-block strength, as None is
+        try:
+            listed_blocks(blocks, arch)
+        except NotABlockList:
+            return f"{blocks!r} is none of the forms blocks takes; {LORA_BLOCK_FORMS}"
+        except BadBlockList:
+            pass  # a list or preset that does not fit: said below
+    try:
+        block_strengths(blocks, arch)
+    except BadBlockStrengths as exc:
+        return exc.problem
+    return None
 
 
 def _output_paths(loaded: LoadedRecipe, cands: list[Candidate], out: Path | None
