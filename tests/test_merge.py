@@ -635,6 +635,16 @@ def test_a_problem_with_a_set_value_names_the_set_not_a_recipe_line(tmp_path, mo
     assert words in message, message
 
 
+def test_set_reaches_a_step_whose_name_holds_dots(tmp_path, models):
+    # step names may hold dots (v1.mix); --set split at the first one, so found no step 'v1'
+    path = recipe(tmp_path, models, "- name: v1.mix\n  method: weighted_sum\n  inputs: [a, b]\n"
+                  "  params:\n    alpha: 0.5\n", names=("a", "b"))
+    result = run_cli("plan", path, "--json", "--set", "v1.mix.alpha=[0.1,0.2]")
+    assert result.returncode == 0, result.stderr
+    assert set(json.loads(result.stdout)["candidates"]) == {"v1.mix@alpha=0.1",
+                                                            "v1.mix@alpha=0.2"}
+
+
 def test_merge_refuses_an_existing_output_unless_overwrite(tmp_path, models):
     """As convert, bake and lora do: a file at the output path is replaced only on request,
     and every output of a sweep is checked before any work."""

@@ -592,7 +592,8 @@ def apply_overrides(loaded: LoadedRecipe, assignments: list[str]) -> None:
     """`--set step.param=value` (value parsed as YAML, so `[0.2,0.4]` makes a sweep)."""
     for assignment in assignments:
         target, sep, raw = assignment.partition("=")
-        step_name, dot, param = target.partition(".")
+        # a step's name may hold dots (v1.mix); a parameter's never does
+        step_name, dot, param = target.rpartition(".")
         if not sep or not dot or not param:
             raise UserError(f"--set {assignment!r}: write it as STEP.PARAM=VALUE")
         step = next((s for s in loaded.recipe.steps if s.name == step_name), None)
