@@ -139,6 +139,63 @@ def test_a_recipe_strength_beyond_float32_is_refused_while_planning(tmp_path, ba
     assert not (tmp_path / "out.safetensors").exists()
 
 
+LORA_FORMS = ("give blocks as {BLOCK, RANGE or PATTERN: strength} (e.g. {IN*: 0.5, OUT05: 1.2, "
+              "default: 1}), as one strength per block in order, a list or a comma-separated "
+              "string as LoRA Block Weight writes them (26 or 17 values for SD1, 20 or 12 for "
+              "SDXL; see `mergekit-sd blocks ARCH`), or as a preset (all, none, in, mid, out, "
+              "in-mid, mid-out, double, single)")
+
+
+@pytest.mark.parametrize(("blocks", "field", "problem"), [
+    ("0.5", "blocks", LORA_FORMS),
+    ("true", "blocks", LORA_FORMS),
+    ("[[1]]", "blocks.0", "[1] is not a finite number; give each block a number, such as 0.5"),
+    ("[a, b]", "blocks.0", "'a' is not a finite number; give each block a number, such as 0.5"),
+    ("[true, 1]", "blocks.0", "true is not a finite number; give each block a number, such as "
+                              "0.5"),
+    ("{IN*: x}", "blocks.IN*", "'x' is not a finite number; give each block a number, such as "
+                               "0.5"),
+    ("{IN*: {a: 1}}", "blocks.IN*", "{'a': 1} is not a finite number; give each block a "
+                                    "number, such as 0.5"),
+    ("outt", "blocks", f"'outt' is none of the forms blocks takes; {LORA_FORMS}"),
+    ("'0,1,1'", "blocks", "3 block strengths given; SD1.x takes 26 or 17 (see `mergekit-sd "
+                          "blocks sd1`)"),
+    ("{XX: 1}", "blocks", "'XX' matches no block of SD1.x (see `mergekit-sd blocks sd1`)"),
+], ids=["number", "bool", "list-in-list", "words", "bool-in-list", "word-in-map",
+        "map-in-map", "typo", "short", "no-block"])
+def test_a_recipe_lora_blocks_of_no_form_is_one_sentence_at_its_field(tmp_path, bases, cli,
+                                                                       sd1_lora, blocks,
+                                                                       field, problem):
+    """Not pydantic's own words ("Input should be a valid string" for a number), and a list
+    or preset that does not fit is said at the LoRA's own blocks, as merge params' are."""
+    recipe = tmp_path / "bake.yaml"
+    recipe.write_text(
+        f"version: 1\nmodels:\n  base: {bases['sd1']}\n  l: {sd1_lora}\nsteps:\n"
+        "  - name: baked\n    method: bake_lora\n    inputs: [base]\n    loras:\n"
+        f"      - {{model: l, blocks: {blocks}}}\noutput:\n  path: {tmp_path / 'o.safetensors'}\n")
+    for command in ("plan", "merge"):
+        assert_one_sentence(*cli(command, recipe), 2)
+        assert cli.last_err.strip() == (f"error: {recipe}, line 10, steps.0.loras.0.{field}: "
+                                        f"{problem}"), cli.last_err
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+@pytest.mark.parametrize("blocks", [
+    "[" + ", ".join(["1e-3"] * 26) + "]",  # YAML reads 1e-3 (no dot) as text
+    "{IN*: 1e-3, default: 1}", "'" + ",".join(["0.5"] * 17) + "'", "mid-out",
+    "{IN00-IN05: 0.2, M00: 1}"])
+def test_a_recipe_lora_takes_the_block_forms_the_cli_and_merge_params_take(tmp_path, bases,
+                                                                           cli, sd1_lora,
+                                                                           blocks):
+    recipe = tmp_path / "bake.yaml"
+    recipe.write_text(
+        f"version: 1\nmodels:\n  base: {bases['sd1']}\n  l: {sd1_lora}\nsteps:\n"
+        "  - name: baked\n    method: bake_lora\n    inputs: [base]\n    loras:\n"
+        f"      - {{model: l, blocks: {blocks}}}\noutput:\n  path: {tmp_path / 'o.safetensors'}\n")
+    code, out, err = cli("plan", recipe)
+    assert code == 0, err
+
+
 def test_a_lora_merge_weight_that_is_no_finite_number_is_one_sentence(tmp_path, cli, sd1_lora):
     out = tmp_path / "out.safetensors"
     assert_one_sentence(*cli("lora", "merge", f"{sd1_lora}:nan", sd1_lora, "-o", out), 2)

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from mergekit_sd.errors import Cancelled, UserError
 from mergekit_sd.io.header import read_header
 from mergekit_sd.merge.executor import run_merge
-from mergekit_sd.merge.plan import build_plan
+from mergekit_sd.merge.plan import VAE_SOURCE, build_plan
 from mergekit_sd.merge.registry import get_method
 from mergekit_sd.progress import CancelToken
 from mergekit_sd.recipe.loader import parse_recipe
@@ -348,7 +348,7 @@ def test_large_tensors_streamed_in_pieces_give_identical_bytes(tmp_path, models,
     plan = build_plan(parse_recipe(path.read_text(), path), existing="replace")
     items = executor.work_items(plan)
     assert any(not item.whole for item in items if item.task.merge)
-    assert any(not item.whole for item in items if item.task.sources == ("vae",))
+    assert any(not item.whole for item in items if item.task.sources == (VAE_SOURCE,))
     merge(path)
     assert (tmp_path / "out.safetensors").read_bytes() == in_one_piece
 
@@ -372,7 +372,7 @@ def test_an_output_that_would_overwrite_the_vae_or_a_lora_is_refused(tmp_path, m
     victim = {"vae": vae, "lora": lora}[target]
     path.write_text(path.read_text().replace(str(tmp_path / "out.safetensors"), str(victim)))
     before = victim.read_bytes()
-    with pytest.raises(UserError, match="would overwrite the input " + {"vae": "vae",
+    with pytest.raises(UserError, match="would overwrite the input " + {"vae": "output.vae",
                                                                         "lora": "l"}[target]):
         plan_of(path)
     assert victim.read_bytes() == before
@@ -635,6 +635,16 @@ def test_a_problem_with_a_set_value_names_the_set_not_a_recipe_line(tmp_path, mo
     assert words in message, message
 
 
+def test_set_reaches_a_step_whose_name_holds_dots(tmp_path, models):
+    # step names may hold dots (v1.mix); --set split at the first one, so found no step 'v1'
+    path = recipe(tmp_path, models, "- name: v1.mix\n  method: weighted_sum\n  inputs: [a, b]\n"
+                  "  params:\n    alpha: 0.5\n", names=("a", "b"))
+    result = run_cli("plan", path, "--json", "--set", "v1.mix.alpha=[0.1,0.2]")
+    assert result.returncode == 0, result.stderr
+    assert set(json.loads(result.stdout)["candidates"]) == {"v1.mix@alpha=0.1",
+                                                            "v1.mix@alpha=0.2"}
+
+
 def test_merge_refuses_an_existing_output_unless_overwrite(tmp_path, models):
     """As convert, bake and lora do: a file at the output path is replaced only on request,
     and every output of a sweep is checked before any work."""
@@ -827,7 +837,10 @@ def test_block_values_in_supermerger_forms_merge_as_the_block_map_does(tmp_path,
                 "(see `mergekit-sd blocks sd1`)"),
     (str([0.5] * 20), "steps.0.params.alpha.blocks: 20 block values given; SD1.x takes 26 or 17"),
     ("'0,1,nan'", "steps.0.params.alpha.blocks: 'nan' in '0,1,nan' is not a finite number"),
-    ("[0, 1, .inf]", "steps.0.params.alpha.blocks.2: Input should be a finite number"),
+    ("[0, 1, .inf]", "steps.0.params.alpha.blocks.2: inf is not a finite number; give each "
+                     "block a number, such as 0.5"),
+    ("[0, 1, x]", "steps.0.params.alpha.blocks.2: 'x' is not a finite number; give each "
+                  "block a number, such as 0.5"),
     ("double", "steps.0.params.alpha.blocks: 'double': no block of SD1.x is in this preset"),
     ("0.5", "steps.0.params.alpha.blocks: give blocks as {BLOCK or RANGE: value} (e.g. "
             "{IN00-IN05: 0.2, M00: 1}), as one value per block in order, a list or a "
@@ -836,8 +849,8 @@ def test_block_values_in_supermerger_forms_merge_as_the_block_map_does(tmp_path,
              "blocks as {BLOCK or RANGE: value}"),
     ("IN00-IN05", "steps.0.params.alpha.blocks: 'IN00-IN05' names blocks but gives them no "
                   "value; write {IN00-IN05: VALUE}"),
-], ids=["short", "sdxl-length", "nan-text", "inf-list", "flux-preset", "number", "typo",
-        "range-alone"])
+], ids=["short", "sdxl-length", "nan-text", "inf-list", "text-in-list", "flux-preset", "number",
+        "typo", "range-alone"])
 def test_block_values_that_fit_no_form_say_which_forms_fit(tmp_path, models, blocks, words):
     path = recipe(tmp_path, models, "- name: m\n  method: weighted_sum\n  inputs: [a, b]\n"
                   f"  params: {{alpha: {{blocks: {blocks}}}}}\n", names=("a", "b"))
@@ -847,6 +860,15 @@ def test_block_values_that_fit_no_form_say_which_forms_fit(tmp_path, models, blo
     assert message.startswith(f"{path}, line 9, "), message
     assert words in message and "\n" not in message, message
     assert "valid dictionary" not in message, message
+
+
+def test_a_block_list_takes_numbers_yaml_reads_as_text(tmp_path, models):
+    # YAML reads 1e-3 (no dot) as text; a block list takes it as the comma string form does
+    path = recipe(tmp_path, models, "- name: m\n  method: weighted_sum\n  inputs: [a, b]\n"
+                  f"  params: {{alpha: {{blocks: [{', '.join(['1e-3'] * 26)}]}}}}\n",
+                  names=("a", "b"))
+    plan = build_plan(parse_recipe(path.read_text(), path), existing="replace")
+    assert set(plan.steps[0].params["m"]["alpha"].by_block.values()) == {0.001}
 
 
 def test_a_block_string_pasted_as_the_parameter_itself_says_where_it_goes(tmp_path, models):

@@ -384,3 +384,75 @@ def test_a_bake_lora_step_records_its_loras_relative_to_the_output_and_reruns_by
     rerun = run_cli("merge", tmp_path / "elsewhere" / "again.yaml")
     assert rerun.returncode == 0, rerun.stderr
     assert (tmp_path / "out" / "again.safetensors").read_bytes() == output.read_bytes()
+VAE_NAMED_MODEL = """version: 1
+models:
+  a: models/a.safetensors
+  vae: models/vae.safetensors
+steps:
+  - name: mix
+    method: weighted_sum
+    inputs: [a, vae]
+    params: {alpha: 0.3}
+output:
+  path: out/mix.safetensors
+  vae: models/baked.safetensors
+  dtype: fp32
+  date: "2026-11-21"
+"""
+
+
+def merged_with_a_model_named_vae(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """out/mix.safetensors, merged from a model named `vae` with another VAE baked in; the
+    SHA256 of each file it read, by its name in the recipe."""
+    shas = {}
+    for name, file, variant, seed in (("a", "a", "sd1", 1), ("vae", "vae", "sd1", 2),
+                                      ("output.vae", "baked", "vae-sd", 9)):
+        path = write_checkpoint(tmp_path / "models" / f"{file}.safetensors", variant, seed=seed)
+        shas[name] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (tmp_path / "mix.yaml").write_text(VAE_NAMED_MODEL)
+    merged = run_cli("merge", tmp_path / "mix.yaml")
+    assert merged.returncode == 0, merged.stderr
+    return tmp_path / "out" / "mix.safetensors", shas
+
+
+def test_a_model_named_vae_and_the_baked_vae_each_keep_their_own_sha256(tmp_path):
+    import json
+
+    from mergekit_sd.io.header import read_header
+
+    merged, shas = merged_with_a_model_named_vae(tmp_path)
+    stored = json.loads(read_header(merged).metadata["mergekit_sd.recipe"])
+    assert stored["models"]["vae"]["sha256"] == shas["vae"]
+    assert stored["output"]["vae_sha256"] == shas["output.vae"]
+    out = load_file(merged)
+    a, model, baked = (load_file(tmp_path / "models" / f"{n}.safetensors")
+                       for n in ("a", "vae", "baked"))
+    assert torch.equal(out["first_stage_model.decoder.conv_in.weight"],
+                       baked["decoder.conv_in.weight"])
+    unet = "model.diffusion_model.input_blocks.1.1.proj_in.weight"
+    torch.testing.assert_close(out[unet], 0.7 * a[unet] + 0.3 * model[unet])
+    extracted = run_cli("recipe", "extract", merged, "-o", "again.yaml", "--output-path",
+                        "out/again.safetensors", cwd=tmp_path)
+    assert extracted.returncode == 0, extracted.stderr
+    rerun = run_cli("merge", tmp_path / "again.yaml")
+    assert rerun.returncode == 0, rerun.stderr
+    assert (tmp_path / "out" / "again.safetensors").read_bytes() == merged.read_bytes()
+
+
+@pytest.mark.parametrize(("replaced", "field"), [("vae", "models.vae"),
+                                                 ("baked", "output.vae_sha256")])
+def test_the_pins_of_a_model_named_vae_and_of_the_baked_vae_check_their_own_files(
+        tmp_path, replaced, field):
+    merged, shas = merged_with_a_model_named_vae(tmp_path)
+    assert run_cli("recipe", "extract", merged, "-o", "again.yaml", "--output-path",
+                   "out/again.safetensors", cwd=tmp_path).returncode == 0
+    variant = "sd1" if replaced == "vae" else "vae-sd"
+    swapped = write_checkpoint(tmp_path / "models" / f"{replaced}.safetensors", variant, seed=5)
+    rerun = run_cli("merge", tmp_path / "again.yaml")
+    assert rerun.returncode == 2, rerun.stderr
+    expected = shas["vae" if replaced == "vae" else "output.vae"]
+    new = hashlib.sha256(swapped.read_bytes()).hexdigest()
+    last = rerun.stderr.strip().splitlines()[-1]
+    assert f", {field}: {swapped.name} has SHA256 {new[:12]}…, not the {expected[:12]}… " \
+           "the recipe expects" in last, last
+    assert not (tmp_path / "out" / "again.safetensors").exists()

@@ -95,8 +95,8 @@ def test_a_block_map_value_that_is_no_number_is_named_by_its_own_field():
                          "steps: [{name: b, method: bake_lora, inputs: [a], "
                          "loras: [{model: l, blocks: {'IN*': abc}}]}]\n"
                          "output: {path: o.safetensors}\n")
-    assert message.startswith("r.yaml, line 3, steps.0.loras.0.blocks.IN*: Input should be a "
-                              "valid number"), message
+    assert message == ("r.yaml, line 3, steps.0.loras.0.blocks.IN*: 'abc' is not a finite "
+                       "number; give each block a number, such as 0.5"), message
 
 
 @pytest.mark.parametrize(("text", "expected"), [

@@ -30,7 +30,12 @@ BlockSpec = None | str | list[float] | Mapping[str, float]
 
 
 class BadBlockStrengths(UserError):
-    pass
+    """Block strengths that fit no form: `where` (the option or field) and the problem, apart,
+    so that a recipe can put its own place (file, line, field) before the problem."""
+
+    def __init__(self, where: str, problem: str):
+        self.problem = problem
+        super().__init__(f"{where}: {problem}")
 
 
 # LoRA arithmetic runs in float32: a strength beyond its range (1e300 is a finite Python float)
@@ -63,24 +68,24 @@ def block_strengths(spec: BlockSpec, arch: Architecture, where: str = "blocks"
         try:
             strengths.update(listed_blocks(spec, arch, "block strengths"))
         except BadBlockList as exc:
-            raise BadBlockStrengths(f"{where}: {exc}") from None
+            raise BadBlockStrengths(where, str(exc)) from None
     elif isinstance(spec, Mapping):
         strengths = _from_patterns(spec, arch, where)
     else:
-        raise BadBlockStrengths(f"{where}: give a preset name, a list of numbers or a map of "
-                                "block names to numbers")
+        raise BadBlockStrengths(where, "give a preset name, a list of numbers or a map of "
+                                       "block names to numbers")
     huge = next((v for v in strengths.values() if beyond_float32(v)), None)
     if huge is not None:
-        raise BadBlockStrengths(f"{where}: {strength_problem(huge)}; give block strengths such "
-                                "as 0.5")
+        raise BadBlockStrengths(where, f"{strength_problem(huge)}; give block strengths such "
+                                       "as 0.5")
     strengths["TE"] = strengths.get("BASE", 1.0)
     return strengths
 
 
 def _map_value(value, where: str, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or is_nonfinite(value):
-        raise BadBlockStrengths(f"{where}: the value of {name!r} is {value!r}; block strengths "
-                                "are finite numbers, e.g. {'IN*': 0.5}")
+        raise BadBlockStrengths(where, f"the value of {name!r} is {value!r}; block strengths "
+                                       "are finite numbers, e.g. {'IN*': 0.5}")
     return float(value)
 
 
@@ -90,11 +95,12 @@ def _from_patterns(spec: Mapping[str, float], arch: Architecture, where: str) ->
     for pattern, _ in patterns:
         absent = [b for b in block_range(pattern) or () if b not in arch.blocks]
         if absent:
-            raise BadBlockStrengths(f"{where}: {pattern!r} runs through {absent[0]}, which "
-                                    f"{arch.label} lacks (see `mergekit-sd blocks {arch.id}`)")
+            raise BadBlockStrengths(where, f"{pattern!r} runs through {absent[0]}, which "
+                                           f"{arch.label} lacks (see `mergekit-sd blocks "
+                                           f"{arch.id}`)")
         if not any(_names(b, pattern) for b in arch.blocks):
-            raise BadBlockStrengths(f"{where}: {pattern!r} matches no block of {arch.label} "
-                                    f"(see `mergekit-sd blocks {arch.id}`)")
+            raise BadBlockStrengths(where, f"{pattern!r} matches no block of {arch.label} "
+                                           f"(see `mergekit-sd blocks {arch.id}`)")
     return {b: next((v for p, v in patterns if _names(b, p)), default) for b in arch.blocks}
 
 

@@ -31,6 +31,7 @@ from mergekit_sd.io.writer import StreamingWriter
 from mergekit_sd.merge.plan import (
     CHUNK_ELEMENTS,
     PREFETCH,
+    VAE_SOURCE,
     KeyTask,
     MergePlan,
     PlannedInput,
@@ -52,7 +53,7 @@ class WorkItem:
 
 def _sources_match_output(plan: MergePlan, task: KeyTask) -> bool:
     for name in task.sources:
-        if name == "vae":
+        if name == VAE_SOURCE:
             info = plan.vae.header.tensors[plan.vae_keys[task.key]]
         else:
             info = plan.inputs[name].header.tensors[task.key]
@@ -85,11 +86,11 @@ class _Inputs:
         self.readers = {n: SafetensorsReader(p.path, p.header) for n, p in plan.inputs.items()}
         self.vae_keys = plan.vae_keys
         if plan.vae is not None:
-            self.readers["vae"] = SafetensorsReader(plan.vae.path, plan.vae.header)
+            self.readers[VAE_SOURCE] = SafetensorsReader(plan.vae.path, plan.vae.header)
 
-    def _read(self, source: str, key: str, item: WorkItem):
+    def _read(self, source, key: str, item: WorkItem):
         reader = self.readers[source]
-        if source == "vae":
+        if source == VAE_SOURCE:
             key = self.vae_keys[key]
         if item.whole:
             return reader.read_tensor(key)
@@ -201,10 +202,11 @@ class _Hasher:
     """SHA256 of every input on a background thread; known hashes (a catalog's) are reused."""
 
     def __init__(self, plan: MergePlan, progress: ProgressCallback, cancel: CancelToken):
-        self.files: dict[str, PlannedInput] = dict(plan.inputs)
+        # by model name (inputs and LoRAs share the recipe's `models`), and VAE_SOURCE
+        self.files: dict[str | tuple, PlannedInput] = dict(plan.inputs)
         self.files.update(plan.loras)
         if plan.vae is not None:
-            self.files["vae"] = plan.vae
+            self.files[VAE_SOURCE] = plan.vae
         self.stop = threading.Event()
         total = sum(p.path.stat().st_size for p in self.files.values() if not p.known_sha256)
         done = [0]
@@ -213,7 +215,7 @@ class _Hasher:
             done[0] += n
             progress("hashing", done[0], total)
 
-        def run() -> dict[str, str]:
+        def run() -> dict:
             hashes = {}
             for name, planned in self.files.items():
                 hashes[name] = (planned.known_sha256.lower() if planned.known_sha256 else
@@ -227,12 +229,12 @@ class _Hasher:
         self.placeholders = {name: f"{'~' * 56}{i:08d}" for i, name in enumerate(self.files)}
         self.legacy = {name: legacy_model_hash(p.path) for name, p in self.files.items()}
 
-    def result(self, plan: MergePlan, cancel: CancelToken) -> dict[str, str]:
+    def result(self, plan: MergePlan, cancel: CancelToken) -> dict:
         hashes = self._future.result()
         cancel.raise_if_cancelled()
         for name, planned in self.files.items():
             if planned.expected_sha256 and planned.expected_sha256.lower() != hashes[name]:
-                loc = ("output", "vae_sha256") if planned is plan.vae else ("models", name)
+                loc = ("output", "vae_sha256") if name == VAE_SOURCE else ("models", name)
                 raise plan.loaded.error(
                     loc, f"{planned.path.name} has SHA256 {hashes[name][:12]}…, "
                          f"not the {planned.expected_sha256[:12]}… the recipe expects")

@@ -39,6 +39,9 @@ PREFETCH = 2  # work items read ahead of the one being computed
 # A piece of a large tensor: 4 MB in fp32. Bigger pieces buy no speed here, and glibc keeps
 # freed pieces of every thread's arena resident, so they cost memory.
 CHUNK_ELEMENTS = 1 << 20
+# The baked VAE (output.vae) among the files a merge reads: the source of its keys, its reader,
+# its SHA256. Not text, so that a model named "vae" (any name is text) never takes its place.
+VAE_SOURCE = ("output", "vae")
 
 
 @dataclass
@@ -58,8 +61,8 @@ class KeyTask:
     slot: str
     block: str
     out: TensorSpec
-    sources: tuple[str, ...]  # models (in merge order) that have the key
-    merge: bool  # False: copied as is from `sources[0]` (or the baked VAE)
+    sources: tuple  # models (in merge order) that have the key, or (VAE_SOURCE,)
+    merge: bool  # False: copied as is from `sources[0]`
 
 
 @dataclass
@@ -400,6 +403,10 @@ def _plan_loras(loaded: LoadedRecipe, steps: list[StepPlan], first: PlannedInput
     index = TargetIndex(shapes, arch, prefix)
     for sp in baking:
         at = ("steps", loaded.recipe.steps.index(sp.step), "loras")
+        for i, spec in enumerate(sp.step.loras):  # said at its own field, before any file
+            problem = _lora_blocks_problem(spec.blocks, arch)
+            if problem:
+                raise loaded.error((*at, i, "blocks"), problem)
         uses = []
         for spec in sp.step.loras:
             if spec.model not in planned:
@@ -427,6 +434,27 @@ def _plan_loras(loaded: LoadedRecipe, steps: list[StepPlan], first: PlannedInput
                                    f"e.g. {(miss.modules + miss.malformed)[0]!r} of {miss.lora}; "
                                    "set allow_unmatched: true on the step to bake the rest")
     return planned
+
+
+def _lora_blocks_problem(blocks, arch: Architecture) -> str | None:
+    """Why a bake_lora LoRA's `blocks` fits no form for `arch`, said as a merge parameter's
+    `blocks` is; None when it fits."""
+    from mergekit_sd.arch.block_lists import BadBlockList, NotABlockList, listed_blocks
+    from mergekit_sd.lora.strengths import BadBlockStrengths, block_strengths
+    from mergekit_sd.recipe.schema import LORA_BLOCK_FORMS
+
+    if isinstance(blocks, str) and blocks:  # "" is no per-block strength, as None is
+        try:
+            listed_blocks(blocks, arch)
+        except NotABlockList:
+            return f"{blocks!r} is none of the forms blocks takes; {LORA_BLOCK_FORMS}"
+        except BadBlockList:
+            pass  # a list or preset that does not fit: said below
+    try:
+        block_strengths(blocks, arch)
+    except BadBlockStrengths as exc:
+        return exc.problem
+    return None
 
 
 def _output_paths(loaded: LoadedRecipe, cands: list[Candidate], out: Path | None
@@ -460,7 +488,8 @@ def _open_vae(loaded: LoadedRecipe, resolver: Resolver) -> PlannedInput:
     found = identify(header)
     if not any(c.slot == "vae" for c in found.components):
         raise loaded.error(loc, f"{path.name} is {found.label} and holds no VAE")
-    return PlannedInput("vae", ref, path, header, found, loaded.recipe.output.vae_sha256, known)
+    return PlannedInput("output.vae", ref, path, header, found, loaded.recipe.output.vae_sha256,
+                        known)
 
 
 def vae_source_keys(vae: PlannedInput, target_prefix: str) -> dict[str, str]:
@@ -531,7 +560,7 @@ def _plan_keys(loaded: LoadedRecipe, inputs: dict[str, PlannedInput], order: lis
     for key, source_key in vae_keys.items():
         info = vae.header.tensors[source_key]
         tasks.append(KeyTask(key, "vae", "BASE", TensorSpec(key, _output_dtype(
-            loaded, info.dtype), info.shape), ("vae",), False))
+            loaded, info.dtype), info.shape), (VAE_SOURCE,), False))
     notes = []
     if only_some:
         notes.append(f"{len(only_some)} keys are in only some inputs and are taken from the "
@@ -563,7 +592,8 @@ def apply_overrides(loaded: LoadedRecipe, assignments: list[str]) -> None:
     """`--set step.param=value` (value parsed as YAML, so `[0.2,0.4]` makes a sweep)."""
     for assignment in assignments:
         target, sep, raw = assignment.partition("=")
-        step_name, dot, param = target.partition(".")
+        # a step's name may hold dots (v1.mix); a parameter's never does
+        step_name, dot, param = target.rpartition(".")
         if not sep or not dot or not param:
             raise UserError(f"--set {assignment!r}: write it as STEP.PARAM=VALUE")
         step = next((s for s in loaded.recipe.steps if s.name == step_name), None)

@@ -14,7 +14,7 @@ import json
 
 from mergekit_sd import __version__
 from mergekit_sd.arch.diffusion import SD_CONV_IN_KEYS, sd_conv_in_variant
-from mergekit_sd.merge.plan import MergePlan, PlannedInput
+from mergekit_sd.merge.plan import VAE_SOURCE, MergePlan, PlannedInput
 from mergekit_sd.merge.registry import unrecorded_draws
 from mergekit_sd.recipe.params import Candidate
 from mergekit_sd.recipe.refs import recorded_ref
@@ -54,7 +54,7 @@ def canonical_recipe(plan: MergePlan, cand: Candidate, hashes: dict[str, str]) -
     }
     if plan.vae is not None:
         doc["output"]["vae"] = recorded_ref(plan.vae.ref, plan.vae.path, folder)
-        doc["output"]["vae_sha256"] = hashes["vae"]
+        doc["output"]["vae_sha256"] = hashes[VAE_SOURCE]
     return doc
 
 

@@ -19,6 +19,7 @@ output:
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Annotated, Any, Literal
 
@@ -28,9 +29,12 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    PlainValidator,
     Tag,
     model_validator,
 )
+
+from mergekit_sd.arch.block_lists import plain_number
 
 Scalar = float | int | bool | str
 
@@ -88,8 +92,22 @@ def _blocks_form(value: Any) -> str | None:
     return "block-text" if isinstance(value, str) else None
 
 
-# A number in a block list: finite, and no bool or text that pydantic would turn into one.
-BlockListValue = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+def _block_number(value: Any) -> float:
+    # pydantic's own words ("Input should be a valid number") say nothing of what to give;
+    # a bool is no block value, though pydantic would turn it into one. YAML reads 1e-3 (no
+    # dot) as text: taken as the number it is, as in a comma-separated block string.
+    if isinstance(value, str) and plain_number(value) is not None:
+        return plain_number(value)
+    if (isinstance(value, bool) or not isinstance(value, int | float)
+            or not math.isfinite(value)):
+        shown = str(value).lower() if isinstance(value, bool) else repr(value)  # as YAML
+        raise ValueError(f"{shown} is not a finite number; give each block a number, such "
+                         "as 0.5")
+    return float(value)
+
+
+# A number in a block list (and a LoRA's block map): finite, not a bool, no other text.
+BlockListValue = Annotated[float, PlainValidator(_block_number)]
 # {BLOCK or RANGE: value}; one value per block (a list, or supermerger's comma string); a preset.
 # The list and string forms are checked against the architecture by `recipe.params`.
 BlockValues = Annotated[
@@ -129,13 +147,30 @@ ParamValue = Annotated[
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 
 
+# The forms a LoRA's `blocks` takes (`lora.strengths`), said whenever a value is none of them.
+LORA_BLOCK_FORMS = ("give blocks as {BLOCK, RANGE or PATTERN: strength} (e.g. {IN*: 0.5, "
+                    "OUT05: 1.2, default: 1}), as one strength per block in order, a list or "
+                    "a comma-separated string as LoRA Block Weight writes them (26 or 17 "
+                    "values for SD1, 20 or 12 for SDXL; see `mergekit-sd blocks ARCH`), or as "
+                    "a preset (all, none, in, mid, out, in-mid, mid-out, double, single)")
+# The forms of merge parameters' `blocks`, with strengths (numbers) for values; a map's keys
+# may also be shell patterns and `default` (checked against the architecture by the plan).
+LoraBlocks = Annotated[
+    Annotated[dict[str, BlockListValue], Tag("block-map")]
+    | Annotated[list[BlockListValue], Tag("block-list")]
+    | Annotated[str, Tag("block-text")],
+    Discriminator(_blocks_form, custom_error_type="block_values",
+                  custom_error_message=LORA_BLOCK_FORMS),
+]
+
+
 class LoraSpec(Strict):
     """One LoRA of a `bake_lora` step: a name from `models`, and how strongly to apply it."""
 
     model: str
     strength: FiniteFloat = 1.0
     te_strength: FiniteFloat | None = Field(None, description="text encoders; default: strength")
-    blocks: str | list[FiniteFloat] | dict[str, FiniteFloat] | None = Field(
+    blocks: LoraBlocks | None = Field(
         None, description="per-block strengths: a preset, a list, or {block pattern: value}")
 
 
