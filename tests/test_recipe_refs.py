@@ -71,3 +71,20 @@ def test_a_bake_records_a_catalog_base_as_named_never_its_folder(library, tmp_pa
     recipe = json.loads(metadata["mergekit_sd.recipe"])
     assert recipe["models"]["base"] == {"ref": "catalog:model-b", "sha256": b.sha256}
     assert str(root) not in json.dumps(metadata)
+
+
+def test_a_file_whose_name_reads_as_a_reference_is_recorded_as_a_path(tmp_path, monkeypatch):
+    from mergekit_sd.recipe.refs import is_path_ref, recorded_ref, resolve_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "src").mkdir()
+    named = tmp_path / "src" / "#1.safetensors"
+    named.write_bytes(b"")
+    beside = recorded_ref("src/#1.safetensors", Path("src/#1.safetensors"), tmp_path / "src")
+    assert beside == "./#1.safetensors" and is_path_ref(beside)
+    assert resolve_path(beside, tmp_path / "src") == named
+    monkeypatch.chdir(tmp_path / "src")  # given as typed, from its own folder
+    assert recorded_ref("#1.safetensors", Path("#1.safetensors"), tmp_path / "out") \
+        == "../src/#1.safetensors"
+    # a catalog reference stays one: no file of that name where the command ran
+    assert recorded_ref("#7", tmp_path / "src" / "#1.safetensors", tmp_path / "out") == "#7"

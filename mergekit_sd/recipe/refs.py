@@ -44,10 +44,21 @@ def recorded_ref(ref: str, path: Path, output_folder: Path) -> str:
     find again: a relative path is made relative to the output file's own folder; absolute
     paths and references that are no path (`sha256:`, `catalog:` ...) stay as given. Merges and
     bakes record their inputs alike. The folder the command ran in, or the recipe's, is
-    recorded nowhere (and recording it would make the bytes depend on where that was)."""
-    if not is_path_ref(ref) or Path(ref).expanduser().is_absolute():
+    recorded nowhere (and recording it would make the bytes depend on where that was).
+    A file whose name reads as a reference (`#1.safetensors`, given as a path to `bake`) is
+    recorded as a path all the same, `./` in front where nothing else tells them apart."""
+    if Path(ref).expanduser().is_absolute() or (not is_path_ref(ref) and not _names(ref, path)):
         return ref
-    return Path(os.path.relpath(path, output_folder)).as_posix()
+    relative = Path(os.path.relpath(path, output_folder)).as_posix()
+    return relative if is_path_ref(relative) else f"./{relative}"
+
+
+def _names(ref: str, path: Path) -> bool:
+    """Whether `ref`, read as a path from the working folder, is the file `path`."""
+    try:
+        return Path(ref).expanduser().resolve() == Path(path).resolve()
+    except OSError:
+        return False
 
 
 def resolve_path(ref: str, base_dir: Path) -> Path:
