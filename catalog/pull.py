@@ -32,6 +32,7 @@ from catalog.civitai_sidecars import write_version_sidecars
 from catalog.config import RemoteSettings
 from catalog.download import BadDownload, Downloaded, Downloader, DownloadRequest
 from catalog.entries import Entry
+from catalog.hash_cache import cached_hashes, hash_now
 from catalog.hashes import FileHashes, hash_file
 from catalog.identity import examine
 from catalog.layouts import detect_layout
@@ -41,6 +42,7 @@ from catalog.remote_refs import (
     CivitaiModelRef,
     CivitaiVersionRef,
     HubRef,
+    RemoteRef,
     UrlRef,
     owned_by_sha256,
     owned_entry,
@@ -191,7 +193,7 @@ class Puller:
         # file selectors may ask for another file of a version owned (checked by its SHA256)
         chosen = isinstance(ref, CivitaiVersionRef) and options.choice != FileChoice()
         if not (isinstance(ref, CivitaiModelRef) or chosen) or options.offline:
-            owned = owned_entry(self.store, ref)
+            owned = self._owned(ref)
             if owned is not None:
                 return [_already(text, owned)]
         if options.offline and not isinstance(ref, HubRef):
@@ -213,7 +215,9 @@ class Puller:
                 raise UserError(f"{text}: the model has no published version on Civitai")
             # Civitai lists the newest first
             version_id = _civitai_id(sequence(versions)[:1], f"model {ref.model_id}")
-            owned = (owned_entry(self.store, CivitaiVersionRef(version_id))
+            listed = [sha for f in sequence(mapping(sequence(versions)[0]).get("files"))
+                      if (sha := file_sha256(mapping(f)))]
+            owned = (self._owned(CivitaiVersionRef(version_id), listed)
                      if options.choice == FileChoice() else None)
             if owned is not None:
                 return [_already(text, owned)]
@@ -357,6 +361,24 @@ class Puller:
         return _Job(text, key, fetch, register)
 
     # --- helpers -------------------------------------------------------------------------------
+
+    def _owned(self, ref: RemoteRef, listed: list[str] | None = None) -> Entry | None:
+        """owned_entry, but a Civitai entry whose file changed since it was hashed is hashed
+        first where its sidecar (or `listed`, Civitai's answer) says which SHA256s to expect:
+        "already owned" is never said of another file that took the name."""
+        hashed: set[int] = set()
+        while (owned := owned_entry(self.store, ref, listed or ())) is not None:
+            path = Path(owned.path)
+            expected = listed or owned.details.get("sidecar", {}).get("file_sha256s")
+            if (not isinstance(ref, CivitaiVersionRef | CivitaiModelRef) or not expected
+                    or owned.id in hashed or cached_hashes(self.store, path) is not None):
+                return owned
+            hashed.add(owned.id)
+            try:
+                hash_now(self.store, owned.id, path, self.progress, self.cancel)
+            except OSError:  # unreadable now: what the catalog knows stands
+                return owned
+        return None
 
     def _destination(self, to: Path | None, kind: str | None) -> tuple[Path, Path]:
         """(the folder a file of `kind` goes to, the root it belongs to)."""

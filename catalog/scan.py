@@ -18,6 +18,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from catalog.hashes import hash_key
 from catalog.identity import CIVITAI_BASE_MODELS, FileFacts, examine
 from catalog.layouts import detect_layout
 from catalog.moves import adopt, present_twin
@@ -280,7 +281,8 @@ def merged_columns(header: dict, sidecar: SidecarFacts) -> dict:
 
 def _sidecar_details(sidecar: SidecarFacts) -> dict:
     return {k: v for k, v in asdict(sidecar).items()
-            if v not in (None, "", []) and k not in ("trained_words", "preview")}
+            if v not in (None, "", []) and k not in ("trained_words", "preview",
+                                                      "stale_version_id")}
 
 
 def _source_ids(sidecar: SidecarFacts) -> dict:
@@ -321,7 +323,7 @@ def _upsert(db, root_id: int, file: FoundFile, facts: FileFacts,
             problems: list[str] | None = None) -> int:
     """Record a file's facts and its sidecars'; the id of its entry. The sidecars' problems
     (a bad JSON file, a pipe under a sidecar's name) go to `problems`, for the scan to show."""
-    sidecar = read_sidecars(file.sidecars)
+    sidecar = read_sidecars(file.sidecars, _known_sha256(db, file.path))
     if problems is not None:
         problems.extend(sidecar.problems)
     header = {"base_model": facts.base_model, "trigger_words": facts.trigger_words}
@@ -339,6 +341,7 @@ def _upsert(db, root_id: int, file: FoundFile, facts: FileFacts,
     row = (db.execute(_UPDATE, values).fetchone()
            or db.execute(_INSERT, values).fetchone())
     file_id = row[0]
+    _drop_stale_ids(db, file_id, sidecar)
     db.execute("DELETE FROM parents WHERE file_id = ?", (file_id,))
     db.executemany("INSERT OR IGNORE INTO parents (file_id, ref_kind, ref, name, role) "
                    "VALUES (?, ?, ?, ?, ?)",
@@ -376,7 +379,7 @@ def _refresh_sidecars(db, file_id: int, file: FoundFile,
     problems go to `problems`."""
     row = db.execute("SELECT details FROM files WHERE id = ?", (file_id,)).fetchone()
     details = json.loads(row["details"] or "{}")
-    sidecar = read_sidecars(file.sidecars)
+    sidecar = read_sidecars(file.sidecars, _known_sha256(db, file.path))
     if problems is not None:
         problems.extend(sidecar.problems)
     details["sidecar"] = _sidecar_details(sidecar)
@@ -388,4 +391,48 @@ def _refresh_sidecars(db, file_id: int, file: FoundFile,
                (merged["base_model"], merged["trigger_words"], merged["preview"],
                 json.dumps(details), signature(file.sidecars), bool(ids), json.dumps(ids),
                 time.time(), file_id))
+    _drop_stale_ids(db, file_id, sidecar)
+
+
+def recheck_sidecars(store: Store, file_id: int, path: Path) -> list[str]:
+    """After a file was hashed: where its `.civitai.info` lists other SHA256s, the sidecar was
+    left by another file under this name; the entry loses what it gave (see _drop_stale_ids).
+    Returns the problems to report."""
+    row = store.db.execute("SELECT sha256, json_extract(details, '$.sidecar.file_sha256s') "
+                           "FROM files WHERE id = ?", (file_id,)).fetchone()
+    if row is None or not row[1] or row[0] in json.loads(row[1]):
+        return []
+    problems: list[str] = []
+    with store.write() as db:
+        _refresh_sidecars(db, file_id, FoundFile(path, None, 0, 0, 0, 0, sidecar_paths(path)),
+                          problems)
+    return problems
+
+
+def _known_sha256(db, path: Path) -> str | None:
+    """The SHA256 of the file at `path` as it is now, where the catalog has it; None until it
+    is hashed (the sidecars are trusted till then)."""
+    try:
+        key = hash_key(os.stat(path))
+    except OSError:
+        return None
+    row = db.execute("SELECT sha256 FROM files WHERE path = ? AND hash_key = ?",
+                     (str(path), key)).fetchone()
+    return row[0] if row else None
+
+
+def _drop_stale_ids(db, file_id: int, sidecar: SidecarFacts) -> None:
+    """The Civitai ids a stale `.civitai.info` gave the entry (or a pull of the file that was
+    here before) are another file's: `pull` must not take this file for that version."""
+    if sidecar.stale_version_id is None:
+        return
+    row = db.execute("SELECT source, source_ids FROM files WHERE id = ?", (file_id,)).fetchone()
+    ids = json.loads(row["source_ids"] or "{}")
+    if (ids.get("civitai") or {}).get("version_id") != sidecar.stale_version_id:
+        return
+    del ids["civitai"]
+    # the source the ids left name ("hf", "url": ids and sources share their names)
+    source = row["source"] if row["source"] != "civitai" else next(iter(ids), "local")
+    db.execute("UPDATE files SET source = ?, source_ids = ?, updated_at = ? WHERE id = ?",
+               (source, json.dumps(ids), time.time(), file_id))
 

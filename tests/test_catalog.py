@@ -977,6 +977,62 @@ def test_written_civitai_info_and_preview_are_read_by_the_next_scan(tmp_path, st
     assert entry.source_ids == {"civitai": {"model_id": 45, "version_id": 123}}
 
 
+def civitai_info_for(sha256: str) -> dict:
+    """CIVITAI, listing one file with this SHA256 (upper case, as Civitai writes it)."""
+    return {**CIVITAI, "files": [{**CIVITAI["files"][0], "hashes": {"SHA256": sha256.upper()}}]}
+
+
+def test_a_civitai_info_of_another_file_gives_nothing_once_the_file_is_hashed(tmp_path, store,
+                                                                             tiny):
+    """A model replaced under the same name (a newer download, or `rm --delete-file` and then
+    another file) keeps the old `.civitai.info`: it names another file's version and base."""
+    loras = tmp_path / "webui" / "models" / "Lora"
+    model = put(tiny["lora"], loras / "mychar.safetensors")
+    mine, other = hash_file(model).sha256, "ab" * 32
+    info = loras / "mychar.civitai.info"
+    info.write_text(json.dumps(civitai_info_for(other)))
+    add_root(store, tmp_path / "webui")
+    scan(store, jobs=1)
+    entry = find_entry(store, "mychar")
+    assert (entry.source, entry.base_model) == ("civitai", "Pony")  # trusted until hashed
+    stale = (f"{info}: describes another file (SHA256 {other[:12]}..., not this file's "
+             f"{mine[:12]}...); ignored: delete it, or look the file up with `mergekit-sd "
+             "catalog identify --refresh`")
+    assert hash_pending(store).problems == [stale]
+    entry = find_entry(store, "mychar")
+    assert (entry.source, entry.source_ids, entry.base_model, entry.trigger_words) == (
+        "local", {}, "SD 1.5", ["mychar", "1girl", "solo"])
+    assert "model_name" not in entry.details["sidecar"]
+    assert entry.details["sidecar"]["problems"] == [stale]
+    # a stale sidecar appearing beside a hashed file is refused by the scan that reads it
+    info.write_text(json.dumps({**civitai_info_for(other), "id": 124}))
+    assert scan(store, jobs=1).problems == [stale]
+    assert find_entry(store, "mychar").source_ids == {}
+    # the file's own sidecar is taken
+    info.write_text(json.dumps(civitai_info_for(mine)))
+    assert scan(store, jobs=1).problems == []
+    entry = find_entry(store, "mychar")
+    assert (entry.source, entry.base_model) == ("civitai", "Pony")
+    assert entry.source_ids == {"civitai": {"model_id": 45, "version_id": 123}}
+
+
+def test_sidecars_a_catalog_read_before_hashes_were_compared_are_read_again(tmp_path, store,
+                                                                            tiny):
+    loras = tmp_path / "webui" / "models" / "Lora"
+    put(tiny["lora"], loras / "mychar.safetensors")
+    (loras / "mychar.civitai.info").write_text(json.dumps(civitai_info_for("ab" * 32)))
+    add_root(store, tmp_path / "webui")
+    scan(store, jobs=1)
+    hash_pending(store)
+    with store.write() as db:  # as an older version left it: the ids taken, the hashes unseen
+        db.execute("UPDATE files SET source = 'civitai', source_ids = ?, details = "
+                   "json_remove(details, '$.sidecar.problems'), sidecars = "
+                   "substr(sidecars, instr(sidecars, '|') + 1)",
+                   (json.dumps({"civitai": {"model_id": 45, "version_id": 123}}),))
+    assert "describes another file" in scan(store, jobs=1).problems[0]
+    assert find_entry(store, "mychar").source_ids == {}
+
+
 # --- finding and listing ---------------------------------------------------------------------
 
 

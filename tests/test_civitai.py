@@ -315,6 +315,30 @@ def test_a_file_already_owned_under_another_name_is_not_downloaded(tmp_path, sto
     assert (mine / "renamed.civitai.info").exists()
 
 
+def test_a_file_replaced_under_a_pulled_name_is_not_that_version(tmp_path, store, fake, loras):
+    """The `.civitai.info` of a pulled file stays when another file takes its name: the
+    catalog must not answer "already have" for it, hashed or not."""
+    [pulled] = pull(store, fake, "civitai://123", to=tmp_path)
+    pulled.path.write_bytes(loras[1])  # a browser download under the same name
+    # not hashed since: the pull hashes it before answering, and downloads the version
+    [again] = pull(store, fake, "civitai://model/45", to=tmp_path)
+    assert isinstance(again, Failed)
+    assert "a different file already has this name" in str(again.error)
+    entry = get_entry(store, pulled.entry_id)
+    assert (entry.source, entry.source_ids, entry.sha256) == (
+        "local", {}, hashlib.sha256(loras[1]).hexdigest())
+    [offline] = pull(store, fake, "civitai://123", to=tmp_path, offline=True)
+    assert "not in the catalog" in str(offline.error)
+    # replaced and hashed by a scan: the same
+    pulled.path.write_bytes(loras[2])
+    scan(store, jobs=1)
+    assert get_entry(store, pulled.entry_id).source == "civitai"  # trusted until hashed
+    hash_pending(store)
+    assert get_entry(store, pulled.entry_id).source_ids == {}
+    [offline] = pull(store, fake, "civitai://123", to=tmp_path, offline=True)
+    assert "not in the catalog" in str(offline.error)
+
+
 def test_file_selectors_pick_the_file_and_name_it_to_the_endpoint(tmp_path, store, fake,
                                                                    loras):
     fake.civitai.add_model(60, "Two Files", "Checkpoint")
