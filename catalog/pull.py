@@ -50,6 +50,7 @@ from catalog.remote_refs import (
     path_matches,
 )
 from catalog.safe_names import bare_url, printable_ref, safe_file_name
+from catalog.scan import refresh_sidecars_of
 from catalog.sidecars import CIVITAI_INFO
 from catalog.store import Store
 from catalog.walk import MODEL_SUFFIXES
@@ -229,9 +230,19 @@ class Puller:
         ids = {"civitai": {"model_id": version.get("modelId"), "version_id": version_id,
                            "file_id": file.get("id")}}
         if sha256 and (owned := owned_by_sha256(self.store, sha256)) is not None:
+            held = owned.source_ids.get("civitai") or {}
+            if held.get("version_id") not in (None, version_id):
+                # Civitai publishes the same bytes under several versions (re-uploads); an
+                # entry has one source, which its `.civitai.info` names: it stays that version
+                return [_already(text, owned, [
+                    f"the same file as Civitai model {held.get('model_id')} version "
+                    f"{held['version_id']}, which the catalog keeps as its source"])]
             record_source(self.store, owned.id, "civitai", ids)
-            if not Path(owned.path).with_name(_stem(Path(owned.path)) + CIVITAI_INFO).exists():
+            taken = owned.details.get("sidecar", {}).get("read", [])
+            if _stem(Path(owned.path)) + CIVITAI_INFO not in taken:
+                # none, or one the catalog does not take (another file's, unreadable)
                 self._sidecars(Path(owned.path), version, options)
+                refresh_sidecars_of(self.store, owned.id, Path(owned.path))
             return [_already(text, owned)]
         kind = CIVITAI_KINDS.get(mapping(version.get("model")).get("type"))
         folder, root = self._destination(options.to, kind)
@@ -461,9 +472,9 @@ def _stem(path: Path) -> str:
     return path.name[: -len(path.suffix)] if path.suffix else path.name
 
 
-def _already(ref: str, entry: Entry) -> Pulled:
+def _already(ref: str, entry: Entry, notes: list[str] | None = None) -> Pulled:
     return Pulled(ref, entry.id, Path(entry.path), entry.size, "already owned",
-                  sha256=entry.sha256)
+                  sha256=entry.sha256, notes=notes or [])
 
 
 def _pulled(ref: str, entry_id: int, done: Downloaded, notes: list[str]) -> Pulled:

@@ -313,6 +313,7 @@ def test_a_file_already_owned_under_another_name_is_not_downloaded(tmp_path, sto
     entry = find_entry(store, "renamed")
     assert entry.source_ids["civitai"]["version_id"] == 123
     assert (mine / "renamed.civitai.info").exists()
+    assert entry.details["sidecar"]["model_name"] == "My Character"  # read at once
 
 
 def test_a_file_replaced_under_a_pulled_name_is_not_that_version(tmp_path, store, fake, loras):
@@ -337,6 +338,23 @@ def test_a_file_replaced_under_a_pulled_name_is_not_that_version(tmp_path, store
     assert get_entry(store, pulled.entry_id).source_ids == {}
     [offline] = pull(store, fake, "civitai://123", to=tmp_path, offline=True)
     assert "not in the catalog" in str(offline.error)
+
+
+def test_a_file_owned_as_one_version_stays_it_when_pulled_as_another(tmp_path, store, fake,
+                                                                     loras):
+    """Civitai publishes the same bytes under several versions (re-uploads): an entry has one
+    source, the version its `.civitai.info` names, whichever of them a later pull asks for."""
+    fake.civitai.add_model(47, "Re-upload", "LORA")
+    fake.civitai.add_version(47, 480, "v1", "SDXL 1.0", [FakeFile("reup.safetensors", loras[0])])
+    [first] = pull(store, fake, "civitai://123", to=tmp_path)
+    [second] = pull(store, fake, "civitai://480", to=tmp_path)
+    assert (second.status, second.entry_id) == ("already owned", first.entry_id)
+    assert second.notes == ["the same file as Civitai model 45 version 123, which the catalog "
+                            "keeps as its source"]
+    entry = get_entry(store, first.entry_id)
+    assert entry.source_ids["civitai"] == {"model_id": 45, "version_id": 123, "file_id": 9001}
+    assert (entry.base_model, entry.details["sidecar"]["model_name"]) == ("Pony", "My Character")
+    assert json.loads((tmp_path / "mychar.civitai.info").read_text())["id"] == 123
 
 
 def test_file_selectors_pick_the_file_and_name_it_to_the_endpoint(tmp_path, store, fake,
