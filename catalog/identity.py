@@ -45,7 +45,9 @@ class Parent:
 
 @dataclass
 class FileFacts:
-    status: str  # ok, truncated, invalid, unreadable, unchecked (a legacy pickle)
+    # ok, truncated, invalid, unreadable, unchecked (a legacy pickle); gone: renamed or deleted
+    # since the walk found it, so nothing to record (the next scan finds where it went)
+    status: str
     problem: str | None = None
     kind: str | None = None
     architecture: str | None = None
@@ -64,7 +66,13 @@ class FileFacts:
 def examine(path: str) -> FileFacts:
     """Identify one file from its header; a bad file gives a status and its sentence, never an
     exception (a scan goes on past it)."""
-    p = Path(path)
+    facts = _examine(Path(path))
+    if facts.status != "ok" and not os.path.lexists(path):
+        return FileFacts("gone")
+    return facts
+
+
+def _examine(p: Path) -> FileFacts:
     if p.suffix.lower() in PICKLE_SUFFIXES and (facts := _examine_pickle(p)) is not None:
         return facts
     try:

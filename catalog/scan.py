@@ -88,8 +88,8 @@ def _scan_root(store: Store, root_id: int, root: Path, jobs: int, report: ScanRe
     report.roots.append(str(root))
     # every entry, not only this root's: a root inside another root shares files with it
     known = {row["path"]: row for row in store.db.execute(
-        "SELECT id, path, root_id, device, inode, size, mtime_ns, status, sidecars, last_seen, "
-        "kind FROM files")}
+        "SELECT id, path, root_id, device, inode, size, mtime_ns, status, problem, sidecars, "
+        "last_seen, kind FROM files")}
     # when this root's files were last seen present: its previous scan (None: never, or by a
     # catalog too old to say)
     previous = store.db.execute("SELECT scanned_at FROM roots WHERE id = ?",
@@ -128,8 +128,10 @@ def _scan_root(store: Store, root_id: int, root: Path, jobs: int, report: ScanRe
         row = known.get(key)
         if row is None:
             to_examine.append(file)
-        # "pickle": what scans recorded of .ckpt/.pt/.pth/.bin files before they read them
+        # "pickle": what scans recorded of .ckpt/.pt/.pth/.bin files before they read them;
+        # "does not exist": what they recorded of a file that vanished while they ran
         elif row["status"] == "missing" or row["kind"] == "pickle" or (
+                row["problem"] == "does not exist") or (
                 row["device"], row["inode"], row["size"], row["mtime_ns"]) != (
                 file.device, file.inode, file.size, file.mtime_ns):
             report.changed += 1
@@ -140,17 +142,30 @@ def _scan_root(store: Store, root_id: int, root: Path, jobs: int, report: ScanRe
                 sidecars_only.append((row["id"], file))
 
     new_files = [f for f in to_examine if str(f.path) not in known]
-    moved = _adopt_moves(store, root_id, new_files, report)
-    to_examine = [f for f in to_examine if str(f.path) not in moved]
+    moved, examine_again = _adopt_moves(store, root_id, new_files, report)
+    to_examine = [f for f in to_examine
+                  if str(f.path) not in moved or str(f.path) in examine_again]
     report.new += len(new_files) - len(moved)
 
     facts = examine_files([str(f.path) for f in to_examine], jobs, progress, cancel)
+    vanished = 0
     for batch in _batches(zip(to_examine, facts, strict=True), BATCH):
         with store.write() as db:
             for file, file_facts in batch:
+                if file_facts.status == "gone":
+                    # an entry for a path that is not there would be a lasting wrong one
+                    vanished += 1
+                    if str(file.path) in known:
+                        report.changed -= 1
+                    elif str(file.path) not in moved:
+                        report.new -= 1
+                    continue
                 _upsert(db, root_id, file, file_facts, report.problems)
                 if file_facts.status != "ok":
                     report.bad.append((str(file.path), file_facts.problem or file_facts.status))
+    if vanished:
+        report.problems.append(f"{vanished} file(s) were renamed or deleted while the scan ran; "
+                               "the next scan records where they went")
     if sidecars_only:
         with store.write() as db:
             for file_id, file in sidecars_only:
@@ -205,19 +220,23 @@ def examine_files(paths: list[str], jobs: int, progress: ProgressCallback = no_p
 
 
 def _adopt_moves(store: Store, root_id: int, new_files: list[FoundFile],
-                 report: ScanReport) -> set[str]:
+                 report: ScanReport) -> tuple[set[str], set[str]]:
     """New paths that are files the catalog knows under a path that no longer exists (same
     device, inode, size and mtime: a rename or a move within the disk), or under a path that
     leads to it through a link (recorded before files were recorded by their real paths): the
-    row follows the file, keeping its tags, notes and hashes."""
+    row follows the file, keeping its tags, notes and hashes. Returns those paths, and those
+    of them to examine again: an entry that was not `ok` (missing: its status before is not
+    known) may be wrong about the file."""
     moved: set[str] = set()
+    again: set[str] = set()
     if not new_files:
-        return moved
+        return moved, again
     with store.write() as db:
         for file in new_files:
             for row in db.execute(
-                    "SELECT id, path FROM files WHERE device = ? AND inode = ? AND size = ? "
-                    "AND mtime_ns = ?", (file.device, file.inode, file.size, file.mtime_ns)):
+                    "SELECT id, path, status FROM files WHERE device = ? AND inode = ? AND "
+                    "size = ? AND mtime_ns = ?",
+                    (file.device, file.inode, file.size, file.mtime_ns)):
                 linked = os.path.realpath(row["path"]) == str(file.path)
                 if row["path"] != str(file.path) and (linked or not os.path.exists(row["path"])):
                     db.execute("UPDATE files SET path = ?, root_id = ?, folder_kind = ?, "
@@ -228,12 +247,14 @@ def _adopt_moves(store: Store, root_id: int, new_files: list[FoundFile],
                                                 row["id"]))
                     _refresh_sidecars(db, row["id"], file, report.problems)
                     moved.add(str(file.path))
+                    if row["status"] != "ok":
+                        again.add(str(file.path))
                     if linked:  # the same file under its real name is no move
                         report.unchanged += 1
                     else:
                         report.moved.append((row["path"], str(file.path)))
                     break
-    return moved
+    return moved, again
 
 
 def _mark_missing(store: Store, rows, report: ScanReport, previous: float | None,

@@ -552,6 +552,45 @@ def test_renamed_file_is_reported_moved_and_keeps_its_entry(tmp_path, store, tin
     assert hash_pending(store).hashed == 0  # the hashes still hold for the renamed file
 
 
+def test_files_renamed_or_deleted_while_a_scan_runs_are_left_to_the_next_scan(tmp_path, store,
+                                                                             tiny):
+    files = webui(tmp_path / "webui", tiny)
+    add_root(store, tmp_path / "webui")
+    renamed = files["mychar"].with_name("renamed.safetensors")
+
+    def meanwhile(stage: str, done: int, total: int) -> None:
+        if (stage, done) == ("identifying", 0):  # walked, not read yet
+            os.rename(files["mychar"], renamed)
+            files["vae"].unlink()
+
+    report = scan(store, jobs=1, progress=meanwhile)
+    assert (report.new, report.bad) == (4, [])
+    assert report.problems == ["2 file(s) were renamed or deleted while the scan ran; the next "
+                               "scan records where they went"]
+    assert names(list_entries(store, Filters())) == ["base15", "basexl", "emb", "xlstyle"]
+    report = scan(store, jobs=1)
+    assert (report.new, report.missing, report.problems) == (1, 0, [])
+    entry = find_entry(store, "renamed")
+    assert (entry.status, entry.kind) == ("ok", "lora")
+
+
+def test_an_entry_a_scan_got_wrong_is_read_again_in_place_or_moved(tmp_path, store, tiny):
+    """What a scan recorded of a file that vanished while it ran, before such files were left
+    to the next scan: "invalid: does not exist", for a file that is there."""
+    files = webui(tmp_path / "webui", tiny)
+    add_root(store, tmp_path / "webui")
+    scan(store, jobs=1)
+    with store.write() as db:
+        db.execute("UPDATE files SET status = 'invalid', problem = 'does not exist', kind = NULL "
+                   "WHERE name IN ('mychar', 'vae')")
+    renamed = files["mychar"].with_name("renamed.safetensors")
+    os.rename(files["mychar"], renamed)
+    report = scan(store, jobs=1)
+    assert report.moved == [(str(files["mychar"]), str(renamed))]
+    assert [(e.name, e.status, e.kind) for e in (find_entry(store, n) for n in (
+        "renamed", "vae"))] == [("renamed", "ok", "lora"), ("vae", "ok", "vae")]
+
+
 def test_file_moved_to_another_disk_takes_over_its_entry_once_hashed(tmp_path, store, tiny):
     files = webui(tmp_path / "webui", tiny)
     other = tmp_path / "other-disk"
