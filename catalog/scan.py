@@ -57,8 +57,16 @@ class ScanReport:
                 if f.name not in ("found", "walked")}
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (a container or `taskset` may allow fewer than the
+    machine has): more workers than these only wait on each other, each a process to start."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
 def default_jobs() -> int:
-    return max(1, min(8, os.cpu_count() or 1))
+    return min(8, usable_cores())
 
 
 def scan(store: Store, root_ids: list[int] | None = None, jobs: int | None = None,
@@ -191,11 +199,13 @@ def _batches(items: Iterator, size: int) -> Iterator[list]:
 
 def examine_files(paths: list[str], jobs: int, progress: ProgressCallback = no_progress,
                   cancel: CancelToken | None = None) -> Iterator[FileFacts]:
-    """Each file's facts, in order; in `jobs` worker processes when there are many files."""
+    """Each file's facts, in order; in `jobs` worker processes (at most one per usable core)
+    when there are many files."""
     total = len(paths)
     if not total:
         return
     progress("identifying", 0, total)
+    jobs = min(jobs, total, usable_cores())
     if jobs <= 1 or total < PARALLEL_MIN:
         results: Iterator[FileFacts] = map(examine, paths)
         pool = None
@@ -205,7 +215,7 @@ def examine_files(paths: list[str], jobs: int, progress: ProgressCallback = no_p
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(["catalog.identity", "catalog.workers"])
         # a killed scan runs no clean-up: the workers leave by themselves (catalog/workers.py)
-        pool = ProcessPoolExecutor(min(jobs, total), mp_context=context,
+        pool = ProcessPoolExecutor(jobs, mp_context=context,
                                    initializer=exit_with, initargs=(os.getpid(),))
         results = pool.map(examine, paths, chunksize=max(1, min(32, total // (jobs * 8))))
     try:

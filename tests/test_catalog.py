@@ -830,6 +830,8 @@ def test_many_new_files_scan_in_worker_processes_with_the_same_result(tmp_path, 
             pools.append(args)
             super().__init__(*args, **kwargs)
 
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("one usable core: a scan never starts worker processes")
     results = []
     for jobs in (1, 2):
         monkeypatch.setattr(scan_module, "ProcessPoolExecutor", refuse if jobs == 1 else Recording)
@@ -844,6 +846,28 @@ def test_many_new_files_scan_in_worker_processes_with_the_same_result(tmp_path, 
     assert results[0] == results[1]
     statuses = [row[3] for row in results[1]]
     assert statuses == ["ok"] * (count - 1) + ["truncated"]
+
+
+def test_scan_jobs_are_checked_and_capped_at_the_usable_cores(tmp_path, tiny, monkeypatch):
+    for i in range(PARALLEL_MIN + 2):
+        put(tiny["emb"], tmp_path / "embs" / f"e{i}.safetensors")
+    pools = []
+
+    class Recording(ProcessPoolExecutor):
+        def __init__(self, workers, *args, **kwargs):
+            pools.append(workers)
+            super().__init__(workers, *args, **kwargs)
+
+    monkeypatch.setattr(scan_module, "ProcessPoolExecutor", Recording)
+    catalog = tmp_path / "c.sqlite"
+    with Store.open(catalog) as store:
+        add_root(store, tmp_path / "embs")
+        assert scan(store, jobs=10_000).new == PARALLEL_MIN + 2  # not a process per file
+    cores = len(os.sched_getaffinity(0))
+    assert pools == ([cores] if cores > 1 else [])
+    for jobs in ("0", "-3"):
+        assert one_line_error(catalog_cli(catalog, "scan", "--jobs", jobs)) == (
+            f"error: --jobs {jobs}: give 1 or more (leave it out for one per core, up to 8)")
 
 
 def _descendants(pid: int) -> list[int]:
