@@ -314,22 +314,29 @@ def test_truncated_and_garbage_files_get_a_status_and_a_sentence(tmp_path, store
     good = put(tiny["lora"], loras / "good.safetensors")
     data = good.read_bytes()
     (loras / "cut.safetensors").write_bytes(data[:-1000])
+    header_end = 8 + struct.unpack("<Q", data[:8])[0]
+    (loras / "cut-in-header.safetensors").write_bytes(data[:header_end // 2])
     header = b'{"x": 1}'  # the prefix says 8 bytes of header; they are not a tensor table
     (loras / "garbage.safetensors").write_bytes(struct.pack("<Q", 8) + header + b"\0" * 64)
     add_root(store, tmp_path / "webui")
     report = scan(store, jobs=1)
-    assert report.seen == 3
+    assert report.seen == 4
     entries = {e.name: e for e in list_entries(store, Filters())}
     assert entries["good"].status == "ok" and entries["good"].problem is None
     assert entries["cut"].status == "truncated"
     assert entries["cut"].problem == (
         f"is truncated: its tensor offsets need {len(data)} bytes but the file has "
         f"{len(data) - 1000} (1000 missing); download it again")
+    cut_in_header = entries["cut-in-header"]
+    assert cut_in_header.status == "truncated"
+    assert cut_in_header.problem == (
+        f"declares a {header_end - 8}-byte header but the file has only {header_end // 2} "
+        "bytes (a truncated download, or not a safetensors file)")
     assert entries["garbage"].status == "invalid"
     assert entries["garbage"].problem
     assert entries["cut"].kind is None and entries["garbage"].kind is None
-    assert sorted(p for p, _ in report.bad) == [str(loras / "cut.safetensors"),
-                                               str(loras / "garbage.safetensors")]
+    assert sorted(p for p, _ in report.bad) == [str(loras / n) for n in (
+        "cut-in-header.safetensors", "cut.safetensors", "garbage.safetensors")]
 
 
 def test_text_file_saved_as_safetensors_is_invalid_not_truncated(tmp_path, store):
