@@ -423,11 +423,15 @@ def test_broken_links_and_link_loops_are_reported_and_the_scan_goes_on(tmp_path,
     loop = loras / "sub" / "loop"
     loop.parent.mkdir()
     loop.symlink_to(loras)  # a folder linking back to its parent's parent
+    (loras / "one.safetensors").symlink_to("two.safetensors")  # two links to each other
+    (loras / "two.safetensors").symlink_to("one.safetensors")
     add_root(store, tmp_path / "webui")
     report = scan(store, jobs=1)
     assert (report.seen, report.new) == (1, 1)
     assert sorted(report.problems) == sorted([
         f"{broken}: a broken link; skipped",
+        f"{loras / 'one.safetensors'}: a link loop; skipped",
+        f"{loras / 'two.safetensors'}: a link loop; skipped",
         f"{loop}: links back to a folder already scanned (a link loop or a second link); "
         "walked once",
     ])
