@@ -1228,6 +1228,10 @@ def test_cli_list_refuses_unknown_filter_values_and_an_empty_answer_is_not_a_sca
     catalog_cli(catalog, "add-root", tmp_path / "loras", "--scan")
     assert catalog_cli(catalog, "list", "--kind", "vae").stdout == (
         "no entries match these filters\n")
+    assert one_line_error(catalog_cli(catalog, "tag", "a", "")) == (
+        "error: tag '': a tag cannot be empty or only spaces; give a word")
+    assert one_line_error(catalog_cli(catalog, "list", "--tag", " ")) == (
+        "error: --tag ' ': a tag cannot be empty or only spaces; give a word")
 
 
 def test_list_filters_by_tags_text_status_and_favourites(library):
@@ -1235,6 +1239,9 @@ def test_list_filters_by_tags_text_status_and_favourites(library):
     assert names(list_entries(store, Filters(tags=["style"]))) == ["mychar", "xlstyle"]
     assert names(list_entries(store, Filters(tags=["style", "anime"]))) == ["mychar"]
     assert names(list_entries(store, Filters(tags=["anime", "nope"]))) == []
+    assert names(list_entries(store, Filters(tags=["STYLE", " Anime "]))) == ["mychar"]
+    with pytest.raises(UserError, match="--tag '': a tag cannot be empty or only spaces"):
+        list_entries(store, Filters(tags=[""]))
     assert names(list_entries(store, Filters(search="BASEX"))) == ["basexl"]  # name
     assert names(list_entries(store, Filters(search="solo"))) == ["mychar", "xlstyle"]  # triggers
     assert names(list_entries(store, Filters(search="portraits"))) == ["base15"]  # notes
@@ -1292,8 +1299,16 @@ def test_list_sorts_and_limits(library):
 def test_tags_notes_ratings_and_favourites(library):
     store = library.store
     entry = find_entry(store, "emb")
-    assert set_tags(store, entry, ["  neg ", "", "hands"], []) == ["hands", "neg"]
+    assert set_tags(store, entry, ["  neg ", "hands"], []) == ["hands", "neg"]
     assert set_tags(store, entry, ["neg", "extra"], ["hands", "absent"]) == ["extra", "neg"]
+    # one spelling per tag, kept as first given; removing ignores case too
+    assert set_tags(store, entry, ["NEG", "Anime", "anime"], []) == ["Anime", "extra", "neg"]
+    assert set_tags(store, entry, [], ["ANIME"]) == ["extra", "neg"]
+    for blank in ("", "  "):
+        with pytest.raises(UserError, match=f"tag {blank!r}: a tag cannot be empty or only "
+                                            "spaces; give a word"):
+            set_tags(store, entry, ["fine", blank], [])
+        assert get_entry(store, entry.id).tags == ["extra", "neg"]  # nothing was added
     set_note(store, entry, "  use at 0.7  ")
     set_rating(store, entry, 3, None)
     set_rating(store, entry, None, True)
