@@ -80,15 +80,29 @@ def _touch(db, entry: Entry) -> None:
 
 
 def set_tags(store: Store, entry: Entry, add: list[str], remove: list[str]) -> list[str]:
-    cleaned = [t.strip() for t in add if t.strip()]
+    """Add and remove tags; the entry's tags afterwards. Tags ignore case, as every filter does:
+    "Anime" added to an entry tagged "anime" keeps the spelling it has, and --remove ANIME
+    removes it."""
+    for tag in (*add, *remove):
+        _check_tag(tag)
     with store.write() as db:
-        db.executemany("INSERT OR IGNORE INTO tags (file_id, tag) VALUES (?, ?)",
-                       [(entry.id, tag) for tag in cleaned])
+        have = {row[0].casefold(): row[0] for row in db.execute(
+            "SELECT tag FROM tags WHERE file_id = ?", (entry.id,))}
+        for tag in (t.strip() for t in add):
+            if tag.casefold() not in have:
+                db.execute("INSERT INTO tags (file_id, tag) VALUES (?, ?)", (entry.id, tag))
+                have[tag.casefold()] = tag
+        gone = {t.strip().casefold() for t in remove}
         db.executemany("DELETE FROM tags WHERE file_id = ? AND tag = ?",
-                       [(entry.id, tag.strip()) for tag in remove])
+                       [(entry.id, tag) for key, tag in have.items() if key in gone])
         _touch(db, entry)
         return [r[0] for r in db.execute("SELECT tag FROM tags WHERE file_id = ? ORDER BY tag",
                                          (entry.id,))]
+
+
+def _check_tag(tag: str) -> None:
+    if not tag.strip():
+        raise UserError(f"tag {tag!r}: a tag cannot be empty or only spaces; give a word")
 
 
 def set_note(store: Store, entry: Entry, text: str) -> None:

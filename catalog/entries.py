@@ -213,9 +213,11 @@ def list_entries(store: Store, filters: Filters) -> list[Entry]:
         args.append(filters.base_model)
     if filters.favourite:
         where.append("favourite = 1")
-    for tag in filters.tags:
-        where.append("id IN (SELECT file_id FROM tags WHERE tag = ?)")
-        args.append(tag)
+    for tag in filters.tags:  # without regard to case, as the other filters
+        if not tag.strip():
+            raise UserError(f"--tag {tag!r}: a tag cannot be empty or only spaces; give a word")
+        where.append("id IN (SELECT file_id FROM tags WHERE casefold(tag) = ?)")
+        args.append(tag.strip().casefold())
     if filters.search:
         # one case-insensitive substring search over what people remember a model by: also
         # the Civitai model and version names and the web UI's notes that `show` displays

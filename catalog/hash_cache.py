@@ -17,16 +17,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from catalog.hashes import FileHashes, hash_file
+from catalog.hashes import FileHashes, hash_file, hash_key
 from catalog.moves import adopt, missing_twin
 from catalog.root_folders import held_by
+from catalog.scan import recheck_sidecars
 from catalog.store import Store
 from mergekit_sd.errors import Cancelled
 from mergekit_sd.progress import CancelToken, ProgressCallback, no_progress
-
-
-def hash_key(st: os.stat_result) -> str:
-    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
 
 
 @dataclass
@@ -56,6 +53,24 @@ def _save(store: Store, file_id: int, key: str, hashes: FileHashes) -> None:
                    "hash_key = ?, updated_at = ? WHERE id = ?",
                    (hashes.sha256, hashes.crc32, hashes.autov1, hashes.autov3, key, time.time(),
                     file_id))
+
+
+def hash_now(store: Store, file_id: int, path: Path, progress: ProgressCallback = no_progress,
+             cancel: CancelToken | None = None) -> FileHashes:
+    """Hash one entry's file now and keep its hashes, as hash_pending does (OSError where it
+    cannot be read)."""
+    st = path.stat()
+    done = 0
+
+    def on_bytes(n: int) -> None:
+        nonlocal done
+        done += n
+        progress(f"hashing {path.name}", done, st.st_size)
+
+    hashes = hash_file(path, on_bytes, lambda: cancel is not None and cancel.cancelled)
+    _save(store, file_id, hash_key(st), hashes)
+    recheck_sidecars(store, file_id, path)
+    return hashes
 
 
 def hash_pending(store: Store, root_ids: list[int] | None = None, jobs: int = 2,
@@ -117,6 +132,8 @@ def hash_pending(store: Store, root_ids: list[int] | None = None, jobs: int = 2,
                 continue
             key, hashes = found
             _save(store, file_id, key, hashes)
+            # a `.civitai.info` trusted until now may describe the file that had this name
+            report.problems.extend(recheck_sidecars(store, file_id, path))
             report.hashed += 1
             report.bytes += int(key.rsplit(":", 2)[1])
             if (old := _adopt_missing_twin(store, file_id, hashes.sha256)) is not None:

@@ -31,6 +31,11 @@ AUTOV1_LENGTH = LEGACY_HASH_LENGTH
 AUTOV1_MIN_SIZE = 2 * 1024 * 1024
 
 
+def hash_key(st: os.stat_result) -> str:
+    """What a file's hashes stay valid for: the same device, inode, size and mtime."""
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+
+
 @dataclass(frozen=True)
 class FileHashes:
     sha256: str  # lowercase hex, like the rest

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
@@ -18,7 +19,7 @@ from mergekit_sd.arch.identify import Identification, identify, sdxl_family
 from mergekit_sd.arch.lora import trigger_words
 from mergekit_sd.errors import BadModelFile
 from mergekit_sd.io.dtypes import SAFETENSORS_DTYPES, nbytes_of
-from mergekit_sd.io.header import SafetensorsHeader, TensorInfo, read_header
+from mergekit_sd.io.header import MAX_HEADER_BYTES, SafetensorsHeader, TensorInfo, read_header
 from mergekit_sd.io.pickled import pickle_tensor_shapes, sniff_format
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -45,7 +46,9 @@ class Parent:
 
 @dataclass
 class FileFacts:
-    status: str  # ok, truncated, invalid, unreadable, unchecked (a legacy pickle)
+    # ok, truncated, invalid, unreadable, unchecked (a legacy pickle); gone: renamed or deleted
+    # since the walk found it, so nothing to record (the next scan finds where it went)
+    status: str
     problem: str | None = None
     kind: str | None = None
     architecture: str | None = None
@@ -64,19 +67,38 @@ class FileFacts:
 def examine(path: str) -> FileFacts:
     """Identify one file from its header; a bad file gives a status and its sentence, never an
     exception (a scan goes on past it)."""
-    p = Path(path)
+    facts = _examine(Path(path))
+    if facts.status != "ok" and not os.path.lexists(path):
+        return FileFacts("gone")
+    return facts
+
+
+def _examine(p: Path) -> FileFacts:
     if p.suffix.lower() in PICKLE_SUFFIXES and (facts := _examine_pickle(p)) is not None:
         return facts
     try:
         header = read_header(p, loads=orjson.loads)  # twice as fast as json on big headers
     except BadModelFile as exc:
-        # only a file whose header is sound but whose data stops short is a cut download; a
-        # header length past the end is more often a saved error page than a cut one
-        status = "truncated" if exc.problem.startswith("is truncated") else "invalid"
-        return FileFacts(status, problem=exc.problem)
+        cut = exc.problem.startswith("is truncated") or _cut_inside_header(p)
+        return FileFacts("truncated" if cut else "invalid", problem=exc.problem)
     except OSError as exc:  # read_header turns these into sentences; belt and braces
         return FileFacts("unreadable", problem=str(exc))
     return facts_from_header(header)
+
+
+def _cut_inside_header(path: Path) -> bool:
+    """A header length the format allows but the file cannot hold, its JSON begun: a download
+    cut inside its header (a LoRA's is 100-400 KB). A saved error page or text reads as a
+    length far over the limit."""
+    try:
+        with open(path, "rb") as f:
+            start, size = f.read(9), os.fstat(f.fileno()).st_size
+    except OSError:
+        return False
+    if len(start) < 9:
+        return False
+    (length,) = struct.unpack("<Q", start[:8])
+    return size - 8 < length <= MAX_HEADER_BYTES and start[8:9] == b"{"
 
 
 def _examine_pickle(path: Path) -> FileFacts | None:

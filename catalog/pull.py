@@ -32,6 +32,7 @@ from catalog.civitai_sidecars import SidecarsWritten, write_version_sidecars
 from catalog.config import RemoteSettings
 from catalog.download import BadDownload, Downloaded, Downloader, DownloadRequest
 from catalog.entries import Entry
+from catalog.hash_cache import cached_hashes, hash_now
 from catalog.hashes import FileHashes, hash_file
 from catalog.identity import examine
 from catalog.layouts import detect_layout
@@ -41,6 +42,7 @@ from catalog.remote_refs import (
     CivitaiModelRef,
     CivitaiVersionRef,
     HubRef,
+    RemoteRef,
     UrlRef,
     owned_by_sha256,
     owned_entry,
@@ -48,6 +50,7 @@ from catalog.remote_refs import (
     path_matches,
 )
 from catalog.safe_names import bare_url, printable_ref, safe_file_name
+from catalog.scan import refresh_sidecars_of
 from catalog.sidecars import CIVITAI_INFO
 from catalog.store import Store
 from catalog.walk import MODEL_SUFFIXES
@@ -191,7 +194,7 @@ class Puller:
         # file selectors may ask for another file of a version owned (checked by its SHA256)
         chosen = isinstance(ref, CivitaiVersionRef) and options.choice != FileChoice()
         if not (isinstance(ref, CivitaiModelRef) or chosen) or options.offline:
-            owned = owned_entry(self.store, ref)
+            owned = self._owned(ref)
             if owned is not None:
                 return [_already(text, owned)]
         if options.offline and not isinstance(ref, HubRef):
@@ -213,7 +216,9 @@ class Puller:
                 raise UserError(f"{text}: the model has no published version on Civitai")
             # Civitai lists the newest first
             version_id = _civitai_id(sequence(versions)[:1], f"model {ref.model_id}")
-            owned = (owned_entry(self.store, CivitaiVersionRef(version_id))
+            listed = [sha for f in sequence(mapping(sequence(versions)[0]).get("files"))
+                      if (sha := file_sha256(mapping(f)))]
+            owned = (self._owned(CivitaiVersionRef(version_id), listed)
                      if options.choice == FileChoice() else None)
             if owned is not None:
                 return [_already(text, owned)]
@@ -225,9 +230,19 @@ class Puller:
         ids = {"civitai": {"model_id": version.get("modelId"), "version_id": version_id,
                            "file_id": file.get("id")}}
         if sha256 and (owned := owned_by_sha256(self.store, sha256)) is not None:
+            held = owned.source_ids.get("civitai") or {}
+            if held.get("version_id") not in (None, version_id):
+                # Civitai publishes the same bytes under several versions (re-uploads); an
+                # entry has one source, which its `.civitai.info` names: it stays that version
+                return [_already(text, owned, [
+                    f"the same file as Civitai model {held.get('model_id')} version "
+                    f"{held['version_id']}, which the catalog keeps as its source"])]
             record_source(self.store, owned.id, "civitai", ids)
-            if not Path(owned.path).with_name(_stem(Path(owned.path)) + CIVITAI_INFO).exists():
+            taken = owned.details.get("sidecar", {}).get("read", [])
+            if _stem(Path(owned.path)) + CIVITAI_INFO not in taken:
+                # none, or one the catalog does not take (another file's, unreadable)
                 self._sidecars(Path(owned.path), version, options, owned.id)
+                refresh_sidecars_of(self.store, owned.id, Path(owned.path))
             return [_already(text, owned)]
         kind = CIVITAI_KINDS.get(mapping(version.get("model")).get("type"))
         folder, root = self._destination(options.to, kind)
@@ -361,6 +376,24 @@ class Puller:
 
     # --- helpers -------------------------------------------------------------------------------
 
+    def _owned(self, ref: RemoteRef, listed: list[str] | None = None) -> Entry | None:
+        """owned_entry, but a Civitai entry whose file changed since it was hashed is hashed
+        first where its sidecar (or `listed`, Civitai's answer) says which SHA256s to expect:
+        "already owned" is never said of another file that took the name."""
+        hashed: set[int] = set()
+        while (owned := owned_entry(self.store, ref, listed or ())) is not None:
+            path = Path(owned.path)
+            expected = listed or owned.details.get("sidecar", {}).get("file_sha256s")
+            if (not isinstance(ref, CivitaiVersionRef | CivitaiModelRef) or not expected
+                    or owned.id in hashed or cached_hashes(self.store, path) is not None):
+                return owned
+            hashed.add(owned.id)
+            try:
+                hash_now(self.store, owned.id, path, self.progress, self.cancel)
+            except OSError:  # unreadable now: what the catalog knows stands
+                return owned
+        return None
+
     def _destination(self, to: Path | None, kind: str | None) -> tuple[Path, Path]:
         """(the folder a file of `kind` goes to, the root it belongs to)."""
         base = to or self.settings.download_root
@@ -453,9 +486,9 @@ def _stem(path: Path) -> str:
     return path.name[: -len(path.suffix)] if path.suffix else path.name
 
 
-def _already(ref: str, entry: Entry) -> Pulled:
+def _already(ref: str, entry: Entry, notes: list[str] | None = None) -> Pulled:
     return Pulled(ref, entry.id, Path(entry.path), entry.size, "already owned",
-                  sha256=entry.sha256)
+                  sha256=entry.sha256, notes=notes or [])
 
 
 def _pulled(ref: str, entry_id: int, done: Downloaded, notes: list[str]) -> Pulled:

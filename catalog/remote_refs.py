@@ -7,8 +7,10 @@ Kept free of network libraries: the recipe resolver reads these on every `plan`.
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -150,9 +152,12 @@ def parse_remote_ref(ref: str) -> RemoteRef:
                     "civitai://model/MODEL_ID, hf://ORG/REPO/PATH or an http(s) URL")
 
 
-def owned_entry(store: Store, ref: RemoteRef) -> Entry | None:
+def owned_entry(store: Store, ref: RemoteRef, listed: Collection[str] = ()) -> Entry | None:
     """The present catalog file that came from `ref`, if any (the newest version for a model
-    reference)."""
+    reference). For Civitai, a file hashed since it last changed must be one of the files the
+    version lists (`listed`: their SHA256s, where the caller has Civitai's answer; else those
+    of the entry's `.civitai.info`): a file replaced under the same name is not the version's.
+    A file not hashed yet is taken on its sidecar's word (pull hashes it first)."""
     if isinstance(ref, CivitaiVersionRef):
         where, args = "json_extract(source_ids, '$.civitai.version_id') = ?", [ref.version_id]
     elif isinstance(ref, CivitaiModelRef):
@@ -170,12 +175,21 @@ def owned_entry(store: Store, ref: RemoteRef) -> Entry | None:
     else:
         return None
     rows = store.db.execute(
-        f"SELECT id, path FROM files WHERE {where} AND status NOT IN ('missing', 'invalid', "
+        f"SELECT id, path, sha256, hash_key, json_extract(details, '$.sidecar.file_sha256s') "
+        f"AS sidecar_listed FROM files WHERE {where} AND status NOT IN ('missing', 'invalid', "
         "'truncated') ORDER BY json_extract(source_ids, '$.civitai.version_id') DESC, id",
         args).fetchall()
+    civitai = isinstance(ref, CivitaiVersionRef | CivitaiModelRef)
     for row in rows:
-        if os.path.exists(row["path"]):
-            return get_entry(store, row["id"])
+        try:
+            st = os.stat(row["path"])
+        except OSError:
+            continue
+        known = row["sha256"] if row["hash_key"] == hash_key(st) else None
+        expected = listed or json.loads(row["sidecar_listed"] or "[]")
+        if civitai and known and expected and known not in expected:
+            continue
+        return get_entry(store, row["id"])
     return None
 
 

@@ -18,6 +18,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from catalog.hashes import hash_key
 from catalog.identity import CIVITAI_BASE_MODELS, FileFacts, examine
 from catalog.layouts import detect_layout
 from catalog.moves import adopt, present_twin
@@ -56,8 +57,16 @@ class ScanReport:
                 if f.name not in ("found", "walked")}
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (a container or `taskset` may allow fewer than the
+    machine has): more workers than these only wait on each other, each a process to start."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
 def default_jobs() -> int:
-    return max(1, min(8, os.cpu_count() or 1))
+    return min(8, usable_cores())
 
 
 def scan(store: Store, root_ids: list[int] | None = None, jobs: int | None = None,
@@ -87,8 +96,8 @@ def _scan_root(store: Store, root_id: int, root: Path, jobs: int, report: ScanRe
     report.roots.append(str(root))
     # every entry, not only this root's: a root inside another root shares files with it
     known = {row["path"]: row for row in store.db.execute(
-        "SELECT id, path, root_id, device, inode, size, mtime_ns, status, sidecars, last_seen, "
-        "kind FROM files")}
+        "SELECT id, path, root_id, device, inode, size, mtime_ns, status, problem, sidecars, "
+        "last_seen, kind FROM files")}
     # when this root's files were last seen present: its previous scan (None: never, or by a
     # catalog too old to say)
     previous = store.db.execute("SELECT scanned_at FROM roots WHERE id = ?",
@@ -127,8 +136,10 @@ def _scan_root(store: Store, root_id: int, root: Path, jobs: int, report: ScanRe
         row = known.get(key)
         if row is None:
             to_examine.append(file)
-        # "pickle": what scans recorded of .ckpt/.pt/.pth/.bin files before they read them
+        # "pickle": what scans recorded of .ckpt/.pt/.pth/.bin files before they read them;
+        # "does not exist": what they recorded of a file that vanished while they ran
         elif row["status"] == "missing" or row["kind"] == "pickle" or (
+                row["problem"] == "does not exist") or (
                 row["device"], row["inode"], row["size"], row["mtime_ns"]) != (
                 file.device, file.inode, file.size, file.mtime_ns):
             report.changed += 1
@@ -139,17 +150,30 @@ def _scan_root(store: Store, root_id: int, root: Path, jobs: int, report: ScanRe
                 sidecars_only.append((row["id"], file))
 
     new_files = [f for f in to_examine if str(f.path) not in known]
-    moved = _adopt_moves(store, root_id, new_files, report)
-    to_examine = [f for f in to_examine if str(f.path) not in moved]
+    moved, examine_again = _adopt_moves(store, root_id, new_files, report)
+    to_examine = [f for f in to_examine
+                  if str(f.path) not in moved or str(f.path) in examine_again]
     report.new += len(new_files) - len(moved)
 
     facts = examine_files([str(f.path) for f in to_examine], jobs, progress, cancel)
+    vanished = 0
     for batch in _batches(zip(to_examine, facts, strict=True), BATCH):
         with store.write() as db:
             for file, file_facts in batch:
+                if file_facts.status == "gone":
+                    # an entry for a path that is not there would be a lasting wrong one
+                    vanished += 1
+                    if str(file.path) in known:
+                        report.changed -= 1
+                    elif str(file.path) not in moved:
+                        report.new -= 1
+                    continue
                 _upsert(db, root_id, file, file_facts, report.problems)
                 if file_facts.status != "ok":
                     report.bad.append((str(file.path), file_facts.problem or file_facts.status))
+    if vanished:
+        report.problems.append(f"{vanished} file(s) were renamed or deleted while the scan ran; "
+                               "the next scan records where they went")
     if sidecars_only:
         with store.write() as db:
             for file_id, file in sidecars_only:
@@ -175,11 +199,13 @@ def _batches(items: Iterator, size: int) -> Iterator[list]:
 
 def examine_files(paths: list[str], jobs: int, progress: ProgressCallback = no_progress,
                   cancel: CancelToken | None = None) -> Iterator[FileFacts]:
-    """Each file's facts, in order; in `jobs` worker processes when there are many files."""
+    """Each file's facts, in order; in `jobs` worker processes (at most one per usable core)
+    when there are many files."""
     total = len(paths)
     if not total:
         return
     progress("identifying", 0, total)
+    jobs = min(jobs, total, usable_cores())
     if jobs <= 1 or total < PARALLEL_MIN:
         results: Iterator[FileFacts] = map(examine, paths)
         pool = None
@@ -189,7 +215,7 @@ def examine_files(paths: list[str], jobs: int, progress: ProgressCallback = no_p
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(["catalog.identity", "catalog.workers"])
         # a killed scan runs no clean-up: the workers leave by themselves (catalog/workers.py)
-        pool = ProcessPoolExecutor(min(jobs, total), mp_context=context,
+        pool = ProcessPoolExecutor(jobs, mp_context=context,
                                    initializer=exit_with, initargs=(os.getpid(),))
         results = pool.map(examine, paths, chunksize=max(1, min(32, total // (jobs * 8))))
     try:
@@ -204,19 +230,23 @@ def examine_files(paths: list[str], jobs: int, progress: ProgressCallback = no_p
 
 
 def _adopt_moves(store: Store, root_id: int, new_files: list[FoundFile],
-                 report: ScanReport) -> set[str]:
+                 report: ScanReport) -> tuple[set[str], set[str]]:
     """New paths that are files the catalog knows under a path that no longer exists (same
     device, inode, size and mtime: a rename or a move within the disk), or under a path that
     leads to it through a link (recorded before files were recorded by their real paths): the
-    row follows the file, keeping its tags, notes and hashes."""
+    row follows the file, keeping its tags, notes and hashes. Returns those paths, and those
+    of them to examine again: an entry that was not `ok` (missing: its status before is not
+    known) may be wrong about the file."""
     moved: set[str] = set()
+    again: set[str] = set()
     if not new_files:
-        return moved
+        return moved, again
     with store.write() as db:
         for file in new_files:
             for row in db.execute(
-                    "SELECT id, path FROM files WHERE device = ? AND inode = ? AND size = ? "
-                    "AND mtime_ns = ?", (file.device, file.inode, file.size, file.mtime_ns)):
+                    "SELECT id, path, status FROM files WHERE device = ? AND inode = ? AND "
+                    "size = ? AND mtime_ns = ?",
+                    (file.device, file.inode, file.size, file.mtime_ns)):
                 linked = os.path.realpath(row["path"]) == str(file.path)
                 if row["path"] != str(file.path) and (linked or not os.path.exists(row["path"])):
                     db.execute("UPDATE files SET path = ?, root_id = ?, folder_kind = ?, "
@@ -227,12 +257,14 @@ def _adopt_moves(store: Store, root_id: int, new_files: list[FoundFile],
                                                 row["id"]))
                     _refresh_sidecars(db, row["id"], file, report.problems)
                     moved.add(str(file.path))
+                    if row["status"] != "ok":
+                        again.add(str(file.path))
                     if linked:  # the same file under its real name is no move
                         report.unchanged += 1
                     else:
                         report.moved.append((row["path"], str(file.path)))
                     break
-    return moved
+    return moved, again
 
 
 def _mark_missing(store: Store, rows, report: ScanReport, previous: float | None,
@@ -280,7 +312,8 @@ def merged_columns(header: dict, sidecar: SidecarFacts) -> dict:
 
 def _sidecar_details(sidecar: SidecarFacts) -> dict:
     return {k: v for k, v in asdict(sidecar).items()
-            if v not in (None, "", []) and k not in ("trained_words", "preview")}
+            if v not in (None, "", []) and k not in ("trained_words", "preview",
+                                                      "stale_version_id")}
 
 
 def _source_ids(sidecar: SidecarFacts) -> dict:
@@ -321,7 +354,7 @@ def _upsert(db, root_id: int, file: FoundFile, facts: FileFacts,
             problems: list[str] | None = None) -> int:
     """Record a file's facts and its sidecars'; the id of its entry. The sidecars' problems
     (a bad JSON file, a pipe under a sidecar's name) go to `problems`, for the scan to show."""
-    sidecar = read_sidecars(file.sidecars)
+    sidecar = read_sidecars(file.sidecars, _known_sha256(db, file.path))
     if problems is not None:
         problems.extend(sidecar.problems)
     header = {"base_model": facts.base_model, "trigger_words": facts.trigger_words}
@@ -339,6 +372,7 @@ def _upsert(db, root_id: int, file: FoundFile, facts: FileFacts,
     row = (db.execute(_UPDATE, values).fetchone()
            or db.execute(_INSERT, values).fetchone())
     file_id = row[0]
+    _drop_stale_ids(db, file_id, sidecar)
     db.execute("DELETE FROM parents WHERE file_id = ?", (file_id,))
     db.executemany("INSERT OR IGNORE INTO parents (file_id, ref_kind, ref, name, role) "
                    "VALUES (?, ?, ?, ?, ?)",
@@ -376,7 +410,7 @@ def _refresh_sidecars(db, file_id: int, file: FoundFile,
     problems go to `problems`."""
     row = db.execute("SELECT details FROM files WHERE id = ?", (file_id,)).fetchone()
     details = json.loads(row["details"] or "{}")
-    sidecar = read_sidecars(file.sidecars)
+    sidecar = read_sidecars(file.sidecars, _known_sha256(db, file.path))
     if problems is not None:
         problems.extend(sidecar.problems)
     details["sidecar"] = _sidecar_details(sidecar)
@@ -388,4 +422,48 @@ def _refresh_sidecars(db, file_id: int, file: FoundFile,
                (merged["base_model"], merged["trigger_words"], merged["preview"],
                 json.dumps(details), signature(file.sidecars), bool(ids), json.dumps(ids),
                 time.time(), file_id))
+    _drop_stale_ids(db, file_id, sidecar)
+
+
+def recheck_sidecars(store: Store, file_id: int, path: Path) -> list[str]:
+    """After a file was hashed: where its `.civitai.info` lists other SHA256s, the sidecar was
+    left by another file under this name; the entry loses what it gave (see _drop_stale_ids).
+    Returns the problems to report."""
+    row = store.db.execute("SELECT sha256, json_extract(details, '$.sidecar.file_sha256s') "
+                           "FROM files WHERE id = ?", (file_id,)).fetchone()
+    if row is None or not row[1] or row[0] in json.loads(row[1]):
+        return []
+    problems: list[str] = []
+    with store.write() as db:
+        _refresh_sidecars(db, file_id, FoundFile(path, None, 0, 0, 0, 0, sidecar_paths(path)),
+                          problems)
+    return problems
+
+
+def _known_sha256(db, path: Path) -> str | None:
+    """The SHA256 of the file at `path` as it is now, where the catalog has it; None until it
+    is hashed (the sidecars are trusted till then)."""
+    try:
+        key = hash_key(os.stat(path))
+    except OSError:
+        return None
+    row = db.execute("SELECT sha256 FROM files WHERE path = ? AND hash_key = ?",
+                     (str(path), key)).fetchone()
+    return row[0] if row else None
+
+
+def _drop_stale_ids(db, file_id: int, sidecar: SidecarFacts) -> None:
+    """The Civitai ids a stale `.civitai.info` gave the entry (or a pull of the file that was
+    here before) are another file's: `pull` must not take this file for that version."""
+    if sidecar.stale_version_id is None:
+        return
+    row = db.execute("SELECT source, source_ids FROM files WHERE id = ?", (file_id,)).fetchone()
+    ids = json.loads(row["source_ids"] or "{}")
+    if (ids.get("civitai") or {}).get("version_id") != sidecar.stale_version_id:
+        return
+    del ids["civitai"]
+    # the source the ids left name ("hf", "url": ids and sources share their names)
+    source = row["source"] if row["source"] != "civitai" else next(iter(ids), "local")
+    db.execute("UPDATE files SET source = ?, source_ids = ?, updated_at = ? WHERE id = ?",
+               (source, json.dumps(ids), time.time(), file_id))
 

@@ -4,7 +4,10 @@
 - `X.json`: AUTOMATIC1111's user metadata (activation text, preferred weight, notes, sd version).
 - `X.cm-info.json`: Stability Matrix's connected-model info (PascalCase keys).
 - `X.preview.png` (or .jpg/.jpeg/.webp, or plain `X.png`): the preview image.
-A sidecar that cannot be read is reported and otherwise ignored; it never stops a scan.
+A sidecar that cannot be read is reported and otherwise ignored; it never stops a scan. So is a
+`.civitai.info` that lists its files' SHA256 without the model file's (once the model is hashed):
+it was left by another file under the same name (`rm --delete-file` and web UIs leave sidecars),
+and its ids and base model are that file's.
 """
 
 from __future__ import annotations
@@ -41,6 +44,9 @@ class SidecarFacts:
     description: str = ""
     nsfw: bool | None = None
     preview: str | None = None
+    # the SHA256s `.civitai.info` lists for its version's files: the model must be one of them
+    file_sha256s: list[str] = field(default_factory=list)
+    stale_version_id: int | None = None  # the version a `.civitai.info` of another file names
     read: list[str] = field(default_factory=list)  # the sidecar files that were read
     problems: list[str] = field(default_factory=list)
 
@@ -61,6 +67,11 @@ def sidecar_paths(model: Path, names_in_folder: set[str] | None = None) -> dict[
     return found
 
 
+# changed when the catalog records more of the sidecars (2: the file hashes `.civitai.info`
+# lists), so that the next scan reads every file's sidecars again, once
+SIGNATURE_VERSION = "2"
+
+
 def signature(paths: dict[str, Path]) -> str:
     """Changes when any sidecar appears, disappears or is rewritten: a rescan re-reads them."""
     parts = []
@@ -70,7 +81,7 @@ def signature(paths: dict[str, Path]) -> str:
         except OSError:
             continue
         parts.append(f"{suffix}:{st.st_size}:{st.st_mtime_ns}")
-    return "|".join(parts)
+    return "|".join([SIGNATURE_VERSION, *parts]) if parts else ""
 
 
 def _load_json(path: Path, facts: SidecarFacts) -> dict | None:
@@ -113,9 +124,22 @@ def _text(value) -> str | None:
     return _clean(value.strip()) or None if isinstance(value, str) else None
 
 
-def read_sidecars(paths: dict[str, Path]) -> SidecarFacts:
+def _listed_sha256s(doc: dict) -> list[str]:
+    """The SHA256s (lower case) a Civitai model-version JSON lists for its files."""
+    files = doc.get("files") if isinstance(doc.get("files"), list) else []
+    found = []
+    for file in files:
+        hashes = file.get("hashes") if isinstance(file, dict) else None
+        sha = hashes.get("SHA256") if isinstance(hashes, dict) else None
+        if isinstance(sha, str) and len(sha) == 64:
+            found.append(sha.lower())
+    return found
+
+
+def read_sidecars(paths: dict[str, Path], sha256: str | None = None) -> SidecarFacts:
     """What the sidecars say; Civitai's file wins over Stability Matrix's, which wins over
-    AUTOMATIC1111's for the facts they share."""
+    AUTOMATIC1111's for the facts they share. `sha256`: the model file's, where it is known (a
+    `.civitai.info` is trusted until the file is hashed)."""
     facts = SidecarFacts()
     if (path := paths.get(A1111_JSON)) and (doc := _load_json(path, facts)):
         facts.trained_words = _words(doc.get("activation text"))
@@ -134,20 +158,33 @@ def read_sidecars(paths: dict[str, Path]) -> SidecarFacts:
         facts.trained_words = _words(doc.get("TrainedWords")) or facts.trained_words
         facts.nsfw = doc.get("Nsfw") if isinstance(doc.get("Nsfw"), bool) else None
     if (path := paths.get(CIVITAI_INFO)) and (doc := _load_json(path, facts)) and doc:
-        model = doc.get("model") if isinstance(doc.get("model"), dict) else {}
-        facts.model_name = _text(model.get("name")) or facts.model_name
-        facts.version_name = _text(doc.get("name")) or facts.version_name
-        facts.model_id = _int(doc.get("modelId")) or facts.model_id
-        facts.version_id = _int(doc.get("id")) or facts.version_id
-        facts.base_model = _text(doc.get("baseModel")) or facts.base_model
-        facts.trained_words = _words(doc.get("trainedWords")) or facts.trained_words
-        if isinstance(model.get("nsfw"), bool):
-            facts.nsfw = model["nsfw"]
+        _read_civitai_info(path, doc, sha256, facts)
     for suffix in PREVIEWS:
         if suffix in paths:
             facts.preview = str(paths[suffix])
             break
     return facts
+
+
+def _read_civitai_info(path: Path, doc: dict, sha256: str | None, facts: SidecarFacts) -> None:
+    listed = _listed_sha256s(doc)
+    if sha256 and listed and sha256.lower() not in listed:
+        facts.read.remove(path.name)
+        facts.stale_version_id = _int(doc.get("id"))
+        facts.problems.append(f"{path}: describes another file (SHA256 {listed[0][:12]}..., not "
+                              f"this file's {sha256[:12]}...); ignored: delete it, or look the "
+                              "file up with `mergekit-sd catalog identify --refresh`")
+        return
+    facts.file_sha256s = listed
+    model = doc.get("model") if isinstance(doc.get("model"), dict) else {}
+    facts.model_name = _text(model.get("name")) or facts.model_name
+    facts.version_name = _text(doc.get("name")) or facts.version_name
+    facts.model_id = _int(doc.get("modelId")) or facts.model_id
+    facts.version_id = _int(doc.get("id")) or facts.version_id
+    facts.base_model = _text(doc.get("baseModel")) or facts.base_model
+    facts.trained_words = _words(doc.get("trainedWords")) or facts.trained_words
+    if isinstance(model.get("nsfw"), bool):
+        facts.nsfw = model["nsfw"]
 
 
 def write_civitai_info(model: Path, version: dict) -> Path:

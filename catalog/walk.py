@@ -11,6 +11,7 @@ skipped: the catalog, and the JSON and recipes that name paths, hold text.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from dataclasses import dataclass, field
@@ -103,7 +104,12 @@ def _walk_folder(folder: ModelFolder, result: WalkResult, visited: set[tuple[int
             try:
                 info = entry.stat()  # follows links
             except OSError as exc:
-                what = "a broken link" if entry.is_symlink() else f"unreadable ({exc.strerror})"
+                if exc.errno == errno.ELOOP:  # links that lead to each other, never to a file
+                    what = "a link loop"
+                elif entry.is_symlink():
+                    what = "a broken link"
+                else:
+                    what = f"unreadable ({exc.strerror})"
                 result.problems.append(f"{directory / entry.name}: {what}; skipped")
                 continue
             if not stat.S_ISREG(info.st_mode):  # reading a FIFO would wait for a writer forever

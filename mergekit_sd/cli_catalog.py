@@ -126,7 +126,9 @@ def _run_scan(store, root_ids, hash_files: bool, jobs: int | None, sequential: b
 def scan_roots(
     paths: list[Path] = typer.Argument(None, help="Roots to scan (default: all)."),
     hash_files: bool = typer.Option(False, "--hash", help="Also hash new and changed files."),
-    jobs: int = typer.Option(None, "--jobs", "-j", help="Worker processes for identification."),
+    jobs: int = typer.Option(None, "--jobs", "-j", help="Worker processes for identification "
+                             "(1 or more; at most one per usable core; default: one per core, "
+                             "up to 8)."),
     sequential: bool = typer.Option(False, "--sequential",
                                     help="Hash one file at a time (spinning disks)."),
     as_json: AsJson = False,
@@ -134,6 +136,9 @@ def scan_roots(
 ) -> None:
     """Bring the catalog up to date: unchanged files are not read, new ones identified."""
     from catalog.edits import root_ids_for
+
+    if jobs is not None and jobs < 1:
+        raise UserError(f"--jobs {jobs}: give 1 or more (leave it out for one per core, up to 8)")
 
     with open_store(catalog) as store:
         root_ids = root_ids_for(store, paths) if paths else None

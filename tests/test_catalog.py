@@ -314,22 +314,29 @@ def test_truncated_and_garbage_files_get_a_status_and_a_sentence(tmp_path, store
     good = put(tiny["lora"], loras / "good.safetensors")
     data = good.read_bytes()
     (loras / "cut.safetensors").write_bytes(data[:-1000])
+    header_end = 8 + struct.unpack("<Q", data[:8])[0]
+    (loras / "cut-in-header.safetensors").write_bytes(data[:header_end // 2])
     header = b'{"x": 1}'  # the prefix says 8 bytes of header; they are not a tensor table
     (loras / "garbage.safetensors").write_bytes(struct.pack("<Q", 8) + header + b"\0" * 64)
     add_root(store, tmp_path / "webui")
     report = scan(store, jobs=1)
-    assert report.seen == 3
+    assert report.seen == 4
     entries = {e.name: e for e in list_entries(store, Filters())}
     assert entries["good"].status == "ok" and entries["good"].problem is None
     assert entries["cut"].status == "truncated"
     assert entries["cut"].problem == (
         f"is truncated: its tensor offsets need {len(data)} bytes but the file has "
         f"{len(data) - 1000} (1000 missing); download it again")
+    cut_in_header = entries["cut-in-header"]
+    assert cut_in_header.status == "truncated"
+    assert cut_in_header.problem == (
+        f"declares a {header_end - 8}-byte header but the file has only {header_end // 2} "
+        "bytes (a truncated download, or not a safetensors file)")
     assert entries["garbage"].status == "invalid"
     assert entries["garbage"].problem
     assert entries["cut"].kind is None and entries["garbage"].kind is None
-    assert sorted(p for p, _ in report.bad) == [str(loras / "cut.safetensors"),
-                                               str(loras / "garbage.safetensors")]
+    assert sorted(p for p, _ in report.bad) == [str(loras / n) for n in (
+        "cut-in-header.safetensors", "cut.safetensors", "garbage.safetensors")]
 
 
 def test_text_file_saved_as_safetensors_is_invalid_not_truncated(tmp_path, store):
@@ -416,11 +423,15 @@ def test_broken_links_and_link_loops_are_reported_and_the_scan_goes_on(tmp_path,
     loop = loras / "sub" / "loop"
     loop.parent.mkdir()
     loop.symlink_to(loras)  # a folder linking back to its parent's parent
+    (loras / "one.safetensors").symlink_to("two.safetensors")  # two links to each other
+    (loras / "two.safetensors").symlink_to("one.safetensors")
     add_root(store, tmp_path / "webui")
     report = scan(store, jobs=1)
     assert (report.seen, report.new) == (1, 1)
     assert sorted(report.problems) == sorted([
         f"{broken}: a broken link; skipped",
+        f"{loras / 'one.safetensors'}: a link loop; skipped",
+        f"{loras / 'two.safetensors'}: a link loop; skipped",
         f"{loop}: links back to a folder already scanned (a link loop or a second link); "
         "walked once",
     ])
@@ -550,6 +561,45 @@ def test_renamed_file_is_reported_moved_and_keeps_its_entry(tmp_path, store, tin
     assert moved.sha256 == entry.sha256 and moved.kind == "lora"
     assert store.db.execute("SELECT count(*) FROM files").fetchone()[0] == 6
     assert hash_pending(store).hashed == 0  # the hashes still hold for the renamed file
+
+
+def test_files_renamed_or_deleted_while_a_scan_runs_are_left_to_the_next_scan(tmp_path, store,
+                                                                             tiny):
+    files = webui(tmp_path / "webui", tiny)
+    add_root(store, tmp_path / "webui")
+    renamed = files["mychar"].with_name("renamed.safetensors")
+
+    def meanwhile(stage: str, done: int, total: int) -> None:
+        if (stage, done) == ("identifying", 0):  # walked, not read yet
+            os.rename(files["mychar"], renamed)
+            files["vae"].unlink()
+
+    report = scan(store, jobs=1, progress=meanwhile)
+    assert (report.new, report.bad) == (4, [])
+    assert report.problems == ["2 file(s) were renamed or deleted while the scan ran; the next "
+                               "scan records where they went"]
+    assert names(list_entries(store, Filters())) == ["base15", "basexl", "emb", "xlstyle"]
+    report = scan(store, jobs=1)
+    assert (report.new, report.missing, report.problems) == (1, 0, [])
+    entry = find_entry(store, "renamed")
+    assert (entry.status, entry.kind) == ("ok", "lora")
+
+
+def test_an_entry_a_scan_got_wrong_is_read_again_in_place_or_moved(tmp_path, store, tiny):
+    """What a scan recorded of a file that vanished while it ran, before such files were left
+    to the next scan: "invalid: does not exist", for a file that is there."""
+    files = webui(tmp_path / "webui", tiny)
+    add_root(store, tmp_path / "webui")
+    scan(store, jobs=1)
+    with store.write() as db:
+        db.execute("UPDATE files SET status = 'invalid', problem = 'does not exist', kind = NULL "
+                   "WHERE name IN ('mychar', 'vae')")
+    renamed = files["mychar"].with_name("renamed.safetensors")
+    os.rename(files["mychar"], renamed)
+    report = scan(store, jobs=1)
+    assert report.moved == [(str(files["mychar"]), str(renamed))]
+    assert [(e.name, e.status, e.kind) for e in (find_entry(store, n) for n in (
+        "renamed", "vae"))] == [("renamed", "ok", "lora"), ("vae", "ok", "vae")]
 
 
 def test_file_moved_to_another_disk_takes_over_its_entry_once_hashed(tmp_path, store, tiny):
@@ -791,6 +841,8 @@ def test_many_new_files_scan_in_worker_processes_with_the_same_result(tmp_path, 
             pools.append(args)
             super().__init__(*args, **kwargs)
 
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("one usable core: a scan never starts worker processes")
     results = []
     for jobs in (1, 2):
         monkeypatch.setattr(scan_module, "ProcessPoolExecutor", refuse if jobs == 1 else Recording)
@@ -805,6 +857,28 @@ def test_many_new_files_scan_in_worker_processes_with_the_same_result(tmp_path, 
     assert results[0] == results[1]
     statuses = [row[3] for row in results[1]]
     assert statuses == ["ok"] * (count - 1) + ["truncated"]
+
+
+def test_scan_jobs_are_checked_and_capped_at_the_usable_cores(tmp_path, tiny, monkeypatch):
+    for i in range(PARALLEL_MIN + 2):
+        put(tiny["emb"], tmp_path / "embs" / f"e{i}.safetensors")
+    pools = []
+
+    class Recording(ProcessPoolExecutor):
+        def __init__(self, workers, *args, **kwargs):
+            pools.append(workers)
+            super().__init__(workers, *args, **kwargs)
+
+    monkeypatch.setattr(scan_module, "ProcessPoolExecutor", Recording)
+    catalog = tmp_path / "c.sqlite"
+    with Store.open(catalog) as store:
+        add_root(store, tmp_path / "embs")
+        assert scan(store, jobs=10_000).new == PARALLEL_MIN + 2  # not a process per file
+    cores = len(os.sched_getaffinity(0))
+    assert pools == ([cores] if cores > 1 else [])
+    for jobs in ("0", "-3"):
+        assert one_line_error(catalog_cli(catalog, "scan", "--jobs", jobs)) == (
+            f"error: --jobs {jobs}: give 1 or more (leave it out for one per core, up to 8)")
 
 
 def _descendants(pid: int) -> list[int]:
@@ -977,6 +1051,62 @@ def test_written_civitai_info_and_preview_are_read_by_the_next_scan(tmp_path, st
     assert entry.source_ids == {"civitai": {"model_id": 45, "version_id": 123}}
 
 
+def civitai_info_for(sha256: str) -> dict:
+    """CIVITAI, listing one file with this SHA256 (upper case, as Civitai writes it)."""
+    return {**CIVITAI, "files": [{**CIVITAI["files"][0], "hashes": {"SHA256": sha256.upper()}}]}
+
+
+def test_a_civitai_info_of_another_file_gives_nothing_once_the_file_is_hashed(tmp_path, store,
+                                                                             tiny):
+    """A model replaced under the same name (a newer download, or `rm --delete-file` and then
+    another file) keeps the old `.civitai.info`: it names another file's version and base."""
+    loras = tmp_path / "webui" / "models" / "Lora"
+    model = put(tiny["lora"], loras / "mychar.safetensors")
+    mine, other = hash_file(model).sha256, "ab" * 32
+    info = loras / "mychar.civitai.info"
+    info.write_text(json.dumps(civitai_info_for(other)))
+    add_root(store, tmp_path / "webui")
+    scan(store, jobs=1)
+    entry = find_entry(store, "mychar")
+    assert (entry.source, entry.base_model) == ("civitai", "Pony")  # trusted until hashed
+    stale = (f"{info}: describes another file (SHA256 {other[:12]}..., not this file's "
+             f"{mine[:12]}...); ignored: delete it, or look the file up with `mergekit-sd "
+             "catalog identify --refresh`")
+    assert hash_pending(store).problems == [stale]
+    entry = find_entry(store, "mychar")
+    assert (entry.source, entry.source_ids, entry.base_model, entry.trigger_words) == (
+        "local", {}, "SD 1.5", ["mychar", "1girl", "solo"])
+    assert "model_name" not in entry.details["sidecar"]
+    assert entry.details["sidecar"]["problems"] == [stale]
+    # a stale sidecar appearing beside a hashed file is refused by the scan that reads it
+    info.write_text(json.dumps({**civitai_info_for(other), "id": 124}))
+    assert scan(store, jobs=1).problems == [stale]
+    assert find_entry(store, "mychar").source_ids == {}
+    # the file's own sidecar is taken
+    info.write_text(json.dumps(civitai_info_for(mine)))
+    assert scan(store, jobs=1).problems == []
+    entry = find_entry(store, "mychar")
+    assert (entry.source, entry.base_model) == ("civitai", "Pony")
+    assert entry.source_ids == {"civitai": {"model_id": 45, "version_id": 123}}
+
+
+def test_sidecars_a_catalog_read_before_hashes_were_compared_are_read_again(tmp_path, store,
+                                                                            tiny):
+    loras = tmp_path / "webui" / "models" / "Lora"
+    put(tiny["lora"], loras / "mychar.safetensors")
+    (loras / "mychar.civitai.info").write_text(json.dumps(civitai_info_for("ab" * 32)))
+    add_root(store, tmp_path / "webui")
+    scan(store, jobs=1)
+    hash_pending(store)
+    with store.write() as db:  # as an older version left it: the ids taken, the hashes unseen
+        db.execute("UPDATE files SET source = 'civitai', source_ids = ?, details = "
+                   "json_remove(details, '$.sidecar.problems'), sidecars = "
+                   "substr(sidecars, instr(sidecars, '|') + 1)",
+                   (json.dumps({"civitai": {"model_id": 45, "version_id": 123}}),))
+    assert "describes another file" in scan(store, jobs=1).problems[0]
+    assert find_entry(store, "mychar").source_ids == {}
+
+
 # --- finding and listing ---------------------------------------------------------------------
 
 
@@ -1098,6 +1228,10 @@ def test_cli_list_refuses_unknown_filter_values_and_an_empty_answer_is_not_a_sca
     catalog_cli(catalog, "add-root", tmp_path / "loras", "--scan")
     assert catalog_cli(catalog, "list", "--kind", "vae").stdout == (
         "no entries match these filters\n")
+    assert one_line_error(catalog_cli(catalog, "tag", "a", "")) == (
+        "error: tag '': a tag cannot be empty or only spaces; give a word")
+    assert one_line_error(catalog_cli(catalog, "list", "--tag", " ")) == (
+        "error: --tag ' ': a tag cannot be empty or only spaces; give a word")
 
 
 def test_list_filters_by_tags_text_status_and_favourites(library):
@@ -1105,6 +1239,9 @@ def test_list_filters_by_tags_text_status_and_favourites(library):
     assert names(list_entries(store, Filters(tags=["style"]))) == ["mychar", "xlstyle"]
     assert names(list_entries(store, Filters(tags=["style", "anime"]))) == ["mychar"]
     assert names(list_entries(store, Filters(tags=["anime", "nope"]))) == []
+    assert names(list_entries(store, Filters(tags=["STYLE", " Anime "]))) == ["mychar"]
+    with pytest.raises(UserError, match="--tag '': a tag cannot be empty or only spaces"):
+        list_entries(store, Filters(tags=[""]))
     assert names(list_entries(store, Filters(search="BASEX"))) == ["basexl"]  # name
     assert names(list_entries(store, Filters(search="solo"))) == ["mychar", "xlstyle"]  # triggers
     assert names(list_entries(store, Filters(search="portraits"))) == ["base15"]  # notes
@@ -1162,8 +1299,16 @@ def test_list_sorts_and_limits(library):
 def test_tags_notes_ratings_and_favourites(library):
     store = library.store
     entry = find_entry(store, "emb")
-    assert set_tags(store, entry, ["  neg ", "", "hands"], []) == ["hands", "neg"]
+    assert set_tags(store, entry, ["  neg ", "hands"], []) == ["hands", "neg"]
     assert set_tags(store, entry, ["neg", "extra"], ["hands", "absent"]) == ["extra", "neg"]
+    # one spelling per tag, kept as first given; removing ignores case too
+    assert set_tags(store, entry, ["NEG", "Anime", "anime"], []) == ["Anime", "extra", "neg"]
+    assert set_tags(store, entry, [], ["ANIME"]) == ["extra", "neg"]
+    for blank in ("", "  "):
+        with pytest.raises(UserError, match=f"tag {blank!r}: a tag cannot be empty or only "
+                                            "spaces; give a word"):
+            set_tags(store, entry, ["fine", blank], [])
+        assert get_entry(store, entry.id).tags == ["extra", "neg"]  # nothing was added
     set_note(store, entry, "  use at 0.7  ")
     set_rating(store, entry, 3, None)
     set_rating(store, entry, None, True)

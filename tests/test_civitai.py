@@ -313,6 +313,48 @@ def test_a_file_already_owned_under_another_name_is_not_downloaded(tmp_path, sto
     entry = find_entry(store, "renamed")
     assert entry.source_ids["civitai"]["version_id"] == 123
     assert (mine / "renamed.civitai.info").exists()
+    assert entry.details["sidecar"]["model_name"] == "My Character"  # read at once
+
+
+def test_a_file_replaced_under_a_pulled_name_is_not_that_version(tmp_path, store, fake, loras):
+    """The `.civitai.info` of a pulled file stays when another file takes its name: the
+    catalog must not answer "already have" for it, hashed or not."""
+    [pulled] = pull(store, fake, "civitai://123", to=tmp_path)
+    pulled.path.write_bytes(loras[1])  # a browser download under the same name
+    # not hashed since: the pull hashes it before answering, and downloads the version
+    [again] = pull(store, fake, "civitai://model/45", to=tmp_path)
+    assert isinstance(again, Failed)
+    assert "a different file already has this name" in str(again.error)
+    entry = get_entry(store, pulled.entry_id)
+    assert (entry.source, entry.source_ids, entry.sha256) == (
+        "local", {}, hashlib.sha256(loras[1]).hexdigest())
+    [offline] = pull(store, fake, "civitai://123", to=tmp_path, offline=True)
+    assert "not in the catalog" in str(offline.error)
+    # replaced and hashed by a scan: the same
+    pulled.path.write_bytes(loras[2])
+    scan(store, jobs=1)
+    assert get_entry(store, pulled.entry_id).source == "civitai"  # trusted until hashed
+    hash_pending(store)
+    assert get_entry(store, pulled.entry_id).source_ids == {}
+    [offline] = pull(store, fake, "civitai://123", to=tmp_path, offline=True)
+    assert "not in the catalog" in str(offline.error)
+
+
+def test_a_file_owned_as_one_version_stays_it_when_pulled_as_another(tmp_path, store, fake,
+                                                                     loras):
+    """Civitai publishes the same bytes under several versions (re-uploads): an entry has one
+    source, the version its `.civitai.info` names, whichever of them a later pull asks for."""
+    fake.civitai.add_model(47, "Re-upload", "LORA")
+    fake.civitai.add_version(47, 480, "v1", "SDXL 1.0", [FakeFile("reup.safetensors", loras[0])])
+    [first] = pull(store, fake, "civitai://123", to=tmp_path)
+    [second] = pull(store, fake, "civitai://480", to=tmp_path)
+    assert (second.status, second.entry_id) == ("already owned", first.entry_id)
+    assert second.notes == ["the same file as Civitai model 45 version 123, which the catalog "
+                            "keeps as its source"]
+    entry = get_entry(store, first.entry_id)
+    assert entry.source_ids["civitai"] == {"model_id": 45, "version_id": 123, "file_id": 9001}
+    assert (entry.base_model, entry.details["sidecar"]["model_name"]) == ("Pony", "My Character")
+    assert json.loads((tmp_path / "mychar.civitai.info").read_text())["id"] == 123
 
 
 def test_file_selectors_pick_the_file_and_name_it_to_the_endpoint(tmp_path, store, fake,
