@@ -56,13 +56,14 @@ def identify(store: Store, client: CivitaiClient, *, refresh: bool = False,
              nsfw_previews: bool = False, progress: ProgressCallback = no_progress,
              cancel: CancelToken | None = None) -> IdentifyReport:
     report = IdentifyReport()
-    rows = store.db.execute("SELECT id, path, sha256 FROM files WHERE status = 'ok' "
-                            "ORDER BY id").fetchall()
+    rows = store.db.execute("SELECT id, path, sha256, json_extract(details, '$.sidecar.read') "
+                            "AS sidecars_read FROM files WHERE status = 'ok' ORDER BY id"
+                            ).fetchall()
     pending: dict[str, list] = {}  # sha256 -> entries with that content
     for row in rows:
         if not row["sha256"]:
             report.unhashed += 1
-        elif not refresh and _has_info(Path(row["path"])):
+        elif not refresh and _identified(Path(row["path"]), row["sidecars_read"]):
             report.skipped += 1
         else:
             pending.setdefault(row["sha256"], []).append(row)
@@ -89,9 +90,15 @@ def identify(store: Store, client: CivitaiClient, *, refresh: bool = False,
     return report
 
 
-def _has_info(model: Path) -> bool:
+def _identified(model: Path, sidecars_read: str | None) -> bool:
+    """Whether the file has a `.civitai.info` that the catalog took as its own: one that
+    describes another file (left by a file once under this name) is no identification."""
     stem = model.name[: -len(model.suffix)] if model.suffix else model.name
-    return (model.parent / (stem + CIVITAI_INFO)).is_file()
+    try:
+        taken = json.loads(sidecars_read) if sidecars_read else []
+    except ValueError:
+        taken = []
+    return stem + CIVITAI_INFO in taken and (model.parent / (stem + CIVITAI_INFO)).is_file()
 
 
 def _valid_id(value) -> bool:

@@ -173,7 +173,7 @@ def _read_civitai_info(path: Path, doc: dict, sha256: str | None, facts: Sidecar
         facts.stale_version_id = _int(doc.get("id"))
         facts.problems.append(f"{path}: describes another file (SHA256 {listed[0][:12]}..., not "
                               f"this file's {sha256[:12]}...); ignored: delete it, or look the "
-                              "file up with `mergekit-sd catalog identify --refresh`")
+                              "file up with `mergekit-sd catalog identify`")
         return
     facts.file_sha256s = listed
     model = doc.get("model") if isinstance(doc.get("model"), dict) else {}

@@ -1071,7 +1071,7 @@ def test_a_civitai_info_of_another_file_gives_nothing_once_the_file_is_hashed(tm
     assert (entry.source, entry.base_model) == ("civitai", "Pony")  # trusted until hashed
     stale = (f"{info}: describes another file (SHA256 {other[:12]}..., not this file's "
              f"{mine[:12]}...); ignored: delete it, or look the file up with `mergekit-sd "
-             "catalog identify --refresh`")
+             "catalog identify`")
     assert hash_pending(store).problems == [stale]
     entry = find_entry(store, "mychar")
     assert (entry.source, entry.source_ids, entry.base_model, entry.trigger_words) == (

@@ -340,6 +340,24 @@ def test_a_file_replaced_under_a_pulled_name_is_not_that_version(tmp_path, store
     assert "not in the catalog" in str(offline.error)
 
 
+def test_identify_looks_up_a_file_whose_civitai_info_describes_another(tmp_path, store, fake,
+                                                                      loras):
+    """A `.civitai.info` left by a file once under this name is no identification: `identify`
+    looks the new file up without --refresh."""
+    fake.civitai.add_model(80, "Second", "LORA")
+    fake.civitai.add_version(80, 800, "v2", "Illustrious", [FakeFile("b.safetensors", loras[1])])
+    [pulled] = pull(store, fake, "civitai://123", to=tmp_path)
+    pulled.path.write_bytes(loras[1])
+    scan(store, jobs=1)
+    hash_pending(store)
+    with client_for(fake) as client:
+        report = identify(store, client)
+    assert (report.skipped, report.looked_up) == (0, 1)
+    entry = get_entry(store, pulled.entry_id)
+    assert entry.source_ids["civitai"]["version_id"] == 800
+    assert json.loads((tmp_path / "mychar.civitai.info").read_text())["id"] == 800
+
+
 def test_a_file_owned_as_one_version_stays_it_when_pulled_as_another(tmp_path, store, fake,
                                                                      loras):
     """Civitai publishes the same bytes under several versions (re-uploads): an entry has one
