@@ -18,6 +18,7 @@ from mergekit_sd.cli import (  # loaded lazily by cli.py, already loaded
     CatalogOption,
     NsfwPreviews,
 )
+from mergekit_sd.cli_interrupt import on_interrupt
 from mergekit_sd.errors import UserError
 
 # its help text is LAZY_GROUPS' in cli.py
@@ -110,6 +111,9 @@ def _run_scan(store, root_ids, hash_files: bool, jobs: int | None, sequential: b
     from catalog.scan import scan
     from mergekit_sd.cli_progress import rich_progress
 
+    # each batch of entries (and each hash) is written in a transaction of its own
+    on_interrupt("the catalog keeps what the scan recorded so far; run the scan again to "
+                 "finish")
     if as_json:
         report = scan(store, root_ids, jobs=jobs)
         hashed = hash_pending(store, root_ids, jobs=1 if sequential else 2) if hash_files else None

@@ -825,6 +825,31 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
+def test_ctrl_c_on_a_scan_says_what_the_catalog_keeps_and_to_scan_again(tmp_path, tiny,
+                                                                         monkeypatch, capsys):
+    from mergekit_sd.cli import main
+
+    catalog = tmp_path / "c.sqlite"
+    webui(tmp_path / "webui", tiny)
+    catalog_cli(catalog, "add-root", tmp_path / "webui")
+
+    def ctrl_c(path):  # the user's Ctrl-C, while the scan reads a file
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(scan_module, "examine", ctrl_c)
+    monkeypatch.setattr(sys, "argv", ["mergekit-sd", "catalog", "scan", "--catalog",
+                                      str(catalog)])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    assert exited.value.code == 130
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "interrupted: the catalog keeps what the scan recorded so far; run the scan again to "
+        "finish")
+    monkeypatch.undo()
+    again = json.loads(catalog_cli(catalog, "scan", "--json").stdout)["scan"]
+    assert again["seen"] == len(WEBUI_FILES) and again["new"] + again["unchanged"] == again["seen"]
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
 def test_a_killed_scan_leaves_no_worker_process_and_no_open_pipe(tmp_path, tiny):
     paths = [str(put(tiny["emb"], tmp_path / "embs" / f"e{i}.safetensors"))

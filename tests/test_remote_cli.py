@@ -250,9 +250,10 @@ def test_ctrl_c_says_interrupted_and_exits_130(tmp_path, fake, blobs):
          f"{fake.files.url}/files/direct/slow.safetensors", "--to", str(tmp_path / "m")],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    partial = tmp_path / "m" / "slow.safetensors.partial"
     try:
         deadline = time.monotonic() + 60
-        while not fake.files.server.requests("/files/direct/slow.safetensors", "GET"):
+        while not (partial.exists() and partial.stat().st_size):  # caught with bytes to keep
             assert time.monotonic() < deadline and pulling.poll() is None
             time.sleep(0.05)
         pulling.send_signal(signal.SIGINT)
@@ -261,7 +262,17 @@ def test_ctrl_c_says_interrupted_and_exits_130(tmp_path, fake, blobs):
         pulling.kill()
     assert pulling.returncode == 130
     assert err.strip().splitlines()[-1:] == [
-        "interrupted: no file was left half-written under its final name"]
+        "interrupted: what was downloaded so far is kept (as FILE.partial beside the file, or in "
+        "the Hugging Face cache); run the same pull again to resume"]
+    # as it says: the partial file is there, and the same pull resumes it
+    kept = partial.stat().st_size
+    assert 0 < kept < len(blobs["sd15a"])
+    del fake.files.slow["direct/slow.safetensors"]
+    again = mergekit(tmp_path, fake, "pull", f"{fake.files.url}/files/direct/slow.safetensors",
+                     "--to", tmp_path / "m")
+    assert again.returncode == 0, again.stderr
+    assert "resumed, fetched" in again.stdout and not partial.exists()
+    assert (tmp_path / "m" / "slow.safetensors").read_bytes() == blobs["sd15a"]
 
 
 def test_identify_and_updates(tmp_path, fake, blobs):
