@@ -141,10 +141,16 @@ class _CatalogOnDemand:
 
     def __call__(self, ref: str):
         if self.resolver is None:
-            from catalog.resolver import CatalogResolver
-            from catalog.store import Store
+            from catalog.remote_refs import is_remote_ref
+            from catalog.resolver import CatalogResolver, no_copy_yet
+            from catalog.store import Store, missing_catalog
 
-            self.store = Store.open(self.path)
+            # resolving only reads a catalog (none is made to find nothing in); a pull may
+            # register its download in a new one
+            if not self.pull and (missing := missing_catalog(self.path)) is not None:
+                # without a catalog, a download reference just has no copy yet
+                raise no_copy_yet(ref) if is_remote_ref(ref) else missing
+            self.store = Store.open(self.path, create=self.pull)
             fetch = None
             if self.pull:
                 from mergekit_sd.cli_remote import recipe_fetcher

@@ -26,10 +26,12 @@ catalog_app = typer.Typer(no_args_is_help=True, add_completion=False,
                           pretty_exceptions_enable=False, rich_markup_mode=None)
 
 
-def open_store(path: Path | None):
+def open_store(path: Path | None, create: bool = False):
+    """The catalog; one named by --catalog or $MERGEKIT_SD_CATALOG must exist unless `create`
+    (only add-root makes one there: a typo must not give an empty library)."""
     from catalog.store import Store
 
-    return Store.open(path)
+    return Store.open(path, create=create)
 
 
 def _print_json(doc) -> None:
@@ -46,7 +48,7 @@ def add_root(
     from catalog.edits import add_root as register
     from catalog.edits import enclosing_root
 
-    with open_store(catalog) as store:
+    with open_store(catalog, create=True) as store:
         before = {row[0] for row in store.db.execute("SELECT id FROM roots")}
         root_id, layout = register(store, path)
         real = store.db.execute("SELECT path FROM roots WHERE id = ?", (root_id,)).fetchone()[0]

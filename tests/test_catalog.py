@@ -1066,6 +1066,7 @@ def test_refs_of_digits_that_are_no_id_are_unmatched_names_not_crashes(library):
 
 def test_cli_show_of_an_impossible_id_is_one_line(tmp_path):
     catalog = tmp_path / "c.sqlite"
+    Store.open(catalog).close()
     for ref in ("99999999999999999999999", "#²"):
         assert f"{ref!r}: no catalog entry matches" in one_line_error(
             catalog_cli(catalog, "show", ref))
@@ -1112,6 +1113,7 @@ def test_list_filters_are_checked_and_take_any_case(library):
 def test_cli_list_refuses_unknown_filter_values_and_an_empty_answer_is_not_a_scan_hint(
         tmp_path, tiny):
     catalog = tmp_path / "c.sqlite"
+    Store.open(catalog).close()
     assert catalog_cli(catalog, "list").stdout.startswith("no entries yet; `mergekit-sd "
                                                           "catalog scan`")
     assert one_line_error(catalog_cli(catalog, "list", "--status", "bogus")) == (
@@ -1627,6 +1629,29 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path):
     not_a_db = tmp_path / "junk.sqlite"
     not_a_db.write_bytes(b"this is not a database" * 100)
     assert "cannot open the catalog" in one_line_error(catalog_cli(not_a_db, "list"))
+
+
+def test_a_catalog_path_that_is_not_there_is_refused_except_by_add_root(tmp_path, tiny):
+    typo = tmp_path / "typo" / "c.sqlite"
+    webui(tmp_path / "webui", tiny)
+    refused = (f"error: no catalog at {typo} (named by --catalog); check the path, or create "
+               "one with `mergekit-sd catalog add-root FOLDER`")
+    for command in (["list"], ["show", "1"], ["dupes"], ["lineage", "base15"], ["roots"],
+                    ["tag", "base15", "x"], ["rate", "base15", "3"], ["rm", "base15"],
+                    ["scan"], ["scan", tmp_path / "webui"], ["remove-root", tmp_path / "webui"]):
+        assert one_line_error(catalog_cli(typo, *command)) == refused, command
+    by_env = run_cli("catalog", "list", env={ENV_VAR: str(typo)})
+    assert one_line_error(by_env) == refused.replace("--catalog", f"${ENV_VAR}")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("version: 1\nmodels: {a: 'catalog:base15', b: 'catalog:base15'}\n"
+                      "steps: [{name: mix, method: weighted_sum, inputs: [a, b]}]\n"
+                      "output: {path: out.safetensors}\n")
+    assert one_line_error(run_cli("plan", recipe, "--catalog", typo)) == refused
+    assert not (tmp_path / "typo").exists()  # no stray folder, no empty catalog
+    added = catalog_cli(typo, "add-root", tmp_path / "webui", "--scan")
+    assert added.returncode == 0, added.stderr
+    assert [e["name"] for e in json.loads(catalog_cli(typo, "list", "--json").stdout)] == sorted(
+        WEBUI_FILES)
 
 
 def test_a_damaged_or_foreign_database_is_one_sentence_and_left_as_it_is(tmp_path, tiny):
