@@ -58,8 +58,10 @@ def add_root(
         for folder in layout.folders:
             typer.echo(f"  {folder.kind or 'any models':>15}  {folder.path}")
         if (outer := enclosing_root(store, root_id)) is not None:
-            typer.echo(f"note: inside root #{outer[0]} {outer[1]}; its files are catalogued once "
-                       "(scans of either root find them)")
+            outer_id, outer_path, shared = outer
+            typer.echo(f"note: inside root #{outer_id} {outer_path}; the files under "
+                       f"{', '.join(shared)} are found by scans of either root and catalogued "
+                       "once")
         if scan_now:
             _run_scan(store, [root_id], hash_files=False, jobs=None, sequential=False,
                       as_json=False)
@@ -74,10 +76,10 @@ def remove_root_command(
 ) -> None:
     """Stop keeping track of a root: its entries are forgotten, except those another root
     holds too; no file is touched."""
-    from catalog.edits import remove_root, root_ids_for
+    from catalog.edits import ROOTS_LISTS_THEM, remove_root, root_ids_for
 
     with open_store(catalog) as store:
-        root_id = root_ids_for(store, [path])[0]
+        root_id = root_ids_for(store, [path], ROOTS_LISTS_THEM)[0]
         plan = remove_root(store, root_id, dry_run=True)
         if plan.annotated and not yes:
             question = (f"{plan.annotated} of its {plan.forgotten} entries have tags, notes or "

@@ -692,6 +692,26 @@ def test_a_root_inside_another_counts_its_files_once_and_hashes_them_when_named(
         f"#1 {tmp_path / 'webui'} (a1111, 7 files)", f"#2 {inner} (plain, 2 files)"]
 
 
+def test_add_root_notes_the_folders_a_root_shares_with_the_root_around_it(tmp_path, tiny):
+    catalog = tmp_path / "c.sqlite"
+    root = tmp_path / "webui"
+    webui(root, tiny)
+    put(tiny["sd1"], root / "merges" / "mix.safetensors")
+    catalog_cli(catalog, "add-root", root)
+    # a web UI root scans its model folders only: its merges folder is no folder of it
+    beside = catalog_cli(catalog, "add-root", root / "merges")
+    assert beside.returncode == 0 and "note:" not in beside.stdout, beside.stdout
+    assert json.loads(catalog_cli(catalog, "scan", root, "--json").stdout)["scan"]["seen"] == (
+        len(WEBUI_FILES))
+    # a root around some of its model folders shares those
+    models = catalog_cli(catalog, "add-root", root / "models")
+    shared = ", ".join(str(root / "models" / f) for f in ("Stable-diffusion", "Lora", "LyCORIS",
+                                                           "VAE"))
+    assert models.stdout.splitlines()[-1] == (
+        f"note: inside root #1 {root}; the files under {shared} are found by scans of either "
+        "root and catalogued once")
+
+
 def test_a_folder_reached_through_a_link_is_one_root_and_its_files_one_entry_each(tmp_path,
                                                                                   tiny):
     catalog = tmp_path / "c.sqlite"
@@ -704,8 +724,9 @@ def test_a_folder_reached_through_a_link_is_one_root_and_its_files_one_entry_eac
     assert again.stdout.startswith(f"root #1: {tmp_path / 'webui'} (a1111 layout), already a "
                                    "root\n"), again.stdout
     inner = catalog_cli(catalog, "add-root", link / "models" / "Lora")
-    assert (f"note: inside root #1 {tmp_path / 'webui'}; its files are catalogued once"
-            in inner.stdout), inner.stdout
+    assert (f"note: inside root #1 {tmp_path / 'webui'}; the files under "
+            f"{tmp_path / 'webui' / 'models' / 'Lora'} are found by scans of either root and "
+            "catalogued once\n" in inner.stdout), inner.stdout
     catalog_cli(catalog, "scan", link, "--hash")
     with Store.open(catalog) as store:
         assert len(list_entries(store, Filters())) == len(WEBUI_FILES)
@@ -1267,8 +1288,9 @@ def test_cli_remove_root_asks_before_forgetting_annotated_entries(tmp_path, tiny
     assert one_line_error(refused) == (
         f"error: {tmp_path / 'webui'}: 1 of its {len(WEBUI_FILES)} entries have tags, notes or "
         "ratings; forget them (pass --yes: there is no terminal to ask on)")
-    assert "not a catalog root" in one_line_error(
-        catalog_cli(catalog, "remove-root", tmp_path / "webui" / "models"))
+    assert one_line_error(catalog_cli(catalog, "remove-root", tmp_path / "webui" / "models")) \
+        == (f"error: {tmp_path / 'webui' / 'models'}: not a catalog root; `mergekit-sd catalog "
+            "roots` lists them")
     done = run_without_terminal("catalog", "remove-root", link, "--yes", "--catalog", catalog)
     assert done.stdout == (f"removed root #1 {tmp_path / 'webui'}: forgot {len(WEBUI_FILES)} "
                            "entries; no file was touched\n")
@@ -1615,7 +1637,9 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path):
     assert "not a folder" in one_line_error(catalog_cli(catalog, "add-root", file))
     assert "'nope': no catalog entry matches" in one_line_error(
         catalog_cli(catalog, "show", "nope"))
-    assert "not a catalog root" in one_line_error(catalog_cli(catalog, "scan", tmp_path))
+    assert one_line_error(catalog_cli(catalog, "scan", tmp_path)) == (
+        f"error: {tmp_path}: not a catalog root; add it first with `mergekit-sd catalog "
+        "add-root`")
     empty = catalog_cli(catalog, "scan")
     assert (empty.returncode, empty.stdout.strip()) == (
         0, "no roots yet; add one with `mergekit-sd catalog add-root PATH`")
