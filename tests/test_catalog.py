@@ -1612,6 +1612,66 @@ def test_cli_session_add_scan_list_show_tag_rate_dupes_rm(tmp_path, tiny):
     assert [e["name"] for e in listed] == ["base15", "basexl", "mychar", "vae", "xlstyle"]
 
 
+def run_piped(*args) -> subprocess.CompletedProcess:
+    """run_cli into a pipe with no COLUMNS and no terminal on any stream (rich alone would lay
+    the output out for 80 columns)."""
+    env = {key: value for key, value in os.environ.items() if key != "COLUMNS"}
+    env["PYTHONPATH"] = str(REPO)
+    return subprocess.run([sys.executable, "-m", "mergekit_sd.cli", *map(str, args)],
+                          capture_output=True, text=True, env=env, timeout=300,
+                          stdin=subprocess.DEVNULL)
+
+
+def run_in_terminal(columns: int, *args) -> str:
+    """What the CLI prints to a terminal `columns` wide, lines as it wrote them (a terminal
+    wraps a longer one for the eye only: copied out, it is one line)."""
+    import pty
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": str(columns), "TERM": "xterm"}
+    main, secondary = pty.openpty()
+    with subprocess.Popen([sys.executable, "-m", "mergekit_sd.cli", *map(str, args)], env=env,
+                          stdin=subprocess.DEVNULL, stdout=secondary,
+                          stderr=subprocess.DEVNULL) as child:
+        os.close(secondary)
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(main, 65536)
+            except OSError:  # the terminal's other end closed: the child is done
+                break
+            if not chunk:
+                break
+            seen += chunk
+        child.wait(timeout=300)
+    os.close(main)
+    assert child.returncode == 0, seen
+    return re.sub(r"\x1b\[[0-9;]*m", "", seen.decode()).replace("\r\n", "\n")
+
+
+def test_paths_and_summaries_stay_on_one_line_in_a_pipe_and_a_narrow_terminal(tmp_path, tiny):
+    catalog = tmp_path / "c.sqlite"
+    root = tmp_path / "webui"
+    files = webui(root, tiny)
+    copy = put(tiny["lora"], root / "models" / "Lora" / ("a-copy-whose-name-is-long-enough-to-"
+                                                         "be-wrapped-" * 2 + "x.safetensors"))
+    catalog_cli(catalog, "add-root", root)
+    scanned = run_piped("catalog", "scan", "--hash", "--catalog", catalog).stdout.splitlines()
+    assert scanned[0].startswith("scanned 1 root(s): 7 model files, 7 new, "), scanned
+    assert scanned[0].endswith(" s)"), scanned
+    dupes = run_piped("catalog", "dupes", "--catalog", catalog).stdout.splitlines()
+    assert [line.split()[-1] for line in dupes[1:3]] == [str(copy), str(files["mychar"])], dupes
+    assert all(line.startswith("  ") and len(line.split()) == 3 for line in dupes[1:3]), dupes
+    renamed = copy.rename(copy.with_name("renamed-" + copy.name))
+    moved = run_piped("catalog", "scan", "--catalog", catalog).stdout.splitlines()
+    assert f"moved: {copy} -> {renamed}" in moved, moved
+    shown = run_piped("catalog", "show", renamed, "--catalog", catalog).stdout.splitlines()
+    assert shown[1].split("│")[1].strip() == str(renamed), shown
+    # a terminal 60 columns wide: messages are not broken (the terminal wraps them itself)
+    narrow = run_in_terminal(60, "catalog", "dupes", "--catalog", catalog).splitlines()
+    assert [line.split()[-1] for line in narrow[1:3]] == sorted([str(renamed),
+                                                                 str(files["mychar"])]), narrow
+
+
 def test_cli_lineage_of_a_merge_as_json(merged):
     result = catalog_cli(merged.catalog, "lineage", "demo-mix", "--json")
     assert result.returncode == 0, result.stderr

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -404,6 +405,54 @@ def test_progress_bars_never_reach_a_redirected_stdout(tmp_path, fake):
     assert code == 0, terminal
     assert out.startswith("pulled civitai://300 -> ") and "\u2501" not in out
     assert "photomix.safetensors" in terminal and "\u2501" in terminal  # the bar, on stderr
+
+
+def _run_with_terminal_stdout(tmp_path, fake, columns: int, *args) -> str:
+    """What the CLI prints to a terminal `columns` wide (lines as it wrote them, styles off)."""
+    import pty
+
+    env = cli_env(tmp_path, fake.civitai.url, fake.hub.url, None)
+    env.update(PYTHONPATH=str(REPO), COLUMNS=str(columns), TERM="xterm",
+               MERGEKIT_SD_CATALOG=str(tmp_path / "c.sqlite"))
+    main, secondary = pty.openpty()
+    with subprocess.Popen([sys.executable, "-m", "mergekit_sd.cli", *map(str, args)], env=env,
+                          stdin=subprocess.DEVNULL, stdout=secondary,
+                          stderr=subprocess.DEVNULL) as child:
+        os.close(secondary)
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(main, 65536)
+            except OSError:  # the terminal's other end closed: the child is done
+                break
+            if not chunk:
+                break
+            seen += chunk
+        child.wait(timeout=60)
+    os.close(main)
+    assert child.returncode == 0, seen
+    return re.sub(r"\x1b\[[0-9;]*m", "", seen.decode()).replace("\r\n", "\n")
+
+
+def test_refs_stay_whole_in_a_pipe_and_in_a_narrow_terminal(tmp_path, fake, blobs):
+    deep = "a-folder-of-a-long-named-series/" * 2 + "sd15-tiny-with-a-long-name.safetensors"
+    fake.hub.add_repo("org/long-names", {deep: blobs["sd15b"]})
+    # a pipe, no COLUMNS, no terminal on any stream: no width to wrap at
+    env = cli_env(tmp_path, fake.civitai.url, fake.hub.url, None)
+    env.update(PYTHONPATH=str(REPO), MERGEKIT_SD_CATALOG=str(tmp_path / "c.sqlite"))
+    env.pop("COLUMNS", None)
+    piped = subprocess.run([sys.executable, "-m", "mergekit_sd.cli", "search", "hf",
+                            "org/long-names", "--files"], env=env, stdin=subprocess.DEVNULL,
+                           capture_output=True, text=True, timeout=120)
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stdout.splitlines()[1].split() == [
+        deep, "2.02", "MB", hashlib.sha256(blobs["sd15b"]).hexdigest()[:12],
+        f"hf://org/long-names/{deep}"]
+    # 60 columns: the other columns give way to the ref
+    narrow = _run_with_terminal_stdout(tmp_path, fake, 60, "search", "hf", "org/models",
+                                       "--files")
+    assert "hf://org/models/sd15-tiny.safetensors" in narrow, narrow
+    assert max(len(line) for line in narrow.splitlines()) <= 60, narrow
 
 
 def search_answered(tmp_path, fake, answer: dict):
