@@ -223,7 +223,7 @@ def describe_pulled(pulled) -> str:
         elif pulled.status == "from cache":
             facts.append("taken from the Hugging Face cache, nothing downloaded")
         if pulled.verified:
-            facts.append("SHA256 verified")
+            facts.append(f"{pulled.verified_by} verified")  # a git blob id is no SHA256
         line = f"pulled {pulled.ref} -> {pulled.path} ({', '.join(facts)})"
     return "\n".join([line, *(f"  note: {note}" for note in pulled.notes)])
 

@@ -160,6 +160,20 @@ def test_pull_from_the_hub_and_a_plain_url(tmp_path, fake, blobs):
         "downloaded", True, sha)
 
 
+def test_a_small_hub_file_outside_lfs_is_said_verified_by_its_git_blob_id(tmp_path, fake):
+    fake.hub.add_repo("org/docs", {"README.md": b"# tiny\n"})
+    listed = mergekit(tmp_path, fake, "search", "hf", "org/docs", "--files")
+    assert "(not LFS)" in listed.stdout, listed.stdout
+    pulled = mergekit(tmp_path, fake, "pull", "hf://org/docs/README.md", "--to", tmp_path / "m")
+    assert pulled.returncode == 0, pulled.stderr
+    assert pulled.stdout.splitlines()[0] == (
+        f"pulled hf://org/docs/README.md -> {tmp_path / 'm' / 'README.md'} (not catalogued, "
+        "7 B, git blob id verified)")
+    [outcome] = json.loads(mergekit(tmp_path, fake, "pull", "hf://org/docs/README.md", "--to",
+                                    tmp_path / "m", "--json").stdout)
+    assert (outcome["verified"], outcome["verified_by"]) == (True, "git blob id")
+
+
 def test_a_token_in_a_url_is_never_printed(tmp_path, fake, blobs):
     fake.files.put("direct/extra.safetensors", blobs["lora2"])
     secret = "SUPERSECRET123"
