@@ -50,27 +50,37 @@ def _root_at(db, real: Path) -> int | None:
     return None
 
 
-def enclosing_root(store: Store, root_id: int) -> tuple[int, str] | None:
-    """Another root that the folder of root `root_id` lies inside (its files are found by
-    that root's scans too), as (id, path)."""
+def enclosing_root(store: Store, root_id: int) -> tuple[int, str, list[str]] | None:
+    """Another root that the folder of root `root_id` lies inside and whose scans find some of
+    its files too, as (id, path, the folders both roots scan). A web UI root scans only its
+    model folders: a root beside them (its `merges`) shares no file with it."""
     path = store.db.execute("SELECT path FROM roots WHERE id = ?", (root_id,)).fetchone()[0]
+    inner = root_folders(store, [root_id])[root_id]
     for row in store.db.execute("SELECT id, path FROM roots WHERE id != ? ORDER BY id",
                                 (root_id,)):
         if Path(path).is_relative_to(os.path.realpath(row["path"])):
-            return row["id"], row["path"]
+            outer = root_folders(store, [row["id"]])[row["id"]]
+            # the deeper folder of each pair where one lies inside the other
+            shared = [a for a in inner if any(Path(a).is_relative_to(b) for b in outer)]
+            shared += [b for b in outer if any(Path(b).is_relative_to(a) for a in inner)]
+            if shared:
+                return row["id"], row["path"], list(dict.fromkeys(shared))
     return None
 
 
-def root_ids_for(store: Store, paths: list[Path]) -> list[int]:
+ADD_IT_FIRST = "add it first with `mergekit-sd catalog add-root`"
+ROOTS_LISTS_THEM = "`mergekit-sd catalog roots` lists them"
+
+
+def root_ids_for(store: Store, paths: list[Path], advice: str = ADD_IT_FIRST) -> list[int]:
     """The ids of registered roots, named by path (through a link too); UserError for one that
-    is not a root."""
+    is not a root, with `advice` (to scan a folder, add it; to remove one, find the roots)."""
     ids = []
     for path in paths:
         root = Path(os.path.abspath(path.expanduser()))
         found = _root_at(store.db, Path(os.path.realpath(root)))
         if found is None:
-            raise UserError(f"{root}: not a catalog root; add it first with "
-                            "`mergekit-sd catalog add-root`")
+            raise UserError(f"{root}: not a catalog root; {advice}")
         ids.append(found)
     return ids
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 
-from rich.console import Console
 from rich.table import Table
 from rich.tree import Tree
 
@@ -13,12 +12,8 @@ from catalog.entries import Entry
 from catalog.hash_cache import HashReport
 from catalog.lineage import Lineage, Node
 from catalog.scan import ScanReport
+from mergekit_sd.data_console import data_console as console
 from mergekit_sd.inspect_view import human_count, human_size
-
-
-def console() -> Console:
-    # file names and metadata are data, not markup: print them exactly as they are
-    return Console(markup=False, highlight=False, emoji=False)
 
 
 def _stars(entry: Entry) -> str:
@@ -126,7 +121,7 @@ def _source(entry: Entry) -> str:
 
 
 def show_scan(report: ScanReport, hashed: HashReport | None = None) -> None:
-    out = console()
+    out = console(soft_wrap=True)  # paths whole in any terminal
     out.print(f"scanned {len(report.roots)} root(s): {report.seen} model files, "
               f"{report.new} new, {report.changed} changed, {report.unchanged} unchanged, "
               f"{len(report.moved)} moved, {report.missing} now missing "
@@ -150,7 +145,7 @@ def show_scan(report: ScanReport, hashed: HashReport | None = None) -> None:
 
 
 def show_dupes(groups: list[DuplicateGroup]) -> None:
-    out = console()
+    out = console(soft_wrap=True)  # paths whole in any terminal
     if not groups:
         out.print("no duplicates among hashed files (hash them with `catalog scan --hash`)")
         return

@@ -82,9 +82,12 @@ class Pulled:
     # from cache (huggingface_hub's cache held it)
     status: str
     fetched: int = 0  # bytes received in this run
-    verified: bool = False  # matched the SHA256 its source announced
+    verified: bool = False  # matched the hash its source announced
     sha256: str | None = None
     notes: list[str] = field(default_factory=list)
+    # what `verified` compared: "SHA256", or "git blob id" (the SHA-1 the Hub gives for a
+    # small file it keeps out of LFS, which has no SHA256 there)
+    verified_by: str | None = None
 
     def to_dict(self) -> dict:
         return {**self.__dict__, "path": str(self.path)}
@@ -367,6 +370,8 @@ class Puller:
             # verified either way: against the LFS SHA256, or a small file's git blob id
             done = Downloaded(target, hashes, hub_file.size, fetched_bytes, verified=True)
             pulled = _pulled(text, entry_id, done, notes)
+            if not hub_file.sha256:
+                pulled.verified_by = "git blob id"
             if found.from_cache:
                 pulled.status = "from cache"
             return pulled
@@ -501,7 +506,7 @@ def _pulled(ref: str, entry_id: int, done: Downloaded, notes: list[str]) -> Pull
     else:
         status = "downloaded"
     return Pulled(ref, entry_id, done.path, done.size, status, done.fetched, done.verified,
-                  done.hashes.sha256, notes)
+                  done.hashes.sha256, notes, "SHA256" if done.verified else None)
 
 
 def _verify_hub_file(cached: Path, hub_file, hashes: FileHashes) -> None:

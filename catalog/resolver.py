@@ -57,6 +57,11 @@ class CatalogResolver:
         except UserError as exc:  # a network failure (WorkFailed) stays one: exit code 1
             raise LookupError(str(exc)) from None
         if entry is None:
-            raise LookupError(f"{ref!r} has no copy in the catalog yet; run `mergekit-sd pull "
-                              f"{ref}`, or pass --pull")
+            raise no_copy_yet(ref)
         return entry
+
+
+def no_copy_yet(ref: str) -> LookupError:
+    """The answer for a download reference the catalog has no copy of (`ref` as written)."""
+    return LookupError(f"{ref!r} has no copy in the catalog yet; run `mergekit-sd pull {ref}`, "
+                       "or pass --pull")

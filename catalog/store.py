@@ -103,13 +103,35 @@ _MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3}
 
 def catalog_path(explicit: str | os.PathLike | None = None) -> Path:
     """`--catalog PATH`, else $MERGEKIT_SD_CATALOG, else the user data folder."""
+    return _named_path(explicit) or _default_path()
+
+
+def _named_path(explicit: str | os.PathLike | None) -> Path | None:
+    """The catalog the user named (`--catalog PATH` or $MERGEKIT_SD_CATALOG), if any."""
     if explicit:
         return Path(explicit).expanduser()
     if os.environ.get(ENV_VAR):
         return Path(os.environ[ENV_VAR]).expanduser()
+    return None
+
+
+def _default_path() -> Path:
     from platformdirs import user_data_dir
 
     return Path(user_data_dir("mergekit-sd", appauthor=False)) / FILE_NAME
+
+
+def missing_catalog(explicit: str | os.PathLike | None = None) -> UserError | None:
+    """The error for a catalog the user named (--catalog, $MERGEKIT_SD_CATALOG) that is not
+    there, for commands that only read or edit entries: made there, a mistyped path would show
+    an empty library and leave a stray file (and folders) behind. None when it is there, or
+    when none was named (the default catalog is made on first use)."""
+    named = _named_path(explicit)
+    if named is None or named.exists():
+        return None
+    where = "--catalog" if explicit else f"${ENV_VAR}"
+    return UserError(f"no catalog at {named} (named by {where}); check the path, or create one "
+                     "with `mergekit-sd catalog add-root FOLDER`")
 
 
 class Store:
@@ -120,7 +142,11 @@ class Store:
         self.db = connection
 
     @classmethod
-    def open(cls, path: str | os.PathLike | None = None) -> Store:
+    def open(cls, path: str | os.PathLike | None = None, create: bool = True) -> Store:
+        """The catalog at `path` (see catalog_path). `create=False`: a catalog named by path
+        that does not exist is a UserError, not a new empty one."""
+        if not create and (missing := missing_catalog(path)) is not None:
+            raise missing
         path = catalog_path(path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

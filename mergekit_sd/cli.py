@@ -14,6 +14,11 @@ import typer
 import typer.core
 from typer.core import TyperGroup
 
+from mergekit_sd.cli_interrupt import (
+    NOTHING_HALF_WRITTEN,
+    interrupt_note,
+    on_interrupt,
+)
 from mergekit_sd.errors import UserError, WorkFailed
 
 # Every command prints plain click help (rich_markup_mode=None), but typer before 0.20 (pinned:
@@ -136,10 +141,16 @@ class _CatalogOnDemand:
 
     def __call__(self, ref: str):
         if self.resolver is None:
-            from catalog.resolver import CatalogResolver
-            from catalog.store import Store
+            from catalog.remote_refs import is_remote_ref
+            from catalog.resolver import CatalogResolver, no_copy_yet
+            from catalog.store import Store, missing_catalog
 
-            self.store = Store.open(self.path)
+            # resolving only reads a catalog (none is made to find nothing in); a pull may
+            # register its download in a new one
+            if not self.pull and (missing := missing_catalog(self.path)) is not None:
+                # without a catalog, a download reference just has no copy yet
+                raise no_copy_yet(ref) if is_remote_ref(ref) else missing
+            self.store = Store.open(self.path, create=self.pull)
             fetch = None
             if self.pull:
                 from mergekit_sd.cli_remote import recipe_fetcher
@@ -258,6 +269,9 @@ def pull(
     """
     from mergekit_sd.cli_remote import run_pull
 
+    # a download stopped part way keeps its bytes (catalog/download.py, huggingface_hub)
+    on_interrupt("what was downloaded so far is kept (as FILE.partial beside the file, or in "
+                 "the Hugging Face cache); run the same pull again to resume")
     run_pull(refs, to, file_type, file_format, size, fp, sha256, parallel, nsfw_previews,
              offline, as_json, catalog)
 
@@ -322,6 +336,7 @@ def main() -> None:
     """Console entry point: user errors become one sentence and exit code 2, never a traceback."""
     import click
 
+    on_interrupt(NOTHING_HALF_WRITTEN)  # each command starts from it (tests run several)
     try:
         # standalone_mode=False lets our handlers see errors before click does.
         code = app(standalone_mode=False, prog_name="mergekit-sd")
@@ -349,8 +364,7 @@ INTERRUPTED_CODE = 130  # 128 + SIGINT, as shells report a Ctrl-C
 
 
 def _interrupted() -> NoReturn:
-    # what every command keeps to: each output is renamed into place only when complete
-    sys.stderr.write("interrupted: no file was left half-written under its final name\n")
+    sys.stderr.write(f"interrupted: {interrupt_note()}\n")
     sys.exit(INTERRUPTED_CODE)
 
 

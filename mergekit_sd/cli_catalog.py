@@ -18,6 +18,7 @@ from mergekit_sd.cli import (  # loaded lazily by cli.py, already loaded
     CatalogOption,
     NsfwPreviews,
 )
+from mergekit_sd.cli_interrupt import on_interrupt
 from mergekit_sd.errors import UserError
 
 # its help text is LAZY_GROUPS' in cli.py
@@ -25,10 +26,12 @@ catalog_app = typer.Typer(no_args_is_help=True, add_completion=False,
                           pretty_exceptions_enable=False, rich_markup_mode=None)
 
 
-def open_store(path: Path | None):
+def open_store(path: Path | None, create: bool = False):
+    """The catalog; one named by --catalog or $MERGEKIT_SD_CATALOG must exist unless `create`
+    (only add-root makes one there: a typo must not give an empty library)."""
     from catalog.store import Store
 
-    return Store.open(path)
+    return Store.open(path, create=create)
 
 
 def _print_json(doc) -> None:
@@ -45,7 +48,7 @@ def add_root(
     from catalog.edits import add_root as register
     from catalog.edits import enclosing_root
 
-    with open_store(catalog) as store:
+    with open_store(catalog, create=True) as store:
         before = {row[0] for row in store.db.execute("SELECT id FROM roots")}
         root_id, layout = register(store, path)
         real = store.db.execute("SELECT path FROM roots WHERE id = ?", (root_id,)).fetchone()[0]
@@ -55,8 +58,10 @@ def add_root(
         for folder in layout.folders:
             typer.echo(f"  {folder.kind or 'any models':>15}  {folder.path}")
         if (outer := enclosing_root(store, root_id)) is not None:
-            typer.echo(f"note: inside root #{outer[0]} {outer[1]}; its files are catalogued once "
-                       "(scans of either root find them)")
+            outer_id, outer_path, shared = outer
+            typer.echo(f"note: inside root #{outer_id} {outer_path}; the files under "
+                       f"{', '.join(shared)} are found by scans of either root and catalogued "
+                       "once")
         if scan_now:
             _run_scan(store, [root_id], hash_files=False, jobs=None, sequential=False,
                       as_json=False)
@@ -71,10 +76,10 @@ def remove_root_command(
 ) -> None:
     """Stop keeping track of a root: its entries are forgotten, except those another root
     holds too; no file is touched."""
-    from catalog.edits import remove_root, root_ids_for
+    from catalog.edits import ROOTS_LISTS_THEM, remove_root, root_ids_for
 
     with open_store(catalog) as store:
-        root_id = root_ids_for(store, [path])[0]
+        root_id = root_ids_for(store, [path], ROOTS_LISTS_THEM)[0]
         plan = remove_root(store, root_id, dry_run=True)
         if plan.annotated and not yes:
             question = (f"{plan.annotated} of its {plan.forgotten} entries have tags, notes or "
@@ -110,6 +115,9 @@ def _run_scan(store, root_ids, hash_files: bool, jobs: int | None, sequential: b
     from catalog.scan import scan
     from mergekit_sd.cli_progress import rich_progress
 
+    # each batch of entries (and each hash) is written in a transaction of its own
+    on_interrupt("the catalog keeps what the scan recorded so far; run the scan again to "
+                 "finish")
     if as_json:
         report = scan(store, root_ids, jobs=jobs)
         hashed = hash_pending(store, root_ids, jobs=1 if sequential else 2) if hash_files else None

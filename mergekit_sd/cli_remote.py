@@ -29,10 +29,11 @@ def _print_json(doc) -> None:
 
 
 def _console():
-    from rich.console import Console
+    from mergekit_sd.data_console import data_console
 
-    # names and descriptions come from servers: print them as they are, never as markup
-    return Console(markup=False, highlight=False, emoji=False)
+    # names and descriptions come from servers: printed as they are, never as markup; refs
+    # whole when piped
+    return data_console()
 
 
 def _refuse_offline(offline: bool, what: str) -> None:
@@ -79,8 +80,9 @@ def _show_civitai_models(items: list[dict]) -> None:
         typer.echo("no models match")
         return
     table = Table(box=None, pad_edge=False)
-    for column in ("model", "name", "type", "base", "newest version", "downloads", "pull"):
+    for column in ("model", "name", "type", "base", "newest version", "downloads"):
         table.add_column(column, overflow="fold")
+    table.add_column("pull", no_wrap=True)  # a ref whole: other columns give way first
     for model in items:
         listed = model.get("modelVersions")
         versions = [v for v in listed if isinstance(v, dict)] if isinstance(listed, list) else []
@@ -131,7 +133,8 @@ def search_hf(
     from rich.table import Table
 
     table = Table(box=None, pad_edge=False)
-    for column in ("repository", "downloads", "likes", "updated"):
+    table.add_column("repository", no_wrap=True)  # whole, for `search hf ORG/REPO --files`
+    for column in ("downloads", "likes", "updated"):
         table.add_column(column)
     for model in models:
         table.add_row(model.id, f"{model.downloads:,}" if model.downloads is not None else "-",
@@ -147,8 +150,9 @@ def _show_hub_files(repo: str, revision: str | None, found) -> None:
     from mergekit_sd.inspect_view import human_size
 
     table = Table(box=None, pad_edge=False)
-    for column in ("file", "size", "sha256", "pull"):
+    for column in ("file", "size", "sha256"):
         table.add_column(column, overflow="fold")
+    table.add_column("pull", no_wrap=True)  # a ref whole: other columns give way first
     at = f"@{revision}" if revision else ""
     for file in found:
         table.add_row(file.path, human_size(file.size),
@@ -240,7 +244,7 @@ def describe_pulled(pulled) -> str:
         elif pulled.status == "from cache":
             facts.append("taken from the Hugging Face cache, nothing downloaded")
         if pulled.verified:
-            facts.append("SHA256 verified")
+            facts.append(f"{pulled.verified_by} verified")  # a git blob id is no SHA256
         line = f"pulled {pulled.ref} -> {pulled.path} ({', '.join(facts)})"
     return "\n".join([line, *(f"  note: {note}" for note in pulled.notes)])
 

@@ -742,6 +742,26 @@ def test_a_root_inside_another_counts_its_files_once_and_hashes_them_when_named(
         f"#1 {tmp_path / 'webui'} (a1111, 7 files)", f"#2 {inner} (plain, 2 files)"]
 
 
+def test_add_root_notes_the_folders_a_root_shares_with_the_root_around_it(tmp_path, tiny):
+    catalog = tmp_path / "c.sqlite"
+    root = tmp_path / "webui"
+    webui(root, tiny)
+    put(tiny["sd1"], root / "merges" / "mix.safetensors")
+    catalog_cli(catalog, "add-root", root)
+    # a web UI root scans its model folders only: its merges folder is no folder of it
+    beside = catalog_cli(catalog, "add-root", root / "merges")
+    assert beside.returncode == 0 and "note:" not in beside.stdout, beside.stdout
+    assert json.loads(catalog_cli(catalog, "scan", root, "--json").stdout)["scan"]["seen"] == (
+        len(WEBUI_FILES))
+    # a root around some of its model folders shares those
+    models = catalog_cli(catalog, "add-root", root / "models")
+    shared = ", ".join(str(root / "models" / f) for f in ("Stable-diffusion", "Lora", "LyCORIS",
+                                                           "VAE"))
+    assert models.stdout.splitlines()[-1] == (
+        f"note: inside root #1 {root}; the files under {shared} are found by scans of either "
+        "root and catalogued once")
+
+
 def test_a_folder_reached_through_a_link_is_one_root_and_its_files_one_entry_each(tmp_path,
                                                                                   tiny):
     catalog = tmp_path / "c.sqlite"
@@ -754,8 +774,9 @@ def test_a_folder_reached_through_a_link_is_one_root_and_its_files_one_entry_eac
     assert again.stdout.startswith(f"root #1: {tmp_path / 'webui'} (a1111 layout), already a "
                                    "root\n"), again.stdout
     inner = catalog_cli(catalog, "add-root", link / "models" / "Lora")
-    assert (f"note: inside root #1 {tmp_path / 'webui'}; its files are catalogued once"
-            in inner.stdout), inner.stdout
+    assert (f"note: inside root #1 {tmp_path / 'webui'}; the files under "
+            f"{tmp_path / 'webui' / 'models' / 'Lora'} are found by scans of either root and "
+            "catalogued once\n" in inner.stdout), inner.stdout
     catalog_cli(catalog, "scan", link, "--hash")
     with Store.open(catalog) as store:
         assert len(list_entries(store, Filters())) == len(WEBUI_FILES)
@@ -897,6 +918,31 @@ def _descendants(pid: int) -> list[int]:
         found += children
         frontier = children
     return found
+
+
+def test_ctrl_c_on_a_scan_says_what_the_catalog_keeps_and_to_scan_again(tmp_path, tiny,
+                                                                         monkeypatch, capsys):
+    from mergekit_sd.cli import main
+
+    catalog = tmp_path / "c.sqlite"
+    webui(tmp_path / "webui", tiny)
+    catalog_cli(catalog, "add-root", tmp_path / "webui")
+
+    def ctrl_c(path):  # the user's Ctrl-C, while the scan reads a file
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(scan_module, "examine", ctrl_c)
+    monkeypatch.setattr(sys, "argv", ["mergekit-sd", "catalog", "scan", "--catalog",
+                                      str(catalog)])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    assert exited.value.code == 130
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "interrupted: the catalog keeps what the scan recorded so far; run the scan again to "
+        "finish")
+    monkeypatch.undo()
+    again = json.loads(catalog_cli(catalog, "scan", "--json").stdout)["scan"]
+    assert again["seen"] == len(WEBUI_FILES) and again["new"] + again["unchanged"] == again["seen"]
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
@@ -1171,6 +1217,7 @@ def test_refs_of_digits_that_are_no_id_are_unmatched_names_not_crashes(library):
 
 def test_cli_show_of_an_impossible_id_is_one_line(tmp_path):
     catalog = tmp_path / "c.sqlite"
+    Store.open(catalog).close()
     for ref in ("99999999999999999999999", "#²"):
         assert f"{ref!r}: no catalog entry matches" in one_line_error(
             catalog_cli(catalog, "show", ref))
@@ -1217,6 +1264,7 @@ def test_list_filters_are_checked_and_take_any_case(library):
 def test_cli_list_refuses_unknown_filter_values_and_an_empty_answer_is_not_a_scan_hint(
         tmp_path, tiny):
     catalog = tmp_path / "c.sqlite"
+    Store.open(catalog).close()
     assert catalog_cli(catalog, "list").stdout.startswith("no entries yet; `mergekit-sd "
                                                           "catalog scan`")
     assert one_line_error(catalog_cli(catalog, "list", "--status", "bogus")) == (
@@ -1385,8 +1433,9 @@ def test_cli_remove_root_asks_before_forgetting_annotated_entries(tmp_path, tiny
     assert one_line_error(refused) == (
         f"error: {tmp_path / 'webui'}: 1 of its {len(WEBUI_FILES)} entries have tags, notes or "
         "ratings; forget them (pass --yes: there is no terminal to ask on)")
-    assert "not a catalog root" in one_line_error(
-        catalog_cli(catalog, "remove-root", tmp_path / "webui" / "models"))
+    assert one_line_error(catalog_cli(catalog, "remove-root", tmp_path / "webui" / "models")) \
+        == (f"error: {tmp_path / 'webui' / 'models'}: not a catalog root; `mergekit-sd catalog "
+            "roots` lists them")
     done = run_without_terminal("catalog", "remove-root", link, "--yes", "--catalog", catalog)
     assert done.stdout == (f"removed root #1 {tmp_path / 'webui'}: forgot {len(WEBUI_FILES)} "
                            "entries; no file was touched\n")
@@ -1708,6 +1757,66 @@ def test_cli_session_add_scan_list_show_tag_rate_dupes_rm(tmp_path, tiny):
     assert [e["name"] for e in listed] == ["base15", "basexl", "mychar", "vae", "xlstyle"]
 
 
+def run_piped(*args) -> subprocess.CompletedProcess:
+    """run_cli into a pipe with no COLUMNS and no terminal on any stream (rich alone would lay
+    the output out for 80 columns)."""
+    env = {key: value for key, value in os.environ.items() if key != "COLUMNS"}
+    env["PYTHONPATH"] = str(REPO)
+    return subprocess.run([sys.executable, "-m", "mergekit_sd.cli", *map(str, args)],
+                          capture_output=True, text=True, env=env, timeout=300,
+                          stdin=subprocess.DEVNULL)
+
+
+def run_in_terminal(columns: int, *args) -> str:
+    """What the CLI prints to a terminal `columns` wide, lines as it wrote them (a terminal
+    wraps a longer one for the eye only: copied out, it is one line)."""
+    import pty
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": str(columns), "TERM": "xterm"}
+    main, secondary = pty.openpty()
+    with subprocess.Popen([sys.executable, "-m", "mergekit_sd.cli", *map(str, args)], env=env,
+                          stdin=subprocess.DEVNULL, stdout=secondary,
+                          stderr=subprocess.DEVNULL) as child:
+        os.close(secondary)
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(main, 65536)
+            except OSError:  # the terminal's other end closed: the child is done
+                break
+            if not chunk:
+                break
+            seen += chunk
+        child.wait(timeout=300)
+    os.close(main)
+    assert child.returncode == 0, seen
+    return re.sub(r"\x1b\[[0-9;]*m", "", seen.decode()).replace("\r\n", "\n")
+
+
+def test_paths_and_summaries_stay_on_one_line_in_a_pipe_and_a_narrow_terminal(tmp_path, tiny):
+    catalog = tmp_path / "c.sqlite"
+    root = tmp_path / "webui"
+    files = webui(root, tiny)
+    copy = put(tiny["lora"], root / "models" / "Lora" / ("a-copy-whose-name-is-long-enough-to-"
+                                                         "be-wrapped-" * 2 + "x.safetensors"))
+    catalog_cli(catalog, "add-root", root)
+    scanned = run_piped("catalog", "scan", "--hash", "--catalog", catalog).stdout.splitlines()
+    assert scanned[0].startswith("scanned 1 root(s): 7 model files, 7 new, "), scanned
+    assert scanned[0].endswith(" s)"), scanned
+    dupes = run_piped("catalog", "dupes", "--catalog", catalog).stdout.splitlines()
+    assert [line.split()[-1] for line in dupes[1:3]] == [str(copy), str(files["mychar"])], dupes
+    assert all(line.startswith("  ") and len(line.split()) == 3 for line in dupes[1:3]), dupes
+    renamed = copy.rename(copy.with_name("renamed-" + copy.name))
+    moved = run_piped("catalog", "scan", "--catalog", catalog).stdout.splitlines()
+    assert f"moved: {copy} -> {renamed}" in moved, moved
+    shown = run_piped("catalog", "show", renamed, "--catalog", catalog).stdout.splitlines()
+    assert shown[1].split("│")[1].strip() == str(renamed), shown
+    # a terminal 60 columns wide: messages are not broken (the terminal wraps them itself)
+    narrow = run_in_terminal(60, "catalog", "dupes", "--catalog", catalog).splitlines()
+    assert [line.split()[-1] for line in narrow[1:3]] == sorted([str(renamed),
+                                                                 str(files["mychar"])]), narrow
+
+
 def test_cli_lineage_of_a_merge_as_json(merged):
     result = catalog_cli(merged.catalog, "lineage", "demo-mix", "--json")
     assert result.returncode == 0, result.stderr
@@ -1733,7 +1842,9 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path):
     assert "not a folder" in one_line_error(catalog_cli(catalog, "add-root", file))
     assert "'nope': no catalog entry matches" in one_line_error(
         catalog_cli(catalog, "show", "nope"))
-    assert "not a catalog root" in one_line_error(catalog_cli(catalog, "scan", tmp_path))
+    assert one_line_error(catalog_cli(catalog, "scan", tmp_path)) == (
+        f"error: {tmp_path}: not a catalog root; add it first with `mergekit-sd catalog "
+        "add-root`")
     empty = catalog_cli(catalog, "scan")
     assert (empty.returncode, empty.stdout.strip()) == (
         0, "no roots yet; add one with `mergekit-sd catalog add-root PATH`")
@@ -1747,6 +1858,29 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path):
     not_a_db = tmp_path / "junk.sqlite"
     not_a_db.write_bytes(b"this is not a database" * 100)
     assert "cannot open the catalog" in one_line_error(catalog_cli(not_a_db, "list"))
+
+
+def test_a_catalog_path_that_is_not_there_is_refused_except_by_add_root(tmp_path, tiny):
+    typo = tmp_path / "typo" / "c.sqlite"
+    webui(tmp_path / "webui", tiny)
+    refused = (f"error: no catalog at {typo} (named by --catalog); check the path, or create "
+               "one with `mergekit-sd catalog add-root FOLDER`")
+    for command in (["list"], ["show", "1"], ["dupes"], ["lineage", "base15"], ["roots"],
+                    ["tag", "base15", "x"], ["rate", "base15", "3"], ["rm", "base15"],
+                    ["scan"], ["scan", tmp_path / "webui"], ["remove-root", tmp_path / "webui"]):
+        assert one_line_error(catalog_cli(typo, *command)) == refused, command
+    by_env = run_cli("catalog", "list", env={ENV_VAR: str(typo)})
+    assert one_line_error(by_env) == refused.replace("--catalog", f"${ENV_VAR}")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("version: 1\nmodels: {a: 'catalog:base15', b: 'catalog:base15'}\n"
+                      "steps: [{name: mix, method: weighted_sum, inputs: [a, b]}]\n"
+                      "output: {path: out.safetensors}\n")
+    assert one_line_error(run_cli("plan", recipe, "--catalog", typo)) == refused
+    assert not (tmp_path / "typo").exists()  # no stray folder, no empty catalog
+    added = catalog_cli(typo, "add-root", tmp_path / "webui", "--scan")
+    assert added.returncode == 0, added.stderr
+    assert [e["name"] for e in json.loads(catalog_cli(typo, "list", "--json").stdout)] == sorted(
+        WEBUI_FILES)
 
 
 def test_a_damaged_or_foreign_database_is_one_sentence_and_left_as_it_is(tmp_path, tiny):

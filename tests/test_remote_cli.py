@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -206,6 +207,20 @@ def test_pull_from_the_hub_and_a_plain_url(tmp_path, fake, blobs):
         "downloaded", True, sha)
 
 
+def test_a_small_hub_file_outside_lfs_is_said_verified_by_its_git_blob_id(tmp_path, fake):
+    fake.hub.add_repo("org/docs", {"README.md": b"# tiny\n"})
+    listed = mergekit(tmp_path, fake, "search", "hf", "org/docs", "--files")
+    assert "(not LFS)" in listed.stdout, listed.stdout
+    pulled = mergekit(tmp_path, fake, "pull", "hf://org/docs/README.md", "--to", tmp_path / "m")
+    assert pulled.returncode == 0, pulled.stderr
+    assert pulled.stdout.splitlines()[0] == (
+        f"pulled hf://org/docs/README.md -> {tmp_path / 'm' / 'README.md'} (not catalogued, "
+        "7 B, git blob id verified)")
+    [outcome] = json.loads(mergekit(tmp_path, fake, "pull", "hf://org/docs/README.md", "--to",
+                                    tmp_path / "m", "--json").stdout)
+    assert (outcome["verified"], outcome["verified_by"]) == (True, "git blob id")
+
+
 def test_a_token_in_a_url_is_never_printed(tmp_path, fake, blobs):
     fake.files.put("direct/extra.safetensors", blobs["lora2"])
     secret = "SUPERSECRET123"
@@ -297,9 +312,10 @@ def test_ctrl_c_says_interrupted_and_exits_130(tmp_path, fake, blobs):
          f"{fake.files.url}/files/direct/slow.safetensors", "--to", str(tmp_path / "m")],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    partial = tmp_path / "m" / "slow.safetensors.partial"
     try:
         deadline = time.monotonic() + 60
-        while not fake.files.server.requests("/files/direct/slow.safetensors", "GET"):
+        while not (partial.exists() and partial.stat().st_size):  # caught with bytes to keep
             assert time.monotonic() < deadline and pulling.poll() is None
             time.sleep(0.05)
         pulling.send_signal(signal.SIGINT)
@@ -308,7 +324,17 @@ def test_ctrl_c_says_interrupted_and_exits_130(tmp_path, fake, blobs):
         pulling.kill()
     assert pulling.returncode == 130
     assert err.strip().splitlines()[-1:] == [
-        "interrupted: no file was left half-written under its final name"]
+        "interrupted: what was downloaded so far is kept (as FILE.partial beside the file, or in "
+        "the Hugging Face cache); run the same pull again to resume"]
+    # as it says: the partial file is there, and the same pull resumes it
+    kept = partial.stat().st_size
+    assert 0 < kept < len(blobs["sd15a"])
+    del fake.files.slow["direct/slow.safetensors"]
+    again = mergekit(tmp_path, fake, "pull", f"{fake.files.url}/files/direct/slow.safetensors",
+                     "--to", tmp_path / "m")
+    assert again.returncode == 0, again.stderr
+    assert "resumed, fetched" in again.stdout and not partial.exists()
+    assert (tmp_path / "m" / "slow.safetensors").read_bytes() == blobs["sd15a"]
 
 
 def test_identify_and_updates(tmp_path, fake, blobs):
@@ -440,6 +466,54 @@ def test_progress_bars_never_reach_a_redirected_stdout(tmp_path, fake):
     assert code == 0, terminal
     assert out.startswith("pulled civitai://300 -> ") and "\u2501" not in out
     assert "photomix.safetensors" in terminal and "\u2501" in terminal  # the bar, on stderr
+
+
+def _run_with_terminal_stdout(tmp_path, fake, columns: int, *args) -> str:
+    """What the CLI prints to a terminal `columns` wide (lines as it wrote them, styles off)."""
+    import pty
+
+    env = cli_env(tmp_path, fake.civitai.url, fake.hub.url, None)
+    env.update(PYTHONPATH=str(REPO), COLUMNS=str(columns), TERM="xterm",
+               MERGEKIT_SD_CATALOG=str(tmp_path / "c.sqlite"))
+    main, secondary = pty.openpty()
+    with subprocess.Popen([sys.executable, "-m", "mergekit_sd.cli", *map(str, args)], env=env,
+                          stdin=subprocess.DEVNULL, stdout=secondary,
+                          stderr=subprocess.DEVNULL) as child:
+        os.close(secondary)
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(main, 65536)
+            except OSError:  # the terminal's other end closed: the child is done
+                break
+            if not chunk:
+                break
+            seen += chunk
+        child.wait(timeout=60)
+    os.close(main)
+    assert child.returncode == 0, seen
+    return re.sub(r"\x1b\[[0-9;]*m", "", seen.decode()).replace("\r\n", "\n")
+
+
+def test_refs_stay_whole_in_a_pipe_and_in_a_narrow_terminal(tmp_path, fake, blobs):
+    deep = "a-folder-of-a-long-named-series/" * 2 + "sd15-tiny-with-a-long-name.safetensors"
+    fake.hub.add_repo("org/long-names", {deep: blobs["sd15b"]})
+    # a pipe, no COLUMNS, no terminal on any stream: no width to wrap at
+    env = cli_env(tmp_path, fake.civitai.url, fake.hub.url, None)
+    env.update(PYTHONPATH=str(REPO), MERGEKIT_SD_CATALOG=str(tmp_path / "c.sqlite"))
+    env.pop("COLUMNS", None)
+    piped = subprocess.run([sys.executable, "-m", "mergekit_sd.cli", "search", "hf",
+                            "org/long-names", "--files"], env=env, stdin=subprocess.DEVNULL,
+                           capture_output=True, text=True, timeout=120)
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stdout.splitlines()[1].split() == [
+        deep, "2.02", "MB", hashlib.sha256(blobs["sd15b"]).hexdigest()[:12],
+        f"hf://org/long-names/{deep}"]
+    # 60 columns: the other columns give way to the ref
+    narrow = _run_with_terminal_stdout(tmp_path, fake, 60, "search", "hf", "org/models",
+                                       "--files")
+    assert "hf://org/models/sd15-tiny.safetensors" in narrow, narrow
+    assert max(len(line) for line in narrow.splitlines()) <= 60, narrow
 
 
 def search_answered(tmp_path, fake, answer: dict):
