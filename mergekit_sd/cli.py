@@ -322,9 +322,12 @@ def main() -> None:
     """Console entry point: user errors become one sentence and exit code 2, never a traceback."""
     import click
 
+    from mergekit_sd.io.interrupts import stop_signals_raise
+
     try:
         # standalone_mode=False lets our handlers see errors before click does.
-        code = app(standalone_mode=False, prog_name="mergekit-sd")
+        with stop_signals_raise():  # a closed terminal or `kill` cleans up as Ctrl-C does
+            code = app(standalone_mode=False, prog_name="mergekit-sd")
     except click.exceptions.Abort:
         _interrupted()
     except click.ClickException as exc:  # usage errors: click's own message and exit code 2
@@ -349,9 +352,18 @@ INTERRUPTED_CODE = 130  # 128 + SIGINT, as shells report a Ctrl-C
 
 
 def _interrupted() -> NoReturn:
+    import contextlib
+    import signal
+
+    from mergekit_sd.io.interrupts import stopped_by
+
+    signum = stopped_by()
+    by = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
     # what every command keeps to: each output is renamed into place only when complete
-    sys.stderr.write("interrupted: no file was left half-written under its final name\n")
-    sys.exit(INTERRUPTED_CODE)
+    with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone
+        sys.stderr.write(f"interrupted{by}: no file was left half-written under its final "
+                         "name\n")
+    sys.exit(128 + signum)  # as shells report a process a signal ended
 
 
 def run() -> None:
