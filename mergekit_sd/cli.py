@@ -104,9 +104,11 @@ def convert(
 
     Pickles are loaded with torch.load(weights_only=True): one that needs code is refused.
     """
+    from mergekit_sd.cli_startup import import_torch
     from mergekit_sd.convert import convert_to_safetensors
     from mergekit_sd.io.saturate import Clamped
 
+    import_torch()  # Ctrl-C held while it loads (cli_startup)
     clamped = Clamped()
     written = convert_to_safetensors(source, target, dtype=dtype, overwrite=overwrite,
                                      clamped=clamped)
@@ -156,6 +158,7 @@ OFFLINE_HELP = "Never call out: download references must already be in the catal
 
 def _load_plan(recipe: Path, assignments: list[str], out: Path | None, catalog: Path | None,
                pull: bool = False, offline: bool = False, existing: str = "note"):
+    from mergekit_sd.cli_startup import import_torch
     from mergekit_sd.merge.plan import apply_overrides, build_plan
     from mergekit_sd.recipe.loader import load_recipe
 
@@ -163,6 +166,7 @@ def _load_plan(recipe: Path, assignments: list[str], out: Path | None, catalog: 
         raise UserError("--pull downloads and --offline forbids it; choose one")
     loaded = load_recipe(recipe)
     apply_overrides(loaded, assignments)
+    import_torch()  # for the merge methods, with Ctrl-C held while it loads (cli_startup)
     return build_plan(loaded, resolver=_CatalogOnDemand(catalog, pull), out=out,
                       existing=existing)
 
@@ -308,8 +312,10 @@ def demo_workspace(
 
     The models are generated with the real key layouts and random values.
     """
+    from mergekit_sd.cli_startup import import_torch
     from mergekit_sd.testing.workspace import make_demo_workspace
 
+    import_torch()  # the models are made with it; Ctrl-C held while it loads (cli_startup)
     try:
         made = make_demo_workspace(root)
     except OSError as exc:  # a file where a folder goes, no permission, a full disk

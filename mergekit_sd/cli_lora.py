@@ -239,6 +239,7 @@ def lora_merge(
     catalog: CatalogOption = None,
 ) -> None:
     """Merge LoRAs into one kohya-format LoRA (matched by the weight each module changes)."""
+    from mergekit_sd.cli_startup import import_torch
     from mergekit_sd.lora.combine import merge_loras
     from mergekit_sd.lora.targets import plural, unmatched_summary
 
@@ -252,6 +253,7 @@ def lora_merge(
         pairs.append((path, numbers[0] if numbers else 1.0))
     base_path = _resolve(base, resolver)[0] if base else None
     _check_output(output, overwrite, [p for p, _ in pairs] + ([base_path] if base_path else []))
+    import_torch()  # Ctrl-C held while it loads (cli_startup)
     report = merge_loras(pairs, output, rank, base_path, dtype,
                          1.0 if clamp_quantile is None else clamp_quantile, allow_unmatched)
     if report.unmatched:
@@ -285,11 +287,13 @@ def lora_extract(
 ) -> None:
     """Extract a kohya-format LoRA of the difference TUNED − BASE by truncated SVD."""
     from mergekit_sd.cli_progress import rich_progress
+    from mergekit_sd.cli_startup import import_torch
     from mergekit_sd.lora.extract import extract_lora
 
     resolver = _CatalogOnDemand(catalog)
     tuned_path, base_path = _resolve(tuned, resolver)[0], _resolve(base, resolver)[0]
     _check_output(output, overwrite, [tuned_path, base_path])
+    import_torch()  # Ctrl-C held while it loads (cli_startup)
     with rich_progress() as progress:
         report = extract_lora(tuned_path, base_path, output, rank, conv_rank, clamp_quantile,
                               text_encoders, dtype, progress)
