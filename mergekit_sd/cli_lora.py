@@ -7,7 +7,6 @@ used.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import typer
@@ -112,7 +111,7 @@ def _check_output(output: Path, overwrite: bool, inputs: list[Path]) -> None:
     """-o names a .safetensors file that can be written, and none of the `inputs` (which it
     would replace): checked before any work (a directory would otherwise fail at the rename,
     after the whole bake)."""
-    from mergekit_sd.io.writer import refuse_replacing_inputs
+    from mergekit_sd.io.writer import check_folder_writable, refuse_replacing_inputs
 
     if output.suffix.lower() != ".safetensors":
         raise UserError(f"-o {output} must end in .safetensors (the file is written in that "
@@ -127,8 +126,7 @@ def _check_output(output: Path, overwrite: bool, inputs: list[Path]) -> None:
         parent = parent.parent
     if not parent.is_dir():
         raise UserError(f"-o {output}: {parent} is a file, not a folder; choose another -o")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"-o {output}: {parent} cannot be written to; choose another -o")
+    check_folder_writable(output, parent)
 
 
 def show_unmatched(unmatched, echo=typer.echo) -> None:
