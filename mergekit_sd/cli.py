@@ -109,9 +109,11 @@ def convert(
 
     Pickles are loaded with torch.load(weights_only=True): one that needs code is refused.
     """
+    from mergekit_sd.cli_startup import import_torch
     from mergekit_sd.convert import convert_to_safetensors
     from mergekit_sd.io.saturate import Clamped
 
+    import_torch()  # Ctrl-C held while it loads (cli_startup)
     clamped = Clamped()
     written = convert_to_safetensors(source, target, dtype=dtype, overwrite=overwrite,
                                      clamped=clamped)
@@ -167,6 +169,7 @@ OFFLINE_HELP = "Never call out: download references must already be in the catal
 
 def _load_plan(recipe: Path, assignments: list[str], out: Path | None, catalog: Path | None,
                pull: bool = False, offline: bool = False, existing: str = "note"):
+    from mergekit_sd.cli_startup import import_torch
     from mergekit_sd.merge.plan import apply_overrides, build_plan
     from mergekit_sd.recipe.loader import load_recipe
 
@@ -174,6 +177,7 @@ def _load_plan(recipe: Path, assignments: list[str], out: Path | None, catalog: 
         raise UserError("--pull downloads and --offline forbids it; choose one")
     loaded = load_recipe(recipe)
     apply_overrides(loaded, assignments)
+    import_torch()  # for the merge methods, with Ctrl-C held while it loads (cli_startup)
     return build_plan(loaded, resolver=_CatalogOnDemand(catalog, pull), out=out,
                       existing=existing)
 
@@ -322,8 +326,10 @@ def demo_workspace(
 
     The models are generated with the real key layouts and random values.
     """
+    from mergekit_sd.cli_startup import import_torch
     from mergekit_sd.testing.workspace import make_demo_workspace
 
+    import_torch()  # the models are made with it; Ctrl-C held while it loads (cli_startup)
     try:
         made = make_demo_workspace(root)
     except OSError as exc:  # a file where a folder goes, no permission, a full disk
@@ -336,10 +342,13 @@ def main() -> None:
     """Console entry point: user errors become one sentence and exit code 2, never a traceback."""
     import click
 
+    from mergekit_sd.io.interrupts import stop_signals_raise
+
     on_interrupt(NOTHING_HALF_WRITTEN)  # each command starts from it (tests run several)
     try:
         # standalone_mode=False lets our handlers see errors before click does.
-        code = app(standalone_mode=False, prog_name="mergekit-sd")
+        with stop_signals_raise():  # a closed terminal or `kill` cleans up as Ctrl-C does
+            code = app(standalone_mode=False, prog_name="mergekit-sd")
     except click.exceptions.Abort:
         _interrupted()
     except click.ClickException as exc:  # usage errors: click's own message and exit code 2
@@ -364,8 +373,16 @@ INTERRUPTED_CODE = 130  # 128 + SIGINT, as shells report a Ctrl-C
 
 
 def _interrupted() -> NoReturn:
-    sys.stderr.write(f"interrupted: {interrupt_note()}\n")
-    sys.exit(INTERRUPTED_CODE)
+    import contextlib
+    import signal
+
+    from mergekit_sd.io.interrupts import stopped_by
+
+    signum = stopped_by()
+    by = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
+    with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone
+        sys.stderr.write(f"interrupted{by}: {interrupt_note()}\n")
+    sys.exit(128 + signum)  # as shells report a process a signal ended
 
 
 def run() -> None:

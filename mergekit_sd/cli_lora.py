@@ -7,7 +7,6 @@ used.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import typer
@@ -112,7 +111,7 @@ def _check_output(output: Path, overwrite: bool, inputs: list[Path]) -> None:
     """-o names a .safetensors file that can be written, and none of the `inputs` (which it
     would replace): checked before any work (a directory would otherwise fail at the rename,
     after the whole bake)."""
-    from mergekit_sd.io.writer import refuse_replacing_inputs
+    from mergekit_sd.io.writer import check_folder_writable, refuse_replacing_inputs
 
     if output.suffix.lower() != ".safetensors":
         raise UserError(f"-o {output} must end in .safetensors (the file is written in that "
@@ -127,8 +126,7 @@ def _check_output(output: Path, overwrite: bool, inputs: list[Path]) -> None:
         parent = parent.parent
     if not parent.is_dir():
         raise UserError(f"-o {output}: {parent} is a file, not a folder; choose another -o")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"-o {output}: {parent} cannot be written to; choose another -o")
+    check_folder_writable(output, parent)
 
 
 def show_unmatched(unmatched, echo=typer.echo) -> None:
@@ -239,6 +237,7 @@ def lora_merge(
     catalog: CatalogOption = None,
 ) -> None:
     """Merge LoRAs into one kohya-format LoRA (matched by the weight each module changes)."""
+    from mergekit_sd.cli_startup import import_torch
     from mergekit_sd.lora.combine import merge_loras
     from mergekit_sd.lora.targets import plural, unmatched_summary
 
@@ -252,6 +251,7 @@ def lora_merge(
         pairs.append((path, numbers[0] if numbers else 1.0))
     base_path = _resolve(base, resolver)[0] if base else None
     _check_output(output, overwrite, [p for p, _ in pairs] + ([base_path] if base_path else []))
+    import_torch()  # Ctrl-C held while it loads (cli_startup)
     report = merge_loras(pairs, output, rank, base_path, dtype,
                          1.0 if clamp_quantile is None else clamp_quantile, allow_unmatched)
     if report.unmatched:
@@ -285,11 +285,13 @@ def lora_extract(
 ) -> None:
     """Extract a kohya-format LoRA of the difference TUNED − BASE by truncated SVD."""
     from mergekit_sd.cli_progress import rich_progress
+    from mergekit_sd.cli_startup import import_torch
     from mergekit_sd.lora.extract import extract_lora
 
     resolver = _CatalogOnDemand(catalog)
     tuned_path, base_path = _resolve(tuned, resolver)[0], _resolve(base, resolver)[0]
     _check_output(output, overwrite, [tuned_path, base_path])
+    import_torch()  # Ctrl-C held while it loads (cli_startup)
     with rich_progress() as progress:
         report = extract_lora(tuned_path, base_path, output, rank, conv_rank, clamp_quantile,
                               text_encoders, dtype, progress)

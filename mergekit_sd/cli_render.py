@@ -191,11 +191,13 @@ def render(
     (rows: prompt and seed; columns: candidates) and manifest.json into --out, which must be
     new or empty unless --overwrite (that replaces only a previous render's files).
     """
+    from mergekit_sd.cli_startup import import_torch
     from mergekit_sd.render.candidates import collect_candidates
     from mergekit_sd.render.runner import render_candidates
 
     options = _options(grid, preset, out, device, dtype, steps, guidance, scheduler, lora,
                        lora_scale, size, batch, config_dir, html, overwrite)
+    import_torch()  # Ctrl-C held while it loads (cli_startup)
     resolver = _CatalogOnDemand(catalog, pull)
     found = collect_candidates(candidates, resolver, assignments)
     _run(lambda progress: render_candidates(found, options, resolver, progress or _quiet),
@@ -234,11 +236,13 @@ def compare(
     contact-sheet.png and manifest.json (with the mean difference of every pair) into --out,
     which must be new or empty unless --overwrite (that replaces only a previous render's files).
     """
+    from mergekit_sd.cli_startup import import_torch
     from mergekit_sd.render.candidates import collect_candidates
     from mergekit_sd.render.compare import compare_candidates
 
     options = _options(grid, preset, out, device, dtype, steps, guidance, scheduler, lora,
                        lora_scale, size, batch, config_dir, html, overwrite)
+    import_torch()  # Ctrl-C held while it loads (cli_startup)
     resolver = _CatalogOnDemand(catalog, pull)
     found = collect_candidates([a, b], resolver, assignments)
     if len(found) != 2:

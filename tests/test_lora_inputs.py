@@ -496,7 +496,9 @@ def output_cases(tmp_path: Path) -> list[tuple[Path, str]]:
     (tmp_path / "adir.safetensors").mkdir()
     return [(tmp_path / "afile" / "x.safetensors", "is a file, not a folder"),
             (tmp_path / "adir.safetensors", "is a directory"),
-            (tmp_path / "y.ckpt", "must end in .safetensors")]
+            (tmp_path / "y.ckpt", "must end in .safetensors"),
+            # no one can create a file there, root included (tests may run as root)
+            (Path("/proc/x.safetensors"), "its folder /proc cannot be written")]
 
 
 def test_bad_outputs_are_one_sentence_before_any_work(tmp_path, bases, cli, two_sd1_loras):

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -179,6 +180,29 @@ def test_an_output_under_a_file_or_on_a_directory_is_one_sentence_before_any_wri
     assert a_file.read_bytes() == b"keep" and list(a_folder.iterdir()) == []
 
 
+# Folders no one can create a file in, root included (tests may run as root, whom permissions
+# do not stop): stand-ins for a read-only mount or another user's folder.
+UNWRITABLE = [(Path("/proc/x.safetensors"), "its folder /proc cannot be written"),
+              (Path("/sys/x.safetensors"), "its folder /sys cannot be written"),
+              (Path("/sys/new/x.safetensors"),
+               "its folder /sys/new would be made in /sys, which cannot be written")]
+
+
+@pytest.mark.parametrize(("path", "words"), UNWRITABLE)
+def test_an_output_folder_that_cannot_be_written_is_one_sentence_before_any_write(path, words):
+    with pytest.raises(UserError, match=words):
+        StreamingWriter(path, [TensorSpec("w", "F32", (2,))])
+
+
+def test_a_partial_name_that_cannot_be_opened_is_one_sentence(tmp_path):
+    """The folder can be written, yet NAME.partial cannot be opened (here: a folder took that
+    name); the writer's own check has passed, and its open says why in one sentence."""
+    (tmp_path / "m.safetensors.partial").mkdir()
+    with pytest.raises(UserError, match="m.safetensors: cannot be written in "):
+        StreamingWriter(tmp_path / "m.safetensors", [TensorSpec("w", "F32", (2,))])
+    assert (tmp_path / "m.safetensors.partial").is_dir()
+
+
 def test_merge_convert_and_recipe_extract_refuse_such_outputs_in_one_sentence(tmp_path):
     a = write_checkpoint(tmp_path / "a.safetensors", "sd1", seed=1)
     b = write_checkpoint(tmp_path / "b.safetensors", "sd1", seed=2)
@@ -189,12 +213,14 @@ def test_merge_convert_and_recipe_extract_refuse_such_outputs_in_one_sentence(tm
     (tmp_path / "dir.safetensors").mkdir()
     refused = [("merge", recipe, "--out", a / "x.safetensors"),
                ("merge", recipe, "--out", tmp_path / "dir.safetensors"),
-               ("convert", a, b / "x.safetensors")]
+               ("convert", a, b / "x.safetensors"),
+               *(("merge", recipe, "--out", path) for path, _ in UNWRITABLE[:2]),
+               *(("convert", a, path) for path, _ in UNWRITABLE[:2])]
     for args in refused:
         assert one_sentence(run_cli(*args)).startswith("error: ")
     assert run_cli("merge", recipe).returncode == 0
     merged = tmp_path / "out" / "ws.safetensors"
-    for target in (tmp_path / "out", a / "r.yaml"):
+    for target in (tmp_path / "out", a / "r.yaml", "/proc/r.yaml"):
         assert one_sentence(run_cli("recipe", "extract", merged, "-o", target))
     made = run_cli("recipe", "extract", merged, "-o", tmp_path / "new" / "again.yaml")
     assert made.returncode == 0, made.stderr

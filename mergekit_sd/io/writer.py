@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,18 +49,35 @@ def partial_path(path: Path) -> Path:
 
 def check_output_path(path: Path, overwrite: bool = True) -> None:
     """UserError with one sentence when `path` cannot be written as a file: it is a directory,
-    or a folder it would go into is a file, or (unless `overwrite`) it exists. Called before
-    any work, so a long merge does not end in an error it could have said at the start."""
+    or a folder it would go into is a file or cannot be written, or (unless `overwrite`) it
+    exists. Called before any work, so a long merge does not end in an error it could have
+    said at the start."""
     if path.is_dir():
         raise UserError(f"{path}: is a directory; name the file to write")
     if not overwrite and (path.exists() or path.is_symlink()):
         raise UserError(f"{path}: already exists; pass --overwrite to replace it")
     for folder in path.parents:
         if folder.is_dir():
+            check_folder_writable(path, folder)
             return
         if folder.exists() or folder.is_symlink():
             raise UserError(f"{path}: its folder {folder} is a file, not a folder; choose "
                             "another output path")
+
+
+def check_folder_writable(path: Path, folder: Path) -> None:
+    """UserError with one sentence unless a file can be created in `folder` (the existing
+    folder `path` goes into, or where its missing folders would be made). A file is created
+    and removed (unnamed where the system allows): `os.access` says yes to root on read-only
+    or virtual file systems (/proc, /sys), and only the attempt also knows those."""
+    try:
+        with tempfile.TemporaryFile(dir=folder, prefix=".mergekit-sd-probe-"):
+            pass
+    except OSError as exc:
+        where = (f"its folder {folder}" if folder == path.parent
+                 else f"its folder {path.parent} would be made in {folder}, which")
+        raise UserError(f"{path}: {where} cannot be written ({exc.strerror or exc}); choose "
+                        "another output path") from None
 
 
 def same_file(a: Path, b: Path) -> bool:
@@ -169,7 +187,11 @@ class StreamingWriter:
         self._remaining = {spec.name: spec.nbytes for spec in self.specs.values()}
         self.partial = partial_path(self.path)
         make_output_folder(self.path)
-        self._fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            self._fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        except OSError as exc:  # checked before any work; still a sentence if it changed since
+            raise UserError(f"{self.path}: cannot be written in {self.path.parent} "
+                            f"({exc.strerror or exc}); choose another output path") from None
         self._size = self._data_start + (max((e for _, e in self._offsets.values()), default=0))
         self._sequence: DirectAppender | None = None
         self._went_direct = False
