@@ -187,23 +187,31 @@ class StreamingWriter:
         self._remaining = {spec.name: spec.nbytes for spec in self.specs.values()}
         self.partial = partial_path(self.path)
         make_output_folder(self.path)
-        try:
-            self._fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        except OSError as exc:  # checked before any work; still a sentence if it changed since
-            raise UserError(f"{self.path}: cannot be written in {self.path.parent} "
-                            f"({exc.strerror or exc}); choose another output path") from None
-        self._size = self._data_start + (max((e for _, e in self._offsets.values()), default=0))
+        self._fd = -1
         self._sequence: DirectAppender | None = None
         self._went_direct = False
-        if direct or (direct is None and self._size >= DIRECT_FROM_BYTES):
-            with contextlib.suppress(OSError):  # no O_DIRECT here: ordinary writes
-                self._sequence = DirectAppender(self.partial, self._fd)
+        self._size = self._data_start + (max((e for _, e in self._offsets.values()), default=0))
         try:
+            # a signal between creating NAME.partial and taking charge of it would leave it
+            # behind: held until this writer can delete it (then raised, and it does)
+            with interrupts_held():
+                self._fd = self._open_partial()
+                if direct or (direct is None and self._size >= DIRECT_FROM_BYTES):
+                    with contextlib.suppress(OSError):  # no O_DIRECT here: ordinary writes
+                        self._sequence = DirectAppender(self.partial, self._fd)
             self._write_at(header, 0)
             os.ftruncate(self._fd, self._size)
         except BaseException:
-            self.abort()
+            if self._fd >= 0:  # else NAME.partial is not ours (it could not be opened)
+                self.abort()
             raise
+
+    def _open_partial(self) -> int:
+        try:
+            return os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        except OSError as exc:  # checked before any work; still a sentence if it changed since
+            raise UserError(f"{self.path}: cannot be written in {self.path.parent} "
+                            f"({exc.strerror or exc}); choose another output path") from None
 
     @property
     def direct_io(self) -> bool:
