@@ -10,7 +10,6 @@ import json
 import os
 import struct
 from dataclasses import dataclass, field
-from math import prod
 from pathlib import Path
 
 import orjson
@@ -18,9 +17,9 @@ import orjson
 from mergekit_sd.arch.identify import Identification, identify, sdxl_family
 from mergekit_sd.arch.lora import trigger_words
 from mergekit_sd.errors import BadModelFile
-from mergekit_sd.io.dtypes import SAFETENSORS_DTYPES, nbytes_of
-from mergekit_sd.io.header import MAX_HEADER_BYTES, SafetensorsHeader, TensorInfo, read_header
-from mergekit_sd.io.pickled import pickle_tensor_shapes, sniff_format
+from mergekit_sd.io.dtypes import SAFETENSORS_DTYPES
+from mergekit_sd.io.header import MAX_HEADER_BYTES, SafetensorsHeader, read_header
+from mergekit_sd.io.pickled import pickle_header, sniff_format
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 LEGACY_PICKLE = ("a pickle in PyTorch's legacy format (saved before torch 1.6): a scan does not "
@@ -117,21 +116,15 @@ def _examine_pickle(path: Path) -> FileFacts | None:
         return FileFacts("invalid", problem="is not a PyTorch checkpoint (neither a zip archive "
                          "nor a pickle)" if size else "is empty")
     try:
-        shapes = pickle_tensor_shapes(path)
+        header = pickle_header(path)
     except BadModelFile as exc:
         status = "truncated" if "truncated" in exc.problem else "invalid"
         return FileFacts(status, problem=exc.problem)
     except (OSError, MemoryError) as exc:
         return FileFacts("unreadable", problem=f"cannot read it ({exc})")
-    if shapes is None:
+    if header is None:
         return FileFacts("unchecked", problem=LEGACY_PICKLE)
-    tensors, offset = {}, 0
-    for name, (dtype, shape) in shapes.items():
-        # byte ranges as if laid out in a safetensors file: what the counts are made from
-        end = offset + (nbytes_of(dtype, prod(shape)) or 0)
-        tensors[name] = TensorInfo(name, dtype, shape, offset, end)
-        offset = end
-    facts = facts_from_header(SafetensorsHeader(path, size, 0, tensors))
+    facts = facts_from_header(header)
     facts.details["format"] = "PyTorch pickle (zip)"
     return facts
 

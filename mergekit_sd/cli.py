@@ -111,19 +111,20 @@ def convert(
     """
     from mergekit_sd.cli_startup import import_torch
     from mergekit_sd.convert import convert_to_safetensors
+    from mergekit_sd.io.nonfinite import NonFinite
     from mergekit_sd.io.saturate import Clamped
 
     import_torch()  # Ctrl-C held while it loads (cli_startup)
-    clamped = Clamped()
+    clamped, nonfinite = Clamped(), NonFinite()
     written = convert_to_safetensors(source, target, dtype=dtype, overwrite=overwrite,
-                                     clamped=clamped)
+                                     clamped=clamped, nonfinite=nonfinite)
     typer.echo(f"wrote {written}")
-    _say_clamped(clamped)
+    _say_clamped(clamped, nonfinite)
 
 
-def _say_clamped(clamped) -> None:
-    for note in clamped.notes():  # on stderr: --json output stays one JSON document
-        typer.echo(f"note: {note}", err=True)
+def _say_clamped(clamped, nonfinite) -> None:
+    for note in [*nonfinite.notes(), *clamped.notes()]:  # on stderr: --json output stays
+        typer.echo(f"note: {note}", err=True)            # one JSON document
 
 
 recipe_app = typer.Typer(help="Recipe tools.", no_args_is_help=True, rich_markup_mode=None)
@@ -219,6 +220,7 @@ def merge(
 ) -> None:
     """Run a recipe: stream every key through its steps into the output file(s)."""
     from mergekit_sd.cli_progress import rich_progress
+    from mergekit_sd.io.nonfinite import NonFinite
     from mergekit_sd.io.saturate import Clamped
     from mergekit_sd.merge.executor import run_merge
     from mergekit_sd.merge.report import note_lines
@@ -229,20 +231,22 @@ def merge(
     # stderr and before the work, where a long merge cannot bury it and Ctrl-C still helps
     for line in note_lines(merge_plan):
         typer.echo(line, err=True)
-    clamped = Clamped()
+    clamped, nonfinite = Clamped(), NonFinite()
     if as_json:
-        written = run_merge(merge_plan, device=device, clamped=clamped)
+        written = run_merge(merge_plan, device=device, clamped=clamped, nonfinite=nonfinite)
         import json
 
         typer.echo(json.dumps({"written": {name: str(path) for name, path in written.items()},
-                               "notes": [*merge_plan.notes, *clamped.notes()]}))
-        _say_clamped(clamped)
+                               "notes": [*merge_plan.notes, *nonfinite.notes(),
+                                         *clamped.notes()]}))
+        _say_clamped(clamped, nonfinite)
         return
     with rich_progress() as progress:
-        written = run_merge(merge_plan, device=device, progress=progress, clamped=clamped)
+        written = run_merge(merge_plan, device=device, progress=progress, clamped=clamped,
+                            nonfinite=nonfinite)
     for name, path in written.items():
         typer.echo(f"wrote {name} -> {path}")
-    _say_clamped(clamped)
+    _say_clamped(clamped, nonfinite)
 
 
 @app.command()

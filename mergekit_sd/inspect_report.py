@@ -1,7 +1,8 @@
 """`mergekit-sd inspect`: identify files from their headers and show it as tables or JSON.
 
 Reads only headers, plus a LoRA's few alpha scalars: those are the alphas that apply (bake uses
-them), whatever the training metadata says.
+them), whatever the training metadata says. A zip pickle (.ckpt/.pt/.pth/.bin) is identified
+from its small pickle as a catalog scan identifies it, never running code from it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from mergekit_sd.arch.identify import Identification, identify
 from mergekit_sd.arch.lora import trigger_words
 from mergekit_sd.errors import BadModelFile
 from mergekit_sd.io.header import SafetensorsHeader, read_header
+from mergekit_sd.io.pickled import PICKLE_SUFFIXES, pickle_header, sniff_format
 from mergekit_sd.io.reader import SafetensorsReader, read_scalar
 
 # kohya training metadata worth a line; the rest is shown with --verbose
@@ -27,14 +29,20 @@ KOHYA_SUMMARY = ("ss_output_name", "ss_base_model_version", "ss_sd_model_name",
 def inspect_file(path: Path, all_metadata: bool = False) -> dict:
     """Everything inspect reports about one file, as plain data (the --json shape);
     `all_metadata` keeps every metadata value rather than a summary."""
-    header = read_header(path)
+    header = _pickle_header(path) if path.suffix.lower() in PICKLE_SUFFIXES else None
+    pickle = header is not None
+    if header is None:
+        header = read_header(path)
     ident = identify(header)
     report = {
         "path": str(path),
         "file_size": header.file_size,
-        "status": f"complete: {len(header.tensors)} tensors, data area of "
+        "status": f"a PyTorch pickle (zip checkpoint): {len(header.tensors)} tensors, read by "
+                  "torch's safe loader without running code; convert it to safetensors to "
+                  "merge it" if pickle else
+                  f"complete: {len(header.tensors)} tensors, data area of "
                   f"{header.data_bytes} bytes as declared",
-        "header_bytes": header.header_bytes,
+        "header_bytes": None if pickle else header.header_bytes,
         **ident.to_dict(),
         "dtypes": dict(Counter(info.dtype for info in header.tensors.values())),
         "parameters": sum(c.parameters for c in ident.components)
@@ -42,11 +50,35 @@ def inspect_file(path: Path, all_metadata: bool = False) -> dict:
         "metadata": summarise_metadata(header.metadata, all_metadata),
     }
     if ident.lora is not None:
-        report["lora"]["alpha"], report["lora"]["alpha_note"] = _lora_alpha(header, ident)
+        report["lora"]["alpha"], report["lora"]["alpha_note"] = _lora_alpha(header, ident) \
+            if not pickle else (None, "not read from a pickle; convert it to see it")
         report["lora"]["rank"] = ident.lora.rank
         report["lora"]["trigger_words"] = trigger_words(header.metadata)
         report["parameters"] = _parameters(header)
     return report
+
+
+def _pickle_header(path: Path) -> SafetensorsHeader | None:
+    """A .ckpt/.pt/.pth/.bin file's tensors, identified as a catalog scan identifies them
+    (`pickle_header`: torch's safe loader, tensors memory-mapped, nothing run); None for a
+    safetensors file under a pickle's name, read as one. BadModelFile, with the sentence the
+    scan records, for one that would run code, a truncated or corrupt one, a legacy pickle
+    (which the loader can only read whole) and a file that is no checkpoint."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        kind = sniff_format(f.read(9), size)
+    if kind == "safetensors":
+        return None
+    if kind == "unknown":
+        raise BadModelFile(path, "is not a PyTorch checkpoint (neither a zip archive nor a "
+                                 "pickle)" if size else "is empty")
+    header = pickle_header(path)
+    if header is None:
+        raise BadModelFile(path, "is a pickle in PyTorch's legacy format (saved before torch "
+                                 "1.6), which inspect does not load (that would read every "
+                                 "byte); `mergekit-sd convert` checks it and writes a "
+                                 "safetensors file inspect reads")
+    return header
 
 
 def _parameters(header: SafetensorsHeader) -> int:

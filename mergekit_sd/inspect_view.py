@@ -111,7 +111,8 @@ def _show_details(console: Console, r: dict) -> None:
         if r.get(key):
             facts.add_row(key, r[key])
     facts.add_row("file", r["status"])
-    facts.add_row("header", f"{r['header_bytes']} bytes read")
+    if r["header_bytes"] is not None:  # a pickle has none
+        facts.add_row("header", f"{r['header_bytes']} bytes read")
     lora = r.get("lora")
     if lora:
         facts.add_row("LoRA", f"{lora['format']}; {lora['modules']} "

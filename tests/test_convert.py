@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -161,14 +162,16 @@ def test_other_float_dtypes(tmp_path, option, dtype, stored):
     ("fp8_e5m2", torch.float8_e5m2),
 ])
 def test_fp8_saturates_out_of_range_weights_instead_of_inf_or_nan(tmp_path, option, dtype):
+    """Finite values beyond the range are clamped; an input infinity stays one where the
+    dtype has infinities (e5m2), and becomes the largest value where it has none (e4m3fn)."""
     source = tmp_path / "wide.pt"
     torch.save({"w": torch.tensor([1.0, -2.5, 1e6, -1e6, float("inf")])}, source)
     target = tmp_path / "wide.safetensors"
     convert_to_safetensors(source, target, dtype=option)
     got = load_file(target)["w"].float()
     limit = torch.finfo(dtype).max
-    assert torch.isfinite(got).all()
-    assert got.tolist() == [1.0, -2.5, limit, -limit, limit]
+    infinity = limit if dtype == torch.float8_e4m3fn else float("inf")
+    assert got.tolist() == [1.0, -2.5, limit, -limit, infinity]
 
 
 # --- safetensors to safetensors (recast) -----------------------------------------------------
@@ -437,12 +440,52 @@ def test_cli_fp16_clamps_values_beyond_its_range_and_says_where(tmp_path, source
     target = tmp_path / "narrow.safetensors"
     result = run_cli("convert", str(source), str(target), "--dtype", "fp16", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert result.stderr.strip() == ("note: 2 values in 1 tensor lay beyond fp16's range "
-                                     "(±65504) and were clamped to it instead of becoming "
-                                     "infinite: big")
+    beyond = 3 if source_kind == "safetensors" else 2  # bf16 rounds 65504 up to 65536
+    assert result.stderr.strip() == (f"note: {beyond} values in 1 tensor lay beyond fp16's "
+                                     "range (±65504) and were clamped to it instead of "
+                                     "becoming infinite: big")
     got = load_file(target)
     assert got["big"].tolist() == [65504.0, -65504.0, 1.5, 65504.0]
     assert got["fine"].dtype == torch.float16 and got["ids"].dtype == torch.int64
     quiet = run_cli("convert", str(source), str(tmp_path / "wide2.safetensors"), "--dtype",
                     "fp32", cwd=tmp_path)
     assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
+
+
+@pytest.mark.parametrize(("source_kind", "option"), [
+    ("safetensors", "fp16"), ("safetensors", "keep"), ("safetensors", "fp32"),
+    ("safetensors", "bf16"), ("ckpt", "keep"), ("ckpt", "fp16"),
+])
+def test_cli_nan_and_infinity_of_the_source_are_named_and_kept(tmp_path, source_kind, option):
+    """A NaN or ±inf in the source goes out said, whatever the dtype: a note names the
+    tensors and the source. An infinity stays one: a clamp to 65504 would hide the damage
+    (and was said as a finite value clamped)."""
+    weights = {"a_nan": torch.tensor([float("nan"), 1.0]),
+               "b_inf": torch.tensor([1.0, float("-inf"), float("inf")]),
+               "c_fine": torch.ones(3), "d_ids": torch.arange(3)}
+    source = tmp_path / f"broken.{source_kind}"
+    if source_kind == "safetensors":
+        save_file(weights, source)
+    else:
+        torch.save({"state_dict": weights}, source)
+    target = tmp_path / "out.safetensors"
+    result = run_cli("convert", str(source), str(target), "--dtype", option, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == (
+        "note: 1 NaN value and 2 infinite values written in 2 tensors (one such weight "
+        f"blackens every image): a_nan, b_inf; {source.name} holds NaN or infinity there")
+    got = load_file(target)
+    assert got["a_nan"][0].isnan() and got["b_inf"].float().tolist() == [1.0, -math.inf, math.inf]
+
+
+def test_cli_fp8_e4m3fn_says_an_infinity_is_written_as_its_largest_value(tmp_path):
+    source = tmp_path / "broken.safetensors"
+    save_file({"w": torch.tensor([1.0, float("inf"), float("nan")])}, source)
+    result = run_cli("convert", str(source), str(tmp_path / "out.safetensors"), "--dtype",
+                     "fp8_e4m3fn", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "note: 1 NaN value written in 1 tensor (one such weight blackens every image): w; "
+        "broken.safetensors holds NaN or infinity there",
+        "note: 1 value in 1 tensor was infinite in the input and is written as ±448, as "
+        "fp8_e4m3fn has no infinity: w"]

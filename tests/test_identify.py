@@ -300,3 +300,45 @@ def test_at_80_columns_inspect_cuts_no_slot_prefix_or_short_word(tmp_path, capsy
     assert max(map(len, summary.splitlines())) <= 80
     for word in ("checkpoint", "text_encoder", "diffusion_model", "SD3-Medium", "FLUX.1-dev"):
         assert f" {word} " in summary, word
+
+
+def test_inspect_identifies_pickles_as_a_scan_does_without_running_them(tmp_path):
+    """A .ckpt/.pt is identified from its small pickle (the scan's identification); one that
+    would run code, a truncated one and a legacy pickle each get their own sentence."""
+    import os
+
+    import torch
+    from safetensors.torch import load_file
+
+    source = write_checkpoint(tmp_path / "sd1.safetensors", "sd1", dtype="F16")
+    good = tmp_path / "good.ckpt"
+    torch.save({"state_dict": load_file(source)}, good)
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    legacy = tmp_path / "old.pt"
+    torch.save(load_file(source), legacy, _use_new_zipfile_serialization=False)
+    marker = tmp_path / "ran"
+
+    class Evil:  # loaded unrestricted, it would run a command
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"model.diffusion_model.x": torch.zeros(1), "hook": Evil()}, evil)
+    result = run_cli("inspect", "--json", good, cut, legacy, evil)
+    assert result.returncode == 2
+    found = {r["path"].rsplit("/", 1)[1]: r for r in json.loads(result.stdout)}
+    reference = json.loads(run_cli("inspect", "--json", source).stdout)[0]
+    ckpt = found["good.ckpt"]
+    assert (ckpt["kind"], ckpt["architecture"], ckpt["dtypes"], ckpt["parameters"]) == (
+        "checkpoint", "sd1", reference["dtypes"], reference["parameters"])
+    assert ckpt["status"].startswith("a PyTorch pickle (zip checkpoint)")
+    assert "truncated" in found["cut.ckpt"]["error"]
+    assert found["cut.ckpt"]["error"].endswith("download it again")
+    assert "legacy format" in found["old.pt"]["error"]
+    assert "would run code" in found["evil.ckpt"]["error"]
+    assert not marker.exists()
+    assert "convert it with `mergekit-sd convert`" not in result.stderr
+    table = run_cli("inspect", good)
+    assert table.returncode == 0, table.stderr
+    assert "SD1.x" in table.stdout and "safe loader" in " ".join(table.stdout.split())

@@ -4,6 +4,7 @@ parameters resolve per block/component/key, mismatches are handled, outputs are 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -705,6 +706,32 @@ def test_a_merge_to_fp16_clamps_values_beyond_its_range_and_says_where(tmp_path)
     assert merged[UNET_KEY].dtype == torch.float16
     assert torch.isfinite(torch.cat([t.float().view(-1) for t in merged.values()])).all()
     assert merged[UNET_KEY].view(-1)[0].item() == 65504.0
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_nan_and_infinity_a_merge_writes_are_named_with_the_input_holding_them(
+        tmp_path, models, dtype):
+    """One NaN blackens every image: the output's NaN and ±inf are said, with the input that
+    holds them. An input's infinity stays infinite in fp16 (no clamp to 65504 said as one)."""
+    from safetensors.torch import save_file
+
+    tensors = load_file(models["b"])
+    tensors[UNET_KEY].view(-1)[0] = float("nan")
+    tensors[OUT_KEY].view(-1)[0] = float("inf")
+    broken = {"a": models["a"], "b": tmp_path / "b.safetensors"}
+    save_file(tensors, broken["b"])
+    path = recipe(tmp_path, broken, "- name: m\n  method: weighted_sum\n  inputs: [a, b]\n"
+                  "  params: {alpha: 0.25}\n", names=("a", "b"))
+    path.write_text(path.read_text().replace("dtype: fp32", f"dtype: {dtype}"))
+    result = run_cli("merge", path, "--json")
+    assert result.returncode == 0, result.stderr
+    notes = json.loads(result.stdout)["notes"]
+    assert notes == [f"1 NaN value and 1 infinite value written in 2 tensors (one such weight "
+                     f"blackens every image): {UNET_KEY}, {OUT_KEY}; input b holds NaN or "
+                     "infinity there"]
+    merged = load_file(tmp_path / "out.safetensors")
+    assert merged[UNET_KEY].view(-1)[0].isnan()
+    assert merged[OUT_KEY].view(-1)[0].item() == math.inf
 
 
 def test_a_merge_keeps_the_kind_of_model_its_inputs_agree_on(tmp_path):

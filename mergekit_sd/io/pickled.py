@@ -126,6 +126,28 @@ def pickle_tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[str, tuple[
         _fail(path, f"holds a tensor safetensors cannot store ({exc})")
 
 
+def pickle_header(path: str | os.PathLike):
+    """A zip checkpoint's tensors as a `SafetensorsHeader` (no metadata; byte ranges as if laid
+    out in a safetensors file, which the sizes and counts are made from), for identifying it
+    as a safetensors file is identified (`inspect`, a catalog scan); None for a legacy pickle
+    (`pickle_tensor_shapes`). BadModelFile as load_pickle_checkpoint."""
+    from math import prod
+
+    from mergekit_sd.io.dtypes import nbytes_of
+    from mergekit_sd.io.header import SafetensorsHeader, TensorInfo
+
+    path = Path(path)
+    shapes = pickle_tensor_shapes(path)
+    if shapes is None:
+        return None
+    tensors, offset = {}, 0
+    for name, (dtype, shape) in shapes.items():
+        end = offset + (nbytes_of(dtype, prod(shape)) or 0)
+        tensors[name] = TensorInfo(name, dtype, shape, offset, end)
+        offset = end
+    return SafetensorsHeader(path, path.stat().st_size, 0, tensors)
+
+
 def _fail(path: Path, problem: str):
     raise BadModelFile(path, problem)
 

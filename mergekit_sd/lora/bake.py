@@ -26,6 +26,7 @@ from mergekit_sd.io.dtypes import safetensors_dtype
 from mergekit_sd.io.hash_cache import known_sha256 as remembered_sha256
 from mergekit_sd.io.hashing import BackgroundSha256, file_sha256
 from mergekit_sd.io.header import SafetensorsHeader, read_header
+from mergekit_sd.io.nonfinite import all_finite as _finite
 from mergekit_sd.io.saturate import Clamped
 from mergekit_sd.io.writer import refuse_replacing_inputs
 from mergekit_sd.lora.compat import lora_architecture, lora_fits, not_what_is_wanted
@@ -414,19 +415,6 @@ def finite_or_clamped(result, apps: list[Application], key: str,
     raise UserError(f"{key}: the baked weight goes beyond float32's range (±3.4e38), where "
                     "the LoRAs are applied: lower their strengths (or the base's own values "
                     "there are infinite); nothing written")
-
-
-def _finite(tensor) -> bool:
-    """Whether every value of `tensor` is finite. NaN or ±inf in it makes its sum NaN or ±inf,
-    and the sum reads it once, faster than `aminmax` (which also allocates nothing): about
-    half the time, on a weight just baked; a finite weight whose sum overflows is told apart by
-    `aminmax`."""
-    import torch
-
-    if math.isfinite(tensor.sum().item()):
-        return True
-    low, high = torch.aminmax(tensor)
-    return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
 def narrow_into(tensor, work, key: str, clamped: Clamped | None = None) -> None:

@@ -25,8 +25,9 @@ from pathlib import Path
 from mergekit_sd.errors import UserError
 from mergekit_sd.io.dtypes import SAFETENSORS_DTYPES, torch_dtype
 from mergekit_sd.io.hashing import file_sha256, legacy_model_hash
+from mergekit_sd.io.nonfinite import NonFinite, all_finite, count_nonfinite
 from mergekit_sd.io.reader import SafetensorsReader
-from mergekit_sd.io.saturate import Clamped, saturating_cast
+from mergekit_sd.io.saturate import Clamped, checked_cast
 from mergekit_sd.io.writer import StreamingWriter
 from mergekit_sd.merge.plan import (
     CHUNK_ELEMENTS,
@@ -261,10 +262,12 @@ def _check_device(device: str) -> None:
 
 
 def run_merge(plan: MergePlan, device: str = "cpu", progress: ProgressCallback = no_progress,
-              cancel: CancelToken | None = None, clamped: Clamped | None = None
-              ) -> dict[str, Path]:
+              cancel: CancelToken | None = None, clamped: Clamped | None = None,
+              nonfinite: NonFinite | None = None) -> dict[str, Path]:
     """Write every candidate of the plan; returns candidate name -> file written. Values
-    beyond the output dtype's range are clamped to it (never ±inf), counted in `clamped`."""
+    beyond the output dtype's range are clamped to it (never ±inf), counted in `clamped`;
+    tensors written with NaN or ±inf are recorded in `nonfinite`, with the inputs holding
+    such values there."""
     cancel = cancel or CancelToken()
     _check_device(device)
     inputs = _Inputs(plan, device)
@@ -277,7 +280,7 @@ def run_merge(plan: MergePlan, device: str = "cpu", progress: ProgressCallback =
                 plan.outputs[c.name], specs,
                 merge_metadata(plan, c, hasher.placeholders, hasher.legacy)))
                 for c in plan.candidates}
-            _stream(plan, inputs, writers, stats, progress, cancel, clamped)
+            _stream(plan, inputs, writers, stats, progress, cancel, clamped, nonfinite)
             hashes = hasher.result(plan, cancel)
             for cand in plan.candidates:
                 writers[cand.name].rewrite_metadata(
@@ -303,12 +306,13 @@ def _prefetched(items: list[WorkItem], inputs: _Inputs, cancel: CancelToken):
 
 
 def _stream(plan: MergePlan, inputs: _Inputs, writers: dict[str, StreamingWriter], stats: dict,
-            progress: ProgressCallback, cancel: CancelToken, clamped: Clamped | None) -> None:
+            progress: ProgressCallback, cancel: CancelToken, clamped: Clamped | None,
+            nonfinite: NonFinite | None) -> None:
     keys_done = 0
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="write") as writer_thread:
         writes: deque[Future] = deque()
         for item, fetched in _prefetched(work_items(plan), inputs, cancel):
-            for job in _results(plan, item, fetched, stats, clamped):
+            for job in _results(plan, item, fetched, stats, clamped, nonfinite):
                 writes.append(writer_thread.submit(_write, writers, item, *job))
             while len(writes) > WRITE_BEHIND:
                 writes.popleft().result()
@@ -319,14 +323,34 @@ def _stream(plan: MergePlan, inputs: _Inputs, writers: dict[str, StreamingWriter
             writes.popleft().result()
 
 
-def _results(plan: MergePlan, item: WorkItem, fetched, stats: dict, clamped: Clamped | None):
+def _results(plan: MergePlan, item: WorkItem, fetched, stats: dict, clamped: Clamped | None,
+             nonfinite: NonFinite | None = None):
     """(candidate or None for all, CPU tensor in the output dtype) for one work item."""
     task = item.task
     if not task.merge:
-        yield None, _cast(fetched, task, clamped)
+        value, finite = _cast(fetched, task, clamped, nonfinite is not None)
+        if nonfinite is not None and not finite:
+            _record(plan, nonfinite, task.key, value, [task.sources[0]], plan.candidates)
+        yield None, value
         return
     for cand in plan.candidates:
-        yield cand.name, _cast(_evaluate(plan, cand, task, fetched, stats), task, clamped)
+        value, finite = _cast(_evaluate(plan, cand, task, fetched, stats), task, clamped,
+                              nonfinite is not None)
+        if nonfinite is not None and not finite:
+            held = [name for name, tensor in fetched.items() if not all_finite(tensor)]
+            _record(plan, nonfinite, task.key, value, held, [cand])
+        yield cand.name, value
+
+
+def _record(plan: MergePlan, nonfinite: NonFinite, key: str, tensor, sources: list,
+            candidates) -> None:
+    """Count a written tensor's NaN and ±inf, for each output it goes to."""
+    nan, inf = count_nonfinite(tensor)
+    names = [f"the VAE {plan.vae.path.name}" if s == VAE_SOURCE else f"input {s}"
+             for s in sources]
+    for cand in candidates:
+        output = plan.outputs[cand.name].name if len(plan.candidates) > 1 else ""
+        nonfinite.add(key, nan, inf, names, output)
 
 
 def _write(writers: dict[str, StreamingWriter], item: WorkItem, candidate: str | None,
@@ -344,14 +368,14 @@ def _write(writers: dict[str, StreamingWriter], item: WorkItem, candidate: str |
         writer.write_part(item.task.key, item.first * itemsize, raw)
 
 
-def _cast(tensor, task: KeyTask, clamped: Clamped | None):
-    """The CPU tensor in the output dtype; narrowing clamps instead of making ±inf."""
+def _cast(tensor, task: KeyTask, clamped: Clamped | None, check: bool = False):
+    """(the CPU tensor in the output dtype, whether it is finite: told only with `check`);
+    narrowing clamps finite values instead of making ±inf."""
     dtype = torch_dtype(task.out.dtype)
-    if tensor.dtype == dtype and tensor.device.type == "cpu":
-        return tensor
     tensor = tensor.to("cpu")
-    return saturating_cast(tensor, dtype, task.key, clamped) if tensor.is_floating_point() \
-        else tensor
+    if not tensor.is_floating_point():
+        return tensor, True
+    return checked_cast(tensor, dtype, task.key, clamped, check)
 
 
 def candidate_tensors(plan: MergePlan, candidate: str, device: str = "cpu",
@@ -374,7 +398,7 @@ def candidate_tensors(plan: MergePlan, candidate: str, device: str = "cpu",
         for item, fetched in _prefetched(work_items(plan), inputs, cancel):
             task = item.task
             value = _cast(_evaluate(plan, cand, task, fetched, stats) if task.merge
-                          else fetched, task, clamped)
+                          else fetched, task, clamped)[0]
             if item.whole:
                 yield task.key, value
                 continue
