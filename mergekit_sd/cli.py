@@ -150,6 +150,8 @@ class _CatalogOnDemand:
             return self.resolver(ref)
 
 
+SET_HELP = ("STEP.PARAM=VALUE override: a value or [sweep] replaces only the parameter's "
+            "default (its blocks, components and keys stay); a {mapping} replaces all of it.")
 PULL_HELP = "Download hf:// and civitai:// inputs the catalog does not have yet."
 OFFLINE_HELP = "Never call out: download references must already be in the catalog."
 
@@ -170,7 +172,7 @@ def _load_plan(recipe: Path, assignments: list[str], out: Path | None, catalog: 
 @app.command()
 def plan(
     recipe: Path = typer.Argument(..., help="The YAML recipe."),
-    assignments: list[str] = typer.Option([], "--set", help="STEP.PARAM=VALUE override."),
+    assignments: list[str] = typer.Option([], "--set", help=SET_HELP),
     out: Path = typer.Option(None, "--out", help="Write the output here instead."),
     as_json: AsJson = False,
     catalog: CatalogOption = None,
@@ -192,7 +194,7 @@ def plan(
 @app.command()
 def merge(
     recipe: Path = typer.Argument(..., help="The YAML recipe."),
-    assignments: list[str] = typer.Option([], "--set", help="STEP.PARAM=VALUE override."),
+    assignments: list[str] = typer.Option([], "--set", help=SET_HELP),
     out: Path = typer.Option(None, "--out", help="Write the output here instead."),
     device: str = typer.Option("cpu", help="cpu or cuda: where the arithmetic runs."),
     as_json: AsJson = False,

@@ -27,7 +27,7 @@ from mergekit_sd.recipe.params import (
     resolve_param,
 )
 from mergekit_sd.recipe.refs import NoResolver, Resolver, is_path_ref, resolve_path
-from mergekit_sd.recipe.schema import Step
+from mergekit_sd.recipe.schema import ParamSpec, Step
 
 # FLUX dev, schnell and Fill share every block; merging them is common practice.
 _COMPATIBLE_FAMILIES = {"flux"}
@@ -348,6 +348,7 @@ def build_plan(loaded: LoadedRecipe, resolver: Resolver | None = None,
     vae = _open_vae(loaded, resolver) if recipe.output.vae else None
     vae_keys = _fitting_vae_keys(loaded, vae, inputs[order[0]]) if vae else {}
     tasks, notes = _plan_keys(loaded, inputs, order, arch, prefix, vae, vae_keys)
+    notes[:0] = _unused_text(recipe)
     carried, disagreements = agreed_facts((n, inputs[n].header.metadata) for n in order)
     notes.extend(disagreements)
     unused = _unused_selectors(loaded, steps, tasks)
@@ -366,6 +367,30 @@ def build_plan(loaded: LoadedRecipe, resolver: Resolver | None = None,
             task.merge = True  # even with one source: the step changes it
     return MergePlan(loaded, arch, prefix, inputs, order, steps, cands, outputs, tasks, vae,
                      vae_keys, notes, loras, carried, unused)
+
+
+def _unused_text(recipe) -> list[str]:
+    """Steps the output step does not need and models none of its steps takes are skipped:
+    said, since a user who lists several steps may expect several outputs, or have mistyped
+    an input."""
+    steps, models = recipe.unused()
+    final = recipe.final_step.name
+    said = []
+    if steps:
+        names = ", ".join(s.name for s in steps)
+        one = len(steps) == 1
+        said.append(f"step{'' if one else 's'} {names} {'is' if one else 'are'} not used by "
+                     f"the output step {final}, so {'it is' if one else 'they are'} not run; "
+                     "a recipe writes one step, output.step (the last by default): name the "
+                     f"one to write there, or remove {'it' if one else 'them'}")
+    if models:
+        names = ", ".join(models)
+        one = len(models) == 1
+        said.append(f"model{'' if one else 's'} {names} {'is' if one else 'are'} taken by no "
+                     f"step the output step {final} needs, so {'it is' if one else 'they are'}"
+                     f" not read; give {'it' if one else 'them'} as an input of such a step, "
+                     f"or remove {'it' if one else 'them'} from models")
+    return said
 
 
 def _existing_text(there: list[Path], advice: str) -> str:
@@ -589,7 +614,9 @@ def _overlap_text(key: str, inputs: dict[str, PlannedInput], sources: tuple[str,
 
 
 def apply_overrides(loaded: LoadedRecipe, assignments: list[str]) -> None:
-    """`--set step.param=value` (value parsed as YAML, so `[0.2,0.4]` makes a sweep)."""
+    """`--set step.param=value` (value parsed as YAML, so `[0.2,0.4]` makes a sweep). A plain
+    value or a sweep replaces only the `default` of a parameter given with blocks, components
+    or keys, as a sweep in `default` does; a {mapping} replaces the whole parameter."""
     for assignment in assignments:
         target, sep, raw = assignment.partition("=")
         # a step's name may hold dots (v1.mix); a parameter's never does
@@ -601,7 +628,20 @@ def apply_overrides(loaded: LoadedRecipe, assignments: list[str]) -> None:
             names = ", ".join(s.name for s in loaded.recipe.steps)
             raise UserError(f"--set {assignment!r}: there is no step {step_name!r} "
                             f"(steps: {names})")
-        step.params[param] = _override_value(loaded, assignment, step, param, raw)
+        needed = loaded.recipe.needed_steps
+        if step not in needed:  # refused, as a --set that reaches no candidate is by render
+            final = loaded.recipe.final_step.name
+            raise UserError(f"--set {assignment!r}: step {step_name!r} is not used by the "
+                            f"output step {final!r}, so the value would change nothing; set "
+                            f"a step it uses ({', '.join(s.name for s in needed)}), or name "
+                            f"{step_name} under output.step in the recipe")
+        value = _override_value(loaded, assignment, step, param, raw)
+        given = step.params.get(param)
+        if isinstance(given, ParamSpec) and not isinstance(value, ParamSpec):
+            # "same block weights, another base alpha": dropping the blocks would merge them
+            # at the new value unsaid
+            value = given.model_copy(update={"default": value})
+        step.params[param] = value
         # later checks of this value (method, blocks, sweeps) name the --set, not a line
         loaded.overrides[("steps", loaded.recipe.steps.index(step), "params", param)] = assignment
 

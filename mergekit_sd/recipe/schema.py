@@ -252,6 +252,15 @@ class Recipe(Strict):
                 stack.extend(by_name[name].inputs)
         return [s for s in self.steps if s.name in needed]
 
+    def unused(self) -> tuple[list[Step], list[str]]:
+        """The steps the output step does not depend on and the models no step it depends on
+        takes (as an input or a LoRA): nothing runs or reads them."""
+        needed = self.needed_steps
+        used = {name for step in needed for name in step.inputs} | \
+            {lora.model for step in needed for lora in step.loras}
+        return ([s for s in self.steps if s not in needed],
+                [name for name in self.models if name not in used])
+
     def model_ref(self, name: str) -> ModelRef:
         value = self.models[name]
         return value if isinstance(value, ModelRef) else ModelRef(ref=value)

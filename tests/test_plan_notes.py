@@ -1,0 +1,104 @@
+"""What `plan` says about a recipe beyond its keys: `--set` values, steps and models unused."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+
+from mergekit_sd.errors import UserError
+from mergekit_sd.merge.plan import apply_overrides, build_plan
+from mergekit_sd.recipe.loader import parse_recipe
+from mergekit_sd.testing import write_checkpoint
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {name: write_checkpoint(root / f"{name}.safetensors", "sd1", seed=seed)
+            for name, seed in (("a", 1), ("b", 2), ("c", 3))}
+
+
+def recipe(tmp_path: Path, models: dict[str, Path], steps: str, output: str = "") -> Path:
+    lines = "\n".join(f"  {n}: {p}" for n, p in models.items())
+    path = tmp_path / "recipe.yaml"
+    path.write_text(f"version: 1\nmodels:\n{lines}\nsteps:\n"
+                    f"{textwrap.indent(textwrap.dedent(steps), '  ')}output:\n"
+                    f"  path: {tmp_path / 'out.safetensors'}\n  dtype: fp32\n{output}")
+    return path
+
+
+def planned(path: Path, *assignments: str):
+    loaded = parse_recipe(path.read_text(), path)
+    apply_overrides(loaded, list(assignments))
+    return build_plan(loaded, existing="note")
+
+
+BLOCKED = """
+    - name: fin
+      method: weighted_sum
+      inputs: [a, b]
+      params:
+        alpha: {default: 0.5, blocks: {M00: 0}, components: {vae: 1}, keys: {"*attn2*": 0.7}}
+    """
+
+
+@pytest.mark.parametrize(("value", "defaults"), [("0.25", [0.25]),
+                                                 ("[0.25, 0.75]", [0.25, 0.75])])
+def test_a_plain_set_value_replaces_only_the_default(tmp_path, models, value, defaults):
+    """`--set fin.alpha=0.25` on a parameter with blocks is "same block weights, another base
+    alpha", as a sweep in `default` is; it used to drop the blocks, components and keys."""
+    plan = planned(recipe(tmp_path, models, BLOCKED), f"fin.alpha={value}")
+    assert len(plan.candidates) == len(defaults)
+    for cand, default in zip(plan.candidates, defaults, strict=True):
+        keyed = plan.steps[0].params[cand.name]["alpha"]
+        assert keyed.default == default
+        assert keyed.by_block["M00"] == 0 and keyed.by_slot["vae"] == 1
+        assert [(w, v) for w, _, v in keyed.by_pattern] == [("*attn2*", 0.7)]
+
+
+def test_a_set_mapping_replaces_the_whole_parameter(tmp_path, models):
+    plan = planned(recipe(tmp_path, models, BLOCKED), "fin.alpha={default: 0.25, blocks: {M00: 1}}")
+    keyed = plan.steps[0].params["fin"]["alpha"]
+    assert keyed.default == 0.25 and keyed.by_block == {"M00": 1}
+    assert not keyed.by_slot and not keyed.by_pattern
+
+
+UNUSED = """
+    - {name: s, method: weighted_sum, inputs: [a, b], params: {alpha: [0.1, 0.5]}}
+    - {name: t, method: weighted_sum, inputs: [a, c], params: {alpha: 0.5}}
+    """
+
+
+def test_steps_and_models_the_output_does_not_use_are_noted(tmp_path, models):
+    """Someone who lists several steps expecting several outputs, or who mistyped an input,
+    learns that only the output step's chain runs."""
+    path = recipe(tmp_path, models, UNUSED)
+    result = run_cli("plan", path, "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["notes"][:2] == [
+        "step s is not used by the output step t, so it is not run; a recipe writes one step, "
+        "output.step (the last by default): name the one to write there, or remove it",
+        "model b is taken by no step the output step t needs, so it is not read; give it as an "
+        "input of such a step, or remove it from models"]
+    shown = run_cli("plan", path)
+    assert "note: step s is not used by the output step t" in " ".join(shown.stdout.split())
+
+
+def test_a_recipe_whose_steps_and_models_are_all_used_has_no_such_note(tmp_path, models):
+    path = recipe(tmp_path, models, UNUSED.replace("inputs: [a, c]", "inputs: [s, c]"))
+    assert not [n for n in planned(path).notes if "not used" in n or "taken by no" in n]
+
+
+def test_set_on_a_step_the_output_does_not_use_is_refused(tmp_path, models):
+    path = recipe(tmp_path, models, UNUSED)
+    with pytest.raises(UserError) as caught:
+        planned(path, "s.alpha=2")
+    assert str(caught.value) == (
+        "--set 's.alpha=2': step 's' is not used by the output step 't', so the value would "
+        "change nothing; set a step it uses (t), or name s under output.step in the recipe")
+    result = run_cli("merge", path, "--set", "s.alpha=2")
+    assert result.returncode == 2 and result.stderr.startswith("error: --set 's.alpha=2': ")
