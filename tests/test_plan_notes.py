@@ -102,3 +102,55 @@ def test_set_on_a_step_the_output_does_not_use_is_refused(tmp_path, models):
         "change nothing; set a step it uses (t), or name s under output.step in the recipe")
     result = run_cli("merge", path, "--set", "s.alpha=2")
     assert result.returncode == 2 and result.stderr.startswith("error: --set 's.alpha=2': ")
+
+
+ONE = "- {name: m, method: weighted_sum, inputs: [a, b], params: {alpha: 0.5}}\n"
+
+
+def test_out_problems_name_the_out_not_the_recipe_s_output_path(tmp_path, models):
+    """The recipe's output.path line is not what the user wrote wrong."""
+    path = recipe(tmp_path, models, ONE)
+    (tmp_path / "folder").mkdir()
+    for out, problem in ((tmp_path / "folder", "is a folder; give a file name ending in "
+                                               ".safetensors"),
+                         (tmp_path / "x.txt", "must end in .safetensors"),
+                         (models["a"], "the output a.safetensors of m would overwrite the "
+                                       "input a")):
+        result = run_cli("plan", path, "--out", out)
+        assert result.returncode == 2
+        assert result.stderr.strip() == f"error: --out {out}: {problem}"
+
+
+def test_an_output_path_that_is_a_folder_is_said_at_its_recipe_line(tmp_path, models):
+    path = recipe(tmp_path, models, ONE)
+    path.write_text(path.read_text().replace(str(tmp_path / "out.safetensors"), str(tmp_path)))
+    with pytest.raises(UserError) as caught:
+        planned(path)
+    assert str(caught.value).endswith(f"output.path: {tmp_path} is a folder; give a file name "
+                                      "ending in .safetensors")
+
+
+@pytest.mark.parametrize(("spec", "field"), [
+    ("{default: 0.5, blocks: {IN00: .nan}}", "blocks.IN00"),
+    ("{default: 0.5, blocks: {IN00-IN05: 0.1, IN03: .inf}}", "blocks.IN03"),
+    ("{default: 0.5, components: {vae: .nan}}", "components.vae"),
+    ("{default: 0.5, keys: {'*attn*': .inf}}", "keys.*attn*"),
+])
+def test_a_value_the_method_refuses_is_said_at_its_block_component_or_key(tmp_path, models,
+                                                                            spec, field):
+    path = recipe(tmp_path, models, ONE.replace("alpha: 0.5", f"alpha: {spec}"))
+    with pytest.raises(UserError) as caught:
+        planned(path)
+    assert f", steps.0.params.alpha.{field}: parameter 'alpha' of merge method " \
+           "'weighted_sum' must be a finite number" in str(caught.value), str(caught.value)
+
+
+def test_a_shape_clash_lists_the_shapes_in_input_order(tmp_path):
+    """With the 9-channel model first, listing shapes sorted read as if it were the 4-channel
+    one."""
+    inputs = {"a": write_checkpoint(tmp_path / "inpaint.safetensors", "sd1-inpainting", seed=1),
+              "b": write_checkpoint(tmp_path / "plain.safetensors", "sd1", seed=2)}
+    plan = planned(recipe(tmp_path, inputs, ONE))
+    note = next(n for n in plan.notes if n.startswith("model.diffusion_model.input_blocks.0.0."))
+    shapes = note.split(": shapes ")[1].split(";")[0]
+    assert shapes.endswith(" in a, (16, 4, 3, 3) in b") and ", 9, 3, 3) in a" in shapes, note

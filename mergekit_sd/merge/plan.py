@@ -270,19 +270,30 @@ def _check_values(loaded: LoadedRecipe, loc: tuple, method: MergeMethod,
                   values: dict[str, KeyedValue]) -> None:
     """Every value a parameter can take must pass the method's own checks."""
     for name, keyed in values.items():
-        options = [keyed.default, *keyed.by_block.values(), *keyed.by_slot.values(),
-                   *(v for _, _, v in keyed.by_pattern)]
-        for option in options:
+        for where, option in _options(keyed):
             if option is None:
                 continue
             try:
                 check_params(method, {name: option})
             except UserError as exc:
                 hint = ""
-                if option is keyed.default and _looks_like_block_list(option):
+                if not where and _looks_like_block_list(option):
                     hint = (f"; per-block values go under blocks, as in {name}: "
                             "{blocks: \"0,1,...\"} or {default: 0.5, blocks: out}")
-                raise loaded.error((*loc, "params", name), f"{exc}{hint}") from None
+                raise loaded.error((*loc, "params", name, *where), f"{exc}{hint}") from None
+
+
+def _options(keyed: KeyedValue) -> list[tuple[tuple, object]]:
+    """(field under the parameter, value) of every value it can take: a bad one is said at
+    the block, component or key pattern as written (IN00-IN05), not at the parameter."""
+    written = {}
+    for kind, name, named in keyed.selectors:  # a later one wins, as in the values
+        written.update({(kind, n): name for n in named})
+    return [((), keyed.default),
+            *((("blocks", written.get(("blocks", b), b)), v) for b, v in keyed.by_block.items()),
+            *((("components", written.get(("components", s), s)), v)
+              for s, v in keyed.by_slot.items()),
+            *((("keys", w), v) for w, _, v in keyed.by_pattern)]
 
 
 def _looks_like_block_list(value) -> bool:
@@ -355,7 +366,7 @@ def build_plan(loaded: LoadedRecipe, resolver: Resolver | None = None,
     notes.extend(unused)
     loras = _plan_loras(loaded, steps, inputs[order[0]], arch, prefix, resolver)
     read = [*inputs.values(), *loras.values(), *([vae] if vae else [])]
-    _refuse_overwriting_inputs(loaded, outputs, read)
+    _refuse_overwriting_inputs(loaded, outputs, read, out)
     there = [path for path in outputs.values() if path.exists() or path.is_symlink()]
     if there and existing == "refuse":  # every output of a sweep checked now, before any work
         raise UserError(_existing_text(there, "pass --overwrite to replace"))
@@ -402,15 +413,25 @@ def _existing_text(there: list[Path], advice: str) -> str:
             f"already exist; {advice} them{only}")
 
 
+def _output_error(loaded: LoadedRecipe, out: Path | None, problem: str, subject: str = ""
+                  ) -> UserError:
+    """A problem of the output path, said at what gave it: `--out` (which names `subject`
+    already), or the recipe's line."""
+    if out is not None:
+        return UserError(f"--out {out}: {problem}")
+    return loaded.error(("output", "path"), f"{subject} {problem}".lstrip())
+
+
 def _refuse_overwriting_inputs(loaded: LoadedRecipe, outputs: dict[str, Path],
-                               read: list[PlannedInput | PlannedLora]) -> None:
+                               read: list[PlannedInput | PlannedLora], out: Path | None
+                               ) -> None:
     """Every file the merge reads (models, LoRAs, the VAE) is read while the outputs are
     written, and an output replacing one would destroy it, --overwrite or not."""
     for cand, path in outputs.items():
         for planned in read:
             if same_file(planned.path, path):
-                raise loaded.error(("output", "path"), f"the output {path.name} of {cand} "
-                                   f"would overwrite the input {planned.name}")
+                raise _output_error(loaded, out, f"the output {path.name} of {cand} would "
+                                    f"overwrite the input {planned.name}")
 
 
 def _plan_loras(loaded: LoadedRecipe, steps: list[StepPlan], first: PlannedInput,
@@ -486,7 +507,10 @@ def _output_paths(loaded: LoadedRecipe, cands: list[Candidate], out: Path | None
                   ) -> dict[str, Path]:
     base = out or resolve_path(loaded.recipe.output.path, loaded.path.parent)
     if base.suffix != ".safetensors":
-        raise loaded.error(("output", "path"), f"{base.name} must end in .safetensors")
+        if base.is_dir():  # `--out out/`: the Path lost the slash, not the folder
+            raise _output_error(loaded, out, "is a folder; give a file name ending in "
+                                             ".safetensors", str(base))
+        raise _output_error(loaded, out, "must end in .safetensors", base.name)
     if len(cands) == 1:
         return {cands[0].name: base}
     # a sweep: one file per candidate, named after it, beside the output path
@@ -576,7 +600,9 @@ def _plan_keys(loaded: LoadedRecipe, inputs: dict[str, PlannedInput], order: lis
         if len(shapes) > 1:
             same_rank = len({len(s) for s in shapes}) == 1
             merge = merge and same_rank
-            clashes.append(f"{key}: shapes {sorted(shapes)}; " + (
+            # in input order: the first is the one the output takes
+            in_order = ", ".join(f"{inputs[n].header.tensors[key].shape} in {n}" for n in sources)
+            clashes.append(f"{key}: shapes {in_order}; " + (
                 _overlap_text(key, inputs, sources) if same_rank
                 else f"taken from {sources[0]}"))
         block = arch.block_of(key[len(prefix):]) if key.startswith(prefix) else "BASE"

@@ -26,6 +26,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
@@ -66,7 +67,16 @@ def _whole_sha256(value: str) -> str:
     return value
 
 
-Sha256 = Annotated[str, AfterValidator(_whole_sha256)]
+def _digits_read_as_number(value: Any) -> Any:
+    # 64 hex digits that happen to be all decimal: YAML reads them as an integer (and drops
+    # any leading zeros), which "Input should be a valid string" does not explain
+    if isinstance(value, int) and not isinstance(value, bool):
+        raise ValueError("YAML reads a SHA256 of digits only as a number, not text; put it in "
+                         "quotes: sha256: \"0123…\"")
+    return value
+
+
+Sha256 = Annotated[str, BeforeValidator(_digits_read_as_number), AfterValidator(_whole_sha256)]
 
 
 class ModelRef(Strict):
@@ -98,6 +108,9 @@ def _block_number(value: Any) -> float:
     # dot) as text: taken as the number it is, as in a comma-separated block string.
     if isinstance(value, str) and plain_number(value) is not None:
         return plain_number(value)
+    if isinstance(value, list):
+        raise ValueError("a sweep (a list of values) is only possible on a parameter or its "
+                         "default, not on a block's value; give each block one number")
     if (isinstance(value, bool) or not isinstance(value, int | float)
             or not math.isfinite(value)):
         shown = str(value).lower() if isinstance(value, bool) else repr(value)  # as YAML
