@@ -97,7 +97,8 @@ def inspect(
 def convert(
     source: Path = typer.Argument(..., help="A .ckpt/.pt/.pth/.bin pickle or a .safetensors file."),
     target: Path = typer.Argument(..., help="The .safetensors file to write."),
-    dtype: str = typer.Option("keep", help="keep, fp32, fp16, bf16, fp8_e4m3fn or fp8_e5m2."),
+    dtype: str = typer.Option("keep", help="keep, fp32, fp16, bf16, fp8_e4m3fn or fp8_e5m2 "
+                              "(also float32, float16, bfloat16, as a recipe's output.dtype)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace TARGET if it exists."),
 ) -> None:
     """Convert a .ckpt/.pt/.bin to safetensors, or change dtype.

@@ -446,3 +446,11 @@ def test_cli_fp16_clamps_values_beyond_its_range_and_says_where(tmp_path, source
     quiet = run_cli("convert", str(source), str(tmp_path / "wide2.safetensors"), "--dtype",
                     "fp32", cwd=tmp_path)
     assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
+
+
+def test_a_dtype_alias_is_recorded_by_the_short_name_a_recipe_records(tmp_path):
+    """`--dtype Float16` and a recipe's `dtype: float16` are one dtype, recorded as fp16."""
+    target = tmp_path / "model.safetensors"
+    convert_to_safetensors(write_ckpt(tmp_path), target, dtype="Float16")
+    with safe_open(target, "pt") as f:
+        assert f.metadata()["mergekit_sd.dtype"] == "fp16"

@@ -154,3 +154,44 @@ def test_a_shape_clash_lists_the_shapes_in_input_order(tmp_path):
     note = next(n for n in plan.notes if n.startswith("model.diffusion_model.input_blocks.0.0."))
     shapes = note.split(": shapes ")[1].split(";")[0]
     assert shapes.endswith(" in a, (16, 4, 3, 3) in b") and ", 9, 3, 3) in a" in shapes, note
+
+
+THREE = {"a": "a", "b": "b", "c": "c"}
+
+
+@pytest.mark.parametrize(("params", "note"), [
+    ("{seed: 42}", "step t: ties uses seed only with dare: true, which this step does not set, "
+                   "so it is ignored; set dare: true or remove it"),
+    ("{seed: [1, 2], dare_rate: 0.5, dare: false}",
+     "step t: ties uses seed and dare_rate only with dare: true, which this step does not set, "
+     "so they are ignored; set dare: true or remove them"),
+    ("{seed: 42, dare: true}", None),
+    ("{seed: 42, dare: {default: false, blocks: {IN00: true}}}", None),
+    ("{density: 0.5}", None),
+])
+def test_a_ties_seed_or_dare_rate_without_dare_is_noted_as_ignored(tmp_path, models, params,
+                                                                   note):
+    path = recipe(tmp_path, models, f"- {{name: t, method: ties, inputs: [a, b, c], "
+                                    f"params: {params}}}\n")
+    said = [n for n in planned(path).notes if n.startswith("step t: ties uses")]
+    assert said == ([note] if note else [])
+
+
+@pytest.mark.parametrize(("written", "recorded", "stored"), [
+    ("float16", "fp16", "F16"), ("BFloat16", "bf16", "BF16"), ("fp8_e5m2", "fp8_e5m2", "F8_E5M2")])
+def test_output_dtype_takes_the_names_convert_takes(tmp_path, models, written, recorded, stored):
+    """`convert --dtype` took fp8_e5m2 and torch's names; a recipe's output.dtype refused them."""
+    path = recipe(tmp_path, models, ONE)
+    path.write_text(path.read_text().replace("dtype: fp32", f"dtype: {written}"))
+    plan = planned(path)
+    assert plan.loaded.recipe.output.dtype == recorded  # what the output's recipe records
+    assert {t.out.dtype for t in plan.tasks if t.merge} == {stored}
+
+
+def test_plan_says_its_output_size_counts_the_tensor_data_only(tmp_path, models):
+    """The header (key names, metadata, the recipe) comes on top: on the tiny demo models the
+    size shown was well under the file's."""
+    result = run_cli("plan", recipe(tmp_path, models, ONE))
+    assert result.returncode == 0, result.stderr
+    line = next(line for line in result.stdout.splitlines() if line.startswith("output m -> "))
+    assert line.endswith(" of tensor data)"), line

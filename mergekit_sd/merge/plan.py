@@ -17,6 +17,7 @@ from mergekit_sd.io.dtypes import FLOAT_DTYPES, USER_DTYPES
 from mergekit_sd.io.header import SafetensorsHeader, read_header
 from mergekit_sd.io.writer import TensorSpec, check_output_path, same_file
 from mergekit_sd.merge.facts import agreed_facts
+from mergekit_sd.merge.plan_notes import idle_draws_text, unused_parts_text, value_options
 from mergekit_sd.merge.registry import MergeMethod, check_params, get_method
 from mergekit_sd.recipe.loader import LoadedRecipe
 from mergekit_sd.recipe.params import (
@@ -270,7 +271,7 @@ def _check_values(loaded: LoadedRecipe, loc: tuple, method: MergeMethod,
                   values: dict[str, KeyedValue]) -> None:
     """Every value a parameter can take must pass the method's own checks."""
     for name, keyed in values.items():
-        for where, option in _options(keyed):
+        for where, option in value_options(keyed):
             if option is None:
                 continue
             try:
@@ -281,19 +282,6 @@ def _check_values(loaded: LoadedRecipe, loc: tuple, method: MergeMethod,
                     hint = (f"; per-block values go under blocks, as in {name}: "
                             "{blocks: \"0,1,...\"} or {default: 0.5, blocks: out}")
                 raise loaded.error((*loc, "params", name, *where), f"{exc}{hint}") from None
-
-
-def _options(keyed: KeyedValue) -> list[tuple[tuple, object]]:
-    """(field under the parameter, value) of every value it can take: a bad one is said at
-    the block, component or key pattern as written (IN00-IN05), not at the parameter."""
-    written = {}
-    for kind, name, named in keyed.selectors:  # a later one wins, as in the values
-        written.update({(kind, n): name for n in named})
-    return [((), keyed.default),
-            *((("blocks", written.get(("blocks", b), b)), v) for b, v in keyed.by_block.items()),
-            *((("components", written.get(("components", s), s)), v)
-              for s, v in keyed.by_slot.items()),
-            *((("keys", w), v) for w, _, v in keyed.by_pattern)]
 
 
 def _looks_like_block_list(value) -> bool:
@@ -359,7 +347,7 @@ def build_plan(loaded: LoadedRecipe, resolver: Resolver | None = None,
     vae = _open_vae(loaded, resolver) if recipe.output.vae else None
     vae_keys = _fitting_vae_keys(loaded, vae, inputs[order[0]]) if vae else {}
     tasks, notes = _plan_keys(loaded, inputs, order, arch, prefix, vae, vae_keys)
-    notes[:0] = _unused_text(recipe)
+    notes[:0] = [*unused_parts_text(recipe), *idle_draws_text(steps)]
     carried, disagreements = agreed_facts((n, inputs[n].header.metadata) for n in order)
     notes.extend(disagreements)
     unused = _unused_selectors(loaded, steps, tasks)
@@ -378,30 +366,6 @@ def build_plan(loaded: LoadedRecipe, resolver: Resolver | None = None,
             task.merge = True  # even with one source: the step changes it
     return MergePlan(loaded, arch, prefix, inputs, order, steps, cands, outputs, tasks, vae,
                      vae_keys, notes, loras, carried, unused)
-
-
-def _unused_text(recipe) -> list[str]:
-    """Steps the output step does not need and models none of its steps takes are skipped:
-    said, since a user who lists several steps may expect several outputs, or have mistyped
-    an input."""
-    steps, models = recipe.unused()
-    final = recipe.final_step.name
-    said = []
-    if steps:
-        names = ", ".join(s.name for s in steps)
-        one = len(steps) == 1
-        said.append(f"step{'' if one else 's'} {names} {'is' if one else 'are'} not used by "
-                     f"the output step {final}, so {'it is' if one else 'they are'} not run; "
-                     "a recipe writes one step, output.step (the last by default): name the "
-                     f"one to write there, or remove {'it' if one else 'them'}")
-    if models:
-        names = ", ".join(models)
-        one = len(models) == 1
-        said.append(f"model{'' if one else 's'} {names} {'is' if one else 'are'} taken by no "
-                     f"step the output step {final} needs, so {'it is' if one else 'they are'}"
-                     f" not read; give {'it' if one else 'them'} as an input of such a step, "
-                     f"or remove {'it' if one else 'them'} from models")
-    return said
 
 
 def _existing_text(there: list[Path], advice: str) -> str:

@@ -36,10 +36,11 @@ from pydantic import (
 )
 
 from mergekit_sd.arch.block_lists import plain_number
+from mergekit_sd.io.dtypes import dtype_name
 
 Scalar = float | int | bool | str
 
-DTYPES = ("fp32", "fp16", "bf16", "fp8_e4m3fn", "keep")
+DTYPES = ("fp32", "fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2", "keep")
 STEP_NAME = r"^[A-Za-z_][A-Za-z0-9_.-]*$"
 
 
@@ -197,10 +198,19 @@ class Step(Strict):
                                                      "modules name no weight of the input")
 
 
+def _short_dtype_name(value: Any) -> Any:
+    # the names `convert --dtype` takes (float16 ...), recorded as the short one
+    return dtype_name(value) if isinstance(value, str) else value
+
+
+OutputDtype = Annotated[Literal["fp32", "fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2", "keep"],
+                        BeforeValidator(_short_dtype_name)]
+
+
 class Output(Strict):
     path: str
     step: str | None = Field(None, description="the step to write; the last one by default")
-    dtype: Literal["fp32", "fp16", "bf16", "fp8_e4m3fn", "keep"] = "fp16"
+    dtype: OutputDtype = "fp16"
     vae: Reference | None = Field(None, description="a VAE file whose weights replace the "
                                                    "merged VAE")
     vae_sha256: Sha256 | None = Field(None, description="expected SHA256 of the vae file; "
