@@ -102,7 +102,8 @@ def inspect(
 def convert(
     source: Path = typer.Argument(..., help="A .ckpt/.pt/.pth/.bin pickle or a .safetensors file."),
     target: Path = typer.Argument(..., help="The .safetensors file to write."),
-    dtype: str = typer.Option("keep", help="keep, fp32, fp16, bf16, fp8_e4m3fn or fp8_e5m2."),
+    dtype: str = typer.Option("keep", help="keep, fp32, fp16, bf16, fp8_e4m3fn or fp8_e5m2 "
+                              "(also float32, float16, bfloat16, as a recipe's output.dtype)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace TARGET if it exists."),
 ) -> None:
     """Convert a .ckpt/.pt/.bin to safetensors, or change dtype.
@@ -164,6 +165,8 @@ class _CatalogOnDemand:
             return self.resolver(ref)
 
 
+SET_HELP = ("STEP.PARAM=VALUE override: a value or [sweep] replaces only the parameter's "
+            "default (its blocks, components and keys stay); a {mapping} replaces all of it.")
 PULL_HELP = "Download hf:// and civitai:// inputs the catalog does not have yet."
 OFFLINE_HELP = "Never call out: download references must already be in the catalog."
 
@@ -186,7 +189,7 @@ def _load_plan(recipe: Path, assignments: list[str], out: Path | None, catalog: 
 @app.command()
 def plan(
     recipe: Path = typer.Argument(..., help="The YAML recipe."),
-    assignments: list[str] = typer.Option([], "--set", help="STEP.PARAM=VALUE override."),
+    assignments: list[str] = typer.Option([], "--set", help=SET_HELP),
     out: Path = typer.Option(None, "--out", help="Write the output here instead."),
     as_json: AsJson = False,
     catalog: CatalogOption = None,
@@ -208,7 +211,7 @@ def plan(
 @app.command()
 def merge(
     recipe: Path = typer.Argument(..., help="The YAML recipe."),
-    assignments: list[str] = typer.Option([], "--set", help="STEP.PARAM=VALUE override."),
+    assignments: list[str] = typer.Option([], "--set", help=SET_HELP),
     out: Path = typer.Option(None, "--out", help="Write the output here instead."),
     device: str = typer.Option("cpu", help="cpu or cuda: where the arithmetic runs."),
     as_json: AsJson = False,

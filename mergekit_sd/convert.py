@@ -14,7 +14,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from mergekit_sd.errors import BadModelFile, UserError
-from mergekit_sd.io.dtypes import FLOAT_DTYPES, USER_DTYPES, safetensors_dtype, torch_dtype
+from mergekit_sd.io.dtypes import (
+    FLOAT_DTYPES,
+    USER_DTYPES,
+    dtype_name,
+    safetensors_dtype,
+    torch_dtype,
+)
 from mergekit_sd.io.nonfinite import NonFinite, all_finite, count_nonfinite
 from mergekit_sd.io.saturate import Clamped, checked_cast
 from mergekit_sd.io.writer import StreamingWriter, TensorSpec, check_output_path, same_file
@@ -120,7 +126,7 @@ class _Cast:
 
 def _cast_dtype(dtype: str) -> str | None:
     """The safetensors dtype floats are cast to, or None for "keep"."""
-    key = str(dtype).strip().lower()
+    key = dtype_name(dtype)
     if key == "keep":
         return None
     if key not in USER_DTYPES:
@@ -157,7 +163,7 @@ def _metadata(base: dict[str, str], source: Path, dtype: str) -> dict[str, str]:
     if META_RECIPE in base:  # a merge's own output, or a conversion of one already
         metadata[META_RECIPE_OUTPUT] = recipe_output_name(base) or source.name
     metadata[META_CONVERTED_FROM] = source.name  # the name only: never leak directories
-    metadata[META_DTYPE] = str(dtype).strip().lower()
+    metadata[META_DTYPE] = dtype_name(dtype)
     return metadata
 
 

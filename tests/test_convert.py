@@ -489,3 +489,11 @@ def test_cli_fp8_e4m3fn_says_an_infinity_is_written_as_its_largest_value(tmp_pat
         "broken.safetensors holds NaN or infinity there",
         "note: 1 value in 1 tensor was infinite in the input and is written as ±448, as "
         "fp8_e4m3fn has no infinity: w"]
+
+
+def test_a_dtype_alias_is_recorded_by_the_short_name_a_recipe_records(tmp_path):
+    """`--dtype Float16` and a recipe's `dtype: float16` are one dtype, recorded as fp16."""
+    target = tmp_path / "model.safetensors"
+    convert_to_safetensors(write_ckpt(tmp_path), target, dtype="Float16")
+    with safe_open(target, "pt") as f:
+        assert f.metadata()["mergekit_sd.dtype"] == "fp16"

@@ -62,7 +62,7 @@ def bad_files(tmp_path):
         b"\0" * 16), "offsets")
     put("shape-bytes-mismatch", raw_safetensors(
         {"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8),
-        "needs 12 bytes")
+        "needs 12 bytes", "the file is corrupt; download it again")
     put("trailing-bytes", raw_safetensors(GOOD, b"\0" * 24), "unexpected bytes")
     put("pickle", pickle.dumps({"w": [1.0, 2.0]}, protocol=4), "pickle")
     put("gguf", b"GGUF" + struct.pack("<I", 3) + bytes(64), "GGUF file")

@@ -149,7 +149,8 @@ LORA_FORMS = ("give blocks as {BLOCK, RANGE or PATTERN: strength} (e.g. {IN*: 0.
 @pytest.mark.parametrize(("blocks", "field", "problem"), [
     ("0.5", "blocks", LORA_FORMS),
     ("true", "blocks", LORA_FORMS),
-    ("[[1]]", "blocks.0", "[1] is not a finite number; give each block a number, such as 0.5"),
+    ("[[1]]", "blocks.0", "a sweep (a list of values) is only possible on a parameter or its "
+                          "default, not on a block's value; give each block one number"),
     ("[a, b]", "blocks.0", "'a' is not a finite number; give each block a number, such as 0.5"),
     ("[true, 1]", "blocks.0", "true is not a finite number; give each block a number, such as "
                               "0.5"),

@@ -119,3 +119,38 @@ def test_a_merge_key_may_still_be_overridden():
                           f"{STEPS}output: {{<<: {{path: o.safetensors, dtype: fp16}}, "
                           "dtype: fp32}\n")
     assert loaded.recipe.output.dtype == "fp32"
+
+
+def test_a_sha256_of_digits_only_yaml_reads_as_a_number_is_asked_in_quotes():
+    message = problem_of(f"version: 1\nmodels:\n  a: {{ref: a.safetensors, sha256: {'1' * 64}}}\n"
+                         f"  b: b.safetensors\n{STEPS}output: {{path: o.safetensors}}\n")
+    assert message == ("r.yaml, line 3, models.a.sha256: YAML reads a SHA256 of digits only as "
+                       "a number, not text; put it in quotes: sha256: \"0123…\"")
+
+
+def test_an_unknown_field_of_a_lora_says_the_nearest_one():
+    message = problem_of("version: 1\nmodels: {a: a.safetensors, l: l.safetensors}\n"
+                         "steps: [{name: baked, method: bake_lora, inputs: [a], "
+                         "loras: [{model: l, strenght: 1}]}]\noutput: {path: o.safetensors}\n")
+    assert message == ("r.yaml, line 3, steps.0.loras.0.strenght: is not a field here (did you "
+                       "mean 'strength'? valid fields: model, strength, te_strength, blocks)")
+
+
+@pytest.mark.parametrize(("step", "field", "what"), [
+    ("method: weighted_sum, inputs: [a, l], params: {alpha: {blocks: {M00: [0, 1]}}}",
+     "params.alpha.blocks.M00", "a block's value; give one value"),
+    ("method: weighted_sum, inputs: [a, l], params: {alpha: {components: {vae: [0, 1]}}}",
+     "params.alpha.components.vae", "a component's value; give one value"),
+    ("method: weighted_sum, inputs: [a, l], params: {alpha: [[0.1, 0.2], 0.3]}",
+     "params.alpha.0", "a value inside a sweep; give one value"),
+    ("method: bake_lora, inputs: [a], loras: [{model: l, strength: [0.5, 1]}]",
+     "loras.0.strength", "a LoRA's strength; give one value"),
+    ("method: bake_lora, inputs: [a], loras: [{model: l, blocks: {IN00: [0.5, 1]}}]",
+     "loras.0.blocks.IN00", "a block's value; give each block one number"),
+])
+def test_a_sweep_where_none_is_possible_says_where_one_is(step, field, what):
+    """pydantic's "Input should be a valid number" said nothing of why a list is wrong here."""
+    message = problem_of("version: 1\nmodels: {a: a.safetensors, l: l.safetensors}\n"
+                         f"steps: [{{name: s, {step}}}]\noutput: {{path: o.safetensors}}\n")
+    assert message == (f"r.yaml, line 3, steps.0.{field}: a sweep (a list of values) is only "
+                       f"possible on a parameter or its default, not on {what}")

@@ -45,6 +45,11 @@ def test_example_recipe_runs(tmp_path, source):
     assert run_cli("plan", path).returncode == 0
     result = run_cli("merge", path)
     assert result.returncode == 0, result.stderr
+    # an example sets nothing that does nothing (ties-three set a seed without dare: true)
+    idle = [line for line in result.stderr.splitlines()
+            if line.startswith("note: ") and ("ignored" in line or "not used by" in line
+                                              or "taken by no step" in line)]
+    assert not idle, idle
     written = [line.split(" -> ")[1] for line in result.stdout.splitlines() if " -> " in line]
     assert written and all((tmp_path / w).exists() or Path(w).exists() for w in written)
     inspected = run_cli("inspect", *(tmp_path / w for w in written))

@@ -37,6 +37,16 @@ USER_DTYPES: dict[str, str] = {
     "fp8_e4m3fn": "F8_E4M3",
     "fp8_e5m2": "F8_E5M2",
 }
+# torch's names for three of them: taken alike by `convert --dtype` and a recipe's
+# output.dtype, and recorded (in a recipe, in convert's metadata) as the short name
+DTYPE_ALIASES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
+def dtype_name(text: str) -> str:
+    """What a user typed as a dtype, in lower case and by its short name ("Float16" -> "fp16");
+    a name that is none of USER_DTYPES or "keep" is left for the caller to refuse."""
+    key = str(text).strip().lower()
+    return DTYPE_ALIASES.get(key, key)
 
 
 def nbytes_of(dtype: str, numel: int) -> int | None:

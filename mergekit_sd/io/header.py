@@ -227,7 +227,7 @@ def _tensor_info(path: Path, name: str, entry, data_start: int) -> TensorInfo:
         _fail(
             path,
             f"tensor {name!r} is {dtype} {shape}, which needs {expected} bytes, but its "
-            f"data_offsets span {end - begin} bytes",
+            f"data_offsets span {end - begin} bytes; the file is corrupt; download it again",
         )
     return TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end)
 

@@ -17,6 +17,7 @@ from mergekit_sd.io.dtypes import FLOAT_DTYPES, USER_DTYPES
 from mergekit_sd.io.header import SafetensorsHeader, read_header
 from mergekit_sd.io.writer import TensorSpec, check_output_path, same_file
 from mergekit_sd.merge.facts import agreed_facts
+from mergekit_sd.merge.plan_notes import idle_draws_text, unused_parts_text, value_options
 from mergekit_sd.merge.registry import MergeMethod, check_params, get_method
 from mergekit_sd.recipe.loader import LoadedRecipe
 from mergekit_sd.recipe.params import (
@@ -27,7 +28,7 @@ from mergekit_sd.recipe.params import (
     resolve_param,
 )
 from mergekit_sd.recipe.refs import NoResolver, Resolver, is_path_ref, resolve_path
-from mergekit_sd.recipe.schema import Step
+from mergekit_sd.recipe.schema import ParamSpec, Step
 
 # FLUX dev, schnell and Fill share every block; merging them is common practice.
 _COMPATIBLE_FAMILIES = {"flux"}
@@ -270,19 +271,17 @@ def _check_values(loaded: LoadedRecipe, loc: tuple, method: MergeMethod,
                   values: dict[str, KeyedValue]) -> None:
     """Every value a parameter can take must pass the method's own checks."""
     for name, keyed in values.items():
-        options = [keyed.default, *keyed.by_block.values(), *keyed.by_slot.values(),
-                   *(v for _, _, v in keyed.by_pattern)]
-        for option in options:
+        for where, option in value_options(keyed):
             if option is None:
                 continue
             try:
                 check_params(method, {name: option})
             except UserError as exc:
                 hint = ""
-                if option is keyed.default and _looks_like_block_list(option):
+                if not where and _looks_like_block_list(option):
                     hint = (f"; per-block values go under blocks, as in {name}: "
                             "{blocks: \"0,1,...\"} or {default: 0.5, blocks: out}")
-                raise loaded.error((*loc, "params", name), f"{exc}{hint}") from None
+                raise loaded.error((*loc, "params", name, *where), f"{exc}{hint}") from None
 
 
 def _looks_like_block_list(value) -> bool:
@@ -348,13 +347,14 @@ def build_plan(loaded: LoadedRecipe, resolver: Resolver | None = None,
     vae = _open_vae(loaded, resolver) if recipe.output.vae else None
     vae_keys = _fitting_vae_keys(loaded, vae, inputs[order[0]]) if vae else {}
     tasks, notes = _plan_keys(loaded, inputs, order, arch, prefix, vae, vae_keys)
+    notes[:0] = [*unused_parts_text(recipe), *idle_draws_text(steps)]
     carried, disagreements = agreed_facts((n, inputs[n].header.metadata) for n in order)
     notes.extend(disagreements)
     unused = _unused_selectors(loaded, steps, tasks)
     notes.extend(unused)
     loras = _plan_loras(loaded, steps, inputs[order[0]], arch, prefix, resolver)
     read = [*inputs.values(), *loras.values(), *([vae] if vae else [])]
-    _refuse_overwriting_inputs(loaded, outputs, read)
+    _refuse_overwriting_inputs(loaded, outputs, read, out)
     there = [path for path in outputs.values() if path.exists() or path.is_symlink()]
     if there and existing == "refuse":  # every output of a sweep checked now, before any work
         raise UserError(_existing_text(there, "pass --overwrite to replace"))
@@ -377,15 +377,25 @@ def _existing_text(there: list[Path], advice: str) -> str:
             f"already exist; {advice} them{only}")
 
 
+def _output_error(loaded: LoadedRecipe, out: Path | None, problem: str, subject: str = ""
+                  ) -> UserError:
+    """A problem of the output path, said at what gave it: `--out` (which names `subject`
+    already), or the recipe's line."""
+    if out is not None:
+        return UserError(f"--out {out}: {problem}")
+    return loaded.error(("output", "path"), f"{subject} {problem}".lstrip())
+
+
 def _refuse_overwriting_inputs(loaded: LoadedRecipe, outputs: dict[str, Path],
-                               read: list[PlannedInput | PlannedLora]) -> None:
+                               read: list[PlannedInput | PlannedLora], out: Path | None
+                               ) -> None:
     """Every file the merge reads (models, LoRAs, the VAE) is read while the outputs are
     written, and an output replacing one would destroy it, --overwrite or not."""
     for cand, path in outputs.items():
         for planned in read:
             if same_file(planned.path, path):
-                raise loaded.error(("output", "path"), f"the output {path.name} of {cand} "
-                                   f"would overwrite the input {planned.name}")
+                raise _output_error(loaded, out, f"the output {path.name} of {cand} would "
+                                    f"overwrite the input {planned.name}")
 
 
 def _plan_loras(loaded: LoadedRecipe, steps: list[StepPlan], first: PlannedInput,
@@ -461,7 +471,10 @@ def _output_paths(loaded: LoadedRecipe, cands: list[Candidate], out: Path | None
                   ) -> dict[str, Path]:
     base = out or resolve_path(loaded.recipe.output.path, loaded.path.parent)
     if base.suffix != ".safetensors":
-        raise loaded.error(("output", "path"), f"{base.name} must end in .safetensors")
+        if base.is_dir():  # `--out out/`: the Path lost the slash, not the folder
+            raise _output_error(loaded, out, "is a folder; give a file name ending in "
+                                             ".safetensors", str(base))
+        raise _output_error(loaded, out, "must end in .safetensors", base.name)
     if len(cands) == 1:
         return {cands[0].name: base}
     # a sweep: one file per candidate, named after it, beside the output path
@@ -551,7 +564,9 @@ def _plan_keys(loaded: LoadedRecipe, inputs: dict[str, PlannedInput], order: lis
         if len(shapes) > 1:
             same_rank = len({len(s) for s in shapes}) == 1
             merge = merge and same_rank
-            clashes.append(f"{key}: shapes {sorted(shapes)}; " + (
+            # in input order: the first is the one the output takes
+            in_order = ", ".join(f"{inputs[n].header.tensors[key].shape} in {n}" for n in sources)
+            clashes.append(f"{key}: shapes {in_order}; " + (
                 _overlap_text(key, inputs, sources) if same_rank
                 else f"taken from {sources[0]}"))
         block = arch.block_of(key[len(prefix):]) if key.startswith(prefix) else "BASE"
@@ -589,7 +604,9 @@ def _overlap_text(key: str, inputs: dict[str, PlannedInput], sources: tuple[str,
 
 
 def apply_overrides(loaded: LoadedRecipe, assignments: list[str]) -> None:
-    """`--set step.param=value` (value parsed as YAML, so `[0.2,0.4]` makes a sweep)."""
+    """`--set step.param=value` (value parsed as YAML, so `[0.2,0.4]` makes a sweep). A plain
+    value or a sweep replaces only the `default` of a parameter given with blocks, components
+    or keys, as a sweep in `default` does; a {mapping} replaces the whole parameter."""
     for assignment in assignments:
         target, sep, raw = assignment.partition("=")
         # a step's name may hold dots (v1.mix); a parameter's never does
@@ -601,7 +618,20 @@ def apply_overrides(loaded: LoadedRecipe, assignments: list[str]) -> None:
             names = ", ".join(s.name for s in loaded.recipe.steps)
             raise UserError(f"--set {assignment!r}: there is no step {step_name!r} "
                             f"(steps: {names})")
-        step.params[param] = _override_value(loaded, assignment, step, param, raw)
+        needed = loaded.recipe.needed_steps
+        if step not in needed:  # refused, as a --set that reaches no candidate is by render
+            final = loaded.recipe.final_step.name
+            raise UserError(f"--set {assignment!r}: step {step_name!r} is not used by the "
+                            f"output step {final!r}, so the value would change nothing; set "
+                            f"a step it uses ({', '.join(s.name for s in needed)}), or name "
+                            f"{step_name} under output.step in the recipe")
+        value = _override_value(loaded, assignment, step, param, raw)
+        given = step.params.get(param)
+        if isinstance(given, ParamSpec) and not isinstance(value, ParamSpec):
+            # "same block weights, another base alpha": dropping the blocks would merge them
+            # at the new value unsaid
+            value = given.model_copy(update={"default": value})
+        step.params[param] = value
         # later checks of this value (method, blocks, sweeps) name the --set, not a line
         loaded.overrides[("steps", loaded.recipe.steps.index(step), "params", param)] = assignment
 

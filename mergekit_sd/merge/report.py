@@ -136,9 +136,11 @@ def show_plan(plan: MergePlan) -> None:
     for line in note_lines(plan):
         console.print(line)
     for cand, path in data["candidates"].items():
-        console.print(f"output {cand} -> {path} ({human_size(plan.output_bytes)})")
+        # the header (key names, metadata, the recipe) comes on top: a few KB to a few MB
+        console.print(f"output {cand} -> {path} ({human_size(plan.output_bytes)} of tensor "
+                      "data)")
     console.print(f"estimated peak memory {human_size(data['estimated_peak_bytes'])}; "
                   f"estimated time {data['estimated_seconds']} s at an assumed "
                   f"{ASSUMED_DISK_BYTES_PER_S / 1e6:.0f} MB/s disk (reads "
                   f"{human_size(plan.read_bytes)} incl. hashing, writes "
-                  f"{human_size(plan.output_bytes * len(plan.candidates))})")
+                  f"{human_size(plan.output_bytes * len(plan.candidates))} of tensor data)")

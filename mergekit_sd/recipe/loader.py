@@ -76,10 +76,28 @@ def describe_validation_error(exc: ValidationError, prefix: tuple = ()) -> tuple
         message = f"is not a field here ({_known_fields_hint(loc)})"
     elif error["type"] == "missing":
         message = "is required but missing"
+    elif isinstance(error["input"], list) and error["type"] in _ONE_VALUE_TYPES:
+        message = (f"a sweep (a list of values) is only possible on a parameter or its "
+                   f"default, not on {_swept_field(loc)}; give one value")
     elif error["type"] == "string_type" and isinstance(error["input"], dt.date):
         message = (f"YAML reads {error['input'].isoformat()} as a date, not text; put it in "
                    f"quotes: '{error['input'].isoformat()}'")
     return loc, message
+
+
+# pydantic's types of error for a list where one value belongs ("Input should be a valid number")
+_ONE_VALUE_TYPES = {"float_type", "int_type", "bool_type", "string_type"}
+
+
+def _swept_field(loc: tuple) -> str:
+    """What a list was given for, as a user names it."""
+    for part, what in (("loras", f"a LoRA's {loc[-1]}"), ("blocks", "a block's value"),
+                       ("components", "a component's value"), ("keys", "a key pattern's value")):
+        if part in loc:
+            return what
+    if "params" in loc:  # a list inside a sweep
+        return "a value inside a sweep"
+    return dotted(loc)
 
 
 def _user_loc(error: dict) -> tuple:
@@ -96,7 +114,7 @@ def _is_union_tag(part) -> bool:
 
 
 def _known_fields_hint(loc: tuple) -> str:
-    from mergekit_sd.recipe.schema import ModelRef, Output, ParamSpec, Step
+    from mergekit_sd.recipe.schema import LoraSpec, ModelRef, Output, ParamSpec, Step
 
     parent = loc[:-1]
     model = {(): Recipe, ("output",): Output}.get(parent)
@@ -104,6 +122,8 @@ def _known_fields_hint(loc: tuple) -> str:
         model = Step
     if model is None and len(parent) == 4 and parent[2] == "params":
         model = ParamSpec
+    if model is None and len(parent) == 4 and parent[2] == "loras":
+        model = LoraSpec
     if model is None and len(parent) == 2 and parent[0] == "models":
         model = ModelRef
     if model is None:

@@ -26,6 +26,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
@@ -35,10 +36,11 @@ from pydantic import (
 )
 
 from mergekit_sd.arch.block_lists import plain_number
+from mergekit_sd.io.dtypes import dtype_name
 
 Scalar = float | int | bool | str
 
-DTYPES = ("fp32", "fp16", "bf16", "fp8_e4m3fn", "keep")
+DTYPES = ("fp32", "fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2", "keep")
 STEP_NAME = r"^[A-Za-z_][A-Za-z0-9_.-]*$"
 
 
@@ -66,7 +68,16 @@ def _whole_sha256(value: str) -> str:
     return value
 
 
-Sha256 = Annotated[str, AfterValidator(_whole_sha256)]
+def _digits_read_as_number(value: Any) -> Any:
+    # 64 hex digits that happen to be all decimal: YAML reads them as an integer (and drops
+    # any leading zeros), which "Input should be a valid string" does not explain
+    if isinstance(value, int) and not isinstance(value, bool):
+        raise ValueError("YAML reads a SHA256 of digits only as a number, not text; put it in "
+                         "quotes: sha256: \"0123…\"")
+    return value
+
+
+Sha256 = Annotated[str, BeforeValidator(_digits_read_as_number), AfterValidator(_whole_sha256)]
 
 
 class ModelRef(Strict):
@@ -98,6 +109,9 @@ def _block_number(value: Any) -> float:
     # dot) as text: taken as the number it is, as in a comma-separated block string.
     if isinstance(value, str) and plain_number(value) is not None:
         return plain_number(value)
+    if isinstance(value, list):
+        raise ValueError("a sweep (a list of values) is only possible on a parameter or its "
+                         "default, not on a block's value; give each block one number")
     if (isinstance(value, bool) or not isinstance(value, int | float)
             or not math.isfinite(value)):
         shown = str(value).lower() if isinstance(value, bool) else repr(value)  # as YAML
@@ -184,10 +198,19 @@ class Step(Strict):
                                                      "modules name no weight of the input")
 
 
+def _short_dtype_name(value: Any) -> Any:
+    # the names `convert --dtype` takes (float16 ...), recorded as the short one
+    return dtype_name(value) if isinstance(value, str) else value
+
+
+OutputDtype = Annotated[Literal["fp32", "fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2", "keep"],
+                        BeforeValidator(_short_dtype_name)]
+
+
 class Output(Strict):
     path: str
     step: str | None = Field(None, description="the step to write; the last one by default")
-    dtype: Literal["fp32", "fp16", "bf16", "fp8_e4m3fn", "keep"] = "fp16"
+    dtype: OutputDtype = "fp16"
     vae: Reference | None = Field(None, description="a VAE file whose weights replace the "
                                                    "merged VAE")
     vae_sha256: Sha256 | None = Field(None, description="expected SHA256 of the vae file; "
@@ -251,6 +274,15 @@ class Recipe(Strict):
                 needed.add(name)
                 stack.extend(by_name[name].inputs)
         return [s for s in self.steps if s.name in needed]
+
+    def unused(self) -> tuple[list[Step], list[str]]:
+        """The steps the output step does not depend on and the models no step it depends on
+        takes (as an input or a LoRA): nothing runs or reads them."""
+        needed = self.needed_steps
+        used = {name for step in needed for name in step.inputs} | \
+            {lora.model for step in needed for lora in step.loras}
+        return ([s for s in self.steps if s not in needed],
+                [name for name in self.models if name not in used])
 
     def model_ref(self, name: str) -> ModelRef:
         value = self.models[name]
