@@ -26,6 +26,7 @@ from types import SimpleNamespace
 
 import pytest
 from conftest import REPO, run_cli
+from terminal import run_on_terminal
 
 from catalog import scan as scan_module
 from catalog.dupes import find_duplicates
@@ -1768,29 +1769,11 @@ def run_piped(*args) -> subprocess.CompletedProcess:
 
 
 def run_in_terminal(columns: int, *args) -> str:
-    """What the CLI prints to a terminal `columns` wide, lines as it wrote them (a terminal
-    wraps a longer one for the eye only: copied out, it is one line)."""
-    import pty
-
+    """What the CLI prints to a terminal `columns` wide."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": str(columns), "TERM": "xterm"}
-    main, secondary = pty.openpty()
-    with subprocess.Popen([sys.executable, "-m", "mergekit_sd.cli", *map(str, args)], env=env,
-                          stdin=subprocess.DEVNULL, stdout=secondary,
-                          stderr=subprocess.DEVNULL) as child:
-        os.close(secondary)
-        seen = b""
-        while True:
-            try:
-                chunk = os.read(main, 65536)
-            except OSError:  # the terminal's other end closed: the child is done
-                break
-            if not chunk:
-                break
-            seen += chunk
-        child.wait(timeout=300)
-    os.close(main)
-    assert child.returncode == 0, seen
-    return re.sub(r"\x1b\[[0-9;]*m", "", seen.decode()).replace("\r\n", "\n")
+    code, _, shown = run_on_terminal(args, env)
+    assert code == 0, shown
+    return shown
 
 
 def test_paths_and_summaries_stay_on_one_line_in_a_pipe_and_a_narrow_terminal(tmp_path, tiny):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from fakes.env import cli_env
 from fakes.files import FileHost
 from fakes.hub import FakeHub
 from fakes.loopback import LoopbackServer, json_reply
+from terminal import run_on_terminal
 
 from mergekit_sd.testing import write_checkpoint, write_lora
 
@@ -432,28 +432,10 @@ def test_civitai_ids_past_sqlite_integers_are_refused_in_pulls_and_recipes(tmp_p
 
 def _run_with_terminal_stderr(tmp_path, fake, *args) -> tuple[int, str, str]:
     """The CLI with stdout a pipe and stderr a terminal, as in `mergekit-sd pull > out.txt`."""
-    import pty
-
     env = cli_env(tmp_path, fake.civitai.url, fake.hub.url, None)
     env.update(PYTHONPATH=str(REPO), COLUMNS="120", TERM="xterm",
                MERGEKIT_SD_CATALOG=str(tmp_path / "c.sqlite"))
-    main, secondary = pty.openpty()
-    with subprocess.Popen([sys.executable, "-m", "mergekit_sd.cli", *map(str, args)], env=env,
-                          stdout=subprocess.PIPE, stderr=secondary) as child:
-        os.close(secondary)
-        seen = b""
-        while True:
-            try:
-                chunk = os.read(main, 65536)
-            except OSError:  # the terminal's other end closed: the child is done
-                break
-            if not chunk:
-                break
-            seen += chunk
-        out = child.stdout.read().decode()
-        child.wait(timeout=60)
-    os.close(main)
-    return child.returncode, out, seen.decode(errors="replace")
+    return run_on_terminal(args, env, stream="stderr", timeout=60)
 
 
 def test_progress_bars_never_reach_a_redirected_stdout(tmp_path, fake):
@@ -469,30 +451,13 @@ def test_progress_bars_never_reach_a_redirected_stdout(tmp_path, fake):
 
 
 def _run_with_terminal_stdout(tmp_path, fake, columns: int, *args) -> str:
-    """What the CLI prints to a terminal `columns` wide (lines as it wrote them, styles off)."""
-    import pty
-
+    """What the CLI prints to a terminal `columns` wide."""
     env = cli_env(tmp_path, fake.civitai.url, fake.hub.url, None)
     env.update(PYTHONPATH=str(REPO), COLUMNS=str(columns), TERM="xterm",
                MERGEKIT_SD_CATALOG=str(tmp_path / "c.sqlite"))
-    main, secondary = pty.openpty()
-    with subprocess.Popen([sys.executable, "-m", "mergekit_sd.cli", *map(str, args)], env=env,
-                          stdin=subprocess.DEVNULL, stdout=secondary,
-                          stderr=subprocess.DEVNULL) as child:
-        os.close(secondary)
-        seen = b""
-        while True:
-            try:
-                chunk = os.read(main, 65536)
-            except OSError:  # the terminal's other end closed: the child is done
-                break
-            if not chunk:
-                break
-            seen += chunk
-        child.wait(timeout=60)
-    os.close(main)
-    assert child.returncode == 0, seen
-    return re.sub(r"\x1b\[[0-9;]*m", "", seen.decode()).replace("\r\n", "\n")
+    code, _, shown = run_on_terminal(args, env, timeout=60)
+    assert code == 0, shown
+    return shown
 
 
 def test_refs_stay_whole_in_a_pipe_and_in_a_narrow_terminal(tmp_path, fake, blobs):

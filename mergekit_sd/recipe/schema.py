@@ -122,15 +122,22 @@ def _block_number(value: Any) -> float:
 
 # A number in a block list (and a LoRA's block map): finite, not a bool, no other text.
 BlockListValue = Annotated[float, PlainValidator(_block_number)]
-# {BLOCK or RANGE: value}; one value per block (a list, or supermerger's comma string); a preset.
-# The list and string forms are checked against the architecture by `recipe.params`.
-BlockValues = Annotated[
-    Annotated[dict[str, Scalar], Tag("block-map")]
-    | Annotated[list[BlockListValue], Tag("block-list")]
-    | Annotated[str, Tag("block-text")],
-    Discriminator(_blocks_form, custom_error_type="block_values",
-                  custom_error_message=BLOCK_FORMS),
-]
+
+
+def _block_forms(map_value, forms: str):
+    """`blocks` in its three forms: {BLOCK or RANGE: value}; one number per block (a list, or
+    supermerger's comma string, checked against the architecture by `recipe.params`); a
+    preset name. A value of none of them is answered with `forms`."""
+    return Annotated[
+        Annotated[dict[str, map_value], Tag("block-map")]
+        | Annotated[list[BlockListValue], Tag("block-list")]
+        | Annotated[str, Tag("block-text")],
+        Discriminator(_blocks_form, custom_error_type="block_values",
+                      custom_error_message=forms),
+    ]
+
+
+BlockValues = _block_forms(Scalar, BLOCK_FORMS)
 
 
 class ParamSpec(Strict):
@@ -169,13 +176,7 @@ LORA_BLOCK_FORMS = ("give blocks as {BLOCK, RANGE or PATTERN: strength} (e.g. {I
                     "a preset (all, none, in, mid, out, in-mid, mid-out, double, single)")
 # The forms of merge parameters' `blocks`, with strengths (numbers) for values; a map's keys
 # may also be shell patterns and `default` (checked against the architecture by the plan).
-LoraBlocks = Annotated[
-    Annotated[dict[str, BlockListValue], Tag("block-map")]
-    | Annotated[list[BlockListValue], Tag("block-list")]
-    | Annotated[str, Tag("block-text")],
-    Discriminator(_blocks_form, custom_error_type="block_values",
-                  custom_error_message=LORA_BLOCK_FORMS),
-]
+LoraBlocks = _block_forms(BlockListValue, LORA_BLOCK_FORMS)
 
 
 class LoraSpec(Strict):
