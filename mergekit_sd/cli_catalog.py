@@ -100,12 +100,24 @@ def remove_root_command(
 def roots(catalog: CatalogOption = None) -> None:
     """List the registered roots, each with the files it holds (a root inside another root
     holds some of its files too)."""
+    from catalog.present import no_roots
     from catalog.root_folders import file_counts
 
     with open_store(catalog) as store:
         counts = file_counts(store)
-        for row in store.db.execute("SELECT id, path, layout FROM roots ORDER BY id"):
+        rows = store.db.execute("SELECT id, path, layout FROM roots ORDER BY id").fetchall()
+        for row in rows:
             typer.echo(f"#{row['id']} {row['path']} ({row['layout']}, {counts[row['id']]} files)")
+        if not rows:  # silence would not tell an empty catalog from a wrong one
+            typer.echo(no_roots(store.path, _catalog_flag(catalog)))
+
+
+def _catalog_flag(catalog: Path | None) -> str:
+    """The `--catalog PATH` to repeat in a suggested command (none for the default catalog,
+    or one $MERGEKIT_SD_CATALOG names: the next command reads it too)."""
+    import shlex
+
+    return f" --catalog {shlex.quote(str(catalog))}" if catalog is not None else ""
 
 
 def _run_scan(store, root_ids, hash_files: bool, jobs: int | None, sequential: bool,
@@ -156,7 +168,9 @@ def scan_roots(
 
                 _print_json({"scan": ScanReport().to_dict(), "hash": None})
             else:
-                typer.echo("no roots yet; add one with `mergekit-sd catalog add-root PATH`")
+                from catalog.present import no_roots
+
+                typer.echo(no_roots(store.path, _catalog_flag(catalog)))
             return
         _run_scan(store, root_ids, hash_files, jobs, sequential, as_json)
 
@@ -180,16 +194,18 @@ def list_command(
 ) -> None:
     """List catalog entries, filtered and sorted."""
     from catalog.entries import Filters, list_entries
-    from catalog.present import show_list
+    from catalog.present import no_entries, show_list
 
     architecture = _architecture_id(arch) if arch else None
     with open_store(catalog) as store:
         filters = Filters(kind, architecture, base, tag, search, status, favourites, sort, limit)
         entries = list_entries(store, filters)
+        roots = 0 if entries else store.db.execute("SELECT count(*) FROM roots").fetchone()[0]
+        empty = no_entries(store.path, roots, _catalog_flag(catalog))
     if as_json:
         _print_json([e.to_dict() for e in entries])
     else:
-        show_list(entries, filtered=filters.narrowing())
+        show_list(entries, filtered=filters.narrowing(), empty=empty)
 
 
 def _architecture_id(name: str) -> str:

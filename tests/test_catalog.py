@@ -1266,8 +1266,7 @@ def test_cli_list_refuses_unknown_filter_values_and_an_empty_answer_is_not_a_sca
         tmp_path, tiny):
     catalog = tmp_path / "c.sqlite"
     Store.open(catalog).close()
-    assert catalog_cli(catalog, "list").stdout.startswith("no entries yet; `mergekit-sd "
-                                                          "catalog scan`")
+    assert catalog_cli(catalog, "list").stdout.startswith("no entries yet: no roots yet in ")
     assert one_line_error(catalog_cli(catalog, "list", "--status", "bogus")) == (
         "error: --status 'bogus': choose one of ok, missing, truncated, invalid, unreadable, "
         "unchecked")
@@ -1440,7 +1439,33 @@ def test_cli_remove_root_asks_before_forgetting_annotated_entries(tmp_path, tiny
     done = run_without_terminal("catalog", "remove-root", link, "--yes", "--catalog", catalog)
     assert done.stdout == (f"removed root #1 {tmp_path / 'webui'}: forgot {len(WEBUI_FILES)} "
                            "entries; no file was touched\n")
-    assert catalog_cli(catalog, "roots").stdout == ""
+    assert catalog_cli(catalog, "roots").stdout == (
+        f"no roots yet in the catalog {catalog}; add a model folder with `mergekit-sd catalog "
+        f"add-root FOLDER --catalog {catalog}`\n")
+
+
+def test_an_empty_catalog_says_which_file_it_read_and_what_to_do_next(tmp_path):
+    # `make demo` keeps its own catalog: a user who lists the default one instead must see
+    # which file was read, and a scan cannot help a catalog without roots
+    catalog = tmp_path / "c.sqlite"
+    Store.open(catalog).close()
+    add_root = f"`mergekit-sd catalog add-root FOLDER --scan --catalog {catalog}`"
+    assert catalog_cli(catalog, "list").stdout == (
+        f"no entries yet: no roots yet in the catalog {catalog}; add a model folder with "
+        f"{add_root}\n")
+    roots = catalog_cli(catalog, "roots")
+    assert (roots.returncode, roots.stdout) == (0, (
+        f"no roots yet in the catalog {catalog}; add a model folder with `mergekit-sd catalog "
+        f"add-root FOLDER --catalog {catalog}`\n"))
+    (tmp_path / "models").mkdir()
+    catalog_cli(catalog, "add-root", tmp_path / "models")  # no --scan: nothing listed yet
+    assert catalog_cli(catalog, "list").stdout == (
+        f"no entries yet in the catalog {catalog}; `mergekit-sd catalog scan --catalog "
+        f"{catalog}` adds the files of its 1 root(s)\n")
+    # the catalog $MERGEKIT_SD_CATALOG names is read by the next command too: no --catalog
+    named = run_cli("catalog", "list", env={"MERGEKIT_SD_CATALOG": str(catalog)})
+    assert named.stdout == (f"no entries yet in the catalog {catalog}; `mergekit-sd catalog "
+                            "scan` adds the files of its 1 root(s)\n")
 
 
 # --- duplicates ------------------------------------------------------------------------------
@@ -1830,7 +1855,8 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path):
         "add-root`")
     empty = catalog_cli(catalog, "scan")
     assert (empty.returncode, empty.stdout.strip()) == (
-        0, "no roots yet; add one with `mergekit-sd catalog add-root PATH`")
+        0, f"no roots yet in the catalog {catalog}; add a model folder with `mergekit-sd "
+        f"catalog add-root FOLDER --catalog {catalog}`")
     empty = catalog_cli(catalog, "scan", "--json", "--hash")
     assert empty.returncode == 0
     doc = json.loads(empty.stdout)
