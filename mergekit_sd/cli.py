@@ -169,6 +169,9 @@ SET_HELP = ("STEP.PARAM=VALUE override: a value or [sweep] replaces only the par
             "default (its blocks, components and keys stay); a {mapping} replaces all of it.")
 PULL_HELP = "Download hf:// and civitai:// inputs the catalog does not have yet."
 OFFLINE_HELP = "Never call out: download references must already be in the catalog."
+OUT_HELP = ("{verb} instead of the recipe's output.path: relative to the current folder "
+            "(output.path: to the recipe's); missing folders are created; a recipe without "
+            "output: takes it from here.")
 
 
 def _load_plan(recipe: Path, assignments: list[str], out: Path | None, catalog: Path | None,
@@ -179,7 +182,7 @@ def _load_plan(recipe: Path, assignments: list[str], out: Path | None, catalog: 
 
     if pull and offline:
         raise UserError("--pull downloads and --offline forbids it; choose one")
-    loaded = load_recipe(recipe)
+    loaded = load_recipe(recipe, out)
     apply_overrides(loaded, assignments)
     import_torch()  # for the merge methods, with Ctrl-C held while it loads (cli_startup)
     return build_plan(loaded, resolver=_CatalogOnDemand(catalog, pull), out=out,
@@ -190,7 +193,8 @@ def _load_plan(recipe: Path, assignments: list[str], out: Path | None, catalog: 
 def plan(
     recipe: Path = typer.Argument(..., help="The YAML recipe."),
     assignments: list[str] = typer.Option([], "--set", help=SET_HELP),
-    out: Path = typer.Option(None, "--out", help="Write the output here instead."),
+    out: Path = typer.Option(None, "--out", help=OUT_HELP.format(verb="Show where merge would "
+                                                                 "write with this file")),
     as_json: AsJson = False,
     catalog: CatalogOption = None,
     pull: bool = typer.Option(False, "--pull", help=PULL_HELP),
@@ -212,7 +216,7 @@ def plan(
 def merge(
     recipe: Path = typer.Argument(..., help="The YAML recipe."),
     assignments: list[str] = typer.Option([], "--set", help=SET_HELP),
-    out: Path = typer.Option(None, "--out", help="Write the output here instead."),
+    out: Path = typer.Option(None, "--out", help=OUT_HELP.format(verb="Write this file")),
     device: str = typer.Option("cpu", help="cpu or cuda: where the arithmetic runs."),
     as_json: AsJson = False,
     catalog: CatalogOption = None,

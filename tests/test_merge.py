@@ -317,6 +317,27 @@ def test_cycle_architecture_mix_and_overwriting_an_input_are_refused(tmp_path, m
     assert result.returncode == 2 and "overwrite the input" in result.stderr
 
 
+def test_out_stands_in_for_a_missing_output_and_is_relative_to_the_current_folder(
+        tmp_path, models):
+    path = recipe(tmp_path, models, "- name: m\n  method: copy\n  inputs: [a]\n")
+    path.write_text(path.read_text().split("output:")[0])  # a recipe with no output: section
+    refused = run_cli("plan", path)
+    assert refused.returncode == 2, refused.stdout
+    assert refused.stderr.strip() == (
+        f"error: {path}, line 1, output: is required but missing (give output: with its "
+        "path, or pass --out FILE to plan or merge)")
+    here = tmp_path / "cwd"
+    here.mkdir()
+    planned = run_cli("plan", path, "--out", "new/x.safetensors", cwd=here)
+    assert planned.returncode == 0, planned.stderr
+    assert "-> new/x.safetensors" in planned.stdout
+    merged = run_cli("merge", path, "--out", "new/x.safetensors", cwd=here)
+    assert merged.returncode == 0, merged.stderr
+    assert torch.equal(load_file(here / "new" / "x.safetensors")[UNET_KEY],
+                       load_file(models["a"])[UNET_KEY].half())  # folders are created,
+    # and the output's other fields keep their defaults (fp16)
+
+
 def test_set_override_and_plan_json(tmp_path, models):
     path = recipe(tmp_path, models, """
         - name: m

@@ -40,9 +40,14 @@ class LoadedRecipe:
 _LEADING_PATH = re.compile(r"^(?:Value error, )?([A-Za-z_][\w]*(?:\.[\w-]+)*): (.*)$", re.S)
 
 
-def parse_recipe(text: str, path: Path | str = "<recipe>") -> LoadedRecipe:
+def parse_recipe(text: str, path: Path | str = "<recipe>", out: Path | None = None
+                 ) -> LoadedRecipe:
+    """`out`: the file `plan`/`merge --out` names, which stands in for a missing `output:`
+    (its other fields keep their defaults; --out itself decides where the file goes)."""
     path = Path(path)
     data, lines = load_mapping(text, path, RecipeError, "models, steps and output")
+    if out is not None and "output" not in data:
+        data = {**data, "output": {"path": str(out)}}
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
@@ -76,6 +81,8 @@ def describe_validation_error(exc: ValidationError, prefix: tuple = ()) -> tuple
         message = f"is not a field here ({_known_fields_hint(loc)})"
     elif error["type"] == "missing":
         message = "is required but missing"
+        if loc == ("output",):  # plan and merge can take the file from the command line
+            message += " (give output: with its path, or pass --out FILE to plan or merge)"
     elif isinstance(error["input"], list) and error["type"] in _ONE_VALUE_TYPES:
         message = (f"a sweep (a list of values) is only possible on a parameter or its "
                    f"default, not on {_swept_field(loc)}; give one value")
@@ -136,7 +143,7 @@ def _known_fields_hint(loc: tuple) -> str:
     return f"{hint}valid fields: {', '.join(fields)}"
 
 
-def load_recipe(path: str | Path) -> LoadedRecipe:
+def load_recipe(path: str | Path, out: Path | None = None) -> LoadedRecipe:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -144,4 +151,4 @@ def load_recipe(path: str | Path) -> LoadedRecipe:
         raise RecipeError(path, None, "", "does not exist") from None
     except (IsADirectoryError, UnicodeDecodeError):
         raise RecipeError(path, None, "", "is not a YAML text file") from None
-    return parse_recipe(text, path)
+    return parse_recipe(text, path, out)
