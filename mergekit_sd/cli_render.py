@@ -49,6 +49,20 @@ Overwrite = Annotated[bool, typer.Option("--overwrite", help="Render into an --o
                                                              "replaced, nothing else.")]
 Pull = Annotated[bool, typer.Option("--pull", help="Download hf:// references the catalog does "
                                                    "not have yet.")]
+Offline = Annotated[bool, typer.Option("--offline", help="Never call out: a tokenizer missing "
+                                                         "from the Hugging Face cache is an "
+                                                         "error, not a download "
+                                                         "(HF_HUB_OFFLINE=1 for this run).")]
+
+
+def _network(pull: bool, offline: bool) -> None:
+    """--offline before anything imports huggingface_hub's settings; --pull contradicts it."""
+    if pull and offline:
+        raise UserError("--pull downloads and --offline forbids it; choose one")
+    if offline:
+        from mergekit_sd.render.assets import forbid_downloads
+
+        forbid_downloads()
 
 
 def _size(text: str | None) -> tuple[int, int] | None:
@@ -184,6 +198,7 @@ def render(
     as_json: AsJson = False,
     catalog: CatalogOption = None,
     pull: Pull = False,
+    offline: Offline = False,
 ) -> None:
     """Render every candidate on a prompt grid with one pipeline per architecture.
 
@@ -195,6 +210,7 @@ def render(
     from mergekit_sd.render.candidates import collect_candidates
     from mergekit_sd.render.runner import render_candidates
 
+    _network(pull, offline)
     options = _options(grid, preset, out, device, dtype, steps, guidance, scheduler, lora,
                        lora_scale, size, batch, config_dir, html, overwrite)
     import_torch()  # Ctrl-C held while it loads (cli_startup)
@@ -229,6 +245,7 @@ def compare(
     as_json: AsJson = False,
     catalog: CatalogOption = None,
     pull: Pull = False,
+    offline: Offline = False,
 ) -> None:
     """Render two candidates on the same grid and noise, and lay them out side by side.
 
@@ -240,6 +257,7 @@ def compare(
     from mergekit_sd.render.candidates import collect_candidates
     from mergekit_sd.render.compare import compare_candidates
 
+    _network(pull, offline)
     options = _options(grid, preset, out, device, dtype, steps, guidance, scheduler, lora,
                        lora_scale, size, batch, config_dir, html, overwrite)
     import_torch()  # Ctrl-C held while it loads (cli_startup)

@@ -174,6 +174,26 @@ def test_a_missing_tokenizer_offline_says_which_and_how_to_get_it(main, tmp_path
     assert not (tmp_path / "out").exists()  # refused while building: no folder left
 
 
+@pytest.mark.parametrize("command", ["render", "compare"])
+def test_offline_never_downloads_a_missing_tokenizer(cli, tmp_path, command):
+    # no HF_HUB_OFFLINE in the environment: --offline alone must keep the run from calling
+    # out (the endpoint is a closed local port, so a download attempt fails fast)
+    flux = write_checkpoint(tmp_path / "flux.safetensors", "flux-schnell")
+    env = {"HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf"),
+           "HF_ENDPOINT": "http://127.0.0.1:9", "MERGEKIT_SD_CATALOG": str(tmp_path / "c.db")}
+    candidates = [flux] if command == "render" else [flux, flux]
+    done = cli(command, *candidates, "--preset", "schnell", "--grid", "tiny", "--out",
+               tmp_path / "out", "--offline", env=env)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.startswith(
+        "error: FLUX.1 rendering needs the tokenizer_2 of black-forest-labs/FLUX.1-schnell, "
+        "which is not in the Hugging Face cache; download it once"), done.stderr
+    assert done.stderr.count("\n") == 1
+    both = cli(command, *candidates, "--out", tmp_path / "out", "--offline", "--pull", env=env)
+    assert (both.returncode, both.stderr) == (
+        2, "error: --pull downloads and --offline forbids it; choose one\n")
+
+
 def test_render_and_compare_are_listed_without_importing_torch(cli):
     import subprocess
 

@@ -10,6 +10,7 @@ how to get it. Scheduler settings are the reference releases' own, shipped in sc
 from __future__ import annotations
 
 import json
+import os
 from functools import cache
 from pathlib import Path
 
@@ -44,6 +45,17 @@ def _offline() -> bool:
     from huggingface_hub import constants
 
     return bool(constants.HF_HUB_OFFLINE)
+
+
+def forbid_downloads() -> None:
+    """`render/compare --offline`: huggingface_hub's offline mode for this run, so a tokenizer
+    missing from the cache is one sentence, never a download. The library reads
+    HF_HUB_OFFLINE once, when it is imported: the variable is set for the libraries not
+    loaded yet (diffusers, transformers), its constant for a huggingface_hub already loaded."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    from huggingface_hub import constants
+
+    constants.HF_HUB_OFFLINE = True
 
 
 # The files each tokenizer is read from (T5 from tokenizer.json: sentencepiece is not needed).
