@@ -79,7 +79,25 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
+    # -h as well as --help, here and (click hands it down to child contexts) on every command
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from mergekit_sd import __version__
+
+        typer.echo(f"mergekit-sd {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_show_version,
+                                 help="Print the version and exit."),
+) -> None:
+    """A workbench for Stable Diffusion checkpoints: inspect, convert, merge, judge."""
 
 
 @app.command()
