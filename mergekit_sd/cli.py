@@ -208,7 +208,7 @@ def _load_plan(recipe: Path, assignments: list[str], out: Path | None, catalog: 
 def plan(
     recipe: Path = typer.Argument(..., help="The YAML recipe."),
     assignments: list[str] = typer.Option([], "--set", help=SET_HELP),
-    out: Path = typer.Option(None, "--out", help="Write the output here instead."),
+    out: Path = typer.Option(None, "-o", "--out", help="Write the output here instead."),
     as_json: AsJson = False,
     catalog: CatalogOption = None,
     pull: bool = typer.Option(False, "--pull", help=PULL_HELP),
@@ -230,7 +230,7 @@ def plan(
 def merge(
     recipe: Path = typer.Argument(..., help="The YAML recipe."),
     assignments: list[str] = typer.Option([], "--set", help=SET_HELP),
-    out: Path = typer.Option(None, "--out", help="Write the output here instead."),
+    out: Path = typer.Option(None, "-o", "--out", help="Write the output here instead."),
     device: str = typer.Option("cpu", help="cpu or cuda: where the arithmetic runs."),
     as_json: AsJson = False,
     catalog: CatalogOption = None,
@@ -308,7 +308,8 @@ def pull(
 @recipe_app.command("extract")
 def recipe_extract(
     merged: Path = typer.Argument(..., help="A file written by mergekit-sd merge."),
-    out: Path = typer.Option(None, "-o", "--out", help="Recipe file to write (default: stdout)."),
+    out: Path = typer.Option(None, "-o", "--out",
+                                 help="Recipe file to write (default: stdout)."),
     output_path: Path = typer.Option(None, "--output-path",
                                      help="output.path in the recipe (default: MERGED's name)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),

@@ -165,7 +165,8 @@ def render(
     candidates: list[str] = typer.Argument(..., help="Checkpoint files, catalog names, or "
                                                      "recipes (a sweep: every candidate, "
                                                      "merged in memory)."),
-    out: Path = typer.Option(..., "--out", help="Folder for images, sheets and manifest."),
+    out: Path = typer.Option(..., "-o", "--out",
+                                  help="Folder for images, sheets and manifest."),
     grid: Grid = None,
     preset: Preset = "standard",
     steps: Steps = None,
@@ -209,7 +210,8 @@ def compare(
     a: str = typer.Argument(..., help="Candidate A: a file, catalog name or single-output "
                                       "recipe."),
     b: str = typer.Argument(..., help="Candidate B."),
-    out: Path = typer.Option(..., "--out", help="Folder for images, A/B sheets and manifest."),
+    out: Path = typer.Option(..., "-o", "--out",
+                                  help="Folder for images, A/B sheets and manifest."),
     grid: Grid = None,
     preset: Preset = "standard",
     steps: Steps = None,
