@@ -169,7 +169,8 @@ def bake(
         [], "--blocks", help="Per-block strengths: a preset (all, none, in, mid, out, in-mid, "
         "mid-out, double, single) or comma-separated numbers; once for all LoRAs or once per "
         "LoRA."),
-    dtype: str = typer.Option("keep", "--dtype", help="Output dtype: keep, fp16, bf16, fp32."),
+    dtype: str = typer.Option("keep", "--dtype", help="Output dtype: keep, fp32, fp16, bf16, "
+                              "fp8_e4m3fn or fp8_e5m2 (also float32, float16, bfloat16)."),
     allow_unmatched: bool = typer.Option(
         False, "--allow-unmatched", help="Bake even when some LoRA modules name no weight of the "
         "base (they are listed either way)."),
@@ -229,7 +230,8 @@ def lora_merge(
     base: str | None = typer.Option(
         None, "--base", help="A checkpoint of the LoRAs' architecture, for its weights' shapes "
         "(default: the architecture's real layout)."),
-    dtype: str = typer.Option("fp16", "--dtype", help="fp16, bf16 or fp32."),
+    dtype: str = typer.Option("fp16", "--dtype", help="fp16, bf16 or fp32 (also float16, "
+                              "bfloat16, float32)."),
     clamp_quantile: float | None = typer.Option(
         None, "--clamp-quantile", help="With --rank only (refused without it): clamp the "
         "factors at this quantile of their magnitudes (default 1: no clamp)."),
@@ -282,7 +284,8 @@ def lora_extract(
         "magnitudes (kohya's script clamps at that of the signed values); 1 keeps them exact."),
     text_encoders: bool = typer.Option(True, "--text-encoders/--no-text-encoders",
                                        help="Extract text-encoder differences too."),
-    dtype: str = typer.Option("fp16", "--dtype", help="fp16, bf16 or fp32."),
+    dtype: str = typer.Option("fp16", "--dtype", help="fp16, bf16 or fp32 (also float16, "
+                              "bfloat16, float32)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
     catalog: CatalogOption = None,
 ) -> None:

@@ -37,7 +37,8 @@ LoraScale = Annotated[float | None, typer.Option("--lora-scale", help="Weight of
                                                                       "LoRA.")]
 Size = Annotated[str | None, typer.Option("--size", help="WIDTHxHEIGHT (default: the grid's).")]
 Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or mps.")]
-Dtype = Annotated[str, typer.Option("--dtype", help="auto, fp32, fp16 or bf16.")]
+Dtype = Annotated[str, typer.Option("--dtype", help="auto, fp32, fp16 or bf16 (also float32, "
+                                                   "float16, bfloat16).")]
 Batch = Annotated[int | None, typer.Option("--batch", help="Images per batch (default: fill "
                                                            "the device).")]
 ConfigDir = Annotated[Path | None, typer.Option("--config-dir", help=CONFIG_DIR_HELP)]
@@ -83,6 +84,7 @@ def _check_numbers(guidance: float | None, lora_scale: float | None) -> None:
 
 def _options(grid, preset, out, device, dtype, steps, guidance, scheduler, lora, lora_scale,
              size, batch, config_dir, html, overwrite):
+    from mergekit_sd.io.dtypes import RENDER_DTYPES, parse_dtype
     from mergekit_sd.render.folder import check_usable
     from mergekit_sd.render.grids import load_grid
     from mergekit_sd.render.presets import get_preset
@@ -93,6 +95,7 @@ def _options(grid, preset, out, device, dtype, steps, guidance, scheduler, lora,
     if batch is not None and batch < 1:
         raise UserError(f"--batch {batch}: give at least 1")
     _check_numbers(guidance, lora_scale)
+    dtype = parse_dtype(dtype, RENDER_DTYPES, "render")  # before anything is loaded
     options = RenderOptions(load_grid(grid), get_preset(preset), out, device, dtype, steps,
                             guidance, scheduler, lora, lora_scale, _size(size), batch,
                             config_dir, html=html, overwrite=overwrite)
