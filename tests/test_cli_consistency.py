@@ -38,7 +38,8 @@ def test_a_missing_input_is_said_alike_by_every_command(cli, tmp_path):
     missing = tmp_path / "gone.safetensors"
     out = tmp_path / "out.safetensors"
     runs = (("inspect", missing), ("convert", missing, out),
-            ("bake", missing, missing, "-o", out), ("lora", "merge", missing, missing, "--out", out),
+            ("bake", missing, missing, "-o", out),
+            ("lora", "merge", missing, missing, "--out", out),
             ("lora", "extract", missing, missing, "--rank", "4", "-o", out),
             ("render", missing, "-o", tmp_path / "renders"))
     for args in runs:
