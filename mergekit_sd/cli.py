@@ -347,17 +347,20 @@ def blocks(
 @app.command("demo-workspace")
 def demo_workspace(
     root: Path = typer.Argument(Path("demo-workspace"), help="Folder to create or refresh."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into a folder that holds "
+                                   "other files too, replacing any of the demo's names."),
 ) -> None:
     """Create a workspace of tiny demo models (make demo).
 
-    The models are generated with the real key layouts and random values.
+    The models are generated with the real key layouts and random values. ROOT must be new,
+    empty or a demo workspace already (it is then refreshed), unless --overwrite.
     """
     from mergekit_sd.cli_startup import import_torch
     from mergekit_sd.testing.workspace import make_demo_workspace
 
     import_torch()  # the models are made with it; Ctrl-C held while it loads (cli_startup)
     try:
-        made = make_demo_workspace(root)
+        made = make_demo_workspace(root, overwrite)
     except OSError as exc:  # a file where a folder goes, no permission, a full disk
         raise UserError(f"{exc.filename or root}: the demo workspace cannot be written there "
                         f"({exc.strerror or exc}); give another folder") from None
