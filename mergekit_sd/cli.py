@@ -79,7 +79,25 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
+    # -h as well as --help, here and (click hands it down to child contexts) on every command
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from mergekit_sd import __version__
+
+        typer.echo(f"mergekit-sd {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_show_version,
+                                 help="Print the version and exit."),
+) -> None:
+    """A workbench for Stable Diffusion checkpoints: inspect, convert, merge, judge."""
 
 
 @app.command()
@@ -193,8 +211,9 @@ def _load_plan(recipe: Path, assignments: list[str], out: Path | None, catalog: 
 def plan(
     recipe: Path = typer.Argument(..., help="The YAML recipe."),
     assignments: list[str] = typer.Option([], "--set", help=SET_HELP),
-    out: Path = typer.Option(None, "--out", help=OUT_HELP.format(verb="Show where merge would "
-                                                                 "write with this file")),
+    out: Path = typer.Option(None, "-o", "--out", help=OUT_HELP.format(verb="Show where merge "
+                                                                       "would write with this "
+                                                                       "file")),
     as_json: AsJson = False,
     catalog: CatalogOption = None,
     pull: bool = typer.Option(False, "--pull", help=PULL_HELP),
@@ -216,7 +235,7 @@ def plan(
 def merge(
     recipe: Path = typer.Argument(..., help="The YAML recipe."),
     assignments: list[str] = typer.Option([], "--set", help=SET_HELP),
-    out: Path = typer.Option(None, "--out", help=OUT_HELP.format(verb="Write this file")),
+    out: Path = typer.Option(None, "-o", "--out", help=OUT_HELP.format(verb="Write this file")),
     device: str = typer.Option("cpu", help="cpu or cuda: where the arithmetic runs."),
     as_json: AsJson = False,
     catalog: CatalogOption = None,
@@ -294,7 +313,8 @@ def pull(
 @recipe_app.command("extract")
 def recipe_extract(
     merged: Path = typer.Argument(..., help="A file written by mergekit-sd merge."),
-    out: Path = typer.Option(None, "-o", "--out", help="Recipe file to write (default: stdout)."),
+    out: Path = typer.Option(None, "-o", "--out",
+                                 help="Recipe file to write (default: stdout)."),
     output_path: Path = typer.Option(None, "--output-path",
                                      help="output.path in the recipe (default: MERGED's name)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
@@ -332,17 +352,20 @@ def blocks(
 @app.command("demo-workspace")
 def demo_workspace(
     root: Path = typer.Argument(Path("demo-workspace"), help="Folder to create or refresh."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into a folder that holds "
+                                   "other files too, replacing any of the demo's names."),
 ) -> None:
     """Create a workspace of tiny demo models (make demo).
 
-    The models are generated with the real key layouts and random values.
+    The models are generated with the real key layouts and random values. ROOT must be new,
+    empty or a demo workspace already (it is then refreshed), unless --overwrite.
     """
     from mergekit_sd.cli_startup import import_torch
     from mergekit_sd.testing.workspace import make_demo_workspace
 
     import_torch()  # the models are made with it; Ctrl-C held while it loads (cli_startup)
     try:
-        made = make_demo_workspace(root)
+        made = make_demo_workspace(root, overwrite)
     except OSError as exc:  # a file where a folder goes, no permission, a full disk
         raise UserError(f"{exc.filename or root}: the demo workspace cannot be written there "
                         f"({exc.strerror or exc}); give another folder") from None

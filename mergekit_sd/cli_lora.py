@@ -32,7 +32,7 @@ def _resolve(ref: str, resolver: _CatalogOnDemand) -> tuple[Path, str | None]:
     if path.is_file():  # an existing file wins, even one named like a reference (#1.safetensors)
         return path, None
     if is_path_ref(ref) and ("/" in ref or path.suffix in (".safetensors", ".ckpt", ".pt")):
-        raise UserError(f"{ref}: no such file; give an existing path or a catalog reference "
+        raise UserError(f"{ref}: does not exist; give an existing path or a catalog reference "
                         "(catalog:NAME, #ID, sha256:HEX, autov3:HEX)")
     try:
         found = resolver(ref)
@@ -160,7 +160,8 @@ def bake(
     base: str = typer.Argument(..., help="Checkpoint to bake into (path or catalog ref)."),
     loras: list[str] = typer.Argument(
         ..., help="LoRAs as LORA[:STRENGTH[:TE_STRENGTH]], e.g. style.safetensors:0.8"),
-    output: Path = typer.Option(..., "--output", "-o", help="The baked checkpoint to write."),
+    output: Path = typer.Option(..., "-o", "--out", "--output",
+                                help="The baked checkpoint to write."),
     te_strength: float | None = typer.Option(
         None, "--te-strength", help="Text-encoder strength for every LoRA without its own "
         "(default: each LoRA's strength)."),
@@ -168,7 +169,8 @@ def bake(
         [], "--blocks", help="Per-block strengths: a preset (all, none, in, mid, out, in-mid, "
         "mid-out, double, single) or comma-separated numbers; once for all LoRAs or once per "
         "LoRA."),
-    dtype: str = typer.Option("keep", "--dtype", help="Output dtype: keep, fp16, bf16, fp32."),
+    dtype: str = typer.Option("keep", "--dtype", help="Output dtype: keep, fp32, fp16, bf16, "
+                              "fp8_e4m3fn or fp8_e5m2 (also float32, float16, bfloat16)."),
     allow_unmatched: bool = typer.Option(
         False, "--allow-unmatched", help="Bake even when some LoRA modules name no weight of the "
         "base (they are listed either way)."),
@@ -220,14 +222,16 @@ def bake(
 @lora_app.command("merge")
 def lora_merge(
     loras: list[str] = typer.Argument(..., help="LoRAs as LORA[:WEIGHT], at least two."),
-    output: Path = typer.Option(..., "--output", "-o", help="The merged LoRA to write."),
+    output: Path = typer.Option(..., "-o", "--out", "--output",
+                                help="The merged LoRA to write."),
     rank: int | None = typer.Option(
         None, "--rank", help="Factor each weight's summed delta to this rank by SVD (default: "
         "concatenate the ranks, which is exact)."),
     base: str | None = typer.Option(
         None, "--base", help="A checkpoint of the LoRAs' architecture, for its weights' shapes "
         "(default: the architecture's real layout)."),
-    dtype: str = typer.Option("fp16", "--dtype", help="fp16, bf16 or fp32."),
+    dtype: str = typer.Option("fp16", "--dtype", help="fp16, bf16 or fp32 (also float16, "
+                              "bfloat16, float32)."),
     clamp_quantile: float | None = typer.Option(
         None, "--clamp-quantile", help="With --rank only (refused without it): clamp the "
         "factors at this quantile of their magnitudes (default 1: no clamp)."),
@@ -271,7 +275,8 @@ def lora_extract(
     tuned: str = typer.Argument(..., help="The fine-tuned checkpoint."),
     base: str = typer.Argument(..., help="The checkpoint it was tuned from."),
     rank: int = typer.Option(..., "--rank", help="Rank of linear and 1x1 conv modules."),
-    output: Path = typer.Option(..., "--output", "-o", help="The LoRA to write."),
+    output: Path = typer.Option(..., "-o", "--out", "--output",
+                                help="The LoRA to write."),
     conv_rank: int | None = typer.Option(
         None, "--conv-rank", help="Rank of 3x3 conv modules (LoCon); default: none extracted."),
     clamp_quantile: float = typer.Option(
@@ -279,7 +284,8 @@ def lora_extract(
         "magnitudes (kohya's script clamps at that of the signed values); 1 keeps them exact."),
     text_encoders: bool = typer.Option(True, "--text-encoders/--no-text-encoders",
                                        help="Extract text-encoder differences too."),
-    dtype: str = typer.Option("fp16", "--dtype", help="fp16, bf16 or fp32."),
+    dtype: str = typer.Option("fp16", "--dtype", help="fp16, bf16 or fp32 (also float16, "
+                              "bfloat16, float32)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
     catalog: CatalogOption = None,
 ) -> None:

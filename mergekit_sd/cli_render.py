@@ -37,7 +37,8 @@ LoraScale = Annotated[float | None, typer.Option("--lora-scale", help="Weight of
                                                                       "LoRA.")]
 Size = Annotated[str | None, typer.Option("--size", help="WIDTHxHEIGHT (default: the grid's).")]
 Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or mps.")]
-Dtype = Annotated[str, typer.Option("--dtype", help="auto, fp32, fp16 or bf16.")]
+Dtype = Annotated[str, typer.Option("--dtype", help="auto, fp32, fp16 or bf16 (also float32, "
+                                                   "float16, bfloat16).")]
 Batch = Annotated[int | None, typer.Option("--batch", help="Images per batch (default: fill "
                                                            "the device).")]
 ConfigDir = Annotated[Path | None, typer.Option("--config-dir", help=CONFIG_DIR_HELP)]
@@ -97,6 +98,7 @@ def _check_numbers(guidance: float | None, lora_scale: float | None) -> None:
 
 def _options(grid, preset, out, device, dtype, steps, guidance, scheduler, lora, lora_scale,
              size, batch, config_dir, html, overwrite):
+    from mergekit_sd.io.dtypes import RENDER_DTYPES, parse_dtype
     from mergekit_sd.render.folder import check_usable
     from mergekit_sd.render.grids import load_grid
     from mergekit_sd.render.presets import get_preset
@@ -107,6 +109,7 @@ def _options(grid, preset, out, device, dtype, steps, guidance, scheduler, lora,
     if batch is not None and batch < 1:
         raise UserError(f"--batch {batch}: give at least 1")
     _check_numbers(guidance, lora_scale)
+    dtype = parse_dtype(dtype, RENDER_DTYPES, "render")  # before anything is loaded
     options = RenderOptions(load_grid(grid), get_preset(preset), out, device, dtype, steps,
                             guidance, scheduler, lora, lora_scale, _size(size), batch,
                             config_dir, html=html, overwrite=overwrite)
@@ -179,7 +182,8 @@ def render(
     candidates: list[str] = typer.Argument(..., help="Checkpoint files, catalog names, or "
                                                      "recipes (a sweep: every candidate, "
                                                      "merged in memory)."),
-    out: Path = typer.Option(..., "--out", help="Folder for images, sheets and manifest."),
+    out: Path = typer.Option(..., "-o", "--out",
+                                  help="Folder for images, sheets and manifest."),
     grid: Grid = None,
     preset: Preset = "standard",
     steps: Steps = None,
@@ -225,7 +229,8 @@ def compare(
     a: str = typer.Argument(..., help="Candidate A: a file, catalog name or single-output "
                                       "recipe."),
     b: str = typer.Argument(..., help="Candidate B."),
-    out: Path = typer.Option(..., "--out", help="Folder for images, A/B sheets and manifest."),
+    out: Path = typer.Option(..., "-o", "--out",
+                                  help="Folder for images, A/B sheets and manifest."),
     grid: Grid = None,
     preset: Preset = "standard",
     steps: Steps = None,

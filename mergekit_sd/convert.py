@@ -15,9 +15,11 @@ from pathlib import Path
 
 from mergekit_sd.errors import BadModelFile, UserError
 from mergekit_sd.io.dtypes import (
+    CHECKPOINT_DTYPES,
     FLOAT_DTYPES,
     USER_DTYPES,
     dtype_name,
+    parse_dtype,
     safetensors_dtype,
     torch_dtype,
 )
@@ -27,7 +29,6 @@ from mergekit_sd.io.writer import StreamingWriter, TensorSpec, check_output_path
 
 ProgressCallback = Callable[[int, int], None]
 
-DTYPE_CHOICES = ("keep", *USER_DTYPES)
 META_CONVERTED_FROM = "mergekit_sd.converted_from"
 META_DTYPE = "mergekit_sd.dtype"
 # A merged file's recipe is carried as is: it says how the merge was made, and it cannot say
@@ -126,13 +127,8 @@ class _Cast:
 
 def _cast_dtype(dtype: str) -> str | None:
     """The safetensors dtype floats are cast to, or None for "keep"."""
-    key = dtype_name(dtype)
-    if key == "keep":
-        return None
-    if key not in USER_DTYPES:
-        raise UserError(f"--dtype {dtype!r} is not a known dtype; use one of "
-                        f"{', '.join(DTYPE_CHOICES)}")
-    return USER_DTYPES[key]
+    key = parse_dtype(dtype, CHECKPOINT_DTYPES, "convert")
+    return None if key == "keep" else USER_DTYPES[key]
 
 
 def _check_target(source: Path, target: Path, overwrite: bool) -> None:

@@ -35,3 +35,20 @@ def test_bake_help_names_its_defaults_and_required_arguments():
     shown = CliRunner().invoke(app, ["bake", "--help"], terminal_width=100)
     assert "BASE      [required]" in shown.output
     assert "[default: keep]" in shown.output
+
+
+def test_version_prints_the_package_version(cli):
+    from mergekit_sd import __version__
+
+    shown = cli("--version")
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout == f"mergekit-sd {__version__}\n"
+
+
+def test_dash_h_is_help_on_the_root_and_on_commands_of_every_kind():
+    runner = CliRunner()
+    for path in ([], ["merge"], ["bake"], ["lora", "extract"], ["catalog", "list"], ["render"]):
+        shown = runner.invoke(app, [*path, "-h"], terminal_width=100)
+        assert shown.exit_code == 0, (path, shown.output)
+        assert shown.output.startswith("Usage: "), (path, shown.output)
+        assert "-h, --help" in shown.output, (path, shown.output)

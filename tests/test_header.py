@@ -143,3 +143,41 @@ def test_header_length_that_starts_like_a_pickle_is_still_safetensors(tmp_path):
     path.write_bytes(struct.pack("<Q", len(body)) + body.encode() + b"\0" * 4)
     assert path.read_bytes()[:2] == b"\x80\x02"
     assert read_header(path).tensors["w"].shape == (1,)
+
+
+def test_a_text_file_is_said_to_be_text_not_a_huge_header(tmp_path):
+    """Text read as a header length is a number of 19 digits: never shown as a length, never
+    called truncated (the catalog calls a file that only when its length is plausible)."""
+    from catalog.identity import examine
+
+    recipe = tmp_path / "demo.yaml"
+    recipe.write_text("models:\n  a: a.safetensors\nsteps: []\n")
+    page = tmp_path / "download.safetensors"
+    page.write_text("<!DOCTYPE html><html><body>Rate limited – try later</body></html>\n")
+    with pytest.raises(BadModelFile) as caught:
+        read_header(recipe)
+    assert str(caught.value) == (
+        f"{recipe}: is not a safetensors file (it is text); a YAML recipe is run with "
+        f"`mergekit-sd plan {recipe}` and `mergekit-sd merge {recipe}`")
+    with pytest.raises(BadModelFile) as caught:
+        read_header(page)
+    assert str(caught.value) == f"{page}: is not a safetensors file (it is text)"
+    assert (examine(str(page)).status, examine(str(page)).problem) == (
+        "invalid", "is not a safetensors file (it is text)")
+
+
+def test_a_length_over_the_limit_is_no_safetensors_file_and_no_truncated_one(tmp_path):
+    from catalog.identity import examine
+
+    path = tmp_path / "junk.safetensors"
+    path.write_bytes(struct.pack("<Q", 10**9) + b"\0\1" * 20)
+    with pytest.raises(BadModelFile) as caught:
+        read_header(path)
+    assert str(caught.value) == (
+        f"{path}: is not a safetensors file (its first 8 bytes give a 1000000000-byte header, "
+        "over the format's 100 MB limit)")
+    assert examine(str(path)).status == "invalid"
+    # a plausible length the file cannot hold, its JSON begun: a download cut in its header
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(raw_safetensors(GOOD, b"\0" * 20, header_len=10_000))
+    assert examine(str(cut)).status == "truncated"

@@ -849,7 +849,7 @@ def test_bake_cli_strength_syntax_overwrite_and_inspect(tmp_path, bases, tuned, 
     assert "'0.5:0.2' after the file name is not WEIGHT; give one number" in cli.last_err
     assert_one_sentence(*cli("bake", bases["sd1"], f"{tmp_path}/none.safetensors:0.5", "-o",
                              other), 2)
-    assert "none.safetensors: no such file" in cli.last_err
+    assert "none.safetensors: does not exist; give an existing path" in cli.last_err
 
     extracted = tmp_path / "extracted.safetensors"
     code, stdout, err = cli("lora", "extract", tuned[0], bases["sd1"], "--rank", "4",

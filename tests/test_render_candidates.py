@@ -63,5 +63,6 @@ def test_a_candidate_path_that_cannot_be_opened_is_one_sentence(tmp_path, name):
 
     (tmp_path / "loop").symlink_to("loop")
     (tmp_path / "loop.yaml").symlink_to("loop.yaml")
-    with pytest.raises(UserError, match=r"^candidate .*: (cannot be opened \(.*\)|no such file)$"):
+    with pytest.raises(UserError,
+                       match=r"^candidate .*: (cannot be opened \(.*\)|does not exist)$"):
         collect_candidates([str(tmp_path / name)])

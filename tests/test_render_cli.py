@@ -239,7 +239,7 @@ def test_a_full_disk_while_writing_outputs_is_a_failure_not_a_traceback(tmp_path
     ("kohya-sdxl", "l.safetensors: is a kohya LoRA for SDXL; the candidates are SD1.x\n"),
     ("lokr-sd1", "l.safetensors: is a LyCORIS LoKr, which diffusers cannot fuse; give a LoRA "
                  "or LoCon, or --lora none\n"),
-    ("text", "l.safetensors: declares a "),
+    ("text", "l.safetensors: is not a safetensors file (it is text)\n"),
 ])
 def test_a_lora_that_cannot_be_fused_is_one_sentence_before_building(main, models, tmp_path,
                                                                       offline, lora, message):

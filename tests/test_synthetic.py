@@ -474,3 +474,48 @@ def test_demo_workspace_where_it_cannot_be_written_is_one_sentence(tmp_path):
     assert result.stderr.startswith(f"error: {tmp_path / 'a-file'}") and \
         "the demo workspace cannot be written there" in result.stderr, result.stderr
     assert result.stderr.count("\n") == 1
+
+
+def test_demo_workspace_refuses_a_folder_of_the_users_unless_overwrite(tmp_path):
+    """A web UI's folder (models of the user's, one named like a demo model) is left alone
+    with one sentence; --overwrite puts the demo beside them."""
+    from conftest import run_cli
+
+    webui = tmp_path / "webui"
+    checkpoints = webui / "models" / "Stable-diffusion"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "mine.safetensors").write_bytes(b"mine")
+    (checkpoints / "demo-sd15-base.safetensors").write_bytes(b"also mine")
+    result = run_cli("demo-workspace", webui)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"error: {webui}: holds files that are not the demo's (")
+    assert "pass --overwrite" in result.stderr and result.stderr.count("\n") == 1
+    assert sorted(p.name for p in webui.rglob("*")) == [
+        "Stable-diffusion", "demo-sd15-base.safetensors", "mine.safetensors", "models"]
+    assert (checkpoints / "demo-sd15-base.safetensors").read_bytes() == b"also mine"
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("buy milk")
+    assert run_cli("demo-workspace", notes).returncode == 2
+    assert [p.name for p in notes.iterdir()] == ["todo.txt"]
+
+    made = make_demo_workspace(webui, overwrite=True)
+    assert (checkpoints / "mine.safetensors").read_bytes() == b"mine"
+    assert read_header(checkpoints / "demo-sd15-base.safetensors").tensors
+    assert len(made) == 7
+
+
+def test_demo_workspace_is_refreshed_whatever_make_demo_wrote_into_it(tmp_path):
+    ws = tmp_path / "demo-workspace"
+    paths = make_demo_workspace(ws)
+    (ws / "merges").mkdir()
+    (ws / "merges" / "demo-mix@alpha=0.3.safetensors").write_bytes(paths[0].read_bytes())
+    (ws / "catalog.sqlite").write_bytes(b"SQLite format 3\0")
+    paths[1].write_bytes(b"damaged")
+    assert make_demo_workspace(ws) == paths
+    assert read_header(paths[1]).tensors
+    # one made before demo workspaces were marked: its models/ holds only demo models
+    (ws / ".mergekit-sd-demo").unlink()
+    assert make_demo_workspace(ws) == paths
+    assert (ws / ".mergekit-sd-demo").is_file()

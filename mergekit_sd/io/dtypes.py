@@ -1,4 +1,9 @@
-"""The safetensors dtype names: their sizes in bits and their torch equivalents."""
+"""The safetensors dtype names: their sizes in bits and their torch equivalents; the names
+users give (--dtype, a recipe's output.dtype) and the one parser every command reads them with."""
+
+import difflib
+
+from mergekit_sd.errors import UserError
 
 # name -> (bits per element, torch dtype attribute name)
 SAFETENSORS_DTYPES: dict[str, tuple[int, str]] = {
@@ -42,11 +47,45 @@ USER_DTYPES: dict[str, str] = {
 DTYPE_ALIASES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
+# The short names, in the order lists show them; each command takes its own selection (with
+# "keep" or "auto" where it has one) through `parse_dtype`.
+SHORT_DTYPES = tuple(name for name in USER_DTYPES if name not in DTYPE_ALIASES)
+CHECKPOINT_DTYPES = ("keep", *SHORT_DTYPES)  # convert, a recipe's output.dtype, bake
+LORA_DTYPES = ("fp16", "bf16", "fp32")  # lora merge/extract: factors in fp8 lose too much
+RENDER_DTYPES = ("auto", "fp32", "fp16", "bf16")  # what a pipeline computes in
+
+
 def dtype_name(text: str) -> str:
     """What a user typed as a dtype, in lower case and by its short name ("Float16" -> "fp16");
     a name that is none of USER_DTYPES or "keep" is left for the caller to refuse."""
     key = str(text).strip().lower()
     return DTYPE_ALIASES.get(key, key)
+
+
+def dtype_problem(text: str, accepted: tuple[str, ...], writer: str) -> str | None:
+    """None when `text` names one of `accepted` (by its short name, an alias, in any case);
+    else why not, as the end of one sentence that starts with the value's name (--dtype,
+    output.dtype): the names `writer` (e.g. "bake") accepts, and the nearest one."""
+    key = dtype_name(text)
+    if key in accepted:
+        return None
+    aliases = [alias for alias, short in DTYPE_ALIASES.items() if short in accepted]
+    names = f"{', '.join(accepted[:-1])} or {accepted[-1]}"
+    if aliases:
+        names += f" (also {', '.join(aliases)}, in any case)"
+    near = [] if key in USER_DTYPES else difflib.get_close_matches(key, [*accepted, *aliases], n=1)
+    takes = f"did you mean {near[0]!r}? It takes" if near else "it takes"
+    return f"{text!r} is not a dtype {writer} takes; {takes} {names}"
+
+
+def parse_dtype(text: str, accepted: tuple[str, ...], writer: str,
+                option: str = "--dtype") -> str:
+    """The short name of the dtype `text` names ("Float16" -> "fp16"), when `writer` takes it
+    (one of `accepted`); else a UserError of one sentence naming `option` and the choices."""
+    problem = dtype_problem(text, accepted, writer)
+    if problem is not None:
+        raise UserError(f"{option} {problem}")
+    return dtype_name(text)
 
 
 def nbytes_of(dtype: str, numel: int) -> int | None:

@@ -125,6 +125,8 @@ def read_header(path: str | os.PathLike, loads: JsonLoads = json.loads) -> Safet
                 "is a PyTorch pickle, not a safetensors file; convert it with "
                 "`mergekit-sd convert` and use the .safetensors it writes",
             )
+        if header_len > MAX_HEADER_BYTES or _looks_like_text(prefix):
+            _fail(path, _not_safetensors(path, prefix, header_len))
         f.seek(8)
         if header_len > file_size - 8:
             _fail(
@@ -132,10 +134,31 @@ def read_header(path: str | os.PathLike, loads: JsonLoads = json.loads) -> Safet
                 f"declares a {header_len}-byte header but the file has only {file_size} "
                 "bytes (a truncated download, or not a safetensors file)",
             )
-        if header_len > MAX_HEADER_BYTES:
-            _fail(path, f"declares a {header_len}-byte header, over the 100 MB limit")
         raw = f.read(header_len)
     return parse_header(path, raw, file_size, loads)
+
+
+# bytes of text files: printable ASCII, tab, newline, carriage return, and UTF-8's lead and
+# continuation bytes. Eight of them read as a header length of at least 0x0909090909090909,
+# far beyond MAX_HEADER_BYTES: no safetensors file starts so.
+_TEXT_BYTES = frozenset(b"\t\n\r") | frozenset(range(0x20, 0x7F)) | frozenset(range(0x80, 0xF5))
+
+
+def _looks_like_text(prefix: bytes) -> bool:
+    return all(byte in _TEXT_BYTES for byte in prefix)
+
+
+def _not_safetensors(path: Path, prefix: bytes, header_len: int) -> str:
+    """Why a file whose first 8 bytes are no header length a safetensors file can have (text,
+    or a length over the format's limit) is not one: never the nonsense length itself alone,
+    and no "truncated" (the catalog calls a file that only when its length is plausible)."""
+    if not _looks_like_text(prefix):
+        return (f"is not a safetensors file (its first 8 bytes give a {header_len}-byte "
+                "header, over the format's 100 MB limit)")
+    if path.suffix.lower() in (".yaml", ".yml"):
+        return ("is not a safetensors file (it is text); a YAML recipe is run with "
+                f"`mergekit-sd plan {path}` and `mergekit-sd merge {path}`")
+    return "is not a safetensors file (it is text)"
 
 
 def parse_header(path: Path, raw: bytes, file_size: int, loads: JsonLoads = json.loads

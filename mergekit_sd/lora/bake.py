@@ -22,7 +22,12 @@ from mergekit_sd.arch.architectures import ARCHITECTURES, Architecture
 from mergekit_sd.arch.identify import Identification, identify
 from mergekit_sd.convert import META_BAKED_LORAS, META_RECIPE_OUTPUT
 from mergekit_sd.errors import BadModelFile, UserError
-from mergekit_sd.io.dtypes import safetensors_dtype
+from mergekit_sd.io.dtypes import (
+    CHECKPOINT_DTYPES,
+    USER_DTYPES,
+    parse_dtype,
+    safetensors_dtype,
+)
 from mergekit_sd.io.hash_cache import known_sha256 as remembered_sha256
 from mergekit_sd.io.hashing import BackgroundSha256, file_sha256
 from mergekit_sd.io.header import SafetensorsHeader, read_header
@@ -36,7 +41,8 @@ from mergekit_sd.lora.strengths import BlockSpec, beyond_float32, block_strength
 from mergekit_sd.lora.targets import DIFFUSION, Target, TargetIndex, Unmatched
 from mergekit_sd.recipe.refs import recorded_ref
 
-OUTPUT_DTYPES = {"keep": None, "fp32": "F32", "fp16": "F16", "bf16": "BF16"}
+# the names --dtype takes (as convert and a recipe take them) -> safetensors dtype
+OUTPUT_DTYPES = {name: USER_DTYPES.get(name) for name in CHECKPOINT_DTYPES}
 UNKNOWN_SHA256 = "~" * 64  # in the metadata written first, until the hash is known
 _FLOATS = ("F64", "F32", "F16", "BF16")
 
@@ -162,8 +168,7 @@ def prepare_bake(base: str | Path, uses: list[LoraUse], output: str | Path,
     remembered), it starts being hashed now, on another core (`base_hash`). `base_ref` is the
     base as the user named it (default: the path `base`), for the provenance."""
     base = Path(base)
-    if dtype not in OUTPUT_DTYPES:
-        raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(OUTPUT_DTYPES)}")
+    dtype = parse_dtype(dtype, CHECKPOINT_DTYPES, "bake")
     for use in uses:
         _check_strengths(use)
     refuse_replacing_inputs(Path(output), [base, *(use.path for use in uses)])

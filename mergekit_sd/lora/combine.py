@@ -19,6 +19,7 @@ from mergekit_sd.arch.architectures import ARCHITECTURES, Architecture
 from mergekit_sd.arch.identify import Identification, identify
 from mergekit_sd.arch.layouts import load_layout
 from mergekit_sd.errors import BadModelFile, UserError
+from mergekit_sd.io.dtypes import LORA_DTYPES, parse_dtype
 from mergekit_sd.io.hashing import file_sha256
 from mergekit_sd.io.header import read_header
 from mergekit_sd.io.saturate import Clamped
@@ -27,7 +28,7 @@ from mergekit_sd.lora.bake import damaged, damaged_tensor, malformed, not_baked_
 from mergekit_sd.lora.compat import is_guess, lora_architecture, lora_fits, not_what_is_wanted
 from mergekit_sd.lora.deltas import module_delta
 from mergekit_sd.lora.extract import truncated_svd
-from mergekit_sd.lora.kohya_file import LORA_DTYPES, factors_for, write_kohya_lora
+from mergekit_sd.lora.kohya_file import factors_for, write_kohya_lora
 from mergekit_sd.lora.modules import LoraModule, load_lora
 from mergekit_sd.lora.strengths import strength_problem
 from mergekit_sd.lora.targets import Target, TargetIndex, Unmatched
@@ -157,8 +158,7 @@ def merge_loras(loras: list[tuple[Path, float]], output: Path, rank: int | None 
         problem = strength_problem(weight)
         if problem:
             raise UserError(f"{path}: weight {problem}; give a number such as 0.5")
-    if dtype not in LORA_DTYPES:
-        raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(LORA_DTYPES)}")
+    dtype = parse_dtype(dtype, LORA_DTYPES, "lora merge")
     refuse_replacing_inputs(Path(output), [p for p, _ in loras] + ([base] if base else []))
     found = [_lora_ident(p) for p, _ in loras]
     arch = _common_architecture(loras, found)

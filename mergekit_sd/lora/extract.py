@@ -18,13 +18,14 @@ from pathlib import Path
 from mergekit_sd.arch.architectures import ARCHITECTURES
 from mergekit_sd.arch.identify import identify
 from mergekit_sd.errors import BadModelFile, UserError
+from mergekit_sd.io.dtypes import LORA_DTYPES, parse_dtype
 from mergekit_sd.io.hashing import file_sha256
 from mergekit_sd.io.header import read_header
 from mergekit_sd.io.reader import SafetensorsReader
 from mergekit_sd.io.saturate import Clamped
 from mergekit_sd.io.writer import refuse_replacing_inputs
 from mergekit_sd.lora.compat import same_network
-from mergekit_sd.lora.kohya_file import LORA_DTYPES, factors_for, write_kohya_lora
+from mergekit_sd.lora.kohya_file import factors_for, write_kohya_lora
 from mergekit_sd.lora.targets import DIFFUSION, TargetIndex
 from mergekit_sd.progress import CancelToken, ProgressCallback, no_progress
 
@@ -71,8 +72,7 @@ def extract_lora(tuned: Path, base: Path, output: Path, rank: int, conv_rank: in
         raise UserError("--rank must be at least 1 and --conv-rank at least 0")
     if not 0 < clamp_quantile <= 1:
         raise UserError(f"--clamp-quantile {clamp_quantile}: give a number in (0, 1]")
-    if dtype not in LORA_DTYPES:
-        raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(LORA_DTYPES)}")
+    dtype = parse_dtype(dtype, LORA_DTYPES, "lora extract")
     cancel = cancel or CancelToken()
     refuse_replacing_inputs(Path(output), [tuned, base])
     headers = {p: read_header(p) for p in (tuned, base)}

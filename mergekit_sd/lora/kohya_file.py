@@ -11,14 +11,13 @@ from pathlib import Path
 
 from mergekit_sd import __version__
 from mergekit_sd.arch.architectures import Architecture
-from mergekit_sd.io.dtypes import safetensors_dtype
+from mergekit_sd.io.dtypes import USER_DTYPES, safetensors_dtype, torch_dtype
 from mergekit_sd.io.saturate import Clamped, saturating_cast
 from mergekit_sd.io.writer import StreamingWriter, TensorSpec
 from mergekit_sd.merge.provenance import MODELSPEC_ARCHITECTURE
 
 # what sd-scripts writes as ss_base_model_version
 _BASE_VERSIONS = {"sd": "sd_v1", "sdxl": "sdxl_base_v1-0", "flux": "flux1", "sd3": "sd3"}
-LORA_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 
 
 def factors_for(up, down, kernel: tuple[int, ...]):
@@ -36,7 +35,7 @@ def write_kohya_lora(path: Path, modules: dict[str, tuple], arch: Architecture, 
     written as infinities."""
     import torch
 
-    torch_dtype = getattr(torch, LORA_DTYPES[dtype])
+    factor_dtype = torch_dtype(USER_DTYPES[dtype])
     tensors: dict[str, object] = {}
     ranks = []
     for name in sorted(modules):
@@ -46,7 +45,7 @@ def write_kohya_lora(path: Path, modules: dict[str, tuple], arch: Architecture, 
         tensors[f"{name}.alpha"] = torch.tensor(float(rank), dtype=torch.float32)
         for role, factor in (("lora_down", down), ("lora_up", up)):
             key = f"{name}.{role}.weight"
-            tensors[key] = saturating_cast(factor, torch_dtype, key, clamped).contiguous()
+            tensors[key] = saturating_cast(factor, factor_dtype, key, clamped).contiguous()
     dim = max(ranks, default=0)
     metadata = {
         "ss_network_module": "networks.lora",

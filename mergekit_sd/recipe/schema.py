@@ -36,7 +36,7 @@ from pydantic import (
 )
 
 from mergekit_sd.arch.block_lists import plain_number
-from mergekit_sd.io.dtypes import dtype_name
+from mergekit_sd.io.dtypes import CHECKPOINT_DTYPES, dtype_name, dtype_problem
 
 Scalar = float | int | bool | str
 
@@ -200,8 +200,14 @@ class Step(Strict):
 
 
 def _short_dtype_name(value: Any) -> Any:
-    # the names `convert --dtype` takes (float16 ...), recorded as the short one
-    return dtype_name(value) if isinstance(value, str) else value
+    # the names `convert --dtype` takes (float16 ...), recorded as the short one; any other
+    # name gets the sentence every --dtype gives, not pydantic's list of the literals
+    if not isinstance(value, str):
+        return value
+    problem = dtype_problem(value, CHECKPOINT_DTYPES, "merge")
+    if problem is not None:
+        raise ValueError(problem)
+    return dtype_name(value)
 
 
 OutputDtype = Annotated[Literal["fp32", "fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2", "keep"],

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mergekit_sd.errors import UserError
+from mergekit_sd.io.dtypes import RENDER_DTYPES, USER_DTYPES, parse_dtype, torch_dtype
 from mergekit_sd.render.assets import TOKENIZER_FOLDERS, scheduler_config
 from mergekit_sd.render.components import build_modules, load_tokenizers
 from mergekit_sd.render.layout import (
@@ -33,11 +34,9 @@ def render_dtype(family: str, device: str, requested: str = "auto"):
     for SD1/SDXL and bf16 for SD3/FLUX, as their releases are meant to run."""
     import torch
 
-    names = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    requested = parse_dtype(requested, RENDER_DTYPES, "render")
     if requested != "auto":
-        if requested not in names:
-            raise UserError(f"--dtype {requested!r}: use auto, fp32, fp16 or bf16")
-        return names[requested]
+        return torch_dtype(USER_DTYPES[requested])
     if device == "cpu":
         return torch.float32
     return torch.bfloat16 if family in ("sd3", "flux") else torch.float16

@@ -57,7 +57,7 @@ def resolve_file(ref: str, resolver: Resolver | None, what: str, advice: str = "
         if cached is not None:
             return ResolvedModel(cached)
     elif looks_like_path(ref):
-        raise UserError(f"{what} {ref}: no such file")
+        raise UserError(f"{what} {ref}: does not exist")
     try:
         return (resolver or NoResolver())(ref)
     except LookupError as exc:
