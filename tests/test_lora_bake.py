@@ -899,6 +899,26 @@ def test_a_recipe_refuses_a_module_of_the_wrong_width_while_planning(tmp_path, b
     assert "allow_unmatched" in err
 
 
+def test_a_recipe_allowing_unmatched_modules_lists_them_in_its_notes(tmp_path, bases, cli):
+    """allow_unmatched: true bakes the rest, as --allow-unmatched does, and lists what it left
+    out (plan, merge's stderr and --json notes): every module lands or is listed."""
+    lora = with_bogus_module(write_lora(tmp_path / "extra.safetensors", "kohya-sd1"))
+    recipe = tmp_path / "bake.yaml"
+    recipe.write_text(
+        f"version: 1\nmodels:\n  base: {bases['sd1']}\n  extra: {lora}\nsteps:\n"
+        "  - name: baked\n    method: bake_lora\n    allow_unmatched: true\n"
+        "    inputs: [base]\n    loras:\n      - model: extra\noutput:\n  path: out.safetensors\n")
+    code, out, err = cli("plan", recipe)
+    assert code == 0, err
+    flat = " ".join(out.split())  # the table wraps long lines
+    assert "1 LoRA module not baked" in flat and BOGUS in flat, out
+    code, out, err = cli("merge", recipe, "--json")
+    assert code == 0, err
+    notes = json.loads(out)["notes"]
+    assert any("1 LoRA module not baked" in n and f"extra: {BOGUS}" in n for n in notes), notes
+    assert BOGUS in err
+
+
 def test_tensors_of_no_module_kind_are_listed_like_unmatched_modules(tmp_path, bases):
     lora = write_lora(tmp_path / "norms.safetensors", "kohya-sd1")
     with safe_open(lora, "pt") as f:
