@@ -199,7 +199,8 @@ def bake(
         spec = blocks[i] if len(blocks) > 1 else (blocks[0] if blocks else None)
         uses.append(LoraUse(ref, path, strength, te, spec, sha))
     _check_output(output, overwrite, [base_path, *(use.path for use in uses)])
-    plan = prepare_bake(base_path, uses, output, dtype, known_sha256=base_sha, base_ref=base)
+    plan = prepare_bake(base_path, uses, output, dtype, known_sha256=base_sha, base_ref=base,
+                        allow_unmatched=allow_unmatched)
     # the output begins (tensors no LoRA names) while the LoRAs load and torch is imported
     with BakeStream(plan) as stream:
         import_torch()

@@ -83,6 +83,9 @@ class BakePlan:
     touched: set[str] = field(default_factory=set)  # keys some LoRA module names
     lora_headers: list[SafetensorsHeader] = field(default_factory=list)  # read while planning
     base_ref: str = ""  # the base as the user named it (a path or a catalog reference)
+    # bake past modules that land nowhere (--allow-unmatched): recorded in the recipe stored,
+    # so that `recipe extract` gives one that bakes the same tensors again
+    allow_unmatched: bool = False
 
     def stop(self) -> None:
         """Stop the work it runs in the background (the base's hash): the bake is not going
@@ -142,10 +145,11 @@ def _check_lora(use: LoraUse, found: Identification, arch: Architecture,
 
 
 def plan_bake(base: str | Path, uses: list[LoraUse], output: str | Path, dtype: str = "keep",
-              known_sha256: str | None = None, base_ref: str | None = None) -> BakePlan:
+              known_sha256: str | None = None, base_ref: str | None = None,
+              allow_unmatched: bool = False) -> BakePlan:
     """Check the inputs and aim every LoRA module at its weight (`prepare_bake`, then
     `load_loras`)."""
-    plan = prepare_bake(base, uses, output, dtype, known_sha256, base_ref)
+    plan = prepare_bake(base, uses, output, dtype, known_sha256, base_ref, allow_unmatched)
     try:
         load_loras(plan)
     except BaseException:
@@ -156,11 +160,12 @@ def plan_bake(base: str | Path, uses: list[LoraUse], output: str | Path, dtype: 
 
 def prepare_bake(base: str | Path, uses: list[LoraUse], output: str | Path,
                  dtype: str = "keep", known_sha256: str | None = None,
-                 base_ref: str | None = None) -> BakePlan:
+                 base_ref: str | None = None, allow_unmatched: bool = False) -> BakePlan:
     """The plan as far as the files' headers tell it: the base and the LoRAs checked, and the
     weights the LoRAs' modules name (`touched`). Unless the base's SHA256 is known (given, or
     remembered), it starts being hashed now, on another core (`base_hash`). `base_ref` is the
-    base as the user named it (default: the path `base`), for the provenance."""
+    base as the user named it (default: the path `base`), for the provenance, as is
+    `allow_unmatched` (the caller refuses a bake with unmatched modules without it)."""
     base = Path(base)
     if dtype not in OUTPUT_DTYPES:
         raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(OUTPUT_DTYPES)}")
@@ -173,7 +178,8 @@ def prepare_bake(base: str | Path, uses: list[LoraUse], output: str | Path,
     for use, lora_header in zip(uses, lora_headers, strict=True):  # before the key maps
         _check_lora(use, identify(lora_header), arch, lora_header)
     plan = BakePlan(base, header, arch, uses, [], Path(output), dtype, known_sha256=known_sha256,
-                    lora_headers=lora_headers, base_ref=str(base) if base_ref is None else base_ref)
+                    lora_headers=lora_headers, base_ref=str(base) if base_ref is None else base_ref,
+                    allow_unmatched=allow_unmatched)
     if not known_sha256 and not remembered_sha256(base):
         plan.base_hash = BackgroundSha256(base)
     try:
@@ -467,10 +473,13 @@ def bake_metadata(plan: BakePlan, base_sha256: str) -> dict[str, str]:
     folder = plan.output.parent
     refs = [recorded_ref(plan.base_ref, plan.base, folder),
             *(recorded_ref(u.ref, u.path, folder) for u in plan.uses)]
+    step = {"name": "bake", "method": "bake_lora", "inputs": [names[0]], "loras": loras}
+    if plan.allow_unmatched:  # as a recipe's step records it (merge/provenance.py)
+        step["allow_unmatched"] = True
     recipe = {
         "version": 1,
         "models": {n: {"ref": r, "sha256": s} for n, r, s in zip(names, refs, shas, strict=True)},
-        "steps": [{"name": "bake", "method": "bake_lora", "inputs": [names[0]], "loras": loras}],
+        "steps": [step],
         # a bake writes every tensor of the base, EMA too, where a recipe drops EMA by default
         "output": {"step": "bake", "dtype": plan.dtype, "title": plan.output.stem,
                    "drop_ema": False},
