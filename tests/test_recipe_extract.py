@@ -13,6 +13,7 @@ import yaml
 from conftest import run_cli
 from safetensors.torch import load_file
 
+from mergekit_sd.errors import UserError
 from mergekit_sd.testing import write_checkpoint
 
 RECIPE = """version: 1
@@ -66,6 +67,20 @@ def test_damaged_recipe_metadata_is_one_sentence(tmp_path, stored):
     assert result.stderr.strip() == (
         f"error: {path}: its mergekit-sd recipe metadata (mergekit_sd.recipe) is damaged, so "
         "no recipe can be extracted from it")
+
+
+@pytest.mark.parametrize(("key", "command"), [("mergekit_sd.merged_loras", "lora merge"),
+                                            ("mergekit_sd.extracted_from", "lora extract")])
+def test_a_lora_of_our_lora_commands_is_said_to_have_no_recipe_but_its_inputs(tmp_path, key,
+                                                                              command):
+    from mergekit_sd.recipe.extract import extract_recipe
+    from mergekit_sd.testing import write_lora
+
+    lora = write_lora(tmp_path / "l.safetensors", "kohya-sd1", metadata={key: "[]"})
+    with pytest.raises(UserError) as refused:
+        extract_recipe(lora)
+    assert f"`mergekit-sd {command}`" in str(refused.value)
+    assert "catalog lineage" in str(refused.value) and "bake" in str(refused.value)
 
 
 def test_extract_refuses_an_existing_file_and_never_replaces_the_merged_file(tmp_path):
