@@ -919,6 +919,42 @@ def test_a_recipe_allowing_unmatched_modules_lists_them_in_its_notes(tmp_path, b
     assert BOGUS in err
 
 
+def test_a_bake_replaces_the_bases_automatic1111_keys_as_a_bake_lora_step_does(tmp_path, cli):
+    """The base's sd_merge_recipe (a plain merge's) is not copied onto the baked file: `bake`
+    writes AUTOMATIC1111's keys and modelspec's lineage as a recipe's bake_lora step does, the
+    base in the primary slot and its own recipe nested under sd_merge_models."""
+    mix = {"type": "webui", "interp_method": "Weighted sum", "multiplier": 0.3,
+           "custom_name": "mix", "primary_model_hash": "a" * 64}
+    ancestors = {"a" * 64: {"name": "a.safetensors", "legacy_hash": "01234567",
+                            "sd_merge_recipe": None}}
+    base = write_checkpoint(tmp_path / "mix.safetensors", "sd1", dtype="F32", metadata={
+        "sd_merge_recipe": json.dumps(mix), "sd_merge_models": json.dumps(ancestors),
+        "modelspec.merged_from": "a.safetensors, b.safetensors", "modelspec.date": "2020-01-01"})
+    lora = write_lora(tmp_path / "style.safetensors", "kohya-sd1")
+    code, _, err = cli("bake", base, f"{lora}:0.8", "-o", tmp_path / "baked.safetensors")
+    assert code == 0, err
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"version: 1\nmodels:\n  base: {base}\n  style: {lora}\nsteps:\n"
+        "  - name: bake\n    method: bake_lora\n    inputs: [base]\n    loras:\n"
+        "      - {model: style, strength: 0.8}\n"
+        "output:\n  path: stepped.safetensors\n  title: baked\n  dtype: keep\n")
+    code, _, err = cli("merge", recipe)
+    assert code == 0, err
+    with safe_open(tmp_path / "baked.safetensors", "pt") as f:
+        baked = f.metadata()
+    with safe_open(tmp_path / "stepped.safetensors", "pt") as f:
+        stepped = f.metadata()
+    a1111 = json.loads(baked["sd_merge_recipe"])
+    assert (a1111["interp_method"], a1111["custom_name"]) == ("bake_lora", "baked")
+    assert a1111["primary_model_hash"] == hashlib.sha256(base.read_bytes()).hexdigest()
+    models = json.loads(baked["sd_merge_models"])
+    assert models[a1111["primary_model_hash"]]["sd_merge_recipe"] == mix
+    assert models["a" * 64] == ancestors["a" * 64]
+    for key in ("sd_merge_recipe", "sd_merge_models", "modelspec.merged_from", "modelspec.date"):
+        assert baked[key] == stepped[key], key
+
+
 def test_tensors_of_no_module_kind_are_listed_like_unmatched_modules(tmp_path, bases):
     lora = write_lora(tmp_path / "norms.safetensors", "kohya-sd1")
     with safe_open(lora, "pt") as f:

@@ -12,6 +12,7 @@ once through them.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import math
 from dataclasses import dataclass, field
@@ -19,12 +20,13 @@ from pathlib import Path
 
 from mergekit_sd import __version__
 from mergekit_sd.arch.architectures import ARCHITECTURES, Architecture
+from mergekit_sd.arch.diffusion import SD_CONV_IN_KEYS, sd_conv_in_variant
 from mergekit_sd.arch.identify import Identification, identify
 from mergekit_sd.convert import META_BAKED_LORAS, META_RECIPE_OUTPUT
 from mergekit_sd.errors import BadModelFile, UserError
 from mergekit_sd.io.dtypes import safetensors_dtype
 from mergekit_sd.io.hash_cache import known_sha256 as remembered_sha256
-from mergekit_sd.io.hashing import BackgroundSha256, file_sha256
+from mergekit_sd.io.hashing import BackgroundSha256, file_sha256, legacy_model_hash
 from mergekit_sd.io.header import SafetensorsHeader, read_header
 from mergekit_sd.io.nonfinite import all_finite as _finite
 from mergekit_sd.io.saturate import Clamped
@@ -34,6 +36,7 @@ from mergekit_sd.lora.deltas import DeltaShapeError, apply_dora, module_delta
 from mergekit_sd.lora.modules import LoraFile, LoraModule, group_modules, load_lora
 from mergekit_sd.lora.strengths import BlockSpec, beyond_float32, block_strengths, strength_problem
 from mergekit_sd.lora.targets import DIFFUSION, Target, TargetIndex, Unmatched
+from mergekit_sd.merge.a1111 import a1111_models_entry, a1111_recipe
 from mergekit_sd.recipe.refs import recorded_ref
 
 OUTPUT_DTYPES = {"keep": None, "fp32": "F32", "fp16": "F16", "bf16": "BF16"}
@@ -486,6 +489,7 @@ def bake_metadata(plan: BakePlan, base_sha256: str) -> dict[str, str]:
     }
     metadata = dict(plan.header.metadata)
     metadata.pop(META_RECIPE_OUTPUT, None)  # the recipe below makes this very file
+    metadata.update(_a1111_metadata(plan, base_sha256))
     metadata.update({
         "modelspec.title": plan.output.stem,
         "mergekit_sd.recipe": json.dumps(recipe, sort_keys=True),
@@ -496,6 +500,23 @@ def bake_metadata(plan: BakePlan, base_sha256: str) -> dict[str, str]:
     })
     metadata.setdefault("format", "pt")
     return metadata
+
+
+def _a1111_metadata(plan: BakePlan, base_sha256: str) -> dict[str, str]:
+    """AUTOMATIC1111's merge keys and modelspec's lineage for the bake, as a recipe's bake_lora
+    step writes them (merge/provenance.py): the base in the primary slot, its own keys nested
+    under sd_merge_models. The base's would otherwise be copied, and a baked merge show as that
+    plain merge in AUTOMATIC1111, Forge and Civitai."""
+    prefix = _diffusion_prefix(plan.header)
+    conv_in = next((plan.header.tensors[prefix + k].shape for k in SD_CONV_IN_KEYS
+                    if prefix + k in plan.header.tensors), ())
+    recipe = a1111_recipe({"primary": base_sha256}, {}, "bake_lora", None, plan.dtype == "fp16",
+                          plan.output.stem, None, sd_conv_in_variant(tuple(conv_in)))
+    models = a1111_models_entry(plan.header.metadata, plan.base.name, base_sha256,
+                                legacy_model_hash(plan.base))
+    return {"modelspec.date": dt.datetime.now(dt.UTC).date().isoformat(),
+            "modelspec.merged_from": plan.base.name,
+            "sd_merge_recipe": json.dumps(recipe), "sd_merge_models": json.dumps(models)}
 
 
 def _model_names(plan: BakePlan) -> list[str]:
