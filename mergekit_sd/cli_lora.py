@@ -214,7 +214,7 @@ def bake(
         with rich_progress() as progress:
             written = stream.finish(progress)
     typer.echo(f"baked {len(uses)} LoRA{'s' if len(uses) != 1 else ''} into {base_path.name}: "
-               f"{plan.changed_keys()} tensors changed → {written}")
+               f"{plan.changed_keys()} tensors a LoRA touches → {written}")
     _say_clamped(plan.clamped)
 
 

@@ -260,7 +260,9 @@ def test_the_count_of_changed_tensors_leaves_out_those_at_strength_0(tmp_path, b
     assert code == 0, err
     base, baked = load_file(bases["sd1"]), load_file(out)
     really = sum(not torch.equal(base[k], baked[k]) for k in base)
-    assert f": {really} tensors changed →" in stdout
+    # the tensors some module reaches at a strength other than 0 (counted from the plan: a
+    # delta may still round away in a narrow dtype, so not "changed")
+    assert f": {really} tensors a LoRA touches →" in stdout
 
 
 @pytest.mark.parametrize(("arch", "preset"), [
