@@ -31,13 +31,15 @@ def _resolve(ref: str, resolver: _CatalogOnDemand) -> tuple[Path, str | None]:
     path = Path(ref).expanduser()
     if path.is_file():  # an existing file wins, even one named like a reference (#1.safetensors)
         return path, None
+    folder = UserError(f"{ref}: is a folder (a diffusers model?); give a single .safetensors "
+                       "file") if path.is_dir() else None
     if is_path_ref(ref) and ("/" in ref or path.suffix in (".safetensors", ".ckpt", ".pt")):
-        raise UserError(f"{ref}: no such file; give an existing path or a catalog reference "
-                        "(catalog:NAME, #ID, sha256:HEX, autov3:HEX)")
+        raise folder or UserError(f"{ref}: no such file; give an existing path or a catalog "
+                                  "reference (catalog:NAME, #ID, sha256:HEX, autov3:HEX)")
     try:
         found = resolver(ref)
     except LookupError as exc:
-        raise UserError(str(exc)) from None
+        raise folder or UserError(str(exc)) from None  # a folder is meant if no entry is
     return found.path, found.sha256
 
 
