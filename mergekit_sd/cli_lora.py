@@ -40,6 +40,10 @@ def _resolve(ref: str, resolver: _CatalogOnDemand) -> tuple[Path, str | None]:
         found = resolver(ref)
     except LookupError as exc:
         raise folder or UserError(str(exc)) from None  # a folder is meant if no entry is
+    except UserError:  # no catalog to ask
+        if folder:
+            raise folder from None
+        raise
     return found.path, found.sha256
 
 
