@@ -226,7 +226,8 @@ def bake(
 
 @lora_app.command("merge")
 def lora_merge(
-    loras: list[str] = typer.Argument(..., help="LoRAs as LORA[:WEIGHT], at least two."),
+    loras: list[str] = typer.Argument(
+        ..., help="LoRAs as LORA[:WEIGHT]: at least two, or one with --rank to resize it."),
     output: Path = typer.Option(..., "--output", "-o", help="The merged LoRA to write."),
     rank: int | None = typer.Option(
         None, "--rank", help="Factor each weight's summed delta to this rank by SVD (default: "
@@ -268,8 +269,10 @@ def lora_merge(
             raise WorkFailed(f"{plural(count, 'LoRA module')} cannot go into the merged LoRA "
                              f"({what}); nothing written (pass --allow-unmatched to merge the "
                              "rest)")
-    typer.echo(f"merged {len(pairs)} LoRAs: {report.modules} modules, rank up to {report.rank} "
-               f"→ {output}")
+    for note in report.notes:
+        typer.echo(f"note: {note}", err=True)
+    typer.echo(f"merged {len(pairs)} LoRA{'s' if len(pairs) != 1 else ''}: {report.modules} "
+               f"modules, rank up to {report.rank} → {output}")
     _say_clamped(report.clamped)
 
 

@@ -787,6 +787,39 @@ def test_merge_of_loha_by_concatenation_asks_for_a_rank(tmp_path, bases, cli):
     assert out.exists()
 
 
+def test_one_lora_is_resized_by_svd_and_refused_without_a_rank(tmp_path, bases, cli):
+    """`lora merge A --rank R` resizes a LoRA (a LoHa becomes a plain kohya LoRA); one LoRA
+    concatenated would be itself, so that is refused in one sentence."""
+    a = write_lora(tmp_path / "a.safetensors", "loha-sd1", seed=1, dtype="F32")
+    out = tmp_path / "resized.safetensors"
+    assert_one_sentence(*cli("lora", "merge", a, "-o", out), 2)
+    assert "--rank" in cli.last_err and not out.exists()
+    code, stdout, err = cli("lora", "merge", a, "--rank", "2", "--base", bases["sd1"], "-o", out)
+    assert code == 0, err
+    assert "merged 1 LoRA:" in stdout
+    assert {v.shape[0] for k, v in load_file(out).items() if k.endswith("lora_down.weight")} == {2}
+
+
+def test_a_lora_at_weight_0_is_left_out_with_a_note(tmp_path, bases, cli):
+    """At weight 0 a LoRA adds nothing but its rank to a concatenation: left out, said."""
+    a = write_lora(tmp_path / "a.safetensors", "kohya-sd1", seed=1, dtype="F32")
+    b = write_lora(tmp_path / "b.safetensors", "kohya-sd1", seed=2, dtype="F32")
+    out = tmp_path / "merged.safetensors"
+    code, stdout, err = cli("lora", "merge", f"{a}:0", b, "-o", out, "--dtype", "fp32")
+    assert code == 0, err
+    assert "a.safetensors: weight 0, so it is left out" in err and "rank up to 4" in stdout
+    assert {v.shape[0] for k, v in load_file(out).items() if k.endswith("lora_down.weight")} == {4}
+    assert_one_sentence(*cli("lora", "merge", f"{a}:0", f"{b}:0", "-o", out, "--overwrite"), 2)
+
+
+def test_a_file_given_twice_is_listed_once_per_argument(tmp_path, cli):
+    lora = with_bogus_module(write_lora(tmp_path / "x.safetensors", "kohya-sd1"))
+    code, _, err = cli("lora", "merge", lora, lora, "-o", tmp_path / "m.safetensors")
+    assert code == 1, err
+    assert "x.safetensors (argument 1): 1 module names no weight" in err, err
+    assert "x.safetensors (argument 2): 1 module names no weight" in err, err
+
+
 def test_merge_of_two_sdxl_loras_with_clip_g_modules(tmp_path, bases):
     a = write_lora(tmp_path / "a.safetensors", "kohya-sdxl", seed=1, dtype="F32")
     b = write_lora(tmp_path / "b.safetensors", "kohya-sdxl", seed=2, dtype="F32")
