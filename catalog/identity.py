@@ -174,8 +174,9 @@ def base_model_label(found: Identification, metadata: dict[str, str]) -> str | N
 
 def parents_from_metadata(metadata: dict[str, str]) -> list[Parent]:
     """The models this file was made from, as its metadata names them: AUTOMATIC1111's
-    `sd_merge_models` (sha256 -> name), our own recipe (inputs pinned by SHA256), kohya's
-    training base (`ss_new_sd_model_hash` full, `ss_sd_model_hash` legacy AutoV1)."""
+    `sd_merge_models` (sha256 -> name), our own recipe (inputs pinned by SHA256), the LoRAs a
+    `lora merge` merged and the pair a `lora extract` took apart (each with its SHA256),
+    kohya's training base (`ss_new_sd_model_hash` full, `ss_sd_model_hash` legacy AutoV1)."""
     parents: dict[tuple[str, str, str], Parent] = {}
 
     def add(kind: str, ref, name, role: str) -> None:
@@ -192,6 +193,16 @@ def parents_from_metadata(metadata: dict[str, str]) -> list[Parent]:
                     roles.get(name, "merge input"))
         output = recipe.get("output") if isinstance(recipe.get("output"), dict) else {}
         add("sha256", output.get("vae_sha256"), output.get("vae"), "baked VAE")
+    merged = _json(metadata.get("mergekit_sd.merged_loras"))
+    for lora in merged if isinstance(merged, list) else []:
+        if isinstance(lora, dict):
+            add("sha256", lora.get("sha256"), lora.get("name"), "merged LoRA input")
+    extracted = _json(metadata.get("mergekit_sd.extracted_from"))
+    if isinstance(extracted, dict):
+        for part, role in (("tuned", "extracted from (tuned)"), ("base", "extraction base")):
+            model = extracted.get(part)
+            if isinstance(model, dict):
+                add("sha256", model.get("sha256"), model.get("name"), role)
     merge_models = _json(metadata.get("sd_merge_models"))
     if isinstance(merge_models, dict) and not parents:
         # AUTOMATIC1111 lists ancestors too; without a recipe to tell the direct inputs apart,

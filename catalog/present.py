@@ -176,23 +176,32 @@ def show_dupes(groups: list[DuplicateGroup]) -> None:
               "could be freed by keeping one file of each")
 
 
-def _label(node: Node) -> str:
-    where = f"#{node.entry_id} {node.path}" if node.entry_id else "not in the catalog"
+def _label(node: Node, unhashed: int) -> str:
+    if node.entry_id and not node.hashed:
+        where = (f"#{node.entry_id} {node.path}; not hashed in the catalog yet: "
+                 "`catalog scan --hash`")
+    elif node.entry_id:
+        where = f"#{node.entry_id} {node.path}"
+    elif unhashed:  # matched by hash only: it may be one of them
+        where = (f"no hashed catalog entry; {unhashed} entr{'y is' if unhashed == 1 else 'ies are'}"
+                 " not hashed yet, `catalog scan --hash` hashes them")
+    else:
+        where = "not in the catalog"
     ref = f" [{node.ref[:12]}]" if node.ref else ""
     role = f"{node.role}: " if node.role else ""
     return f"{role}{node.name or '?'}{ref} ({where})"
 
 
-def _grow(tree: Tree, nodes: list[Node]) -> None:
+def _grow(tree: Tree, nodes: list[Node], unhashed: int) -> None:
     for node in nodes:
-        _grow(tree.add(_label(node)), node.parents)
+        _grow(tree.add(_label(node, unhashed)), node.parents, unhashed)
 
 
 def show_lineage(found: Lineage) -> None:
     out = console()
     root = Tree(f"{found.tree.name} (#{found.tree.entry_id})")
     if found.tree.parents:
-        _grow(root, found.tree.parents)
+        _grow(root, found.tree.parents, found.unhashed)
     else:
         root.add("no parents recorded in its metadata")
     out.print(root)

@@ -31,13 +31,19 @@ def _resolve(ref: str, resolver: _CatalogOnDemand) -> tuple[Path, str | None]:
     path = Path(ref).expanduser()
     if path.is_file():  # an existing file wins, even one named like a reference (#1.safetensors)
         return path, None
+    folder = UserError(f"{ref}: is a folder (a diffusers model?); give a single .safetensors "
+                       "file") if path.is_dir() else None
     if is_path_ref(ref) and ("/" in ref or path.suffix in (".safetensors", ".ckpt", ".pt")):
-        raise UserError(f"{ref}: does not exist; give an existing path or a catalog reference "
-                        "(catalog:NAME, #ID, sha256:HEX, autov3:HEX)")
+        raise folder or UserError(f"{ref}: does not exist; give an existing path or a catalog "
+                                  "reference (catalog:NAME, #ID, sha256:HEX, autov3:HEX)")
     try:
         found = resolver(ref)
     except LookupError as exc:
-        raise UserError(str(exc)) from None
+        raise folder or UserError(str(exc)) from None  # a folder is meant if no entry is
+    except UserError:  # no catalog to ask
+        if folder:
+            raise folder from None
+        raise
     return found.path, found.sha256
 
 
@@ -201,7 +207,8 @@ def bake(
         spec = blocks[i] if len(blocks) > 1 else (blocks[0] if blocks else None)
         uses.append(LoraUse(ref, path, strength, te, spec, sha))
     _check_output(output, overwrite, [base_path, *(use.path for use in uses)])
-    plan = prepare_bake(base_path, uses, output, dtype, known_sha256=base_sha, base_ref=base)
+    plan = prepare_bake(base_path, uses, output, dtype, known_sha256=base_sha, base_ref=base,
+                        allow_unmatched=allow_unmatched)
     # the output begins (tensors no LoRA names) while the LoRAs load and torch is imported
     with BakeStream(plan) as stream:
         import_torch()
@@ -215,13 +222,14 @@ def bake(
         with rich_progress() as progress:
             written = stream.finish(progress)
     typer.echo(f"baked {len(uses)} LoRA{'s' if len(uses) != 1 else ''} into {base_path.name}: "
-               f"{plan.changed_keys()} tensors changed → {written}")
+               f"{plan.changed_keys()} tensors a LoRA touches → {written}")
     _say_clamped(plan.clamped)
 
 
 @lora_app.command("merge")
 def lora_merge(
-    loras: list[str] = typer.Argument(..., help="LoRAs as LORA[:WEIGHT], at least two."),
+    loras: list[str] = typer.Argument(
+        ..., help="LoRAs as LORA[:WEIGHT]: at least two, or one with --rank to resize it."),
     output: Path = typer.Option(..., "-o", "--out", "--output",
                                 help="The merged LoRA to write."),
     rank: int | None = typer.Option(
@@ -265,8 +273,10 @@ def lora_merge(
             raise WorkFailed(f"{plural(count, 'LoRA module')} cannot go into the merged LoRA "
                              f"({what}); nothing written (pass --allow-unmatched to merge the "
                              "rest)")
-    typer.echo(f"merged {len(pairs)} LoRAs: {report.modules} modules, rank up to {report.rank} "
-               f"→ {output}")
+    for note in report.notes:
+        typer.echo(f"note: {note}", err=True)
+    typer.echo(f"merged {len(pairs)} LoRA{'s' if len(pairs) != 1 else ''}: {report.modules} "
+               f"modules, rank up to {report.rank} → {output}")
     _say_clamped(report.clamped)
 
 

@@ -97,6 +97,9 @@ def _lora_alpha(header: SafetensorsHeader, ident: Identification):
     if not keys and not ident.lora.ranks:  # full diffs: whole weight changes, no rank to scale
         return None, None
     if not keys:
+        from_config = _peft_metadata_alpha(header)
+        if from_config[0] is not None:
+            return from_config
         return None, (f"ss_network_alpha says {said}, but no alpha is stored" if said else None)
     values, invalid = _alpha_values(header, keys)
     notes = [f"{n} alpha tensor(s) {problem}" for problem, n in sorted(invalid.items())]
@@ -104,6 +107,36 @@ def _lora_alpha(header: SafetensorsHeader, ident: Identification):
         notes.append(f"ss_network_alpha says {said}; the tensors' values apply")
     alpha = sorted(values)
     return (alpha[0] if len(alpha) == 1 else alpha or None), "; ".join(notes) or None
+
+
+def _peft_metadata_alpha(header: SafetensorsHeader):
+    """(alpha, note) from diffusers' PEFT config in `lora_adapter_metadata`, as bake scales by
+    it (`peft_alpha`): the distinct values, and the note naming them by component; (None,
+    None) when it gives none."""
+    from mergekit_sd.lora.modules import group_modules, peft_alpha, peft_configs
+
+    configs = peft_configs(header.metadata)
+    if not configs:
+        return None, None
+    by_part: dict[str, set[float]] = {}
+    unset = 0  # modules no config gives an alpha: scaled by alpha = rank
+    for module, roles in group_modules(header)[0].items():
+        down = header.tensors.get(roles.get("down", ""))
+        alpha = peft_alpha(module, down.shape[0] if down and down.shape else None, configs)
+        if alpha is not None and math.isfinite(alpha):
+            part = next((p for p in sorted(configs, key=len, reverse=True)
+                         if p and module.startswith(p + ".")), "")
+            by_part.setdefault(part, set()).add(round(alpha, 4))
+        else:
+            unset += 1
+    if not by_part:
+        return None, None
+    values = sorted(set().union(*by_part.values()))
+    parts = ", ".join(f"{part or 'every module'} {', '.join(f'{v:g}' for v in sorted(vals))}"
+                      for part, vals in sorted(by_part.items()))
+    rest = f"; {unset} other modules none (= rank)" if unset else ""
+    return ((values[0] if len(values) == 1 else values),
+            f"from lora_adapter_metadata: {parts}{rest}")
 
 
 def _alpha_values(header: SafetensorsHeader, keys: list[str]) -> tuple[set[float], Counter]:

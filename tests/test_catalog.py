@@ -1621,6 +1621,65 @@ def test_lineage_of_a_bake_names_its_base_and_lora_as_such(tmp_path):
     assert baked.stem in "".join(line.strip() for line in made_from).replace("└──", ""), shown
 
 
+def test_lineage_of_a_lora_merge_and_a_lora_extract_names_their_inputs(tmp_path):
+    """`lora merge` and `lora extract` record their inputs by SHA256 in keys of their own
+    (mergekit_sd.merged_loras, mergekit_sd.extracted_from): lineage shows them as parents,
+    and the inputs show what was made from them."""
+    from mergekit_sd.lora.combine import merge_loras
+    from mergekit_sd.lora.extract import extract_lora
+    from mergekit_sd.testing import write_checkpoint, write_lora
+
+    root = tmp_path / "models"
+    base = write_checkpoint(root / "base.safetensors", "sd1", seed=1)
+    tuned = write_checkpoint(root / "tuned.safetensors", "sd1", seed=2)
+    one = write_lora(root / "one.safetensors", "kohya-sd1", seed=1)
+    two = write_lora(root / "two.safetensors", "kohya-sd1", seed=2)
+    merge_loras([(one, 1.0), (two, 0.5)], root / "merged.safetensors", base=base)
+    extract_lora(tuned, base, root / "extracted.safetensors", rank=4)
+    catalog = tmp_path / "c.sqlite"
+    assert catalog_cli(catalog, "add-root", root, "--scan").returncode == 0
+    assert catalog_cli(catalog, "scan", "--hash").returncode == 0
+
+    def parents(name):
+        doc = json.loads(catalog_cli(catalog, "lineage", name, "--json").stdout)
+        return sorted((p["role"], p["name"], p["entry_id"] is not None)
+                      for p in doc["ancestry"]["parents"])
+
+    assert parents("merged") == [("merged LoRA input", "one", True),
+                                 ("merged LoRA input", "two", True)]
+    assert parents("extracted") == [("extracted from (tuned)", "tuned", True),
+                                    ("extraction base", "base", True)]
+    children = json.loads(catalog_cli(catalog, "lineage", "base", "--json").stdout)["children"]
+    assert [(c["role"], c["name"]) for c in children] == [("extraction base", "extracted")]
+
+
+def test_lineage_finds_an_unhashed_parent_by_its_remembered_sha256_or_says_to_hash(
+        tmp_path, monkeypatch):
+    """A parent is joined by hash: one the catalog holds unhashed is found by its file name and
+    the SHA256 mergekit-sd remembered (here the base's); one not remembered (the LoRA's) is
+    not called "not in the catalog" while entries await `catalog scan --hash`."""
+    from mergekit_sd.io import hash_cache
+    from mergekit_sd.io.hashing import file_sha256
+
+    root = tmp_path / "models"
+    base = write_checkpoint(root / "base.safetensors", "sd1", seed=1)
+    lora = write_lora(root / "style.safetensors", "kohya-sd1")
+    assert run_cli("bake", base, lora, "-o", root / "baked.safetensors").returncode == 0
+    monkeypatch.setattr(hash_cache, "SETTLED_NS", 0)  # the file is seconds old
+    hash_cache.remember_sha256(base, file_sha256(base), hash_cache.identity(base))
+    catalog = tmp_path / "c.sqlite"
+    assert catalog_cli(catalog, "add-root", root, "--scan").returncode == 0
+    doc = json.loads(catalog_cli(catalog, "lineage", "baked", "--json").stdout)
+    parents = {p["role"]: p for p in doc["ancestry"]["parents"]}
+    assert (parents["bake base"]["name"], parents["bake base"]["hashed"]) == ("base", False)
+    assert parents["baked LoRA"]["entry_id"] is None and doc["unhashed_entries"] == 3
+    shown = " ".join(run_cli("catalog", "lineage", "baked", "--catalog", catalog,
+                             env={"COLUMNS": "300"}).stdout.split())
+    assert f"{base}; not hashed in the catalog yet: `catalog scan --hash`" in shown, shown
+    assert "no hashed catalog entry; 3 entries are not hashed yet" in shown, shown
+    assert "not in the catalog" not in shown
+
+
 def test_roles_of_a_recipe_that_merges_then_bakes():
     shas = {n: f"{i:064x}" for i, n in enumerate(["base", "anime", "style"], 1)}
     recipe = {"version": 1, "models": {n: {"ref": f"{n}.safetensors", "sha256": sha}

@@ -164,6 +164,17 @@ def test_lora_alpha_is_read_from_its_tensors_when_metadata_is_silent(tmp_path):
     assert json.loads(result.stdout)[0]["lora"]["alpha"] == 2.0
 
 
+def test_inspect_shows_the_peft_alphas_bake_takes_from_adapter_metadata(tmp_path):
+    """diffusers stores a PEFT LoRA's alpha in `lora_adapter_metadata`, per component, not in
+    tensors: inspect shows those values, which bake scales by, not "none stored"."""
+    metadata = {"lora_adapter_metadata": json.dumps(
+        {"unet.lora_alpha": 8, "unet.r": 4, "text_encoder.lora_alpha": 2, "text_encoder.r": 4})}
+    lora = write_lora(tmp_path / "p.safetensors", "peft-sd1", rank=4, metadata=metadata)
+    doc = json.loads(run_cli("inspect", "--json", lora).stdout)[0]["lora"]
+    assert doc["alpha"] == [2, 8]
+    assert doc["alpha_note"] == "from lora_adapter_metadata: text_encoder 2, unet 8"
+
+
 def test_inspect_table_shows_evidence_for_one_file(tmp_path):
     path = write_checkpoint(tmp_path / "f.safetensors", "flux-schnell-transformer", size="full",
                             fill="sparse")

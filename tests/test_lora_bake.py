@@ -787,6 +787,39 @@ def test_merge_of_loha_by_concatenation_asks_for_a_rank(tmp_path, bases, cli):
     assert out.exists()
 
 
+def test_one_lora_is_resized_by_svd_and_refused_without_a_rank(tmp_path, bases, cli):
+    """`lora merge A --rank R` resizes a LoRA (a LoHa becomes a plain kohya LoRA); one LoRA
+    concatenated would be itself, so that is refused in one sentence."""
+    a = write_lora(tmp_path / "a.safetensors", "loha-sd1", seed=1, dtype="F32")
+    out = tmp_path / "resized.safetensors"
+    assert_one_sentence(*cli("lora", "merge", a, "-o", out), 2)
+    assert "--rank" in cli.last_err and not out.exists()
+    code, stdout, err = cli("lora", "merge", a, "--rank", "2", "--base", bases["sd1"], "-o", out)
+    assert code == 0, err
+    assert "merged 1 LoRA:" in stdout
+    assert {v.shape[0] for k, v in load_file(out).items() if k.endswith("lora_down.weight")} == {2}
+
+
+def test_a_lora_at_weight_0_is_left_out_with_a_note(tmp_path, bases, cli):
+    """At weight 0 a LoRA adds nothing but its rank to a concatenation: left out, said."""
+    a = write_lora(tmp_path / "a.safetensors", "kohya-sd1", seed=1, dtype="F32")
+    b = write_lora(tmp_path / "b.safetensors", "kohya-sd1", seed=2, dtype="F32")
+    out = tmp_path / "merged.safetensors"
+    code, stdout, err = cli("lora", "merge", f"{a}:0", b, "-o", out, "--dtype", "fp32")
+    assert code == 0, err
+    assert "a.safetensors: weight 0, so it is left out" in err and "rank up to 4" in stdout
+    assert {v.shape[0] for k, v in load_file(out).items() if k.endswith("lora_down.weight")} == {4}
+    assert_one_sentence(*cli("lora", "merge", f"{a}:0", f"{b}:0", "-o", out, "--overwrite"), 2)
+
+
+def test_a_file_given_twice_is_listed_once_per_argument(tmp_path, cli):
+    lora = with_bogus_module(write_lora(tmp_path / "x.safetensors", "kohya-sd1"))
+    code, _, err = cli("lora", "merge", lora, lora, "-o", tmp_path / "m.safetensors")
+    assert code == 1, err
+    assert "x.safetensors (argument 1): 1 module names no weight" in err, err
+    assert "x.safetensors (argument 2): 1 module names no weight" in err, err
+
+
 def test_merge_of_two_sdxl_loras_with_clip_g_modules(tmp_path, bases):
     a = write_lora(tmp_path / "a.safetensors", "kohya-sdxl", seed=1, dtype="F32")
     b = write_lora(tmp_path / "b.safetensors", "kohya-sdxl", seed=2, dtype="F32")
@@ -897,6 +930,62 @@ def test_a_recipe_refuses_a_module_of_the_wrong_width_while_planning(tmp_path, b
     code, _, err = cli("plan", recipe)
     assert code == 2 and "steps.0.loras" in err and module in err
     assert "allow_unmatched" in err
+
+
+def test_a_recipe_allowing_unmatched_modules_lists_them_in_its_notes(tmp_path, bases, cli):
+    """allow_unmatched: true bakes the rest, as --allow-unmatched does, and lists what it left
+    out (plan, merge's stderr and --json notes): every module lands or is listed."""
+    lora = with_bogus_module(write_lora(tmp_path / "extra.safetensors", "kohya-sd1"))
+    recipe = tmp_path / "bake.yaml"
+    recipe.write_text(
+        f"version: 1\nmodels:\n  base: {bases['sd1']}\n  extra: {lora}\nsteps:\n"
+        "  - name: baked\n    method: bake_lora\n    allow_unmatched: true\n"
+        "    inputs: [base]\n    loras:\n      - model: extra\noutput:\n  path: out.safetensors\n")
+    code, out, err = cli("plan", recipe)
+    assert code == 0, err
+    flat = " ".join(out.split())  # the table wraps long lines
+    assert "1 LoRA module not baked" in flat and BOGUS in flat, out
+    code, out, err = cli("merge", recipe, "--json")
+    assert code == 0, err
+    notes = json.loads(out)["notes"]
+    assert any("1 LoRA module not baked" in n and f"extra: {BOGUS}" in n for n in notes), notes
+    assert BOGUS in err
+
+
+def test_a_bake_replaces_the_bases_automatic1111_keys_as_a_bake_lora_step_does(tmp_path, cli):
+    """The base's sd_merge_recipe (a plain merge's) is not copied onto the baked file: `bake`
+    writes AUTOMATIC1111's keys and modelspec's lineage as a recipe's bake_lora step does, the
+    base in the primary slot and its own recipe nested under sd_merge_models."""
+    mix = {"type": "webui", "interp_method": "Weighted sum", "multiplier": 0.3,
+           "custom_name": "mix", "primary_model_hash": "a" * 64}
+    ancestors = {"a" * 64: {"name": "a.safetensors", "legacy_hash": "01234567",
+                            "sd_merge_recipe": None}}
+    base = write_checkpoint(tmp_path / "mix.safetensors", "sd1", dtype="F32", metadata={
+        "sd_merge_recipe": json.dumps(mix), "sd_merge_models": json.dumps(ancestors),
+        "modelspec.merged_from": "a.safetensors, b.safetensors", "modelspec.date": "2020-01-01"})
+    lora = write_lora(tmp_path / "style.safetensors", "kohya-sd1")
+    code, _, err = cli("bake", base, f"{lora}:0.8", "-o", tmp_path / "baked.safetensors")
+    assert code == 0, err
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"version: 1\nmodels:\n  base: {base}\n  style: {lora}\nsteps:\n"
+        "  - name: bake\n    method: bake_lora\n    inputs: [base]\n    loras:\n"
+        "      - {model: style, strength: 0.8}\n"
+        "output:\n  path: stepped.safetensors\n  title: baked\n  dtype: keep\n")
+    code, _, err = cli("merge", recipe)
+    assert code == 0, err
+    with safe_open(tmp_path / "baked.safetensors", "pt") as f:
+        baked = f.metadata()
+    with safe_open(tmp_path / "stepped.safetensors", "pt") as f:
+        stepped = f.metadata()
+    a1111 = json.loads(baked["sd_merge_recipe"])
+    assert (a1111["interp_method"], a1111["custom_name"]) == ("bake_lora", "baked")
+    assert a1111["primary_model_hash"] == hashlib.sha256(base.read_bytes()).hexdigest()
+    models = json.loads(baked["sd_merge_models"])
+    assert models[a1111["primary_model_hash"]]["sd_merge_recipe"] == mix
+    assert models["a" * 64] == ancestors["a" * 64]
+    for key in ("sd_merge_recipe", "sd_merge_models", "modelspec.merged_from", "modelspec.date"):
+        assert baked[key] == stepped[key], key
 
 
 def test_tensors_of_no_module_kind_are_listed_like_unmatched_modules(tmp_path, bases):

@@ -13,6 +13,7 @@ import yaml
 from conftest import run_cli
 from safetensors.torch import load_file
 
+from mergekit_sd.errors import UserError
 from mergekit_sd.testing import write_checkpoint
 
 RECIPE = """version: 1
@@ -66,6 +67,20 @@ def test_damaged_recipe_metadata_is_one_sentence(tmp_path, stored):
     assert result.stderr.strip() == (
         f"error: {path}: its mergekit-sd recipe metadata (mergekit_sd.recipe) is damaged, so "
         "no recipe can be extracted from it")
+
+
+@pytest.mark.parametrize(("key", "command"), [("mergekit_sd.merged_loras", "lora merge"),
+                                            ("mergekit_sd.extracted_from", "lora extract")])
+def test_a_lora_of_our_lora_commands_is_said_to_have_no_recipe_but_its_inputs(tmp_path, key,
+                                                                              command):
+    from mergekit_sd.recipe.extract import extract_recipe
+    from mergekit_sd.testing import write_lora
+
+    lora = write_lora(tmp_path / "l.safetensors", "kohya-sd1", metadata={key: "[]"})
+    with pytest.raises(UserError) as refused:
+        extract_recipe(lora)
+    assert f"`mergekit-sd {command}`" in str(refused.value)
+    assert "catalog lineage" in str(refused.value) and "bake" in str(refused.value)
 
 
 def test_extract_refuses_an_existing_file_and_never_replaces_the_merged_file(tmp_path):
@@ -327,6 +342,34 @@ def test_a_bake_of_relative_paths_gives_a_recipe_that_runs_from_anywhere(tmp_pat
     rerun = run_cli("merge", elsewhere / "again.yaml", cwd=tmp_path)
     assert rerun.returncode == 0, rerun.stderr
     same_tensors(output, elsewhere / "again.safetensors")
+
+
+def test_a_bake_past_unmatched_modules_gives_a_recipe_that_bakes_past_them_too(tmp_path):
+    """`bake --allow-unmatched` records allow_unmatched: true on its step, as a recipe's step
+    records it: without it the extracted recipe would stop at the modules the bake left out."""
+    from safetensors.torch import save_file
+
+    from mergekit_sd.io.header import read_header
+    from mergekit_sd.testing import write_lora
+
+    base = write_checkpoint(tmp_path / "base.safetensors", "sd1", seed=1)
+    lora = write_lora(tmp_path / "partial.safetensors", "kohya-sd1")
+    metadata = read_header(lora).metadata
+    tensors = load_file(lora)
+    for role, shape in (("lora_down", (4, 16)), ("lora_up", (16, 4))):
+        tensors[f"lora_unet_not_a_block_to_q.{role}.weight"] = torch.ones(shape)
+    save_file(tensors, lora, metadata=metadata)
+    output = tmp_path / "baked.safetensors"
+    baked = run_cli("bake", base, f"{lora}:0.6", "--allow-unmatched", "-o", output)
+    assert baked.returncode == 0, baked.stderr
+    step = json.loads(read_header(output).metadata["mergekit_sd.recipe"])["steps"][0]
+    assert step["allow_unmatched"] is True
+    extracted = run_cli("recipe", "extract", output, "-o", tmp_path / "again.yaml",
+                        "--output-path", "again.safetensors")
+    assert extracted.returncode == 0, extracted.stderr
+    rerun = run_cli("merge", tmp_path / "again.yaml")
+    assert rerun.returncode == 0, rerun.stderr
+    same_tensors(output, tmp_path / "again.safetensors")
 
 
 def test_the_recipe_of_a_bake_keeps_the_ema_weights_the_bake_kept(tmp_path):

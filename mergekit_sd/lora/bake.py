@@ -12,6 +12,7 @@ once through them.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import math
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from mergekit_sd import __version__
 from mergekit_sd.arch.architectures import ARCHITECTURES, Architecture
+from mergekit_sd.arch.diffusion import SD_CONV_IN_KEYS, sd_conv_in_variant
 from mergekit_sd.arch.identify import Identification, identify
 from mergekit_sd.convert import META_BAKED_LORAS, META_RECIPE_OUTPUT
 from mergekit_sd.errors import BadModelFile, UserError
@@ -29,7 +31,7 @@ from mergekit_sd.io.dtypes import (
     safetensors_dtype,
 )
 from mergekit_sd.io.hash_cache import known_sha256 as remembered_sha256
-from mergekit_sd.io.hashing import BackgroundSha256, file_sha256
+from mergekit_sd.io.hashing import BackgroundSha256, file_sha256, legacy_model_hash
 from mergekit_sd.io.header import SafetensorsHeader, read_header
 from mergekit_sd.io.nonfinite import all_finite as _finite
 from mergekit_sd.io.saturate import Clamped
@@ -39,6 +41,7 @@ from mergekit_sd.lora.deltas import DeltaShapeError, apply_dora, module_delta
 from mergekit_sd.lora.modules import LoraFile, LoraModule, group_modules, load_lora
 from mergekit_sd.lora.strengths import BlockSpec, beyond_float32, block_strengths, strength_problem
 from mergekit_sd.lora.targets import DIFFUSION, Target, TargetIndex, Unmatched
+from mergekit_sd.merge.a1111 import a1111_models_entry, a1111_recipe
 from mergekit_sd.recipe.refs import recorded_ref
 
 # the names --dtype takes (as convert and a recipe take them) -> safetensors dtype
@@ -89,6 +92,9 @@ class BakePlan:
     touched: set[str] = field(default_factory=set)  # keys some LoRA module names
     lora_headers: list[SafetensorsHeader] = field(default_factory=list)  # read while planning
     base_ref: str = ""  # the base as the user named it (a path or a catalog reference)
+    # bake past modules that land nowhere (--allow-unmatched): recorded in the recipe stored,
+    # so that `recipe extract` gives one that bakes the same tensors again
+    allow_unmatched: bool = False
 
     def stop(self) -> None:
         """Stop the work it runs in the background (the base's hash): the bake is not going
@@ -148,10 +154,11 @@ def _check_lora(use: LoraUse, found: Identification, arch: Architecture,
 
 
 def plan_bake(base: str | Path, uses: list[LoraUse], output: str | Path, dtype: str = "keep",
-              known_sha256: str | None = None, base_ref: str | None = None) -> BakePlan:
+              known_sha256: str | None = None, base_ref: str | None = None,
+              allow_unmatched: bool = False) -> BakePlan:
     """Check the inputs and aim every LoRA module at its weight (`prepare_bake`, then
     `load_loras`)."""
-    plan = prepare_bake(base, uses, output, dtype, known_sha256, base_ref)
+    plan = prepare_bake(base, uses, output, dtype, known_sha256, base_ref, allow_unmatched)
     try:
         load_loras(plan)
     except BaseException:
@@ -162,11 +169,12 @@ def plan_bake(base: str | Path, uses: list[LoraUse], output: str | Path, dtype: 
 
 def prepare_bake(base: str | Path, uses: list[LoraUse], output: str | Path,
                  dtype: str = "keep", known_sha256: str | None = None,
-                 base_ref: str | None = None) -> BakePlan:
+                 base_ref: str | None = None, allow_unmatched: bool = False) -> BakePlan:
     """The plan as far as the files' headers tell it: the base and the LoRAs checked, and the
     weights the LoRAs' modules name (`touched`). Unless the base's SHA256 is known (given, or
     remembered), it starts being hashed now, on another core (`base_hash`). `base_ref` is the
-    base as the user named it (default: the path `base`), for the provenance."""
+    base as the user named it (default: the path `base`), for the provenance, as is
+    `allow_unmatched` (the caller refuses a bake with unmatched modules without it)."""
     base = Path(base)
     dtype = parse_dtype(dtype, CHECKPOINT_DTYPES, "bake")
     for use in uses:
@@ -178,7 +186,8 @@ def prepare_bake(base: str | Path, uses: list[LoraUse], output: str | Path,
     for use, lora_header in zip(uses, lora_headers, strict=True):  # before the key maps
         _check_lora(use, identify(lora_header), arch, lora_header)
     plan = BakePlan(base, header, arch, uses, [], Path(output), dtype, known_sha256=known_sha256,
-                    lora_headers=lora_headers, base_ref=str(base) if base_ref is None else base_ref)
+                    lora_headers=lora_headers, base_ref=str(base) if base_ref is None else base_ref,
+                    allow_unmatched=allow_unmatched)
     if not known_sha256 and not remembered_sha256(base):
         plan.base_hash = BackgroundSha256(base)
     try:
@@ -472,16 +481,20 @@ def bake_metadata(plan: BakePlan, base_sha256: str) -> dict[str, str]:
     folder = plan.output.parent
     refs = [recorded_ref(plan.base_ref, plan.base, folder),
             *(recorded_ref(u.ref, u.path, folder) for u in plan.uses)]
+    step = {"name": "bake", "method": "bake_lora", "inputs": [names[0]], "loras": loras}
+    if plan.allow_unmatched:  # as a recipe's step records it (merge/provenance.py)
+        step["allow_unmatched"] = True
     recipe = {
         "version": 1,
         "models": {n: {"ref": r, "sha256": s} for n, r, s in zip(names, refs, shas, strict=True)},
-        "steps": [{"name": "bake", "method": "bake_lora", "inputs": [names[0]], "loras": loras}],
+        "steps": [step],
         # a bake writes every tensor of the base, EMA too, where a recipe drops EMA by default
         "output": {"step": "bake", "dtype": plan.dtype, "title": plan.output.stem,
                    "drop_ema": False},
     }
     metadata = dict(plan.header.metadata)
     metadata.pop(META_RECIPE_OUTPUT, None)  # the recipe below makes this very file
+    metadata.update(_a1111_metadata(plan, base_sha256))
     metadata.update({
         "modelspec.title": plan.output.stem,
         "mergekit_sd.recipe": json.dumps(recipe, sort_keys=True),
@@ -492,6 +505,23 @@ def bake_metadata(plan: BakePlan, base_sha256: str) -> dict[str, str]:
     })
     metadata.setdefault("format", "pt")
     return metadata
+
+
+def _a1111_metadata(plan: BakePlan, base_sha256: str) -> dict[str, str]:
+    """AUTOMATIC1111's merge keys and modelspec's lineage for the bake, as a recipe's bake_lora
+    step writes them (merge/provenance.py): the base in the primary slot, its own keys nested
+    under sd_merge_models. The base's would otherwise be copied, and a baked merge show as that
+    plain merge in AUTOMATIC1111, Forge and Civitai."""
+    prefix = _diffusion_prefix(plan.header)
+    conv_in = next((plan.header.tensors[prefix + k].shape for k in SD_CONV_IN_KEYS
+                    if prefix + k in plan.header.tensors), ())
+    recipe = a1111_recipe({"primary": base_sha256}, {}, "bake_lora", None, plan.dtype == "fp16",
+                          plan.output.stem, None, sd_conv_in_variant(tuple(conv_in)))
+    models = a1111_models_entry(plan.header.metadata, plan.base.name, base_sha256,
+                                legacy_model_hash(plan.base))
+    return {"modelspec.date": dt.datetime.now(dt.UTC).date().isoformat(),
+            "modelspec.merged_from": plan.base.name,
+            "sd_merge_recipe": json.dumps(recipe), "sd_merge_models": json.dumps(models)}
 
 
 def _model_names(plan: BakePlan) -> list[str]:

@@ -44,6 +44,7 @@ class MergeReport:
     rank: int = 0
     unmatched: list[Unmatched] = field(default_factory=list)  # per LoRA, those with any
     clamped: Clamped = field(default_factory=Clamped)  # factors beyond the output dtype
+    notes: list[str] = field(default_factory=list)  # what the command says besides
 
     def miss(self, lora: str) -> Unmatched:
         """The listing of the LoRA named `lora` (made on first need)."""
@@ -145,8 +146,8 @@ def merge_loras(loras: list[tuple[Path, float]], output: Path, rank: int | None 
                 allow_unmatched: bool = False) -> MergeReport:
     import torch
 
-    if len(loras) < 2:
-        raise UserError("give at least two LoRAs to merge")
+    if not loras or (len(loras) < 2 and rank is None):  # one LoRA concatenated is itself
+        raise UserError("give at least two LoRAs to merge, or one with --rank R to resize it")
     if rank is not None and rank < 1:  # 0 fails in the SVD, -3 drops the last 3 directions
         raise UserError(f"--rank {rank}: give at least 1")
     if not 0 < clamp_quantile <= 1:  # also false for nan
@@ -158,6 +159,9 @@ def merge_loras(loras: list[tuple[Path, float]], output: Path, rank: int | None 
         problem = strength_problem(weight)
         if problem:
             raise UserError(f"{path}: weight {problem}; give a number such as 0.5")
+    if not any(weight for _, weight in loras):
+        raise UserError("every LoRA has weight 0, so the merged LoRA would change nothing; "
+                        "give a weight other than 0")
     dtype = parse_dtype(dtype, LORA_DTYPES, "lora merge")
     refuse_replacing_inputs(Path(output), [p for p, _ in loras] + ([base] if base else []))
     found = [_lora_ident(p) for p, _ in loras]
@@ -171,13 +175,16 @@ def merge_loras(loras: list[tuple[Path, float]], output: Path, rank: int | None 
     # concatenating factors needs neither (the shipped layout may be another model size's)
     exact_shapes = rank is not None or base is not None
     by_key: dict[str, list[tuple[LoraModule, float, Target, str]]] = {}
-    for path, weight in loras:
+    names = [path.name for path, _ in loras]
+    for i, (path, weight) in enumerate(loras):
+        # a file given twice is listed per argument, not as one file with twice its modules
+        label = path.name if names.count(path.name) == 1 else f"{path.name} (argument {i + 1})"
         lora = load_lora(path)
         for module in lora.modules.values():  # NaN would spread over every weight it meets
             bad = damaged_tensor(module)
             if bad:
                 raise damaged(path, bad)
-        miss = report.miss(path.name)
+        miss = report.miss(label)
         # tensors carried by no module: the merged LoRA would lose them unseen
         miss.malformed += [f"{key} ({not_baked_why(key)})" for key in lora.ignored]
         for module in lora.modules.values():
@@ -192,7 +199,10 @@ def merge_loras(loras: list[tuple[Path, float]], output: Path, rank: int | None 
             if "dora" in module.tensors:
                 raise UserError(f"{path.name}: DoRA modules need the base weights to merge; bake "
                                 "it into a checkpoint with `mergekit-sd bake` instead")
-            by_key.setdefault(target.key, []).append((module, weight, target, path.name))
+            if weight:  # at weight 0 it adds nothing, and would add its rank (said below)
+                by_key.setdefault(target.key, []).append((module, weight, target, label))
+        if not weight:
+            report.notes.append(f"{label}: weight 0, so it is left out of the merged LoRA")
     groups = []
     for key, entries in _groups(by_key, index):
         whole = _whole(key, entries, index)

@@ -86,7 +86,7 @@ def _algo(suffixes: set[str]) -> str:
     return "lora"
 
 
-def _peft_configs(metadata: dict[str, str]) -> dict[str, dict]:
+def peft_configs(metadata: dict[str, str]) -> dict[str, dict]:
     """Component prefix ("" for all modules) -> the PEFT LoraConfig diffusers stored in
     `lora_adapter_metadata`. A pipeline's `save_lora_weights` writes it flat, each field under
     its component (`{"unet.lora_alpha": 16, "unet.r": 4, ...}`, read back by the prefix in
@@ -124,7 +124,7 @@ def _peft_matches(pattern: str, path: str) -> bool:
         return False
 
 
-def _peft_alpha(module: str, rank: int | None, configs: dict[str, dict]) -> float | None:
+def peft_alpha(module: str, rank: int | None, configs: dict[str, dict]) -> float | None:
     """The alpha PEFT scales `module` by, from the config of its component: `alpha_pattern`
     (PEFT's rule: the pattern matches the module path's end) before `lora_alpha`. With rsLoRA
     PEFT scales by alpha/sqrt(r); returned as the alpha that gives that scale over r."""
@@ -169,7 +169,7 @@ def load_lora(path: str | Path, header: SafetensorsHeader | None = None) -> Lora
     if not grouped:
         raise BadModelFile(path, "has no LoRA module tensors (lora_up/lora_down, lora_A/lora_B, "
                                  "hada_*, lokr_*, diff); is it a LoRA?")
-    peft_configs = _peft_configs(lora.metadata)
+    configs = peft_configs(lora.metadata)
     with SafetensorsReader(path, header) as reader:  # the mapping outlives the reader
         lora.mapped = MappedTensors(reader)
         stored = {key: lora.mapped.tensor(key) for key in header.tensors}
@@ -178,10 +178,9 @@ def load_lora(path: str | Path, header: SafetensorsHeader | None = None) -> Lora
         if not tensors:
             continue
         alpha = float(stored[roles["alpha"]].float().item()) if "alpha" in roles else None
-        if alpha is None and peft_configs:
+        if alpha is None and configs:
             down = tensors.get("down")
-            alpha = _peft_alpha(module, down.shape[0] if down is not None else None,
-                                peft_configs)
+            alpha = peft_alpha(module, down.shape[0] if down is not None else None, configs)
         suffixes = {key[len(module):] for key in roles.values()}
         lora.modules[module] = LoraModule(module, _algo(suffixes), tensors, alpha,
                                           tuple(roles.values()))

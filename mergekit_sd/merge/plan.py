@@ -352,7 +352,7 @@ def build_plan(loaded: LoadedRecipe, resolver: Resolver | None = None,
     notes.extend(disagreements)
     unused = _unused_selectors(loaded, steps, tasks)
     notes.extend(unused)
-    loras = _plan_loras(loaded, steps, inputs[order[0]], arch, prefix, resolver)
+    loras = _plan_loras(loaded, steps, inputs[order[0]], arch, prefix, resolver, notes)
     read = [*inputs.values(), *loras.values(), *([vae] if vae else [])]
     _refuse_overwriting_inputs(loaded, outputs, read, out)
     there = [path for path in outputs.values() if path.exists() or path.is_symlink()]
@@ -399,9 +399,11 @@ def _refuse_overwriting_inputs(loaded: LoadedRecipe, outputs: dict[str, Path],
 
 
 def _plan_loras(loaded: LoadedRecipe, steps: list[StepPlan], first: PlannedInput,
-                arch: Architecture, prefix: str, resolver: Resolver) -> dict[str, PlannedLora]:
+                arch: Architecture, prefix: str, resolver: Resolver, notes: list[str]
+                ) -> dict[str, PlannedLora]:
     """Aim the modules of every bake_lora step's LoRAs at the keys of the first input (all
-    inputs share its layout); modules that land nowhere stop the plan unless allowed."""
+    inputs share its layout); modules that land nowhere stop the plan unless allowed, and are
+    listed in `notes` when allowed (count and first names, as `bake` lists them)."""
     from mergekit_sd.lora.bake import LoraUse, match_loras
     from mergekit_sd.lora.targets import TargetIndex
 
@@ -435,15 +437,35 @@ def _plan_loras(loaded: LoadedRecipe, steps: list[StepPlan], first: PlannedInput
             if not lora.label:
                 header = read_header(lora.path)
                 lora.label, lora.file_size = identify(header).label, header.file_size
-        if unmatched and not sp.step.allow_unmatched:
-            from mergekit_sd.lora.targets import plural, unmatched_summary
+        if not unmatched:
+            continue
+        from mergekit_sd.lora.targets import plural, unmatched_summary
 
-            count, what = unmatched_summary(unmatched, first.path.name)
-            miss = unmatched[0]
-            raise loaded.error(at, f"{plural(count, 'LoRA module')} cannot be baked ({what}), "
-                                   f"e.g. {(miss.modules + miss.malformed)[0]!r} of {miss.lora}; "
-                                   "set allow_unmatched: true on the step to bake the rest")
+        count, what = unmatched_summary(unmatched, first.path.name)
+        if sp.step.allow_unmatched:
+            listed = "; ".join(_first_names(miss) for miss in unmatched)
+            notes.append(str(loaded.error(at, f"{plural(count, 'LoRA module')} not baked "
+                                              f"({what}), as allow_unmatched: true lets them: "
+                                              f"{listed}")))
+            continue
+        # exit 2, as for any other recipe line that cannot run (bake's exit 1 is for a run the
+        # user asked as is): the recipe names its fix
+        miss = unmatched[0]
+        raise loaded.error(at, f"{plural(count, 'LoRA module')} cannot be baked ({what}), "
+                               f"e.g. {(miss.modules + miss.malformed)[0]!r} of {miss.lora}; "
+                               "set allow_unmatched: true on the step to bake the rest")
     return planned
+
+
+_NAMES_NOTED = 8  # module names a plan's note lists per LoRA, as `bake` lists them
+
+
+def _first_names(miss) -> str:
+    """"LORA: name, name (why) … and N more" of one LoRA's modules that land nowhere."""
+    entries = miss.modules + miss.malformed
+    more = len(entries) - _NAMES_NOTED
+    return (f"{miss.lora}: {', '.join(name[:200] for name in entries[:_NAMES_NOTED])}"
+            f"{f' … and {more} more' if more > 0 else ''}")
 
 
 def _lora_blocks_problem(blocks, arch: Architecture) -> str | None:

@@ -14,7 +14,8 @@ import json
 
 from mergekit_sd import __version__
 from mergekit_sd.arch.diffusion import SD_CONV_IN_KEYS, sd_conv_in_variant
-from mergekit_sd.merge.plan import VAE_SOURCE, MergePlan, PlannedInput
+from mergekit_sd.merge.a1111 import A1111_SLOTS, a1111_models_entry, a1111_recipe
+from mergekit_sd.merge.plan import VAE_SOURCE, MergePlan
 from mergekit_sd.merge.registry import unrecorded_draws
 from mergekit_sd.recipe.params import Candidate
 from mergekit_sd.recipe.refs import recorded_ref
@@ -27,8 +28,6 @@ MODELSPEC_ARCHITECTURE = {
     "sd3.5-large": "stable-diffusion-3.5-large", "flux-dev": "flux-1-dev",
     "flux-schnell": "flux-1-schnell", "flux-fill": "flux-1-fill",
 }
-# AUTOMATIC1111's names for the two methods its merger tab has
-A1111_METHOD_NAMES = {"weighted_sum": "Weighted sum", "add_difference": "Add difference"}
 
 
 def _param_json(value):
@@ -76,9 +75,6 @@ def merge_date(plan: MergePlan) -> str:
     return plan.loaded.recipe.output.date or dt.datetime.now(dt.UTC).date().isoformat()
 
 
-A1111_SLOTS = ("primary", "secondary", "tertiary")  # its A, B and C
-
-
 def _a1111_recipe(plan: MergePlan, cand: Candidate, hashes: dict[str, str]) -> dict:
     """AUTOMATIC1111's sd_merge_recipe for the final step. Its A/B/C slots are that step's
     inputs in order; an input that is an earlier step is no file, so its slot has no hash
@@ -87,22 +83,12 @@ def _a1111_recipe(plan: MergePlan, cand: Candidate, hashes: dict[str, str]) -> d
     slots = dict(zip(A1111_SLOTS, final.step.inputs, strict=False))
     params = final.params[cand.name]
     alpha = params.get("alpha")
-    return {
-        "type": "mergekit-sd",
-        **{f"{slot}_model_hash": hashes.get(slots[slot]) if slots.get(slot) in plan.inputs
-           else None for slot in A1111_SLOTS},
-        **{f"{slot}_model_step": name for slot, name in slots.items()
-           if name not in plan.inputs},
-        "interp_method": A1111_METHOD_NAMES.get(final.method.name, final.method.name),
-        "multiplier": alpha.default if alpha is not None and alpha.is_constant else None,
-        "save_as_half": plan.loaded.recipe.output.dtype == "fp16",
-        "custom_name": plan.loaded.recipe.output.title or cand.name,
-        "config_source": 0,
-        "bake_in_vae": plan.vae.path.name if plan.vae else "None",
-        "discard_weights": "",
-        "is_inpainting": _output_variant(plan) == "inpainting",
-        "is_instruct_pix2pix": _output_variant(plan) == "instruct-pix2pix",
-    }
+    return a1111_recipe(
+        {slot: hashes.get(name) for slot, name in slots.items() if name in plan.inputs},
+        {slot: name for slot, name in slots.items() if name not in plan.inputs},
+        final.method.name, alpha.default if alpha is not None and alpha.is_constant else None,
+        plan.loaded.recipe.output.dtype == "fp16", plan.loaded.recipe.output.title or cand.name,
+        plan.vae.path.name if plan.vae else None, _output_variant(plan))
 
 
 def _output_variant(plan: MergePlan) -> str | None:
@@ -113,38 +99,13 @@ def _output_variant(plan: MergePlan) -> str | None:
     return sd_conv_in_variant(shape)
 
 
-def _parent_json(planned: PlannedInput, key: str):
-    """An input's own AUTOMATIC1111 metadata value, parsed; None when absent or damaged (not
-    JSON, or nested too deeply to parse): a parent's corrupt lineage is left out."""
-    raw = planned.header.metadata.get(key)
-    if not raw:
-        return None
-    try:
-        return json.loads(raw)
-    except (ValueError, RecursionError):
-        return None
-
-
-def parent_lineage(planned: PlannedInput) -> dict[str, dict]:
-    """The ancestors an input lists under sd_merge_models (SHA256 -> entry), as far as they
-    have the shape AUTOMATIC1111 writes."""
-    models = _parent_json(planned, "sd_merge_models")
-    if not isinstance(models, dict):
-        return {}
-    return {sha: entry for sha, entry in models.items() if isinstance(entry, dict)}
-
-
 def _a1111_models(plan: MergePlan, hashes: dict[str, str], legacy: dict[str, str]) -> dict:
     """sha256 -> {name, legacy_hash, sd_merge_recipe}, ancestors included as AUTOMATIC1111 does."""
     models: dict = {}
     for name in plan.model_order:
         planned = plan.inputs[name]
-        models.update(parent_lineage(planned))
-        models[hashes[name]] = {
-            "name": planned.path.name,
-            "legacy_hash": legacy[name],
-            "sd_merge_recipe": _parent_json(planned, "sd_merge_recipe"),
-        }
+        models.update(a1111_models_entry(planned.header.metadata, planned.path.name,
+                                          hashes[name], legacy[name]))
     return models
 
 

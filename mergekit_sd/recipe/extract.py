@@ -25,6 +25,11 @@ class Extracted:
     notes: list[str] = field(default_factory=list)  # one line each, for the user
 
 
+# what our LoRA commands record instead of a recipe (a LoRA is no recipe's output)
+_NO_RECIPE_MAKERS = {"mergekit_sd.merged_loras": "a LoRA written by `mergekit-sd lora merge`",
+                     "mergekit_sd.extracted_from": "a LoRA written by `mergekit-sd lora extract`"}
+
+
 def extract_recipe(merged: Path, output_path: Path | None = None,
                    recipe_folder: Path | None = None,
                    sha256_of: Callable[[Path], str] = file_sha256) -> Extracted:
@@ -38,10 +43,16 @@ def extract_recipe(merged: Path, output_path: Path | None = None,
     header = read_header(merged)
     raw = header.metadata.get("mergekit_sd.recipe")
     if raw is None:
+        made = next((what for key, what in _NO_RECIPE_MAKERS.items() if key in header.metadata),
+                    None)
+        if made:
+            raise UserError(f"{merged}: {made}, which records its inputs (`catalog lineage` "
+                            "shows them) but no recipe; only files written by `mergekit-sd "
+                            "merge` or `mergekit-sd bake` can be re-run")
         lineage = " (it has AUTOMATIC1111 merge keys)" if "sd_merge_recipe" in header.metadata \
             else ""
         raise UserError(f"{merged}: carries no mergekit-sd recipe{lineage}; only files written "
-                        "by `mergekit-sd merge` can be re-run")
+                        "by `mergekit-sd merge` or `mergekit-sd bake` can be re-run")
     doc = _stored_recipe(merged, raw)
     folder = Path.cwd() if recipe_folder is None else recipe_folder
     conversion = _Conversion.of(merged, header.metadata, doc)
