@@ -1824,8 +1824,8 @@ def test_cli_session_add_scan_list_show_tag_rate_dupes_rm(tmp_path, tiny):
     family = json.loads(catalog_cli(catalog, "lineage", "mychar", "--json").stdout)
     assert family == {"ancestry": {"role": "", "name": "mychar", "ref": shown["sha256"],
                                    "entry_id": shown["id"], "path": str(files["mychar"]),
-                                   "parents": []},
-                      "children": []}
+                                   "hashed": True, "parents": []},
+                      "children": [], "unhashed_entries": 0}
 
     refused = run_without_terminal("catalog", "rm", "mychar-copy", "--delete-file",
                                    "--catalog", catalog)
