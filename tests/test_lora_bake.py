@@ -415,6 +415,15 @@ def test_a_block_map_takes_runs_of_blocks_as_merge_params_do():
         block_strengths({"IN00-IN40": 0.2}, sd1)
 
 
+def test_a_block_map_takes_lora_block_weights_name_mid_for_m00():
+    for arch in ("sd1", "sdxl"):
+        strengths = block_strengths({"MID": 0.3}, ARCHITECTURES[arch])
+        assert strengths["M00"] == 0.3
+        assert {v for b, v in strengths.items() if b != "M00"} == {1.0}
+    with pytest.raises(UserError, match="'MID' matches no block of FLUX"):
+        block_strengths({"MID": 0.3}, ARCHITECTURES["flux-dev"])
+
+
 @pytest.mark.parametrize("spec", [
     "1,2,3", [1.0] * 25, "bogus", {"XX*": 1}, [True] * 26, ["1"] * 26, 7, "in,out",
 ])

@@ -11,7 +11,8 @@ A block strength multiplies the LoRA's strength on every weight of that block. F
   "all" "none" "in" "mid" "out" "in-mid" "mid-out" "double" "single"
                         named presets: 1 on those blocks (and BASE), 0 elsewhere.
   {"IN*": 0.5, "OUT05": 1.2, "default": 1}
-                        block names or shell patterns; the first matching entry wins.
+                        block names or shell patterns; the first matching entry wins. LoRA
+                        Block Weight's MID names the middle block, M00.
 
 Lists and presets are parsed by `arch.block_lists`, which merge parameters' `blocks` share.
 """
@@ -89,9 +90,15 @@ def _map_value(value, where: str, name: str) -> float:
     return float(value)
 
 
+# LoRA Block Weight's name of the middle block, which `mergekit-sd blocks` calls M00
+LBW_NAMES = {"MID": "M00"}
+
+
 def _from_patterns(spec: Mapping[str, float], arch: Architecture, where: str) -> dict[str, float]:
     default = _map_value(spec.get("default", 1.0), where, "default")
-    patterns = [(str(p), _map_value(v, where, str(p))) for p, v in spec.items() if p != "default"]
+    patterns = [(LBW_NAMES.get(str(p), str(p)) if LBW_NAMES.get(str(p)) in arch.blocks
+                 else str(p), _map_value(v, where, str(p)))
+                for p, v in spec.items() if p != "default"]
     for pattern, _ in patterns:
         absent = [b for b in block_range(pattern) or () if b not in arch.blocks]
         if absent:
