@@ -65,6 +65,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bake_parts.py
 	$(BIN)/python bench/torch_import.py
 	$(BIN)/python bench/render.py
+	$(BIN)/python bench/render_cpu.py
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache .ruff_cache
