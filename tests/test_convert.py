@@ -497,3 +497,19 @@ def test_a_dtype_alias_is_recorded_by_the_short_name_a_recipe_records(tmp_path):
     convert_to_safetensors(write_ckpt(tmp_path), target, dtype="Float16")
     with safe_open(target, "pt") as f:
         assert f.metadata()["mergekit_sd.dtype"] == "fp16"
+
+
+def test_the_clamping_note_names_tensors_in_one_order_whatever_order_they_were_met_in():
+    """A bake's workers clamp tensors in no fixed order: the note names them sorted, so that
+    the same run says the same thing."""
+    from mergekit_sd.io.saturate import Clamped
+
+    notes = []
+    for order in (["b.weight", "a.weight", "c.weight"], ["c.weight", "a.weight", "b.weight"]):
+        clamped = Clamped()
+        for name in order:
+            clamped.add("F16", name, 1)
+            clamped.add_infinite("F8_E4M3", name, 1)
+        notes.append(clamped.notes())
+    assert notes[0] == notes[1]
+    assert notes[0][0].endswith(": a.weight, b.weight, c.weight")

@@ -211,6 +211,31 @@ def test_delta_bound_bounds_every_element_of_the_deltas(tmp_path, fmt):
     assert all(delta_bound(apps) == float("inf") for apps in plan.weights.values())
 
 
+def test_a_loose_delta_bound_at_the_safe_limit_gives_way_to_the_tighter_one(tmp_path):
+    """The cheap bound (the rank times the factors' largest elements) is used while it stays
+    below `SAFE_DELTA`; where it does not, the bound of the row and column norms, which is
+    tighter, still bounds every element, and keeps a bake that need not read its weights
+    from reading them."""
+    base = write_checkpoint(tmp_path / "b.safetensors", "sd1")
+    lora = write_lora(tmp_path / "l.safetensors", "kohya-sd1", dtype="F16")
+
+    def bounds(strength: float) -> dict[str, tuple[float, float]]:
+        plan = plan_bake(base, [LoraUse("l", lora, strength)], tmp_path / "o.safetensors")
+        plan.stop()
+        return {key: (delta_bound(apps), float(apply_loras(
+            torch.zeros(plan.header.tensors[key].shape), apps, bias=False).abs().max()))
+            for key, apps in plan.weights.items()}
+
+    small, large = bounds(1e-3), bounds(1e5)
+    tighter = 0
+    for key, (bound, delta) in large.items():
+        assert delta <= bound * (1 + 1e-3), key
+        loose = small[key][0] / 1e-3 * 1e5
+        assert bound <= loose * (1 + 1e-6), key
+        tighter += bound < 0.5 * loose
+    assert tighter > len(large) / 2
+
+
 # --- lora merge and lora extract -----------------------------------------------------------------
 
 

@@ -25,7 +25,7 @@ _SHOWN_NAMES = 3
 @dataclass
 class Clamped:
     """Values clamped by `saturating_cast`, per target dtype: how many, and in which tensors
-    (in the order met, each once)."""
+    (each once; named in sorted order, since a bake's workers meet them in no fixed one)."""
 
     values: dict[str, int] = field(default_factory=dict)
     tensors: dict[str, dict[str, None]] = field(default_factory=dict)
@@ -51,7 +51,7 @@ class Clamped:
 
         said = []
         for dtype, count in self.values.items():
-            names = list(self.tensors[dtype])
+            names = sorted(self.tensors[dtype])
             shown = ", ".join(names[:_SHOWN_NAMES]) + (" …" if len(names) > _SHOWN_NAMES else "")
             limit = f"{torch.finfo(torch_dtype(dtype)).max:g}"
             said.append(f"{count} value{'s' if count != 1 else ''} in {len(names)} "
@@ -60,7 +60,7 @@ class Clamped:
                         f"{'were' if count != 1 else 'was'} clamped to it instead of becoming "
                         f"infinite: {shown}")
         for dtype, per_tensor in self.infinite.items():
-            names, count = list(per_tensor), sum(per_tensor.values())
+            names, count = sorted(per_tensor), sum(per_tensor.values())
             shown = ", ".join(names[:_SHOWN_NAMES]) + (" …" if len(names) > _SHOWN_NAMES else "")
             limit = f"{torch.finfo(torch_dtype(dtype)).max:g}"
             said.append(f"{count} value{'s' if count != 1 else ''} in {len(names)} "

@@ -373,12 +373,15 @@ SAFE_DELTA = 8.0
 def delta_bound(apps: list[Application]) -> float:
     """An upper bound on |the sum of the modules' deltas| over every element of the weight,
     for plain LoRA modules (infinity for the other kinds, NaN when a factor or alpha holds
-    NaN or infinity): by Cauchy-Schwarz no element of up@down exceeds up's largest row norm
-    times down's largest column norm. Below `SAFE_DELTA`, a weight baked from a finite one is
-    finite, so `finite_or_clamped` need not read it (about a tenth of a bake's time,
-    bench/bake_parts.py)."""
-    import torch
+    NaN or infinity). Below `SAFE_DELTA`, a weight baked from a finite one is finite, so
+    `finite_or_clamped` need not read it (about a tenth of a bake's time,
+    bench/bake_parts.py). The cheap bound comes first (`_largest_elements`); only where it
+    does not settle the question, the tighter one (`_largest_norms`)."""
+    loose = _bound(apps, _largest_elements)
+    return loose if loose < SAFE_DELTA else _bound(apps, _largest_norms)
 
+
+def _bound(apps: list[Application], product_bound) -> float:
     total = 0.0
     for app in apps:
         if not app.strength:
@@ -388,10 +391,32 @@ def delta_bound(apps: list[Application]) -> float:
         up, down = (app.module.tensors[r].flatten(1) for r in ("up", "down"))
         if not up.numel() or not down.numel():
             return math.inf
-        total += abs(app.strength * _plain_scale(app.module)) * \
-            float(torch.linalg.vector_norm(up, dim=1, dtype=torch.float32).max()) * \
-            float(torch.linalg.vector_norm(down, dim=0, dtype=torch.float32).max())
+        total += abs(app.strength * _plain_scale(app.module)) * product_bound(up, down)
     return total
+
+
+def _largest_norms(up, down) -> float:
+    """By Cauchy-Schwarz, no element of up@down exceeds up's largest row norm times down's
+    largest column norm."""
+    import torch
+
+    return float(torch.linalg.vector_norm(up, dim=1, dtype=torch.float32).max()) * \
+        float(torch.linalg.vector_norm(down, dim=0, dtype=torch.float32).max())
+
+
+def _largest_elements(up, down) -> float:
+    """The rank times up's and down's largest magnitudes (each norm of `_largest_norms` is at
+    most the square root of the rank times its largest element): often ten times looser, but
+    read in the factors' own dtype, without the fp32 copies the norms take, at about three
+    times their speed (a quarter of a core-second for an SDXL LoRA of rank 64, spent while
+    the cores are busiest)."""
+    import torch
+
+    def largest(factor) -> float:
+        low, high = (float(v) for v in torch.aminmax(factor))
+        return math.nan if math.isnan(low) or math.isnan(high) else max(-low, high)
+
+    return up.shape[1] * largest(up) * largest(down)
 
 
 def finite_or_clamped(result, apps: list[Application], key: str,
