@@ -119,6 +119,26 @@ def test_the_chunk_reader_gives_the_files_bytes_with_few_buffers(tmp_path):
     assert len(chunks) > 20 and len(buffers) == 3
 
 
+def test_whole_tensors_a_little_larger_than_a_chunk_reuse_the_first_buffers(tmp_path):
+    """Buffers start large enough for any chunk up to twice the chunk size: one replaced by a
+    larger one would be fresh memory, zeroed by the kernel page by page."""
+    path = write_checkpoint(tmp_path / "m.safetensors", "sd1", dtype="F16")
+    header = read_header(path)
+    order = file_order(header)
+    size = 16 << 10
+    whole = {k for k in order if size < header.tensors[k].nbytes <= 2 * size}
+    chunks = plan_chunks(header, order, whole, size)
+    assert any(c.size > size for c in chunks)
+    buffers = {}  # kept alive, so that no two of them can share an id
+    with SafetensorsReader(path) as reader, \
+            ChunkReader(reader, chunks, size, buffers=3) as reading:
+        for chunk in reading:
+            buffers[id(chunk._buffer)] = chunk._buffer
+            reading.release(chunk)
+    # a replaced buffer would be a larger one beside those of the first size
+    assert len(buffers) == 3 and len({len(b) for b in buffers.values()}) == 1
+
+
 def test_a_copy_through_chunks_is_one_in_place_write_per_chunk(tmp_path, monkeypatch):
     """Each chunk lands in its buffer at the offset within a block where it goes in the output
     (whose header is a different length), so the writer sends it out from there: the copy is
