@@ -16,7 +16,7 @@ from pathlib import Path
 from catalog.edits import add_root
 from catalog.hash_cache import hash_key
 from catalog.hashes import FileHashes
-from catalog.scan import scan_file
+from catalog.scan import recheck_sidecars, scan_file
 from catalog.store import Store
 
 
@@ -45,6 +45,9 @@ def register_download(store: Store, path: Path, hashes: FileHashes, root: Path, 
                    "source = ?, source_ids = json_patch(source_ids, ?), updated_at = ? "
                    "WHERE id = ?", (hashes.sha256, hashes.crc32, hashes.autov1, hashes.autov3,
                                     key, source, json.dumps(source_ids), time.time(), file_id))
+    # a sidecar left beside the name by an earlier file (Stability Matrix's) was read before
+    # the hashes were known
+    recheck_sidecars(store, file_id, path)
     return file_id
 
 

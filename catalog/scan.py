@@ -313,7 +313,7 @@ def merged_columns(header: dict, sidecar: SidecarFacts) -> dict:
 def _sidecar_details(sidecar: SidecarFacts) -> dict:
     return {k: v for k, v in asdict(sidecar).items()
             if v not in (None, "", []) and k not in ("trained_words", "preview",
-                                                      "stale_version_id")}
+                                                      "stale_version_ids")}
 
 
 def _source_ids(sidecar: SidecarFacts) -> dict:
@@ -426,12 +426,14 @@ def _refresh_sidecars(db, file_id: int, file: FoundFile,
 
 
 def recheck_sidecars(store: Store, file_id: int, path: Path) -> list[str]:
-    """After a file was hashed: where its `.civitai.info` lists other SHA256s, the sidecar was
-    left by another file under this name; the entry loses what it gave (see _drop_stale_ids).
-    Returns the problems to report."""
-    row = store.db.execute("SELECT sha256, json_extract(details, '$.sidecar.file_sha256s') "
-                           "FROM files WHERE id = ?", (file_id,)).fetchone()
-    if row is None or not row[1] or row[0] in json.loads(row[1]):
+    """After a file was hashed: where its `.civitai.info` lists other SHA256s, or its
+    `.cm-info.json` names another, the sidecar was left by another file under this name; the
+    entry loses what it gave (see _drop_stale_ids). Returns the problems to report."""
+    row = store.db.execute("SELECT sha256, json_extract(details, '$.sidecar.file_sha256s'), "
+                           "json_extract(details, '$.sidecar.matrix_sha256') FROM files "
+                           "WHERE id = ?", (file_id,)).fetchone()
+    if row is None or ((not row[1] or row[0] in json.loads(row[1]))
+                       and (not row[2] or row[0] == row[2])):
         return []
     problems: list[str] = []
     with store.write() as db:
@@ -453,13 +455,15 @@ def _known_sha256(db, path: Path) -> str | None:
 
 
 def _drop_stale_ids(db, file_id: int, sidecar: SidecarFacts) -> None:
-    """The Civitai ids a stale `.civitai.info` gave the entry (or a pull of the file that was
-    here before) are another file's: `pull` must not take this file for that version."""
-    if sidecar.stale_version_id is None:
+    """The Civitai ids a stale `.civitai.info` or `.cm-info.json` gave the entry (or a pull of
+    the file that was here before) are another file's: `pull` must not take this file for that
+    version. Not where a sidecar of this file names the same version (another file of it)."""
+    stale = set(sidecar.stale_version_ids) - {sidecar.version_id}
+    if not stale:
         return
     row = db.execute("SELECT source, source_ids FROM files WHERE id = ?", (file_id,)).fetchone()
     ids = json.loads(row["source_ids"] or "{}")
-    if (ids.get("civitai") or {}).get("version_id") != sidecar.stale_version_id:
+    if (ids.get("civitai") or {}).get("version_id") not in stale:
         return
     del ids["civitai"]
     # the source the ids left name ("hf", "url": ids and sources share their names)

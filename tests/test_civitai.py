@@ -299,6 +299,21 @@ def test_pull_registers_the_file_with_its_sidecars_and_source(tmp_path, store, f
     assert len(fake.files.server.requests("/files/model/")) == downloads
 
 
+def test_a_pull_takes_nothing_from_a_cm_info_another_file_left_under_its_name(tmp_path, store,
+                                                                             fake):
+    """Stability Matrix's `.cm-info.json` of a file deleted before (its sidecars left): the
+    pulled file, hashed as it arrives, is not that file."""
+    (tmp_path / "mychar.cm-info.json").write_text(json.dumps({
+        "ModelId": 7, "VersionId": 70, "ModelName": "Gone", "BaseModel": "Illustrious",
+        "TrainedWords": ["gone"], "Hashes": {"SHA256": "CD" * 32}}))
+    [pulled] = pull(store, fake, "civitai://123", to=tmp_path)
+    entry = get_entry(store, pulled.entry_id)
+    assert entry.source_ids["civitai"]["version_id"] == 123
+    assert "mychar.cm-info.json" not in entry.details["sidecar"]["read"]
+    assert "describes another file" in entry.details["sidecar"]["problems"][0]
+    assert entry.trigger_words == ["mychar", "1girl"]
+
+
 def test_a_file_already_owned_under_another_name_is_not_downloaded(tmp_path, store, fake,
                                                                     loras):
     mine = tmp_path / "mine"
@@ -656,3 +671,4 @@ def test_a_storage_host_refusal_is_not_blamed_on_civitai(tmp_path, store, fake, 
     assert str(failed.error) == (
         f"mychar.safetensors: the storage host 127.0.0.1 refused the download link (HTTP "
         f"{status}); such links expire or move: run the same command again for a fresh one")
+
