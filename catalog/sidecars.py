@@ -25,6 +25,10 @@ STABILITY_MATRIX = ".cm-info.json"
 PREVIEWS = (".preview.png", ".preview.jpg", ".preview.jpeg", ".preview.webp",
             ".png", ".jpg", ".jpeg", ".webp")
 SIDECAR_SUFFIXES = (CIVITAI_INFO, STABILITY_MATRIX, A1111_JSON) + PREVIEWS
+# where an entry's details keep the record of the preview this tool saved beside its file
+# (catalog/civitai_sidecars.py): it stays with the entry while the file is the same (rescanned,
+# moved, renamed), so that `identify --refresh` still knows that preview for its own
+PREVIEW_RECORD = "$.civitai_preview"
 # AUTOMATIC1111's "sd version" choices -> our architecture ids
 _SURROGATES = re.compile("[\ud800-\udfff]")
 A1111_SD_VERSIONS = {"SD1": "sd1", "SD2": "sd2", "SDXL": "sdxl", "SD3": "sd3-medium"}
