@@ -9,7 +9,8 @@ is fetched, and the report says so.
 
 One exception, for `catalog identify --refresh` (`replace`): a preview this tool saved itself
 goes with the information it came with. What was saved is remembered (`PreviewRecord`, kept in
-the catalog by the caller): the image's address and the SHA256 of its bytes. A `X.preview.png`
+the catalog by the caller, with the model's entry, which follows the file when a scan sees it
+renamed or moved): the image's address and the SHA256 of its bytes. A `X.preview.png`
 whose bytes are still those is ours; when the refreshed version's preview is another image, it
 is replaced (temporary name, then rename), and removed where the version has no image allowed
 any more. Anything else (another name, bytes edited or put there by hand, a preview saved

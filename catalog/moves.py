@@ -1,5 +1,7 @@
 """A file that left one path and is present under another (found by its SHA256): its entry's
-user data (tags, notes, rating, favourite, source) follows it, and the stale entry goes.
+user data (tags, notes, rating, favourite, source) follows it, and the stale entry goes. So does
+the record of the preview saved beside it: where the preview moved with it, `identify --refresh`
+still knows it (by its name and bytes, which it checks) for the one it saved.
 
 Only a copy that is new is the file moved: one that appeared after the vanished file was last
 seen present (its root's previous scan). An identical copy that was there all along is another
@@ -13,12 +15,16 @@ from __future__ import annotations
 import os
 import sqlite3
 
+from catalog.sidecars import PREVIEW_RECORD
+
 
 def adopt(db: sqlite3.Connection, old_id: int, new_id: int) -> None:
     """Carry the user data of entry `old_id` over to `new_id`, then delete `old_id`: tags of
-    both, both notes, the rating that is set. Runs inside the caller's write transaction."""
-    old = db.execute("SELECT notes, rating, favourite, source, source_ids, first_seen FROM files "
-                     "WHERE id = ?", (old_id,)).fetchone()
+    both, both notes, the rating that is set, the preview record where `new_id` has none. Runs
+    inside the caller's write transaction."""
+    old = db.execute("SELECT notes, rating, favourite, source, source_ids, first_seen, "
+                     "json_type(details, :at) = 'object' AS has_record FROM files WHERE id = :id",
+                     {"at": PREVIEW_RECORD, "id": old_id}).fetchone()
     db.execute("INSERT OR IGNORE INTO tags (file_id, tag) SELECT ?, tag FROM tags WHERE "
                "file_id = ?", (new_id, old_id))
     db.execute("""UPDATE files SET
@@ -31,6 +37,11 @@ def adopt(db: sqlite3.Connection, old_id: int, new_id: int) -> None:
                       source_ids = json_patch(:source_ids, source_ids),
                       first_seen = MIN(first_seen, :first_seen)
                   WHERE id = :id""", {**dict(old), "id": new_id})
+    if old["has_record"]:  # json(): set as the object it is, not as a string of its text
+        db.execute("UPDATE files SET details = json_set(details, :at, json((SELECT "
+                   "json_extract(details, :at) FROM files WHERE id = :old))) "
+                   "WHERE id = :new AND json_type(details, :at) IS NULL",
+                   {"at": PREVIEW_RECORD, "old": old_id, "new": new_id})
     db.execute("DELETE FROM files WHERE id = ?", (old_id,))
 
 

@@ -269,7 +269,7 @@ class Puller:
             notes += written.problems
             entry_id = register_download(self.store, done.path, done.hashes, root, "civitai",
                                          ids)
-            if written.record is not None:  # after the scan of the file, which resets details
+            if written.record is not None:  # once the scan of the file made its entry
                 remember_preview(self.store, entry_id, written.record)
             return _pulled(text, entry_id, done, notes)
 

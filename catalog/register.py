@@ -16,7 +16,8 @@ from pathlib import Path
 from catalog.edits import add_root
 from catalog.hash_cache import hash_key
 from catalog.hashes import FileHashes
-from catalog.scan import scan_file
+from catalog.scan import recheck_sidecars, scan_file
+from catalog.sidecars import PREVIEW_RECORD
 from catalog.store import Store
 
 
@@ -45,6 +46,9 @@ def register_download(store: Store, path: Path, hashes: FileHashes, root: Path, 
                    "source = ?, source_ids = json_patch(source_ids, ?), updated_at = ? "
                    "WHERE id = ?", (hashes.sha256, hashes.crc32, hashes.autov1, hashes.autov3,
                                     key, source, json.dumps(source_ids), time.time(), file_id))
+    # a sidecar left beside the name by an earlier file (Stability Matrix's) was read before
+    # the hashes were known
+    recheck_sidecars(store, file_id, path)
     return file_id
 
 
@@ -56,16 +60,10 @@ def record_source(store: Store, file_id: int, source: str, source_ids: dict) -> 
                    (source, json.dumps(source_ids), time.time(), file_id))
 
 
-# where an entry's details keep the record of the preview saved beside its file
-# (catalog/civitai_sidecars.py): a scan of a changed file rewrites the details and forgets it,
-# and the preview is then kept as if it were the user's
-_PREVIEW_RECORD = "$.civitai_preview"
-
-
 def saved_preview(store: Store, file_id: int) -> dict | None:
     """The record of the preview saved beside the entry's file, if one was."""
     row = store.db.execute("SELECT json_extract(details, ?) FROM files WHERE id = ?",
-                           (_PREVIEW_RECORD, file_id)).fetchone()
+                           (PREVIEW_RECORD, file_id)).fetchone()
     try:
         record = json.loads(row[0]) if row and isinstance(row[0], str) else None
     except ValueError:
@@ -78,7 +76,7 @@ def remember_preview(store: Store, file_id: int, record: dict | None) -> None:
     with store.write() as db:
         if record is None:
             db.execute("UPDATE files SET details = json_remove(details, ?) WHERE id = ?",
-                       (_PREVIEW_RECORD, file_id))
+                       (PREVIEW_RECORD, file_id))
         else:
             db.execute("UPDATE files SET details = json_set(details, ?, json(?)) WHERE id = ?",
-                       (_PREVIEW_RECORD, json.dumps(record), file_id))
+                       (PREVIEW_RECORD, json.dumps(record), file_id))

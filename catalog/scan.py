@@ -23,7 +23,13 @@ from catalog.identity import CIVITAI_BASE_MODELS, FileFacts, examine
 from catalog.layouts import detect_layout
 from catalog.moves import adopt, present_twin
 from catalog.root_folders import folders_of
-from catalog.sidecars import SidecarFacts, read_sidecars, sidecar_paths, signature
+from catalog.sidecars import (
+    PREVIEW_RECORD,
+    SidecarFacts,
+    read_sidecars,
+    sidecar_paths,
+    signature,
+)
 from catalog.store import Store
 from catalog.walk import FoundFile, walk
 from catalog.workers import exit_with
@@ -313,7 +319,7 @@ def merged_columns(header: dict, sidecar: SidecarFacts) -> dict:
 def _sidecar_details(sidecar: SidecarFacts) -> dict:
     return {k: v for k, v in asdict(sidecar).items()
             if v not in (None, "", []) and k not in ("trained_words", "preview",
-                                                      "stale_version_id")}
+                                                      "stale_version_ids")}
 
 
 def _source_ids(sidecar: SidecarFacts) -> dict:
@@ -322,9 +328,11 @@ def _source_ids(sidecar: SidecarFacts) -> dict:
     return {"civitai": {"model_id": sidecar.model_id, "version_id": sidecar.version_id}}
 
 
-# A file seen before keeps its user data (tags, notes, rating) and, while it is the same file
-# (device, inode, size, mtime), its hashes. An UPDATE, then an INSERT only for a new path: an
-# INSERT ... ON CONFLICT DO UPDATE would use up an AUTOINCREMENT id every time it updates.
+# A file seen before keeps its user data (tags, notes, rating), the record of the preview saved
+# beside it (`identify --refresh` checks the preview's name and bytes before taking it for its
+# own) and, while it is the same file (device, inode, size, mtime), its hashes. An UPDATE, then
+# an INSERT only for a new path: an INSERT ... ON CONFLICT DO UPDATE would use up an
+# AUTOINCREMENT id every time it updates.
 _COLUMNS = ("path", "root_id", "folder_kind", "name", "status", "problem", "device", "inode",
             "size", "mtime_ns", "kind", "architecture", "base_model", "label", "layout", "dtype",
             "parameters", "lora_format", "lora_rank", "trigger_words", "details", "sidecars",
@@ -333,7 +341,7 @@ _SAME_FILE = ("device IS :device AND inode IS :inode AND size = :size AND "
               "mtime_ns = :mtime_ns")
 _REPLACED = ("status", "problem", "device", "inode", "size", "mtime_ns", "kind", "architecture",
              "base_model", "label", "layout", "dtype", "parameters", "lora_format", "lora_rank",
-             "trigger_words", "details", "sidecars", "preview", "last_seen", "updated_at")
+             "trigger_words", "sidecars", "preview", "last_seen", "updated_at")
 _UPDATE = ("UPDATE files SET "
            # a file under two roots (one inside the other) stays with the first
            "root_id = coalesce(root_id, :root_id), "
@@ -343,6 +351,10 @@ _UPDATE = ("UPDATE files SET "
            + "".join(f"{h} = CASE WHEN {_SAME_FILE} THEN {h} END, "
                      for h in ("sha256", "autov1", "autov3", "crc32", "hash_key"))
            + "".join(f"{c} = :{c}, " for c in _REPLACED)
+           # json(): the record set as the object it is, not as a string of its text
+           + f"details = CASE WHEN json_type(details, '{PREVIEW_RECORD}') = 'object' THEN "
+           f"json_set(:details, '{PREVIEW_RECORD}', json(json_extract(details, "
+           f"'{PREVIEW_RECORD}'))) ELSE :details END, "
            + "source = CASE WHEN source = 'local' THEN :source ELSE source END, "
            "source_ids = json_patch(source_ids, :source_ids) "
            "WHERE path = :path RETURNING id")
@@ -426,12 +438,14 @@ def _refresh_sidecars(db, file_id: int, file: FoundFile,
 
 
 def recheck_sidecars(store: Store, file_id: int, path: Path) -> list[str]:
-    """After a file was hashed: where its `.civitai.info` lists other SHA256s, the sidecar was
-    left by another file under this name; the entry loses what it gave (see _drop_stale_ids).
-    Returns the problems to report."""
-    row = store.db.execute("SELECT sha256, json_extract(details, '$.sidecar.file_sha256s') "
-                           "FROM files WHERE id = ?", (file_id,)).fetchone()
-    if row is None or not row[1] or row[0] in json.loads(row[1]):
+    """After a file was hashed: where its `.civitai.info` lists other SHA256s, or its
+    `.cm-info.json` names another, the sidecar was left by another file under this name; the
+    entry loses what it gave (see _drop_stale_ids). Returns the problems to report."""
+    row = store.db.execute("SELECT sha256, json_extract(details, '$.sidecar.file_sha256s'), "
+                           "json_extract(details, '$.sidecar.matrix_sha256') FROM files "
+                           "WHERE id = ?", (file_id,)).fetchone()
+    if row is None or ((not row[1] or row[0] in json.loads(row[1]))
+                       and (not row[2] or row[0] == row[2])):
         return []
     problems: list[str] = []
     with store.write() as db:
@@ -453,13 +467,15 @@ def _known_sha256(db, path: Path) -> str | None:
 
 
 def _drop_stale_ids(db, file_id: int, sidecar: SidecarFacts) -> None:
-    """The Civitai ids a stale `.civitai.info` gave the entry (or a pull of the file that was
-    here before) are another file's: `pull` must not take this file for that version."""
-    if sidecar.stale_version_id is None:
+    """The Civitai ids a stale `.civitai.info` or `.cm-info.json` gave the entry (or a pull of
+    the file that was here before) are another file's: `pull` must not take this file for that
+    version. Not where a sidecar of this file names the same version (another file of it)."""
+    stale = set(sidecar.stale_version_ids) - {sidecar.version_id}
+    if not stale:
         return
     row = db.execute("SELECT source, source_ids FROM files WHERE id = ?", (file_id,)).fetchone()
     ids = json.loads(row["source_ids"] or "{}")
-    if (ids.get("civitai") or {}).get("version_id") != sidecar.stale_version_id:
+    if (ids.get("civitai") or {}).get("version_id") not in stale:
         return
     del ids["civitai"]
     # the source the ids left name ("hf", "url": ids and sources share their names)

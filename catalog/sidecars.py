@@ -5,9 +5,9 @@
 - `X.cm-info.json`: Stability Matrix's connected-model info (PascalCase keys).
 - `X.preview.png` (or .jpg/.jpeg/.webp, or plain `X.png`): the preview image.
 A sidecar that cannot be read is reported and otherwise ignored; it never stops a scan. So is a
-`.civitai.info` that lists its files' SHA256 without the model file's (once the model is hashed):
-it was left by another file under the same name (`rm --delete-file` and web UIs leave sidecars),
-and its ids and base model are that file's.
+`.civitai.info` that lists its files' SHA256 without the model file's, or a `.cm-info.json` whose
+SHA256 is another (once the model is hashed): it was left by another file under the same name
+(`rm --delete-file` and web UIs leave sidecars), and its ids and base model are that file's.
 """
 
 from __future__ import annotations
@@ -25,6 +25,10 @@ STABILITY_MATRIX = ".cm-info.json"
 PREVIEWS = (".preview.png", ".preview.jpg", ".preview.jpeg", ".preview.webp",
             ".png", ".jpg", ".jpeg", ".webp")
 SIDECAR_SUFFIXES = (CIVITAI_INFO, STABILITY_MATRIX, A1111_JSON) + PREVIEWS
+# where an entry's details keep the record of the preview this tool saved beside its file
+# (catalog/civitai_sidecars.py): it stays with the entry while the file is the same (rescanned,
+# moved, renamed), so that `identify --refresh` still knows that preview for its own
+PREVIEW_RECORD = "$.civitai_preview"
 # AUTOMATIC1111's "sd version" choices -> our architecture ids
 _SURROGATES = re.compile("[\ud800-\udfff]")
 A1111_SD_VERSIONS = {"SD1": "sd1", "SD2": "sd2", "SDXL": "sdxl", "SD3": "sd3-medium"}
@@ -44,9 +48,12 @@ class SidecarFacts:
     description: str = ""
     nsfw: bool | None = None
     preview: str | None = None
-    # the SHA256s `.civitai.info` lists for its version's files: the model must be one of them
+    # the SHA256s the sidecar that gave the Civitai ids lists (`.civitai.info`: its version's
+    # files; else `.cm-info.json`: its one file): the model must be one of them
     file_sha256s: list[str] = field(default_factory=list)
-    stale_version_id: int | None = None  # the version a `.civitai.info` of another file names
+    matrix_sha256: str | None = None  # the one a `.cm-info.json` taken names
+    # the versions that sidecars of another file name (their ids are not this file's)
+    stale_version_ids: list[int] = field(default_factory=list)
     read: list[str] = field(default_factory=list)  # the sidecar files that were read
     problems: list[str] = field(default_factory=list)
 
@@ -68,8 +75,9 @@ def sidecar_paths(model: Path, names_in_folder: set[str] | None = None) -> dict[
 
 
 # changed when the catalog records more of the sidecars (2: the file hashes `.civitai.info`
-# lists), so that the next scan reads every file's sidecars again, once
-SIGNATURE_VERSION = "2"
+# lists; 3: the one `.cm-info.json` names), so that the next scan reads every file's sidecars
+# again, once
+SIGNATURE_VERSION = "3"
 
 
 def signature(paths: dict[str, Path]) -> str:
@@ -124,16 +132,28 @@ def _text(value) -> str | None:
     return _clean(value.strip()) or None if isinstance(value, str) else None
 
 
+def _sha256_in(hashes) -> str | None:
+    """The SHA256 (lower case) of a Civitai `hashes` object (`{"SHA256": ..., "CRC32": ...}`)."""
+    sha = hashes.get("SHA256") if isinstance(hashes, dict) else None
+    return sha.lower() if isinstance(sha, str) and len(sha) == 64 else None
+
+
 def _listed_sha256s(doc: dict) -> list[str]:
     """The SHA256s (lower case) a Civitai model-version JSON lists for its files."""
     files = doc.get("files") if isinstance(doc.get("files"), list) else []
-    found = []
-    for file in files:
-        hashes = file.get("hashes") if isinstance(file, dict) else None
-        sha = hashes.get("SHA256") if isinstance(hashes, dict) else None
-        if isinstance(sha, str) and len(sha) == 64:
-            found.append(sha.lower())
-    return found
+    return [sha for file in files
+            if isinstance(file, dict) and (sha := _sha256_in(file.get("hashes")))]
+
+
+def _of_another_file(path: Path, theirs: str, sha256: str, facts: SidecarFacts,
+                     version_id: int | None) -> None:
+    """`path` describes the file that had this name before: not read, and said so."""
+    facts.read.remove(path.name)
+    if version_id is not None:
+        facts.stale_version_ids.append(version_id)
+    facts.problems.append(f"{path}: describes another file (SHA256 {theirs[:12]}..., not "
+                          f"this file's {sha256[:12]}...); ignored: delete it, or look the "
+                          "file up with `mergekit-sd catalog identify`")
 
 
 def read_sidecars(paths: dict[str, Path], sha256: str | None = None) -> SidecarFacts:
@@ -150,13 +170,7 @@ def read_sidecars(paths: dict[str, Path], sha256: str | None = None) -> SidecarF
         facts.description = _text(doc.get("description")) or ""
         facts.architecture = A1111_SD_VERSIONS.get(str(doc.get("sd version")))
     if (path := paths.get(STABILITY_MATRIX)) and (doc := _load_json(path, facts)):
-        facts.model_name = _text(doc.get("ModelName"))
-        facts.version_name = _text(doc.get("VersionName"))
-        facts.model_id = _int(doc.get("ModelId"))
-        facts.version_id = _int(doc.get("VersionId"))
-        facts.base_model = _text(doc.get("BaseModel"))
-        facts.trained_words = _words(doc.get("TrainedWords")) or facts.trained_words
-        facts.nsfw = doc.get("Nsfw") if isinstance(doc.get("Nsfw"), bool) else None
+        _read_stability_matrix(path, doc, sha256, facts)
     if (path := paths.get(CIVITAI_INFO)) and (doc := _load_json(path, facts)) and doc:
         _read_civitai_info(path, doc, sha256, facts)
     for suffix in PREVIEWS:
@@ -166,16 +180,35 @@ def read_sidecars(paths: dict[str, Path], sha256: str | None = None) -> SidecarF
     return facts
 
 
+def _read_stability_matrix(path: Path, doc: dict, sha256: str | None,
+                           facts: SidecarFacts) -> None:
+    """Stability Matrix's ConnectedModelInfo: the Civitai model and version of its one file,
+    whose hashes are in `Hashes` (`SHA256`, `CRC32`, `BLAKE3`, as Civitai gave them)."""
+    theirs = _sha256_in(doc.get("Hashes"))
+    if sha256 and theirs and sha256.lower() != theirs:
+        _of_another_file(path, theirs, sha256, facts, _int(doc.get("VersionId")))
+        return
+    # a sidecar without a SHA256 (older Stability Matrix versions, a file imported with no
+    # Civitai match, one written by hand) cannot be checked: it is trusted, as `.civitai.info`
+    # is before the file is hashed; the CRC32 alone is too weak to refuse a sidecar on, and
+    # the catalog computes no BLAKE3
+    facts.matrix_sha256 = theirs
+    facts.file_sha256s = [theirs] if theirs else []
+    facts.model_name = _text(doc.get("ModelName"))
+    facts.version_name = _text(doc.get("VersionName"))
+    facts.model_id = _int(doc.get("ModelId"))
+    facts.version_id = _int(doc.get("VersionId"))
+    facts.base_model = _text(doc.get("BaseModel"))
+    facts.trained_words = _words(doc.get("TrainedWords")) or facts.trained_words
+    facts.nsfw = doc.get("Nsfw") if isinstance(doc.get("Nsfw"), bool) else None
+
+
 def _read_civitai_info(path: Path, doc: dict, sha256: str | None, facts: SidecarFacts) -> None:
     listed = _listed_sha256s(doc)
     if sha256 and listed and sha256.lower() not in listed:
-        facts.read.remove(path.name)
-        facts.stale_version_id = _int(doc.get("id"))
-        facts.problems.append(f"{path}: describes another file (SHA256 {listed[0][:12]}..., not "
-                              f"this file's {sha256[:12]}...); ignored: delete it, or look the "
-                              "file up with `mergekit-sd catalog identify`")
+        _of_another_file(path, listed[0], sha256, facts, _int(doc.get("id")))
         return
-    facts.file_sha256s = listed
+    facts.file_sha256s = listed  # its ids win over Stability Matrix's
     model = doc.get("model") if isinstance(doc.get("model"), dict) else {}
     facts.model_name = _text(model.get("name")) or facts.model_name
     facts.version_name = _text(doc.get("name")) or facts.version_name

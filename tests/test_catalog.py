@@ -1154,6 +1154,84 @@ def test_sidecars_a_catalog_read_before_hashes_were_compared_are_read_again(tmp_
     assert find_entry(store, "mychar").source_ids == {}
 
 
+def matrix_for(sha256: str | None) -> dict:
+    """STABILITY as Stability Matrix writes it for a file: its Civitai hashes in `Hashes`
+    (upper case); None: an older one, with none."""
+    if sha256 is None:
+        return STABILITY
+    return {**STABILITY, "Hashes": {"SHA256": sha256.upper(), "CRC32": "0A1B2C3D",
+                                    "BLAKE3": "B" * 64}}
+
+
+def test_a_cm_info_of_another_file_gives_nothing_once_the_file_is_hashed(tmp_path, store, tiny):
+    """Stability Matrix's `.cm-info.json` left by the file that had this name names its SHA256:
+    once the file is hashed, its ids, names and base model are not this file's."""
+    loras = tmp_path / "webui" / "models" / "Lora"
+    model = put(tiny["lora"], loras / "sm.safetensors")
+    mine, other = hash_file(model).sha256, "cd" * 32
+    sidecar = loras / "sm.cm-info.json"
+    sidecar.write_text(json.dumps(matrix_for(other)))
+    add_root(store, tmp_path / "webui")
+    scan(store, jobs=1)
+    entry = find_entry(store, "sm")
+    assert (entry.source, entry.base_model) == ("civitai", "Illustrious")  # trusted until hashed
+    stale = (f"{sidecar}: describes another file (SHA256 {other[:12]}..., not this file's "
+             f"{mine[:12]}...); ignored: delete it, or look the file up with `mergekit-sd "
+             "catalog identify`")
+    assert hash_pending(store).problems == [stale]
+    entry = find_entry(store, "sm")
+    assert (entry.source, entry.source_ids, entry.base_model, entry.trigger_words) == (
+        "local", {}, "SD 1.5", ["mychar", "1girl", "solo"])
+    assert "model_name" not in entry.details["sidecar"]
+    assert "sm.cm-info.json" not in entry.details["sidecar"].get("read", [])
+    assert entry.details["sidecar"]["problems"] == [stale]
+    # one appearing beside a hashed file is refused by the scan that reads it
+    sidecar.write_text(json.dumps({**matrix_for(other), "VersionId": 3}))
+    assert scan(store, jobs=1).problems == [stale]
+    assert find_entry(store, "sm").source_ids == {}
+    # the file's own is taken; so is one with no hash, which cannot be checked
+    for doc in (matrix_for(mine), matrix_for(None)):
+        sidecar.write_text(json.dumps(doc) + " " * len(sidecar.read_text()))  # another size
+        assert scan(store, jobs=1).problems == []
+        entry = find_entry(store, "sm")
+        assert (entry.source, entry.base_model) == ("civitai", "Illustrious")
+        assert entry.source_ids == {"civitai": {"model_id": 1, "version_id": 2}}
+
+
+def test_a_stale_cm_info_takes_no_ids_a_civitai_info_of_the_file_gives(tmp_path, store, tiny):
+    """Another file of the same version left its `.cm-info.json`: the version is still this
+    file's, by its own `.civitai.info`."""
+    loras = tmp_path / "webui" / "models" / "Lora"
+    model = put(tiny["lora"], loras / "both.safetensors")
+    (loras / "both.cm-info.json").write_text(json.dumps(
+        {**matrix_for("cd" * 32), "ModelId": 45, "VersionId": 123}))
+    (loras / "both.civitai.info").write_text(json.dumps(civitai_info_for(
+        hash_file(model).sha256)))
+    add_root(store, tmp_path / "webui")
+    scan(store, jobs=1)
+    assert "describes another file" in hash_pending(store).problems[0]
+    entry = find_entry(store, "both")
+    assert (entry.source, entry.base_model) == ("civitai", "Pony")
+    assert entry.source_ids == {"civitai": {"model_id": 45, "version_id": 123}}
+
+
+def test_cm_info_a_catalog_read_before_its_hash_was_compared_is_read_again(tmp_path, store,
+                                                                           tiny):
+    loras = tmp_path / "webui" / "models" / "Lora"
+    put(tiny["lora"], loras / "sm.safetensors")
+    (loras / "sm.cm-info.json").write_text(json.dumps(matrix_for("cd" * 32)))
+    add_root(store, tmp_path / "webui")
+    scan(store, jobs=1)
+    hash_pending(store)
+    with store.write() as db:  # as the version before left it: the ids taken, the hash unseen
+        db.execute("UPDATE files SET source = 'civitai', source_ids = ?, details = "
+                   "json_remove(details, '$.sidecar.problems'), sidecars = "
+                   "'2' || substr(sidecars, instr(sidecars, '|'))",
+                   (json.dumps({"civitai": {"model_id": 1, "version_id": 2}}),))
+    assert "describes another file" in scan(store, jobs=1).problems[0]
+    assert find_entry(store, "sm").source_ids == {}
+
+
 # --- finding and listing ---------------------------------------------------------------------
 
 

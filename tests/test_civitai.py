@@ -299,6 +299,21 @@ def test_pull_registers_the_file_with_its_sidecars_and_source(tmp_path, store, f
     assert len(fake.files.server.requests("/files/model/")) == downloads
 
 
+def test_a_pull_takes_nothing_from_a_cm_info_another_file_left_under_its_name(tmp_path, store,
+                                                                             fake):
+    """Stability Matrix's `.cm-info.json` of a file deleted before (its sidecars left): the
+    pulled file, hashed as it arrives, is not that file."""
+    (tmp_path / "mychar.cm-info.json").write_text(json.dumps({
+        "ModelId": 7, "VersionId": 70, "ModelName": "Gone", "BaseModel": "Illustrious",
+        "TrainedWords": ["gone"], "Hashes": {"SHA256": "CD" * 32}}))
+    [pulled] = pull(store, fake, "civitai://123", to=tmp_path)
+    entry = get_entry(store, pulled.entry_id)
+    assert entry.source_ids["civitai"]["version_id"] == 123
+    assert "mychar.cm-info.json" not in entry.details["sidecar"]["read"]
+    assert "describes another file" in entry.details["sidecar"]["problems"][0]
+    assert entry.trigger_words == ["mychar", "1girl"]
+
+
 def test_a_file_already_owned_under_another_name_is_not_downloaded(tmp_path, store, fake,
                                                                     loras):
     mine = tmp_path / "mine"
@@ -656,3 +671,58 @@ def test_a_storage_host_refusal_is_not_blamed_on_civitai(tmp_path, store, fake, 
     assert str(failed.error) == (
         f"mychar.safetensors: the storage host 127.0.0.1 refused the download link (HTTP "
         f"{status}); such links expire or move: run the same command again for a fresh one")
+
+
+def test_the_preview_record_follows_its_file_when_it_moves(tmp_path, store, fake, loras):
+    """A file pulled with its preview, then renamed with its sidecars, carried by copy to
+    another root (found there by its SHA256), and unplugged and back: each time, --refresh
+    still knows the preview beside it as the one it saved, and follows Civitai's."""
+    [pulled] = pull(store, fake, "civitai://123", to=tmp_path / "pulled")
+    version = fake.civitai.versions[123]
+
+    def new_image(name: str) -> bytes:
+        fake.files.put(f"img/{name}.png", PNG + name.encode(), "image/png")
+        version.images = [{"url": f"{fake.files.url}/files/img/{name}.png", "nsfwLevel": 1}]
+        return PNG + name.encode()
+
+    def refreshed(model: Path, image: bytes) -> None:
+        with client_for(fake) as client:
+            report = identify(store, client, refresh=True)
+        preview = model.with_name(model.stem + ".preview.png")
+        assert f"{model.name}: replaced its preview {preview.name} (Civitai shows another " \
+               "image for it now)" in report.problems
+        assert preview.read_bytes() == image
+
+    def move(model: Path, to: Path, copy: bool) -> Path:
+        """The model and its sidecars, `X.*` -> `to.*`; `copy`: new files (another disk)."""
+        to.parent.mkdir(parents=True, exist_ok=True)
+        for path in list(model.parent.glob(model.stem + ".*")):
+            target = to.with_name(to.stem + path.name[len(model.stem):])
+            if copy:
+                target.write_bytes(path.read_bytes())
+                path.unlink()
+            else:
+                path.rename(target)
+        return to
+
+    # renamed in place, the preview with it (the same inode: a scan sees the move)
+    model = move(pulled.path, tmp_path / "pulled" / "hero.safetensors", copy=False)
+    assert scan(store, jobs=1).moved == [(str(pulled.path), str(model))]
+    refreshed(model, new_image("one"))
+
+    # copied to another root and deleted here: the same file by its SHA256 once hashed
+    other = tmp_path / "other"
+    moved = move(model, other / "hero.safetensors", copy=True)
+    add_root(store, other)
+    scan(store, jobs=1)
+    assert hash_pending(store).moved == [(str(model), str(moved))]
+    refreshed(moved, new_image("two"))
+
+    # the root unplugged (the file missing), then back: read again, still the same file
+    hidden = other.rename(tmp_path / "unplugged")
+    scan(store, jobs=1)
+    assert find_entry(store, "hero").status == "missing"
+    hidden.rename(other)
+    scan(store, jobs=1)
+    assert find_entry(store, "hero").status == "ok"
+    refreshed(moved, new_image("three"))
