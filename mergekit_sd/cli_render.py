@@ -4,6 +4,7 @@ grid, and A/B sheets. Registered lazily by cli.py (torch and diffusers load only
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -220,8 +221,8 @@ def render(
     import_torch()  # Ctrl-C held while it loads (cli_startup)
     resolver = _CatalogOnDemand(catalog, pull)
     found = collect_candidates(candidates, resolver, assignments)
-    _run(lambda progress: render_candidates(found, options, resolver, progress or _quiet),
-         html, as_json)
+    _run(lambda progress: render_candidates(found, options, resolver, progress or _quiet,
+                                            on_first_batch=_say_estimate), html, as_json)
 
 
 @compare_app.command("compare")
@@ -273,7 +274,23 @@ def compare(
                         "(a sweep recipe gives one per value: use --set to pick one, or "
                         "render)")
     _run(lambda progress: compare_candidates(found[0], found[1], options, not no_heat,
-                                             resolver, progress or _quiet), html, as_json)
+                                             resolver, progress or _quiet,
+                                             on_first_batch=_say_estimate), html, as_json)
+
+
+def _say_estimate(first) -> None:
+    """How long the rest takes, measured on the first batch (render/estimate.py), when it is
+    long enough to matter: on stderr, with or without --json, since stdout carries the
+    summary or the JSON document; above the progress bar while one is drawn (rich shows
+    what is written to stderr there)."""
+    from mergekit_sd.render.estimate import estimate_line
+
+    line = estimate_line(first)
+    if line is not None:
+        # sys.stderr as it is now: while a bar is drawn, rich's stand-in for it prints the line
+        # above the bar (typer.echo reaches the terminal's own buffer behind the stand-in and
+        # would write into the bar's line)
+        print(line, file=sys.stderr, flush=True)
 
 
 def _quiet(stage: str, done: int, total: int) -> None:

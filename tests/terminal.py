@@ -8,18 +8,19 @@ import subprocess
 import sys
 
 
-def run_on_terminal(args, env: dict, stream: str = "stdout",
-                    timeout: float = 300) -> tuple[int, str, str]:
+def run_on_terminal(args, env: dict, stream: str = "stdout", timeout: float = 300,
+                    module: str = "mergekit_sd.cli") -> tuple[int, str, str]:
     """`mergekit-sd ARGS` with `stream` ("stdout" or "stderr") a terminal and the other a pipe:
     (exit code, what the pipe got, what the terminal got, colours off and lines as written: a
-    terminal wraps a longer one for the eye only, copied out it is one line)."""
+    terminal wraps a longer one for the eye only, copied out it is one line). `module`: a
+    test's own entry point that changes a setting before it runs the CLI's."""
     import pty
 
     main, secondary = pty.openpty()
     other = subprocess.PIPE
     streams = {"stdout": secondary, "stderr": other} if stream == "stdout" else \
         {"stdout": other, "stderr": secondary}
-    with subprocess.Popen([sys.executable, "-m", "mergekit_sd.cli", *map(str, args)], env=env,
+    with subprocess.Popen([sys.executable, "-m", module, *map(str, args)], env=env,
                           stdin=subprocess.DEVNULL, **streams) as child:
         os.close(secondary)
         seen = b""

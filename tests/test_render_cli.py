@@ -7,6 +7,7 @@ which spares each a few seconds of importing torch and diffusers."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import pytest
@@ -268,6 +269,63 @@ def test_the_summary_fits_80_columns(main, models, tmp_path, offline, monkeypatc
     summary = done.stdout[done.stdout.index("sd1: pipeline"):]
     assert max(map(len, summary.splitlines())) <= 80, summary
     assert "a-candidate-with-a-rather-long-descriptive-name: pipeline built" in summary
+
+
+ESTIMATE = re.compile(r"first 4 images: [0-9.]+ s each on the CPU; the (\d+) left will take "
+                      r"about [0-9.]+ (s|min|h)(\. Faster for a first try on the CPU: .*)?$")
+
+
+def test_the_first_batch_says_on_stderr_how_long_the_rest_takes(main, models, tmp_path,
+                                                                 offline, monkeypatch):
+    """A threshold of 0 stands for a rest long enough to matter (a tiny grid takes a second);
+    the line is the measured first batch's, on stderr only: stdout holds the summary."""
+    from mergekit_sd.render import estimate
+
+    monkeypatch.setattr(estimate, "WORTH_SAYING_S", 0.0)
+    done = main("render", models / "sd1-a.safetensors", "--grid", "tiny", "--steps", "9",
+                "--out", tmp_path / "o")
+    assert done.returncode == 0, done.stderr
+    [line] = [line for line in done.stderr.splitlines() if ESTIMATE.match(line)]
+    assert ESTIMATE.match(line)[1] == "2"  # the tiny grid's 6 images, a batch of 4 drawn
+    assert line.endswith("Faster for a first try on the CPU: --steps 8 or --preset lcm "
+                         "(README: Renders and A/B grids)"), line
+    assert "first 4 images" not in done.stdout and "wrote 6 images" in done.stdout
+
+
+def test_compare_json_keeps_the_estimate_out_of_its_document(main, models, tmp_path, offline,
+                                                             monkeypatch):
+    from mergekit_sd.render import estimate
+
+    monkeypatch.setattr(estimate, "WORTH_SAYING_S", 0.0)
+    done = main("compare", models / "sd1-a.safetensors", models / "sd1-b.safetensors",
+                "--grid", "tiny", "--steps", "2", "--out", tmp_path / "ab", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["images"] == 12 and "first" not in done.stdout
+    [line] = [line for line in done.stderr.splitlines() if ESTIMATE.match(line)]
+    assert ESTIMATE.match(line)[1] == "8"  # both candidates: the same pipeline and settings
+    assert "Faster" not in line  # 64x64, 2 steps, the tiny grid: nothing faster to name
+
+
+def test_on_a_terminal_the_estimate_is_a_line_of_its_own_above_the_progress_bar(models,
+                                                                               tmp_path, offline):
+    """Where rich draws the bar, the line clears the bar's line and the bar comes back under it,
+    never after the bar's text on the same line."""
+    import os
+    from pathlib import Path
+
+    from terminal import run_on_terminal
+
+    tests = Path(__file__).parent
+    env = {**os.environ, **offline, "PYTHONPATH": f"{tests.parent}{os.pathsep}{tests}",
+           "COLUMNS": "300", "TERM": "xterm"}
+    code, stdout, shown = run_on_terminal(
+        ["render", models / "sd1-a.safetensors", "--grid", "tiny", "--batch", "2", "--out",
+         tmp_path / "o"], env, stream="stderr", timeout=120, module="estimate_always")
+    assert code == 0, shown
+    before, line = shown.split("first 2 images: ")
+    assert before.endswith(("\x1b[2K", "\n")), repr(before[-80:])
+    assert "the 4 left will take about" in line.splitlines()[0]
+    assert "rendering" in line and "first" not in stdout
 
 
 def test_one_step_and_one_image_are_said_in_the_singular(main, models, tmp_path, offline):

@@ -12,6 +12,7 @@
   candidates  files, catalog references and recipe outputs (merged in memory)
   generate    batches of (prompt, seed) with the same noise for every candidate
   runner      a whole render: images, manifest, contact sheet
+  estimate    how long the rest of a render takes, from its first batch (one line)
   compare     two candidates side by side, difference heat maps
   outputs, sheets, manifest, html   what is written
   folder      the output folder: only a render's own files replaced, created once inputs pass

@@ -3,10 +3,13 @@ optional difference heat map, plus one sheet of all pairs."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from mergekit_sd.errors import UserError
 from mergekit_sd.progress import CancelToken, ProgressCallback, no_progress
 from mergekit_sd.recipe.refs import Resolver
 from mergekit_sd.render.candidates import RenderCandidate
+from mergekit_sd.render.estimate import FirstBatch
 from mergekit_sd.render.folder import AB_DIR, AB_SHEET, ab_file
 from mergekit_sd.render.outputs import png_bytes
 from mergekit_sd.render.runner import RenderOptions, RenderResult, render_candidates
@@ -15,7 +18,9 @@ from mergekit_sd.render.runner import RenderOptions, RenderResult, render_candid
 def compare_candidates(a: RenderCandidate, b: RenderCandidate, options: RenderOptions,
                        with_heat: bool = True, resolver: Resolver | None = None,
                        progress: ProgressCallback = no_progress,
-                       cancel: CancelToken | None = None) -> RenderResult:
+                       cancel: CancelToken | None = None,
+                       on_first_batch: Callable[[FirstBatch], None] | None = None
+                       ) -> RenderResult:
     from PIL import Image
 
     from mergekit_sd.render.sheets import CELL, ab_sheet, grid_sheet, heat_map
@@ -24,7 +29,7 @@ def compare_candidates(a: RenderCandidate, b: RenderCandidate, options: RenderOp
         raise UserError(f"compare: {a.label} and {b.label} are different architectures; "
                         "A/B sheets compare the same prompt and noise on the same pipeline")
     options.command = "compare"
-    result = render_candidates([a, b], options, resolver, progress, cancel)
+    result = render_candidates([a, b], options, resolver, progress, cancel, on_first_batch)
     grid, folder = options.grid, result.folder
     pairs, rows, cells = [], [], {}
     for prompt in grid.prompts:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from mergekit_sd.progress import CancelToken, ProgressCallback, no_progress
 from mergekit_sd.recipe.refs import ResolvedModel, Resolver
 from mergekit_sd.render.assets import scheduler_config
 from mergekit_sd.render.candidates import RenderCandidate
+from mergekit_sd.render.estimate import FirstBatch
 from mergekit_sd.render.folder import (
     AB_SHEET,
     CONTACT_SHEET,
@@ -136,8 +138,11 @@ def _sync(device: str) -> None:
 def render_candidates(candidates: list[RenderCandidate], options: RenderOptions,
                       resolver: Resolver | None = None,
                       progress: ProgressCallback = no_progress,
-                      cancel: CancelToken | None = None) -> RenderResult:
-    """Render `options.grid` for every candidate into `options.out`."""
+                      cancel: CancelToken | None = None,
+                      on_first_batch: Callable[[FirstBatch], None] | None = None
+                      ) -> RenderResult:
+    """Render `options.grid` for every candidate into `options.out`. `on_first_batch` is
+    told each pipeline's first batch as soon as it is drawn (the CLI's estimate of the rest)."""
     start = time.perf_counter()
     grid = options.grid
     families: dict[str, list[RenderCandidate]] = {}
@@ -155,7 +160,8 @@ def render_candidates(candidates: list[RenderCandidate], options: RenderOptions,
     # the run would replace that a render did not write
     folder = OutputFolder.check(options.out, planned_outputs(candidates, options),
                                 options.overwrite)
-    run = _Run(options, folder, len(candidates), progress, cancel or CancelToken())
+    run = _Run(options, folder, len(candidates), progress, cancel or CancelToken(),
+               len(families), on_first_batch)
     try:
         for cand in candidates:
             if cand.path is not None:
@@ -203,7 +209,8 @@ class _Run:
     """One render: the options, the file hashes, the manifest being filled, progress."""
 
     def __init__(self, options: RenderOptions, folder: OutputFolder, candidates: int,
-                 progress: ProgressCallback, cancel: CancelToken):
+                 progress: ProgressCallback, cancel: CancelToken, families: int = 1,
+                 on_first_batch: Callable[[FirstBatch], None] | None = None):
         grid = options.grid
         self.options = options
         self.folder = folder
@@ -217,6 +224,10 @@ class _Run:
         self.done = 0
         self.progress = progress
         self.cancel = cancel
+        self.families = families
+        self.on_first_batch = on_first_batch
+        self.family_left = 0  # images the current pipeline still draws
+        self.measured = False  # its first batch has been told
 
     def family(self, group: list[RenderCandidate], sampling: Sampling,
                lora_file: ResolvedModel | None) -> None:
@@ -247,6 +258,7 @@ class _Run:
         width, height = options.size or options.grid.size_for(rp.family)
         settings = Settings(width, height, sampling.steps, sampling.guidance)
         batch = options.batch or auto_batch(rp, settings, len(self.jobs))
+        self.family_left, self.measured = len(group) * len(self.jobs), False
         self.manifest.pipelines.append(PipelineEntry(
             rp.family, base.label, round(build_s, 3), str(rp.dtype).removeprefix("torch."),
             sampling.preset, sampling.scheduler, sampling.steps, sampling.guidance, lora, batch))
@@ -315,8 +327,22 @@ class _Run:
                     lora["ref"] if lora else None, round(seconds, 4)))
                 self.done += 1
                 self.progress("rendering", self.done, self.total)
+            self.family_left -= len(chunk)
+            if not self.measured:
+                self.measured = True
+                self._first_batch(rp.family, settings, sampling, len(chunk), seconds)
         self.folder.sync(str(Path(file).parent))
         return len(self.jobs)
+
+    def _first_batch(self, family: str, settings: Settings, sampling: Sampling, images: int,
+                     seconds: float) -> None:
+        """The pipeline's first batch is drawn: what it took, and what is left after it."""
+        if self.on_first_batch is None:
+            return
+        self.on_first_batch(FirstBatch(
+            family, self.options.device, images, seconds, self.family_left,
+            self.total - self.done - self.family_left, self.families, self.options.grid.name,
+            settings.width, settings.height, settings.steps, sampling.preset))
 
 
 def _render_order(base: RenderCandidate, group: list[RenderCandidate]) -> list[RenderCandidate]:
