@@ -744,8 +744,9 @@ def test_merge_by_concatenation_bakes_like_both_loras(tmp_path, bases, cli):
     base = load_file(bases["sd1"])
     assert assert_same_bake(separately, together, base) == len(lora_targets("kohya-sd1"))
     provenance = json.loads(metadata_of(merged)["mergekit_sd.merged_loras"])
-    assert provenance == [{"name": "a.safetensors", "sha256": sha256(a), "weight": 0.6},
-                          {"name": "b.safetensors", "sha256": sha256(b), "weight": -0.3}]
+    # "strength", as bake and recipes call the number
+    assert provenance == [{"name": "a.safetensors", "sha256": sha256(a), "strength": 0.6},
+                          {"name": "b.safetensors", "sha256": sha256(b), "strength": -0.3}]
 
 
 def test_merge_of_kohya_and_peft_bakes_like_both(tmp_path, bases):
@@ -809,14 +810,14 @@ def test_one_lora_is_resized_by_svd_and_refused_without_a_rank(tmp_path, bases, 
     assert {v.shape[0] for k, v in load_file(out).items() if k.endswith("lora_down.weight")} == {2}
 
 
-def test_a_lora_at_weight_0_is_left_out_with_a_note(tmp_path, bases, cli):
-    """At weight 0 a LoRA adds nothing but its rank to a concatenation: left out, said."""
+def test_a_lora_at_strength_0_is_left_out_with_a_note(tmp_path, bases, cli):
+    """At strength 0 a LoRA adds nothing but its rank to a concatenation: left out, said."""
     a = write_lora(tmp_path / "a.safetensors", "kohya-sd1", seed=1, dtype="F32")
     b = write_lora(tmp_path / "b.safetensors", "kohya-sd1", seed=2, dtype="F32")
     out = tmp_path / "merged.safetensors"
     code, stdout, err = cli("lora", "merge", f"{a}:0", b, "-o", out, "--dtype", "fp32")
     assert code == 0, err
-    assert "a.safetensors: weight 0, so it is left out" in err and "rank up to 4" in stdout
+    assert "a.safetensors: strength 0, so it is left out" in err and "rank up to 4" in stdout
     assert {v.shape[0] for k, v in load_file(out).items() if k.endswith("lora_down.weight")} == {4}
     assert_one_sentence(*cli("lora", "merge", f"{a}:0", f"{b}:0", "-o", out, "--overwrite"), 2)
 
@@ -855,6 +856,15 @@ def test_merge_and_bake_agree_on_a_zero_alpha(tmp_path, bases):
 # --- 8. command-line smoke -----------------------------------------------------------------------
 
 
+def test_the_usage_lines_call_the_number_after_a_lora_its_strength(cli):
+    """bake, lora merge and recipes' bake_lora steps scale a LoRA's delta by the same number:
+    one word for it, in the usage line (which shows even where the arguments' help does not)."""
+    for command, usage in ((["bake"], "BASE LORA[:STRENGTH[:TE_STRENGTH]]..."),
+                           (["lora", "merge"], "LORA[:STRENGTH]...")):
+        code, out, _ = cli(*command, "--help")
+        assert code == 0 and f"[OPTIONS] {usage}\n" in out, out
+
+
 def test_bake_cli_strength_syntax_overwrite_and_inspect(tmp_path, bases, tuned, cli):
     lora = scaled_lora(write_lora(tmp_path / "l.safetensors", "kohya-sd1", alpha=2.0,
                                   dtype="F32"), 5)
@@ -888,7 +898,7 @@ def test_bake_cli_strength_syntax_overwrite_and_inspect(tmp_path, bases, tuned, 
         assert f"{wrong} after the file name is not STRENGTH[:TE_STRENGTH]" in cli.last_err
         assert f"e.g. {lora}:0.8" in cli.last_err and not other.exists()
     assert_one_sentence(*cli("lora", "merge", f"{lora}:0.5:0.2", lora, "-o", other), 2)
-    assert "'0.5:0.2' after the file name is not WEIGHT; give one number" in cli.last_err
+    assert "'0.5:0.2' after the file name is not STRENGTH; give one number" in cli.last_err
     assert_one_sentence(*cli("bake", bases["sd1"], f"{tmp_path}/none.safetensors:0.5", "-o",
                              other), 2)
     assert "none.safetensors: does not exist; give an existing path" in cli.last_err
