@@ -1,9 +1,15 @@
 """Merge several LoRAs into one kohya-format LoRA: concatenated ranks, or SVD to a chosen rank.
 
 Concatenation is exact: Σ sᵢ·upᵢ@downᵢ = [s₁·up₁ … sₙ·upₙ] @ [down₁; …; downₙ], so the merged
-file bakes to the same weights as baking each LoRA at its strength sᵢ; ranks add up. With `rank`,
-each weight's summed delta is factored again by SVD to that rank (smaller file, approximate);
-this also merges LoHa, LoKr and Tucker modules, which have no up/down pair to concatenate.
+file bakes to the same weights as baking each LoRA at its strength sᵢ; ranks add up, except
+that modules with the same down factor (a LoRA given twice) share it: their ups are summed.
+With `rank`, each weight's summed delta is factored again by SVD to that rank (smaller file,
+approximate); this also merges LoHa, LoKr and Tucker modules, which have no up/down pair to
+concatenate.
+
+A merged module whose factors multiply to exactly zero (strengths that cancel) changes nothing
+and is left out, with a note; "exactly" is read off the factors written, never a tolerance,
+so a small real delta is kept.
 
 Modules are matched by the checkpoint weight they change (`TargetIndex`), so LoRAs of different
 formats (kohya, PEFT, diffusers FLUX with separate q/k/v) merge with each other. The weights'
@@ -31,8 +37,9 @@ from mergekit_sd.lora.extract import truncated_svd
 from mergekit_sd.lora.kohya_file import factors_for, write_kohya_lora
 from mergekit_sd.lora.modules import LoraModule, load_lora
 from mergekit_sd.lora.strengths import strength_problem
-from mergekit_sd.lora.targets import Target, TargetIndex, Unmatched
+from mergekit_sd.lora.targets import Target, TargetIndex, Unmatched, plural
 
+_SHOW_LEFT_OUT = 3  # names of modules that change nothing, in the note
 _REFERENCE_LAYOUTS = {"sd": "sd1-ldm", "sdxl": "sdxl-sgm", "flux": "flux1-dev-bfl",
                       "sd3": "sd3-medium-comfyui"}
 
@@ -141,6 +148,12 @@ def _pair(module: LoraModule, strength: float):
     return t["up"].float().flatten(1) * (strength * scale), t["down"].float().flatten(1)
 
 
+def changes_nothing(up, down) -> bool:
+    """Whether 2-D factors multiply to exactly zero: every rank has an all-zero up column or
+    an all-zero down row (read off the factors, so no small delta is taken for none)."""
+    return not bool(((up != 0).any(dim=0) & (down != 0).any(dim=1)).any())
+
+
 def merge_loras(loras: list[tuple[Path, float]], output: Path, rank: int | None = None,
                 base: Path | None = None, dtype: str = "fp16", clamp_quantile: float = 1.0,
                 allow_unmatched: bool = False) -> MergeReport:
@@ -213,7 +226,7 @@ def merge_loras(loras: list[tuple[Path, float]], output: Path, rank: int | None 
     report.unmatched = [u for u in report.unmatched if u.count]
     if report.unmatched and not allow_unmatched:
         return report
-    modules = {}
+    modules, nothing = {}, []
     for key, entries, whole in groups:
         name = index.kohya.get((key, None) if whole else (key, entries[0][2].rows))
         if name is None:
@@ -222,13 +235,20 @@ def merge_loras(loras: list[tuple[Path, float]], output: Path, rank: int | None 
         shape = index.shapes[key] if whole else entries[0][2].shape
         kernel = tuple(shape[2:])
         if rank is None:
-            modules[name] = factors_for(*_concatenate(entries, shape, whole, key), kernel)
+            up, down = _concatenate(entries, shape, whole, key)
         else:
             delta = torch.zeros(shape)
             for module, strength, target, _ in entries:
                 view = delta[target.rows[0]:target.rows[1]] if whole and target.rows else delta
                 view += strength * module_delta(module, tuple(view.shape))
-            modules[name] = factors_for(*truncated_svd(delta, rank, clamp_quantile), kernel)
+            # a delta summed to exactly zero has nothing to factor (its SVD factors are zero)
+            up, down = truncated_svd(delta, rank, clamp_quantile) if delta.any() else (None, None)
+        if up is None or changes_nothing(up, down):
+            nothing.append(name)
+        else:
+            modules[name] = factors_for(up, down, kernel)
+    if nothing:
+        _say_left_out(sorted(nothing), bool(modules), report)
     # "strength", the word of bake and recipes; nothing reads the entries' number, and the
     # catalog's lineage reads only name and sha256
     provenance = {"mergekit_sd.merged_loras": [
@@ -237,6 +257,19 @@ def merge_loras(loras: list[tuple[Path, float]], output: Path, rank: int | None 
     report.modules = len(modules)
     report.rank = max((down.shape[0] for _, down in modules.values()), default=0)
     return report
+
+
+def _say_left_out(names: list[str], some_kept: bool, report: MergeReport) -> None:
+    """A note naming the first few modules that change nothing (they are left out), or, when
+    that is all of them, the refusal: an empty LoRA is nothing to write."""
+    if not some_kept:
+        raise UserError("every module of the merged LoRA changes nothing (its factors multiply "
+                        "to exactly zero, as when the strengths cancel), so there is nothing to "
+                        "write; check the LoRAs and their strengths")
+    shown = ", ".join(names[:_SHOW_LEFT_OUT]) + (" …" if len(names) > _SHOW_LEFT_OUT else "")
+    report.notes.append(f"{plural(len(names), 'module')} changed nothing once merged (the "
+                        f"factors multiply to exactly zero, as strengths that cancel do) and "
+                        f"{'were' if len(names) != 1 else 'was'} left out: {shown}")
 
 
 def _whole(key: str, entries: list, index: TargetIndex) -> bool:
@@ -294,6 +327,13 @@ def _concatenate(entries, shape, whole: bool, key: str):
             padded = torch.zeros(shape[0], up.shape[1])
             padded[target.rows[0]:target.rows[1]] = up
             up = padded
+        # the same down factor again (a LoRA given twice, or with its negation) takes one
+        # place: u·d + u'·d = (u + u')·d, so strengths that cancel leave an all-zero up
+        same = next((i for i, d in enumerate(downs)
+                     if d.shape == down.shape and torch.equal(d, down)), None)
+        if same is not None:
+            ups[same] = ups[same] + up
+            continue
         ups.append(up)
         downs.append(down)
     if len({d.shape[1] for d in downs}) > 1:
