@@ -21,6 +21,10 @@ lora_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
 
 _SHOW_UNMATCHED = 8  # module names listed per LoRA when some land nowhere
 _SCHEMES = ("sha256", "autov3", "catalog")  # catalog references: SCHEME:VALUE
+# the usage lines name the syntax (typer 0.19 under click 8.5 prints no arguments' help), and
+# both commands call the per-LoRA number its strength, as recipes' bake_lora steps do
+_BAKE_LORAS = "LORA[:STRENGTH[:TE_STRENGTH]]..."
+_MERGE_LORAS = "LORA[:STRENGTH]..."
 
 
 def _resolve(ref: str, resolver: _CatalogOnDemand) -> tuple[Path, str | None]:
@@ -165,7 +169,8 @@ def _say_clamped(clamped) -> None:
 def bake(
     base: str = typer.Argument(..., help="Checkpoint to bake into (path or catalog ref)."),
     loras: list[str] = typer.Argument(
-        ..., help="LoRAs as LORA[:STRENGTH[:TE_STRENGTH]], e.g. style.safetensors:0.8"),
+        ..., metavar=_BAKE_LORAS,
+        help="LoRAs as LORA[:STRENGTH[:TE_STRENGTH]], e.g. style.safetensors:0.8"),
     output: Path = typer.Option(..., "-o", "--out", "--output",
                                 help="The baked checkpoint to write."),
     te_strength: float | None = typer.Option(
@@ -229,7 +234,8 @@ def bake(
 @lora_app.command("merge")
 def lora_merge(
     loras: list[str] = typer.Argument(
-        ..., help="LoRAs as LORA[:WEIGHT]: at least two, or one with --rank to resize it."),
+        ..., metavar=_MERGE_LORAS,
+        help="LoRAs as LORA[:STRENGTH]: at least two, or one with --rank to resize it."),
     output: Path = typer.Option(..., "-o", "--out", "--output",
                                 help="The merged LoRA to write."),
     rank: int | None = typer.Option(
@@ -259,7 +265,7 @@ def lora_merge(
     resolver = _CatalogOnDemand(catalog)
     pairs = []
     for arg in loras:
-        _ref, path, _sha, numbers = _lora_arg(arg, resolver, "WEIGHT", most=1)
+        _ref, path, _sha, numbers = _lora_arg(arg, resolver, "STRENGTH", most=1)
         pairs.append((path, numbers[0] if numbers else 1.0))
     base_path = _resolve(base, resolver)[0] if base else None
     _check_output(output, overwrite, [p for p, _ in pairs] + ([base_path] if base_path else []))

@@ -744,8 +744,9 @@ def test_merge_by_concatenation_bakes_like_both_loras(tmp_path, bases, cli):
     base = load_file(bases["sd1"])
     assert assert_same_bake(separately, together, base) == len(lora_targets("kohya-sd1"))
     provenance = json.loads(metadata_of(merged)["mergekit_sd.merged_loras"])
-    assert provenance == [{"name": "a.safetensors", "sha256": sha256(a), "weight": 0.6},
-                          {"name": "b.safetensors", "sha256": sha256(b), "weight": -0.3}]
+    # "strength", as bake and recipes call the number
+    assert provenance == [{"name": "a.safetensors", "sha256": sha256(a), "strength": 0.6},
+                          {"name": "b.safetensors", "sha256": sha256(b), "strength": -0.3}]
 
 
 def test_merge_of_kohya_and_peft_bakes_like_both(tmp_path, bases):
@@ -809,14 +810,14 @@ def test_one_lora_is_resized_by_svd_and_refused_without_a_rank(tmp_path, bases, 
     assert {v.shape[0] for k, v in load_file(out).items() if k.endswith("lora_down.weight")} == {2}
 
 
-def test_a_lora_at_weight_0_is_left_out_with_a_note(tmp_path, bases, cli):
-    """At weight 0 a LoRA adds nothing but its rank to a concatenation: left out, said."""
+def test_a_lora_at_strength_0_is_left_out_with_a_note(tmp_path, bases, cli):
+    """At strength 0 a LoRA adds nothing but its rank to a concatenation: left out, said."""
     a = write_lora(tmp_path / "a.safetensors", "kohya-sd1", seed=1, dtype="F32")
     b = write_lora(tmp_path / "b.safetensors", "kohya-sd1", seed=2, dtype="F32")
     out = tmp_path / "merged.safetensors"
     code, stdout, err = cli("lora", "merge", f"{a}:0", b, "-o", out, "--dtype", "fp32")
     assert code == 0, err
-    assert "a.safetensors: weight 0, so it is left out" in err and "rank up to 4" in stdout
+    assert "a.safetensors: strength 0, so it is left out" in err and "rank up to 4" in stdout
     assert {v.shape[0] for k, v in load_file(out).items() if k.endswith("lora_down.weight")} == {4}
     assert_one_sentence(*cli("lora", "merge", f"{a}:0", f"{b}:0", "-o", out, "--overwrite"), 2)
 
@@ -852,7 +853,82 @@ def test_merge_and_bake_agree_on_a_zero_alpha(tmp_path, bases):
     assert_same_bake(separately, together, load_file(bases["sd1"]))
 
 
+def lora_part(path: Path, out: Path, modules: list[str]) -> Path:
+    """A LoRA holding only the named modules of the LoRA at `path`, with the same tensors."""
+    tensors = {k: v for k, v in load_file(path).items() if k.split(".")[0] in modules}
+    save_file(tensors, out, metadata=metadata_of(path))
+    return out
+
+
+def module_names(path: Path) -> list[str]:
+    return sorted({k.split(".")[0] for k in load_file(path)})
+
+
+def test_merge_leaves_out_the_modules_that_cancel_with_one_note(tmp_path, cli):
+    """Modules whose merged factors multiply to exactly zero change nothing: they are left
+    out (not written to bloat the file and pad `inspect`'s coverage), and one note says how
+    many and names the first few; the other modules are written as they were."""
+    a = write_lora(tmp_path / "a.safetensors", "kohya-sd1", seed=1, dtype="F32")
+    names = module_names(a)
+    cancelled = names[:5]
+    part = lora_part(a, tmp_path / "part.safetensors", cancelled)
+    out = tmp_path / "merged.safetensors"
+    code, stdout, err = cli("lora", "merge", f"{a}:0.7", f"{part}:-0.7", "-o", out,
+                            "--dtype", "fp32")
+    assert code == 0, err
+    notes = [line for line in err.splitlines() if "changed nothing" in line]
+    assert len(notes) == 1, err
+    assert notes[0].startswith("note: 5 modules changed nothing once merged")
+    assert ", ".join(cancelled[:3]) + " …" in notes[0]
+    written = load_file(out)
+    assert module_names(out) == names[5:]
+    assert f"{len(names) - 5} modules, rank up to 4" in stdout
+    source = load_file(a)
+    for name in names[5:]:
+        assert torch.equal(written[f"{name}.lora_down.weight"], source[f"{name}.lora_down.weight"])
+        assert torch.equal(written[f"{name}.lora_up.weight"],
+                           source[f"{name}.lora_up.weight"] * 0.7)
+
+
+@pytest.mark.parametrize(("strengths", "rank"), [
+    ((1.0, -1.0), None), ((0.5, 0.5, -1.0), None), ((1.0, -1.0), 2)])
+def test_a_merge_whose_every_module_cancels_is_refused(tmp_path, bases, cli, strengths, rank):
+    """The same LoRA at strengths that sum to zero: nothing to write, so nothing is written
+    (an empty LoRA), by concatenation or by SVD."""
+    a = write_lora(tmp_path / "a.safetensors", "kohya-sd1", seed=1, dtype="F32")
+    out = tmp_path / "merged.safetensors"
+    by_svd = ["--rank", str(rank), "--base", bases["sd1"]] if rank else []
+    assert_one_sentence(*cli("lora", "merge", *(f"{a}:{s}" for s in strengths), "-o", out,
+                             *by_svd), 2)
+    assert "changes nothing" in cli.last_err and "nothing to write" in cli.last_err
+    assert not out.exists()
+
+
+def test_a_small_delta_that_does_not_cancel_exactly_is_kept(tmp_path, cli):
+    """Zero is read off the factors, not within a tolerance: strengths 1 and -0.999 leave a
+    delta a thousandth of the LoRA's (of values around 1e-5), and every module keeps it."""
+    a = write_lora(tmp_path / "a.safetensors", "kohya-sd1", seed=1, dtype="F32")
+    out = tmp_path / "merged.safetensors"
+    code, _, err = cli("lora", "merge", f"{a}:1", f"{a}:-0.999", "-o", out, "--dtype", "fp32")
+    assert code == 0, err
+    assert "changed nothing" not in err
+    assert module_names(out) == module_names(a)
+    written, source = load_file(out), load_file(a)
+    name = module_names(a)[0]
+    assert torch.allclose(written[f"{name}.lora_up.weight"],
+                          source[f"{name}.lora_up.weight"] * 1e-3, rtol=1e-3, atol=0)
+
+
 # --- 8. command-line smoke -----------------------------------------------------------------------
+
+
+def test_the_usage_lines_call_the_number_after_a_lora_its_strength(cli):
+    """bake, lora merge and recipes' bake_lora steps scale a LoRA's delta by the same number:
+    one word for it, in the usage line (which shows even where the arguments' help does not)."""
+    for command, usage in ((["bake"], "BASE LORA[:STRENGTH[:TE_STRENGTH]]..."),
+                           (["lora", "merge"], "LORA[:STRENGTH]...")):
+        code, out, _ = cli(*command, "--help")
+        assert code == 0 and f"[OPTIONS] {usage}\n" in out, out
 
 
 def test_bake_cli_strength_syntax_overwrite_and_inspect(tmp_path, bases, tuned, cli):
@@ -888,7 +964,7 @@ def test_bake_cli_strength_syntax_overwrite_and_inspect(tmp_path, bases, tuned, 
         assert f"{wrong} after the file name is not STRENGTH[:TE_STRENGTH]" in cli.last_err
         assert f"e.g. {lora}:0.8" in cli.last_err and not other.exists()
     assert_one_sentence(*cli("lora", "merge", f"{lora}:0.5:0.2", lora, "-o", other), 2)
-    assert "'0.5:0.2' after the file name is not WEIGHT; give one number" in cli.last_err
+    assert "'0.5:0.2' after the file name is not STRENGTH; give one number" in cli.last_err
     assert_one_sentence(*cli("bake", bases["sd1"], f"{tmp_path}/none.safetensors:0.5", "-o",
                              other), 2)
     assert "none.safetensors: does not exist; give an existing path" in cli.last_err

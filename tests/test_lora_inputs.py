@@ -197,11 +197,13 @@ def test_a_recipe_lora_takes_the_block_forms_the_cli_and_merge_params_take(tmp_p
     assert code == 0, err
 
 
-def test_a_lora_merge_weight_that_is_no_finite_number_is_one_sentence(tmp_path, cli, sd1_lora):
+def test_a_lora_merge_strength_that_is_no_finite_number_is_one_sentence(tmp_path, cli,
+                                                                        sd1_lora):
     out = tmp_path / "out.safetensors"
     assert_one_sentence(*cli("lora", "merge", f"{sd1_lora}:nan", sd1_lora, "-o", out), 2)
-    assert "finite" in cli.last_err and not out.exists()
-    with pytest.raises(UserError, match="finite"):  # the API, as recipes and scripts call it
+    assert "is not STRENGTH" in cli.last_err and "finite" in cli.last_err and not out.exists()
+    # the API, as recipes and scripts call it
+    with pytest.raises(UserError, match="strength inf is not a finite number"):
         merge_loras([(sd1_lora, float("inf")), (sd1_lora, 1.0)], out)
     assert_one_sentence(*cli("lora", "merge", f"{sd1_lora}:1e300", sd1_lora, "-o", out), 2)
     assert "float32" in cli.last_err and not out.exists()

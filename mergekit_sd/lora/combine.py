@@ -1,9 +1,15 @@
 """Merge several LoRAs into one kohya-format LoRA: concatenated ranks, or SVD to a chosen rank.
 
-Concatenation is exact: Σ wᵢ·upᵢ@downᵢ = [w₁·up₁ … wₙ·upₙ] @ [down₁; …; downₙ], so the merged
-file bakes to the same weights as baking each LoRA at its weight; ranks add up. With `rank`,
-each weight's summed delta is factored again by SVD to that rank (smaller file, approximate);
-this also merges LoHa, LoKr and Tucker modules, which have no up/down pair to concatenate.
+Concatenation is exact: Σ sᵢ·upᵢ@downᵢ = [s₁·up₁ … sₙ·upₙ] @ [down₁; …; downₙ], so the merged
+file bakes to the same weights as baking each LoRA at its strength sᵢ; ranks add up, except
+that modules with the same down factor (a LoRA given twice) share it: their ups are summed.
+With `rank`, each weight's summed delta is factored again by SVD to that rank (smaller file,
+approximate); this also merges LoHa, LoKr and Tucker modules, which have no up/down pair to
+concatenate.
+
+A merged module whose factors multiply to exactly zero (strengths that cancel) changes nothing
+and is left out, with a note; "exactly" is read off the factors written, never a tolerance,
+so a small real delta is kept.
 
 Modules are matched by the checkpoint weight they change (`TargetIndex`), so LoRAs of different
 formats (kohya, PEFT, diffusers FLUX with separate q/k/v) merge with each other. The weights'
@@ -31,8 +37,9 @@ from mergekit_sd.lora.extract import truncated_svd
 from mergekit_sd.lora.kohya_file import factors_for, write_kohya_lora
 from mergekit_sd.lora.modules import LoraModule, load_lora
 from mergekit_sd.lora.strengths import strength_problem
-from mergekit_sd.lora.targets import Target, TargetIndex, Unmatched
+from mergekit_sd.lora.targets import Target, TargetIndex, Unmatched, plural
 
+_SHOW_LEFT_OUT = 3  # names of modules that change nothing, in the note
 _REFERENCE_LAYOUTS = {"sd": "sd1-ldm", "sdxl": "sdxl-sgm", "flux": "flux1-dev-bfl",
                       "sd3": "sd3-medium-comfyui"}
 
@@ -134,11 +141,17 @@ def _mergeable(module: LoraModule, target: Target, exact_shapes: bool
     return weight_part, left_out
 
 
-def _pair(module: LoraModule, weight: float):
-    """(up, down) as 2-D fp32 factors with the module's scale and weight folded into up."""
+def _pair(module: LoraModule, strength: float):
+    """(up, down) as 2-D fp32 factors with the module's scale and strength folded into up."""
     t = module.tensors
     scale = module.alpha / t["down"].shape[0] if module.alpha else 1.0
-    return t["up"].float().flatten(1) * (weight * scale), t["down"].float().flatten(1)
+    return t["up"].float().flatten(1) * (strength * scale), t["down"].float().flatten(1)
+
+
+def changes_nothing(up, down) -> bool:
+    """Whether 2-D factors multiply to exactly zero: every rank has an all-zero up column or
+    an all-zero down row (read off the factors, so no small delta is taken for none)."""
+    return not bool(((up != 0).any(dim=0) & (down != 0).any(dim=1)).any())
 
 
 def merge_loras(loras: list[tuple[Path, float]], output: Path, rank: int | None = None,
@@ -155,13 +168,13 @@ def merge_loras(loras: list[tuple[Path, float]], output: Path, rank: int | None 
     if rank is None and clamp_quantile != 1:
         raise UserError(f"--clamp-quantile {clamp_quantile:g} applies only to merges by SVD; "
                         "add --rank R, or leave it out to concatenate the ranks exactly")
-    for path, weight in loras:
-        problem = strength_problem(weight)
+    for path, strength in loras:
+        problem = strength_problem(strength)
         if problem:
-            raise UserError(f"{path}: weight {problem}; give a number such as 0.5")
-    if not any(weight for _, weight in loras):
-        raise UserError("every LoRA has weight 0, so the merged LoRA would change nothing; "
-                        "give a weight other than 0")
+            raise UserError(f"{path}: strength {problem}; give a number such as 0.5")
+    if not any(strength for _, strength in loras):
+        raise UserError("every LoRA has strength 0, so the merged LoRA would change nothing; "
+                        "give a strength other than 0")
     dtype = parse_dtype(dtype, LORA_DTYPES, "lora merge")
     refuse_replacing_inputs(Path(output), [p for p, _ in loras] + ([base] if base else []))
     found = [_lora_ident(p) for p, _ in loras]
@@ -176,7 +189,7 @@ def merge_loras(loras: list[tuple[Path, float]], output: Path, rank: int | None 
     exact_shapes = rank is not None or base is not None
     by_key: dict[str, list[tuple[LoraModule, float, Target, str]]] = {}
     names = [path.name for path, _ in loras]
-    for i, (path, weight) in enumerate(loras):
+    for i, (path, strength) in enumerate(loras):
         # a file given twice is listed per argument, not as one file with twice its modules
         label = path.name if names.count(path.name) == 1 else f"{path.name} (argument {i + 1})"
         lora = load_lora(path)
@@ -199,10 +212,10 @@ def merge_loras(loras: list[tuple[Path, float]], output: Path, rank: int | None 
             if "dora" in module.tensors:
                 raise UserError(f"{path.name}: DoRA modules need the base weights to merge; bake "
                                 "it into a checkpoint with `mergekit-sd bake` instead")
-            if weight:  # at weight 0 it adds nothing, and would add its rank (said below)
-                by_key.setdefault(target.key, []).append((module, weight, target, label))
-        if not weight:
-            report.notes.append(f"{label}: weight 0, so it is left out of the merged LoRA")
+            if strength:  # at strength 0 it adds nothing, and would add its rank (said below)
+                by_key.setdefault(target.key, []).append((module, strength, target, label))
+        if not strength:
+            report.notes.append(f"{label}: strength 0, so it is left out of the merged LoRA")
     groups = []
     for key, entries in _groups(by_key, index):
         whole = _whole(key, entries, index)
@@ -213,7 +226,7 @@ def merge_loras(loras: list[tuple[Path, float]], output: Path, rank: int | None 
     report.unmatched = [u for u in report.unmatched if u.count]
     if report.unmatched and not allow_unmatched:
         return report
-    modules = {}
+    modules, nothing = {}, []
     for key, entries, whole in groups:
         name = index.kohya.get((key, None) if whole else (key, entries[0][2].rows))
         if name is None:
@@ -222,19 +235,41 @@ def merge_loras(loras: list[tuple[Path, float]], output: Path, rank: int | None 
         shape = index.shapes[key] if whole else entries[0][2].shape
         kernel = tuple(shape[2:])
         if rank is None:
-            modules[name] = factors_for(*_concatenate(entries, shape, whole, key), kernel)
+            up, down = _concatenate(entries, shape, whole, key)
         else:
             delta = torch.zeros(shape)
-            for module, weight, target, _ in entries:
+            for module, strength, target, _ in entries:
                 view = delta[target.rows[0]:target.rows[1]] if whole and target.rows else delta
-                view += weight * module_delta(module, tuple(view.shape))
-            modules[name] = factors_for(*truncated_svd(delta, rank, clamp_quantile), kernel)
+                view += strength * module_delta(module, tuple(view.shape))
+            # a delta summed to exactly zero has nothing to factor (its SVD factors are zero)
+            up, down = truncated_svd(delta, rank, clamp_quantile) if delta.any() else (None, None)
+        if up is None or changes_nothing(up, down):
+            nothing.append(name)
+        else:
+            modules[name] = factors_for(up, down, kernel)
+    if nothing:
+        _say_left_out(sorted(nothing), bool(modules), report)
+    # "strength", the word of bake and recipes; nothing reads the entries' number, and the
+    # catalog's lineage reads only name and sha256
     provenance = {"mergekit_sd.merged_loras": [
-        {"name": p.name, "sha256": file_sha256(p), "weight": w} for p, w in loras]}
+        {"name": p.name, "sha256": file_sha256(p), "strength": s} for p, s in loras]}
     write_kohya_lora(output, modules, arch, dtype, provenance, report.clamped)
     report.modules = len(modules)
     report.rank = max((down.shape[0] for _, down in modules.values()), default=0)
     return report
+
+
+def _say_left_out(names: list[str], some_kept: bool, report: MergeReport) -> None:
+    """A note naming the first few modules that change nothing (they are left out), or, when
+    that is all of them, the refusal: an empty LoRA is nothing to write."""
+    if not some_kept:
+        raise UserError("every module of the merged LoRA changes nothing (its factors multiply "
+                        "to exactly zero, as when the strengths cancel), so there is nothing to "
+                        "write; check the LoRAs and their strengths")
+    shown = ", ".join(names[:_SHOW_LEFT_OUT]) + (" …" if len(names) > _SHOW_LEFT_OUT else "")
+    report.notes.append(f"{plural(len(names), 'module')} changed nothing once merged (the "
+                        f"factors multiply to exactly zero, as strengths that cancel do) and "
+                        f"{'were' if len(names) != 1 else 'was'} left out: {shown}")
 
 
 def _whole(key: str, entries: list, index: TargetIndex) -> bool:
@@ -282,16 +317,23 @@ def _concatenate(entries, shape, whole: bool, key: str):
     import torch
 
     ups, downs = [], []
-    for module, weight, target, _ in entries:
+    for module, strength, target, _ in entries:
         if module.algo != "lora" or "mid" in module.tensors:
             kind = "Tucker" if "mid" in module.tensors else module.algo
             raise UserError(f"{module.name}: {kind} modules have no up/down pair to concatenate; "
                             "pass --rank R to merge by SVD")
-        up, down = _pair(module, weight)
+        up, down = _pair(module, strength)
         if whole and target.rows is not None:
             padded = torch.zeros(shape[0], up.shape[1])
             padded[target.rows[0]:target.rows[1]] = up
             up = padded
+        # the same down factor again (a LoRA given twice, or with its negation) takes one
+        # place: u·d + u'·d = (u + u')·d, so strengths that cancel leave an all-zero up
+        same = next((i for i, d in enumerate(downs)
+                     if d.shape == down.shape and torch.equal(d, down)), None)
+        if same is not None:
+            ups[same] = ups[same] + up
+            continue
         ups.append(up)
         downs.append(down)
     if len({d.shape[1] for d in downs}) > 1:
