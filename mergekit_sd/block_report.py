@@ -118,19 +118,24 @@ def _transformer(at: str, depth: int) -> list[str]:
 
 
 def show_block_map(target: str) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from mergekit_sd.data_console import data_console
 
     arch_id, keys, prefix, source = keys_of(target)
     arch = ARCHITECTURES[arch_id]
     counts = block_counts(arch, keys, prefix)
-    table = Table(title=f"{arch.label} blocks (key counts in {source})", title_justify="left")
+    table = Table()
     table.add_column("block")
     table.add_column("keys", justify="right")
     table.add_column("what it holds")
     for block, count in counts.items():
         table.add_row(block, str(count), _describe(arch.family, block))
-    Console().print(table)
+    console = data_console()
+    # the title on a line of its own, not the table's: a table title wraps at the table's
+    # width, and would cut the file's path in two
+    console.print(f"{arch.label} blocks (key counts in {source})", soft_wrap=True, style="italic")
+    console.print(table)
 
 
 def _describe(family: str, block: str) -> str:

@@ -376,6 +376,12 @@ def identify_command(
 
     if offline:
         raise UserError("identifying files asks Civitai; run it without --offline")
+    # each file found gets its sidecars (each written whole), then its entry (a transaction);
+    # a file whose entry does not record its .civitai.info yet is looked up again next time
+    on_interrupt("the files identified so far keep their .civitai.info, preview and catalog "
+                 "details; run the same identify again to "
+                 + ("finish (--refresh looks up every file again)" if refresh
+                    else "look up the rest"))
     settings = load_settings()
     allow = settings.nsfw_previews if nsfw_previews is None else nsfw_previews
     with open_store(catalog) as store, CivitaiClient.from_settings(settings) as client:

@@ -27,3 +27,13 @@ def data_console(soft_wrap: bool = False) -> Console:
     if not console.is_terminal and not os.environ.get("COLUMNS", "").isdigit():
         console = Console(**options, width=UNLIMITED)
     return console
+
+
+def rule_width(console: Console, title: str) -> int:
+    """How wide to draw a rule (a line across the output) titled `title` on `console`: the
+    console's width in a terminal or under COLUMNS. With no limit (a pipe, a file) a rule
+    would fill a million columns, for it takes the whole width whatever its title: 80
+    columns then, or as many as the title needs to stay whole."""
+    if console.width < UNLIMITED:
+        return console.width
+    return max(80, len(title) + 8)

@@ -5,7 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from rich.console import Console
+from rich.rule import Rule
 from rich.table import Table
+
+from mergekit_sd.data_console import data_console, rule_width
 
 
 def human_size(n: int) -> str:
@@ -33,8 +36,9 @@ MIN_DESCRIPTION = 16  # the narrowest "what it is" worth keeping file names whol
 
 def show_reports(reports: list[dict], detailed: bool) -> None:
     # no markup or highlighting: cells are plain data (file names may contain [brackets]),
-    # and the highlighter's regexes are most of the rendering time
-    console = Console(markup=False, highlight=False, emoji=False)
+    # and the highlighter's regexes are most of the rendering time; lines whole when piped
+    # (`inspect ... | grep`), tables the terminal's width in one
+    console = data_console()
     if not reports:
         return
     console.print(_summary([_summary_row(r) for r in reports], console.width))
@@ -98,10 +102,11 @@ def _stacked_summary(rows: list[tuple[str, ...]]) -> Table:
 
 
 def _show_details(console: Console, r: dict) -> None:
-    if len(r["path"]) + 4 <= console.width:
-        console.rule(r["path"])
+    width = rule_width(console, r["path"])
+    if len(r["path"]) + 4 <= width:
+        console.print(Rule(r["path"]), width=width)
     else:  # a rule would cut the path short (…): it gets lines of its own
-        console.rule()
+        console.print(Rule(), width=width)
         console.print(r["path"], overflow="fold")
     facts = Table.grid(padding=(0, 2))
     facts.add_column(style="bold")

@@ -22,6 +22,16 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None
                           capture_output=True, text=True, cwd=cwd, env=full_env, timeout=300)
 
 
+def run_piped(*args) -> subprocess.CompletedProcess:
+    """run_cli into a pipe with no COLUMNS and no terminal on any stream (rich alone would lay
+    the output out for 80 columns)."""
+    env = {key: value for key, value in os.environ.items() if key != "COLUMNS"}
+    env["PYTHONPATH"] = str(REPO)
+    return subprocess.run([sys.executable, "-m", "mergekit_sd.cli", *map(str, args)],
+                          capture_output=True, text=True, env=env, timeout=300,
+                          stdin=subprocess.DEVNULL)
+
+
 def raw_safetensors(entries: dict, data: bytes = b"", metadata: dict | None = None,
                     header_len: int | None = None) -> bytes:
     """Bytes of a safetensors file with the given header entries, unchecked (for bad files)."""

@@ -25,7 +25,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, run_piped
 from terminal import run_on_terminal
 
 from catalog import scan as scan_module
@@ -1918,16 +1918,6 @@ def test_cli_session_add_scan_list_show_tag_rate_dupes_rm(tmp_path, tiny):
     assert json.loads(catalog_cli(catalog, "dupes", "--json").stdout) == []
     listed = json.loads(catalog_cli(catalog, "list", "--json").stdout)
     assert [e["name"] for e in listed] == ["base15", "basexl", "mychar", "vae", "xlstyle"]
-
-
-def run_piped(*args) -> subprocess.CompletedProcess:
-    """run_cli into a pipe with no COLUMNS and no terminal on any stream (rich alone would lay
-    the output out for 80 columns)."""
-    env = {key: value for key, value in os.environ.items() if key != "COLUMNS"}
-    env["PYTHONPATH"] = str(REPO)
-    return subprocess.run([sys.executable, "-m", "mergekit_sd.cli", *map(str, args)],
-                          capture_output=True, text=True, env=env, timeout=300,
-                          stdin=subprocess.DEVNULL)
 
 
 def run_in_terminal(columns: int, *args) -> str:

@@ -337,6 +337,58 @@ def test_ctrl_c_says_interrupted_and_exits_130(tmp_path, fake, blobs):
     assert (tmp_path / "m" / "slow.safetensors").read_bytes() == blobs["sd15a"]
 
 
+@pytest.mark.parametrize(("flags", "next_run", "identified"), [
+    ((), "look up the rest", "1 file(s) identified, 0 unknown to Civitai, 1 identified before"),
+    (("--refresh",), "finish (--refresh looks up every file again)",
+     "2 file(s) identified, 0 unknown to Civitai, 0 identified before"),
+])
+def test_ctrl_c_on_identify_says_what_is_kept_and_the_same_identify_goes_on(
+        tmp_path, fake, blobs, flags, next_run, identified):
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    (folder / "a.safetensors").write_bytes(blobs["lora"])  # My Character, a quick preview
+    (folder / "b.safetensors").write_bytes(blobs["lora3"])
+    fake.files.put("img/slow.png", b"\x89PNG\r\n\x1a\n" + bytes(64 * 1024 * 60), "image/png")
+    fake.files.slow["img/slow.png"] = 1.0  # a chunk a second: caught fetching b's preview
+    fake.civitai.add_model(48, "Slow Style", "LORA")
+    fake.civitai.add_version(48, 481, "v1", "SD 1.5", [FakeFile("b.safetensors", blobs["lora3"])],
+                             images=[{"url": f"{fake.files.url}/files/img/slow.png",
+                                      "nsfwLevel": 1}])
+    assert mergekit(tmp_path, fake, "catalog", "add-root", folder, "--scan").returncode == 0
+    assert mergekit(tmp_path, fake, "catalog", "scan", "--hash").returncode == 0
+    env = cli_env(tmp_path, fake.civitai.url, fake.hub.url, None)
+    env.update(PYTHONPATH=str(REPO), MERGEKIT_SD_CATALOG=str(tmp_path / "c.sqlite"))
+    # SIGINT as a terminal leaves it: a background job of a shell may have it ignored
+    identifying = subprocess.Popen(
+        [sys.executable, "-m", "mergekit_sd.cli", "catalog", "identify", *flags], env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    written = [folder / name for name in ("a.civitai.info", "a.preview.png", "b.civitai.info")]
+    try:
+        deadline = time.monotonic() + 60
+        while not all(path.exists() for path in written):  # a done, b's preview on its way
+            assert time.monotonic() < deadline and identifying.poll() is None
+            time.sleep(0.05)
+        identifying.send_signal(signal.SIGINT)
+        _, err = identifying.communicate(timeout=60)
+    finally:
+        identifying.kill()
+    assert identifying.returncode == 130
+    assert err.strip().splitlines()[-1:] == [
+        "interrupted: the files identified so far keep their .civitai.info, preview and catalog "
+        f"details; run the same identify again to {next_run}"]
+    # as it says: a keeps what was found, and the same identify looks b up (a only again
+    # with --refresh)
+    listed = json.loads(mergekit(tmp_path, fake, "catalog", "list", "--json").stdout)
+    assert {e["name"]: e["base_model"] for e in listed}["a"] == "Pony"
+    assert not (folder / "b.preview.png").exists()
+    del fake.files.slow["img/slow.png"]
+    again = mergekit(tmp_path, fake, "catalog", "identify", *flags)
+    assert again.returncode == 0, again.stderr
+    assert identified in again.stdout
+    assert "b.safetensors: Slow Style / v1 [SD 1.5], preview saved" in again.stdout
+
+
 def test_identify_and_updates(tmp_path, fake, blobs):
     folder = tmp_path / "loras"
     folder.mkdir()

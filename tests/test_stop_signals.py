@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, run_cli
 
 from mergekit_sd.testing import write_checkpoint
 
@@ -62,15 +62,37 @@ def write_recipe(tmp_path: Path, models: dict[str, Path]) -> Path:
     return path
 
 
-@pytest.mark.parametrize("command", ["merge", "plan", "convert"])
+def pickle_root(tmp_path: Path) -> tuple[Path, Path]:
+    """A catalog with one root holding a zip pickle (.ckpt), which only torch reads."""
+    import torch
+    from safetensors.torch import load_file
+
+    root = tmp_path / "models"
+    root.mkdir()
+    ckpt = root / "old.ckpt"
+    torch.save({"state_dict": load_file(write_checkpoint(tmp_path / "c.safetensors", "sd1"))},
+               ckpt)
+    catalog = tmp_path / "c.sqlite"
+    added = run_cli("catalog", "add-root", root, "--catalog", catalog)
+    assert added.returncode == 0, added.stderr
+    return ckpt, catalog
+
+
+@pytest.mark.parametrize("command", ["merge", "plan", "convert", "catalog scan", "inspect"])
 def test_ctrl_c_while_torch_loads_ends_the_command_as_interrupted(tmp_path, command):
     """A KeyboardInterrupt raised inside torch's C++ start-up is swallowed (the command runs
-    to the end, exit 0), half-imports numpy or aborts: the import must finish first."""
+    to the end, exit 0), half-imports numpy or aborts: the import must finish first. A scan
+    and `inspect` import torch only when they meet a pickle (.ckpt), and then held too."""
     models = {n: write_checkpoint(tmp_path / f"{n}.safetensors", "sd1") for n in "ab"}
-    args = {"merge": ["merge", write_recipe(tmp_path, models)],
-            "plan": ["plan", write_recipe(tmp_path, models)],
-            "convert": ["convert", models["a"], tmp_path / "out.safetensors", "--dtype",
-                        "fp16"]}[command]
+    if command in ("catalog scan", "inspect"):
+        ckpt, catalog = pickle_root(tmp_path)
+        args = ["catalog", "scan", "--catalog", catalog] if command == "catalog scan" else \
+            ["inspect", ckpt]
+    else:
+        args = {"merge": ["merge", write_recipe(tmp_path, models)],
+                "plan": ["plan", write_recipe(tmp_path, models)],
+                "convert": ["convert", models["a"], tmp_path / "out.safetensors", "--dtype",
+                            "fp16"]}[command]
     done = subprocess.run([sys.executable, "-c", CTRL_C_INSIDE_TORCH, *map(str, args)],
                           env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
                           text=True, timeout=300)
@@ -78,6 +100,24 @@ def test_ctrl_c_while_torch_loads_ends_the_command_as_interrupted(tmp_path, comm
     assert done.stdout.split("\n")[-2] == "sent torch whole", done.stdout + done.stderr
     assert done.stderr.startswith("interrupted: "), done.stderr
     assert not list(tmp_path.glob("out*"))
+
+
+def test_a_scan_of_safetensors_files_does_not_import_torch(tmp_path):
+    """torch is imported for pickles only: a scan of safetensors files reads headers."""
+    root = tmp_path / "models"
+    for name in "ab":
+        write_checkpoint(root / f"{name}.safetensors", "sd1")
+    catalog = tmp_path / "c.sqlite"
+    assert run_cli("catalog", "add-root", root, "--catalog", catalog).returncode == 0
+    script = ("import sys\nfrom mergekit_sd.cli import main\n"
+              f"sys.argv = ['mergekit-sd', 'catalog', 'scan', '--hash', '--catalog', "
+              f"{str(catalog)!r}]\n"
+              "try:\n    main()\nexcept SystemExit as exc:\n    print('exit', exc.code)\n"
+              "print('torch' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+    assert done.stdout.splitlines()[-2:] == ["exit 0", "False"], done.stdout + done.stderr
+    assert "2 new" in done.stdout
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])

@@ -181,8 +181,12 @@ def _sniff(path: Path) -> str:
 
 
 def _torch_load(path: Path, kind: str):
-    import torch
+    # a scan or `inspect` meets its first pickle with torch not imported yet: imported with
+    # Ctrl-C held, as every command imports it (cli_startup), for a Ctrl-C inside torch's
+    # import is swallowed or aborts the process
+    from mergekit_sd.cli_startup import import_torch
 
+    torch = import_torch()
     safe_globals = getattr(torch.serialization, "safe_globals", None)
     try:
         with warnings.catch_warnings():

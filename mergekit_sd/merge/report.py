@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from mergekit_sd.arch.architectures import Architecture
 from mergekit_sd.arch.components import TEXT_ENCODER_SLOTS, text_encoder_names
 from mergekit_sd.merge.plan import ASSUMED_DISK_BYTES_PER_S, MergePlan
@@ -101,13 +103,16 @@ def _block_coverage(plan: MergePlan) -> dict[str, int]:
 
 
 def show_plan(plan: MergePlan) -> None:
-    from rich.console import Console
     from rich.table import Table
 
+    from mergekit_sd.data_console import data_console
     from mergekit_sd.inspect_view import human_size
 
     data = plan_as_dict(plan)
-    console = Console()
+    # paths whole when piped (`plan r.yaml | grep`); file names and formulas printed as they
+    # are, never as markup; messages soft-wrapped, so a path copied out of a terminal is whole
+    console = data_console()
+    say = functools.partial(console.print, soft_wrap=True)
     inputs = Table(title=f"inputs ({plan.arch.label})", title_justify="left")
     for column in ("name", "file", "what it is", "size"):
         inputs.add_column(column, overflow="fold")
@@ -131,16 +136,15 @@ def show_plan(plan: MergePlan) -> None:
     console.print(steps)
     blocks = " ".join(f"{b}:{n}" for b, n in data["blocks"].items())
     keys = data["keys"]
-    console.print(f"keys: {keys['total']} ({keys['merged']} merged, {keys['copied']} copied); "
-                  f"merged keys per block: {blocks}")
+    say(f"keys: {keys['total']} ({keys['merged']} merged, {keys['copied']} copied); "
+        f"merged keys per block: {blocks}")
     for line in note_lines(plan):
-        console.print(line)
+        say(line)
     for cand, path in data["candidates"].items():
         # the header (key names, metadata, the recipe) comes on top: a few KB to a few MB
-        console.print(f"output {cand} -> {path} ({human_size(plan.output_bytes)} of tensor "
-                      "data)")
-    console.print(f"estimated peak memory {human_size(data['estimated_peak_bytes'])}; "
-                  f"estimated time {data['estimated_seconds']} s at an assumed "
-                  f"{ASSUMED_DISK_BYTES_PER_S / 1e6:.0f} MB/s disk (reads "
-                  f"{human_size(plan.read_bytes)} incl. hashing, writes "
-                  f"{human_size(plan.output_bytes * len(plan.candidates))} of tensor data)")
+        say(f"output {cand} -> {path} ({human_size(plan.output_bytes)} of tensor data)")
+    say(f"estimated peak memory {human_size(data['estimated_peak_bytes'])}; "
+        f"estimated time {data['estimated_seconds']} s at an assumed "
+        f"{ASSUMED_DISK_BYTES_PER_S / 1e6:.0f} MB/s disk (reads "
+        f"{human_size(plan.read_bytes)} incl. hashing, writes "
+        f"{human_size(plan.output_bytes * len(plan.candidates))} of tensor data)")
