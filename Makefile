@@ -31,8 +31,12 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 
+# The suite's processes, one per core up to four (each test process holds torch: ~0.5 GB);
+# worksteal hands a free process the tests another has yet to start
+TEST_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
+
 test: lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_JOBS) --dist worksteal
 
 # render and compare write into fixed folders: --overwrite replaces the previous demo's renders
 # (only files a render wrote), so `make demo` runs again and again
