@@ -32,6 +32,9 @@ All read a warm page cache (the base is read once before every run), start with 
 outputs deleted and everything flushed to disk, run interleaved in a rotating order, and times
 are medians.
 
+Target a is judged on the median of the rounds' own ratios (bake / copy of the same round): the
+disk here changes speed between rounds, and a ratio of medians could pair unlike rounds.
+
 Run from the repository root: .venv/bin/python bench/bake.py  (about 12 minutes on 2 cores; needs
 about 22 GB free in --workdir, default /tmp). --rounds N (default 3). Prints a table and PASS/FAIL
 lines, writes bench/results/bake.json, and exits 0 whatever the outcome.
@@ -232,8 +235,20 @@ def main() -> None:
                   for n in ("streaming copy", LOADED)}
         bakes = (AGAIN, NEW_BASE, FIRST, LOADED)
         ratios = {n: wall[n] / wall["streaming copy"] for n in (AGAIN, NEW_BASE, FIRST, CP)}
-        verdicts = [m.verdict(f"a. {AGAIN} <= 1.3x streaming copy", ratios[AGAIN] <=
-                              TARGET_VS_COPY, f"{ratios[AGAIN]:.2f}x ({wall[AGAIN]:.2f} s vs "
+        # Judged round by round: the disk changes speed between rounds (the copy's rounds
+        # fall in two groups), and a ratio of medians can pair a bake from a fast stretch
+        # with a copy from a slow one.
+        paired = [b.wall_s / c.wall_s for b, c in zip(runs[AGAIN], runs["streaming copy"],
+                                                        strict=True)]
+        ratios["per_round"], ratios["median_per_round"] = paired, m.median(paired)
+        print(f"{AGAIN} / streaming copy within each round: "
+              + ", ".join(f"{x:.2f}" for x in paired)
+              + f" (median {ratios['median_per_round']:.2f}); copy rounds: "
+              + ", ".join(f"{r.wall_s:.2f} s" for r in runs["streaming copy"]))
+        verdicts = [m.verdict(f"a. {AGAIN} <= 1.3x streaming copy (median of the rounds' "
+                              "ratios)", ratios["median_per_round"] <= TARGET_VS_COPY,
+                              f"{ratios['median_per_round']:.2f}x; ratio of the medians "
+                              f"{ratios[AGAIN]:.2f}x ({wall[AGAIN]:.2f} s vs "
                               f"{wall['streaming copy']:.2f} s)")]
         for n in (NEW_BASE, FIRST):
             print(f"for information: {n} / streaming copy: {ratios[n]:.2f}x "
