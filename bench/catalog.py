@@ -11,7 +11,7 @@ Targets (from the issue), each measured against a baseline in the same run:
 Scans and lists run in fresh child processes (a scan's worker pool starts in each, as in a real
 `mergekit-sd catalog scan`); whole CLI commands are timed too, for information.
 
-Run from the repository root: .venv/bin/python bench/catalog.py  (two or three minutes; about
+Run from the repository root: .venv/bin/python bench/catalog.py  (a minute or two; about
 3 GB of disk, deleted at the end). Prints a table per target and a PASS/FAIL line each, writes
 bench/results/catalog.json, and exits 0 whatever the outcome.
 """

@@ -7,7 +7,7 @@ Targets (from the issue), each measured against a baseline in the same run:
   c. `mergekit-sd inspect FILE` as a whole process takes <= 2x
      `python -c "import safetensors, rich, typer"`
 
-Run from the repository root: .venv/bin/python bench/inspect.py  (a minute or two; the model
+Run from the repository root: .venv/bin/python bench/inspect.py  (under a minute; the model
 files are sparse, so the 1,000 files cost about 0.5 GB of disk). Prints a table per target and
 a PASS/FAIL line each, writes bench/results/inspect.json, and exits 0 whatever the outcome.
 """

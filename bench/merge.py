@@ -22,7 +22,7 @@ write and fsync their output. Cache state: before every measured run the page ca
 (warm cache for all alike); the output says which. Contenders run interleaved, in a rotating
 order, and times are medians.
 
-Run from the repository root: .venv/bin/python bench/merge.py  (about 8 minutes on 2 cores;
+Run from the repository root: .venv/bin/python bench/merge.py  (about 7 minutes on 2 cores;
 needs about 40 GB free in --workdir, default /tmp; the model files are random fp16/bf16 values,
 generated once per run and deleted at the end). --quick: one round, SDXL UNet only, FLUX at
 1/32, 1/16 and 1/8. Prints tables and PASS/FAIL lines, writes bench/results/merge.json, and

@@ -5,8 +5,8 @@ Each round starts two fresh interpreters, interleaved: one runs a plain `import 
 other `import_torch()`; each times only the import itself (not the interpreter's start) and
 prints it. No target of its own: it backs the figure quoted in `mergekit_sd/cli_startup.py`.
 
-Run from the repository root: .venv/bin/python bench/torch_import.py  (about 30 s). --rounds N
-(default 10). Prints medians and their ratio, writes bench/results/torch_import.json.
+Run from the repository root: .venv/bin/python bench/torch_import.py  (about a minute).
+--rounds N (default 10). Prints medians and their ratio, writes bench/results/torch_import.json.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ F16 (1,130 tensors, 2.13 GB) with the same deterministic random values, generate
 The baseline fsyncs its file after save_file, as the streaming writer does before its rename,
 so the wall times compare like for like.
 
-Run from the repository root: .venv/bin/python bench/writer.py  (about two minutes; needs
+Run from the repository root: .venv/bin/python bench/writer.py  (a minute or two; needs
 6 GB free in the work folder, else it says so and skips). Prints a table and a PASS/FAIL line,
 writes bench/results/writer.json, deletes what it wrote, and exits 0 whatever the outcome.
 """
