@@ -10,9 +10,14 @@ the same command with one of them undone, each in a child process, interleaved, 
                          torch is loaded (`cli_exit`)
   LoRA pages kept        `BakePlan.done_with` a no-op: the mapped LoRA's pages stay in the
                          process until it ends
-  no finite check        the check of every baked weight for NaN and values beyond its dtype
-                         (`lora.bake.finite_or_clamped`: one read of the weight, its sum) left
-                         out: what that safety costs
+  no finite check        `finite_or_clamped` a no-op where `lora.bake_run` calls it: the check
+                         of a baked tensor for NaN and values beyond its dtype (one read of
+                         it, its sum), made only where `lora.bake.delta_bound` does not rule
+                         them out (a bound at or over `SAFE_DELTA`, as for every bias and
+                         every module not a plain LoRA), is left out, with the clamping that
+                         may follow. `delta_bound` is still computed, and `narrow_into` still
+                         checks a weight baked in fp32 and narrowed back: this is what the
+                         reads cost, not the bound
 
 The case is bench/bake.py's "base known": a full-size SDXL fp16 checkpoint and a kohya rank-64
 LoRA, key maps and SHA256s remembered, warm page cache, earlier outputs deleted and the disk
