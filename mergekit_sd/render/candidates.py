@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ RECIPE_SUFFIXES = (".yaml", ".yml")
 
 @dataclass
 class RenderCandidate:
-    label: str  # column title and folder name; unique within a run
+    label: str  # column title, manifest and PNG `Model:`; unique within a run
     ref: str  # as the user gave it
     layout: CheckpointLayout
     path: Path | None = None  # a file; None for a merge computed in memory
@@ -34,6 +35,7 @@ class RenderCandidate:
     plan: object | None = None  # the MergePlan of a recipe candidate
     merged_name: str | None = None
     inputs: dict[str, Path] = field(default_factory=dict)  # recipe input name -> file
+    folder: str = ""  # its folder under images/: `slug(label)`, unique case-insensitively
 
     def tensors(self, device: str) -> Iterator[tuple[str, object]]:
         """A recipe candidate's merged tensors, computed on `device`."""
@@ -127,34 +129,47 @@ def collect_candidates(refs: list[str], resolver: Resolver | None = None,
 
 
 def _unique_labels(candidates: list[RenderCandidate]) -> None:
-    """Labels name image folders, so they are made unique as folder names: after slugging and
-    case-folding (for case-insensitive file systems), with `-2`, `-3` ... added until the name
-    is free, whatever other candidates happen to be called (`sd1-2` may be a real file). The
-    number survives however long the label is: `slug` keeps a long name's end."""
-    taken: set[str] = set()
+    """Labels say which candidate is which, so only a label given twice (one file name in two
+    folders) gets `-2`, `-3` ... added until it is free, whatever other candidates happen to
+    be called (`sd1-2` may be a real file). Image folders are made unique apart: labels that
+    differ only once slugged or case-folded (`a b` and `a_b`, `Mix` and `mix`: one folder on
+    a case-insensitive file system) keep their names, and the folder of the later one gets
+    the number. The number survives however long the name is: `slug` keeps a long name's
+    end."""
+    labels: set[str] = set()
+    folders: set[str] = set()
     for cand in candidates:
-        base, label, number = cand.label, cand.label, 1
-        while _folder_key(label) in taken:
+        label, number = cand.label, 1
+        while label in labels:
             number += 1
-            label = f"{base}-{number}"
+            label = f"{cand.label}-{number}"
         cand.label = label
-        taken.add(_folder_key(label))
-
-
-def _folder_key(label: str) -> str:
-    return slug(label).casefold()
+        labels.add(label)
+        folder, number = slug(label), 1
+        while folder.casefold() in folders:
+            number += 1
+            folder = slug(label, f"-{number}")
+        cand.folder = folder
+        folders.add(folder.casefold())
 
 
 # A folder name this long or shorter is kept whole; a longer one keeps its start and its end.
 MAX_SLUG = 120
 _SLUG_TAIL = 40
+FALLBACK_SLUG = "candidate"  # for a label with nothing a file name keeps (`名前`)
 
 
-def slug(text: str) -> str:
-    """A file-name-safe version of a label (`mix@alpha=0.3` stays readable). A long one is cut
-    in the middle, not at the end: names of merges and sweeps differ in their ends (`-v2`,
-    `alpha0.75`), and `_unique_labels` relies on a `-2` it adds surviving the cut."""
-    cleaned = re.sub(r"[^A-Za-z0-9@=._+-]+", "_", text).strip("._")
+def slug(text: str, suffix: str = "") -> str:
+    """A file-name-safe version of a label (`mix@alpha=0.3` stays readable), with `suffix`
+    (`-2`) added. Accents are dropped from their letters (`ü` -> `u`); a label with nothing
+    left gives `candidate`. Never starts with `-` or `.` (`rm -2/...` would read an option,
+    `.x` is hidden). A long one is cut in the middle, not at the end: names of merges and
+    sweeps differ in their ends (`-v2`, `alpha0.75`), and `_unique_labels` relies on the
+    suffix surviving the cut."""
+    plain = "".join(c for c in unicodedata.normalize("NFKD", text)
+                    if not unicodedata.combining(c))
+    cleaned = re.sub(r"[^A-Za-z0-9@=._+-]+", "_", plain).lstrip("._-").rstrip("._")
+    cleaned = (cleaned or FALLBACK_SLUG) + suffix
     if len(cleaned) > MAX_SLUG:
         cleaned = cleaned[:MAX_SLUG - _SLUG_TAIL - 1] + "~" + cleaned[-_SLUG_TAIL:]
-    return cleaned or "candidate"
+    return cleaned

@@ -22,7 +22,6 @@ import tempfile
 from pathlib import Path, PurePosixPath
 
 from mergekit_sd.errors import UserError
-from mergekit_sd.render.candidates import slug
 from mergekit_sd.render.manifest import MANIFEST_NAME, Manifest
 from mergekit_sd.render.outputs import OUT_ADVICE, output_error, sync_folder, write_output
 
@@ -34,8 +33,9 @@ PAGE_NAME = "index.html"
 OUR_COMMANDS = ("render", "compare")
 
 
-def image_file(label: str, prompt: str, seed: int) -> str:
-    return f"{IMAGES_DIR}/{slug(label)}/{prompt}-{seed}.png"
+def image_file(folder: str, prompt: str, seed: int) -> str:
+    """An image's file; `folder` is its candidate's (`RenderCandidate.folder`)."""
+    return f"{IMAGES_DIR}/{folder}/{prompt}-{seed}.png"
 
 
 def ab_file(prompt: str, seed: int) -> str:

@@ -189,7 +189,7 @@ def render_candidates(candidates: list[RenderCandidate], options: RenderOptions,
 def planned_outputs(candidates: list[RenderCandidate], options: RenderOptions) -> list[str]:
     """Every file the run writes, relative to --out: what it claims in its first manifest."""
     jobs = [(p.name, s) for p in options.grid.prompts for s in options.grid.seeds]
-    names = [image_file(c.label, prompt, seed) for c in candidates for prompt, seed in jobs]
+    names = [image_file(c.folder, prompt, seed) for c in candidates for prompt, seed in jobs]
     if options.command == "compare":
         names += [ab_file(prompt, seed) for prompt, seed in jobs] + [AB_SHEET]
     return [*names, CONTACT_SHEET, *([PAGE_NAME] if options.html else []), MANIFEST_NAME]
@@ -309,7 +309,7 @@ class _Run:
             seconds = (time.perf_counter() - started) / len(chunk)
             sha256 = self.hashes.get(cand.path)
             for job, image in zip(chunk, images, strict=True):
-                file = image_file(cand.label, job.prompt.name, job.seed)
+                file = image_file(cand.folder, job.prompt.name, job.seed)
                 text = a1111_parameters(job.prompt.text, job.prompt.negative, {
                     "Steps": settings.steps, "Sampler": sampling.sampler_label,
                     "CFG scale": settings.guidance, "Seed": job.seed,
