@@ -138,6 +138,18 @@ def test_compare_lays_two_candidates_side_by_side_with_a_heat_map(main, models, 
         assert sheet.width >= 3 * 192  # A, B and the heat map
 
 
+def test_compare_without_heat_maps_still_records_every_pairs_mean_difference(main, models,
+                                                                             tmp_path, offline):
+    done = main("compare", models / "sd1-a.safetensors", models / "sd1-b.safetensors",
+                "--grid", "tiny", "--steps", "1", "--out", tmp_path / "ab", "--no-heat",
+                "--json")
+    assert done.returncode == 0, done.stderr
+    pairs = json.loads(done.stdout)["sheets"]["ab"]
+    assert len(pairs) == 6 and all(p["mean_abs_difference"] > 0 for p in pairs)
+    with Image.open(tmp_path / "ab" / pairs[0]["file"]) as sheet:
+        assert sheet.width < 3 * 192  # A and B only
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--preset", "lcm"], "error: --lora hf://latent-consistency/lcm-lora-sdv1-5/"),
     (["--grid", "nope.yaml"], "error: nope.yaml: does not exist; give a grid YAML file"),

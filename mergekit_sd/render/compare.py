@@ -1,5 +1,6 @@
 """`compare`: two candidates on the same grid, side by side per prompt and seed, with an
-optional difference heat map, plus one sheet of all pairs."""
+optional difference heat map, plus one sheet of all pairs; every pair's mean difference goes
+into the manifest, heat map or not."""
 
 from __future__ import annotations
 
@@ -46,9 +47,10 @@ def compare_candidates(a: RenderCandidate, b: RenderCandidate, options: RenderOp
             row = len(rows)
             rows.append(f"{prompt.name}\nseed {seed}")
             cells[(row, 0)], cells[(row, 1)] = _thumb(left, CELL), _thumb(right, CELL)
+            # the mean is the one objective score, and cheap: kept with or without the map
+            heat, mean = heat_map(left, right)
+            entry["mean_abs_difference"] = round(mean, 3)
             if with_heat:
-                heat, mean = heat_map(left, right)
-                entry["mean_abs_difference"] = round(mean, 3)
                 cells[(row, 2)] = _thumb(heat, CELL)
             pairs.append(entry)
     folder.sync(AB_DIR)
