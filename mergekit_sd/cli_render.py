@@ -245,9 +245,9 @@ def compare(
     batch: Batch = None,
     config_dir: ConfigDir = None,
     assignments: Assignments = [],  # noqa: B006 (only read)
-    no_heat: bool = typer.Option(False, "--no-heat", help="Leave out the difference heat map (the "
-                                                    "manifest keeps each pair's mean "
-                                                    "difference)."),
+    no_heat: bool = typer.Option(False, "--no-heat", help="Leave out the difference heat "
+                                                          "map (the manifest keeps each "
+                                                          "pair's mean difference)."),
     html: Html = False,
     overwrite: Overwrite = False,
     as_json: AsJson = False,
