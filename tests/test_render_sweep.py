@@ -118,6 +118,21 @@ def test_set_values_name_the_candidate_and_its_recipe_record(recipe, monkeypatch
     assert [c.recipe["values"] for c in found] == values
     assert all(c.recipe["set"] == [assignment] for c in found)
     assert all(c.recipe["path"] == str(recipe) for c in found)
+    # one meaning for --set and sweeps alike: the label, every value that differs from the file
+    assert [c.recipe["candidate"] for c in found] == labels
+
+
+def test_a_recipes_inputs_are_recorded_from_the_base_the_manifest_states(recipe, monkeypatch,
+                                                                         tmp_path):
+    """Not from the folder the command ran in, which the manifest does not say."""
+    import os
+
+    monkeypatch.chdir(tmp_path)
+    found = collect_candidates([os.path.relpath(recipe, tmp_path)])
+    for cand in found:
+        assert cand.recipe["inputs_relative_to"] == str(recipe.parent)  # absolute
+        assert cand.recipe["inputs"] == {"base": "base.safetensors",
+                                         "other": "other.safetensors"}
 
 
 def test_a_set_value_renders_as_the_sweep_candidate_of_that_value_and_says_so(recipe,

@@ -17,7 +17,7 @@ from pathlib import Path
 from mergekit_sd.errors import BadModelFile, UserError
 from mergekit_sd.io.header import read_header
 from mergekit_sd.recipe.params import candidate_name
-from mergekit_sd.recipe.refs import Resolver
+from mergekit_sd.recipe.refs import Resolver, recorded_ref
 from mergekit_sd.render.layout import CheckpointLayout, checkpoint_layout, layout_of
 from mergekit_sd.render.refs import path_exists, resolve_file
 
@@ -66,6 +66,7 @@ def recipe_candidates(path: Path, resolver: Resolver | None,
     shapes = {task.key: task.out.shape for task in plan.tasks}
     final = loaded.recipe.final_step.name
     fixed = _set_values(loaded)
+    folder = os.path.dirname(os.path.abspath(path))
     found = []
     for cand in plan.candidates:
         layout = layout_of(f"{path.name}: {cand.name}", first.found, shapes)
@@ -73,12 +74,20 @@ def recipe_candidates(path: Path, resolver: Resolver | None,
         # a sweep's name does, and the manifest keeps them with the --set arguments, so that
         # the recipe file and the manifest together give this candidate's weights again
         values = (*((step, param, label) for step, param, label, _ in fixed), *cand.choice)
-        recipe = {"path": os.path.abspath(path), "candidate": cand.name,
+        name = candidate_name(final, values)
+        recipe = {"path": os.path.abspath(path),
+                  # the final step and every value that differs from the file, --set and
+                  # swept alike: the label, before a repeated one gets `-2`
+                  "candidate": name,
                   "values": {**{f"{step}.{param}": value for step, param, _, value in fixed},
                              **{f"{step}.{param}": value for step, param, value in cand.choice}},
                   "set": list(assignments or []),
-                  "inputs": {name: str(p.path) for name, p in plan.inputs.items()}}
-        found.append(RenderCandidate(candidate_name(final, values), str(path), layout,
+                  # as a merge records them (`recorded_ref`), with the recipe's own folder as
+                  # the base: what the recipe names, readable from any working folder
+                  "inputs_relative_to": folder,
+                  "inputs": {n: recorded_ref(p.ref, p.path, Path(folder))
+                             for n, p in plan.inputs.items()}}
+        found.append(RenderCandidate(name, str(path), layout,
                                      recipe=recipe, plan=plan, merged_name=cand.name,
                                      inputs={n: p.path for n, p in plan.inputs.items()}))
     return found

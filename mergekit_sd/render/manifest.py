@@ -74,6 +74,7 @@ class Manifest:
     complete: bool = False
     pipelines: list[PipelineEntry] = field(default_factory=list)
     candidates: list[CandidateEntry] = field(default_factory=list)
+    # written again after each batch: a run stopped half-way lists the images it completed
     images: list[ImageEntry] = field(default_factory=list)
     sheets: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)

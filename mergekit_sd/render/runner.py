@@ -327,11 +327,14 @@ class _Run:
                     lora["ref"] if lora else None, round(seconds, 4)))
                 self.done += 1
                 self.progress("rendering", self.done, self.total)
+            # the batch's images made durable, then listed: a run stopped later leaves a
+            # manifest naming every complete image it wrote
+            self.folder.sync(str(Path(file).parent))
+            self.folder.write_manifest(self.manifest)
             self.family_left -= len(chunk)
             if not self.measured:
                 self.measured = True
                 self._first_batch(rp.family, settings, sampling, len(chunk), seconds)
-        self.folder.sync(str(Path(file).parent))
         return len(self.jobs)
 
     def _first_batch(self, family: str, settings: Settings, sampling: Sampling, images: int,
