@@ -40,6 +40,8 @@ def test_plain_string_prompts_get_numbered_names():
 def test_a_plain_prompt_never_takes_a_name_another_prompt_was_given():
     grid = parse_grid("prompts: [{name: p02, text: a red apple}, a blue car, p03]\n", "g.yaml")
     assert [p.name for p in grid.prompts] == ["p02", "p02-2", "p03"]
+    grid = parse_grid("prompts: [{name: P02, text: a red apple}, a blue car]\n", "g.yaml")
+    assert [p.name for p in grid.prompts] == ["P02", "p02-2"]  # one file on Windows/macOS
 
 
 @pytest.mark.parametrize(("text", "expected"), [
@@ -47,10 +49,27 @@ def test_a_plain_prompt_never_takes_a_name_another_prompt_was_given():
      "g.yaml, line 3, prompts.0.negativ: is not a field here"),
     ("prompts: [a cat]\nsize: [500, 512]\n",
      "g.yaml, line 2, size: Value error, 500 must be a multiple of 64"),
-    ("prompts: [a cat]\nseeds: [1, 1]\n", "g.yaml, line 2, seeds: Value error, lists a seed"),
+    ("prompts: [a cat]\nseeds: [1, 1]\n",
+     "g.yaml, line 2, seeds: lists seed 1 twice; give each seed once"),
     ("seeds: [1]\n", "g.yaml, line 1, prompts: is required but missing"),
+    # said at the second name's line; names alike but for case are one file on Windows/macOS
     ("prompts:\n  - {text: a, name: x}\n  - {text: b, name: x}\n",
-     "prompts: the name 'x' is used twice"),
+     "g.yaml, line 3, prompts.1.name: prompts.0 is named 'x' already"),
+    ("prompts:\n  - {text: a, name: CON}\n  - b\n  - {text: c, name: con}\n",
+     "g.yaml, line 4, prompts.2.name: prompts.0 is named 'CON' already (names that differ only "
+     "in case name one file on Windows and macOS); give each prompt its own name"),
+    # YAML's true is no number (it passed as seed 1)
+    ("prompts: [a]\nseeds: [true]\n", "g.yaml, line 2, seeds: true and false are not "
+     "numbers; give a list of whole numbers from 0 to 2**63 - 1, e.g. [1234, 98765]"),
+    ("prompts: [a]\nsteps: true\n", "g.yaml, line 2, steps: true and false are not numbers"),
+    ("prompts: [a]\nsize: [64, false]\n", "g.yaml, line 2, size: true and false are not"),
+    # the project's wording, not pydantic's
+    ("prompts: [a]\nversion: 2\n",
+     "g.yaml, line 2, version: write version: 1 (the grid format this mergekit-sd reads)"),
+    ("prompts: [a]\nseeds: [5, 1.5]\n", "g.yaml, line 2, seeds.1: give a list of whole "
+     "numbers from 0 to 2**63 - 1, e.g. [1234, 98765]"),
+    ("prompts: [a]\nsize: [64]\n", "g.yaml, line 2, size: give one side or [WIDTH, HEIGHT], "
+     "in multiples of 64 up to 4096 pixels"),
     ("prompts:\n  - {text: a, name: 'a b'}\n", "g.yaml, line 2, prompts.0.name"),
     ("prompts: [a\n", "g.yaml, line 2: is not valid YAML"),
     ("prompts: ['']\n", "g.yaml, line 1, prompts.0: is empty; write the prompt's text"),

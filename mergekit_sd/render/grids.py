@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from mergekit_sd.yaml_lines import YamlFileError, dotted, line_of, load_mapping
 
@@ -54,14 +54,24 @@ class Grid(BaseModel):
     steps: int = Field(default=25, ge=1, le=200)
     guidance: float = Field(default=6.0, ge=0, le=MAX_GUIDANCE)
 
+    @field_validator("version", "seeds", "size", "steps", "guidance", mode="before")
+    @classmethod
+    def _no_booleans(cls, value, info):
+        """YAML's true and false would pass as 1 and 0 (`seeds: [true]` drew seed 1)."""
+        items = value if isinstance(value, list) else [value]
+        if any(isinstance(item, bool) for item in items):
+            raise ValueError("true and false are not numbers; " + _FIELD_ADVICE[(info.field_name,)])
+        return value
+
     @field_validator("seeds")
     @classmethod
     def _seeds_in_range(cls, seeds: list[int]) -> list[int]:
         for seed in seeds:
             if not 0 <= seed < 2**63:
-                raise ValueError(f"seed {seed} is out of range (0 to 2**63 - 1)")
-        if len(set(seeds)) != len(seeds):
-            raise ValueError("lists a seed twice")
+                raise ValueError(f"seed {seed} is out of range; {_FIELD_ADVICE[('seeds',)]}")
+        for seed in seeds:
+            if seeds.count(seed) > 1:
+                raise ValueError(f"lists seed {seed} twice; give each seed once")
         return seeds
 
     @field_validator("size")
@@ -75,13 +85,6 @@ class Grid(BaseModel):
                                      f"{MAX_SIDE} pixels")
         return size
 
-    @model_validator(mode="after")
-    def _names_unique(self) -> Grid:
-        names = [p.name for p in self.prompts if isinstance(p, GridPrompt) and p.name]
-        for name in names:
-            if names.count(name) > 1:
-                raise ValueError(f"prompts: the name {name!r} is used twice")
-        return self
 
 
 @dataclass(frozen=True)
@@ -108,23 +111,37 @@ class LoadedGrid:
         return side, side
 
 
+def _name_clash(grid: Grid) -> tuple[int, int] | None:
+    """(index, index of the earlier one) of the first prompt whose name another has already,
+    compared case-folded: names key image files, and `CON` and `con` are one file on Windows
+    and macOS."""
+    seen: dict[str, int] = {}
+    for index, item in enumerate(grid.prompts):
+        if isinstance(item, GridPrompt) and item.name:
+            if item.name.casefold() in seen:
+                return index, seen[item.name.casefold()]
+            seen[item.name.casefold()] = index
+    return None
+
+
 def _default_name(number: int, taken: set[str]) -> str:
-    """`pNN` for the prompt's position, with a suffix while an explicit name has it: names
-    key image files and the conditioning cache, so two prompts must never share one."""
+    """`pNN` for the prompt's position, with a suffix while an explicit name has it (in any
+    case): names key image files and the conditioning cache, so two prompts must never share
+    one."""
     name, suffix = f"p{number:02d}", 1
-    while name in taken:
+    while name.casefold() in taken:
         suffix += 1
         name = f"p{number:02d}-{suffix}"
     return name
 
 
 def _loaded(grid: Grid, path: Path) -> LoadedGrid:
-    taken = {p.name for p in grid.prompts if isinstance(p, GridPrompt) and p.name}
+    taken = {p.name.casefold() for p in grid.prompts if isinstance(p, GridPrompt) and p.name}
     prompts = []
     for i, item in enumerate(grid.prompts, 1):
         item = GridPrompt(text=item) if isinstance(item, str) else item
         name = item.name or _default_name(i, taken)
-        taken.add(name)
+        taken.add(name.casefold())
         prompts.append(Prompt(name, item.text, item.negative or None))
     size = (grid.size, grid.size) if isinstance(grid.size, int) else grid.size
     return LoadedGrid(path, grid.name or path.stem, tuple(prompts), tuple(grid.seeds),
@@ -134,11 +151,17 @@ def _loaded(grid: Grid, path: Path) -> LoadedGrid:
 # What to write instead, for fields whose pydantic message would state a bound NaN breaks
 # ("less than or equal to 30" for .nan) or name no limit at all
 _FIELD_ADVICE = {
+    ("version",): "write version: 1 (the grid format this mergekit-sd reads)",
     ("prompts",): "give at least one prompt",
-    ("seeds",): "give at least one seed, e.g. [1234]",
+    ("seeds",): "give a list of whole numbers from 0 to 2**63 - 1, e.g. [1234, 98765]",
+    ("size",): f"give one side or [WIDTH, HEIGHT], in multiples of {SIZE_STEP} up to "
+               f"{MAX_SIDE} pixels, e.g. [832, 1216]",
     ("steps",): "give a whole number of steps from 1 to 200",
     ("guidance",): f"give a number from 0 to {MAX_GUIDANCE}",
 }
+# Fields whose every problem below the field itself (a seed, one side of a size) gets the
+# field's advice: pydantic's wording ("got a number with a fractional part") is not ours.
+_ADVISED = ("version", "seeds", "size", "steps", "guidance")
 _PROMPT_ADVICE = ("write a prompt as text (in quotes when it is yes, no or a number) or as a "
                   "mapping with text:")
 
@@ -154,6 +177,8 @@ def _message(errors: list[dict], loc: tuple) -> str:
     """The sentence for the first error at `loc`: pydantic's own for validators of ours, and
     plain advice instead of its class names and bounds."""
     error = errors[0]
+    if error["type"] != "value_error" and loc and loc[0] in _ADVISED:
+        return _FIELD_ADVICE[loc[:1]]
     if error["type"] == "extra_forbidden":
         return "is not a field here (valid: " + ", ".join(
             GridPrompt.model_fields if "prompts" in loc else Grid.model_fields) + ")"
@@ -171,6 +196,13 @@ def _message(errors: list[dict], loc: tuple) -> str:
     return error["msg"].removeprefix("Value error, ")
 
 
+def _place(errors: list[dict]) -> tuple:
+    """Where the first error is, as the file spells it; within a size, the size itself (its
+    sides have no line of their own in `size: [64]`)."""
+    loc = _user_loc(errors[0]["loc"])
+    return loc[:1] if loc[:1] == ("size",) else loc
+
+
 def parse_grid(text: str, path: Path | str = "<grid>") -> LoadedGrid:
     path = Path(path)
     data, lines = load_mapping(text, path, GridError, "prompts and seeds")
@@ -178,8 +210,16 @@ def parse_grid(text: str, path: Path | str = "<grid>") -> LoadedGrid:
         grid = Grid.model_validate(data)
     except ValidationError as exc:
         errors = exc.errors()
-        loc = _user_loc(errors[0]["loc"])
+        loc = _place(errors)
         raise GridError(path, line_of(lines, loc), dotted(loc), _message(errors, loc)) from None
+    clash = _name_clash(grid)
+    if clash is not None:  # said at the second name's own line
+        index, first = clash
+        loc = ("prompts", index, "name")
+        raise GridError(path, line_of(lines, loc), dotted(loc),
+                        f"prompts.{first} is named {grid.prompts[first].name!r} already (names "
+                        "that differ only in case name one file on Windows and macOS); give "
+                        "each prompt its own name")
     return _loaded(grid, path)
 
 
