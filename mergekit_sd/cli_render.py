@@ -36,7 +36,9 @@ Scheduler = Annotated[str | None, typer.Option("--scheduler", help="euler, euler
 Lora = Annotated[str | None, typer.Option("--lora", help=LORA_HELP)]
 LoraScale = Annotated[float | None, typer.Option("--lora-scale", help="Weight of the fused "
                                                                       "LoRA.")]
-Size = Annotated[str | None, typer.Option("--size", help="WIDTHxHEIGHT (default: the grid's).")]
+Size = Annotated[str | None, typer.Option("--size", help="WIDTHxHEIGHT in multiples of 64 up "
+                                                         "to 4096, e.g. 512x768 (default: the "
+                                                         "grid's).")]
 Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or mps.")]
 Dtype = Annotated[str, typer.Option("--dtype", help="auto, fp32, fp16 or bf16 (also float32, "
                                                    "float16, bfloat16).")]
@@ -68,15 +70,16 @@ def _network(pull: bool, offline: bool) -> None:
 
 
 def _size(text: str | None) -> tuple[int, int] | None:
-    """WIDTHxHEIGHT within a grid file's own limits (checked before anything is built: a
-    huge size would only fail allocating the first batch)."""
+    """WIDTHxHEIGHT (`x` or `X`) within a grid file's own limits (checked before anything is
+    built: a huge size would only fail allocating the first batch). One number is refused:
+    the help says WIDTHxHEIGHT, and `--size 512` could mean a square or a width."""
     from mergekit_sd.render.grids import MAX_SIDE, SIZE_STEP
 
     if text is None:
         return None
     width, sep, height = text.lower().partition("x")
     try:
-        size = (int(width), int(height or width)) if sep or width else None
+        size = (int(width), int(height)) if sep else None
     except ValueError:
         size = None
     if size is None or min(size) <= 0 or max(size) > MAX_SIDE \

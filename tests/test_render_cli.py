@@ -155,6 +155,8 @@ def test_compare_without_heat_maps_still_records_every_pairs_mean_difference(mai
     (["--grid", "nope.yaml"], "error: nope.yaml: does not exist; give a grid YAML file"),
     (["--preset", "lightning-4"], "error: --preset lightning-4 is for SDXL, not SD1.x"),
     (["--size", "100x64"], "error: --size '100x64': write WIDTHxHEIGHT in multiples of 64"),
+    (["--size", "64"], "error: --size '64': write WIDTHxHEIGHT in multiples of 64"),
+    (["--size", "64x"], "error: --size '64x': write WIDTHxHEIGHT in multiples of 64"),
     (["--size", "4160x64"], "error: --size '4160x64': write WIDTHxHEIGHT in multiples "
                                "of 64 up to 4096"),
     (["--guidance", "nan"], "error: --guidance nan: give a number from 0 to 30\n"),
@@ -415,3 +417,11 @@ def test_a_refused_run_leaves_no_output_folder(main, models, tmp_path, offline, 
                 *args)
     assert done.returncode == 2, done.stdout + done.stderr
     assert not (tmp_path / "new").exists()
+
+
+def test_size_takes_width_x_height_in_either_case_and_its_help_says_the_rule(main):
+    from mergekit_sd.cli_render import _size
+
+    assert _size("64X128") == _size("64x128") == (64, 128)
+    done = main("render", "--help")
+    assert "multiples of 64" in " ".join(done.stdout.split())
