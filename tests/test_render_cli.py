@@ -164,6 +164,9 @@ def test_compare_without_heat_maps_still_records_every_pairs_mean_difference(mai
     (["--guidance", "inf"], "error: --guidance inf: give a number from 0 to 30\n"),
     (["--lora-scale", "nan"], "error: --lora-scale nan: give a finite number"),
     (["--device", "cuda:7"], "error: --device cuda:7: no CUDA device is available"),
+    (["--config-dir", "/nonexistent"], "error: --config-dir /nonexistent does not exist; give "
+                                       "a diffusers-format folder that has tokenizer/, or "
+                                       "leave --config-dir out\n"),
     (["--set", "mix.alpha=0.4"], "error: --set 'mix.alpha=0.4': --set changes a recipe's "
                                  "parameters, and none of the candidates is a recipe\n"),
 ])
@@ -187,6 +190,76 @@ def test_a_missing_tokenizer_offline_says_which_and_how_to_get_it(main, tmp_path
         "black-forest-labs/FLUX.1-schnell --include 'tokenizer_2/*'` (online), or pass "
         "--config-dir with a diffusers-format folder that has tokenizer_2/\n")
     assert not (tmp_path / "out").exists()  # refused while building: no folder left
+
+
+def _second_architecture(kind: str, models, folder):
+    """An SDXL or FLUX candidate that cannot be rendered, for reasons found without rendering."""
+    if kind == "no tokenizer":
+        return write_checkpoint(folder / "flux.safetensors", "flux-schnell")
+    if kind == "unet only":
+        return write_checkpoint(folder / "sdxl-unet.safetensors", "sdxl-unet")
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(models / "sdxl.safetensors")
+    save_file({k: t for k, t in tensors.items() if "input_blocks.4.1.proj_in" not in k},
+              folder / "pruned.safetensors")
+    return folder / "pruned.safetensors"
+
+
+def _files(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize(("kind", "message"), [
+    ("no tokenizer", "error: FLUX.1 rendering needs the tokenizer_2 of "),
+    ("unet only", "error: sdxl-unet.safetensors has no text_encoder, text_encoder_2, vae; "),
+    ("unfit config", "error: pruned.safetensors: its unet has no down_blocks.1.attentions.0."),
+])
+def test_a_second_architecture_is_checked_before_the_folder_is_touched(main, models, tmp_path,
+                                                                       offline, kind, message):
+    """The README's promise holds for every architecture of a run, not just the first: a
+    refusal leaves no folder, and --overwrite keeps the previous render whole."""
+    second = _second_architecture(kind, models, tmp_path)
+    previous = tmp_path / "previous"
+    assert main("render", models / "sd1-a.safetensors", "--grid", "tiny", "--out",
+                previous).returncode == 0
+    before = _files(previous)
+    for out, extra in [(tmp_path / "new", ()), (previous, ("--overwrite",))]:
+        done = main("render", models / "sd1-a.safetensors", second, "--grid", "tiny",
+                    "--out", out, *extra)
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert done.stderr.startswith(message) and done.stderr.count("\n") == 1, done.stderr
+    assert not (tmp_path / "new").exists()
+    assert _files(previous) == before
+
+
+@pytest.mark.parametrize(("vocab", "message"), [
+    # loads, but <|endoftext|>, CLIP's unknown and end token, is not in the vocabulary
+    ({"a": 0}, "loads but cannot encode text as a CLIP tokenizer (Unk token "),
+    # a bigger tokenizer than the tiny text encoder's: its end token has no embedding
+    ("shifted", "gives token id 901 but the text encoder has 772 tokens, so it is not "),
+])
+def test_a_config_dir_tokenizer_that_cannot_encode_is_one_sentence(main, models, tmp_path,
+                                                                   offline, vocab, message):
+    from mergekit_sd.render.tiny_tokenizer import SPECIALS, TINY_CLIP
+
+    folder = tmp_path / "configs" / "tokenizer"
+    folder.mkdir(parents=True)
+    merges = (TINY_CLIP / "merges.txt").read_text(encoding="utf-8")
+    if vocab == "shifted":
+        vocab = json.loads((TINY_CLIP / "vocab.json").read_text(encoding="utf-8"))
+        vocab.update({token: 900 + i for i, token in enumerate(SPECIALS)})
+    else:
+        merges = "#version: 0.2\n"
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (folder / "merges.txt").write_text(merges, encoding="utf-8")
+    done = main("render", models / "sd1-a.safetensors", "--grid", "tiny", "--out",
+                tmp_path / "out", "--config-dir", tmp_path / "configs")
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.startswith(f"error: {folder}: {message}"), done.stderr
+    assert done.stderr.endswith("; give the tokenizer/ folder of a diffusers-format model\n")
+    assert done.stderr.count("\n") == 1
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("command", ["render", "compare"])

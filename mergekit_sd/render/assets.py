@@ -60,6 +60,7 @@ def forbid_downloads() -> None:
 
 # The files each tokenizer is read from (T5 from tokenizer.json: sentencepiece is not needed).
 _TOKENIZER_FILES = {"clip": ("vocab.json", "merges.txt"), "t5": ("tokenizer.json",)}
+_PROBE = "a photo of a cat"  # what a tokenizer must encode to be used (`_prove`)
 
 
 def _cached_folder(family: str, folder: str) -> Path:
@@ -91,6 +92,10 @@ def load_tokenizer(family: str, component: str, kind: str, vocab_size: int,
     `vocab_size` tokens."""
     folder = TOKENIZER_FOLDERS[component]
     if config_dir is not None:
+        if not Path(config_dir).is_dir():
+            what = "is not a folder" if Path(config_dir).exists() else "does not exist"
+            raise UserError(f"--config-dir {config_dir} {what}; give a diffusers-format "
+                            f"folder that has {folder}/, or leave --config-dir out")
         path = Path(config_dir) / folder
     elif kind == "clip" and vocab_size <= VOCAB_SIZE:
         path = TINY_CLIP
@@ -101,12 +106,40 @@ def load_tokenizer(family: str, component: str, kind: str, vocab_size: int,
         raise MissingAsset(f"{path} has no {missing[0]}; {FAMILY_LABELS[family]} rendering "
                            f"needs a {kind.upper()} tokenizer there (the {folder}/ folder of a "
                            "diffusers-format model)")
+    advice = f"give the {folder}/ folder of a diffusers-format model"
     try:
-        return _tokenizer_class(kind).from_pretrained(str(path), local_files_only=True)
+        tokenizer = _tokenizer_class(kind).from_pretrained(str(path), local_files_only=True)
     except Exception as exc:  # the tokenizers library raises bare Exceptions for bad files
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
-        raise UserError(f"{path}: could not be read as a {kind.upper()} tokenizer ({reason}); "
-                        f"give the {folder}/ folder of a diffusers-format model") from None
+        raise UserError(f"{path}: could not be read as a {kind.upper()} tokenizer "
+                        f"({_first_line(exc)}); {advice}") from None
+    _prove(tokenizer, kind, vocab_size, f"{path}: ", advice)
+    return tokenizer
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+
+
+def _prove(tokenizer, kind: str, vocab_size: int, where: str, advice: str) -> None:
+    """Encode a short text as the render will: a tokenizer can load yet lack its special
+    tokens (a vocab.json without <|endoftext|>) or give ids the text encoder has no embedding
+    for, and would otherwise fail only when the first prompt is encoded, after the output
+    folder was made."""
+    try:
+        ids = list(tokenizer(_PROBE).input_ids)
+    except Exception as exc:  # the tokenizers library raises bare Exceptions
+        raise UserError(f"{where}loads but cannot encode text as a {kind.upper()} tokenizer "
+                        f"({_first_line(exc)}); {advice}") from None
+    # CLIP's text encoder pools at the end token, T5 ends every text with it
+    first = [tokenizer.bos_token_id] if kind == "clip" else []
+    if None in (*first, tokenizer.eos_token_id) or ids[:len(first)] != first \
+            or ids[-1:] != [tokenizer.eos_token_id]:
+        raise UserError(f"{where}does not mark the start and end of a text with its special "
+                        f"tokens as a {kind.upper()} tokenizer does; {advice}")
+    if max(ids) >= vocab_size:
+        raise UserError(f"{where}gives token id {max(ids)} but the text encoder has "
+                        f"{vocab_size} tokens, so it is not this checkpoint's tokenizer; "
+                        f"{advice}")
 
 
 @cache

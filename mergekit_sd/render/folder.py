@@ -10,8 +10,9 @@ manifest.json is written before the first image, listing every file the run will
 (`outputs`, `"complete": false`), so that a run stopped half-way still tells the next one which
 files are its own; the last write of the run marks it complete.
 
-Nothing is created until every input is checked and the first pipeline is built (tokenizers
-found): a refused run leaves no folder behind.
+Nothing is created or removed until every input is checked, every architecture's pipeline
+prepared (tokenizers found, configs derived: runner.py) and the first one built: a refused run
+leaves no folder behind, and a previous render whole.
 """
 
 from __future__ import annotations

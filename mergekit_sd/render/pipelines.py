@@ -87,15 +87,7 @@ class RenderPipeline:
             check_compatible(self.base, layout)
             modules = {c: m for c, m in self.modules.items() if c in layout.maps}
             table = WeightTable(modules, layout.maps, layout.key_shapes)
-            if table.mismatched:
-                name, want, got = table.mismatched[0]
-                if layout is self.base:
-                    raise UserError(f"{layout.name}: {name} has {got} values but the model its "
-                                    f"shapes describe has {want}; it is no released "
-                                    f"{FAMILY_LABELS[layout.family]} layout")
-                raise UserError(f"{layout.name}: {name} has {got} values where the pipeline "
-                                f"built from {self.base.name} has {want}; render models of "
-                                "different sizes separately")
+            check_fit(self.base, layout, table)
             self._tables[key] = table
         return table
 
@@ -147,6 +139,19 @@ class RenderPipeline:
         self.lora = LoraState(Path(path), scale, label, adapted)
 
 
+def check_fit(base: CheckpointLayout, layout: CheckpointLayout, table: WeightTable) -> None:
+    """Refuse a file whose weights have other sizes than the pipeline built from `base`."""
+    if not table.mismatched:
+        return
+    name, want, got = table.mismatched[0]
+    if layout is base:
+        raise UserError(f"{layout.name}: {name} has {got} values but the model its shapes "
+                        f"describe has {want}; it is no released "
+                        f"{FAMILY_LABELS[layout.family]} layout")
+    raise UserError(f"{layout.name}: {name} has {got} values where the pipeline built from "
+                    f"{base.name} has {want}; render models of different sizes separately")
+
+
 def check_complete(layout: CheckpointLayout, table: WeightTable) -> None:
     """Refuse a file lacking weights that have no neutral value: swapped in, those parameters
     would keep the previous candidate's values and its images would blend two models."""
@@ -192,24 +197,52 @@ def check_compatible(base: CheckpointLayout, other: CheckpointLayout) -> None:
                         f"{FAMILY_LABELS[base.family]}; each architecture gets its own pipeline")
 
 
-def build_pipeline(layout: CheckpointLayout, path: Path | None = None, tensors=None,
-                   device: str = "cpu", dtype: str = "auto",
-                   config_dir: Path | None = None) -> RenderPipeline:
-    """A pipeline for `layout`'s architecture holding its weights (from `path` or tensors)."""
+@dataclass
+class PipelineParts:
+    """What a pipeline is built from, found before anything is drawn or written: the
+    tokenizers and the family's models with empty (meta) parameters."""
+
+    layout: CheckpointLayout
+    tokenizers: dict
+    modules: dict[str, object]
+    context_width: int
+
+
+def prepare_pipeline(layout: CheckpointLayout, config_dir: Path | None = None
+                     ) -> PipelineParts:
+    """Every check of building a pipeline from `layout` that needs none of its weights: a
+    full checkpoint, tokenizers found and usable, configs derived from its shapes, and its
+    keys filling every parameter. No weight is allocated; `build_pipeline` does that later,
+    so a run can check all its architectures before it renders or writes anything."""
     if not layout.is_full:
         missing = [c for c in required_components(layout.family) if c not in layout.maps]
         raise UserError(f"{layout.name} has no {', '.join(missing)}; a pipeline is built from "
                         "the first candidate of each architecture, so put a full checkpoint "
                         "of the same architecture before it")
-    check_device(device)
-    torch_dtype = render_dtype(layout.family, device, dtype)
     tokenizers = load_tokenizers(layout, config_dir)
     modules, context_width = build_modules(layout, tokenizers)
+    table = WeightTable(modules, layout.maps, layout.key_shapes)  # on meta: shapes only
+    check_fit(layout, layout, table)
+    check_complete(layout, table)
+    return PipelineParts(layout, tokenizers, modules, context_width)
+
+
+def build_pipeline(layout: CheckpointLayout, path: Path | None = None, tensors=None,
+                   device: str = "cpu", dtype: str = "auto",
+                   config_dir: Path | None = None,
+                   parts: PipelineParts | None = None) -> RenderPipeline:
+    """A pipeline for `layout`'s architecture holding its weights (from `path` or tensors);
+    `parts` from `prepare_pipeline(layout)` when the run already checked them."""
+    check_device(device)
+    torch_dtype = render_dtype(layout.family, device, dtype)
+    if parts is None or parts.layout is not layout:
+        parts = prepare_pipeline(layout, config_dir)
+    modules, tokenizers = parts.modules, parts.tokenizers
     for module in modules.values():
         materialize(module, device, torch_dtype)
     pipe = _assemble(layout, modules, tokenizers)
     rp = RenderPipeline(layout.family, layout.found.architecture, pipe, modules, device,
-                        torch_dtype, context_width, layout)
+                        torch_dtype, parts.context_width, layout)
     rp.load(layout, path=path, tensors=tensors)
     pipe.set_progress_bar_config(disable=True)
     # one image at a time through the VAE: a batch's decode needs no more memory than one

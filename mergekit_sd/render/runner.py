@@ -43,10 +43,12 @@ from mergekit_sd.render.manifest import (
 )
 from mergekit_sd.render.outputs import a1111_parameters, png_bytes
 from mergekit_sd.render.pipelines import (
+    PipelineParts,
     RenderPipeline,
     build_pipeline,
     check_device,
     check_lora,
+    prepare_pipeline,
 )
 from mergekit_sd.render.presets import Preset, Sampling, make_scheduler, resolve_sampling
 from mergekit_sd.render.refs import resolve_file
@@ -160,6 +162,13 @@ def render_candidates(candidates: list[RenderCandidate], options: RenderOptions,
     # the run would replace that a render did not write
     folder = OutputFolder.check(options.out, planned_outputs(candidates, options),
                                 options.overwrite)
+    # every architecture's tokenizers, configs and first candidate checked before the first
+    # is rendered: a refusal for the second must not come after --out was made or emptied
+    prepared: dict[str, tuple[PipelineParts, float]] = {}
+    for family, group in families.items():
+        started = time.perf_counter()
+        parts = prepare_pipeline(_base(group).layout, options.config_dir)
+        prepared[family] = parts, time.perf_counter() - started
     run = _Run(options, folder, len(candidates), progress, cancel or CancelToken(),
                len(families), on_first_batch)
     try:
@@ -169,7 +178,7 @@ def render_candidates(candidates: list[RenderCandidate], options: RenderOptions,
             for path in cand.inputs.values():  # a recipe's: its manifest names them by hash
                 run.hashes.start(path)
         for family, group in families.items():
-            run.family(group, samplings[family], loras[family])
+            run.family(group, samplings[family], loras[family], *prepared.pop(family))
     finally:
         run.hashes.close()
     manifest = run.manifest
@@ -230,16 +239,17 @@ class _Run:
         self.measured = False  # its first batch has been told
 
     def family(self, group: list[RenderCandidate], sampling: Sampling,
-               lora_file: ResolvedModel | None) -> None:
-        """Build the architecture's pipeline from its first full checkpoint, then render
-        every candidate of the group through it."""
+               lora_file: ResolvedModel | None, parts: PipelineParts | None = None,
+               prepare_s: float = 0.0) -> None:
+        """Build the architecture's pipeline from its first full checkpoint (`parts` of it
+        already prepared), then render every candidate of the group through it."""
         options = self.options
-        base = next((c for c in group if c.layout.is_full), group[0])
+        base = _base(group)
         started = time.perf_counter()
         rp = build_pipeline(base.layout, path=base.path,
                             tensors=None if base.path else base.tensors(options.device),
                             device=options.device, dtype=options.dtype,
-                            config_dir=options.config_dir)
+                            config_dir=options.config_dir, parts=parts)
         lora = None
         if lora_file is not None:
             self.hashes.start(lora_file.path, lora_file.sha256)
@@ -249,9 +259,9 @@ class _Run:
         rp.pipe.scheduler = make_scheduler(sampling.scheduler,
                                            scheduler_config(rp.family, rp.variant))
         _sync(options.device)
-        build_s = time.perf_counter() - started
-        # --out is created (and a previous run's files removed) only now: a tokenizer missing
-        # offline, the last refusal, is found building the first pipeline
+        build_s = prepare_s + time.perf_counter() - started
+        # --out is created (and a previous run's files removed) only now: reading the first
+        # candidate's weights into the first pipeline is the last refusal
         self.folder.open(self.manifest)
         self.manifest.notes.extend(n for n in cut_prompts(rp, options.grid.prompts)
                                    if n not in self.manifest.notes)
@@ -346,6 +356,11 @@ class _Run:
             family, self.options.device, images, seconds, self.family_left,
             self.total - self.done - self.family_left, self.families, self.options.grid.name,
             settings.width, settings.height, settings.steps, sampling.preset))
+
+
+def _base(group: list[RenderCandidate]) -> RenderCandidate:
+    """The candidate an architecture's pipeline is built from: its first full checkpoint."""
+    return next((c for c in group if c.layout.is_full), group[0])
 
 
 def _render_order(base: RenderCandidate, group: list[RenderCandidate]) -> list[RenderCandidate]:
