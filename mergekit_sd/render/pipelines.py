@@ -26,6 +26,7 @@ from mergekit_sd.render.layout import (
     CheckpointLayout,
     required_components,
 )
+from mergekit_sd.render.parts import with_parts
 from mergekit_sd.render.weights import WeightTable, load_file, load_tensors, materialize
 
 
@@ -80,8 +81,9 @@ class RenderPipeline:
 
     def table_for(self, layout: CheckpointLayout) -> WeightTable:
         """The key map of `layout` resolved against this pipeline's parameters (cached per
-        distinct layout: a sweep's candidates all share their inputs' one)."""
-        key = tuple(layout.key_shapes.items())
+        distinct layout: a sweep's candidates all share their inputs' one; a file holding
+        several text encoders given with --text-encoder is one layout per component)."""
+        key = (tuple(layout.maps), tuple(layout.key_shapes.items()))
         table = self._tables.get(key)
         if table is None:
             check_compatible(self.base, layout)
@@ -194,23 +196,31 @@ def check_compatible(base: CheckpointLayout, other: CheckpointLayout) -> None:
 
 def build_pipeline(layout: CheckpointLayout, path: Path | None = None, tensors=None,
                    device: str = "cpu", dtype: str = "auto",
-                   config_dir: Path | None = None) -> RenderPipeline:
-    """A pipeline for `layout`'s architecture holding its weights (from `path` or tensors)."""
-    if not layout.is_full:
-        missing = [c for c in required_components(layout.family) if c not in layout.maps]
-        raise UserError(f"{layout.name} has no {', '.join(missing)}; a pipeline is built from "
-                        "the first candidate of each architecture, so put a full checkpoint "
-                        "of the same architecture before it")
+                   config_dir: Path | None = None, parts: dict | None = None) -> RenderPipeline:
+    """A pipeline for `layout`'s architecture holding its weights (from `path` or tensors),
+    the components it lacks taken from `parts` (component -> `render.parts.Part`)."""
+    parts = {c: p for c, p in (parts or {}).items() if c not in layout.maps}
+    whole = with_parts(layout, parts)
+    missing = [c for c in required_components(layout.family) if c not in whole.maps]
+    if missing:
+        options = " and ".join(dict.fromkeys(
+            "--vae FILE" if c == "vae" else "--text-encoder FILE" for c in missing))
+        raise UserError(f"{layout.name} has no {', '.join(missing)}; give them as separate "
+                        f"files with {options}, or put a full checkpoint of the same "
+                        "architecture before it (a pipeline is built from the first "
+                        "candidate of each architecture)")
     check_device(device)
     torch_dtype = render_dtype(layout.family, device, dtype)
-    tokenizers = load_tokenizers(layout, config_dir)
-    modules, context_width = build_modules(layout, tokenizers)
+    tokenizers = load_tokenizers(whole, config_dir)
+    modules, context_width = build_modules(whole, tokenizers)
     for module in modules.values():
         materialize(module, device, torch_dtype)
     pipe = _assemble(layout, modules, tokenizers)
     rp = RenderPipeline(layout.family, layout.found.architecture, pipe, modules, device,
                         torch_dtype, context_width, layout)
     rp.load(layout, path=path, tensors=tensors)
+    for part in parts.values():
+        rp.load(part.layout(layout.family), path=part.path)
     pipe.set_progress_bar_config(disable=True)
     # one image at a time through the VAE: a batch's decode needs no more memory than one
     modules["vae"].enable_slicing()
