@@ -22,6 +22,10 @@ PRESET_HELP = ("standard, lcm, lightning-2/4/8, turbo, hyper-1/2/4/8 or schnell 
 LORA_HELP = ("The preset's LoRA: a path, catalog name or hf://org/repo/file; `none` for "
              "candidates that have it merged in (default: the preset's official one).")
 CONFIG_DIR_HELP = "A local diffusers-format model folder to take tokenizers from."
+TEXT_ENCODER_HELP = ("A CLIP-L, CLIP-G or T5-XXL file (e.g. ComfyUI's clip_l.safetensors) for "
+                     "candidates without that text encoder (SD3.5, FLUX.1 releases); "
+                     "repeatable.")
+VAE_HELP = "A VAE file (e.g. FLUX.1's ae.safetensors) for candidates without a VAE."
 
 # The options render and compare share, declared once.
 Grid = Annotated[str | None, typer.Option("--grid", help=GRID_HELP)]
@@ -45,6 +49,8 @@ Dtype = Annotated[str, typer.Option("--dtype", help="auto, fp32, fp16 or bf16 (a
 Batch = Annotated[int | None, typer.Option("--batch", help="Images per batch (default: fill "
                                                            "the device).")]
 ConfigDir = Annotated[Path | None, typer.Option("--config-dir", help=CONFIG_DIR_HELP)]
+TextEncoders = Annotated[list[str], typer.Option("--text-encoder", help=TEXT_ENCODER_HELP)]
+VaeFile = Annotated[str | None, typer.Option("--vae", help=VAE_HELP)]
 Assignments = Annotated[list[str], typer.Option("--set", help="STEP.PARAM=VALUE for recipes.")]
 Html = Annotated[bool, typer.Option("--html", help="Also write index.html.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Render into an --out that is not "
@@ -101,7 +107,7 @@ def _check_numbers(guidance: float | None, lora_scale: float | None) -> None:
 
 
 def _options(grid, preset, out, device, dtype, steps, guidance, scheduler, lora, lora_scale,
-             size, batch, config_dir, html, overwrite):
+             size, batch, config_dir, html, overwrite, text_encoders=(), vae=None):
     from mergekit_sd.io.dtypes import RENDER_DTYPES, parse_dtype
     from mergekit_sd.render.folder import check_usable
     from mergekit_sd.render.grids import load_grid
@@ -116,7 +122,8 @@ def _options(grid, preset, out, device, dtype, steps, guidance, scheduler, lora,
     dtype = parse_dtype(dtype, RENDER_DTYPES, "render")  # before anything is loaded
     options = RenderOptions(load_grid(grid), get_preset(preset), out, device, dtype, steps,
                             guidance, scheduler, lora, lora_scale, _size(size), batch,
-                            config_dir, html=html, overwrite=overwrite)
+                            config_dir, html=html, overwrite=overwrite,
+                            text_encoders=list(text_encoders), vae=vae)
     # said before candidates are read or anything built; creates nothing (the run creates
     # --out once every input is checked, render/folder.py)
     check_usable(out)
@@ -200,6 +207,8 @@ def render(
     dtype: Dtype = "auto",
     batch: Batch = None,
     config_dir: ConfigDir = None,
+    text_encoders: TextEncoders = [],  # noqa: B006 (only read)
+    vae: VaeFile = None,
     assignments: Assignments = [],  # noqa: B006 (only read)
     html: Html = False,
     overwrite: Overwrite = False,
@@ -220,7 +229,8 @@ def render(
 
     _network(pull, offline)
     options = _options(grid, preset, out, device, dtype, steps, guidance, scheduler, lora,
-                       lora_scale, size, batch, config_dir, html, overwrite)
+                       lora_scale, size, batch, config_dir, html, overwrite, text_encoders,
+                       vae)
     import_torch()  # Ctrl-C held while it loads (cli_startup)
     resolver = _CatalogOnDemand(catalog, pull)
     found = collect_candidates(candidates, resolver, assignments)
@@ -247,6 +257,8 @@ def compare(
     dtype: Dtype = "auto",
     batch: Batch = None,
     config_dir: ConfigDir = None,
+    text_encoders: TextEncoders = [],  # noqa: B006 (only read)
+    vae: VaeFile = None,
     assignments: Assignments = [],  # noqa: B006 (only read)
     no_heat: bool = typer.Option(False, "--no-heat", help="Leave out the difference heat "
                                                           "map (the manifest keeps each "
@@ -270,7 +282,8 @@ def compare(
 
     _network(pull, offline)
     options = _options(grid, preset, out, device, dtype, steps, guidance, scheduler, lora,
-                       lora_scale, size, batch, config_dir, html, overwrite)
+                       lora_scale, size, batch, config_dir, html, overwrite, text_encoders,
+                       vae)
     import_torch()  # Ctrl-C held while it loads (cli_startup)
     resolver = _CatalogOnDemand(catalog, pull)
     found = collect_candidates([a, b], resolver, assignments)

@@ -61,6 +61,9 @@ class PipelineEntry:
     guidance: float
     lora: dict | None
     batch_size: int
+    # component -> the file given with --text-encoder or --vae that supplied it to the
+    # candidates lacking it: option, ref, path, model (CLIP-L ...), sha256
+    parts: dict[str, dict] = field(default_factory=dict)
 
 
 @dataclass

@@ -26,6 +26,7 @@ from mergekit_sd.render.layout import (
     CheckpointLayout,
     required_components,
 )
+from mergekit_sd.render.parts import with_parts
 from mergekit_sd.render.weights import WeightTable, load_file, load_tensors, materialize
 
 
@@ -80,8 +81,9 @@ class RenderPipeline:
 
     def table_for(self, layout: CheckpointLayout) -> WeightTable:
         """The key map of `layout` resolved against this pipeline's parameters (cached per
-        distinct layout: a sweep's candidates all share their inputs' one)."""
-        key = tuple(layout.key_shapes.items())
+        distinct layout: a sweep's candidates all share their inputs' one; a file holding
+        several text encoders given with --text-encoder is one layout per component)."""
+        key = (tuple(layout.maps), tuple(layout.key_shapes.items()))
         table = self._tables.get(key)
         if table is None:
             check_compatible(self.base, layout)
@@ -199,51 +201,63 @@ def check_compatible(base: CheckpointLayout, other: CheckpointLayout) -> None:
 
 @dataclass
 class PipelineParts:
-    """What a pipeline is built from, found before anything is drawn or written: the
-    tokenizers and the family's models with empty (meta) parameters."""
+    """What a pipeline is built from, found before anything is drawn or written: the layout
+    completed with the component files (`whole`), the tokenizers, and the family's models
+    with empty (meta) parameters."""
 
     layout: CheckpointLayout
+    files: dict  # component -> `render.parts.Part` supplying it
+    whole: CheckpointLayout
     tokenizers: dict
     modules: dict[str, object]
     context_width: int
 
 
-def prepare_pipeline(layout: CheckpointLayout, config_dir: Path | None = None
-                     ) -> PipelineParts:
-    """Every check of building a pipeline from `layout` that needs none of its weights: a
-    full checkpoint, tokenizers found and usable, configs derived from its shapes, and its
-    keys filling every parameter. No weight is allocated; `build_pipeline` does that later,
-    so a run can check all its architectures before it renders or writes anything."""
-    if not layout.is_full:
-        missing = [c for c in required_components(layout.family) if c not in layout.maps]
-        raise UserError(f"{layout.name} has no {', '.join(missing)}; a pipeline is built from "
-                        "the first candidate of each architecture, so put a full checkpoint "
-                        "of the same architecture before it")
-    tokenizers = load_tokenizers(layout, config_dir)
-    modules, context_width = build_modules(layout, tokenizers)
-    table = WeightTable(modules, layout.maps, layout.key_shapes)  # on meta: shapes only
-    check_fit(layout, layout, table)
-    check_complete(layout, table)
-    return PipelineParts(layout, tokenizers, modules, context_width)
+def prepare_pipeline(layout: CheckpointLayout, config_dir: Path | None = None,
+                     files: dict | None = None) -> PipelineParts:
+    """Every check of building a pipeline from `layout` (the components it lacks taken from
+    `files`, component -> `render.parts.Part`) that needs none of its weights: complete,
+    tokenizers found and usable, configs derived from its shapes, and its keys filling every
+    parameter. No weight is allocated; `build_pipeline` does that later, so a run can check
+    all its architectures before it renders or writes anything."""
+    files = {c: p for c, p in (files or {}).items() if c not in layout.maps}
+    whole = with_parts(layout, files)
+    missing = [c for c in required_components(layout.family) if c not in whole.maps]
+    if missing:
+        options = " and ".join(dict.fromkeys(
+            "--vae FILE" if c == "vae" else "--text-encoder FILE" for c in missing))
+        raise UserError(f"{layout.name} has no {', '.join(missing)}; give them as separate "
+                        f"files with {options}, or put a full checkpoint of the same "
+                        "architecture before it (a pipeline is built from the first "
+                        "candidate of each architecture)")
+    tokenizers = load_tokenizers(whole, config_dir)
+    modules, context_width = build_modules(whole, tokenizers)
+    table = WeightTable(modules, whole.maps, whole.key_shapes)  # on meta: shapes only
+    check_fit(whole, whole, table)
+    check_complete(whole, table)
+    return PipelineParts(layout, files, whole, tokenizers, modules, context_width)
 
 
 def build_pipeline(layout: CheckpointLayout, path: Path | None = None, tensors=None,
                    device: str = "cpu", dtype: str = "auto",
-                   config_dir: Path | None = None,
-                   parts: PipelineParts | None = None) -> RenderPipeline:
-    """A pipeline for `layout`'s architecture holding its weights (from `path` or tensors);
-    `parts` from `prepare_pipeline(layout)` when the run already checked them."""
+                   config_dir: Path | None = None, files: dict | None = None,
+                   prepared: PipelineParts | None = None) -> RenderPipeline:
+    """A pipeline for `layout`'s architecture holding its weights (from `path` or tensors),
+    the components it lacks taken from `files` (component -> `render.parts.Part`);
+    `prepared` from `prepare_pipeline` when the run already checked them."""
     check_device(device)
     torch_dtype = render_dtype(layout.family, device, dtype)
-    if parts is None or parts.layout is not layout:
-        parts = prepare_pipeline(layout, config_dir)
-    modules, tokenizers = parts.modules, parts.tokenizers
+    if prepared is None or prepared.layout is not layout:
+        prepared = prepare_pipeline(layout, config_dir, files)
+    modules, tokenizers = prepared.modules, prepared.tokenizers
     for module in modules.values():
         materialize(module, device, torch_dtype)
     pipe = _assemble(layout, modules, tokenizers)
     rp = RenderPipeline(layout.family, layout.found.architecture, pipe, modules, device,
-                        torch_dtype, parts.context_width, layout)
+                        torch_dtype, prepared.context_width, layout)
     rp.load(layout, path=path, tensors=tensors)
+    for part in prepared.files.values():
+        rp.load(part.layout(layout.family), path=part.path)
     pipe.set_progress_bar_config(disable=True)
     # one image at a time through the VAE: a batch's decode needs no more memory than one
     modules["vae"].enable_slicing()

@@ -13,7 +13,7 @@ import contextlib
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mergekit_sd import __version__
@@ -33,7 +33,7 @@ from mergekit_sd.render.folder import (
 )
 from mergekit_sd.render.generate import Job, Settings, auto_batch, cut_prompts, render_batch
 from mergekit_sd.render.grids import LoadedGrid
-from mergekit_sd.render.layout import DIFFUSION_COMPONENT
+from mergekit_sd.render.layout import DIFFUSION_COMPONENT, required_components
 from mergekit_sd.render.manifest import (
     MANIFEST_NAME,
     CandidateEntry,
@@ -42,6 +42,7 @@ from mergekit_sd.render.manifest import (
     PipelineEntry,
 )
 from mergekit_sd.render.outputs import a1111_parameters, png_bytes
+from mergekit_sd.render.parts import Part, check_used, parts_for, read_parts
 from mergekit_sd.render.pipelines import (
     PipelineParts,
     RenderPipeline,
@@ -77,6 +78,9 @@ class RenderOptions:
     command: str = "render"
     html: bool = False  # index.html will be written too (write_html, after the run)
     overwrite: bool = False  # a folder holding files may be rendered into (folder.py)
+    # separate component files (render/parts.py) for candidates that lack them
+    text_encoders: list[str] = field(default_factory=list)
+    vae: str | None = None
 
 
 @dataclass
@@ -158,6 +162,8 @@ def render_candidates(candidates: list[RenderCandidate], options: RenderOptions,
                  for family in families}
     loras = {family: _preset_lora(sampling, resolver, family)
              for family, sampling in samplings.items()}
+    parts = read_parts(options.text_encoders, options.vae, resolver)
+    unused = check_used(parts, families)
     # refused now, nothing touched, when --out holds files and no --overwrite, or a file
     # the run would replace that a render did not write
     folder = OutputFolder.check(options.out, planned_outputs(candidates, options),
@@ -167,18 +173,24 @@ def render_candidates(candidates: list[RenderCandidate], options: RenderOptions,
     prepared: dict[str, tuple[PipelineParts, float]] = {}
     for family, group in families.items():
         started = time.perf_counter()
-        parts = prepare_pipeline(_base(group).layout, options.config_dir)
-        prepared[family] = parts, time.perf_counter() - started
+        files = parts_for(family, parts)
+        base = next((c for c in group if _complete(c, files)), group[0])
+        prepared[family] = (prepare_pipeline(base.layout, options.config_dir, files),
+                            time.perf_counter() - started)
     run = _Run(options, folder, len(candidates), progress, cancel or CancelToken(),
                len(families), on_first_batch)
+    run.manifest.notes.extend(unused)
     try:
         for cand in candidates:
             if cand.path is not None:
                 run.hashes.start(cand.path, cand.known_sha256)
             for path in cand.inputs.values():  # a recipe's: its manifest names them by hash
                 run.hashes.start(path)
+        for part in parts:
+            run.hashes.start(part.path, part.known_sha256)
         for family, group in families.items():
-            run.family(group, samplings[family], loras[family], *prepared.pop(family))
+            run.family(group, samplings[family], loras[family], *prepared.pop(family),
+                       parts=parts_for(family, parts))
     finally:
         run.hashes.close()
     manifest = run.manifest
@@ -239,17 +251,20 @@ class _Run:
         self.measured = False  # its first batch has been told
 
     def family(self, group: list[RenderCandidate], sampling: Sampling,
-               lora_file: ResolvedModel | None, parts: PipelineParts | None = None,
-               prepare_s: float = 0.0) -> None:
-        """Build the architecture's pipeline from its first full checkpoint (`parts` of it
-        already prepared), then render every candidate of the group through it."""
+               lora_file: ResolvedModel | None, prepared: PipelineParts,
+               prepare_s: float = 0.0, parts: dict[str, Part] | None = None) -> None:
+        """Build the architecture's pipeline from the candidate `prepared` was checked for
+        (its first that is complete with the separate component files `parts`), then render
+        every candidate of the group through it."""
+        parts = parts or {}
         options = self.options
-        base = _base(group)
+        base = next(c for c in group if c.layout is prepared.layout)
         started = time.perf_counter()
         rp = build_pipeline(base.layout, path=base.path,
                             tensors=None if base.path else base.tensors(options.device),
                             device=options.device, dtype=options.dtype,
-                            config_dir=options.config_dir, parts=parts)
+                            config_dir=options.config_dir, files=prepared.files,
+                            prepared=prepared)
         lora = None
         if lora_file is not None:
             self.hashes.start(lora_file.path, lora_file.sha256)
@@ -269,17 +284,23 @@ class _Run:
         settings = Settings(width, height, sampling.steps, sampling.guidance)
         batch = options.batch or auto_batch(rp, settings, len(self.jobs))
         self.family_left, self.measured = len(group) * len(self.jobs), False
-        self.manifest.pipelines.append(PipelineEntry(
+        # a component file serves every candidate lacking that component, the base included
+        used = {c: p for c, p in parts.items() if any(c not in g.layout.maps for g in group)}
+        entry = PipelineEntry(
             rp.family, base.label, round(build_s, 3), str(rp.dtype).removeprefix("torch."),
-            sampling.preset, sampling.scheduler, sampling.steps, sampling.guidance, lora, batch))
+            sampling.preset, sampling.scheduler, sampling.steps, sampling.guidance, lora, batch,
+            {c: {"option": p.option, "ref": p.ref, "path": str(p.path.resolve()),
+                 "model": p.model, "sha256": None} for c, p in used.items()})
+        self.manifest.pipelines.append(entry)
         with _threads_for(rp):
-            held = {component: base for component in base.layout.maps}
+            defaults = {**dict.fromkeys(base.layout.maps, base), **used}
+            held = {**defaults, **dict.fromkeys(base.layout.maps, base)}
             for cand in _render_order(base, group):
                 self.cancel.raise_if_cancelled()
                 load_s = build_s
                 if cand is not base:
                     started = time.perf_counter()
-                    self._swap_in(rp, base, cand, held)
+                    self._swap_in(rp, base, cand, held, defaults)
                     _sync(options.device)
                     load_s = time.perf_counter() - started
                 started = time.perf_counter()
@@ -292,17 +313,27 @@ class _Run:
                     self.hashes.get(cand.path), cand.recipe, round(load_s, 3),
                     round(time.perf_counter() - started, 3), images,
                     {component: held[component].label for component in sorted(held)}))
+        for part in used.values():  # hashed alongside rendering; waited for only now
+            entry.parts[part.component(rp.family)]["sha256"] = self.hashes.get(part.path)
 
     def _swap_in(self, rp: RenderPipeline, base: RenderCandidate, cand: RenderCandidate,
-                 held: dict[str, RenderCandidate]) -> None:
-        """Copy `cand` in. A candidate lacking components (a UNet alone) renders with the
-        base checkpoint's, never with those of whichever candidate came before it: they are
-        copied back first when another candidate replaced them."""
+                 held: dict[str, RenderCandidate | Part],
+                 defaults: dict[str, RenderCandidate | Part]) -> None:
+        """Copy `cand` in. A candidate lacking components (a UNet alone) renders with those
+        of the component files given, else the base checkpoint's, never with those of
+        whichever candidate came before it: they are copied back first when another
+        candidate replaced them."""
         device = self.options.device
-        if any(held[c] is not base for c in held if c not in cand.layout.maps):
+        stale = [c for c in held if c not in cand.layout.maps and held[c] is not defaults[c]]
+        if any(defaults[c] is base for c in stale):
             rp.load(base.layout, path=base.path,
                     tensors=None if base.path else base.tensors(device))
             held.update(dict.fromkeys(base.layout.maps, base))
+        for c in held:
+            part = defaults[c]
+            if c not in cand.layout.maps and held[c] is not part and isinstance(part, Part):
+                rp.load(part.layout(rp.family), path=part.path)
+                held[c] = part
         rp.load(cand.layout, path=cand.path,
                 tensors=None if cand.path else cand.tensors(device))
         held.update(dict.fromkeys(cand.layout.maps, cand))
@@ -358,9 +389,10 @@ class _Run:
             settings.width, settings.height, settings.steps, sampling.preset))
 
 
-def _base(group: list[RenderCandidate]) -> RenderCandidate:
-    """The candidate an architecture's pipeline is built from: its first full checkpoint."""
-    return next((c for c in group if c.layout.is_full), group[0])
+def _complete(cand: RenderCandidate, parts: dict[str, Part]) -> bool:
+    """Whether a pipeline can be built from the candidate plus the component files."""
+    return all(c in cand.layout.maps or c in parts
+               for c in required_components(cand.layout.family))
 
 
 def _render_order(base: RenderCandidate, group: list[RenderCandidate]) -> list[RenderCandidate]:
