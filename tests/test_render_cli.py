@@ -149,6 +149,11 @@ def test_compare_lays_two_candidates_side_by_side_with_a_heat_map(main, models, 
     (["--guidance", "-3"], "error: --guidance -3: give a number from 0 to 30\n"),
     (["--guidance", "inf"], "error: --guidance inf: give a number from 0 to 30\n"),
     (["--lora-scale", "nan"], "error: --lora-scale nan: give a finite number"),
+    (["--lora-scale", "0.5"], "error: --lora-scale 0.5: --preset standard fuses no LoRA here, "
+                              "so there is nothing to scale; give --lora with a LoRA file"),
+    (["--preset", "lcm", "--lora", "none", "--lora-scale", "0.5"],
+     "error: --lora-scale 0.5: --lora none fuses no LoRA, so there is nothing to scale; "
+     "leave one of the two out\n"),
     (["--device", "cuda:7"], "error: --device cuda:7: no CUDA device is available"),
     (["--set", "mix.alpha=0.4"], "error: --set 'mix.alpha=0.4': --set changes a recipe's "
                                  "parameters, and none of the candidates is a recipe\n"),

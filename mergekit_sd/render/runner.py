@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mergekit_sd import __version__
+from mergekit_sd.errors import UserError
 from mergekit_sd.io.hashing import file_sha256
 from mergekit_sd.progress import CancelToken, ProgressCallback, no_progress
 from mergekit_sd.recipe.refs import ResolvedModel, Resolver
@@ -154,6 +155,7 @@ def render_candidates(candidates: list[RenderCandidate], options: RenderOptions,
                                           options.steps, options.guidance, options.scheduler,
                                           options.lora, options.lora_scale)
                  for family in families}
+    _check_lora_scale(options, samplings)
     loras = {family: _preset_lora(sampling, resolver, family)
              for family, sampling in samplings.items()}
     # refused now, nothing touched, when --out holds files and no --overwrite, or a file
@@ -193,6 +195,21 @@ def planned_outputs(candidates: list[RenderCandidate], options: RenderOptions) -
     if options.command == "compare":
         names += [ab_file(prompt, seed) for prompt, seed in jobs] + [AB_SHEET]
     return [*names, CONTACT_SHEET, *([PAGE_NAME] if options.html else []), MANIFEST_NAME]
+
+
+def _check_lora_scale(options: RenderOptions, samplings: dict[str, Sampling]) -> None:
+    """A --lora-scale with no LoRA fused anywhere would change nothing, and the images (and
+    their PNG info) would say nothing of it: refused, as --set without a recipe is. A preset
+    that brings its own LoRA (lcm, lightning, hyper) takes the scale."""
+    if options.lora_scale is None or any(s.lora_ref for s in samplings.values()):
+        return
+    scale = f"--lora-scale {options.lora_scale:g}"
+    if options.lora == "none":
+        raise UserError(f"{scale}: --lora none fuses no LoRA, so there is nothing to scale; "
+                        "leave one of the two out")
+    raise UserError(f"{scale}: --preset {options.preset.name} fuses no LoRA here, so there is "
+                    "nothing to scale; give --lora with a LoRA file or catalog name, or a "
+                    "preset that brings one (lcm, lightning-N, hyper-N)")
 
 
 def _preset_lora(sampling: Sampling, resolver: Resolver | None, family: str
