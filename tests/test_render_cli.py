@@ -344,6 +344,37 @@ def test_one_step_and_one_image_are_said_in_the_singular(main, models, tmp_path,
     assert "wrote 1 image, contact-sheet.png" in done.stdout
 
 
+def test_png_info_records_the_lora_weight_and_trailing_timesteps_as_automatic1111_does(
+        main, models, tmp_path, offline):
+    """`<lora:NAME:SCALE>` in the prompt (what A1111 reads a LoRA's weight from), its hash
+    under `Lora hashes`, `Schedule type: SGM Uniform` for trailing timesteps; the same
+    settings give the same bytes, another weight another text."""
+    from mergekit_sd.testing.loras import write_lora
+
+    lora = write_lora(tmp_path / "mychar.safetensors", "kohya-sd1", seed=4)
+    grid = tmp_path / "one.yaml"
+    grid.write_text("prompts: [{name: cat, text: a cat, negative: blurry}]\nseeds: [1]\n"
+                    "size: 64\n")
+
+    def render(out, scale):
+        done = main("render", models / "sd1-a.safetensors", "--grid", grid, "--steps", "1",
+                    "--lora", lora, "--lora-scale", scale, "--scheduler", "euler_trailing",
+                    "--out", tmp_path / out)
+        assert done.returncode == 0, done.stderr
+        return (tmp_path / out / "images" / "sd1-a" / "cat-1.png").read_bytes()
+
+    half = render("half", "0.5")
+    with Image.open(tmp_path / "half" / "images" / "sd1-a" / "cat-1.png") as png:
+        text = png.text["parameters"]
+    assert text.startswith("a cat <lora:mychar:0.5>\nNegative prompt: blurry\nSteps: 1, "
+                           "Sampler: Euler, Schedule type: SGM Uniform, CFG scale: "), text
+    assert re.search(r', Lora hashes: "mychar: [0-9a-f]{12}", Preset: standard,', text), text
+    assert render("again", "0.5") == half
+    render("full", "1")
+    with Image.open(tmp_path / "full" / "images" / "sd1-a" / "cat-1.png") as png:
+        assert png.text["parameters"].startswith("a cat <lora:mychar:1>\n")
+
+
 def _tree(folder) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() if p.is_file() else b"/"
             for p in sorted(folder.rglob("*"))}

@@ -128,6 +128,14 @@ class Sampling:
     def sampler_label(self) -> str:
         return SCHEDULERS[self.scheduler][2]
 
+    @property
+    def schedule_type(self) -> str | None:
+        """AUTOMATIC1111's `Schedule type` (1.9+) where it is not the sampler's own: our
+        trailing timesteps are its "SGM Uniform" (from the largest timestep down in equal
+        steps, leaving out the smallest, as diffusers' trailing spacing does)."""
+        overrides = SCHEDULERS[self.scheduler][1]
+        return "SGM Uniform" if overrides.get("timestep_spacing") == "trailing" else None
+
 
 def resolve_sampling(preset: Preset, family: str, grid_steps: int, grid_guidance: float,
                      steps: int | None = None, guidance: float | None = None,

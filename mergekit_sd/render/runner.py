@@ -327,14 +327,7 @@ class _Run:
             sha256 = self.hashes.get(cand.path)
             for job, image in zip(chunk, images, strict=True):
                 file = image_file(cand.label, job.prompt.name, job.seed)
-                text = a1111_parameters(job.prompt.text, job.prompt.negative, {
-                    "Steps": settings.steps, "Sampler": sampling.sampler_label,
-                    "CFG scale": settings.guidance, "Seed": job.seed,
-                    "Size": f"{settings.width}x{settings.height}",
-                    "Model hash": sha256[:10] if sha256 else None, "Model": cand.label,
-                    "Lora hashes": f"{Path(lora['path']).stem}: {lora['sha256'][:12]}"
-                    if lora else None,
-                    "Preset": sampling.preset, "Version": f"mergekit-sd {__version__}"})
+                text = _infotext(job, cand.label, sha256, settings, sampling, lora)
                 self.folder.write(file, png_bytes(image, text))
                 self.manifest.images.append(ImageEntry(
                     file, cand.label, cand.ref, sha256, cand.recipe,
@@ -360,6 +353,31 @@ class _Run:
             family, self.options.device, images, seconds, self.family_left,
             self.total - self.done - self.family_left, self.families, self.options.grid.name,
             settings.width, settings.height, settings.steps, sampling.preset))
+
+
+def _infotext(job: Job, label: str, sha256: str | None, settings: Settings,
+              sampling: Sampling, lora: dict | None) -> str:
+    """The PNG's `parameters` text, as AUTOMATIC1111 writes it for the same settings.
+
+    A fused LoRA is written the way A1111 records one: `<lora:NAME:SCALE>` in the prompt and
+    its hash under `Lora hashes`. A1111 takes a LoRA's weight only from that prompt tag (a
+    field of our own would be shown and ignored), and its "Send to txt2img" turns the tag
+    back into the same LoRA at the same weight, on the UNet and the text encoders as our fuse
+    does; the tag is never encoded, A1111 removes it from the prompt too. Trailing timesteps
+    are A1111's `Schedule type: SGM Uniform` (1.9+), so `euler_trailing` is not read back as
+    plain Euler. Nothing in the text varies between runs: the same settings, the same bytes."""
+    prompt = job.prompt.text
+    name = None
+    if lora:
+        name = Path(lora["path"]).stem
+        prompt = f"{prompt} <lora:{name}:{lora['scale']:g}>"
+    return a1111_parameters(prompt, job.prompt.negative, {
+        "Steps": settings.steps, "Sampler": sampling.sampler_label,
+        "Schedule type": sampling.schedule_type, "CFG scale": settings.guidance,
+        "Seed": job.seed, "Size": f"{settings.width}x{settings.height}",
+        "Model hash": sha256[:10] if sha256 else None, "Model": label,
+        "Lora hashes": f"{name}: {lora['sha256'][:12]}" if lora else None,
+        "Preset": sampling.preset, "Version": f"mergekit-sd {__version__}"})
 
 
 def _render_order(base: RenderCandidate, group: list[RenderCandidate]) -> list[RenderCandidate]:
