@@ -375,6 +375,24 @@ def test_png_info_records_the_lora_weight_and_trailing_timesteps_as_automatic111
         assert png.text["parameters"].startswith("a cat <lora:mychar:1>\n")
 
 
+def test_a_recipe_without_output_renders_as_merge_out_would_merge_it(main, models, tmp_path,
+                                                                     offline):
+    """render merges in memory and never writes output.path, so a recipe need not name one
+    (plan and merge take it from --out FILE); nothing is written beside the recipe."""
+    from mergekit_sd.render.candidates import collect_candidates
+
+    recipe = tmp_path / "noout.yaml"
+    recipe.write_text(RECIPE.replace("output: {path: merged/mix.safetensors}\n", "")
+                      .replace("sd1-", f"{models}/sd1-"))
+    assert [c.label for c in collect_candidates([str(recipe)])] == ["mix@alpha=0.25",
+                                                                    "mix@alpha=0.75"]
+    done = main("compare", recipe, models / "sd1-a.safetensors", "--set", "mix.alpha=0.5",
+                "--grid", "tiny", "--steps", "1", "--out", tmp_path / "o")
+    assert done.returncode == 0, done.stderr
+    assert "mix@alpha=0.5: pipeline built" in done.stdout
+    assert not list(tmp_path.glob("*.safetensors"))
+
+
 def _tree(folder) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() if p.is_file() else b"/"
             for p in sorted(folder.rglob("*"))}
