@@ -219,7 +219,7 @@ def render(
     options = _options(grid, preset, out, device, dtype, steps, guidance, scheduler, lora,
                        lora_scale, size, batch, config_dir, html, overwrite)
     import_torch()  # Ctrl-C held while it loads (cli_startup)
-    resolver = _CatalogOnDemand(catalog, pull)
+    resolver = _CatalogOnDemand(catalog, pull, offline)
     found = collect_candidates(candidates, resolver, assignments)
     _run(lambda progress: render_candidates(found, options, resolver, progress or _quiet,
                                             on_first_batch=_say_estimate), html, as_json)
@@ -267,7 +267,7 @@ def compare(
     options = _options(grid, preset, out, device, dtype, steps, guidance, scheduler, lora,
                        lora_scale, size, batch, config_dir, html, overwrite)
     import_torch()  # Ctrl-C held while it loads (cli_startup)
-    resolver = _CatalogOnDemand(catalog, pull)
+    resolver = _CatalogOnDemand(catalog, pull, offline)
     found = collect_candidates([a, b], resolver, assignments)
     if len(found) != 2:
         raise UserError(f"compare takes two candidates; {a} and {b} give {len(found)} "

@@ -140,6 +140,13 @@ def test_compare_lays_two_candidates_side_by_side_with_a_heat_map(main, models, 
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--preset", "lcm"], "error: --lora hf://latent-consistency/lcm-lora-sdv1-5/"),
+    # --offline refuses --pull, so the advice is what works offline
+    (["--preset", "lcm", "--offline"], "error: --lora hf://latent-consistency/lcm-lora-sdv1-5/"
+     "pytorch_lora_weights.safetensors: 'hf://latent-consistency/lcm-lora-sdv1-5/pytorch_lora"
+     "_weights.safetensors' has no copy in the catalog yet, and --offline downloads nothing; "
+     "pull it once online (`mergekit-sd pull hf://latent-consistency/lcm-lora-sdv1-5/pytorch_"
+     "lora_weights.safetensors`); or give --lora PATH, or --lora none for candidates that "
+     "have it merged in\n"),
     (["--grid", "nope.yaml"], "error: nope.yaml: does not exist; give a grid YAML file"),
     (["--preset", "lightning-4"], "error: --preset lightning-4 is for SDXL, not SD1.x"),
     (["--size", "100x64"], "error: --size '100x64': write WIDTHxHEIGHT in multiples of 64"),
