@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -299,9 +300,44 @@ def test_the_first_batch_says_on_stderr_how_long_the_rest_takes(main, models, tm
     assert done.returncode == 0, done.stderr
     [line] = [line for line in done.stderr.splitlines() if ESTIMATE.match(line)]
     assert ESTIMATE.match(line)[1] == "2"  # the tiny grid's 6 images, a batch of 4 drawn
-    assert line.endswith("Faster for a first try on the CPU: --steps 8 or --preset lcm "
-                         "(README: Renders and A/B grids)"), line
+    # offline, and the LCM LoRA neither cached nor catalogued: --preset lcm would only fail
+    assert line.endswith("Faster for a first try on the CPU: --steps 8 (README: Renders and "
+                         "A/B grids)"), line
     assert "first 4 images" not in done.stdout and "wrote 6 images" in done.stdout
+
+
+LCM_SD1 = "hf://latent-consistency/lcm-lora-sdv1-5/pytorch_lora_weights.safetensors"
+
+
+def _cache_hf_file(ref: str, write) -> None:
+    """`ref` as huggingface_hub keeps a downloaded file: a snapshot its refs/main names."""
+    from huggingface_hub import constants
+
+    org, repo, name = ref.removeprefix("hf://").split("/", 2)
+    folder = Path(constants.HF_HUB_CACHE) / f"models--{org}--{repo}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text("0" * 40)
+    (folder / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    write(folder / "snapshots" / ("0" * 40) / name)
+
+
+def test_the_estimate_suggests_a_few_step_preset_only_where_its_lora_can_be_had(
+        tmp_path, offline, monkeypatch):
+    """Offline without the LoRA: not at all (it would end in an error); online: with --pull;
+    with the LoRA in the Hugging Face cache, or --pull given: plainly."""
+    from huggingface_hub import constants
+
+    from mergekit_sd.cli import _CatalogOnDemand
+    from mergekit_sd.cli_render import few_step_option
+    from mergekit_sd.testing.loras import write_lora
+
+    resolver = _CatalogOnDemand(tmp_path / "catalog.sqlite")
+    assert few_step_option("lcm", "sd1", resolver, False, True) is None
+    assert few_step_option("lcm", "sd1", resolver, True, False) == "--preset lcm"
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    assert few_step_option("lcm", "sd1", resolver, False, False) == "--preset lcm --pull"
+    _cache_hf_file(LCM_SD1, lambda path: write_lora(path, "kohya-sd1"))
+    assert few_step_option("lcm", "sd1", resolver, False, True) == "--preset lcm"
 
 
 def test_compare_json_keeps_the_estimate_out_of_its_document(main, models, tmp_path, offline,
