@@ -22,9 +22,11 @@ from mergekit_sd.recipe.refs import ResolvedModel
 
 
 class CatalogResolver:
-    def __init__(self, store: Store, fetch: Callable[[str], None] | None = None):
+    def __init__(self, store: Store, fetch: Callable[[str], None] | None = None,
+                 offline: bool = False):
         self.store = store
         self.fetch = fetch  # pulls a download reference into the catalog (--pull)
+        self.offline = offline  # --offline: the answer for a missing copy says what works
 
     def __call__(self, ref: str) -> ResolvedModel:
         """The file `ref` names; LookupError with one sentence when there is none (the
@@ -57,11 +59,15 @@ class CatalogResolver:
         except UserError as exc:  # a network failure (WorkFailed) stays one: exit code 1
             raise LookupError(str(exc)) from None
         if entry is None:
-            raise no_copy_yet(ref)
+            raise no_copy_yet(ref, self.offline)
         return entry
 
 
-def no_copy_yet(ref: str) -> LookupError:
-    """The answer for a download reference the catalog has no copy of (`ref` as written)."""
+def no_copy_yet(ref: str, offline: bool = False) -> LookupError:
+    """The answer for a download reference the catalog has no copy of (`ref` as written).
+    Under --offline, which refuses --pull, it says what works there instead."""
+    if offline:
+        return LookupError(f"{ref!r} has no copy in the catalog yet, and --offline downloads "
+                           f"nothing; pull it once online (`mergekit-sd pull {ref}`)")
     return LookupError(f"{ref!r} has no copy in the catalog yet; run `mergekit-sd pull {ref}`, "
                        "or pass --pull")

@@ -153,11 +153,13 @@ app.add_typer(recipe_app, name="recipe", help="Recipe tools: extract a merged fi
 class _CatalogOnDemand:
     """Resolves catalog references through the catalog, opened only when a recipe has one
     (a recipe of plain paths never creates a catalog database). With `pull`, a download
-    reference the catalog lacks is pulled first."""
+    reference the catalog lacks is pulled first; with `offline`, the answer for one says what
+    works offline (--pull does not)."""
 
-    def __init__(self, path: Path | None, pull: bool = False):
+    def __init__(self, path: Path | None, pull: bool = False, offline: bool = False):
         self.path = path
         self.pull = pull
+        self.offline = offline
         self.store = None
         self.resolver = None
 
@@ -171,14 +173,14 @@ class _CatalogOnDemand:
             # register its download in a new one
             if not self.pull and (missing := missing_catalog(self.path)) is not None:
                 # without a catalog, a download reference just has no copy yet
-                raise no_copy_yet(ref) if is_remote_ref(ref) else missing
+                raise no_copy_yet(ref, self.offline) if is_remote_ref(ref) else missing
             self.store = Store.open(self.path, create=self.pull)
             fetch = None
             if self.pull:
                 from mergekit_sd.cli_remote import recipe_fetcher
 
                 fetch = recipe_fetcher(self.store)
-            self.resolver = CatalogResolver(self.store, fetch)
+            self.resolver = CatalogResolver(self.store, fetch, self.offline)
         with self.store.damage_said():
             return self.resolver(ref)
 
@@ -203,7 +205,7 @@ def _load_plan(recipe: Path, assignments: list[str], out: Path | None, catalog: 
     loaded = load_recipe(recipe, out)
     apply_overrides(loaded, assignments)
     import_torch()  # for the merge methods, with Ctrl-C held while it loads (cli_startup)
-    return build_plan(loaded, resolver=_CatalogOnDemand(catalog, pull), out=out,
+    return build_plan(loaded, resolver=_CatalogOnDemand(catalog, pull, offline), out=out,
                       existing=existing)
 
 

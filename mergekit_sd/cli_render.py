@@ -232,10 +232,11 @@ def render(
                        lora_scale, size, batch, config_dir, html, overwrite, text_encoders,
                        vae)
     import_torch()  # Ctrl-C held while it loads (cli_startup)
-    resolver = _CatalogOnDemand(catalog, pull)
+    resolver = _CatalogOnDemand(catalog, pull, offline)
     found = collect_candidates(candidates, resolver, assignments)
+    say = _estimate(resolver, pull, offline)
     _run(lambda progress: render_candidates(found, options, resolver, progress or _quiet,
-                                            on_first_batch=_say_estimate), html, as_json)
+                                            on_first_batch=say), html, as_json)
 
 
 @compare_app.command("compare")
@@ -285,30 +286,58 @@ def compare(
                        lora_scale, size, batch, config_dir, html, overwrite, text_encoders,
                        vae)
     import_torch()  # Ctrl-C held while it loads (cli_startup)
-    resolver = _CatalogOnDemand(catalog, pull)
+    resolver = _CatalogOnDemand(catalog, pull, offline)
     found = collect_candidates([a, b], resolver, assignments)
     if len(found) != 2:
         raise UserError(f"compare takes two candidates; {a} and {b} give {len(found)} "
                         "(a sweep recipe gives one per value: use --set to pick one, or "
                         "render)")
+    say = _estimate(resolver, pull, offline)
     _run(lambda progress: compare_candidates(found[0], found[1], options, not no_heat,
                                              resolver, progress or _quiet,
-                                             on_first_batch=_say_estimate), html, as_json)
+                                             on_first_batch=say), html, as_json)
 
 
-def _say_estimate(first) -> None:
+def _estimate(resolver, pull: bool, offline: bool):
     """How long the rest takes, measured on the first batch (render/estimate.py), when it is
     long enough to matter: on stderr, with or without --json, since stdout carries the
     summary or the JSON document; above the progress bar while one is drawn (rich shows
     what is written to stderr there)."""
     from mergekit_sd.render.estimate import estimate_line
 
-    line = estimate_line(first)
-    if line is not None:
-        # sys.stderr as it is now: while a bar is drawn, rich's stand-in for it prints the line
-        # above the bar (typer.echo reaches the terminal's own buffer behind the stand-in and
-        # would write into the bar's line)
-        print(line, file=sys.stderr, flush=True)
+    def say(first) -> None:
+        line = estimate_line(first, few_step=lambda preset, family: few_step_option(
+            preset, family, resolver, pull, offline))
+        if line is not None:
+            # sys.stderr as it is now: while a bar is drawn, rich's stand-in for it prints the
+            # line above the bar (typer.echo reaches the terminal's own buffer behind the
+            # stand-in and would write into the bar's line)
+            print(line, file=sys.stderr, flush=True)
+
+    return say
+
+
+def few_step_option(preset: str, family: str, resolver, pull: bool, offline: bool
+                    ) -> str | None:
+    """How the estimate may suggest `preset` (its LoRA is the family's default one):
+    plainly where the LoRA is at hand (the Hugging Face cache or the catalog) or this run
+    pulls; with `--pull` where it can be downloaded; not at all offline (--offline, or
+    HF_HUB_OFFLINE), where following the advice would only end in an error."""
+    from huggingface_hub import constants
+
+    from mergekit_sd.render.presets import PRESETS
+    from mergekit_sd.render.refs import hf_cached
+
+    option = f"--preset {preset}"
+    ref = PRESETS[preset].loras.get(family)
+    if ref is None or pull or hf_cached(ref) is not None:
+        return option
+    try:
+        resolver(ref)  # the catalog's copy; without --pull nothing is downloaded
+        return option
+    except (LookupError, UserError):
+        pass
+    return None if offline or constants.HF_HUB_OFFLINE else f"{option} --pull"
 
 
 def _quiet(stage: str, done: int, total: int) -> None:

@@ -433,6 +433,10 @@ def test_recipe_download_references_resolve_or_are_pulled(tmp_path, fake):
     assert line.endswith("run `mergekit-sd pull civitai://300`, or pass --pull")
     assert "choose one" in one_error_line(
         mergekit(tmp_path, fake, "plan", recipe, "--pull", "--offline"))
+    # --offline refuses --pull, so its advice is what works offline
+    assert one_error_line(mergekit(tmp_path, fake, "plan", recipe, "--offline")).endswith(
+        "'civitai://300' has no copy in the catalog yet, and --offline downloads nothing; "
+        "pull it once online (`mergekit-sd pull civitai://300`)")
     downloads = tmp_path / "downloads"
     planned = mergekit(tmp_path, fake, "plan", recipe, "--pull", "--json",
                        MERGEKIT_SD_DOWNLOADS=str(downloads))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -152,6 +153,13 @@ def test_compare_without_heat_maps_still_records_every_pairs_mean_difference(mai
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--preset", "lcm"], "error: --lora hf://latent-consistency/lcm-lora-sdv1-5/"),
+    # --offline refuses --pull, so the advice is what works offline
+    (["--preset", "lcm", "--offline"], "error: --lora hf://latent-consistency/lcm-lora-sdv1-5/"
+     "pytorch_lora_weights.safetensors: 'hf://latent-consistency/lcm-lora-sdv1-5/pytorch_lora"
+     "_weights.safetensors' has no copy in the catalog yet, and --offline downloads nothing; "
+     "pull it once online (`mergekit-sd pull hf://latent-consistency/lcm-lora-sdv1-5/pytorch_"
+     "lora_weights.safetensors`); or give --lora PATH, or --lora none for candidates that "
+     "have it merged in\n"),
     (["--grid", "nope.yaml"], "error: nope.yaml: does not exist; give a grid YAML file"),
     (["--preset", "lightning-4"], "error: --preset lightning-4 is for SDXL, not SD1.x"),
     (["--size", "100x64"], "error: --size '100x64': write WIDTHxHEIGHT in multiples of 64"),
@@ -163,6 +171,11 @@ def test_compare_without_heat_maps_still_records_every_pairs_mean_difference(mai
     (["--guidance", "-3"], "error: --guidance -3: give a number from 0 to 30\n"),
     (["--guidance", "inf"], "error: --guidance inf: give a number from 0 to 30\n"),
     (["--lora-scale", "nan"], "error: --lora-scale nan: give a finite number"),
+    (["--lora-scale", "0.5"], "error: --lora-scale 0.5: --preset standard fuses no LoRA here, "
+                              "so there is nothing to scale; give --lora with a LoRA file"),
+    (["--preset", "lcm", "--lora", "none", "--lora-scale", "0.5"],
+     "error: --lora-scale 0.5: --lora none fuses no LoRA, so there is nothing to scale; "
+     "leave one of the two out\n"),
     (["--device", "cuda:7"], "error: --device cuda:7: no CUDA device is available"),
     (["--config-dir", "/nonexistent"], "error: --config-dir /nonexistent does not exist; give "
                                        "a diffusers-format folder that has tokenizer/, or "
@@ -374,9 +387,44 @@ def test_the_first_batch_says_on_stderr_how_long_the_rest_takes(main, models, tm
     assert done.returncode == 0, done.stderr
     [line] = [line for line in done.stderr.splitlines() if ESTIMATE.match(line)]
     assert ESTIMATE.match(line)[1] == "2"  # the tiny grid's 6 images, a batch of 4 drawn
-    assert line.endswith("Faster for a first try on the CPU: --steps 8 or --preset lcm "
-                         "(README: Renders and A/B grids)"), line
+    # offline, and the LCM LoRA neither cached nor catalogued: --preset lcm would only fail
+    assert line.endswith("Faster for a first try on the CPU: --steps 8 (README: Renders and "
+                         "A/B grids)"), line
     assert "first 4 images" not in done.stdout and "wrote 6 images" in done.stdout
+
+
+LCM_SD1 = "hf://latent-consistency/lcm-lora-sdv1-5/pytorch_lora_weights.safetensors"
+
+
+def _cache_hf_file(ref: str, write) -> None:
+    """`ref` as huggingface_hub keeps a downloaded file: a snapshot its refs/main names."""
+    from huggingface_hub import constants
+
+    org, repo, name = ref.removeprefix("hf://").split("/", 2)
+    folder = Path(constants.HF_HUB_CACHE) / f"models--{org}--{repo}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text("0" * 40)
+    (folder / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    write(folder / "snapshots" / ("0" * 40) / name)
+
+
+def test_the_estimate_suggests_a_few_step_preset_only_where_its_lora_can_be_had(
+        tmp_path, offline, monkeypatch):
+    """Offline without the LoRA: not at all (it would end in an error); online: with --pull;
+    with the LoRA in the Hugging Face cache, or --pull given: plainly."""
+    from huggingface_hub import constants
+
+    from mergekit_sd.cli import _CatalogOnDemand
+    from mergekit_sd.cli_render import few_step_option
+    from mergekit_sd.testing.loras import write_lora
+
+    resolver = _CatalogOnDemand(tmp_path / "catalog.sqlite")
+    assert few_step_option("lcm", "sd1", resolver, False, True) is None
+    assert few_step_option("lcm", "sd1", resolver, True, False) == "--preset lcm"
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    assert few_step_option("lcm", "sd1", resolver, False, False) == "--preset lcm --pull"
+    _cache_hf_file(LCM_SD1, lambda path: write_lora(path, "kohya-sd1"))
+    assert few_step_option("lcm", "sd1", resolver, False, True) == "--preset lcm"
 
 
 def test_compare_json_keeps_the_estimate_out_of_its_document(main, models, tmp_path, offline,
@@ -424,6 +472,55 @@ def test_one_step_and_one_image_are_said_in_the_singular(main, models, tmp_path,
     assert "(standard, euler_a, 1 step, guidance" in done.stdout
     assert "sd1-a: pipeline built" in done.stdout and ", 1 image " in done.stdout
     assert "wrote 1 image, contact-sheet.png" in done.stdout
+
+
+def test_png_info_records_the_lora_weight_and_trailing_timesteps_as_automatic1111_does(
+        main, models, tmp_path, offline):
+    """`<lora:NAME:SCALE>` in the prompt (what A1111 reads a LoRA's weight from), its hash
+    under `Lora hashes`, `Schedule type: SGM Uniform` for trailing timesteps; the same
+    settings give the same bytes, another weight another text."""
+    from mergekit_sd.testing.loras import write_lora
+
+    lora = write_lora(tmp_path / "mychar.safetensors", "kohya-sd1", seed=4)
+    grid = tmp_path / "one.yaml"
+    grid.write_text("prompts: [{name: cat, text: a cat, negative: blurry}]\nseeds: [1]\n"
+                    "size: 64\n")
+
+    def render(out, scale):
+        done = main("render", models / "sd1-a.safetensors", "--grid", grid, "--steps", "1",
+                    "--lora", lora, "--lora-scale", scale, "--scheduler", "euler_trailing",
+                    "--out", tmp_path / out)
+        assert done.returncode == 0, done.stderr
+        return (tmp_path / out / "images" / "sd1-a" / "cat-1.png").read_bytes()
+
+    half = render("half", "0.5")
+    with Image.open(tmp_path / "half" / "images" / "sd1-a" / "cat-1.png") as png:
+        text = png.text["parameters"]
+    assert text.startswith("a cat <lora:mychar:0.5>\nNegative prompt: blurry\nSteps: 1, "
+                           "Sampler: Euler, Schedule type: SGM Uniform, CFG scale: "), text
+    assert re.search(r', Lora hashes: "mychar: [0-9a-f]{12}", Preset: standard,', text), text
+    assert render("again", "0.5") == half
+    render("full", "1")
+    with Image.open(tmp_path / "full" / "images" / "sd1-a" / "cat-1.png") as png:
+        assert png.text["parameters"].startswith("a cat <lora:mychar:1>\n")
+
+
+def test_a_recipe_without_output_renders_as_merge_out_would_merge_it(main, models, tmp_path,
+                                                                     offline):
+    """render merges in memory and never writes output.path, so a recipe need not name one
+    (plan and merge take it from --out FILE); nothing is written beside the recipe."""
+    from mergekit_sd.render.candidates import collect_candidates
+
+    recipe = tmp_path / "noout.yaml"
+    recipe.write_text(RECIPE.replace("output: {path: merged/mix.safetensors}\n", "")
+                      .replace("sd1-", f"{models}/sd1-"))
+    assert [c.label for c in collect_candidates([str(recipe)])] == ["mix@alpha=0.25",
+                                                                    "mix@alpha=0.75"]
+    done = main("compare", recipe, models / "sd1-a.safetensors", "--set", "mix.alpha=0.5",
+                "--grid", "tiny", "--steps", "1", "--out", tmp_path / "o")
+    assert done.returncode == 0, done.stderr
+    assert "mix@alpha=0.5: pipeline built" in done.stdout
+    assert not list(tmp_path.glob("*.safetensors"))
 
 
 def _tree(folder) -> dict[str, bytes]:

@@ -47,6 +47,21 @@ def test_schnell_and_turbo_need_no_lora():
     assert (_sampling("turbo", "sdxl").steps, _sampling("turbo", "sdxl").guidance) == (1, 0.0)
 
 
+def test_turbo_gives_each_turbo_release_the_steps_it_is_made_for():
+    """SDXL-Turbo: 1 step; SD3.5-Large-Turbo: 4 (its model card), both within 1 to 4."""
+    assert (_sampling("turbo", "sd3").steps, _sampling("turbo", "sd3").guidance) == (4, 0.0)
+    assert _sampling("turbo", "sd3", steps=2).steps == 2
+    with pytest.raises(UserError, match="--preset turbo takes 1 to 4 steps"):
+        _sampling("turbo", "sd3", steps=8)
+
+
+def test_hyper_8_fuses_the_flux_lora_at_the_scale_its_model_card_recommends():
+    flux = _sampling("hyper-8", "flux")
+    assert (flux.lora_scale, flux.guidance, flux.steps) == (0.125, 3.5, 8)
+    assert _sampling("hyper-8", "sdxl").lora_scale == 1.0
+    assert _sampling("hyper-8", "flux", lora_scale=0.3).lora_scale == 0.3
+
+
 def test_lora_none_runs_a_distilled_candidate_without_the_presets_lora():
     assert _sampling("lightning-8", "sdxl", lora="none").lora_ref is None
     assert _sampling("lcm", "sd1", lora="my-lcm.safetensors").lora_ref == "my-lcm.safetensors"

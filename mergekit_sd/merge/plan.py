@@ -327,10 +327,13 @@ def _output_dtype(loaded: LoadedRecipe, source_dtype: str) -> str:
 def build_plan(loaded: LoadedRecipe, resolver: Resolver | None = None,
                out: Path | None = None, existing: str = "refuse") -> MergePlan:
     """The plan of `loaded`, from headers alone. `existing` says what to do with output files
-    that exist: "refuse" them (a merge about to write), "replace" them (--overwrite), or only
-    "note" them (a plan shown, or candidates rendered in memory, writes nothing)."""
-    if existing not in ("refuse", "replace", "note"):
-        raise ValueError(f"existing={existing!r}: use 'refuse', 'replace' or 'note'")
+    that exist: "refuse" them (a merge about to write), "replace" them (--overwrite), only
+    "note" them (a plan shown writes nothing), or leave the outputs "unwritten": candidates
+    rendered in memory never write them, so their paths are neither checked nor noted."""
+    if existing not in ("refuse", "replace", "note", "unwritten"):
+        raise ValueError(f"existing={existing!r}: use 'refuse', 'replace', 'note' or "
+                         "'unwritten'")
+    written = existing != "unwritten"
     recipe = loaded.recipe
     resolver = resolver or NoResolver()
     order = _model_order(loaded)
@@ -342,7 +345,7 @@ def build_plan(loaded: LoadedRecipe, resolver: Resolver | None = None,
     cands = candidates(recipe)
     steps = _plan_steps(loaded, recipe.needed_steps, arch, cands)
     outputs = _output_paths(loaded, cands, out)
-    for path in outputs.values():  # said now, not after the whole merge
+    for path in outputs.values() if written else ():  # said now, not after the whole merge
         check_output_path(path)
     vae = _open_vae(loaded, resolver) if recipe.output.vae else None
     vae_keys = _fitting_vae_keys(loaded, vae, inputs[order[0]]) if vae else {}
@@ -354,8 +357,9 @@ def build_plan(loaded: LoadedRecipe, resolver: Resolver | None = None,
     notes.extend(unused)
     loras = _plan_loras(loaded, steps, inputs[order[0]], arch, prefix, resolver, notes)
     read = [*inputs.values(), *loras.values(), *([vae] if vae else [])]
-    _refuse_overwriting_inputs(loaded, outputs, read, out)
-    there = [path for path in outputs.values() if path.exists() or path.is_symlink()]
+    if written:
+        _refuse_overwriting_inputs(loaded, outputs, read, out)
+    there = [p for p in outputs.values() if p.exists() or p.is_symlink()] if written else []
     if there and existing == "refuse":  # every output of a sweep checked now, before any work
         raise UserError(_existing_text(there, "pass --overwrite to replace"))
     if there and existing == "note":

@@ -59,9 +59,11 @@ def recipe_candidates(path: Path, resolver: Resolver | None,
     from mergekit_sd.merge.plan import apply_overrides, build_plan
     from mergekit_sd.recipe.loader import load_recipe
 
-    loaded = load_recipe(path)
+    # merged in memory only: output.path is never written, so a recipe without output: is
+    # fine here (a stand-in beside the recipe takes its place, as merge's --out FILE does)
+    loaded = load_recipe(path, path.with_suffix(".safetensors"))
     apply_overrides(loaded, assignments or [])
-    plan = build_plan(loaded, resolver=resolver, existing="note")  # merged in memory only
+    plan = build_plan(loaded, resolver=resolver, existing="unwritten")
     first = plan.inputs[plan.model_order[0]]
     shapes = {task.key: task.out.shape for task in plan.tasks}
     final = loaded.recipe.final_step.name

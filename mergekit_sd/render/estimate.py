@@ -12,6 +12,7 @@ first calls), so the estimate says "or less" there.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 # Below a minute left the line is noise: the progress bar's own countdown covers it, and
@@ -42,9 +43,16 @@ class FirstBatch:
     preset: str
 
 
-def estimate_line(first: FirstBatch, worth_saying_s: float | None = None) -> str | None:
+# How to ask for a few-step preset for a family here: `--preset NAME`, with `--pull` where its
+# LoRA has to be downloaded first, or None where it cannot be used (offline, its LoRA absent).
+FewStep = Callable[[str, str], str | None]
+
+
+def estimate_line(first: FirstBatch, worth_saying_s: float | None = None,
+                  few_step: FewStep | None = None) -> str | None:
     """The line to print, or None when the images left take less than `worth_saying_s`
-    (default WORTH_SAYING_S)."""
+    (default WORTH_SAYING_S). `few_step(preset, family)` says how the few-step preset can be
+    used (the caller knows where its LoRA is); by default plainly `--preset NAME`."""
     threshold = WORTH_SAYING_S if worth_saying_s is None else worth_saying_s
     rest = first.left * first.seconds
     if first.left == 0 or rest <= threshold:
@@ -59,15 +67,15 @@ def estimate_line(first: FirstBatch, worth_saying_s: float | None = None) -> str
         line = f"{first.family}: {line}"
     if first.later:
         line += f", not counting the {first.later} of other architectures"
-    faster = faster_options(first) if on_cpu else []
+    faster = faster_options(first, few_step) if on_cpu else []
     if faster:
         line += (f". Faster for a first try on the CPU: {_either(faster)} "
                  "(README: Renders and A/B grids)")
     return line
 
 
-def faster_options(first: FirstBatch) -> list[str]:
-    """The README's faster CPU settings that this render does not use already."""
+def faster_options(first: FirstBatch, few_step: FewStep | None = None) -> list[str]:
+    """The README's faster CPU settings that this render does not use already, and could."""
     options = [] if first.grid == "tiny" else ["--grid tiny"]
     smaller = ([f"--size {SMALL_SIDE}x{SMALL_SIDE}"]
                if max(first.width, first.height) > SMALL_SIDE else [])
@@ -77,8 +85,15 @@ def faster_options(first: FirstBatch) -> list[str]:
     # a few-step preset gains by its few steps (and, LCM, by leaving out the negative pass)
     if first.preset == "standard" and first.steps > FEW_STEPS:
         preset = FEW_STEP_PRESET.get(first.family)
-        options.append(f"--preset {preset}" if preset else "a few-step --preset")
+        if preset is None:
+            options.append("a few-step --preset")
+        elif (option := (few_step or _plain)(preset, first.family)) is not None:
+            options.append(option)
     return options
+
+
+def _plain(preset: str, family: str) -> str:
+    return f"--preset {preset}"
 
 
 def _either(options: list[str]) -> str:

@@ -52,6 +52,8 @@ class Preset:
     lora_scale: float = 1.0
     guidance_by_family: dict[str, float] = field(default_factory=dict)
     scheduler_by_family: dict[str, str] = field(default_factory=dict)
+    steps_by_family: dict[str, int] = field(default_factory=dict)
+    lora_scale_by_family: dict[str, float] = field(default_factory=dict)
 
 
 _HYPER = "hf://ByteDance/Hyper-SD/"
@@ -65,10 +67,14 @@ def _hyper(steps: int) -> Preset:
     if steps == 8:
         loras["flux"] = f"{_HYPER}Hyper-FLUX.1-dev-8steps-lora.safetensors"
         families += ("flux",)
-    return Preset(f"hyper-{steps}", f"Hyper-SD {steps}-step LoRA, guidance 0 (FLUX 3.5)",
-                  families, "tcd" if steps == 1 else "ddim_trailing", steps, (steps, steps), 0.0,
-                  loras, lora_scale=1.0, guidance_by_family={"flux": 3.5},
-                  scheduler_by_family={"flux": "flow_euler"})
+    # FLUX: ByteDance's model card (news of Aug. 26, 2024) recommends "LoRA scales around
+    # 0.125 that is adaptive with training" with guidance kept at 3.5; at 1.0 the delta is
+    # eight times what the LoRA was trained for. The SD1.x/SDXL LoRAs are fused at 1.0.
+    return Preset(f"hyper-{steps}", f"Hyper-SD {steps}-step LoRA, guidance 0 (FLUX 3.5, LoRA "
+                  "scale 0.125)", families, "tcd" if steps == 1 else "ddim_trailing", steps,
+                  (steps, steps), 0.0, loras, lora_scale=1.0, guidance_by_family={"flux": 3.5},
+                  scheduler_by_family={"flux": "flow_euler"},
+                  lora_scale_by_family={"flux": 0.125})
 
 
 def _lightning(steps: int) -> Preset:
@@ -87,9 +93,11 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            {"sd1": "hf://latent-consistency/lcm-lora-sdv1-5/pytorch_lora_weights.safetensors",
             "sdxl": "hf://latent-consistency/lcm-lora-sdxl/pytorch_lora_weights.safetensors"}),
     _lightning(2), _lightning(4), _lightning(8),
-    Preset("turbo", "SDXL-Turbo / SD3.5-Large-Turbo models: 1 step (up to 4), guidance 0",
-           ("sdxl", "sd3"), "euler_a_trailing", 1, (1, 4), 0.0,
-           scheduler_by_family={"sd3": "flow_euler"}),
+    # SDXL-Turbo is made for 1 step; SD3.5-Large-Turbo for 4 (its model card:
+    # num_inference_steps=4, guidance_scale=0.0), where 1 step gives poor images
+    Preset("turbo", "SDXL-Turbo (1 step) / SD3.5-Large-Turbo (4 steps) models: 1 to 4 steps, "
+           "guidance 0", ("sdxl", "sd3"), "euler_a_trailing", 1, (1, 4), 0.0,
+           scheduler_by_family={"sd3": "flow_euler"}, steps_by_family={"sd3": 4}),
     _hyper(1), _hyper(2), _hyper(4), _hyper(8),
     Preset("schnell", "FLUX.1-schnell: 4 steps (1 to 4), guidance 0", ("flux",), "flow_euler",
            4, (1, 4), 0.0),
@@ -120,6 +128,14 @@ class Sampling:
     def sampler_label(self) -> str:
         return SCHEDULERS[self.scheduler][2]
 
+    @property
+    def schedule_type(self) -> str | None:
+        """AUTOMATIC1111's `Schedule type` (1.9+) where it is not the sampler's own: our
+        trailing timesteps are its "SGM Uniform" (from the largest timestep down in equal
+        steps, leaving out the smallest, as diffusers' trailing spacing does)."""
+        overrides = SCHEDULERS[self.scheduler][1]
+        return "SGM Uniform" if overrides.get("timestep_spacing") == "trailing" else None
+
 
 def resolve_sampling(preset: Preset, family: str, grid_steps: int, grid_guidance: float,
                      steps: int | None = None, guidance: float | None = None,
@@ -131,7 +147,7 @@ def resolve_sampling(preset: Preset, family: str, grid_steps: int, grid_guidance
         fits = ", ".join(FAMILY_LABELS[f] for f in preset.families)
         raise UserError(f"--preset {preset.name} is for {fits}, not "
                         f"{FAMILY_LABELS[family]}; use --preset standard for those candidates")
-    chosen = steps or preset.steps or grid_steps
+    chosen = steps or preset.steps_by_family.get(family, preset.steps) or grid_steps
     low, high = preset.step_range
     if not low <= chosen <= high:
         takes = f"exactly {_steps(low)}" if low == high else f"{low} to {high} steps"
@@ -144,8 +160,9 @@ def resolve_sampling(preset: Preset, family: str, grid_steps: int, grid_guidance
     if guidance is None:
         guidance = grid_guidance
     lora_ref = None if lora == "none" else lora or preset.loras.get(family)
-    return Sampling(preset.name, name, chosen, float(guidance), lora_ref,
-                    preset.lora_scale if lora_scale is None else lora_scale)
+    if lora_scale is None:
+        lora_scale = preset.lora_scale_by_family.get(family, preset.lora_scale)
+    return Sampling(preset.name, name, chosen, float(guidance), lora_ref, lora_scale)
 
 
 def _steps(count: int) -> str:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mergekit_sd import __version__
+from mergekit_sd.errors import UserError
 from mergekit_sd.io.hashing import file_sha256
 from mergekit_sd.progress import CancelToken, ProgressCallback, no_progress
 from mergekit_sd.recipe.refs import ResolvedModel, Resolver
@@ -160,6 +161,7 @@ def render_candidates(candidates: list[RenderCandidate], options: RenderOptions,
                                           options.steps, options.guidance, options.scheduler,
                                           options.lora, options.lora_scale)
                  for family in families}
+    _check_lora_scale(options, samplings)
     loras = {family: _preset_lora(sampling, resolver, family)
              for family, sampling in samplings.items()}
     parts = read_parts(options.text_encoders, options.vae, resolver)
@@ -214,6 +216,21 @@ def planned_outputs(candidates: list[RenderCandidate], options: RenderOptions) -
     if options.command == "compare":
         names += [ab_file(prompt, seed) for prompt, seed in jobs] + [AB_SHEET]
     return [*names, CONTACT_SHEET, *([PAGE_NAME] if options.html else []), MANIFEST_NAME]
+
+
+def _check_lora_scale(options: RenderOptions, samplings: dict[str, Sampling]) -> None:
+    """A --lora-scale with no LoRA fused anywhere would change nothing, and the images (and
+    their PNG info) would say nothing of it: refused, as --set without a recipe is. A preset
+    that brings its own LoRA (lcm, lightning, hyper) takes the scale."""
+    if options.lora_scale is None or any(s.lora_ref for s in samplings.values()):
+        return
+    scale = f"--lora-scale {options.lora_scale:g}"
+    if options.lora == "none":
+        raise UserError(f"{scale}: --lora none fuses no LoRA, so there is nothing to scale; "
+                        "leave one of the two out")
+    raise UserError(f"{scale}: --preset {options.preset.name} fuses no LoRA here, so there is "
+                    "nothing to scale; give --lora with a LoRA file or catalog name, or a "
+                    "preset that brings one (lcm, lightning-N, hyper-N)")
 
 
 def _preset_lora(sampling: Sampling, resolver: Resolver | None, family: str
@@ -351,14 +368,7 @@ class _Run:
             sha256 = self.hashes.get(cand.path)
             for job, image in zip(chunk, images, strict=True):
                 file = image_file(cand.folder, job.prompt.name, job.seed)
-                text = a1111_parameters(job.prompt.text, job.prompt.negative, {
-                    "Steps": settings.steps, "Sampler": sampling.sampler_label,
-                    "CFG scale": settings.guidance, "Seed": job.seed,
-                    "Size": f"{settings.width}x{settings.height}",
-                    "Model hash": sha256[:10] if sha256 else None, "Model": cand.label,
-                    "Lora hashes": f"{Path(lora['path']).stem}: {lora['sha256'][:12]}"
-                    if lora else None,
-                    "Preset": sampling.preset, "Version": f"mergekit-sd {__version__}"})
+                text = _infotext(job, cand.label, sha256, settings, sampling, lora)
                 self.folder.write(file, png_bytes(image, text))
                 self.manifest.images.append(ImageEntry(
                     file, cand.label, cand.ref, sha256, cand.recipe,
@@ -393,6 +403,31 @@ def _complete(cand: RenderCandidate, parts: dict[str, Part]) -> bool:
     """Whether a pipeline can be built from the candidate plus the component files."""
     return all(c in cand.layout.maps or c in parts
                for c in required_components(cand.layout.family))
+
+
+def _infotext(job: Job, label: str, sha256: str | None, settings: Settings,
+              sampling: Sampling, lora: dict | None) -> str:
+    """The PNG's `parameters` text, as AUTOMATIC1111 writes it for the same settings.
+
+    A fused LoRA is written the way A1111 records one: `<lora:NAME:SCALE>` in the prompt and
+    its hash under `Lora hashes`. A1111 takes a LoRA's weight only from that prompt tag (a
+    field of our own would be shown and ignored), and its "Send to txt2img" turns the tag
+    back into the same LoRA at the same weight, on the UNet and the text encoders as our fuse
+    does; the tag is never encoded, A1111 removes it from the prompt too. Trailing timesteps
+    are A1111's `Schedule type: SGM Uniform` (1.9+), so `euler_trailing` is not read back as
+    plain Euler. Nothing in the text varies between runs: the same settings, the same bytes."""
+    prompt = job.prompt.text
+    name = None
+    if lora:
+        name = Path(lora["path"]).stem
+        prompt = f"{prompt} <lora:{name}:{lora['scale']:g}>"
+    return a1111_parameters(prompt, job.prompt.negative, {
+        "Steps": settings.steps, "Sampler": sampling.sampler_label,
+        "Schedule type": sampling.schedule_type, "CFG scale": settings.guidance,
+        "Seed": job.seed, "Size": f"{settings.width}x{settings.height}",
+        "Model hash": sha256[:10] if sha256 else None, "Model": label,
+        "Lora hashes": f"{name}: {lora['sha256'][:12]}" if lora else None,
+        "Preset": sampling.preset, "Version": f"mergekit-sd {__version__}"})
 
 
 def _render_order(base: RenderCandidate, group: list[RenderCandidate]) -> list[RenderCandidate]:
