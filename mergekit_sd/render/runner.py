@@ -172,13 +172,13 @@ def render_candidates(candidates: list[RenderCandidate], options: RenderOptions,
                                 options.overwrite)
     # every architecture's tokenizers, configs and first candidate checked before the first
     # is rendered: a refusal for the second must not come after --out was made or emptied
-    prepared: dict[str, tuple[PipelineParts, float]] = {}
+    prepared: dict[str, tuple[PipelineParts, float, dict[str, Part]]] = {}
     for family, group in families.items():
         started = time.perf_counter()
         files = parts_for(family, parts)
         base = next((c for c in group if _complete(c, files)), group[0])
         prepared[family] = (prepare_pipeline(base.layout, options.config_dir, files),
-                            time.perf_counter() - started)
+                            time.perf_counter() - started, files)
     run = _Run(options, folder, len(candidates), progress, cancel or CancelToken(),
                len(families), on_first_batch)
     run.manifest.notes.extend(unused)
@@ -191,8 +191,7 @@ def render_candidates(candidates: list[RenderCandidate], options: RenderOptions,
         for part in parts:
             run.hashes.start(part.path, part.known_sha256)
         for family, group in families.items():
-            run.family(group, samplings[family], loras[family], *prepared.pop(family),
-                       parts=parts_for(family, parts))
+            run.family(group, samplings[family], loras[family], *prepared.pop(family))
     finally:
         run.hashes.close()
     manifest = run.manifest
@@ -269,11 +268,10 @@ class _Run:
 
     def family(self, group: list[RenderCandidate], sampling: Sampling,
                lora_file: ResolvedModel | None, prepared: PipelineParts,
-               prepare_s: float = 0.0, parts: dict[str, Part] | None = None) -> None:
+               prepare_s: float, parts: dict[str, Part]) -> None:
         """Build the architecture's pipeline from the candidate `prepared` was checked for
         (its first that is complete with the separate component files `parts`), then render
         every candidate of the group through it."""
-        parts = parts or {}
         options = self.options
         base = next(c for c in group if c.layout is prepared.layout)
         started = time.perf_counter()
